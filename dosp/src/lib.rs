@@ -11,3 +11,5 @@
 pub mod fingerprint;
 
 pub use fingerprint::{Fingerprint, FingerprintError};
+pub mod codec;
+pub mod wire;

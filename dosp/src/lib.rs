@@ -11,5 +11,6 @@
 pub mod fingerprint;
 
 pub use fingerprint::{Fingerprint, FingerprintError};
+pub mod client;
 pub mod codec;
 pub mod wire;

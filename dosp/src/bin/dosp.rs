@@ -1,1 +1,268 @@
-fn main() {}
+//! `dosp` — the DOSP client CLI: store, fetch, range, delete, contents, locate, disks, ping.
+//!
+//! Output for scripts goes to stdout (a fingerprint alone on its line, object bytes,
+//! tables); progress bars and errors go to stderr. Exit status: 0 success, 1 error,
+//! 2 usage error, 3 object not found (or nobody holds it).
+
+use std::fs::File;
+use std::io::{self, BufWriter, IsTerminal, Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use dosp::client::{locate_multicast, Client, ClientError};
+use dosp::Fingerprint;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Default DOSP address of a node started with no arguments.
+const NODE_DEFAULT: &str = "127.0.0.1:7370";
+/// Default cluster multicast group (administratively scoped, RFC 2365).
+const GROUP_DEFAULT: &str = "239.255.73.70:7371";
+/// Objects at least this large get a progress bar on a terminal.
+const PROGRESS_MIN_BYTES: u64 = 8 << 20;
+
+#[derive(Parser, Debug)]
+#[command(name = "dosp", version, about = "Client for dosd storage nodes (DOSP)")]
+struct Cli {
+    /// Node to talk to (HOST:PORT). Also read from $DOSP_NODE.
+    #[arg(long, global = true, env = "DOSP_NODE", default_value = NODE_DEFAULT)]
+    node: String,
+    /// Seconds to wait for the node before giving up.
+    #[arg(long, global = true, default_value_t = 30)]
+    timeout: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Store FILE (or stdin with `-`); prints the fingerprint.
+    Store { file: PathBuf },
+    /// Fetch an object (verified against its fingerprint) to stdout or -o FILE.
+    Fetch {
+        fingerprint: String,
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    /// Fetch LENGTH bytes at OFFSET of an object.
+    Range {
+        fingerprint: String,
+        offset: u64,
+        length: u64,
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    /// Drop one reference to an object; prints the references left.
+    Delete { fingerprint: String },
+    /// List every object the node holds: fingerprint and disk.
+    Contents,
+    /// Ask the cluster (multicast) who holds an object.
+    Locate {
+        fingerprint: String,
+        /// Multicast group (GROUP:PORT).
+        #[arg(long, default_value = GROUP_DEFAULT)]
+        multicast: SocketAddrV4,
+        /// Local interface address for multicast.
+        #[arg(long, default_value = "127.0.0.1")]
+        multicast_if: Ipv4Addr,
+        /// How long to collect answers, in milliseconds.
+        #[arg(long, default_value_t = 500)]
+        wait_ms: u64,
+    },
+    /// State and status of every disk of the node.
+    Disks,
+    /// Check the node answers (DOSP NULL); prints the round-trip time.
+    Ping,
+}
+
+/// A CLI failure: the message for stderr and the exit code.
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Failure {
+        let code = if matches!(e, ClientError::NotFound { .. }) { 3 } else { 1 };
+        Failure { message: e.to_string(), code }
+    }
+}
+
+fn fail(message: impl Into<String>) -> Failure {
+    Failure { message: message.into(), code: 1 }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn parse_fp(s: &str) -> Result<Fingerprint, Failure> {
+    s.parse::<Fingerprint>()
+        .map_err(|e| Failure { message: format!("invalid fingerprint {s:?}: {e}"), code: 2 })
+}
+
+fn bar(total: u64) -> Option<ProgressBar> {
+    if total < PROGRESS_MIN_BYTES || !io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{bytes}/{total_bytes} [{bar:30}] {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    Some(pb)
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let timeout = Duration::from_secs(cli.timeout.max(1));
+    let connect = || Client::connect(&cli.node, timeout);
+    match cli.cmd {
+        Cmd::Store { file } => {
+            let (mut input, size): (Box<dyn Read>, u64) = if file.as_os_str() == "-" {
+                (Box::new(io::stdin().lock()), 0)
+            } else {
+                let f = File::open(&file).map_err(|e| fail(format!("cannot open {}: {e}", file.display())))?;
+                let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+                (Box::new(f), size)
+            };
+            let mut client = connect()?;
+            let pb = bar(size);
+            let stored = client.store(&mut input, size, &mut |sent| {
+                if let Some(pb) = &pb {
+                    pb.set_position(sent);
+                }
+            })?;
+            if let Some(pb) = pb {
+                pb.finish_and_clear();
+            }
+            println!("{}", stored.fingerprint);
+        }
+        Cmd::Fetch { fingerprint, output } => {
+            let fp = parse_fp(&fingerprint)?;
+            let mut client = connect()?;
+            let mut pb: Option<ProgressBar> = None;
+            let mut progress = |got: u64, total: u64| {
+                if pb.is_none() && got == 0 {
+                    return;
+                }
+                if pb.is_none() {
+                    pb = bar(total);
+                    if pb.is_none() {
+                        return;
+                    }
+                }
+                if let Some(pb) = &pb {
+                    pb.set_position(got);
+                }
+            };
+            with_output(output.as_deref(), |out| client.retrieve(&fp, out, &mut progress).map(|_| ()))?;
+        }
+        Cmd::Range { fingerprint, offset, length, output } => {
+            let fp = parse_fp(&fingerprint)?;
+            let mut client = connect()?;
+            with_output(output.as_deref(), |out| client.retrieve_range(&fp, offset, length, out).map(|_| ()))?;
+        }
+        Cmd::Delete { fingerprint } => {
+            let fp = parse_fp(&fingerprint)?;
+            let left = connect()?.delete(&fp)?;
+            println!("{left}");
+        }
+        Cmd::Contents => {
+            let stdout = io::stdout();
+            let mut out = BufWriter::new(stdout.lock());
+            let mut write_err = None;
+            connect()?.contents(&mut |fp, disk| {
+                if write_err.is_none() {
+                    if let Err(e) = writeln!(out, "{fp} {disk}") {
+                        write_err = Some(e);
+                    }
+                }
+            })?;
+            if let Some(e) = write_err.or_else(|| out.flush().err()) {
+                return Err(fail(format!("cannot write output: {e}")));
+            }
+        }
+        Cmd::Locate { fingerprint, multicast, multicast_if, wait_ms } => {
+            let fp = parse_fp(&fingerprint)?;
+            let found = locate_multicast(multicast, multicast_if, &fp, Duration::from_millis(wait_ms))?;
+            if found.is_empty() {
+                return Err(Failure {
+                    message: format!("no node on {multicast} holds object {fp} (waited {wait_ms} ms)"),
+                    code: 3,
+                });
+            }
+            for l in found {
+                println!("node {:016x} addr {} disk {} len {}", l.node_id, l.addr, l.disk, l.object_len);
+            }
+        }
+        Cmd::Disks => {
+            let disks = connect()?.disks(dosp::wire::ALL_DISKS)?;
+            println!(
+                "{:>4} {:<8} {:<32} {:>14} {:>14} {:>14} {:>10} {:>12} {:>5}",
+                "disk", "state", "identity", "bytes_total", "bytes_free", "bytes_avail", "objects", "objects_avail", "ops"
+            );
+            for d in disks {
+                println!(
+                    "{:>4} {:<8} {:<32} {:>14} {:>14} {:>14} {:>10} {:>12} {:>5}",
+                    d.disk,
+                    d.state.map(|s| s.name()).unwrap_or("unknown"),
+                    hex::encode(d.identity),
+                    d.bytes_total,
+                    d.bytes_free,
+                    d.bytes_available,
+                    d.objects_used,
+                    d.objects_available,
+                    d.outstanding_ops
+                );
+            }
+        }
+        Cmd::Ping => {
+            let rtt = connect()?.ping()?;
+            println!("{} answered in {:.3} ms", cli.node, rtt.as_secs_f64() * 1e3);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` with the output sink: stdout, or a temporary file beside `path` that is
+/// renamed into place only once the data is complete and verified, so a failed fetch
+/// never leaves a wrong file behind.
+fn with_output(
+    path: Option<&Path>,
+    f: impl FnOnce(&mut dyn Write) -> Result<(), ClientError>,
+) -> Result<(), Failure> {
+    match path {
+        None => {
+            let stdout = io::stdout();
+            let mut out = BufWriter::with_capacity(1 << 20, stdout.lock());
+            f(&mut out)?;
+            out.flush().map_err(|e| fail(format!("cannot write output: {e}")))?;
+        }
+        Some(path) => {
+            let tmp = path.with_file_name(format!(
+                ".{}.dosp-partial",
+                path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            ));
+            let file = File::create(&tmp).map_err(|e| fail(format!("cannot create {}: {e}", tmp.display())))?;
+            let mut out = BufWriter::with_capacity(1 << 20, file);
+            let result = f(&mut out).map_err(Failure::from).and_then(|()| {
+                out.flush().map_err(|e| fail(format!("cannot write {}: {e}", path.display())))
+            });
+            if let Err(e) = result {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            std::fs::rename(&tmp, path).map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,580 @@
+//! A blocking DOSP client: one connection, one request in flight at a time.
+//!
+//! Used by the `dosp` CLI, the integration tests and the benchmarks. It speaks through
+//! the same sans-IO codec as the node, verifies every fetched object against its
+//! fingerprint, and never holds a whole object in memory (data moves through a fixed
+//! buffer to the caller's `Write`).
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, ToSocketAddrs, UdpSocket};
+use std::time::{Duration, Instant};
+
+use md5::{Digest, Md5};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
+
+use crate::codec::{encode_chunk_header, encode_request, ResponseDecoder, ResponseEvent};
+use crate::wire::*;
+use crate::Fingerprint;
+
+/// Size of the client's receive buffer and of the chunks it sends.
+const IO_BUF: usize = 1 << 20;
+
+/// Everything that can go wrong talking to a node.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {node}: {source}")]
+    Connect { node: String, source: io::Error },
+    #[error("I/O error talking to {node}: {source}")]
+    Io { node: String, source: io::Error },
+    #[error("{node} closed the connection")]
+    Closed { node: String },
+    #[error("protocol error from {node}: {source}")]
+    Wire { node: String, source: WireError },
+    #[error("object {fp} not found on {node}")]
+    NotFound { fp: Fingerprint, node: String },
+    #[error("{op} failed on {node}: {status}{}", detail_text(*.detail))]
+    Status { op: &'static str, node: String, status: Status, detail: u32 },
+    #[error("object {fp} from {node} does not match its fingerprint (got {got}); data discarded")]
+    Mismatch { fp: Fingerprint, got: Fingerprint, node: String },
+    #[error("range {offset}+{len} is past the end of object {fp} ({object_len} bytes) on {node}")]
+    OutOfRange { fp: Fingerprint, offset: u64, len: u64, object_len: u64, node: String },
+    #[error("cannot read input: {0}")]
+    Input(io::Error),
+    #[error("cannot write output: {0}")]
+    Output(io::Error),
+}
+
+fn detail_text(detail: u32) -> String {
+    if detail == 0 {
+        String::new()
+    } else {
+        format!(" (detail {detail})")
+    }
+}
+
+/// What a node said about a stored object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub fingerprint: Fingerprint,
+    pub len: u64,
+    pub disk: u16,
+    pub deduplicated: bool,
+    pub refcount: u32,
+}
+
+/// One holder's answer to LOCATE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Located {
+    pub node_id: u64,
+    pub addr: SocketAddrV4,
+    pub disk: u16,
+    pub object_len: u64,
+}
+
+impl Located {
+    fn from_out(out: &LocateOut) -> Located {
+        Located {
+            node_id: out.node_id.get(),
+            addr: SocketAddrV4::new(Ipv4Addr::from(out.addr), out.port.get()),
+            disk: out.disk.get(),
+            object_len: out.object_len.get(),
+        }
+    }
+}
+
+/// One disk's state and statistics, merged from GET_DISK_STATE and GET_DISK_STATUS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskInfo {
+    pub disk: u16,
+    pub state: Option<WireDiskState>,
+    pub identity: [u8; 16],
+    pub bytes_total: u64,
+    pub bytes_free: u64,
+    pub bytes_available: u64,
+    pub objects_used: u64,
+    pub objects_available: u64,
+    pub outstanding_ops: u32,
+}
+
+/// A connection to one node.
+#[derive(Debug)]
+pub struct Client {
+    stream: TcpStream,
+    node: String,
+    rbuf: Vec<u8>,
+    start: usize,
+    end: usize,
+    wbuf: Vec<u8>,
+    next_id: u64,
+    decoder: ResponseDecoder,
+}
+
+/// Events the client consumes while waiting for a response.
+enum Step {
+    Response(Header, Vec<u8>),
+    StreamStart(u64),
+    Data(usize, usize),
+}
+
+impl Client {
+    /// Connects to `node` (HOST:PORT), with `timeout` for connecting and for every read.
+    pub fn connect(node: &str, timeout: Duration) -> Result<Client, ClientError> {
+        let connect_err = |source| ClientError::Connect { node: node.to_string(), source };
+        let addrs: Vec<SocketAddr> = node.to_socket_addrs().map_err(connect_err)?.collect();
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "address resolved to nothing");
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(stream) => {
+                    stream.set_nodelay(true).map_err(connect_err)?;
+                    stream.set_read_timeout(Some(timeout)).map_err(connect_err)?;
+                    return Ok(Client {
+                        stream,
+                        node: node.to_string(),
+                        rbuf: vec![0; IO_BUF],
+                        start: 0,
+                        end: 0,
+                        wbuf: Vec::with_capacity(IO_BUF + 64),
+                        next_id: 1,
+                        decoder: ResponseDecoder::new(u64::MAX),
+                    });
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(connect_err(last))
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn io_err(&self, source: io::Error) -> ClientError {
+        ClientError::Io { node: self.node.clone(), source }
+    }
+
+    fn send_request(&mut self, op: Opcode, body: &[u8]) -> Result<u64, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.wbuf.clear();
+        encode_request(&mut self.wbuf, op, id, 0, body);
+        self.stream.write_all(&self.wbuf).map_err(|e| self.io_err(e))?;
+        Ok(id)
+    }
+
+    /// Reads until the decoder yields an event; data events are left in `rbuf`.
+    fn next_step(&mut self) -> Result<Step, ClientError> {
+        loop {
+            match self.decoder.decode(&self.rbuf[self.start..self.end]) {
+                Err(source) => return Err(ClientError::Wire { node: self.node.clone(), source }),
+                Ok(Some((ev, n))) => {
+                    let at = self.start;
+                    self.start += n;
+                    return Ok(match ev {
+                        ResponseEvent::Response { header, body } => Step::Response(header, body.to_vec()),
+                        ResponseEvent::StreamStart { len, .. } => Step::StreamStart(len),
+                        ResponseEvent::StreamData(d) => Step::Data(at, d.len()),
+                    });
+                }
+                Ok(None) => {
+                    if self.start == self.end {
+                        self.start = 0;
+                        self.end = 0;
+                    } else if self.end == self.rbuf.len() {
+                        self.rbuf.copy_within(self.start..self.end, 0);
+                        self.end -= self.start;
+                        self.start = 0;
+                    }
+                    let n = self.stream.read(&mut self.rbuf[self.end..]).map_err(|e| self.io_err(e))?;
+                    if n == 0 {
+                        return Err(ClientError::Closed { node: self.node.clone() });
+                    }
+                    self.end += n;
+                }
+            }
+        }
+    }
+
+    /// Waits for the response to `id`, with no stream expected.
+    fn response(&mut self, op: Opcode, id: u64) -> Result<Vec<u8>, ClientError> {
+        match self.next_step()? {
+            Step::Response(header, body) => self.check_response(op, id, &header, body),
+            _ => Err(ClientError::Wire {
+                node: self.node.clone(),
+                source: WireError::OpcodeMismatch { got: u16::MAX, want: op.name() },
+            }),
+        }
+    }
+
+    fn check_response(&self, op: Opcode, id: u64, header: &Header, body: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        let wire = |source| ClientError::Wire { node: self.node.clone(), source };
+        if header.request_id.get() != id {
+            return Err(wire(WireError::RequestIdMismatch { got: header.request_id.get(), want: id }));
+        }
+        if header.opcode.get() != op as u16 {
+            return Err(wire(WireError::OpcodeMismatch { got: header.opcode.get(), want: op.name() }));
+        }
+        let (status, detail) = out_status(&body).map_err(wire)?;
+        if status != Status::Success {
+            return Err(ClientError::Status { op: op.name(), node: self.node.clone(), status, detail });
+        }
+        Ok(body)
+    }
+
+    fn parse<T: FromBytes + zerocopy::KnownLayout + zerocopy::Immutable + Copy>(
+        &self,
+        op: Opcode,
+        body: &[u8],
+    ) -> Result<T, ClientError> {
+        parse_prefix::<T>(op, body)
+            .map(|(t, _)| *t)
+            .map_err(|source| ClientError::Wire { node: self.node.clone(), source })
+    }
+
+    /// NULL: checks the node is alive and speaks our version.
+    pub fn ping(&mut self) -> Result<Duration, ClientError> {
+        let t = Instant::now();
+        let id = self.send_request(Opcode::Null, &[])?;
+        self.response(Opcode::Null, id)?;
+        Ok(t.elapsed())
+    }
+
+    /// STOREs everything `input` yields, in chunks of up to 1 MiB. `progress` is told
+    /// the bytes sent so far.
+    pub fn store(
+        &mut self,
+        input: &mut dyn Read,
+        size_hint: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Stored, ClientError> {
+        let body = StoreIn { size_hint: size_hint.into(), flags: 0.into(), reserved: 0.into() };
+        let id = self.send_request(Opcode::Store, body.as_bytes())?;
+        let mut chunk = vec![0u8; IO_BUF];
+        let mut sent = 0u64;
+        loop {
+            // Fill the chunk completely (or to EOF) so the last-chunk flag is known
+            // when the header is sent.
+            let mut filled = 0;
+            let mut eof = false;
+            while filled < chunk.len() {
+                match input.read(&mut chunk[filled..]) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    // The node is waiting for chunks; closing the connection makes it
+                    // abort the store, so nothing half-written becomes visible.
+                    Err(e) => return Err(ClientError::Input(e)),
+                }
+            }
+            self.wbuf.clear();
+            encode_chunk_header(&mut self.wbuf, filled as u32, eof);
+            self.stream.write_all(&self.wbuf).map_err(|e| self.io_err(e))?;
+            self.stream.write_all(&chunk[..filled]).map_err(|e| self.io_err(e))?;
+            sent += filled as u64;
+            progress(sent);
+            if eof {
+                break;
+            }
+        }
+        let body = self.response(Opcode::Store, id)?;
+        let out: StoreOut = self.parse(Opcode::Store, &body)?;
+        Ok(Stored {
+            fingerprint: out.fingerprint,
+            len: out.len.get(),
+            disk: out.disk.get(),
+            deduplicated: out.deduplicated != 0,
+            refcount: out.refcount.get(),
+        })
+    }
+
+    /// STOREs a byte slice.
+    pub fn store_bytes(&mut self, data: &[u8]) -> Result<Stored, ClientError> {
+        let mut input = data;
+        self.store(&mut input, data.len() as u64, &mut |_| {})
+    }
+
+    /// RETRIEVEs a whole object into `output`, verifying it against its fingerprint.
+    /// `progress` gets (received, total). Returns the object length.
+    pub fn retrieve(
+        &mut self,
+        fp: &Fingerprint,
+        output: &mut dyn Write,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<u64, ClientError> {
+        let id = self.send_request(Opcode::Retrieve, RetrieveIn { fingerprint: *fp }.as_bytes())?;
+        let mut md5 = Md5::new();
+        let (len, out) = self.receive_stream(Opcode::Retrieve, id, fp, 0, 0, output, Some(&mut md5), progress)?;
+        let got = Fingerprint(md5.finalize().into());
+        if got != *fp || out.fingerprint != *fp {
+            return Err(ClientError::Mismatch { fp: *fp, got, node: self.node.clone() });
+        }
+        Ok(len)
+    }
+
+    /// RETRIEVE_RANGE: `len` bytes at `offset` into `output`.
+    pub fn retrieve_range(
+        &mut self,
+        fp: &Fingerprint,
+        offset: u64,
+        len: u64,
+        output: &mut dyn Write,
+    ) -> Result<u64, ClientError> {
+        let body = RangeIn { fingerprint: *fp, offset: offset.into(), len: len.into() };
+        let id = self.send_request(Opcode::RetrieveRange, body.as_bytes())?;
+        let (got, _) =
+            self.receive_stream(Opcode::RetrieveRange, id, fp, offset, len, output, None, &mut |_, _| {})?;
+        Ok(got)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn receive_stream(
+        &mut self,
+        op: Opcode,
+        id: u64,
+        fp: &Fingerprint,
+        offset: u64,
+        want: u64,
+        output: &mut dyn Write,
+        mut md5: Option<&mut Md5>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(u64, RetrieveOut), ClientError> {
+        let mut total = None;
+        let mut received = 0u64;
+        loop {
+            match self.next_step()? {
+                Step::StreamStart(len) => total = Some(len),
+                Step::Data(at, n) => {
+                    let data = &self.rbuf[at..at + n];
+                    if let Some(m) = md5.as_deref_mut() {
+                        m.update(data);
+                    }
+                    output.write_all(data).map_err(ClientError::Output)?;
+                    received += n as u64;
+                    progress(received, total.unwrap_or(0));
+                }
+                Step::Response(header, body) => {
+                    // Out comes last; map the statuses a caller wants to tell apart.
+                    let wire = |source| ClientError::Wire { node: self.node.clone(), source };
+                    let (status, _) = out_status(&body).map_err(wire)?;
+                    let out: Option<RetrieveOut> = RetrieveOut::read_from_prefix(&body).ok().map(|(o, _)| o);
+                    match status {
+                        Status::NotFound => return Err(ClientError::NotFound { fp: *fp, node: self.node.clone() }),
+                        Status::OutOfRange => {
+                            return Err(ClientError::OutOfRange {
+                                fp: *fp,
+                                offset,
+                                len: want,
+                                object_len: out.map(|o| o.object_len.get()).unwrap_or(0),
+                                node: self.node.clone(),
+                            })
+                        }
+                        _ => {}
+                    }
+                    let body = self.check_response(op, id, &header, body)?;
+                    let out: RetrieveOut = self.parse(op, &body)?;
+                    if Some(received) != total {
+                        return Err(wire(WireError::Truncated));
+                    }
+                    output.flush().map_err(ClientError::Output)?;
+                    return Ok((received, out));
+                }
+            }
+        }
+    }
+
+    /// DELETE: returns the references left (0 = gone).
+    pub fn delete(&mut self, fp: &Fingerprint) -> Result<u32, ClientError> {
+        let id = self.send_request(Opcode::Delete, DeleteIn { fingerprint: *fp }.as_bytes())?;
+        match self.response(Opcode::Delete, id) {
+            Err(ClientError::Status { status: Status::NotFound, .. }) => {
+                Err(ClientError::NotFound { fp: *fp, node: self.node.clone() })
+            }
+            Err(e) => Err(e),
+            Ok(body) => Ok(self.parse::<DeleteOut>(Opcode::Delete, &body)?.refcount.get()),
+        }
+    }
+
+    /// GET_CONTENTS: calls `each` for every (fingerprint, disk) the node holds, as they
+    /// stream in. Returns the count the node reported.
+    pub fn contents(&mut self, each: &mut dyn FnMut(Fingerprint, u16)) -> Result<u64, ClientError> {
+        let id = self.send_request(Opcode::GetContents, ContentsIn::new_zeroed().as_bytes())?;
+        let mut pending: Vec<u8> = Vec::with_capacity(size_of::<ContentsEntry>());
+        let mut seen = 0u64;
+        loop {
+            match self.next_step()? {
+                Step::StreamStart(len) => {
+                    if len % size_of::<ContentsEntry>() as u64 != 0 {
+                        return Err(ClientError::Wire {
+                            node: self.node.clone(),
+                            source: WireError::BodySize { op: "GET_CONTENTS", got: len as usize, want: 20 },
+                        });
+                    }
+                }
+                Step::Data(at, n) => {
+                    // Entries may straddle reads; reassemble them through `pending`.
+                    let mut data = &self.rbuf[at..at + n];
+                    while !data.is_empty() {
+                        let need = size_of::<ContentsEntry>() - pending.len();
+                        let take = need.min(data.len());
+                        pending.extend_from_slice(&data[..take]);
+                        data = &data[take..];
+                        if pending.len() == size_of::<ContentsEntry>() {
+                            if let Ok(e) = ContentsEntry::read_from_bytes(&pending) {
+                                each(e.fingerprint, e.disk.get());
+                                seen += 1;
+                            }
+                            pending.clear();
+                        }
+                    }
+                }
+                Step::Response(header, body) => {
+                    let body = self.check_response(Opcode::GetContents, id, &header, body)?;
+                    let out: ContentsOut = self.parse(Opcode::GetContents, &body)?;
+                    if out.count.get() != seen {
+                        return Err(ClientError::Wire { node: self.node.clone(), source: WireError::Truncated });
+                    }
+                    return Ok(seen);
+                }
+            }
+        }
+    }
+
+    /// LOCATE asked of this node alone (over its TCP connection).
+    pub fn locate(&mut self, fp: &Fingerprint) -> Result<Located, ClientError> {
+        let id = self.send_request(Opcode::Locate, LocateIn { fingerprint: *fp }.as_bytes())?;
+        match self.response(Opcode::Locate, id) {
+            Err(ClientError::Status { status: Status::NotFound, .. }) => {
+                Err(ClientError::NotFound { fp: *fp, node: self.node.clone() })
+            }
+            Err(e) => Err(e),
+            Ok(body) => Ok(Located::from_out(&self.parse::<LocateOut>(Opcode::Locate, &body)?)),
+        }
+    }
+
+    pub fn heartbeat(&mut self) -> Result<HeartbeatOut, ClientError> {
+        let id = self.send_request(Opcode::Heartbeat, &[])?;
+        let body = self.response(Opcode::Heartbeat, id)?;
+        self.parse(Opcode::Heartbeat, &body)
+    }
+
+    pub fn load(&mut self) -> Result<LoadOut, ClientError> {
+        let id = self.send_request(Opcode::GetLoad, &[])?;
+        let body = self.response(Opcode::GetLoad, id)?;
+        self.parse(Opcode::GetLoad, &body)
+    }
+
+    /// GET_DISK_STATE then GET_DISK_STATUS for `disk` (or ALL_DISKS), merged per disk.
+    pub fn disks(&mut self, disk: u16) -> Result<Vec<DiskInfo>, ClientError> {
+        let q = DiskQueryIn { disk: disk.into(), reserved: 0.into(), reserved1: 0.into() };
+        let id = self.send_request(Opcode::GetDiskState, q.as_bytes())?;
+        let body = self.response(Opcode::GetDiskState, id)?;
+        let wire = |node: &str, source| ClientError::Wire { node: node.to_string(), source };
+        let (out, rest) = parse_prefix::<DiskStateOut>(Opcode::GetDiskState, &body).map_err(|e| wire(&self.node, e))?;
+        let states = <[DiskStateEntry]>::ref_from_prefix_with_elems(rest, usize::from(out.count.get()))
+            .map_err(|_| wire(&self.node, WireError::Truncated))?
+            .0;
+        let states: Vec<(u16, Option<WireDiskState>)> =
+            states.iter().map(|s| (s.disk.get(), WireDiskState::from_u8(s.state))).collect();
+
+        let id = self.send_request(Opcode::GetDiskStatus, q.as_bytes())?;
+        let body = self.response(Opcode::GetDiskStatus, id)?;
+        let (out, rest) =
+            parse_prefix::<DiskStatusOut>(Opcode::GetDiskStatus, &body).map_err(|e| wire(&self.node, e))?;
+        let stats = <[DiskStatusEntry]>::ref_from_prefix_with_elems(rest, usize::from(out.count.get()))
+            .map_err(|_| wire(&self.node, WireError::Truncated))?
+            .0;
+        Ok(stats
+            .iter()
+            .map(|s| DiskInfo {
+                disk: s.disk.get(),
+                state: states
+                    .iter()
+                    .find(|(d, _)| *d == s.disk.get())
+                    .and_then(|(_, st)| *st)
+                    .or(WireDiskState::from_u8(s.state)),
+                identity: s.identity,
+                bytes_total: s.bytes_total.get(),
+                bytes_free: s.bytes_free.get(),
+                bytes_available: s.bytes_available.get(),
+                objects_used: s.objects_used.get(),
+                objects_available: s.objects_available.get(),
+                outstanding_ops: s.outstanding_ops.get(),
+            })
+            .collect())
+    }
+}
+
+/// Multicast LOCATE: asks every node on `group` who holds `fp`, and collects the
+/// answers (multicast by the holders to the group) until `wait` has passed.
+pub fn locate_multicast(
+    group: SocketAddrV4,
+    iface: Ipv4Addr,
+    fp: &Fingerprint,
+    wait: Duration,
+) -> Result<Vec<Located>, ClientError> {
+    let node = group.to_string();
+    let io_err = |source| ClientError::Io { node: node.clone(), source };
+    let sock = join_group(group, iface).map_err(io_err)?;
+    let request_id: u64 = rand_id();
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::Locate, request_id, FLAG_MULTICAST, LocateIn { fingerprint: *fp }.as_bytes());
+    sock.send_to(&msg, group).map_err(io_err)?;
+    let deadline = Instant::now() + wait;
+    let mut found: Vec<Located> = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+        sock.set_read_timeout(Some(left)).map_err(io_err)?;
+        let n = match sock.recv_from(&mut buf) {
+            Ok((n, _)) => n,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
+            Err(e) => return Err(io_err(e)),
+        };
+        // The group carries heartbeats, other managers' queries and answers: keep only
+        // well-formed LOCATE answers to this query.
+        let Ok((header, body)) = Header::read_from_prefix(&buf[..n]) else { continue };
+        if header.check(Kind::Response).is_err()
+            || header.opcode.get() != Opcode::Locate as u16
+            || header.request_id.get() != request_id
+        {
+            continue;
+        }
+        let Ok((out, _)) = LocateOut::read_from_prefix(body) else { continue };
+        if out.head.status.get() == Status::Success as u16 && out.fingerprint == *fp {
+            let l = Located::from_out(&out);
+            if !found.iter().any(|f| f.node_id == l.node_id && f.disk == l.disk) {
+                found.push(l);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Joins `group` on interface `iface` with a socket bound to the group's port, shared
+/// with other listeners on the same machine (several nodes, several managers).
+pub fn join_group(group: SocketAddrV4, iface: Ipv4Addr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    // Binding to the group address (not 0.0.0.0) keeps unicast traffic and other groups
+    // on the same port out of this socket.
+    sock.bind(&SocketAddr::V4(group).into())?;
+    sock.join_multicast_v4(group.ip(), &iface)?;
+    sock.set_multicast_if_v4(&iface)?;
+    sock.set_multicast_loop_v4(true)?;
+    // One hop: answers never leave the local network segment.
+    sock.set_multicast_ttl_v4(1)?;
+    Ok(sock.into())
+}
+
+/// A request id unlikely to collide with another manager's on the same group.
+fn rand_id() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u32(std::process::id());
+    h.finish()
+}

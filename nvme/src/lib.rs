@@ -24,7 +24,8 @@ pub const BLOCK_SIZE: usize = 4096;
 pub struct DeviceInfo {
     /// Usable size in bytes, a multiple of [`BLOCK_SIZE`].
     pub size_bytes: u64,
-    /// Backend name for reports: `file`, `file-buffered`, `memory`, `nvme`.
+    /// Backend name for reports: `file`, `file-buffered`, `file-pread`,
+    /// `file-pread-buffered` (see [`file::FileDevice::backend_kind`]), `memory`, `nvme`.
     pub backend: &'static str,
     /// Where the device lives: a path, a PCI address, or `memory`.
     pub location: String,
@@ -42,10 +43,16 @@ pub enum DevError {
     },
     #[error("transfer at offset {offset} of {len} bytes is not block aligned")]
     Misaligned { offset: u64, len: usize },
-    #[error("transfer at offset {offset} of {len} bytes runs past the end of the device ({size} bytes)")]
+    #[error(
+        "transfer at offset {offset} of {len} bytes runs past the end of the device ({size} bytes)"
+    )]
     OutOfRange { offset: u64, len: usize, size: u64 },
     #[error("short transfer at offset {offset}: {done} of {len} bytes")]
-    Short { offset: u64, done: usize, len: usize },
+    Short {
+        offset: u64,
+        done: usize,
+        len: usize,
+    },
     #[error("injected fault at offset {offset}")]
     Injected { offset: u64 },
     #[error("cannot open device {path}: {source}")]
@@ -75,9 +82,9 @@ pub trait BlockDevice: Send {
 /// Checks the alignment contract shared by all backends.
 pub fn check_transfer(offset: u64, buf: &[u8], size: u64) -> Result<(), DevError> {
     let len = buf.len();
-    if offset % BLOCK_SIZE as u64 != 0
-        || len % BLOCK_SIZE != 0
-        || (buf.as_ptr() as usize) % BLOCK_SIZE != 0
+    if !offset.is_multiple_of(BLOCK_SIZE as u64)
+        || !len.is_multiple_of(BLOCK_SIZE)
+        || !(buf.as_ptr() as usize).is_multiple_of(BLOCK_SIZE)
     {
         return Err(DevError::Misaligned { offset, len });
     }

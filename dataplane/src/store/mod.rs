@@ -1,0 +1,915 @@
+//! The object store: content-addressed immutable objects, one circular log per disk
+//! (in the manner of Haystack and Bitcask volumes), several disks per node, dedup by
+//! fingerprint with reference counts.
+//!
+//! This module owns the public API the DOSP server calls (synchronously, from one
+//! poll-loop thread), the node-wide in-memory index (fingerprint → disk, length,
+//! refcount, extents) and the in-flight writes. [`format`] owns the bytes on disk,
+//! `volume` one disk's log and its recovery, `compact` the reclaiming of space.
+//!
+//! # Writes
+//! A STORE arrives as chunks of unknown total length, several interleaved. Each
+//! in-flight write has a staging buffer of `segment_bytes` (plus one header block in
+//! front, so a segment goes to disk in one write); [`Store::append`] copies a chunk
+//! into it 4 KiB at most at a time and feeds that slice to MD5 and to the running
+//! CRC32C of its block while it is still in cache. A full buffer is written as a
+//! SEGMENT record (not flushed). [`Store::commit`] finishes the MD5: if the fingerprint
+//! is known, the staged tail is dropped and a REF +1 record is written instead;
+//! otherwise the staged tail goes out as a SEGMENT|COMMIT record. Either way one flush
+//! follows before `commit` returns — from then on the object survives power loss.
+//!
+//! # Recovery
+//! At open each disk's log is scanned from the head recorded in its superblock, one
+//! header block per record, up to the first header that is not the next record of the
+//! log (magic, nonce, crc, seq, epoch). Segments are collected per write; a COMMIT
+//! makes an object of them; REFs apply deltas. Segments written after the last
+//! completed flush (seq at or past the highest `durable_seq` any header or the
+//! superblock vouches for) have their data read back: the first torn one cuts the log,
+//! since nothing from it on was acknowledged. See [`format`] for the layout.
+//!
+//! # Crash consistency in one paragraph
+//! An acknowledged operation's records were flushed before it returned, and every
+//! record before them too; recovery only ever drops records after the last completed
+//! flush. Reads check every 4 KiB block against the CRC its header recorded, so a
+//! block that rotted or tore is reported ([`StoreError::Corrupt`]), never returned.
+
+mod compact;
+mod format;
+mod volume;
+
+#[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+
+use md5::{Digest, Md5};
+use nvme::{AlignedBuf, BlockDevice};
+use rand::SeedableRng;
+use tracing::{error, info, warn};
+use zerocopy::little_endian::{I32, U32, U64};
+use zerocopy::IntoBytes;
+
+use dosp::Fingerprint;
+
+use format::{kind, RecordHeader, BLOCK, BLOCK_U64, MAX_SEGMENT_BYTES};
+use volume::{Reserve, Volume};
+
+/// Tunables of the store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoreConfig {
+    /// Staging buffer per open write, a multiple of 4096 (at most 3.75 MiB, what one
+    /// record header can describe). Default 1 MiB.
+    pub segment_bytes: usize,
+    /// In-flight writes at once; `begin` says Busy beyond. Default 64.
+    pub max_open_writes: usize,
+    /// Largest object accepted. Default 64 GiB.
+    pub max_object_bytes: u64,
+    /// `maybe_compact` works on a disk whose dead/used ratio exceeds this. Default 0.5.
+    pub compact_dead_ratio: f64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            segment_bytes: 1 << 20,
+            max_open_writes: 64,
+            max_object_bytes: 64 << 30,
+            compact_dead_ratio: 0.5,
+        }
+    }
+}
+
+/// A disk: its slot index in the `Vec` given to [`Store::open`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DiskId(pub u16);
+
+/// An in-flight write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WriteId(u64);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskState {
+    Online,
+    /// Taken out of service by an operator: no writes, its objects unavailable.
+    Offline,
+    /// Failed (device error, unusable superblock) or set down by an operator.
+    Down,
+}
+
+/// What the index knows of an object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub len: u64,
+    pub disk: DiskId,
+    pub refcount: u32,
+}
+
+/// The outcome of a successful [`Store::commit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub fingerprint: Fingerprint,
+    pub len: u64,
+    pub disk: DiskId,
+    /// The object was already stored: this copy was discarded and a reference added.
+    pub deduplicated: bool,
+    pub refcount: u32,
+}
+
+/// State and capacity of one disk, for GET_DISK_STATE / GET_DISK_STATUS and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskReport {
+    pub id: DiskId,
+    pub identity: [u8; 16],
+    pub state: DiskState,
+    pub backend: &'static str,
+    pub location: String,
+    pub bytes_total: u64,
+    /// Not used by live or dead records (less the store's own reserve).
+    pub bytes_free: u64,
+    /// Free plus reclaimable dead bytes: what new objects could use after compaction.
+    pub bytes_available: u64,
+    pub objects_used: u64,
+    /// `bytes_available` / the smallest possible object footprint (2 blocks).
+    pub objects_available: u64,
+    /// Open writes on the disk.
+    pub outstanding_ops: u32,
+    pub bytes_dead: u64,
+    pub errors: u64,
+}
+
+/// What one compaction call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    pub disk: Option<DiskId>,
+    /// Log bytes the head advanced over (the window compacted).
+    pub bytes_scanned: u64,
+    /// Live objects re-appended at the tail.
+    pub objects_moved: u64,
+    pub bytes_moved: u64,
+    /// Window minus what was moved: space turned from dead into free.
+    pub bytes_reclaimed: u64,
+}
+
+/// Running totals since open.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreCounters {
+    /// Successful commits, deduplicated or not.
+    pub stores: u64,
+    pub dedup_hits: u64,
+    pub aborts: u64,
+    pub deletes: u64,
+    pub reads: u64,
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+    /// Blocks that failed their checksum (reads, compaction).
+    pub corrupt_blocks: u64,
+    pub compactions: u64,
+    pub bytes_reclaimed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {0} not found")]
+    NotFound(Fingerprint),
+    #[error("too many writes in flight")]
+    Busy,
+    #[error("no space left on the disk")]
+    NoSpace,
+    #[error("object larger than the maximum of {max} bytes")]
+    TooLarge { max: u64 },
+    #[error("disk {} failed: {source}", disk.0)]
+    DiskFailed {
+        disk: DiskId,
+        #[source]
+        source: nvme::DevError,
+    },
+    #[error("disk {} is offline", .0 .0)]
+    DiskOffline(DiskId),
+    #[error("object {fp} on disk {} failed its checksum", disk.0)]
+    Corrupt { fp: Fingerprint, disk: DiskId },
+    #[error("offset {offset} is past the end of the object ({len} bytes)")]
+    OutOfRange { offset: u64, len: u64 },
+    #[error("unknown write (never begun, committed or aborted)")]
+    UnknownWrite,
+    #[error("no usable disk")]
+    NoUsableDisk,
+    #[error("{0}")]
+    Format(String),
+}
+
+/// Where one segment's payload lives: the physical offset of its record header and
+/// the payload bytes (the payload follows the header block).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Extent {
+    pub hdr: u64,
+    pub len: u32,
+}
+
+/// An object in the index.
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    pub disk: DiskId,
+    pub len: u64,
+    pub refcount: u32,
+    /// The write its records carry (checked on every header read).
+    pub write_id: u64,
+    /// Its segments in object order; the last is the COMMIT record.
+    pub extents: Vec<Extent>,
+    /// Bytes of log its records occupy.
+    pub footprint: u64,
+}
+
+/// A staging buffer and its bookkeeping vectors, pooled so that a warm store does not
+/// allocate per write.
+struct Staging {
+    /// One header block, then `segment_bytes` of data.
+    buf: AlignedBuf,
+    /// CRC32C of each full staged block.
+    crcs: Vec<u32>,
+    extents: Vec<Extent>,
+}
+
+struct OpenWrite {
+    disk: DiskId,
+    st: Staging,
+    /// Data bytes staged.
+    fill: usize,
+    /// Running CRC32C of the partial block being staged.
+    crc: u32,
+    md5: Md5,
+    total: u64,
+    /// Seq of its first record; 0 before the first segment is written.
+    write_id: u64,
+    /// Log position of its first record: compaction must not pass it.
+    first_lp: Option<u64>,
+    /// Footprint of its records written so far.
+    bytes: u64,
+}
+
+/// Disk, header offset and write id of a cached header.
+type HeaderKey = (DiskId, u64, u64);
+
+/// A few recently read record headers, so that a RETRIEVE streamed in small chunks
+/// reads each segment's header once rather than once per chunk.
+struct HeaderCache {
+    slots: Vec<(Option<HeaderKey>, Box<RecordHeader>)>,
+    next: usize,
+}
+
+impl HeaderCache {
+    fn new(n: usize) -> HeaderCache {
+        HeaderCache {
+            slots: (0..n)
+                .map(|_| (None, Box::new(RecordHeader::new(0))))
+                .collect(),
+            next: 0,
+        }
+    }
+
+    fn find(&self, key: HeaderKey) -> Option<usize> {
+        self.slots.iter().position(|(k, _)| *k == Some(key))
+    }
+
+    fn insert(&mut self, key: HeaderKey, hdr: &RecordHeader) -> usize {
+        let i = self.next;
+        self.next = (self.next + 1) % self.slots.len();
+        self.slots[i].0 = Some(key);
+        self.slots[i]
+            .1
+            .as_mut_bytes()
+            .copy_from_slice(hdr.as_bytes());
+        i
+    }
+
+    fn forget_disk(&mut self, disk: DiskId) {
+        for (k, _) in &mut self.slots {
+            if k.is_some_and(|(d, _, _)| d == disk) {
+                *k = None;
+            }
+        }
+    }
+}
+
+const ZEROS: [u8; BLOCK] = [0; BLOCK];
+
+/// The object store of one node. See the module documentation.
+pub struct Store {
+    cfg: StoreConfig,
+    vols: Vec<Volume>,
+    index: HashMap<Fingerprint, Entry>,
+    writes: HashMap<WriteId, OpenWrite>,
+    next_write: u64,
+    pool: Vec<Staging>,
+    /// Aligned bounce buffer for reads (out buffers have any length and alignment).
+    bounce: AlignedBuf,
+    /// One block for REF records.
+    meta: AlignedBuf,
+    hdr_cache: HeaderCache,
+    counters: StoreCounters,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("disks", &self.vols)
+            .field("objects", &self.index.len())
+            .field("open_writes", &self.writes.len())
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens every disk: a blank disk (all-zero first block, no valid superblock) is
+    /// formatted with a fresh random identity; a disk with a valid superblock is
+    /// recovered (index rebuilt from its log); a disk whose superblock is corrupt or
+    /// of an unknown format version is marked Down with the reason logged, and the
+    /// node keeps going with the others. `node_id` is recorded at format.
+    /// Fails only if no disk is usable (or the configuration is invalid).
+    pub fn open(
+        disks: Vec<Box<dyn BlockDevice>>,
+        cfg: StoreConfig,
+        node_id: u64,
+    ) -> Result<Store, StoreError> {
+        Store::open_seeded(disks, cfg, node_id, rand::random())
+    }
+
+    /// [`Store::open`] with the randomness of formatting (identities, nonces) drawn
+    /// from `seed`, for reproducible tests.
+    pub(crate) fn open_seeded(
+        disks: Vec<Box<dyn BlockDevice>>,
+        cfg: StoreConfig,
+        node_id: u64,
+        seed: u64,
+    ) -> Result<Store, StoreError> {
+        let seg = cfg.segment_bytes;
+        if seg == 0 || !seg.is_multiple_of(BLOCK) || seg > MAX_SEGMENT_BYTES {
+            return Err(StoreError::Format(format!(
+                "segment_bytes must be a positive multiple of {BLOCK} up to {MAX_SEGMENT_BYTES}, got {seg}"
+            )));
+        }
+        if cfg.max_open_writes == 0 {
+            return Err(StoreError::Format(
+                "max_open_writes must be at least 1".into(),
+            ));
+        }
+        if disks.len() > usize::from(u16::MAX) {
+            return Err(StoreError::Format(format!(
+                "too many disks: {}",
+                disks.len()
+            )));
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut vols = Vec::with_capacity(disks.len());
+        let mut locals = Vec::with_capacity(disks.len());
+        for (i, dev) in disks.into_iter().enumerate() {
+            let (vol, local) = Volume::open(DiskId(i as u16), dev, &cfg, node_id, &mut rng);
+            vols.push(vol);
+            locals.push(local);
+        }
+        // The same disk given twice would be written by two logs at once.
+        for (i, local) in locals.iter_mut().enumerate() {
+            let (before, rest) = vols.split_at_mut(i);
+            let vol = &mut rest[0];
+            if vol.state == DiskState::Online
+                && before
+                    .iter()
+                    .any(|o| o.state == DiskState::Online && o.sb.identity == vol.sb.identity)
+            {
+                error!(
+                    disk = i,
+                    identity = %hex::encode(vol.sb.identity),
+                    "disk identity already seen on another slot; marked down"
+                );
+                vol.state = DiskState::Down;
+                vol.failed = true;
+                local.clear();
+            }
+        }
+        let mut index = HashMap::new();
+        let mut duplicates = Vec::new();
+        for local in locals {
+            for (fp, entry) in local {
+                match index.entry(fp) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(entry);
+                    }
+                    std::collections::hash_map::Entry::Occupied(_) => duplicates.push((fp, entry)),
+                }
+            }
+        }
+        let bounce_len = seg.max(64 * BLOCK);
+        let mut store = Store {
+            vols,
+            index,
+            writes: HashMap::new(),
+            next_write: 1,
+            pool: Vec::new(),
+            bounce: AlignedBuf::new(bounce_len),
+            meta: AlignedBuf::new(BLOCK),
+            hdr_cache: HeaderCache::new(8),
+            counters: StoreCounters::default(),
+            cfg,
+        };
+        for (fp, loser) in duplicates {
+            store.resolve_duplicate(fp, loser);
+        }
+        if !store.vols.iter().any(|v| v.state == DiskState::Online) {
+            return Err(StoreError::NoUsableDisk);
+        }
+        info!(
+            disks = store.vols.len(),
+            online = store
+                .vols
+                .iter()
+                .filter(|v| v.state == DiskState::Online)
+                .count(),
+            objects = store.index.len(),
+            "object store open"
+        );
+        Ok(store)
+    }
+
+    /// The same object on two disks: possible only if a disk was missing at an earlier
+    /// open and the object was stored again meanwhile. The first copy (lowest slot)
+    /// keeps the sum of both refcounts; the other is retired with a REF that brings it
+    /// to zero. The winner is credited first, so a crash in between over-counts (the
+    /// object lingers) rather than under-counts (the object vanishes early).
+    fn resolve_duplicate(&mut self, fp: Fingerprint, loser: Entry) {
+        let Some(winner) = self.index.get(&fp).map(|e| e.disk) else {
+            return;
+        };
+        warn!(
+            fingerprint = %fp,
+            kept_on = winner.0,
+            retired_on = loser.disk.0,
+            "object stored on two disks; merging"
+        );
+        let lv = &mut self.vols[usize::from(loser.disk.0)];
+        lv.live_bytes = lv.live_bytes.saturating_sub(loser.footprint);
+        lv.objects = lv.objects.saturating_sub(1);
+        let delta = i32::try_from(loser.refcount).unwrap_or(i32::MAX);
+        if self.write_ref(winner, &fp, delta).is_err() {
+            return;
+        }
+        if let Some(e) = self.index.get_mut(&fp) {
+            e.refcount = e.refcount.saturating_add(loser.refcount);
+        }
+        let _ = self.write_ref(loser.disk, &fp, -delta);
+    }
+
+    /// Writes and flushes a REF record on `disk`.
+    fn write_ref(&mut self, disk: DiskId, fp: &Fingerprint, delta: i32) -> Result<(), StoreError> {
+        let vol = &mut self.vols[usize::from(disk.0)];
+        let mut h = RecordHeader::new(kind::REF);
+        h.fingerprint = fp.0;
+        h.delta = I32::new(delta);
+        vol.append(&mut h, &mut self.meta[..], Reserve::Meta)?;
+        vol.flush()
+    }
+
+    /// Starts a write on the Online disk with the most free space (less what the
+    /// writes already open on it will take).
+    pub fn begin(&mut self) -> Result<WriteId, StoreError> {
+        if self.writes.len() >= self.cfg.max_open_writes {
+            return Err(StoreError::Busy);
+        }
+        let mut best: Option<(u64, usize)> = None;
+        let mut any_online = false;
+        for (i, v) in self.vols.iter().enumerate() {
+            if v.state != DiskState::Online {
+                continue;
+            }
+            any_online = true;
+            let free = v.bytes_free();
+            if free < v.seg_record {
+                continue;
+            }
+            let effective = free.saturating_sub(u64::from(v.open_writes) * v.seg_record);
+            if best.is_none_or(|(b, _)| effective > b) {
+                best = Some((effective, i));
+            }
+        }
+        let Some((_, i)) = best else {
+            return Err(if any_online {
+                StoreError::NoSpace
+            } else {
+                StoreError::NoUsableDisk
+            });
+        };
+        let seg = self.cfg.segment_bytes;
+        let st = self.pool.pop().unwrap_or_else(|| Staging {
+            buf: AlignedBuf::new(BLOCK + seg),
+            crcs: Vec::with_capacity(seg / BLOCK),
+            extents: Vec::new(),
+        });
+        let id = WriteId(self.next_write);
+        self.next_write += 1;
+        self.vols[i].open_writes += 1;
+        self.writes.insert(
+            id,
+            OpenWrite {
+                disk: DiskId(i as u16),
+                st,
+                fill: 0,
+                crc: 0,
+                md5: Md5::new(),
+                total: 0,
+                write_id: 0,
+                first_lp: None,
+                bytes: 0,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Adds `data` (any length) to a write. On any error the write is aborted.
+    pub fn append(&mut self, id: WriteId, data: &[u8]) -> Result<(), StoreError> {
+        let Some(w) = self.writes.get(&id) else {
+            return Err(StoreError::UnknownWrite);
+        };
+        let max = self.cfg.max_object_bytes;
+        let result = if w.total.saturating_add(data.len() as u64) > max {
+            Err(StoreError::TooLarge { max })
+        } else {
+            self.append_inner(id, data)
+        };
+        if result.is_err() {
+            self.abort(id);
+        }
+        result
+    }
+
+    fn append_inner(&mut self, id: WriteId, data: &[u8]) -> Result<(), StoreError> {
+        let Store {
+            writes,
+            vols,
+            cfg,
+            counters,
+            ..
+        } = self;
+        let w = writes.get_mut(&id).ok_or(StoreError::UnknownWrite)?;
+        let vol = &mut vols[usize::from(w.disk.0)];
+        vol.check_online()?;
+        let seg = cfg.segment_bytes;
+        let mut rest = data;
+        while !rest.is_empty() {
+            if w.fill == seg {
+                write_segment(vol, w, None, counters)?;
+            }
+            // Up to the end of the current block: the slice is copied, hashed and
+            // checksummed while it is in cache.
+            let n = (BLOCK - w.fill % BLOCK).min(seg - w.fill).min(rest.len());
+            let (chunk, tail) = rest.split_at(n);
+            let dst = &mut w.st.buf[BLOCK + w.fill..BLOCK + w.fill + n];
+            dst.copy_from_slice(chunk);
+            w.md5.update(&*dst);
+            w.crc = crc32c::crc32c_append(w.crc, dst);
+            w.fill += n;
+            if w.fill % BLOCK == 0 {
+                w.st.crcs.push(w.crc);
+                w.crc = 0;
+            }
+            rest = tail;
+        }
+        w.total += data.len() as u64;
+        Ok(())
+    }
+
+    /// Finishes a write: from the moment this returns `Ok` the object survives power
+    /// loss. A fingerprint already stored gets a durable refcount + 1 instead.
+    pub fn commit(&mut self, id: WriteId) -> Result<Committed, StoreError> {
+        let Some(mut w) = self.writes.remove(&id) else {
+            return Err(StoreError::UnknownWrite);
+        };
+        let fp = Fingerprint(std::mem::take(&mut w.md5).finalize().into());
+        let result = self.commit_inner(&mut w, fp);
+        self.release(w);
+        if result.is_err() {
+            self.counters.aborts += 1;
+        }
+        result
+    }
+
+    fn commit_inner(
+        &mut self,
+        w: &mut OpenWrite,
+        fp: Fingerprint,
+    ) -> Result<Committed, StoreError> {
+        if let Some(disk) = self.index.get(&fp).map(|e| e.disk) {
+            self.write_ref(disk, &fp, 1)?;
+            let e = self.index.get_mut(&fp).ok_or(StoreError::NotFound(fp))?;
+            e.refcount = e.refcount.saturating_add(1);
+            self.counters.stores += 1;
+            self.counters.dedup_hits += 1;
+            return Ok(Committed {
+                fingerprint: fp,
+                len: e.len,
+                disk,
+                deduplicated: true,
+                refcount: e.refcount,
+            });
+        }
+        let vol = &mut self.vols[usize::from(w.disk.0)];
+        vol.check_online()?;
+        write_segment(vol, w, Some(&fp), &mut self.counters)?;
+        vol.flush()?;
+        vol.live_bytes += w.bytes;
+        vol.objects += 1;
+        self.index.insert(
+            fp,
+            Entry {
+                disk: w.disk,
+                len: w.total,
+                refcount: 1,
+                write_id: w.write_id,
+                extents: std::mem::take(&mut w.st.extents),
+                footprint: w.bytes,
+            },
+        );
+        self.counters.stores += 1;
+        Ok(Committed {
+            fingerprint: fp,
+            len: w.total,
+            disk: w.disk,
+            deduplicated: false,
+            refcount: 1,
+        })
+    }
+
+    /// Drops a write (the connection went away mid-store): nothing becomes visible;
+    /// whatever it already wrote is dead space for compaction. Unknown ids are ignored.
+    pub fn abort(&mut self, id: WriteId) {
+        if let Some(w) = self.writes.remove(&id) {
+            self.counters.aborts += 1;
+            self.release(w);
+        }
+    }
+
+    /// Returns a finished write's staging buffer to the pool; its records stop being
+    /// "open" (they are live now if it committed, dead otherwise).
+    fn release(&mut self, mut w: OpenWrite) {
+        let vol = &mut self.vols[usize::from(w.disk.0)];
+        vol.open_bytes = vol.open_bytes.saturating_sub(w.bytes);
+        vol.open_writes = vol.open_writes.saturating_sub(1);
+        w.st.crcs.clear();
+        w.st.extents.clear();
+        self.pool.push(w.st);
+    }
+
+    pub fn get(&self, fp: &Fingerprint) -> Option<ObjectMeta> {
+        self.index.get(fp).map(|e| ObjectMeta {
+            len: e.len,
+            disk: e.disk,
+            refcount: e.refcount,
+        })
+    }
+
+    /// Reads `min(out.len(), len - offset)` bytes of an object at `offset`. Every
+    /// block read is checked against its CRC first: bytes that fail it are never
+    /// copied out.
+    pub fn read(
+        &mut self,
+        fp: &Fingerprint,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<usize, StoreError> {
+        let Store {
+            index,
+            vols,
+            bounce,
+            hdr_cache,
+            counters,
+            ..
+        } = self;
+        let e = index.get(fp).ok_or(StoreError::NotFound(*fp))?;
+        if offset > e.len {
+            return Err(StoreError::OutOfRange { offset, len: e.len });
+        }
+        let vol = &mut vols[usize::from(e.disk.0)];
+        vol.check_online()?;
+        counters.reads += 1;
+        let n = (out.len() as u64).min(e.len - offset) as usize;
+        let end = offset + n as u64;
+        let corrupt = |vol: &mut Volume, counters: &mut StoreCounters, what: &str| {
+            counters.corrupt_blocks += 1;
+            vol.errors += 1;
+            error!(fingerprint = %fp, disk = e.disk.0, "object data failed its checksum: {what}");
+            StoreError::Corrupt {
+                fp: *fp,
+                disk: e.disk,
+            }
+        };
+        let mut ext_start = 0u64;
+        for ext in &e.extents {
+            let ext_end = ext_start + u64::from(ext.len);
+            if ext_start >= end {
+                break;
+            }
+            if ext_end <= offset {
+                ext_start = ext_end;
+                continue;
+            }
+            let key = (e.disk, ext.hdr, e.write_id);
+            let slot = match hdr_cache.find(key) {
+                Some(slot) => slot,
+                None => {
+                    vol.read(ext.hdr, &mut bounce[..BLOCK])?;
+                    let hdr = RecordHeader::check(&bounce[..BLOCK], vol.log_nonce()).filter(|h| {
+                        h.kind & kind::SEGMENT != 0
+                            && h.write_id.get() == e.write_id
+                            && h.payload_len.get() == ext.len
+                    });
+                    match hdr {
+                        Some(h) => hdr_cache.insert(key, h),
+                        None => return Err(corrupt(vol, counters, "bad segment header")),
+                    }
+                }
+            };
+            let (lo, hi) = (
+                offset.max(ext_start) - ext_start,
+                end.min(ext_end) - ext_start,
+            );
+            let per_read = (bounce.len() / BLOCK) as u64;
+            let mut pos = lo;
+            while pos < hi {
+                let b0 = pos / BLOCK_U64;
+                let b1 = hi.div_ceil(BLOCK_U64).min(b0 + per_read);
+                let buf = &mut bounce[..((b1 - b0) * BLOCK_U64) as usize];
+                vol.read(ext.hdr + BLOCK_U64 * (1 + b0), buf)?;
+                let hdr = &hdr_cache.slots[slot].1;
+                for (k, block) in buf.chunks_exact(BLOCK).enumerate() {
+                    if hdr.block_crc(b0 as usize + k) != Some(crc32c::crc32c(block)) {
+                        return Err(corrupt(vol, counters, "bad block"));
+                    }
+                }
+                let take_end = hi.min(b1 * BLOCK_U64);
+                let src =
+                    &buf[(pos - b0 * BLOCK_U64) as usize..(take_end - b0 * BLOCK_U64) as usize];
+                let at = (ext_start + pos - offset) as usize;
+                out[at..at + src.len()].copy_from_slice(src);
+                pos = take_end;
+            }
+            ext_start = ext_end;
+        }
+        counters.bytes_read += n as u64;
+        Ok(n)
+    }
+
+    /// Drops one reference, durably. Returns the references left; at zero the object
+    /// is gone from the index and its space is reclaimed by compaction.
+    pub fn delete(&mut self, fp: &Fingerprint) -> Result<u32, StoreError> {
+        let disk = self.index.get(fp).ok_or(StoreError::NotFound(*fp))?.disk;
+        match self.write_ref(disk, fp, -1) {
+            Err(StoreError::NoSpace) => {
+                // Even the metadata reserve is used up: make room, then retry once.
+                let _ = self.compact(disk);
+                self.write_ref(disk, fp, -1)?;
+            }
+            other => other?,
+        }
+        self.counters.deletes += 1;
+        let e = self.index.get_mut(fp).ok_or(StoreError::NotFound(*fp))?;
+        e.refcount = e.refcount.saturating_sub(1);
+        let left = e.refcount;
+        if left == 0 {
+            if let Some(e) = self.index.remove(fp) {
+                let vol = &mut self.vols[usize::from(e.disk.0)];
+                vol.live_bytes = vol.live_bytes.saturating_sub(e.footprint);
+                vol.objects = vol.objects.saturating_sub(1);
+            }
+        }
+        Ok(left)
+    }
+
+    /// Every object and the disk holding it, sorted by fingerprint.
+    pub fn contents(&self) -> Vec<(Fingerprint, DiskId)> {
+        let mut all: Vec<_> = self.index.iter().map(|(fp, e)| (*fp, e.disk)).collect();
+        all.sort_unstable();
+        all
+    }
+
+    pub fn disks(&self) -> Vec<DiskReport> {
+        self.vols
+            .iter()
+            .map(|v| {
+                let usable = v.log_len > 0;
+                let free = if usable { v.bytes_free() } else { 0 };
+                let dead = if usable { v.bytes_dead() } else { 0 };
+                let available = free + dead;
+                DiskReport {
+                    id: v.id,
+                    identity: v.sb.identity,
+                    state: v.state,
+                    backend: v.info.backend,
+                    location: v.info.location.clone(),
+                    bytes_total: v.info.size_bytes,
+                    bytes_free: free,
+                    bytes_available: available,
+                    objects_used: v.objects,
+                    objects_available: available / (2 * BLOCK_U64),
+                    outstanding_ops: v.open_writes,
+                    bytes_dead: dead,
+                    errors: v.errors,
+                }
+            })
+            .collect()
+    }
+
+    /// Online ↔ Offline ↔ Down by an operator. A disk that went Down because it
+    /// failed (or could not be opened) stays Down until the node restarts: after a
+    /// failed write its in-memory log state may not match the disk.
+    pub fn set_disk_state(&mut self, disk: DiskId, state: DiskState) {
+        let Some(vol) = self.vols.get_mut(usize::from(disk.0)) else {
+            warn!(disk = disk.0, "set_disk_state: no such disk");
+            return;
+        };
+        if vol.failed && state != DiskState::Down {
+            warn!(disk = disk.0, "disk failed; it stays down until restart");
+            return;
+        }
+        if vol.state != state {
+            info!(disk = disk.0, from = ?vol.state, to = ?state, "disk state changed");
+            vol.state = state;
+        }
+    }
+
+    /// Flushes every Online disk and records in its superblock that everything
+    /// written so far is durable, so that the next open reads headers only.
+    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let mut first_err = None;
+        for vol in &mut self.vols {
+            if vol.state != DiskState::Online || vol.sb.verified_seq == vol.next_seq {
+                continue;
+            }
+            let r = vol.flush().and_then(|()| {
+                vol.sb.verified_seq = vol.next_seq;
+                vol.write_sb()
+            });
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    pub fn counters(&self) -> &StoreCounters {
+        &self.counters
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &StoreConfig {
+        &self.cfg
+    }
+}
+
+/// Writes a write's staged data as one record (SEGMENT, or SEGMENT|COMMIT with the
+/// object's fingerprint when `commit` is given) and empties the staging buffer.
+fn write_segment(
+    vol: &mut Volume,
+    w: &mut OpenWrite,
+    commit: Option<&Fingerprint>,
+    counters: &mut StoreCounters,
+) -> Result<(), StoreError> {
+    let pad = (BLOCK - w.fill % BLOCK) % BLOCK;
+    if pad != 0 {
+        // The last block goes out zero-padded; its CRC covers the padding.
+        w.st.buf[BLOCK + w.fill..BLOCK + w.fill + pad].fill(0);
+        w.st.crcs.push(crc32c::crc32c_append(w.crc, &ZEROS[..pad]));
+        w.crc = 0;
+    }
+    let blocks = (w.fill + pad) / BLOCK;
+    let mut h = RecordHeader::new(if commit.is_some() {
+        kind::SEGMENT | kind::COMMIT
+    } else {
+        kind::SEGMENT
+    });
+    h.write_id = U64::new(w.write_id);
+    h.payload_len = U32::new(w.fill as u32);
+    for (slot, crc) in h.block_crcs.iter_mut().zip(&w.st.crcs) {
+        *slot = U32::new(*crc);
+    }
+    if let Some(fp) = commit {
+        h.set_commit(fp, w.total, 1);
+    }
+    let a = vol.append(&mut h, &mut w.st.buf[..BLOCK * (1 + blocks)], Reserve::Data)?;
+    if w.write_id == 0 {
+        w.write_id = a.seq;
+        w.first_lp = Some(a.lp);
+    }
+    w.st.extents.push(Extent {
+        hdr: a.phys,
+        len: w.fill as u32,
+    });
+    w.bytes += a.size;
+    vol.open_bytes += a.size;
+    counters.bytes_written += a.size;
+    w.fill = 0;
+    w.st.crcs.clear();
+    w.crc = 0;
+    Ok(())
+}

@@ -1,0 +1,757 @@
+//! One disk of the store: its device, its superblock and the state of its circular log
+//! (head, tail, next seq, epoch), its space accounting, and the two things only a disk
+//! can do on its own: append a record at the tail and rebuild its part of the index
+//! from its log at open (format or recovery). It knows nothing of other disks or of
+//! in-flight writes beyond the byte counts the store keeps here for reporting.
+//!
+//! Positions in the log are kept as *logical* offsets (`lp`) that only grow: the byte
+//! at `lp` lives at `LOG_START + lp % log_len`. The bytes a WRAP skips count as used,
+//! so `tail_lp - head_lp` is exactly the space between head and tail and a full log
+//! is never confused with an empty one. Only physical offsets go to disk.
+
+use std::collections::HashMap;
+
+use nvme::{AlignedBuf, BlockDevice, DevError, DeviceInfo};
+use rand::Rng;
+use tracing::{debug, error, info, warn};
+use zerocopy::little_endian::U64;
+use zerocopy::IntoBytes;
+
+use dosp::Fingerprint;
+
+use super::format::{
+    kind, record_size, RecordHeader, SbSlot, Superblock, BLOCK, BLOCK_U64, LOG_START,
+    MAX_SEGMENT_BLOCKS,
+};
+use super::{DiskId, DiskState, Entry, Extent, StoreConfig, StoreError};
+
+/// Which headroom an append may eat into. Ordinary data keeps clear of both
+/// reserves; a reference-count record (delete, dedup) may use the small metadata
+/// reserve so that a full disk can still be emptied; compaction may use everything,
+/// since it is what turns dead space back into free space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reserve {
+    Data,
+    Meta,
+    Compaction,
+}
+
+/// Where an appended record landed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Appended {
+    pub phys: u64,
+    pub lp: u64,
+    pub seq: u64,
+    pub size: u64,
+}
+
+pub(crate) struct Volume {
+    pub id: DiskId,
+    dev: Box<dyn BlockDevice>,
+    pub info: DeviceInfo,
+    pub state: DiskState,
+    /// Down because the device failed or the disk could not be opened, as opposed to
+    /// set Down by an operator: only the latter may be brought back without a restart,
+    /// since after a failed write the in-memory tail may not match the disk.
+    pub failed: bool,
+    pub sb: Superblock,
+    pub log_len: u64,
+    pub head_lp: u64,
+    pub head_seq: u64,
+    pub tail_lp: u64,
+    pub next_seq: u64,
+    /// Every record with a smaller seq is durable (as of the last completed flush).
+    pub durable_seq: u64,
+    /// Footprint of the records of live objects.
+    pub live_bytes: u64,
+    /// Footprint of the records of in-flight writes.
+    pub open_bytes: u64,
+    pub objects: u64,
+    pub open_writes: u32,
+    pub errors: u64,
+    /// WRAP records written since open (the log went round the disk).
+    pub wraps: u64,
+    /// Space compaction may need to move a segment, plus a WRAP's waste.
+    res_compact: u64,
+    /// Room for reference-count records on a disk otherwise full.
+    res_meta: u64,
+    /// Footprint of one full staged segment.
+    pub seg_record: u64,
+    /// One block for WRAP records and superblocks.
+    scratch: AlignedBuf,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("id", &self.id)
+            .field("state", &self.state)
+            .field("head_lp", &self.head_lp)
+            .field("tail_lp", &self.tail_lp)
+            .field("next_seq", &self.next_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A record header as seen by the recovery scan: what replay needs, without the CRCs.
+#[derive(Clone, Debug)]
+struct Scanned {
+    seq: u64,
+    lp: u64,
+    phys: u64,
+    kind: u8,
+    payload_len: u32,
+    write_id: u64,
+    durable_seq: u64,
+    fp: Fingerprint,
+    object_len: u64,
+    refcount: u32,
+    delta: i32,
+}
+
+/// What a disk holds after open: its objects, keyed by fingerprint.
+pub(crate) type LocalIndex = HashMap<Fingerprint, Entry>;
+
+impl Volume {
+    /// Opens a disk: formats it if blank, recovers it if it has a valid superblock,
+    /// and otherwise returns it Down (with the reason logged). Never fails: one bad
+    /// disk must not keep the node from using the others.
+    pub fn open(
+        id: DiskId,
+        dev: Box<dyn BlockDevice>,
+        cfg: &StoreConfig,
+        node_id: u64,
+        rng: &mut impl Rng,
+    ) -> (Volume, LocalIndex) {
+        let info = dev.info().clone();
+        let seg_record = record_size(cfg.segment_bytes as u64);
+        let mut vol = Volume {
+            id,
+            dev,
+            info,
+            state: DiskState::Down,
+            failed: true,
+            sb: Superblock {
+                identity: [0; 16],
+                node_id: 0,
+                size_bytes: 0,
+                log_nonce: 0,
+                log_head: LOG_START,
+                head_seq: 1,
+                verified_seq: 1,
+                epoch: 1,
+                generation: 0,
+            },
+            log_len: 0,
+            head_lp: 0,
+            head_seq: 1,
+            tail_lp: 0,
+            next_seq: 1,
+            durable_seq: 1,
+            live_bytes: 0,
+            open_bytes: 0,
+            objects: 0,
+            open_writes: 0,
+            errors: 0,
+            wraps: 0,
+            res_compact: 2 * seg_record + 4 * BLOCK_U64,
+            res_meta: 32 * BLOCK_U64,
+            seg_record,
+            scratch: AlignedBuf::new(BLOCK),
+        };
+        match vol.open_inner(node_id, rng) {
+            Ok(index) => {
+                vol.state = DiskState::Online;
+                vol.failed = false;
+                (vol, index)
+            }
+            Err(why) => {
+                error!(disk = id.0, location = %vol.info.location, "disk unusable, marked down: {why}");
+                vol.state = DiskState::Down;
+                vol.failed = true;
+                (vol, LocalIndex::new())
+            }
+        }
+    }
+
+    fn open_inner(&mut self, node_id: u64, rng: &mut impl Rng) -> Result<LocalIndex, String> {
+        let mut blocks = AlignedBuf::new(2 * BLOCK);
+        self.dev
+            .read_at(0, &mut blocks)
+            .map_err(|e| format!("cannot read the superblock: {e}"))?;
+        let slots = [
+            Superblock::decode(&blocks[..BLOCK]),
+            Superblock::decode(&blocks[BLOCK..]),
+        ];
+        if let Some(v) = slots.iter().find_map(|s| match s {
+            SbSlot::UnknownVersion(v) => Some(*v),
+            _ => None,
+        }) {
+            return Err(format!(
+                "unknown format version {v} (this build reads version {})",
+                super::format::FORMAT_VERSION
+            ));
+        }
+        let best = slots
+            .iter()
+            .filter_map(|s| match s {
+                SbSlot::Valid(sb) => Some(*sb),
+                _ => None,
+            })
+            .max_by_key(|sb| sb.generation);
+        match best {
+            Some(sb) => self.recover(sb, node_id),
+            None if blocks[..BLOCK].iter().all(|&b| b == 0) => {
+                self.format(node_id, rng)?;
+                Ok(LocalIndex::new())
+            }
+            None => Err("corrupt superblock (neither copy is valid)".to_string()),
+        }
+    }
+
+    /// Checks the log geometry for a disk of `size` bytes and sets `log_len`.
+    fn set_geometry(&mut self, size: u64) -> Result<(), String> {
+        let log_len = size.saturating_sub(LOG_START);
+        let min = self.res_compact + self.res_meta + 2 * self.seg_record;
+        if log_len < min {
+            return Err(format!(
+                "disk of {size} bytes is too small for segments of {} bytes (needs at least {} bytes)",
+                self.seg_record - BLOCK_U64,
+                min + LOG_START
+            ));
+        }
+        self.log_len = log_len;
+        Ok(())
+    }
+
+    fn format(&mut self, node_id: u64, rng: &mut impl Rng) -> Result<(), String> {
+        let size = self.info.size_bytes - self.info.size_bytes % BLOCK_U64;
+        self.set_geometry(size)?;
+        self.sb = Superblock {
+            identity: rng.gen(),
+            node_id,
+            size_bytes: size,
+            log_nonce: rng.gen(),
+            log_head: LOG_START,
+            head_seq: 1,
+            verified_seq: 1,
+            epoch: 1,
+            generation: 0,
+        };
+        // Copy B first, then copy A, each flushed: a crash in between leaves a valid
+        // copy B, a crash before leaves block 0 blank (see format.rs).
+        for _ in 0..2 {
+            self.write_sb().map_err(|e| format!("cannot format: {e}"))?;
+        }
+        self.head_lp = 0;
+        self.tail_lp = 0;
+        self.head_seq = 1;
+        self.next_seq = 1;
+        self.durable_seq = 1;
+        info!(
+            disk = self.id.0,
+            identity = %hex::encode(self.sb.identity),
+            location = %self.info.location,
+            size,
+            "formatted blank disk"
+        );
+        Ok(())
+    }
+
+    /// Rebuilds this disk's index from its log (see the module doc of `store` for the
+    /// rules), then durably starts a new epoch so that nothing past the recovered tail
+    /// can ever be taken for part of the log.
+    fn recover(&mut self, sb: Superblock, node_id: u64) -> Result<LocalIndex, String> {
+        if sb.size_bytes > self.info.size_bytes {
+            return Err(format!(
+                "formatted for {} bytes but the device has only {}",
+                sb.size_bytes, self.info.size_bytes
+            ));
+        }
+        self.set_geometry(sb.size_bytes)?;
+        if sb.log_head < LOG_START
+            || sb.log_head >= sb.size_bytes
+            || !sb.log_head.is_multiple_of(BLOCK_U64)
+        {
+            return Err(format!(
+                "superblock log head {} is out of range",
+                sb.log_head
+            ));
+        }
+        // Sequence numbers grow by one per record: anything near the top of the range
+        // is damage (however unlikely past the crc), and would overflow below.
+        const SANE: u64 = u64::MAX / 4;
+        if sb.head_seq == 0 || sb.head_seq > SANE || sb.verified_seq > SANE || sb.epoch > SANE {
+            return Err(format!(
+                "superblock sequence numbers out of range (head {}, verified {}, epoch {})",
+                sb.head_seq, sb.verified_seq, sb.epoch
+            ));
+        }
+        if sb.node_id != node_id {
+            warn!(
+                disk = self.id.0,
+                formatted_by = sb.node_id,
+                node_id,
+                "disk was formatted by another node; using it"
+            );
+        }
+        self.sb = sb;
+        self.head_lp = sb.log_head - LOG_START;
+        self.head_seq = sb.head_seq;
+
+        let (recs, end_lp, damaged) = self.scan().map_err(|e| format!("log scan failed: {e}"))?;
+        let end_seq = sb.head_seq + recs.len() as u64;
+        // Where the scan stopped must be a torn or never-written tail. If the record
+        // there is known durable, its header rotted: refuse to truncate the log (that
+        // would silently drop acknowledged records) and leave the disk alone.
+        if end_seq < sb.verified_seq {
+            return Err(format!(
+                "log damaged: it ends at seq {end_seq} but records up to {} were verified durable",
+                sb.verified_seq
+            ));
+        }
+        if damaged
+            && self
+                .durable_successor(end_lp, end_seq)
+                .map_err(|e| format!("log scan failed: {e}"))?
+        {
+            return Err(format!(
+                "log damaged: record {end_seq} at offset {} is unreadable but a later record shows it was durable",
+                self.phys(end_lp)
+            ));
+        }
+        let durable = recs
+            .iter()
+            .map(|r| r.durable_seq)
+            .max()
+            .unwrap_or(0)
+            .max(sb.verified_seq);
+        let cut = self
+            .find_torn_tail(&recs, durable, end_seq)
+            .map_err(|e| format!("log verification failed: {e}"))?;
+        let index = self.replay(&recs, cut);
+
+        let cut_at = (cut - sb.head_seq) as usize;
+        self.tail_lp = recs.get(cut_at).map_or(end_lp, |r| r.lp);
+        self.next_seq = cut;
+        if let Some(torn) = recs.get(cut_at) {
+            // The record at the cut has a valid header but data that never became
+            // durable. Erase the header so that a crash before it is overwritten
+            // cannot bring it (and what follows it) back.
+            warn!(
+                disk = self.id.0,
+                seq = torn.seq,
+                "torn tail: dropping {} unacknowledged record(s)",
+                end_seq - cut
+            );
+            self.scratch.fill(0);
+            self.dev
+                .write_at(torn.phys, &self.scratch)
+                .map_err(|e| format!("cannot erase torn record: {e}"))?;
+        }
+        self.sb.epoch += 1;
+        self.sb.verified_seq = cut;
+        self.write_sb()
+            .map_err(|e| format!("cannot update superblock: {e}"))?;
+        self.durable_seq = cut;
+        self.live_bytes = index.values().map(|e| e.footprint).sum();
+        self.objects = index.len() as u64;
+        info!(
+            disk = self.id.0,
+            identity = %hex::encode(self.sb.identity),
+            objects = self.objects,
+            records = cut - sb.head_seq,
+            verified_from = durable,
+            "recovered disk"
+        );
+        Ok(index)
+    }
+
+    /// Reads record headers from the head until the first one that is not the next
+    /// record of this log. Returns them, the logical offset where the scan stopped, and
+    /// whether the block there looks like a damaged header of this log (magic and
+    /// nonce, but no valid crc): a clean tail (stale record, old data, zeros) does not.
+    fn scan(&mut self) -> Result<(Vec<Scanned>, u64, bool), DevError> {
+        let mut buf = AlignedBuf::new(BLOCK);
+        let mut recs = Vec::new();
+        let (mut lp, mut seq, mut prev_epoch) = (self.head_lp, self.head_seq, 0);
+        while lp - self.head_lp < self.log_len {
+            let phys = self.phys(lp);
+            self.dev.read_at(phys, &mut buf)?;
+            let Some(h) = RecordHeader::check(&buf, self.sb.log_nonce) else {
+                let damaged = buf[..8] == super::format::REC_MAGIC
+                    && buf[8..16] == self.sb.log_nonce.to_le_bytes();
+                return Ok((recs, lp, damaged));
+            };
+            let epoch = h.epoch.get();
+            if h.seq.get() != seq || epoch < prev_epoch || epoch > self.sb.epoch {
+                break;
+            }
+            let size = if h.kind == kind::WRAP {
+                self.log_len - lp % self.log_len
+            } else {
+                record_size(u64::from(h.payload_len.get()))
+            };
+            // A record never straddles the end of the disk, nor runs into the head.
+            if phys + size > self.sb.size_bytes || lp + size - self.head_lp > self.log_len {
+                break;
+            }
+            recs.push(Scanned {
+                seq,
+                lp,
+                phys,
+                kind: h.kind,
+                payload_len: h.payload_len.get(),
+                write_id: h.write_id.get(),
+                durable_seq: h.durable_seq.get(),
+                fp: h.fingerprint(),
+                object_len: h.object_len.get(),
+                refcount: h.refcount.get(),
+                delta: h.delta.get(),
+            });
+            prev_epoch = epoch;
+            lp += size;
+            seq += 1;
+        }
+        Ok((recs, lp, false))
+    }
+
+    /// After the scan stopped at `lp` expecting record `seq`: is there, where record
+    /// `seq + 1` could start, a valid record `seq + 1` whose `durable_seq` vouches that
+    /// record `seq` had been flushed? A torn tail can never produce one.
+    fn durable_successor(&mut self, lp: u64, seq: u64) -> Result<bool, DevError> {
+        let mut buf = AlignedBuf::new(BLOCK);
+        let lap_end = lp - lp % self.log_len + self.log_len;
+        let reach = (1..=MAX_SEGMENT_BLOCKS as u64 + 1)
+            .map(|k| lp + k * BLOCK_U64)
+            .take_while(|&p| p < lap_end)
+            .chain(std::iter::once(lap_end));
+        for p in reach {
+            if p - self.head_lp >= self.log_len {
+                break;
+            }
+            self.dev.read_at(self.phys(p), &mut buf)?;
+            if let Some(h) = RecordHeader::check(&buf, self.sb.log_nonce) {
+                if h.seq.get() == seq + 1
+                    && h.durable_seq.get() > seq
+                    && h.epoch.get() <= self.sb.epoch
+                {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Finds where the durable log really ends. Records below `durable` are trusted.
+    /// For every committed write, each of its segments at or past `durable` has its
+    /// data read back: one that fails its block CRCs was written after the last flush
+    /// that completed, so nothing from it on was ever acknowledged and the log is cut
+    /// there. (Rot in a segment below `durable` is not a torn write: it is left for
+    /// reads to report.) Returns the seq to cut at (`end_seq` if nothing is torn).
+    fn find_torn_tail(
+        &mut self,
+        recs: &[Scanned],
+        durable: u64,
+        end_seq: u64,
+    ) -> Result<u64, DevError> {
+        let mut cut = end_seq;
+        let mut pending: HashMap<u64, Vec<usize>> = HashMap::new();
+        let mut hdr = AlignedBuf::new(BLOCK);
+        let mut data = AlignedBuf::new(64 * BLOCK);
+        for (i, r) in recs.iter().enumerate() {
+            if r.seq >= cut {
+                break;
+            }
+            if r.kind & kind::SEGMENT != 0 {
+                pending.entry(r.write_id).or_default().push(i);
+            }
+            if r.kind & kind::COMMIT == 0 {
+                continue;
+            }
+            let segs = pending.remove(&r.write_id).unwrap_or_default();
+            let total: u64 = segs.iter().map(|&j| u64::from(recs[j].payload_len)).sum();
+            if total != r.object_len {
+                continue; // partly behind the head: replay ignores it too
+            }
+            for j in segs {
+                let s = &recs[j];
+                if s.seq >= durable
+                    && s.seq < cut
+                    && !self.segment_intact(s.phys, s.payload_len, &mut hdr, &mut data)?
+                {
+                    debug!(disk = self.id.0, seq = s.seq, "segment data is torn");
+                    cut = s.seq;
+                }
+            }
+        }
+        Ok(cut)
+    }
+
+    /// Reads a segment back and checks every payload block against its header's CRC.
+    fn segment_intact(
+        &mut self,
+        phys: u64,
+        payload_len: u32,
+        hdr: &mut AlignedBuf,
+        data: &mut AlignedBuf,
+    ) -> Result<bool, DevError> {
+        self.dev.read_at(phys, hdr)?;
+        let Some(h) = RecordHeader::check(hdr, self.sb.log_nonce) else {
+            return Ok(false);
+        };
+        let blocks = (payload_len as usize).div_ceil(BLOCK);
+        let per_read = data.len() / BLOCK;
+        let mut b = 0;
+        while b < blocks {
+            let n = per_read.min(blocks - b);
+            let buf = &mut data[..n * BLOCK];
+            self.dev.read_at(phys + BLOCK_U64 * (1 + b as u64), buf)?;
+            for (k, block) in buf.chunks_exact(BLOCK).enumerate() {
+                if h.block_crc(b + k) != Some(crc32c::crc32c(block)) {
+                    return Ok(false);
+                }
+            }
+            b += n;
+        }
+        Ok(true)
+    }
+
+    /// Applies the records with seq below `cut` in order and returns the objects.
+    fn replay(&self, recs: &[Scanned], cut: u64) -> LocalIndex {
+        let mut index = LocalIndex::new();
+        let mut pending: HashMap<u64, Vec<Extent>> = HashMap::new();
+        for r in recs.iter().take_while(|r| r.seq < cut) {
+            if r.kind & kind::SEGMENT != 0 {
+                pending.entry(r.write_id).or_default().push(Extent {
+                    hdr: r.phys,
+                    len: r.payload_len,
+                });
+            }
+            if r.kind & kind::COMMIT != 0 {
+                let mut extents = pending.remove(&r.write_id).unwrap_or_default();
+                if r.kind & kind::SEGMENT == 0 {
+                    // A bare COMMIT still needs a record to stand for the object, so
+                    // that compaction finds and moves it.
+                    extents.push(Extent {
+                        hdr: r.phys,
+                        len: 0,
+                    });
+                }
+                let total: u64 = extents.iter().map(|e| u64::from(e.len)).sum();
+                if total != r.object_len {
+                    // Its first segments are behind the head: this is an old copy that
+                    // compaction moved; the moved COMMIT comes later in the log.
+                    debug!(disk = self.id.0, seq = r.seq, "skipping partial old copy");
+                    continue;
+                }
+                let footprint = extents.iter().map(|e| record_size(u64::from(e.len))).sum();
+                // Absolute refcount: a later COMMIT of the same fingerprint (a moved
+                // copy) replaces the entry whatever REFs came before it.
+                index.insert(
+                    r.fp,
+                    Entry {
+                        disk: self.id,
+                        len: r.object_len,
+                        refcount: r.refcount,
+                        write_id: r.write_id,
+                        extents,
+                        footprint,
+                    },
+                );
+            }
+            if r.kind == kind::REF {
+                if let Some(e) = index.get_mut(&r.fp) {
+                    let rc = i64::from(e.refcount) + i64::from(r.delta);
+                    if rc <= 0 {
+                        index.remove(&r.fp);
+                    } else {
+                        e.refcount = u32::try_from(rc).unwrap_or(u32::MAX);
+                    }
+                }
+                // A REF to an unknown fingerprint refers to a copy behind the head
+                // that was either deleted or moved (the moved COMMIT is absolute).
+            }
+        }
+        index
+    }
+
+    // ----- running -----
+
+    /// Physical offset of logical offset `lp`.
+    pub fn phys(&self, lp: u64) -> u64 {
+        LOG_START + lp % self.log_len
+    }
+
+    /// Logical offset of a physical offset inside the live part of the log.
+    pub fn lp_of(&self, phys: u64) -> u64 {
+        let rel = phys - LOG_START;
+        let head = self.head_lp % self.log_len;
+        self.head_lp + (rel + self.log_len - head) % self.log_len
+    }
+
+    pub fn used(&self) -> u64 {
+        self.tail_lp - self.head_lp
+    }
+
+    /// Bytes new data can use now.
+    pub fn bytes_free(&self) -> u64 {
+        (self.log_len - self.used()).saturating_sub(self.res_compact + self.res_meta)
+    }
+
+    /// Bytes new data could use on an empty log.
+    pub fn capacity(&self) -> u64 {
+        self.log_len
+            .saturating_sub(self.res_compact + self.res_meta)
+    }
+
+    /// Bytes between head and tail that neither a live object nor an open write needs.
+    pub fn bytes_dead(&self) -> u64 {
+        self.used()
+            .saturating_sub(self.live_bytes)
+            .saturating_sub(self.open_bytes)
+    }
+
+    pub fn log_nonce(&self) -> u64 {
+        self.sb.log_nonce
+    }
+
+    fn reserve(&self, class: Reserve) -> u64 {
+        match class {
+            Reserve::Data => self.res_compact + self.res_meta,
+            Reserve::Meta => self.res_compact,
+            Reserve::Compaction => 0,
+        }
+    }
+
+    /// Whether a record of `size` bytes could be appended now.
+    pub fn fits(&self, size: u64, class: Reserve) -> bool {
+        let phys = self.phys(self.tail_lp);
+        let to_end = self.sb.size_bytes - phys;
+        let need = if size > to_end { size + to_end } else { size };
+        self.used() + need + self.reserve(class) <= self.log_len
+    }
+
+    /// The error for an operation on a disk that is not Online.
+    pub fn unavailable(&self) -> StoreError {
+        match self.state {
+            DiskState::Offline => StoreError::DiskOffline(self.id),
+            _ => StoreError::DiskFailed {
+                disk: self.id,
+                source: DevError::Io {
+                    offset: 0,
+                    source: std::io::Error::other("disk is down"),
+                },
+            },
+        }
+    }
+
+    pub fn check_online(&self) -> Result<(), StoreError> {
+        if self.state == DiskState::Online {
+            Ok(())
+        } else {
+            Err(self.unavailable())
+        }
+    }
+
+    /// A device error: the disk goes Down and the caller gets the error to return.
+    pub fn fail(&mut self, e: DevError) -> StoreError {
+        self.errors += 1;
+        if self.state != DiskState::Down {
+            error!(disk = self.id.0, location = %self.info.location, "device error, disk is now down: {e}");
+        }
+        self.state = DiskState::Down;
+        self.failed = true;
+        StoreError::DiskFailed {
+            disk: self.id,
+            source: e,
+        }
+    }
+
+    pub fn read(&mut self, phys: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.dev.read_at(phys, buf).map_err(|e| self.fail(e))
+    }
+
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        let covered = self.next_seq;
+        self.dev.flush().map_err(|e| self.fail(e))?;
+        self.durable_seq = covered;
+        Ok(())
+    }
+
+    /// Writes the superblock (generation + 1, into the other copy) and flushes.
+    pub fn write_sb(&mut self) -> Result<(), StoreError> {
+        self.sb.generation += 1;
+        self.sb.encode(&mut self.scratch);
+        let at = self.sb.slot() * BLOCK_U64;
+        self.dev
+            .write_at(at, &self.scratch)
+            .map_err(|e| self.fail(e))?;
+        self.flush()
+    }
+
+    /// Fills in the log fields of a header (a `write_id` of 0 means "this record
+    /// starts a write": it gets the record's own seq) and seals it.
+    fn seal(&self, hdr: &mut RecordHeader, seq: u64) {
+        hdr.nonce = U64::new(self.sb.log_nonce);
+        hdr.seq = U64::new(seq);
+        hdr.epoch = U64::new(self.sb.epoch);
+        hdr.durable_seq = U64::new(self.durable_seq);
+        if hdr.write_id.get() == 0 {
+            hdr.write_id = U64::new(seq);
+        }
+        hdr.seal();
+    }
+
+    /// Appends one record: `hdr` is sealed and copied into the first block of `rec`,
+    /// whose following blocks hold the payload, and `rec` goes to disk in one write.
+    /// Writes a WRAP first if the record does not fit before the end of the disk.
+    pub fn append(
+        &mut self,
+        hdr: &mut RecordHeader,
+        rec: &mut [u8],
+        class: Reserve,
+    ) -> Result<Appended, StoreError> {
+        self.check_online()?;
+        let size = rec.len() as u64;
+        if !self.fits(size, class) {
+            return Err(StoreError::NoSpace);
+        }
+        let phys = self.phys(self.tail_lp);
+        let to_end = self.sb.size_bytes - phys;
+        if size > to_end {
+            let mut wrap = RecordHeader::new(kind::WRAP);
+            self.seal(&mut wrap, self.next_seq);
+            self.scratch.copy_from_slice(wrap.as_bytes());
+            self.dev
+                .write_at(phys, &self.scratch)
+                .map_err(|e| self.fail(e))?;
+            self.next_seq += 1;
+            self.tail_lp += to_end;
+            self.wraps += 1;
+        }
+        let phys = self.phys(self.tail_lp);
+        let seq = self.next_seq;
+        self.seal(hdr, seq);
+        rec[..BLOCK].copy_from_slice(hdr.as_bytes());
+        self.dev.write_at(phys, rec).map_err(|e| self.fail(e))?;
+        let lp = self.tail_lp;
+        self.next_seq += 1;
+        self.tail_lp += size;
+        Ok(Appended {
+            phys,
+            lp,
+            seq,
+            size,
+        })
+    }
+
+    /// Makes the current head durable in the superblock (after compaction) together
+    /// with a new verified mark.
+    pub fn persist_head(&mut self, verified_seq: u64) -> Result<(), StoreError> {
+        self.sb.log_head = self.phys(self.head_lp);
+        self.sb.head_seq = self.head_seq;
+        self.sb.verified_seq = verified_seq.max(self.sb.verified_seq);
+        self.write_sb()
+    }
+}

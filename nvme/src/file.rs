@@ -450,14 +450,29 @@ fn warn_buffered(location: &str) {
 /// flock (not fcntl locks) because it belongs to the open file description: it is
 /// released exactly when this device's fd closes, and a second open in the same
 /// process conflicts too.
+///
+/// A holder that was just killed may keep the lock for a moment: the kernel tears down
+/// a dead process's io_uring (and with it the ring's file references) asynchronously,
+/// after the process has been reaped. So a held lock is retried for a bounded time
+/// before the disk is declared in use.
 fn lock_exclusive(file: &File) -> io::Result<()> {
-    match file.try_lock() {
-        Ok(()) => Ok(()),
-        Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::new(
-            io::ErrorKind::WouldBlock,
-            "already in use by another process (an exclusive flock is held on it)",
-        )),
-        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+    const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(LOCK_RETRY);
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "already in use by another process (an exclusive flock is held on it)",
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
     }
 }
 

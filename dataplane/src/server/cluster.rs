@@ -1,0 +1,141 @@
+//! Cluster services over UDP: unicast queries, multicast LOCATE and heartbeats.
+//!
+//! Two sockets. The unicast one is bound to the node's DOSP address (same port number
+//! as TCP), so a manager can ask one node with the same In/Out structures it would use
+//! over TCP. The multicast one is joined to the cluster group: a LOCATE sent to the
+//! group is answered — by multicast, so every manager snooping the group learns the
+//! location — only by nodes that hold the object; the rest stay silent. Heartbeats go
+//! to the group on a timer.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use dosp::codec::encode_response;
+use dosp::wire::*;
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::ops::{heartbeat, locate_answer, small_op, Ctx};
+use crate::stats::NodeStats;
+
+/// Largest datagram we accept or send. Replies are small fixed structures; the largest
+/// (GET_DISK_STATUS for every disk) is bounded by DISKS_MAX.
+const DGRAM_MAX: usize = 32 + 16 + DISKS_MAX * 64;
+/// Datagrams handled per socket per loop turn.
+pub const DGRAM_BURST: usize = 32;
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub unicast: mio::net::UdpSocket,
+    pub multicast: mio::net::UdpSocket,
+    group: SocketAddrV4,
+    buf: Box<[u8]>,
+    out: Vec<u8>,
+}
+
+impl Cluster {
+    pub fn bind(listen: SocketAddr, group: SocketAddrV4, iface: Ipv4Addr) -> io::Result<Cluster> {
+        let unicast = std::net::UdpSocket::bind(listen)?;
+        unicast.set_nonblocking(true)?;
+        let multicast = dosp::client::join_group(group, iface)?;
+        multicast.set_nonblocking(true)?;
+        Ok(Cluster {
+            unicast: mio::net::UdpSocket::from_std(unicast),
+            multicast: mio::net::UdpSocket::from_std(multicast),
+            group,
+            buf: vec![0u8; DGRAM_MAX].into_boxed_slice(),
+            out: Vec::with_capacity(DGRAM_MAX),
+        })
+    }
+
+    /// Handles up to DGRAM_BURST datagrams from each socket. Returns whether any came.
+    pub fn poll(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let mut any = false;
+        for multicast in [false, true] {
+            for _ in 0..DGRAM_BURST {
+                let sock = if multicast { &self.multicast } else { &self.unicast };
+                let (n, from) = match sock.recv_from(&mut self.buf) {
+                    Ok(r) => r,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "udp receive failed");
+                        break;
+                    }
+                };
+                any = true;
+                self.handle(ctx, n, from, multicast);
+            }
+        }
+        any
+    }
+
+    fn handle(&mut self, ctx: &mut Ctx<'_>, n: usize, from: SocketAddr, multicast: bool) {
+        let Ok((header, body)) = Header::read_from_prefix(&self.buf[..n]) else {
+            NodeStats::inc(&ctx.stats.udp_bad);
+            return;
+        };
+        // Answers and heartbeats from other nodes share the group: only requests are ours.
+        if multicast && header.kind == Kind::Response as u8 && header.magic.get() == MAGIC {
+            return;
+        }
+        if let Err(e) = header.check(Kind::Request) {
+            NodeStats::inc(&ctx.stats.udp_bad);
+            tracing::debug!(%from, error = %e, "dropping malformed datagram");
+            return;
+        }
+        let Some(body) = body.get(..header.body_len.get() as usize) else {
+            NodeStats::inc(&ctx.stats.udp_bad);
+            return;
+        };
+        NodeStats::inc(&ctx.stats.udp_requests);
+        let id = header.request_id.get();
+        let Some(op) = header.opcode() else {
+            if !multicast {
+                self.out.clear();
+                let raw = header.opcode.get();
+                encode_response(&mut self.out, raw, id, &[OutHead::new(Status::UnknownOpcode, raw.into()).as_bytes()]);
+                let _ = self.unicast.send_to(&self.out, from);
+            }
+            NodeStats::inc(&ctx.stats.unknown_opcodes);
+            return;
+        };
+        self.out.clear();
+        if multicast {
+            // To the group, a node speaks only when it has something to say.
+            match op {
+                Opcode::Locate => {
+                    let Ok(q) = parse_exact::<LocateIn>(op, body) else { return };
+                    let Some(answer) = locate_answer(ctx, &q.fingerprint) else { return };
+                    encode_response(&mut self.out, op as u16, id, &[answer.as_bytes()]);
+                    NodeStats::inc(&ctx.stats.locate_answers);
+                }
+                Opcode::Heartbeat => {
+                    encode_response(&mut self.out, op as u16, id, &[heartbeat(ctx).as_bytes()]);
+                }
+                _ => return,
+            }
+            if let Err(e) = self.multicast.send_to(&self.out, SocketAddr::V4(self.group)) {
+                tracing::debug!(error = %e, "multicast answer failed");
+            }
+            return;
+        }
+        let mut body_out = Vec::with_capacity(DGRAM_MAX);
+        small_op(ctx, op, body, &mut body_out);
+        encode_response(&mut self.out, op as u16, id, &[&body_out]);
+        if op == Opcode::Locate && out_status(&body_out).map(|s| s.0) == Ok(Status::Success) {
+            NodeStats::inc(&ctx.stats.locate_answers);
+        }
+        if let Err(e) = self.unicast.send_to(&self.out, from) {
+            tracing::debug!(%from, error = %e, "unicast answer failed");
+        }
+    }
+
+    /// Multicasts this node's heartbeat to the group.
+    pub fn send_heartbeat(&mut self, ctx: &Ctx<'_>) {
+        self.out.clear();
+        encode_response(&mut self.out, Opcode::Heartbeat as u16, 0, &[heartbeat(ctx).as_bytes()]);
+        match self.multicast.send_to(&self.out, SocketAddr::V4(self.group)) {
+            Ok(_) => NodeStats::inc(&ctx.stats.heartbeats_sent),
+            Err(e) => tracing::debug!(error = %e, "heartbeat send failed"),
+        }
+    }
+}

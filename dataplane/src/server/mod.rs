@@ -1,0 +1,257 @@
+//! The dataplane loop on the kernel backend: TCP sessions and UDP cluster services,
+//! polled with epoll (mio), run to completion on one core.
+//!
+//! Sharding: this backend runs one dataplane loop that owns every disk and the whole
+//! index, so no request crosses cores. When more loops run (DPDK backend), objects are
+//! sharded by the first byte of the fingerprint (`fp.0[0] % loops`) and a request that
+//! lands on the wrong loop is forwarded over a bounded single-producer queue.
+//!
+//! Each turn, in bounded batches: accept new connections, drive ready sessions, serve
+//! datagrams, fire timers (heartbeat, idle compaction, checkpoint). The loop sleeps in
+//! epoll when idle, so an idle node does not burn its core; the poll timeout is bounded
+//! so shutdown and timers are noticed promptly.
+
+pub mod cluster;
+pub mod ops;
+pub mod session;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+
+use self::cluster::Cluster;
+use self::ops::{Ctx, NodeIdentity};
+use self::session::{Drive, Session};
+use crate::stats::NodeStats;
+use crate::store::Store;
+
+const LISTENER: Token = Token(0);
+const UDP_UNICAST: Token = Token(1);
+const UDP_MULTICAST: Token = Token(2);
+const FIRST_SESSION: usize = 16;
+/// Connections accepted per turn.
+const ACCEPT_BURST: usize = 64;
+/// Events handled per epoll wait.
+const EVENTS_MAX: usize = 256;
+
+/// What the dataplane needs to start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub multicast_group: SocketAddrV4,
+    pub multicast_if: Ipv4Addr,
+    pub node_id: u64,
+    pub epoch: u64,
+    pub heartbeat_interval: Duration,
+    pub chunk_max: u32,
+    pub connections_max: usize,
+    /// Longest the loop sleeps in epoll when idle.
+    pub idle_sleep: Duration,
+    /// How often the store checkpoints when it has new commits.
+    pub checkpoint_interval: Duration,
+}
+
+/// A bound, ready-to-run dataplane.
+#[derive(Debug)]
+pub struct Server {
+    poll: Poll,
+    listener: TcpListener,
+    cluster: Cluster,
+    sessions: HashMap<Token, Session>,
+    next_token: usize,
+    store: Store,
+    stats: Arc<NodeStats>,
+    id: NodeIdentity,
+    cfg: ServerConfig,
+}
+
+impl Server {
+    /// Binds every socket. Errors here are start-up errors (address in use, …).
+    pub fn bind(cfg: ServerConfig, store: Store, stats: Arc<NodeStats>) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(cfg.listen)?;
+        let local = listener.local_addr()?;
+        let mut cluster = Cluster::bind(local, cfg.multicast_group, cfg.multicast_if)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(&mut cluster.unicast, UDP_UNICAST, Interest::READABLE)?;
+        poll.registry().register(&mut cluster.multicast, UDP_MULTICAST, Interest::READABLE)?;
+        let ip = match local {
+            SocketAddr::V4(a) if !a.ip().is_unspecified() => *a.ip(),
+            _ => cfg.multicast_if,
+        };
+        let id = NodeIdentity {
+            node_id: cfg.node_id,
+            epoch: cfg.epoch,
+            addr: SocketAddrV4::new(ip, local.port()),
+            started: Instant::now(),
+        };
+        Ok(Server { poll, listener, cluster, sessions: HashMap::new(), next_token: FIRST_SESSION, store, stats, id, cfg })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Runs until `stop` is set, then checkpoints the store and returns it.
+    pub fn run(mut self, stop: &AtomicBool) -> io::Result<Store> {
+        let mut events = Events::with_capacity(EVENTS_MAX);
+        let mut more: Vec<Token> = Vec::new();
+        let mut next_heartbeat = Instant::now();
+        let mut last_compact = Instant::now();
+        let mut last_checkpoint = Instant::now();
+        let mut dirty_since_checkpoint = false;
+        let ops_at_checkpoint = NodeStats::get(&self.stats.stores) + NodeStats::get(&self.stats.deletes);
+        let mut last_ops = ops_at_checkpoint;
+        self.cluster.send_heartbeat(&Ctx { store: &mut self.store, stats: &self.stats, id: &self.id });
+        NodeStats::inc(&self.stats.loop_turns);
+        next_heartbeat += self.cfg.heartbeat_interval;
+
+        while !stop.load(Ordering::Relaxed) {
+            NodeStats::inc(&self.stats.loop_turns);
+            let now = Instant::now();
+            let timeout = if more.is_empty() {
+                next_heartbeat.saturating_duration_since(now).min(self.cfg.idle_sleep)
+            } else {
+                Duration::ZERO
+            };
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let mut ready: Vec<Token> = std::mem::take(&mut more);
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    UDP_UNICAST | UDP_MULTICAST => {
+                        let mut ctx = Ctx { store: &mut self.store, stats: &self.stats, id: &self.id };
+                        // A burst left data queued: come back next turn.
+                        if self.cluster.poll(&mut ctx) {
+                            more.push(ev.token());
+                        }
+                    }
+                    t => ready.push(t),
+                }
+            }
+            for t in ready {
+                if t == UDP_UNICAST || t == UDP_MULTICAST {
+                    let mut ctx = Ctx { store: &mut self.store, stats: &self.stats, id: &self.id };
+                    if self.cluster.poll(&mut ctx) {
+                        more.push(t);
+                    }
+                    continue;
+                }
+                self.drive(t, &mut more);
+            }
+            more.sort_unstable();
+            more.dedup();
+
+            let now = Instant::now();
+            if now >= next_heartbeat {
+                self.cluster.send_heartbeat(&Ctx { store: &mut self.store, stats: &self.stats, id: &self.id });
+                next_heartbeat = now + self.cfg.heartbeat_interval;
+            }
+            let ops = NodeStats::get(&self.stats.stores) + NodeStats::get(&self.stats.deletes);
+            if ops != last_ops {
+                dirty_since_checkpoint = true;
+                last_ops = ops;
+            }
+            // Background work only when the node is otherwise quiet.
+            let idle = events.is_empty() && more.is_empty();
+            if idle && now.duration_since(last_compact) >= Duration::from_secs(1) {
+                last_compact = now;
+                match self.store.maybe_compact() {
+                    Ok(Some(r)) => tracing::info!(?r, "compacted"),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "compaction failed"),
+                }
+            }
+            if idle && dirty_since_checkpoint && now.duration_since(last_checkpoint) >= self.cfg.checkpoint_interval {
+                last_checkpoint = now;
+                dirty_since_checkpoint = false;
+                if let Err(e) = self.store.checkpoint() {
+                    tracing::error!(error = %e, "checkpoint failed");
+                }
+            }
+        }
+
+        tracing::info!(sessions = self.sessions.len(), "dataplane stopping");
+        let tokens: Vec<Token> = self.sessions.keys().copied().collect();
+        for t in tokens {
+            self.close(t);
+        }
+        if let Err(e) = self.store.checkpoint() {
+            tracing::error!(error = %e, "final checkpoint failed");
+        }
+        Ok(self.store)
+    }
+
+    fn accept(&mut self) {
+        for _ in 0..ACCEPT_BURST {
+            let (mut stream, peer) = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // EMFILE and friends: log, and try again next turn.
+                    tracing::warn!(error = %e, "accept failed");
+                    return;
+                }
+            };
+            if self.sessions.len() >= self.cfg.connections_max {
+                NodeStats::inc(&self.stats.connections_refused);
+                tracing::warn!(%peer, max = self.cfg.connections_max, "refusing connection: session table full");
+                let mut reply = Vec::new();
+                dosp::codec::encode_response(
+                    &mut reply,
+                    dosp::wire::Opcode::Null as u16,
+                    0,
+                    &[zerocopy::IntoBytes::as_bytes(&dosp::wire::OutHead::new(dosp::wire::Status::Busy, 0))],
+                );
+                let _ = io::Write::write(&mut stream, &reply);
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let token = Token(self.next_token);
+            self.next_token += 1;
+            let mut session = Session::new(stream, peer, self.cfg.chunk_max);
+            if let Err(e) =
+                self.poll.registry().register(session.stream_mut(), token, Interest::READABLE | Interest::WRITABLE)
+            {
+                tracing::warn!(%peer, error = %e, "cannot register connection");
+                continue;
+            }
+            NodeStats::inc(&self.stats.connections);
+            NodeStats::inc(&self.stats.connections_total);
+            tracing::debug!(%peer, "connection accepted");
+            self.sessions.insert(token, session);
+            let mut more = Vec::new();
+            self.drive(token, &mut more);
+        }
+    }
+
+    fn drive(&mut self, token: Token, more: &mut Vec<Token>) {
+        let Some(session) = self.sessions.get_mut(&token) else { return };
+        let mut ctx = Ctx { store: &mut self.store, stats: &self.stats, id: &self.id };
+        match session.drive(&mut ctx) {
+            Drive::Idle => {}
+            Drive::More => more.push(token),
+            Drive::Close => self.close(token),
+        }
+    }
+
+    fn close(&mut self, token: Token) {
+        if let Some(mut session) = self.sessions.remove(&token) {
+            let mut ctx = Ctx { store: &mut self.store, stats: &self.stats, id: &self.id };
+            session.close(&mut ctx);
+            let _ = self.poll.registry().deregister(session.stream_mut());
+            NodeStats::dec(&self.stats.connections);
+            tracing::debug!(peer = %session.peer, "connection closed");
+        }
+    }
+}

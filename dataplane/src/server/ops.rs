@@ -1,0 +1,203 @@
+//! Request handlers that answer with a single Out structure (no stream), shared by the
+//! TCP sessions and the UDP (unicast and multicast) cluster services.
+
+use std::net::SocketAddrV4;
+use std::time::Instant;
+
+use dosp::wire::*;
+use dosp::Fingerprint;
+use zerocopy::IntoBytes;
+
+use crate::stats::NodeStats;
+use crate::store::{DiskState, Store, StoreError};
+
+/// Who this node is, as reported in LOCATE and HEARTBEAT answers.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub node_id: u64,
+    pub epoch: u64,
+    /// The DOSP address other nodes and managers reach this node at.
+    pub addr: SocketAddrV4,
+    pub started: Instant,
+}
+
+/// What a handler needs from the node.
+pub struct Ctx<'a> {
+    pub store: &'a mut Store,
+    pub stats: &'a NodeStats,
+    pub id: &'a NodeIdentity,
+}
+
+/// Maps a store error to the status the peer sees.
+pub fn status_of(e: &StoreError) -> Status {
+    match e {
+        StoreError::NotFound(_) => Status::NotFound,
+        StoreError::Busy => Status::Busy,
+        StoreError::NoSpace => Status::NoSpace,
+        StoreError::TooLarge { .. } => Status::TooLarge,
+        StoreError::DiskFailed { .. } | StoreError::NoUsableDisk => Status::DiskFailed,
+        StoreError::DiskOffline(_) => Status::DiskOffline,
+        StoreError::Corrupt { .. } => Status::ChecksumMismatch,
+        StoreError::OutOfRange { .. } => Status::OutOfRange,
+        _ => Status::Internal,
+    }
+}
+
+pub fn wire_disk_state(s: DiskState) -> WireDiskState {
+    match s {
+        DiskState::Online => WireDiskState::Online,
+        DiskState::Offline => WireDiskState::Offline,
+        DiskState::Down => WireDiskState::Down,
+    }
+}
+
+/// The error-only Out body: just the common head.
+pub fn error_body(out: &mut Vec<u8>, status: Status, detail: u32) {
+    out.extend_from_slice(OutHead::new(status, detail).as_bytes());
+}
+
+/// Handles NULL, DELETE, LOCATE, HEARTBEAT, GET_DISK_STATE, GET_DISK_STATUS and
+/// GET_LOAD: appends the Out body to `out` and returns its status. Streaming opcodes
+/// (STORE, RETRIEVE, RETRIEVE_RANGE, GET_CONTENTS) are not handled here.
+pub fn small_op(ctx: &mut Ctx<'_>, op: Opcode, body: &[u8], out: &mut Vec<u8>) -> Status {
+    let status = match small_op_inner(ctx, op, body, out) {
+        Ok(()) => Status::Success,
+        Err((status, detail)) => {
+            error_body(out, status, detail);
+            status
+        }
+    };
+    if status != Status::Success {
+        NodeStats::inc(&ctx.stats.errors_total);
+    }
+    status
+}
+
+fn small_op_inner(ctx: &mut Ctx<'_>, op: Opcode, body: &[u8], out: &mut Vec<u8>) -> Result<(), (Status, u32)> {
+    let bad = |_| (Status::BadRequest, body.len() as u32);
+    let ok = || OutHead::new(Status::Success, 0);
+    match op {
+        Opcode::Null => {
+            parse_exact::<NullIn>(op, body).map_err(bad)?;
+            out.extend_from_slice(NullOut { head: ok() }.as_bytes());
+        }
+        Opcode::Delete => {
+            let fp = parse_exact::<DeleteIn>(op, body).map_err(bad)?.fingerprint;
+            NodeStats::inc(&ctx.stats.deletes);
+            let left = ctx.store.delete(&fp).map_err(|e| (status_of(&e), 0))?;
+            let reply = DeleteOut { head: ok(), fingerprint: fp, refcount: left.into(), reserved: 0.into() };
+            out.extend_from_slice(reply.as_bytes());
+        }
+        Opcode::Locate => {
+            let fp = parse_exact::<LocateIn>(op, body).map_err(bad)?.fingerprint;
+            out.extend_from_slice(locate_answer(ctx, &fp).ok_or((Status::NotFound, 0))?.as_bytes());
+        }
+        Opcode::Heartbeat => {
+            parse_exact::<HeartbeatIn>(op, body).map_err(bad)?;
+            out.extend_from_slice(heartbeat(ctx).as_bytes());
+        }
+        Opcode::GetDiskState | Opcode::GetDiskStatus => {
+            let want = parse_exact::<DiskQueryIn>(op, body).map_err(bad)?.disk.get();
+            let disks: Vec<_> = ctx
+                .store
+                .disks()
+                .into_iter()
+                .filter(|d| want == ALL_DISKS || d.id.0 == want)
+                .take(DISKS_MAX)
+                .collect();
+            if disks.is_empty() {
+                return Err((Status::NotFound, u32::from(want)));
+            }
+            let count = (disks.len() as u16).into();
+            if op == Opcode::GetDiskState {
+                let head = DiskStateOut { head: ok(), count, reserved: 0.into(), reserved1: 0.into() };
+                out.extend_from_slice(head.as_bytes());
+                for d in &disks {
+                    let e = DiskStateEntry { disk: d.id.0.into(), state: wire_disk_state(d.state) as u8, reserved: 0 };
+                    out.extend_from_slice(e.as_bytes());
+                }
+            } else {
+                let head = DiskStatusOut { head: ok(), count, reserved: 0.into(), reserved1: 0.into() };
+                out.extend_from_slice(head.as_bytes());
+                for d in &disks {
+                    let e = DiskStatusEntry {
+                        disk: d.id.0.into(),
+                        state: wire_disk_state(d.state) as u8,
+                        reserved: 0,
+                        outstanding_ops: d.outstanding_ops.into(),
+                        identity: d.identity,
+                        bytes_total: d.bytes_total.into(),
+                        bytes_free: d.bytes_free.into(),
+                        bytes_available: d.bytes_available.into(),
+                        objects_used: d.objects_used.into(),
+                        objects_available: d.objects_available.into(),
+                    };
+                    out.extend_from_slice(e.as_bytes());
+                }
+            }
+        }
+        Opcode::GetLoad => {
+            parse_exact::<LoadIn>(op, body).map_err(bad)?;
+            let s = ctx.stats;
+            let reply = LoadOut {
+                head: ok(),
+                connections: (NodeStats::get(&s.connections) as u32).into(),
+                ops_outstanding: (NodeStats::get(&s.ops_outstanding) as u32).into(),
+                ops_total: NodeStats::get(&s.ops_total).into(),
+                bytes_in: NodeStats::get(&s.bytes_in).into(),
+                bytes_out: NodeStats::get(&s.bytes_out).into(),
+                uptime_ms: (ctx.id.started.elapsed().as_millis() as u64).into(),
+                errors_total: NodeStats::get(&s.errors_total).into(),
+            };
+            out.extend_from_slice(reply.as_bytes());
+        }
+        Opcode::Store | Opcode::Retrieve | Opcode::RetrieveRange | Opcode::GetContents => {
+            // Streaming operations need a connection; over UDP they are a client error.
+            return Err((Status::BadRequest, op as u32));
+        }
+    }
+    Ok(())
+}
+
+/// The LOCATE answer for `fp`, if this node holds it on a disk that can serve it.
+pub fn locate_answer(ctx: &Ctx<'_>, fp: &Fingerprint) -> Option<LocateOut> {
+    let meta = ctx.store.get(fp)?;
+    Some(LocateOut {
+        head: OutHead::new(Status::Success, 0),
+        fingerprint: *fp,
+        node_id: ctx.id.node_id.into(),
+        object_len: meta.len.into(),
+        disk: meta.disk.0.into(),
+        port: ctx.id.addr.port().into(),
+        addr: ctx.id.addr.ip().octets(),
+    })
+}
+
+/// This node's heartbeat: identity, epoch, health, load and capacity.
+pub fn heartbeat(ctx: &Ctx<'_>) -> HeartbeatOut {
+    let disks = ctx.store.disks();
+    let online = disks.iter().filter(|d| d.state == DiskState::Online).count();
+    let health = if online == disks.len() {
+        0
+    } else if online > 0 {
+        1
+    } else {
+        2
+    };
+    HeartbeatOut {
+        head: OutHead::new(Status::Success, 0),
+        node_id: ctx.id.node_id.into(),
+        epoch: ctx.id.epoch.into(),
+        uptime_ms: (ctx.id.started.elapsed().as_millis() as u64).into(),
+        role: 0,
+        health,
+        disks_online: (online as u16).into(),
+        disks_total: (disks.len() as u16).into(),
+        port: ctx.id.addr.port().into(),
+        addr: ctx.id.addr.ip().octets(),
+        ops_outstanding: (NodeStats::get(&ctx.stats.ops_outstanding) as u32).into(),
+        bytes_free: disks.iter().filter(|d| d.state == DiskState::Online).map(|d| d.bytes_available).sum::<u64>().into(),
+        bytes_total: disks.iter().map(|d| d.bytes_total).sum::<u64>().into(),
+        objects: disks.iter().map(|d| d.objects_used).sum::<u64>().into(),
+    }
+}

@@ -1,0 +1,482 @@
+//! One DOSP connection: its buffers and its request state machine.
+//!
+//! A session owns a fixed receive buffer and an output buffer. `drive` moves bytes in
+//! both directions until the socket would block or a bound is hit: it decodes pipelined
+//! requests in order, feeds STORE chunks straight from the receive buffer into the
+//! store (the one copy, with MD5 in the same pass), and streams RETRIEVE data from the
+//! store in pieces as the socket drains, so no object is ever held whole in memory.
+//!
+//! Backpressure: while a response is streaming or the output buffer is above its high
+//! mark, the session stops decoding (and so stops reading), and TCP flow control pushes
+//! back on the client.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+use dosp::codec::{encode_response, RequestDecoder, RequestEvent};
+use dosp::wire::*;
+use dosp::Fingerprint;
+use md5::{Digest, Md5};
+use zerocopy::{FromZeros, IntoBytes};
+
+use super::ops::{small_op, status_of, Ctx};
+use crate::stats::NodeStats;
+use crate::store::{DiskId, WriteId};
+
+/// Receive buffer: a header plus the largest body, with room for STORE data to flow.
+const RBUF_BYTES: usize = 256 * 1024;
+const _: () = assert!(RBUF_BYTES >= Header::SIZE + BODY_MAX as usize);
+/// Stream data is produced in pieces of this size.
+const PIECE_BYTES: usize = 256 * 1024;
+/// Stop decoding new requests while this much output is waiting.
+const OUT_HIGH: usize = 512 * 1024;
+/// Steps of work per `drive` call, so one busy connection cannot starve the others.
+const STEPS_MAX: usize = 64;
+
+/// What the loop should do with the session after `drive`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drive {
+    /// Waiting for the socket.
+    Idle,
+    /// Hit its step bound with work left: drive again next turn.
+    More,
+    /// Done: deregister and drop.
+    Close,
+}
+
+#[derive(Debug)]
+enum StoreState {
+    None,
+    Writing { request_id: u64, write: WriteId },
+    /// The STORE failed (or was refused) but its chunks must still be read to keep the
+    /// connection in step; the reply goes out after the last chunk.
+    Discarding { request_id: u64, status: Status, detail: u32 },
+}
+
+#[derive(Debug)]
+enum Outgoing {
+    Object {
+        request_id: u64,
+        opcode: Opcode,
+        fp: Fingerprint,
+        next: u64,
+        end: u64,
+        object_len: u64,
+        /// Whole-object fetches are re-hashed on the way out: the final status says
+        /// whether the bytes sent match the fingerprint.
+        md5: Option<Md5>,
+        failed: Option<Status>,
+    },
+    Contents {
+        request_id: u64,
+        entries: Vec<(Fingerprint, DiskId)>,
+        next: usize,
+    },
+}
+
+/// One client connection.
+pub struct Session {
+    stream: mio::net::TcpStream,
+    pub peer: SocketAddr,
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+    decoder: RequestDecoder,
+    st: State,
+}
+
+struct State {
+    out: Vec<u8>,
+    out_pos: usize,
+    store: StoreState,
+    outgoing: Option<Outgoing>,
+    /// Flush what is queued, then close (after a framing error or EOF).
+    closing: bool,
+    read_closed: bool,
+    /// Requests in progress (a store, a stream), for the outstanding-ops gauge.
+    busy: bool,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("peer", &self.peer).finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    pub fn new(stream: mio::net::TcpStream, peer: SocketAddr, chunk_max: u32) -> Session {
+        Session {
+            stream,
+            peer,
+            rbuf: vec![0u8; RBUF_BYTES].into_boxed_slice(),
+            rstart: 0,
+            rend: 0,
+            decoder: RequestDecoder::new(chunk_max),
+            st: State {
+                out: Vec::with_capacity(OUT_HIGH + PIECE_BYTES + 1024),
+                out_pos: 0,
+                store: StoreState::None,
+                outgoing: None,
+                closing: false,
+                read_closed: false,
+                busy: false,
+            },
+        }
+    }
+
+    pub fn stream_mut(&mut self) -> &mut mio::net::TcpStream {
+        &mut self.stream
+    }
+
+    /// Releases what the session holds in the store (an unfinished STORE is aborted:
+    /// nothing half-written ever becomes visible).
+    pub fn close(&mut self, ctx: &mut Ctx<'_>) {
+        if let StoreState::Writing { write, .. } = std::mem::replace(&mut self.st.store, StoreState::None) {
+            ctx.store.abort(write);
+            NodeStats::inc(&ctx.stats.stores_aborted);
+        }
+        self.st.set_busy(ctx, false);
+    }
+
+    /// Moves bytes until the socket blocks, the work runs out or the step bound is hit.
+    pub fn drive(&mut self, ctx: &mut Ctx<'_>) -> Drive {
+        for _ in 0..STEPS_MAX {
+            let mut progress = false;
+
+            // 1. Send what is queued.
+            if self.st.out_pos < self.st.out.len() {
+                match self.stream.write(&self.st.out[self.st.out_pos..]) {
+                    Ok(0) => return Drive::Close,
+                    Ok(n) => {
+                        self.st.out_pos += n;
+                        NodeStats::add(&ctx.stats.bytes_out, n as u64);
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                    Err(_) => return Drive::Close,
+                }
+                if self.st.out_pos == self.st.out.len() {
+                    self.st.out.clear();
+                    self.st.out_pos = 0;
+                }
+            }
+            let pending = self.st.out.len() - self.st.out_pos;
+
+            // 2. Produce more of a streaming response when the output has room.
+            if self.st.outgoing.is_some() && pending < OUT_HIGH {
+                self.st.produce(ctx);
+                progress = true;
+            }
+
+            // 3. Decode requests, unless backpressured or closing.
+            if !self.st.closing && self.st.outgoing.is_none() && self.st.out.len() - self.st.out_pos < OUT_HIGH {
+                match self.decoder.decode(&self.rbuf[self.rstart..self.rend]) {
+                    Ok(Some((event, n))) => {
+                        self.rstart += n;
+                        self.st.handle(ctx, event);
+                        progress = true;
+                    }
+                    Ok(None) => {
+                        // 4. Read more input.
+                        if !self.st.read_closed {
+                            if self.rstart == self.rend {
+                                self.rstart = 0;
+                                self.rend = 0;
+                            } else if self.rstart > 0 && self.rend == self.rbuf.len() {
+                                self.rbuf.copy_within(self.rstart..self.rend, 0);
+                                self.rend -= self.rstart;
+                                self.rstart = 0;
+                            }
+                            match self.stream.read(&mut self.rbuf[self.rend..]) {
+                                Ok(0) => {
+                                    self.st.read_closed = true;
+                                    self.st.closing = true;
+                                    progress = true;
+                                }
+                                Ok(n) => {
+                                    self.rend += n;
+                                    NodeStats::add(&ctx.stats.bytes_in, n as u64);
+                                    progress = true;
+                                }
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                                Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                                Err(_) => return Drive::Close,
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        self.st.framing_error(ctx, e, self.peer);
+                        progress = true;
+                    }
+                }
+            }
+
+            if self.st.closing && self.st.outgoing.is_none() && self.st.out_pos == self.st.out.len() {
+                return Drive::Close;
+            }
+            if !progress {
+                return Drive::Idle;
+            }
+        }
+        Drive::More
+    }
+}
+
+impl State {
+    fn set_busy(&mut self, ctx: &Ctx<'_>, busy: bool) {
+        if busy != self.busy {
+            self.busy = busy;
+            if busy {
+                NodeStats::inc(&ctx.stats.ops_outstanding);
+            } else {
+                NodeStats::dec(&ctx.stats.ops_outstanding);
+            }
+        }
+    }
+
+    fn reply(&mut self, ctx: &Ctx<'_>, opcode: u16, request_id: u64, body: &[u8]) {
+        encode_response(&mut self.out, opcode, request_id, &[body]);
+        NodeStats::inc(&ctx.stats.ops_total);
+    }
+
+    fn reply_error(&mut self, ctx: &Ctx<'_>, opcode: u16, request_id: u64, status: Status, detail: u32) {
+        NodeStats::inc(&ctx.stats.errors_total);
+        self.reply(ctx, opcode, request_id, OutHead::new(status, detail).as_bytes());
+    }
+
+    /// Bytes that cannot be framed: say why once, then close. An unfinished STORE is
+    /// answered (and aborted) first so the client learns what happened to it.
+    fn framing_error(&mut self, ctx: &mut Ctx<'_>, e: WireError, peer: SocketAddr) {
+        NodeStats::inc(&ctx.stats.bad_requests);
+        tracing::warn!(%peer, error = %e, "closing connection after malformed input");
+        let (opcode, request_id) = match std::mem::replace(&mut self.store, StoreState::None) {
+            StoreState::Writing { request_id, write } => {
+                ctx.store.abort(write);
+                NodeStats::inc(&ctx.stats.stores_aborted);
+                (Opcode::Store as u16, request_id)
+            }
+            StoreState::Discarding { request_id, .. } => (Opcode::Store as u16, request_id),
+            StoreState::None => (Opcode::Null as u16, 0),
+        };
+        let detail = match &e {
+            WireError::ChunkTooLarge { len, .. } | WireError::BodyTooLarge { len, .. } => *len,
+            _ => 0,
+        };
+        self.reply_error(ctx, opcode, request_id, e.status(), detail);
+        self.set_busy(ctx, false);
+        self.closing = true;
+    }
+
+    fn handle(&mut self, ctx: &mut Ctx<'_>, event: RequestEvent<'_>) {
+        match event {
+            RequestEvent::Request { header, opcode, body } => {
+                let id = header.request_id.get();
+                match opcode {
+                    Err(raw) => {
+                        NodeStats::inc(&ctx.stats.unknown_opcodes);
+                        self.reply_error(ctx, raw, id, Status::UnknownOpcode, u32::from(raw));
+                    }
+                    Ok(Opcode::Store) => self.start_store(ctx, id, body),
+                    Ok(op @ (Opcode::Retrieve | Opcode::RetrieveRange)) => self.start_retrieve(ctx, op, id, body),
+                    Ok(Opcode::GetContents) => self.start_contents(ctx, id, body),
+                    Ok(op) => {
+                        let at = self.out.len();
+                        self.out.extend_from_slice(Header::new_zeroed().as_bytes());
+                        small_op(ctx, op, body, &mut self.out);
+                        let len = (self.out.len() - at - Header::SIZE) as u32;
+                        let h = Header::new(Kind::Response, op, id, len, 0);
+                        self.out[at..at + Header::SIZE].copy_from_slice(h.as_bytes());
+                        NodeStats::inc(&ctx.stats.ops_total);
+                    }
+                }
+            }
+            RequestEvent::Chunk { data, last, .. } => {
+                if let StoreState::Writing { request_id, write } = self.store {
+                    if let Err(e) = ctx.store.append(write, data) {
+                        // The store aborts the write on error; keep draining chunks.
+                        let status = status_of(&e);
+                        tracing::debug!(error = %e, "store failed mid-stream");
+                        self.store = StoreState::Discarding { request_id, status, detail: 0 };
+                    }
+                }
+                if last {
+                    self.finish_store(ctx);
+                }
+            }
+        }
+    }
+
+    fn start_store(&mut self, ctx: &mut Ctx<'_>, request_id: u64, body: &[u8]) {
+        self.set_busy(ctx, true);
+        NodeStats::inc(&ctx.stats.stores);
+        self.store = match parse_exact::<StoreIn>(Opcode::Store, body) {
+            Err(_) => StoreState::Discarding { request_id, status: Status::BadRequest, detail: body.len() as u32 },
+            Ok(_) => match ctx.store.begin() {
+                Ok(write) => StoreState::Writing { request_id, write },
+                Err(e) => StoreState::Discarding { request_id, status: status_of(&e), detail: 0 },
+            },
+        };
+    }
+
+    fn finish_store(&mut self, ctx: &mut Ctx<'_>) {
+        let (request_id, result) = match std::mem::replace(&mut self.store, StoreState::None) {
+            StoreState::Writing { request_id, write } => (request_id, ctx.store.commit(write).map_err(|e| (status_of(&e), 0))),
+            StoreState::Discarding { request_id, status, detail } => (request_id, Err((status, detail))),
+            StoreState::None => return,
+        };
+        match result {
+            Ok(c) => {
+                let out = StoreOut {
+                    head: OutHead::new(Status::Success, 0),
+                    fingerprint: c.fingerprint,
+                    len: c.len.into(),
+                    disk: c.disk.0.into(),
+                    deduplicated: u8::from(c.deduplicated),
+                    reserved: 0,
+                    refcount: c.refcount.into(),
+                };
+                self.reply(ctx, Opcode::Store as u16, request_id, out.as_bytes());
+            }
+            Err((status, detail)) => self.reply_error(ctx, Opcode::Store as u16, request_id, status, detail),
+        }
+        self.set_busy(ctx, false);
+    }
+
+    fn start_retrieve(&mut self, ctx: &mut Ctx<'_>, op: Opcode, request_id: u64, body: &[u8]) {
+        NodeStats::inc(&ctx.stats.retrieves);
+        let parsed = if op == Opcode::Retrieve {
+            parse_exact::<RetrieveIn>(op, body).map(|r| (r.fingerprint, None))
+        } else {
+            parse_exact::<RangeIn>(op, body).map(|r| (r.fingerprint, Some((r.offset.get(), r.len.get()))))
+        };
+        let Ok((fp, range)) = parsed else {
+            return self.reply_error(ctx, op as u16, request_id, Status::BadRequest, body.len() as u32);
+        };
+        let Some(meta) = ctx.store.get(&fp) else {
+            let out = RetrieveOut { head: OutHead::new(Status::NotFound, 0), fingerprint: fp, object_len: 0.into() };
+            NodeStats::inc(&ctx.stats.errors_total);
+            return self.reply(ctx, op as u16, request_id, out.as_bytes());
+        };
+        let (next, end) = match range {
+            None => (0, meta.len),
+            Some((offset, len)) => match offset.checked_add(len) {
+                Some(end) if end <= meta.len => (offset, end),
+                _ => {
+                    let out = RetrieveOut {
+                        head: OutHead::new(Status::OutOfRange, 0),
+                        fingerprint: fp,
+                        object_len: meta.len.into(),
+                    };
+                    NodeStats::inc(&ctx.stats.errors_total);
+                    return self.reply(ctx, op as u16, request_id, out.as_bytes());
+                }
+            },
+        };
+        // Read the first piece before announcing the stream, so an object on a failed
+        // or offline disk gets a plain error status instead of a stream of nothing.
+        let at = self.out.len();
+        let first = PIECE_BYTES.min((end - next) as usize);
+        self.out.resize(at + StreamHeader::SIZE + first, 0);
+        if let Err(e) = ctx.store.read(&fp, next, &mut self.out[at + StreamHeader::SIZE..]) {
+            self.out.truncate(at);
+            if matches!(e, crate::store::StoreError::Corrupt { .. }) {
+                NodeStats::inc(&ctx.stats.checksum_mismatches);
+            }
+            return self.reply_error(ctx, op as u16, request_id, status_of(&e), 0);
+        }
+        self.out[at..at + StreamHeader::SIZE].copy_from_slice(StreamHeader::new(request_id, end - next).as_bytes());
+        let mut md5 = (op == Opcode::Retrieve).then(Md5::new);
+        if let Some(m) = md5.as_mut() {
+            m.update(&self.out[at + StreamHeader::SIZE..]);
+        }
+        self.set_busy(ctx, true);
+        self.outgoing = Some(Outgoing::Object {
+            request_id,
+            opcode: op,
+            fp,
+            next: next + first as u64,
+            end,
+            object_len: meta.len,
+            md5,
+            failed: None,
+        });
+    }
+
+    fn start_contents(&mut self, ctx: &mut Ctx<'_>, request_id: u64, body: &[u8]) {
+        if parse_exact::<ContentsIn>(Opcode::GetContents, body).is_err() {
+            return self.reply_error(ctx, Opcode::GetContents as u16, request_id, Status::BadRequest, body.len() as u32);
+        }
+        let entries = ctx.store.contents();
+        let len = (entries.len() * size_of::<ContentsEntry>()) as u64;
+        dosp::codec::encode_stream_header(&mut self.out, request_id, len);
+        self.set_busy(ctx, true);
+        self.outgoing = Some(Outgoing::Contents { request_id, entries, next: 0 });
+    }
+
+    /// Appends the next piece of the streaming response, or its final Out structure.
+    fn produce(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(outgoing) = self.outgoing.as_mut() else { return };
+        match outgoing {
+            Outgoing::Object { request_id, opcode, fp, next, end, object_len, md5, failed } => {
+                if *next < *end {
+                    let n = PIECE_BYTES.min((*end - *next) as usize);
+                    let at = self.out.len();
+                    self.out.resize(at + n, 0);
+                    if failed.is_none() {
+                        match ctx.store.read(fp, *next, &mut self.out[at..]) {
+                            Ok(_) => {
+                                if let Some(m) = md5.as_mut() {
+                                    m.update(&self.out[at..]);
+                                }
+                            }
+                            Err(e) => {
+                                // The length is already promised: send zeros in place of
+                                // the bad bytes and say so in the final status.
+                                tracing::error!(fp = %fp, error = %e, "read failed mid-stream");
+                                if matches!(e, crate::store::StoreError::Corrupt { .. }) {
+                                    NodeStats::inc(&ctx.stats.checksum_mismatches);
+                                }
+                                *failed = Some(status_of(&e));
+                                self.out[at..].fill(0);
+                            }
+                        }
+                    }
+                    *next += n as u64;
+                    return;
+                }
+                let mut status = failed.unwrap_or(Status::Success);
+                if let Some(m) = md5.take() {
+                    if status == Status::Success && Fingerprint(m.finalize().into()) != *fp {
+                        NodeStats::inc(&ctx.stats.checksum_mismatches);
+                        tracing::error!(fp = %fp, "object bytes do not match the fingerprint");
+                        status = Status::ChecksumMismatch;
+                    }
+                }
+                let out = RetrieveOut { head: OutHead::new(status, 0), fingerprint: *fp, object_len: (*object_len).into() };
+                let (op, id) = (*opcode as u16, *request_id);
+                if status != Status::Success {
+                    NodeStats::inc(&ctx.stats.errors_total);
+                }
+                self.outgoing = None;
+                self.reply(ctx, op, id, out.as_bytes());
+                self.set_busy(ctx, false);
+            }
+            Outgoing::Contents { request_id, entries, next } => {
+                let take = (PIECE_BYTES / size_of::<ContentsEntry>()).min(entries.len() - *next);
+                for (fp, disk) in &entries[*next..*next + take] {
+                    let e = ContentsEntry { fingerprint: *fp, disk: disk.0.into(), reserved: 0.into() };
+                    self.out.extend_from_slice(e.as_bytes());
+                }
+                *next += take;
+                if *next == entries.len() {
+                    let out = ContentsOut { head: OutHead::new(Status::Success, 0), count: (entries.len() as u64).into() };
+                    let id = *request_id;
+                    self.outgoing = None;
+                    self.reply(ctx, Opcode::GetContents as u16, id, out.as_bytes());
+                    self.set_busy(ctx, false);
+                }
+            }
+        }
+    }
+}

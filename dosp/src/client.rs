@@ -33,11 +33,26 @@ pub enum ClientError {
     #[error("object {fp} not found on {node}")]
     NotFound { fp: Fingerprint, node: String },
     #[error("{op} failed on {node}: {status}{}", detail_text(*.detail))]
-    Status { op: &'static str, node: String, status: Status, detail: u32 },
+    Status {
+        op: &'static str,
+        node: String,
+        status: Status,
+        detail: u32,
+    },
     #[error("object {fp} from {node} does not match its fingerprint (got {got}); data discarded")]
-    Mismatch { fp: Fingerprint, got: Fingerprint, node: String },
+    Mismatch {
+        fp: Fingerprint,
+        got: Fingerprint,
+        node: String,
+    },
     #[error("range {offset}+{len} is past the end of object {fp} ({object_len} bytes) on {node}")]
-    OutOfRange { fp: Fingerprint, offset: u64, len: u64, object_len: u64, node: String },
+    OutOfRange {
+        fp: Fingerprint,
+        offset: u64,
+        len: u64,
+        object_len: u64,
+        node: String,
+    },
     #[error("cannot read input: {0}")]
     Input(io::Error),
     #[error("cannot write output: {0}")]
@@ -119,14 +134,19 @@ enum Step {
 impl Client {
     /// Connects to `node` (HOST:PORT), with `timeout` for connecting and for every read.
     pub fn connect(node: &str, timeout: Duration) -> Result<Client, ClientError> {
-        let connect_err = |source| ClientError::Connect { node: node.to_string(), source };
+        let connect_err = |source| ClientError::Connect {
+            node: node.to_string(),
+            source,
+        };
         let addrs: Vec<SocketAddr> = node.to_socket_addrs().map_err(connect_err)?.collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "address resolved to nothing");
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, timeout) {
                 Ok(stream) => {
                     stream.set_nodelay(true).map_err(connect_err)?;
-                    stream.set_read_timeout(Some(timeout)).map_err(connect_err)?;
+                    stream
+                        .set_read_timeout(Some(timeout))
+                        .map_err(connect_err)?;
                     return Ok(Client {
                         stream,
                         node: node.to_string(),
@@ -149,7 +169,10 @@ impl Client {
     }
 
     fn io_err(&self, source: io::Error) -> ClientError {
-        ClientError::Io { node: self.node.clone(), source }
+        ClientError::Io {
+            node: self.node.clone(),
+            source,
+        }
     }
 
     fn send_request(&mut self, op: Opcode, body: &[u8]) -> Result<u64, ClientError> {
@@ -157,7 +180,9 @@ impl Client {
         self.next_id += 1;
         self.wbuf.clear();
         encode_request(&mut self.wbuf, op, id, 0, body);
-        self.stream.write_all(&self.wbuf).map_err(|e| self.io_err(e))?;
+        self.stream
+            .write_all(&self.wbuf)
+            .map_err(|e| self.io_err(e))?;
         Ok(id)
     }
 
@@ -165,12 +190,19 @@ impl Client {
     fn next_step(&mut self) -> Result<Step, ClientError> {
         loop {
             match self.decoder.decode(&self.rbuf[self.start..self.end]) {
-                Err(source) => return Err(ClientError::Wire { node: self.node.clone(), source }),
+                Err(source) => {
+                    return Err(ClientError::Wire {
+                        node: self.node.clone(),
+                        source,
+                    })
+                }
                 Ok(Some((ev, n))) => {
                     let at = self.start;
                     self.start += n;
                     return Ok(match ev {
-                        ResponseEvent::Response { header, body } => Step::Response(header, body.to_vec()),
+                        ResponseEvent::Response { header, body } => {
+                            Step::Response(header, body.to_vec())
+                        }
                         ResponseEvent::StreamStart { len, .. } => Step::StreamStart(len),
                         ResponseEvent::StreamData(d) => Step::Data(at, d.len()),
                     });
@@ -184,9 +216,14 @@ impl Client {
                         self.end -= self.start;
                         self.start = 0;
                     }
-                    let n = self.stream.read(&mut self.rbuf[self.end..]).map_err(|e| self.io_err(e))?;
+                    let n = self
+                        .stream
+                        .read(&mut self.rbuf[self.end..])
+                        .map_err(|e| self.io_err(e))?;
                     if n == 0 {
-                        return Err(ClientError::Closed { node: self.node.clone() });
+                        return Err(ClientError::Closed {
+                            node: self.node.clone(),
+                        });
                     }
                     self.end += n;
                 }
@@ -200,22 +237,45 @@ impl Client {
             Step::Response(header, body) => self.check_response(op, id, &header, body),
             _ => Err(ClientError::Wire {
                 node: self.node.clone(),
-                source: WireError::OpcodeMismatch { got: u16::MAX, want: op.name() },
+                source: WireError::OpcodeMismatch {
+                    got: u16::MAX,
+                    want: op.name(),
+                },
             }),
         }
     }
 
-    fn check_response(&self, op: Opcode, id: u64, header: &Header, body: Vec<u8>) -> Result<Vec<u8>, ClientError> {
-        let wire = |source| ClientError::Wire { node: self.node.clone(), source };
+    fn check_response(
+        &self,
+        op: Opcode,
+        id: u64,
+        header: &Header,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let wire = |source| ClientError::Wire {
+            node: self.node.clone(),
+            source,
+        };
         if header.request_id.get() != id {
-            return Err(wire(WireError::RequestIdMismatch { got: header.request_id.get(), want: id }));
+            return Err(wire(WireError::RequestIdMismatch {
+                got: header.request_id.get(),
+                want: id,
+            }));
         }
         if header.opcode.get() != op as u16 {
-            return Err(wire(WireError::OpcodeMismatch { got: header.opcode.get(), want: op.name() }));
+            return Err(wire(WireError::OpcodeMismatch {
+                got: header.opcode.get(),
+                want: op.name(),
+            }));
         }
         let (status, detail) = out_status(&body).map_err(wire)?;
         if status != Status::Success {
-            return Err(ClientError::Status { op: op.name(), node: self.node.clone(), status, detail });
+            return Err(ClientError::Status {
+                op: op.name(),
+                node: self.node.clone(),
+                status,
+                detail,
+            });
         }
         Ok(body)
     }
@@ -227,7 +287,10 @@ impl Client {
     ) -> Result<T, ClientError> {
         parse_prefix::<T>(op, body)
             .map(|(t, _)| *t)
-            .map_err(|source| ClientError::Wire { node: self.node.clone(), source })
+            .map_err(|source| ClientError::Wire {
+                node: self.node.clone(),
+                source,
+            })
     }
 
     /// NULL: checks the node is alive and speaks our version.
@@ -246,7 +309,11 @@ impl Client {
         size_hint: u64,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Stored, ClientError> {
-        let body = StoreIn { size_hint: size_hint.into(), flags: 0.into(), reserved: 0.into() };
+        let body = StoreIn {
+            size_hint: size_hint.into(),
+            flags: 0.into(),
+            reserved: 0.into(),
+        };
         let id = self.send_request(Opcode::Store, body.as_bytes())?;
         let mut chunk = vec![0u8; IO_BUF];
         let mut sent = 0u64;
@@ -270,8 +337,12 @@ impl Client {
             }
             self.wbuf.clear();
             encode_chunk_header(&mut self.wbuf, filled as u32, eof);
-            self.stream.write_all(&self.wbuf).map_err(|e| self.io_err(e))?;
-            self.stream.write_all(&chunk[..filled]).map_err(|e| self.io_err(e))?;
+            self.stream
+                .write_all(&self.wbuf)
+                .map_err(|e| self.io_err(e))?;
+            self.stream
+                .write_all(&chunk[..filled])
+                .map_err(|e| self.io_err(e))?;
             sent += filled as u64;
             progress(sent);
             if eof {
@@ -305,10 +376,23 @@ impl Client {
     ) -> Result<u64, ClientError> {
         let id = self.send_request(Opcode::Retrieve, RetrieveIn { fingerprint: *fp }.as_bytes())?;
         let mut md5 = Md5::new();
-        let (len, out) = self.receive_stream(Opcode::Retrieve, id, fp, 0, 0, output, Some(&mut md5), progress)?;
+        let (len, out) = self.receive_stream(
+            Opcode::Retrieve,
+            id,
+            fp,
+            0,
+            0,
+            output,
+            Some(&mut md5),
+            progress,
+        )?;
         let got = Fingerprint(md5.finalize().into());
         if got != *fp || out.fingerprint != *fp {
-            return Err(ClientError::Mismatch { fp: *fp, got, node: self.node.clone() });
+            return Err(ClientError::Mismatch {
+                fp: *fp,
+                got,
+                node: self.node.clone(),
+            });
         }
         Ok(len)
     }
@@ -321,10 +405,22 @@ impl Client {
         len: u64,
         output: &mut dyn Write,
     ) -> Result<u64, ClientError> {
-        let body = RangeIn { fingerprint: *fp, offset: offset.into(), len: len.into() };
+        let body = RangeIn {
+            fingerprint: *fp,
+            offset: offset.into(),
+            len: len.into(),
+        };
         let id = self.send_request(Opcode::RetrieveRange, body.as_bytes())?;
-        let (got, _) =
-            self.receive_stream(Opcode::RetrieveRange, id, fp, offset, len, output, None, &mut |_, _| {})?;
+        let (got, _) = self.receive_stream(
+            Opcode::RetrieveRange,
+            id,
+            fp,
+            offset,
+            len,
+            output,
+            None,
+            &mut |_, _| {},
+        )?;
         Ok(got)
     }
 
@@ -356,11 +452,20 @@ impl Client {
                 }
                 Step::Response(header, body) => {
                     // Out comes last; map the statuses a caller wants to tell apart.
-                    let wire = |source| ClientError::Wire { node: self.node.clone(), source };
+                    let wire = |source| ClientError::Wire {
+                        node: self.node.clone(),
+                        source,
+                    };
                     let (status, _) = out_status(&body).map_err(wire)?;
-                    let out: Option<RetrieveOut> = RetrieveOut::read_from_prefix(&body).ok().map(|(o, _)| o);
+                    let out: Option<RetrieveOut> =
+                        RetrieveOut::read_from_prefix(&body).ok().map(|(o, _)| o);
                     match status {
-                        Status::NotFound => return Err(ClientError::NotFound { fp: *fp, node: self.node.clone() }),
+                        Status::NotFound => {
+                            return Err(ClientError::NotFound {
+                                fp: *fp,
+                                node: self.node.clone(),
+                            })
+                        }
                         Status::OutOfRange => {
                             return Err(ClientError::OutOfRange {
                                 fp: *fp,
@@ -388,11 +493,18 @@ impl Client {
     pub fn delete(&mut self, fp: &Fingerprint) -> Result<u32, ClientError> {
         let id = self.send_request(Opcode::Delete, DeleteIn { fingerprint: *fp }.as_bytes())?;
         match self.response(Opcode::Delete, id) {
-            Err(ClientError::Status { status: Status::NotFound, .. }) => {
-                Err(ClientError::NotFound { fp: *fp, node: self.node.clone() })
-            }
+            Err(ClientError::Status {
+                status: Status::NotFound,
+                ..
+            }) => Err(ClientError::NotFound {
+                fp: *fp,
+                node: self.node.clone(),
+            }),
             Err(e) => Err(e),
-            Ok(body) => Ok(self.parse::<DeleteOut>(Opcode::Delete, &body)?.refcount.get()),
+            Ok(body) => Ok(self
+                .parse::<DeleteOut>(Opcode::Delete, &body)?
+                .refcount
+                .get()),
         }
     }
 
@@ -408,7 +520,11 @@ impl Client {
                     if len % size_of::<ContentsEntry>() as u64 != 0 {
                         return Err(ClientError::Wire {
                             node: self.node.clone(),
-                            source: WireError::BodySize { op: "GET_CONTENTS", got: len as usize, want: 20 },
+                            source: WireError::BodySize {
+                                op: "GET_CONTENTS",
+                                got: len as usize,
+                                want: 20,
+                            },
                         });
                     }
                 }
@@ -433,7 +549,10 @@ impl Client {
                     let body = self.check_response(Opcode::GetContents, id, &header, body)?;
                     let out: ContentsOut = self.parse(Opcode::GetContents, &body)?;
                     if out.count.get() != seen {
-                        return Err(ClientError::Wire { node: self.node.clone(), source: WireError::Truncated });
+                        return Err(ClientError::Wire {
+                            node: self.node.clone(),
+                            source: WireError::Truncated,
+                        });
                     }
                     return Ok(seen);
                 }
@@ -445,11 +564,17 @@ impl Client {
     pub fn locate(&mut self, fp: &Fingerprint) -> Result<Located, ClientError> {
         let id = self.send_request(Opcode::Locate, LocateIn { fingerprint: *fp }.as_bytes())?;
         match self.response(Opcode::Locate, id) {
-            Err(ClientError::Status { status: Status::NotFound, .. }) => {
-                Err(ClientError::NotFound { fp: *fp, node: self.node.clone() })
-            }
+            Err(ClientError::Status {
+                status: Status::NotFound,
+                ..
+            }) => Err(ClientError::NotFound {
+                fp: *fp,
+                node: self.node.clone(),
+            }),
             Err(e) => Err(e),
-            Ok(body) => Ok(Located::from_out(&self.parse::<LocateOut>(Opcode::Locate, &body)?)),
+            Ok(body) => Ok(Located::from_out(
+                &self.parse::<LocateOut>(Opcode::Locate, &body)?,
+            )),
         }
     }
 
@@ -467,24 +592,36 @@ impl Client {
 
     /// GET_DISK_STATE then GET_DISK_STATUS for `disk` (or ALL_DISKS), merged per disk.
     pub fn disks(&mut self, disk: u16) -> Result<Vec<DiskInfo>, ClientError> {
-        let q = DiskQueryIn { disk: disk.into(), reserved: 0.into(), reserved1: 0.into() };
+        let q = DiskQueryIn {
+            disk: disk.into(),
+            reserved: 0.into(),
+            reserved1: 0.into(),
+        };
         let id = self.send_request(Opcode::GetDiskState, q.as_bytes())?;
         let body = self.response(Opcode::GetDiskState, id)?;
-        let wire = |node: &str, source| ClientError::Wire { node: node.to_string(), source };
-        let (out, rest) = parse_prefix::<DiskStateOut>(Opcode::GetDiskState, &body).map_err(|e| wire(&self.node, e))?;
-        let states = <[DiskStateEntry]>::ref_from_prefix_with_elems(rest, usize::from(out.count.get()))
-            .map_err(|_| wire(&self.node, WireError::Truncated))?
-            .0;
-        let states: Vec<(u16, Option<WireDiskState>)> =
-            states.iter().map(|s| (s.disk.get(), WireDiskState::from_u8(s.state))).collect();
+        let wire = |node: &str, source| ClientError::Wire {
+            node: node.to_string(),
+            source,
+        };
+        let (out, rest) = parse_prefix::<DiskStateOut>(Opcode::GetDiskState, &body)
+            .map_err(|e| wire(&self.node, e))?;
+        let states =
+            <[DiskStateEntry]>::ref_from_prefix_with_elems(rest, usize::from(out.count.get()))
+                .map_err(|_| wire(&self.node, WireError::Truncated))?
+                .0;
+        let states: Vec<(u16, Option<WireDiskState>)> = states
+            .iter()
+            .map(|s| (s.disk.get(), WireDiskState::from_u8(s.state)))
+            .collect();
 
         let id = self.send_request(Opcode::GetDiskStatus, q.as_bytes())?;
         let body = self.response(Opcode::GetDiskStatus, id)?;
-        let (out, rest) =
-            parse_prefix::<DiskStatusOut>(Opcode::GetDiskStatus, &body).map_err(|e| wire(&self.node, e))?;
-        let stats = <[DiskStatusEntry]>::ref_from_prefix_with_elems(rest, usize::from(out.count.get()))
-            .map_err(|_| wire(&self.node, WireError::Truncated))?
-            .0;
+        let (out, rest) = parse_prefix::<DiskStatusOut>(Opcode::GetDiskStatus, &body)
+            .map_err(|e| wire(&self.node, e))?;
+        let stats =
+            <[DiskStatusEntry]>::ref_from_prefix_with_elems(rest, usize::from(out.count.get()))
+                .map_err(|_| wire(&self.node, WireError::Truncated))?
+                .0;
         Ok(stats
             .iter()
             .map(|s| DiskInfo {
@@ -515,35 +652,61 @@ pub fn locate_multicast(
     wait: Duration,
 ) -> Result<Vec<Located>, ClientError> {
     let node = group.to_string();
-    let io_err = |source| ClientError::Io { node: node.clone(), source };
+    let io_err = |source| ClientError::Io {
+        node: node.clone(),
+        source,
+    };
     let sock = join_group(group, iface).map_err(io_err)?;
     let request_id: u64 = rand_id();
     let mut msg = Vec::new();
-    encode_request(&mut msg, Opcode::Locate, request_id, FLAG_MULTICAST, LocateIn { fingerprint: *fp }.as_bytes());
+    encode_request(
+        &mut msg,
+        Opcode::Locate,
+        request_id,
+        FLAG_MULTICAST,
+        LocateIn { fingerprint: *fp }.as_bytes(),
+    );
     sock.send_to(&msg, group).map_err(io_err)?;
     let deadline = Instant::now() + wait;
     let mut found: Vec<Located> = Vec::new();
     let mut buf = [0u8; 2048];
-    while let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+    while let Some(left) = deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+    {
         sock.set_read_timeout(Some(left)).map_err(io_err)?;
         let n = match sock.recv_from(&mut buf) {
             Ok((n, _)) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
             Err(e) => return Err(io_err(e)),
         };
         // The group carries heartbeats, other managers' queries and answers: keep only
         // well-formed LOCATE answers to this query.
-        let Ok((header, body)) = Header::read_from_prefix(&buf[..n]) else { continue };
+        let Ok((header, body)) = Header::read_from_prefix(&buf[..n]) else {
+            continue;
+        };
         if header.check(Kind::Response).is_err()
             || header.opcode.get() != Opcode::Locate as u16
             || header.request_id.get() != request_id
         {
             continue;
         }
-        let Ok((out, _)) = LocateOut::read_from_prefix(body) else { continue };
+        let Ok((out, _)) = LocateOut::read_from_prefix(body) else {
+            continue;
+        };
         if out.head.status.get() == Status::Success as u16 && out.fingerprint == *fp {
             let l = Located::from_out(&out);
-            if !found.iter().any(|f| f.node_id == l.node_id && f.disk == l.disk) {
+            if !found
+                .iter()
+                .any(|f| f.node_id == l.node_id && f.disk == l.disk)
+            {
                 found.push(l);
             }
         }
@@ -574,7 +737,12 @@ fn rand_id() -> u64 {
     use std::collections::hash_map::RandomState;
     use std::hash::{BuildHasher, Hasher};
     let mut h = RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.write_u32(std::process::id());
     h.finish()
 }

@@ -11,18 +11,28 @@
 
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::wire::{ChunkHeader, Header, Kind, Opcode, StreamHeader, WireError, MAGIC, STREAM_MAGIC};
+use crate::wire::{
+    ChunkHeader, Header, Kind, Opcode, StreamHeader, WireError, MAGIC, STREAM_MAGIC,
+};
 
 /// What the node's decoder found at the front of its buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RequestEvent<'a> {
     /// A complete request. `opcode` is `Err(raw)` for an opcode this node does not
     /// know; its body has been consumed so the connection stays in step.
-    Request { header: Header, opcode: Result<Opcode, u16>, body: &'a [u8] },
+    Request {
+        header: Header,
+        opcode: Result<Opcode, u16>,
+        body: &'a [u8],
+    },
     /// A piece of STORE chunk data, borrowed from the input. `chunk_end` is set on the
     /// piece that completes a chunk; `last` on the piece that completes the last chunk
     /// (then the next bytes are a new request). An empty last chunk yields one empty piece.
-    Chunk { data: &'a [u8], chunk_end: bool, last: bool },
+    Chunk {
+        data: &'a [u8],
+        chunk_end: bool,
+        last: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,12 +52,18 @@ pub struct RequestDecoder {
 
 impl RequestDecoder {
     pub fn new(chunk_max: u32) -> RequestDecoder {
-        RequestDecoder { state: RequestState::Header, chunk_max }
+        RequestDecoder {
+            state: RequestState::Header,
+            chunk_max,
+        }
     }
 
     /// True between a STORE request and its last chunk.
     pub fn in_store(&self) -> bool {
-        matches!(self.state, RequestState::ChunkHeader | RequestState::ChunkData { .. })
+        matches!(
+            self.state,
+            RequestState::ChunkHeader | RequestState::ChunkData { .. }
+        )
     }
 
     /// Bytes the decoder needs at minimum before it can make progress (a header, or a
@@ -59,7 +75,10 @@ impl RequestDecoder {
 
     /// Decodes at most one event from the front of `input`. `Ok(None)` means more bytes
     /// are needed. On `Ok(Some((event, n)))` the caller drops `n` bytes from its buffer.
-    pub fn decode<'a>(&mut self, input: &'a [u8]) -> Result<Option<(RequestEvent<'a>, usize)>, WireError> {
+    pub fn decode<'a>(
+        &mut self,
+        input: &'a [u8],
+    ) -> Result<Option<(RequestEvent<'a>, usize)>, WireError> {
         let result = self.decode_inner(input);
         if result.is_err() {
             self.state = RequestState::Failed;
@@ -67,7 +86,10 @@ impl RequestDecoder {
         result
     }
 
-    fn decode_inner<'a>(&mut self, input: &'a [u8]) -> Result<Option<(RequestEvent<'a>, usize)>, WireError> {
+    fn decode_inner<'a>(
+        &mut self,
+        input: &'a [u8],
+    ) -> Result<Option<(RequestEvent<'a>, usize)>, WireError> {
         match self.state {
             RequestState::Failed => Err(WireError::Truncated),
             RequestState::Header => {
@@ -80,12 +102,21 @@ impl RequestDecoder {
                 let header = Header::read_from_bytes(head).map_err(|_| WireError::Truncated)?;
                 header.check(Kind::Request)?;
                 let total = Header::SIZE + header.body_len.get() as usize;
-                let Some(body) = input.get(Header::SIZE..total) else { return Ok(None) };
+                let Some(body) = input.get(Header::SIZE..total) else {
+                    return Ok(None);
+                };
                 let opcode = header.opcode().ok_or(header.opcode.get());
                 if opcode == Ok(Opcode::Store) {
                     self.state = RequestState::ChunkHeader;
                 }
-                Ok(Some((RequestEvent::Request { header, opcode, body }, total)))
+                Ok(Some((
+                    RequestEvent::Request {
+                        header,
+                        opcode,
+                        body,
+                    },
+                    total,
+                )))
             }
             RequestState::ChunkHeader => {
                 let Some(head) = input.get(..ChunkHeader::SIZE) else {
@@ -98,11 +129,32 @@ impl RequestDecoder {
                 let last = chunk.last();
                 let len = chunk.len.get();
                 if len == 0 {
-                    self.state = if last { RequestState::Header } else { RequestState::ChunkHeader };
-                    return Ok(Some((RequestEvent::Chunk { data: &[], chunk_end: true, last }, ChunkHeader::SIZE)));
+                    self.state = if last {
+                        RequestState::Header
+                    } else {
+                        RequestState::ChunkHeader
+                    };
+                    return Ok(Some((
+                        RequestEvent::Chunk {
+                            data: &[],
+                            chunk_end: true,
+                            last,
+                        },
+                        ChunkHeader::SIZE,
+                    )));
                 }
-                self.state = RequestState::ChunkData { remaining: len, last };
-                Ok(Some((RequestEvent::Chunk { data: &[], chunk_end: false, last: false }, ChunkHeader::SIZE)))
+                self.state = RequestState::ChunkData {
+                    remaining: len,
+                    last,
+                };
+                Ok(Some((
+                    RequestEvent::Chunk {
+                        data: &[],
+                        chunk_end: false,
+                        last: false,
+                    },
+                    ChunkHeader::SIZE,
+                )))
             }
             RequestState::ChunkData { remaining, last } => {
                 if input.is_empty() {
@@ -112,11 +164,21 @@ impl RequestDecoder {
                 let rest = remaining - n as u32;
                 let chunk_end = rest == 0;
                 self.state = match (chunk_end, last) {
-                    (false, _) => RequestState::ChunkData { remaining: rest, last },
+                    (false, _) => RequestState::ChunkData {
+                        remaining: rest,
+                        last,
+                    },
                     (true, true) => RequestState::Header,
                     (true, false) => RequestState::ChunkHeader,
                 };
-                Ok(Some((RequestEvent::Chunk { data: &input[..n], chunk_end, last: chunk_end && last }, n)))
+                Ok(Some((
+                    RequestEvent::Chunk {
+                        data: &input[..n],
+                        chunk_end,
+                        last: chunk_end && last,
+                    },
+                    n,
+                )))
             }
         }
     }
@@ -161,10 +223,17 @@ pub struct ResponseDecoder {
 impl ResponseDecoder {
     /// `stream_max` bounds the length a node may announce for streamed data.
     pub fn new(stream_max: u64) -> ResponseDecoder {
-        ResponseDecoder { remaining: 0, failed: false, stream_max }
+        ResponseDecoder {
+            remaining: 0,
+            failed: false,
+            stream_max,
+        }
     }
 
-    pub fn decode<'a>(&mut self, input: &'a [u8]) -> Result<Option<(ResponseEvent<'a>, usize)>, WireError> {
+    pub fn decode<'a>(
+        &mut self,
+        input: &'a [u8],
+    ) -> Result<Option<(ResponseEvent<'a>, usize)>, WireError> {
         if self.failed {
             return Err(WireError::Truncated);
         }
@@ -175,7 +244,10 @@ impl ResponseDecoder {
         result
     }
 
-    fn decode_inner<'a>(&mut self, input: &'a [u8]) -> Result<Option<(ResponseEvent<'a>, usize)>, WireError> {
+    fn decode_inner<'a>(
+        &mut self,
+        input: &'a [u8],
+    ) -> Result<Option<(ResponseEvent<'a>, usize)>, WireError> {
         if self.remaining > 0 {
             if input.is_empty() {
                 return Ok(None);
@@ -189,16 +261,24 @@ impl ResponseDecoder {
         }
         let magic = u32::from_le_bytes([input[0], input[1], input[2], input[3]]);
         if magic == STREAM_MAGIC {
-            let Some(head) = input.get(..StreamHeader::SIZE) else { return Ok(None) };
+            let Some(head) = input.get(..StreamHeader::SIZE) else {
+                return Ok(None);
+            };
             let stream = StreamHeader::read_from_bytes(head).map_err(|_| WireError::Truncated)?;
             stream.check()?;
             let len = stream.len.get();
             if len > self.stream_max {
-                return Err(WireError::StreamTooLarge { len, max: self.stream_max });
+                return Err(WireError::StreamTooLarge {
+                    len,
+                    max: self.stream_max,
+                });
             }
             self.remaining = len;
             return Ok(Some((
-                ResponseEvent::StreamStart { request_id: stream.request_id.get(), len },
+                ResponseEvent::StreamStart {
+                    request_id: stream.request_id.get(),
+                    len,
+                },
                 StreamHeader::SIZE,
             )));
         }
@@ -209,7 +289,9 @@ impl ResponseDecoder {
         let header = Header::read_from_bytes(head).map_err(|_| WireError::Truncated)?;
         header.check(Kind::Response)?;
         let total = Header::SIZE + header.body_len.get() as usize;
-        let Some(body) = input.get(Header::SIZE..total) else { return Ok(None) };
+        let Some(body) = input.get(Header::SIZE..total) else {
+            return Ok(None);
+        };
         Ok(Some((ResponseEvent::Response { header, body }, total)))
     }
 }
@@ -246,13 +328,17 @@ pub fn encode_stream_header(out: &mut Vec<u8>, request_id: u64, len: u64) {
 mod tests {
     use super::*;
     use crate::wire::*;
-    use zerocopy::FromZeros;
     use crate::Fingerprint;
     use proptest::prelude::*;
+    use zerocopy::FromZeros;
 
     fn store_message(id: u64, chunks: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
-        let body = StoreIn { size_hint: 0.into(), flags: 0.into(), reserved: 0.into() };
+        let body = StoreIn {
+            size_hint: 0.into(),
+            flags: 0.into(),
+            reserved: 0.into(),
+        };
         encode_request(&mut out, Opcode::Store, id, 0, body.as_bytes());
         for (i, c) in chunks.iter().enumerate() {
             encode_chunk_header(&mut out, c.len() as u32, i + 1 == chunks.len());
@@ -261,9 +347,15 @@ mod tests {
         out
     }
 
+    /// Requests (opcode, body), reassembled STORE payloads, bytes left undecoded.
+    type Driven = (Vec<(u16, Vec<u8>)>, Vec<Vec<u8>>, usize);
+
     /// Runs the request decoder over `input` fed in pieces of `step` bytes, as a socket
     /// would deliver them, and returns requests and the reassembled store payloads.
-    fn drive(input: &[u8], step: usize) -> Result<(Vec<(u16, Vec<u8>)>, Vec<Vec<u8>>, usize), WireError> {
+    fn drive(
+        input: &[u8],
+        step: usize,
+    ) -> Result<Driven, WireError> {
         let mut dec = RequestDecoder::new(1 << 20);
         let mut buf: Vec<u8> = Vec::new();
         let mut fed = 0;
@@ -274,7 +366,9 @@ mod tests {
             match dec.decode(&buf)? {
                 Some((ev, n)) => {
                     match ev {
-                        RequestEvent::Request { header, body, .. } => reqs.push((header.opcode.get(), body.to_vec())),
+                        RequestEvent::Request { header, body, .. } => {
+                            reqs.push((header.opcode.get(), body.to_vec()))
+                        }
                         RequestEvent::Chunk { data, last, .. } => {
                             cur.extend_from_slice(data);
                             if last {
@@ -300,7 +394,13 @@ mod tests {
     fn store_then_pipelined_retrieve() {
         let mut msg = store_message(1, &[b"hello ", b"", b"world"]);
         let fp = Fingerprint::of(b"hello world");
-        encode_request(&mut msg, Opcode::Retrieve, 2, 0, RetrieveIn { fingerprint: fp }.as_bytes());
+        encode_request(
+            &mut msg,
+            Opcode::Retrieve,
+            2,
+            0,
+            RetrieveIn { fingerprint: fp }.as_bytes(),
+        );
         for step in [1, 3, 7, 16, 1000] {
             let (reqs, stores, left) = drive(&msg, step).unwrap();
             assert_eq!(reqs.len(), 2);
@@ -320,15 +420,31 @@ mod tests {
         encode_request(&mut msg, Opcode::Null, 6, 0, &[]);
         let mut dec = RequestDecoder::new(16);
         let (ev, n) = dec.decode(&msg).unwrap().unwrap();
-        assert!(matches!(ev, RequestEvent::Request { opcode: Err(999), body: b"abc", .. }));
+        assert!(matches!(
+            ev,
+            RequestEvent::Request {
+                opcode: Err(999),
+                body: b"abc",
+                ..
+            }
+        ));
         let (ev, _) = dec.decode(&msg[n..]).unwrap().unwrap();
-        assert!(matches!(ev, RequestEvent::Request { opcode: Ok(Opcode::Null), .. }));
+        assert!(matches!(
+            ev,
+            RequestEvent::Request {
+                opcode: Ok(Opcode::Null),
+                ..
+            }
+        ));
     }
 
     #[test]
     fn garbage_is_rejected_at_once() {
         let mut dec = RequestDecoder::new(16);
-        assert_eq!(dec.decode(b"GET / HTTP/1.1\r\n"), Err(WireError::BadMagic(u32::from_le_bytes(*b"GET "))));
+        assert_eq!(
+            dec.decode(b"GET / HTTP/1.1\r\n"),
+            Err(WireError::BadMagic(u32::from_le_bytes(*b"GET ")))
+        );
         assert!(dec.failed());
         let mut dec = RequestDecoder::new(16);
         assert!(dec.decode(b"X").is_err());
@@ -339,7 +455,13 @@ mod tests {
         // The chunk header says 4 bytes, the client sends 6: the extra bytes land where
         // the next chunk header should be.
         let mut msg = Vec::new();
-        encode_request(&mut msg, Opcode::Store, 1, 0, StoreIn::new_zeroed().as_bytes());
+        encode_request(
+            &mut msg,
+            Opcode::Store,
+            1,
+            0,
+            StoreIn::new_zeroed().as_bytes(),
+        );
         encode_chunk_header(&mut msg, 4, false);
         msg.extend_from_slice(b"abcdef");
         msg.extend_from_slice(&[0; 32]);
@@ -350,11 +472,20 @@ mod tests {
     #[test]
     fn oversized_chunk_is_refused() {
         let mut msg = Vec::new();
-        encode_request(&mut msg, Opcode::Store, 1, 0, StoreIn::new_zeroed().as_bytes());
+        encode_request(
+            &mut msg,
+            Opcode::Store,
+            1,
+            0,
+            StoreIn::new_zeroed().as_bytes(),
+        );
         encode_chunk_header(&mut msg, (1 << 20) + 1, true);
         assert_eq!(
             drive(&msg, 64).unwrap_err(),
-            WireError::ChunkTooLarge { len: (1 << 20) + 1, max: 1 << 20 }
+            WireError::ChunkTooLarge {
+                len: (1 << 20) + 1,
+                max: 1 << 20
+            }
         );
     }
 
@@ -375,7 +506,9 @@ mod tests {
         let mut got_out = false;
         while let Some((ev, n)) = dec.decode(rest).unwrap() {
             match ev {
-                ResponseEvent::StreamStart { len, request_id } => assert_eq!((len, request_id), (5, 9)),
+                ResponseEvent::StreamStart { len, request_id } => {
+                    assert_eq!((len, request_id), (5, 9))
+                }
                 ResponseEvent::StreamData(d) => data.extend_from_slice(d),
                 ResponseEvent::Response { body, .. } => {
                     assert_eq!(out_status(body).unwrap().0, Status::Success);
@@ -387,23 +520,47 @@ mod tests {
         assert!(got_out);
         assert_eq!(data, b"abcde");
         let mut small = ResponseDecoder::new(4);
-        assert_eq!(small.decode(&msg), Err(WireError::StreamTooLarge { len: 5, max: 4 }));
+        assert_eq!(
+            small.decode(&msg),
+            Err(WireError::StreamTooLarge { len: 5, max: 4 })
+        );
     }
 
     fn arb_request() -> impl Strategy<Value = Vec<u8>> {
         let fp = proptest::array::uniform16(any::<u8>()).prop_map(Fingerprint);
         prop_oneof![
             Just(Opcode::Null).prop_map(|op| (op, vec![])),
-            fp.clone().prop_map(|f| (Opcode::Retrieve, RetrieveIn { fingerprint: f }.as_bytes().to_vec())),
+            fp.clone().prop_map(|f| (
+                Opcode::Retrieve,
+                RetrieveIn { fingerprint: f }.as_bytes().to_vec()
+            )),
             (fp.clone(), any::<u64>(), any::<u64>()).prop_map(|(f, o, l)| (
                 Opcode::RetrieveRange,
-                RangeIn { fingerprint: f, offset: o.into(), len: l.into() }.as_bytes().to_vec()
+                RangeIn {
+                    fingerprint: f,
+                    offset: o.into(),
+                    len: l.into()
+                }
+                .as_bytes()
+                .to_vec()
             )),
-            fp.clone().prop_map(|f| (Opcode::Delete, DeleteIn { fingerprint: f }.as_bytes().to_vec())),
-            fp.prop_map(|f| (Opcode::Locate, LocateIn { fingerprint: f }.as_bytes().to_vec())),
+            fp.clone().prop_map(|f| (
+                Opcode::Delete,
+                DeleteIn { fingerprint: f }.as_bytes().to_vec()
+            )),
+            fp.prop_map(|f| (
+                Opcode::Locate,
+                LocateIn { fingerprint: f }.as_bytes().to_vec()
+            )),
             any::<u16>().prop_map(|d| (
                 Opcode::GetDiskStatus,
-                DiskQueryIn { disk: d.into(), reserved: 0.into(), reserved1: 0.into() }.as_bytes().to_vec()
+                DiskQueryIn {
+                    disk: d.into(),
+                    reserved: 0.into(),
+                    reserved1: 0.into()
+                }
+                .as_bytes()
+                .to_vec()
             )),
         ]
         .prop_flat_map(|(op, body)| {

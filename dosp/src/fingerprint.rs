@@ -7,7 +7,18 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// MD5 of an object's bytes. Printed and parsed as 32 lowercase hex characters.
 #[derive(
-    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
 )]
 #[repr(transparent)]
 pub struct Fingerprint(pub [u8; 16]);
@@ -73,14 +84,23 @@ mod tests {
 
     #[test]
     fn md5_of_empty_is_the_known_value() {
-        assert_eq!(Fingerprint::of(b"").to_hex(), "d41d8cd98f00b204e9800998ecf8427e");
+        assert_eq!(
+            Fingerprint::of(b"").to_hex(),
+            "d41d8cd98f00b204e9800998ecf8427e"
+        );
     }
 
     #[test]
     fn parse_rejects_bad_input() {
-        assert_eq!("abc".parse::<Fingerprint>(), Err(FingerprintError::Length(3)));
+        assert_eq!(
+            "abc".parse::<Fingerprint>(),
+            Err(FingerprintError::Length(3))
+        );
         let bad = "zz1d8cd98f00b204e9800998ecf8427e";
-        assert_eq!(bad.parse::<Fingerprint>(), Err(FingerprintError::NotHex('z')));
+        assert_eq!(
+            bad.parse::<Fingerprint>(),
+            Err(FingerprintError::NotHex('z'))
+        );
         let good: Fingerprint = "D41D8CD98F00B204E9800998ECF8427E".parse().unwrap();
         assert_eq!(good, Fingerprint::of(b""));
     }

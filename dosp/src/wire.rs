@@ -60,7 +60,9 @@ impl Kind {
 pub const FLAG_MULTICAST: u16 = 1 << 0;
 
 /// The 32-byte header in front of every request and response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
 #[repr(C)]
 pub struct Header {
     pub magic: U32,
@@ -124,7 +126,10 @@ impl Header {
             return Err(WireError::BadKind(self.kind));
         }
         if self.body_len.get() > BODY_MAX {
-            return Err(WireError::BodyTooLarge { len: self.body_len.get(), max: BODY_MAX });
+            return Err(WireError::BodyTooLarge {
+                len: self.body_len.get(),
+                max: BODY_MAX,
+            });
         }
         Ok(())
     }
@@ -136,7 +141,9 @@ impl Header {
 
 /// Precedes every STORE chunk: the length of the bytes that follow and whether this is
 /// the last chunk of the object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
 #[repr(C)]
 pub struct ChunkHeader {
     pub magic: U32,
@@ -176,7 +183,10 @@ impl ChunkHeader {
             return Err(WireError::BadFlags(self.flags.get()));
         }
         if self.len.get() > max {
-            return Err(WireError::ChunkTooLarge { len: self.len.get(), max });
+            return Err(WireError::ChunkTooLarge {
+                len: self.len.get(),
+                max,
+            });
         }
         Ok(())
     }
@@ -188,7 +198,9 @@ impl ChunkHeader {
 
 /// Precedes streamed response data (RETRIEVE, RETRIEVE_RANGE, GET_CONTENTS): the number
 /// of bytes that follow before the Out structure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
 #[repr(C)]
 pub struct StreamHeader {
     pub magic: U32,
@@ -369,7 +381,9 @@ impl std::fmt::Display for Status {
 /// The common prefix of every Out structure. An error reply may carry only this prefix
 /// (`body_len == 8`), whatever the opcode: a receiver reads the status first and parses
 /// the rest only on SUCCESS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
 #[repr(C)]
 pub struct OutHead {
     pub status: U16,
@@ -380,7 +394,11 @@ pub struct OutHead {
 
 impl OutHead {
     pub fn new(status: Status, detail: u32) -> OutHead {
-        OutHead { status: (status as u16).into(), reserved: 0.into(), detail: detail.into() }
+        OutHead {
+            status: (status as u16).into(),
+            reserved: 0.into(),
+            detail: detail.into(),
+        }
     }
 }
 
@@ -559,7 +577,11 @@ pub enum WireError {
     #[error("chunk of {len} bytes exceeds the maximum of {max}")]
     ChunkTooLarge { len: u32, max: u32 },
     #[error("{op} body is {got} bytes, expected {want}")]
-    BodySize { op: &'static str, got: usize, want: usize },
+    BodySize {
+        op: &'static str,
+        got: usize,
+        want: usize,
+    },
     #[error("unknown status code {0}")]
     UnknownStatus(u16),
     #[error("response to request {got} while waiting for {want}")]
@@ -577,9 +599,9 @@ impl WireError {
     pub fn status(&self) -> Status {
         match self {
             WireError::BadVersion(_) => Status::BadVersion,
-            WireError::BodyTooLarge { .. } | WireError::ChunkTooLarge { .. } | WireError::StreamTooLarge { .. } => {
-                Status::TooLarge
-            }
+            WireError::BodyTooLarge { .. }
+            | WireError::ChunkTooLarge { .. }
+            | WireError::StreamTooLarge { .. } => Status::TooLarge,
             _ => Status::BadRequest,
         }
     }
@@ -587,23 +609,39 @@ impl WireError {
 
 /// Reads a fixed structure from the front of `body`, requiring the body to be exactly
 /// that size (or, with `prefix`, at least that size).
-pub fn parse_exact<T: FromBytes + KnownLayout + Immutable>(op: Opcode, body: &[u8]) -> Result<&T, WireError> {
+pub fn parse_exact<T: FromBytes + KnownLayout + Immutable>(
+    op: Opcode,
+    body: &[u8],
+) -> Result<&T, WireError> {
     if body.len() != size_of::<T>() {
-        return Err(WireError::BodySize { op: op.name(), got: body.len(), want: size_of::<T>() });
+        return Err(WireError::BodySize {
+            op: op.name(),
+            got: body.len(),
+            want: size_of::<T>(),
+        });
     }
     T::ref_from_bytes(body).map_err(|_| WireError::Truncated)
 }
 
 /// Reads a fixed structure from the front of `body`, returning it and the rest.
-pub fn parse_prefix<T: FromBytes + KnownLayout + Immutable>(op: Opcode, body: &[u8]) -> Result<(&T, &[u8]), WireError> {
-    T::ref_from_prefix(body)
-        .map_err(|_| WireError::BodySize { op: op.name(), got: body.len(), want: size_of::<T>() })
+pub fn parse_prefix<T: FromBytes + KnownLayout + Immutable>(
+    op: Opcode,
+    body: &[u8],
+) -> Result<(&T, &[u8]), WireError> {
+    T::ref_from_prefix(body).map_err(|_| WireError::BodySize {
+        op: op.name(),
+        got: body.len(),
+        want: size_of::<T>(),
+    })
 }
 
 /// Reads the status of an Out body (first two bytes of its OutHead).
 pub fn out_status(body: &[u8]) -> Result<(Status, u32), WireError> {
-    let head = OutHead::ref_from_prefix(body).map_err(|_| WireError::Truncated)?.0;
-    let status = Status::from_u16(head.status.get()).ok_or(WireError::UnknownStatus(head.status.get()))?;
+    let head = OutHead::ref_from_prefix(body)
+        .map_err(|_| WireError::Truncated)?
+        .0;
+    let status =
+        Status::from_u16(head.status.get()).ok_or(WireError::UnknownStatus(head.status.get()))?;
     Ok((status, head.detail.get()))
 }
 
@@ -625,12 +663,21 @@ mod tests {
 
     #[test]
     fn every_single_bit_flip_in_a_header_is_caught() {
-        let h = Header::new(Kind::Request, Opcode::Retrieve, 0x0102_0304_0506_0708, 16, 0);
+        let h = Header::new(
+            Kind::Request,
+            Opcode::Retrieve,
+            0x0102_0304_0506_0708,
+            16,
+            0,
+        );
         for bit in 0..(Header::SIZE * 8) {
             let mut bytes = h.as_bytes().to_vec();
             bytes[bit / 8] ^= 1 << (bit % 8);
             let flipped = Header::read_from_bytes(&bytes).unwrap();
-            assert!(flipped.check(Kind::Request).is_err(), "bit {bit} flip went unnoticed");
+            assert!(
+                flipped.check(Kind::Request).is_err(),
+                "bit {bit} flip went unnoticed"
+            );
         }
     }
 
@@ -646,7 +693,13 @@ mod tests {
     #[test]
     fn body_length_is_bounded() {
         let h = Header::new(Kind::Request, Opcode::Null, 1, BODY_MAX + 1, 0);
-        assert_eq!(h.check(Kind::Request), Err(WireError::BodyTooLarge { len: BODY_MAX + 1, max: BODY_MAX }));
+        assert_eq!(
+            h.check(Kind::Request),
+            Err(WireError::BodyTooLarge {
+                len: BODY_MAX + 1,
+                max: BODY_MAX
+            })
+        );
     }
 
     #[test]
@@ -654,7 +707,10 @@ mod tests {
         let c = ChunkHeader::new(100, true);
         c.check(1000).unwrap();
         assert!(c.last());
-        assert_eq!(c.check(50), Err(WireError::ChunkTooLarge { len: 100, max: 50 }));
+        assert_eq!(
+            c.check(50),
+            Err(WireError::ChunkTooLarge { len: 100, max: 50 })
+        );
         let mut bad = ChunkHeader::new(1, false);
         bad.flags = 4.into();
         bad.checksum = crc32c(&bad.as_bytes()[..12]).into();

@@ -85,13 +85,23 @@ struct Failure {
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
-        let code = if matches!(e, ClientError::NotFound { .. }) { 3 } else { 1 };
-        Failure { message: e.to_string(), code }
+        let code = if matches!(e, ClientError::NotFound { .. }) {
+            3
+        } else {
+            1
+        };
+        Failure {
+            message: e.to_string(),
+            code,
+        }
     }
 }
 
 fn fail(message: impl Into<String>) -> Failure {
-    Failure { message: message.into(), code: 1 }
+    Failure {
+        message: message.into(),
+        code: 1,
+    }
 }
 
 fn main() -> ExitCode {
@@ -106,8 +116,10 @@ fn main() -> ExitCode {
 }
 
 fn parse_fp(s: &str) -> Result<Fingerprint, Failure> {
-    s.parse::<Fingerprint>()
-        .map_err(|e| Failure { message: format!("invalid fingerprint {s:?}: {e}"), code: 2 })
+    s.parse::<Fingerprint>().map_err(|e| Failure {
+        message: format!("invalid fingerprint {s:?}: {e}"),
+        code: 2,
+    })
 }
 
 fn bar(total: u64) -> Option<ProgressBar> {
@@ -130,7 +142,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let (mut input, size): (Box<dyn Read>, u64) = if file.as_os_str() == "-" {
                 (Box::new(io::stdin().lock()), 0)
             } else {
-                let f = File::open(&file).map_err(|e| fail(format!("cannot open {}: {e}", file.display())))?;
+                let f = File::open(&file)
+                    .map_err(|e| fail(format!("cannot open {}: {e}", file.display())))?;
                 let size = f.metadata().map(|m| m.len()).unwrap_or(0);
                 (Box::new(f), size)
             };
@@ -146,7 +159,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             println!("{}", stored.fingerprint);
         }
-        Cmd::Fetch { fingerprint, output } => {
+        Cmd::Fetch {
+            fingerprint,
+            output,
+        } => {
             let fp = parse_fp(&fingerprint)?;
             let mut client = connect()?;
             let mut pb: Option<ProgressBar> = None;
@@ -164,12 +180,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     pb.set_position(got);
                 }
             };
-            with_output(output.as_deref(), |out| client.retrieve(&fp, out, &mut progress).map(|_| ()))?;
+            with_output(output.as_deref(), |out| {
+                client.retrieve(&fp, out, &mut progress).map(|_| ())
+            })?;
         }
-        Cmd::Range { fingerprint, offset, length, output } => {
+        Cmd::Range {
+            fingerprint,
+            offset,
+            length,
+            output,
+        } => {
             let fp = parse_fp(&fingerprint)?;
             let mut client = connect()?;
-            with_output(output.as_deref(), |out| client.retrieve_range(&fp, offset, length, out).map(|_| ()))?;
+            with_output(output.as_deref(), |out| {
+                client.retrieve_range(&fp, offset, length, out).map(|_| ())
+            })?;
         }
         Cmd::Delete { fingerprint } => {
             let fp = parse_fp(&fingerprint)?;
@@ -191,24 +216,43 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(fail(format!("cannot write output: {e}")));
             }
         }
-        Cmd::Locate { fingerprint, multicast, multicast_if, wait_ms } => {
+        Cmd::Locate {
+            fingerprint,
+            multicast,
+            multicast_if,
+            wait_ms,
+        } => {
             let fp = parse_fp(&fingerprint)?;
-            let found = locate_multicast(multicast, multicast_if, &fp, Duration::from_millis(wait_ms))?;
+            let found =
+                locate_multicast(multicast, multicast_if, &fp, Duration::from_millis(wait_ms))?;
             if found.is_empty() {
                 return Err(Failure {
-                    message: format!("no node on {multicast} holds object {fp} (waited {wait_ms} ms)"),
+                    message: format!(
+                        "no node on {multicast} holds object {fp} (waited {wait_ms} ms)"
+                    ),
                     code: 3,
                 });
             }
             for l in found {
-                println!("node {:016x} addr {} disk {} len {}", l.node_id, l.addr, l.disk, l.object_len);
+                println!(
+                    "node {:016x} addr {} disk {} len {}",
+                    l.node_id, l.addr, l.disk, l.object_len
+                );
             }
         }
         Cmd::Disks => {
             let disks = connect()?.disks(dosp::wire::ALL_DISKS)?;
             println!(
                 "{:>4} {:<8} {:<32} {:>14} {:>14} {:>14} {:>10} {:>12} {:>5}",
-                "disk", "state", "identity", "bytes_total", "bytes_free", "bytes_avail", "objects", "objects_avail", "ops"
+                "disk",
+                "state",
+                "identity",
+                "bytes_total",
+                "bytes_free",
+                "bytes_avail",
+                "objects",
+                "objects_avail",
+                "ops"
             );
             for d in disks {
                 println!(
@@ -245,23 +289,29 @@ fn with_output(
             let stdout = io::stdout();
             let mut out = BufWriter::with_capacity(1 << 20, stdout.lock());
             f(&mut out)?;
-            out.flush().map_err(|e| fail(format!("cannot write output: {e}")))?;
+            out.flush()
+                .map_err(|e| fail(format!("cannot write output: {e}")))?;
         }
         Some(path) => {
             let tmp = path.with_file_name(format!(
                 ".{}.dosp-partial",
-                path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+                path.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
             ));
-            let file = File::create(&tmp).map_err(|e| fail(format!("cannot create {}: {e}", tmp.display())))?;
+            let file = File::create(&tmp)
+                .map_err(|e| fail(format!("cannot create {}: {e}", tmp.display())))?;
             let mut out = BufWriter::with_capacity(1 << 20, file);
             let result = f(&mut out).map_err(Failure::from).and_then(|()| {
-                out.flush().map_err(|e| fail(format!("cannot write {}: {e}", path.display())))
+                out.flush()
+                    .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))
             });
             if let Err(e) = result {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
             }
-            std::fs::rename(&tmp, path).map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
+            std::fs::rename(&tmp, path)
+                .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
         }
     }
     Ok(())

@@ -1,1 +1,140 @@
-fn main() {}
+//! dosd — the storage node. This binary only wires the parts together: it resolves the
+//! configuration, opens the disks, starts the dataplane and the management core, and
+//! stops them cleanly on SIGTERM/SIGINT.
+
+mod config;
+mod datadir;
+
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::config::{Config, Flags};
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DOSD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let flags = Flags::parse();
+    match run(flags) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, without repeating a cause that an outer
+/// message already quotes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+fn run(flags: Flags) -> anyhow::Result<()> {
+    let cfg = Config::resolve(flags)?;
+    let dir = datadir::DataDir::open(&cfg.data_dir)?;
+    let node_id = match cfg.node_id {
+        Some(id) => id,
+        None => dir.node_id()?,
+    };
+    let epoch = dir.next_epoch()?;
+    let devices = dir.open_disks(cfg.disks, cfg.disk_size)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("cannot install signal handler")?;
+    }
+
+    let store =
+        dataplane::store::Store::open(devices, dataplane::store::StoreConfig::default(), node_id)
+            .context("cannot open the object store")?;
+    for d in store.disks() {
+        tracing::info!(
+            disk = d.id.0,
+            identity = %hex::encode(d.identity),
+            state = ?d.state,
+            backend = d.backend,
+            location = %d.location,
+            objects = d.objects_used,
+            bytes_free = d.bytes_free,
+            "disk"
+        );
+    }
+    let stats = Arc::new(dataplane::stats::NodeStats::default());
+    let server_cfg = dataplane::server::ServerConfig {
+        listen: cfg.listen,
+        multicast_group: cfg.multicast,
+        multicast_if: cfg.multicast_if,
+        node_id,
+        epoch,
+        heartbeat_interval: Duration::from_millis(cfg.heartbeat_ms),
+        chunk_max: dosp::wire::CHUNK_MAX_DEFAULT,
+        connections_max: 1024,
+        idle_sleep: Duration::from_millis(100),
+        checkpoint_interval: Duration::from_secs(5),
+    };
+    let server = dataplane::server::Server::bind(server_cfg, store, Arc::clone(&stats))
+        .with_context(|| {
+            format!(
+                "cannot bind DOSP on {} / multicast {}",
+                cfg.listen, cfg.multicast
+            )
+        })?;
+    let local = server.local_addr()?;
+    let mgmt = mgmt::Mgmt::start(cfg.mgmt_listen, Arc::clone(&stats), node_id, epoch)
+        .with_context(|| format!("cannot start the management core on {}", cfg.mgmt_listen))?;
+    tracing::info!(
+        node_id = %format!("{node_id:016x}"),
+        epoch,
+        dosp = %local,
+        multicast = %cfg.multicast,
+        multicast_if = %cfg.multicast_if,
+        mgmt = %mgmt.local_addr(),
+        data_dir = %cfg.data_dir.display(),
+        "dosd ready"
+    );
+    // One machine-readable line on stdout for scripts and tests (the port is real even
+    // when --listen asked for port 0).
+    println!(
+        "listening dosp={local} mgmt={} node={node_id:016x}",
+        mgmt.local_addr()
+    );
+
+    // The dataplane runs on its own thread (its "core"); this thread waits for it.
+    let dataplane = std::thread::Builder::new()
+        .name("dataplane-1".into())
+        .spawn({
+            let stop = Arc::clone(&stop);
+            move || server.run(&stop)
+        })
+        .context("cannot start the dataplane thread")?;
+    let result = dataplane.join();
+    mgmt.stop();
+    match result {
+        Ok(Ok(_store)) => {
+            tracing::info!("dosd stopped cleanly");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e).context("dataplane failed"),
+        Err(_) => anyhow::bail!("dataplane thread panicked"),
+    }
+}

@@ -1,0 +1,298 @@
+//! dosd configuration: command-line flags over an optional TOML file over defaults.
+//!
+//! Every option has a default that starts a working node on any Linux box: four sparse
+//! 1 GiB file-backed disks under `./dosd-data`, DOSP on 127.0.0.1:7370, the cluster
+//! group 239.255.73.70:7371 on the loopback interface (so a default node never sends
+//! multicast beyond the machine).
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:7370";
+pub const MGMT_LISTEN_DEFAULT: &str = "127.0.0.1:7380";
+/// Administratively scoped (RFC 2365) group; "7370" echoes the DOSP port.
+pub const MULTICAST_DEFAULT: &str = "239.255.73.70:7371";
+pub const MULTICAST_IF_DEFAULT: Ipv4Addr = Ipv4Addr::LOCALHOST;
+pub const DISKS_DEFAULT: u16 = 4;
+pub const DISK_SIZE_DEFAULT: u64 = 1 << 30;
+/// Smallest disk the store can use: superblocks plus a few segments.
+pub const DISK_SIZE_MIN: u64 = 16 << 20;
+pub const HEARTBEAT_MS_DEFAULT: u64 = 1000;
+
+/// Command-line flags. Each overrides the same key of the `--config` file.
+#[derive(Parser, Debug, Default)]
+#[command(
+    name = "dosd",
+    version,
+    about = "dosd — an intelligent storage node serving DOSP"
+)]
+pub struct Flags {
+    /// TOML file with any of the keys below (snake_case, e.g. data_dir = "/srv/dosd").
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Directory holding the disk images, the node id and the epoch [default: ./dosd-data]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// DOSP address, TCP and UDP [default: 127.0.0.1:7370]
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Management (REST) address [default: 127.0.0.1:7380]
+    #[arg(long)]
+    pub mgmt_listen: Option<SocketAddr>,
+    /// Cluster multicast group GROUP:PORT [default: 239.255.73.70:7371]
+    #[arg(long)]
+    pub multicast: Option<SocketAddrV4>,
+    /// Local interface address for multicast [default: 127.0.0.1]
+    #[arg(long)]
+    pub multicast_if: Option<Ipv4Addr>,
+    /// Number of file-backed disks [default: 4]
+    #[arg(long)]
+    pub disks: Option<u16>,
+    /// Size of each disk, e.g. 1G, 512M, 4096 (bytes) [default: 1G]
+    #[arg(long)]
+    pub disk_size: Option<String>,
+    /// Node id (hex or decimal) [default: generated once and kept in the data directory]
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Heartbeat interval in milliseconds [default: 1000]
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+}
+
+/// The same keys, from the TOML file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub mgmt_listen: Option<SocketAddr>,
+    pub multicast: Option<SocketAddrV4>,
+    pub multicast_if: Option<Ipv4Addr>,
+    pub disks: Option<u16>,
+    pub disk_size: Option<toml::Value>,
+    pub node_id: Option<toml::Value>,
+    pub heartbeat_ms: Option<u64>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub mgmt_listen: SocketAddr,
+    pub multicast: SocketAddrV4,
+    pub multicast_if: Ipv4Addr,
+    pub disks: u16,
+    pub disk_size: u64,
+    pub node_id: Option<u64>,
+    pub heartbeat_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {key} {value:?}: {why}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+/// Parses a size: a number of bytes with an optional K/M/G/T suffix (powers of 1024;
+/// `KiB`, `MB`, `G` all accepted).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits_end);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a number of bytes, optionally with K, M, G or T".to_string())?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        other => return Err(format!("unknown unit {other:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| "size overflows 64 bits".to_string())
+}
+
+fn parse_node_id(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let parsed = if let Some(h) = t.strip_prefix("0x") {
+        u64::from_str_radix(h, 16)
+    } else if t.len() == 16 && t.chars().all(|c| c.is_ascii_hexdigit()) {
+        u64::from_str_radix(t, 16)
+    } else {
+        t.parse()
+    };
+    parsed.map_err(|_| {
+        "expected a 64-bit number: decimal, 0x-prefixed hex or 16 hex digits".to_string()
+    })
+}
+
+fn value_str(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl Config {
+    pub fn resolve(flags: Flags) -> Result<Config, ConfigError> {
+        let file = match &flags.config {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+        };
+        let invalid = |key, value: &str, why: String| ConfigError::Invalid {
+            key,
+            value: value.to_string(),
+            why,
+        };
+        let disk_size = match flags.disk_size.or(file.disk_size.as_ref().map(value_str)) {
+            None => DISK_SIZE_DEFAULT,
+            Some(s) => parse_size(&s).map_err(|why| invalid("disk size", &s, why))?,
+        };
+        if disk_size < DISK_SIZE_MIN {
+            return Err(invalid(
+                "disk size",
+                &disk_size.to_string(),
+                format!("must be at least {DISK_SIZE_MIN} bytes (16M)"),
+            ));
+        }
+        let node_id = match flags.node_id.or(file.node_id.as_ref().map(value_str)) {
+            None => None,
+            Some(s) => Some(parse_node_id(&s).map_err(|why| invalid("node id", &s, why))?),
+        };
+        let disks = flags.disks.or(file.disks).unwrap_or(DISKS_DEFAULT);
+        if disks == 0 || usize::from(disks) > dosp::wire::DISKS_MAX {
+            return Err(invalid(
+                "disks",
+                &disks.to_string(),
+                format!("must be 1 to {}", dosp::wire::DISKS_MAX),
+            ));
+        }
+        let heartbeat_ms = flags
+            .heartbeat_ms
+            .or(file.heartbeat_ms)
+            .unwrap_or(HEARTBEAT_MS_DEFAULT);
+        if heartbeat_ms == 0 {
+            return Err(invalid(
+                "heartbeat interval",
+                "0",
+                "must be at least 1 ms".into(),
+            ));
+        }
+        Ok(Config {
+            data_dir: flags
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("dosd-data")),
+            listen: flags
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| LISTEN_DEFAULT.parse().expect("constant address")),
+            mgmt_listen: flags
+                .mgmt_listen
+                .or(file.mgmt_listen)
+                .unwrap_or_else(|| MGMT_LISTEN_DEFAULT.parse().expect("constant address")),
+            multicast: flags
+                .multicast
+                .or(file.multicast)
+                .unwrap_or_else(|| MULTICAST_DEFAULT.parse().expect("constant address")),
+            multicast_if: flags
+                .multicast_if
+                .or(file.multicast_if)
+                .unwrap_or(MULTICAST_IF_DEFAULT),
+            disks,
+            disk_size,
+            node_id,
+            heartbeat_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("1Q").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn node_ids() {
+        assert_eq!(parse_node_id("0x10"), Ok(16));
+        assert_eq!(parse_node_id("00000000000000ff"), Ok(255));
+        assert_eq!(parse_node_id("42"), Ok(42));
+        assert!(parse_node_id("nope").is_err());
+    }
+
+    #[test]
+    fn defaults_and_file_and_flags() {
+        let c = Config::resolve(Flags::default()).unwrap();
+        assert_eq!(c.listen.to_string(), LISTEN_DEFAULT);
+        assert_eq!(c.disks, 4);
+        assert_eq!(c.multicast_if, Ipv4Addr::LOCALHOST);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dosd.toml");
+        std::fs::write(
+            &path,
+            "disks = 2\ndisk_size = \"64M\"\nlisten = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
+        let flags = Flags {
+            config: Some(path.clone()),
+            disks: Some(3),
+            ..Flags::default()
+        };
+        let c = Config::resolve(flags).unwrap();
+        assert_eq!(c.disks, 3, "flag wins over file");
+        assert_eq!(c.disk_size, 64 << 20);
+        assert_eq!(c.listen.port(), 9000);
+
+        std::fs::write(&path, "disks = 2\nbogus = 1\n").unwrap();
+        let err = Config::resolve(Flags {
+            config: Some(path),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+
+        let err = Config::resolve(Flags {
+            disk_size: Some("1M".into()),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("at least"), "{err}");
+    }
+}

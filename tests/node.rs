@@ -1,0 +1,624 @@
+//! End-to-end tests of a real `dosd` process driven by the real `dosp` binary and the
+//! client library.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+use dosp::codec::{encode_chunk_header, encode_request};
+use dosp::wire::*;
+use dosp::Fingerprint;
+use zerocopy::{FromBytes, IntoBytes};
+
+fn node() -> (tempfile::TempDir, Node) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("data"), &unique_group(), &[]);
+    (dir, node)
+}
+
+#[test]
+fn store_fetch_round_trip_matches_independent_md5() {
+    let (dir, node) = node();
+    for (i, len) in [0usize, 1, 4095, 4096, 4097, 3 << 20, (5 << 20) + 123]
+        .into_iter()
+        .enumerate()
+    {
+        let input = dir.path().join(format!("in{i}"));
+        std::fs::write(&input, data(i as u64, len)).unwrap();
+        let out = node.dosp(&["store", input.to_str().unwrap()]);
+        assert!(out.status.success(), "store {len}: {}", stderr(&out));
+        let fp = stdout(&out);
+        assert_eq!(fp, md5sum(&input), "fingerprint of {len} bytes");
+        assert_eq!(fp.len(), 32);
+
+        let fetched = dir.path().join(format!("out{i}"));
+        let out = node.dosp(&["fetch", &fp, "-o", fetched.to_str().unwrap()]);
+        assert!(out.status.success(), "fetch {len}: {}", stderr(&out));
+        assert_eq!(
+            std::fs::read(&fetched).unwrap(),
+            std::fs::read(&input).unwrap()
+        );
+
+        // To stdout as well.
+        let out = node.dosp(&["fetch", &fp]);
+        assert!(out.status.success());
+        assert_eq!(out.stdout, std::fs::read(&input).unwrap());
+    }
+}
+
+#[test]
+fn store_from_stdin() {
+    let (_dir, node) = node();
+    let payload = data(99, 100_000);
+    let mut child = std::process::Command::new(dosp_bin())
+        .args(["--node", &node.node_arg(), "store", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&payload).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), Fingerprint::of(&payload).to_hex());
+}
+
+#[test]
+fn range_reads_and_past_the_end() {
+    let (dir, node) = node();
+    let payload = data(7, 2_000_000);
+    let input = dir.path().join("obj");
+    std::fs::write(&input, &payload).unwrap();
+    let fp = stdout(&node.dosp(&["store", input.to_str().unwrap()]));
+    for (off, len) in [
+        (0u64, 1u64),
+        (0, 2_000_000),
+        (4095, 2),
+        (1_048_575, 300_000),
+        (1_999_999, 1),
+        (2_000_000, 0),
+    ] {
+        let out = node.dosp(&["range", &fp, &off.to_string(), &len.to_string()]);
+        assert!(out.status.success(), "range {off}+{len}: {}", stderr(&out));
+        assert_eq!(
+            out.stdout,
+            payload[off as usize..(off + len) as usize],
+            "range {off}+{len}"
+        );
+    }
+    let out = node.dosp(&["range", &fp, "1999999", "2"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("past the end"), "{}", stderr(&out));
+    let out = node.dosp(&["range", &fp, "18446744073709551615", "2"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("past the end"), "{}", stderr(&out));
+}
+
+#[test]
+fn dedup_refcounts_and_delete() {
+    let (dir, node) = node();
+    let input = dir.path().join("obj");
+    std::fs::write(&input, data(3, 10_000)).unwrap();
+    let fp1 = stdout(&node.dosp(&["store", input.to_str().unwrap()]));
+    let fp2 = stdout(&node.dosp(&["store", input.to_str().unwrap()]));
+    assert_eq!(fp1, fp2);
+    let mut c = node.client();
+    let fp: Fingerprint = fp1.parse().unwrap();
+    let again = c.store_bytes(&data(3, 10_000)).unwrap();
+    assert!(again.deduplicated);
+    assert_eq!(again.refcount, 3);
+
+    for left in ["2", "1"] {
+        let out = node.dosp(&["delete", &fp1]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), left);
+        assert!(
+            node.dosp(&["fetch", &fp1]).status.success(),
+            "still there with {left} refs"
+        );
+    }
+    let out = node.dosp(&["delete", &fp1]);
+    assert_eq!(stdout(&out), "0");
+    let out = node.dosp(&["fetch", &fp1]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+    let out = node.dosp(&["delete", &fp1]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(matches!(
+        c.delete(&fp),
+        Err(dosp::client::ClientError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn contents_lists_every_object() {
+    let (_dir, node) = node();
+    let mut c = node.client();
+    let mut want: Vec<String> = (0..20)
+        .map(|i| {
+            c.store_bytes(&data(1000 + i, 5000 + i as usize))
+                .unwrap()
+                .fingerprint
+                .to_hex()
+        })
+        .collect();
+    want.sort();
+    let out = node.dosp(&["contents"]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    let mut got: Vec<String> = text
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    got.sort();
+    assert_eq!(got, want);
+    for l in text.lines() {
+        let disk: u16 = l.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(disk < 2);
+    }
+}
+
+#[test]
+fn disks_ping_and_load() {
+    let (_dir, node) = node();
+    let out = node.dosp(&["disks"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(
+        text.lines().filter(|l| l.contains("online")).count(),
+        2,
+        "{text}"
+    );
+    let out = node.dosp(&["ping"]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("answered"));
+    let mut c = node.client();
+    c.store_bytes(b"x").unwrap();
+    let load = c.load().unwrap();
+    assert!(load.ops_total.get() >= 1);
+    let hb = c.heartbeat().unwrap();
+    assert_eq!(format!("{:016x}", hb.node_id.get()), node.node_id);
+    assert_eq!(hb.disks_total.get(), 2);
+    assert_eq!(hb.epoch.get(), 1);
+}
+
+#[test]
+fn multicast_locate_only_the_holder_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique_group();
+    let a = Node::start(&dir.path().join("a"), &group, &[]);
+    let b = Node::start(&dir.path().join("b"), &group, &[]);
+    let payload = data(42, 50_000);
+    let fp = a
+        .client()
+        .store_bytes(&payload)
+        .unwrap()
+        .fingerprint
+        .to_hex();
+    let other = b
+        .client()
+        .store_bytes(b"only on b")
+        .unwrap()
+        .fingerprint
+        .to_hex();
+
+    let locate = |fp: &str| {
+        std::process::Command::new(dosp_bin())
+            .args([
+                "locate",
+                fp,
+                "--multicast",
+                &group,
+                "--multicast-if",
+                "127.0.0.1",
+                "--wait-ms",
+                "700",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = locate(&fp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(
+        text.lines().count(),
+        1,
+        "exactly one holder answers: {text}"
+    );
+    assert!(text.contains(&a.node_id), "{text}");
+    assert!(text.contains(&a.addr.to_string()), "{text}");
+    assert!(!text.contains(&b.node_id), "{text}");
+
+    let out = locate(&other);
+    assert!(stdout(&out).contains(&b.node_id) && !stdout(&out).contains(&a.node_id));
+
+    let nobody = Fingerprint::of(b"nobody has this").to_hex();
+    let out = locate(&nobody);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("no node"), "{}", stderr(&out));
+
+    // Unicast LOCATE over TCP asks one node: a says where, b says NOT_FOUND.
+    let f: Fingerprint = fp.parse().unwrap();
+    assert_eq!(a.client().locate(&f).unwrap().object_len, 50_000);
+    assert!(matches!(
+        b.client().locate(&f),
+        Err(dosp::client::ClientError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn heartbeats_arrive_on_the_group_and_unicast_queries_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique_group();
+    let node = Node::start(&dir.path().join("a"), &group, &[]);
+    let sock =
+        dosp::client::join_group(group.parse().unwrap(), "127.0.0.1".parse().unwrap()).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut buf = [0u8; 2048];
+    let mut seen = false;
+    for _ in 0..50 {
+        let Ok((n, _)) = sock.recv_from(&mut buf) else {
+            break;
+        };
+        let (h, body) = Header::read_from_prefix(&buf[..n]).unwrap();
+        if h.check(Kind::Response).is_ok() && h.opcode.get() == Opcode::Heartbeat as u16 {
+            let hb = HeartbeatOut::read_from_prefix(body).unwrap().0;
+            if format!("{:016x}", hb.node_id.get()) == node.node_id {
+                assert_eq!(hb.port.get(), node.addr.port());
+                seen = true;
+                break;
+            }
+        }
+    }
+    assert!(seen, "no heartbeat from the node on {group}");
+
+    // Unicast HEARTBEAT over UDP to the node's DOSP address.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::Heartbeat, 77, 0, &[]);
+    udp.send_to(&msg, node.addr).unwrap();
+    let (n, _) = udp.recv_from(&mut buf).unwrap();
+    let (h, body) = Header::read_from_prefix(&buf[..n]).unwrap();
+    h.check(Kind::Response).unwrap();
+    assert_eq!(h.request_id.get(), 77);
+    assert_eq!(out_status(body).unwrap().0, Status::Success);
+
+    // Unicast LOCATE of an absent object answers NOT_FOUND (unicast is never silent).
+    let mut msg = Vec::new();
+    encode_request(
+        &mut msg,
+        Opcode::Locate,
+        78,
+        0,
+        LocateIn {
+            fingerprint: Fingerprint::ZERO,
+        }
+        .as_bytes(),
+    );
+    udp.send_to(&msg, node.addr).unwrap();
+    let (n, _) = udp.recv_from(&mut buf).unwrap();
+    let (_, body) = Header::read_from_prefix(&buf[..n]).unwrap();
+    assert_eq!(out_status(body).unwrap().0, Status::NotFound);
+}
+
+/// Reads one response header + body from a raw connection.
+fn read_response(s: &mut TcpStream) -> (Header, Vec<u8>) {
+    let mut h = [0u8; Header::SIZE];
+    s.read_exact(&mut h).unwrap();
+    let header = Header::read_from_bytes(&h).unwrap();
+    header.check(Kind::Response).unwrap();
+    let mut body = vec![0u8; header.body_len.get() as usize];
+    s.read_exact(&mut body).unwrap();
+    (header, body)
+}
+
+fn raw(node: &Node) -> TcpStream {
+    let s = TcpStream::connect(node.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn bad_input_gets_a_status_and_loses_nothing() {
+    let (_dir, node) = node();
+    let keep = data(5, 300_000);
+    let keep_fp = node.client().store_bytes(&keep).unwrap().fingerprint;
+
+    // Garbage: BAD_REQUEST, then the connection closes.
+    let mut s = raw(&node);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (_, body) = read_response(&mut s);
+    assert_eq!(out_status(&body).unwrap().0, Status::BadRequest);
+    assert!(closed(&mut s));
+
+    // Wrong version: BAD_VERSION.
+    let mut s = raw(&node);
+    let mut h = Header::new(Kind::Request, Opcode::Null, 1, 0, 0);
+    h.version = 9;
+    h.checksum = h.compute_checksum().into();
+    s.write_all(h.as_bytes()).unwrap();
+    let (_, body) = read_response(&mut s);
+    assert_eq!(out_status(&body).unwrap().0, Status::BadVersion);
+
+    // Unknown opcode: UNKNOWN_OPCODE and the connection stays usable (pipelined NULL).
+    let mut s = raw(&node);
+    let mut msg = Header::new_raw(Kind::Request, 0x4242, 9, 4, 0)
+        .as_bytes()
+        .to_vec();
+    msg.extend_from_slice(b"junk");
+    encode_request(&mut msg, Opcode::Null, 10, 0, &[]);
+    s.write_all(&msg).unwrap();
+    let (h1, b1) = read_response(&mut s);
+    assert_eq!(
+        (h1.request_id.get(), out_status(&b1).unwrap().0),
+        (9, Status::UnknownOpcode)
+    );
+    assert_eq!(h1.opcode.get(), 0x4242);
+    let (h2, b2) = read_response(&mut s);
+    assert_eq!(
+        (h2.request_id.get(), out_status(&b2).unwrap().0),
+        (10, Status::Success)
+    );
+
+    // Wrong body size for the opcode: BAD_REQUEST, connection stays in step.
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::Retrieve, 11, 0, b"short");
+    encode_request(&mut msg, Opcode::Null, 12, 0, &[]);
+    s.write_all(&msg).unwrap();
+    assert_eq!(
+        out_status(&read_response(&mut s).1).unwrap().0,
+        Status::BadRequest
+    );
+    assert_eq!(
+        out_status(&read_response(&mut s).1).unwrap().0,
+        Status::Success
+    );
+
+    // Body length beyond the maximum: TOO_LARGE, closed.
+    let mut s = raw(&node);
+    s.write_all(Header::new(Kind::Request, Opcode::Null, 1, BODY_MAX + 1, 0).as_bytes())
+        .unwrap();
+    assert_eq!(
+        out_status(&read_response(&mut s).1).unwrap().0,
+        Status::TooLarge
+    );
+    assert!(closed(&mut s));
+
+    // A chunk longer than announced: the STORE is refused, nothing stored.
+    let mut s = raw(&node);
+    let mut msg = Vec::new();
+    encode_request(
+        &mut msg,
+        Opcode::Store,
+        20,
+        0,
+        StoreIn {
+            size_hint: 0.into(),
+            flags: 0.into(),
+            reserved: 0.into(),
+        }
+        .as_bytes(),
+    );
+    encode_chunk_header(&mut msg, 10, false);
+    msg.extend_from_slice(b"0123456789EXTRA-BYTES-HERE");
+    s.write_all(&msg).unwrap();
+    let (h, body) = read_response(&mut s);
+    assert_eq!(
+        (h.request_id.get(), out_status(&body).unwrap().0),
+        (20, Status::BadRequest)
+    );
+    assert!(closed(&mut s));
+    assert!(node
+        .client()
+        .retrieve(
+            &Fingerprint::of(b"0123456789"),
+            &mut std::io::sink(),
+            &mut |_, _| {}
+        )
+        .is_err());
+
+    // A chunk over the node's maximum: TOO_LARGE.
+    let mut s = raw(&node);
+    let mut msg = Vec::new();
+    encode_request(
+        &mut msg,
+        Opcode::Store,
+        21,
+        0,
+        StoreIn {
+            size_hint: 0.into(),
+            flags: 0.into(),
+            reserved: 0.into(),
+        }
+        .as_bytes(),
+    );
+    encode_chunk_header(&mut msg, CHUNK_MAX_DEFAULT + 1, true);
+    s.write_all(&msg).unwrap();
+    assert_eq!(
+        out_status(&read_response(&mut s).1).unwrap().0,
+        Status::TooLarge
+    );
+
+    // A connection that stops mid-store: the half object never appears.
+    let half = data(6, 1 << 20);
+    let mut s = raw(&node);
+    let mut msg = Vec::new();
+    encode_request(
+        &mut msg,
+        Opcode::Store,
+        22,
+        0,
+        StoreIn {
+            size_hint: 0.into(),
+            flags: 0.into(),
+            reserved: 0.into(),
+        }
+        .as_bytes(),
+    );
+    encode_chunk_header(&mut msg, half.len() as u32, false);
+    msg.extend_from_slice(&half);
+    s.write_all(&msg).unwrap();
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut c = node.client();
+    let mut count = 0;
+    c.contents(&mut |_, _| count += 1).unwrap();
+    assert_eq!(count, 1, "only the object stored before remains");
+
+    // Everything stored before is intact; the node still serves.
+    let mut back = Vec::new();
+    c.retrieve(&keep_fp, &mut back, &mut |_, _| {}).unwrap();
+    assert_eq!(back, keep);
+    let load = c.load().unwrap();
+    assert!(load.errors_total.get() >= 6);
+
+    // CLI: a fingerprint that is not 32 hex characters.
+    let out = node.dosp(&["fetch", "not-a-fingerprint"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).starts_with("error: invalid fingerprint"),
+        "{}",
+        stderr(&out)
+    );
+    let out = node.dosp(&["delete", "0123456789abcdef0123456789abcdeg"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        node.log().contains("malformed input"),
+        "bad input is logged"
+    );
+}
+
+#[test]
+fn pipelined_requests_answer_in_order() {
+    let (_dir, node) = node();
+    let fp = node.client().store_bytes(b"pipelined").unwrap().fingerprint;
+    let mut s = raw(&node);
+    let mut msg = Vec::new();
+    for id in 0..50u64 {
+        encode_request(
+            &mut msg,
+            Opcode::Locate,
+            id,
+            0,
+            LocateIn { fingerprint: fp }.as_bytes(),
+        );
+    }
+    s.write_all(&msg).unwrap();
+    for id in 0..50u64 {
+        let (h, body) = read_response(&mut s);
+        assert_eq!(h.request_id.get(), id);
+        assert_eq!(out_status(&body).unwrap().0, Status::Success);
+    }
+}
+
+#[test]
+fn clean_shutdown_on_sigterm_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique_group();
+    let data_dir = dir.path().join("data");
+    let mut node = Node::start(&data_dir, &group, &[]);
+    let objs: Vec<Vec<u8>> = (0..10).map(|i| data(500 + i, 70_000)).collect();
+    let fps: Vec<Fingerprint> = objs
+        .iter()
+        .map(|o| node.client().store_bytes(o).unwrap().fingerprint)
+        .collect();
+    assert_eq!(node.terminate(), Some(0), "clean exit:\n{}", node.log());
+    assert!(node.log().contains("stopped cleanly"));
+    let node = Node::start(&data_dir, &group, &[]);
+    let mut c = node.client();
+    for (fp, o) in fps.iter().zip(&objs) {
+        let mut back = Vec::new();
+        c.retrieve(fp, &mut back, &mut |_, _| {}).unwrap();
+        assert_eq!(&back, o);
+    }
+    assert_eq!(
+        c.heartbeat().unwrap().epoch.get(),
+        2,
+        "epoch advances per start"
+    );
+}
+
+#[test]
+fn kill_9_mid_workload_keeps_every_acknowledged_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique_group();
+    let data_dir = dir.path().join("data");
+    for round in 0..3u64 {
+        let mut node = Node::start(&data_dir, &group, &[]);
+        let addr = node.node_arg();
+        let (tx, rx) = std::sync::mpsc::channel::<(Fingerprint, u64, usize)>();
+        // Four writers store objects as fast as they can; each acknowledgement is
+        // recorded the moment the node gives it.
+        let writers: Vec<_> = (0..4u64)
+            .map(|w| {
+                let tx = tx.clone();
+                let addr = addr.clone();
+                std::thread::spawn(move || {
+                    let Ok(mut c) = dosp::client::Client::connect(&addr, Duration::from_secs(5))
+                    else {
+                        return;
+                    };
+                    for i in 0..10_000u64 {
+                        let seed = round * 1_000_000 + w * 100_000 + i;
+                        let len = [100usize, 4096, 70_000, 1_200_000][(i % 4) as usize];
+                        match c.store_bytes(&data(seed, len)) {
+                            Ok(s) => {
+                                if tx.send((s.fingerprint, seed, len)).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                })
+            })
+            .collect();
+        drop(tx);
+        // Let some stores complete, then pull the plug mid-stream.
+        let mut acked = Vec::new();
+        while acked.len() < 40 {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(a) => acked.push(a),
+                Err(_) => break,
+            }
+        }
+        node.kill9();
+        acked.extend(rx.try_iter());
+        for w in writers {
+            let _ = w.join();
+        }
+        acked.extend(rx.try_iter());
+        assert!(
+            acked.len() >= 40,
+            "round {round}: only {} stores acknowledged",
+            acked.len()
+        );
+
+        let node = Node::start(&data_dir, &group, &[]);
+        let mut c = node.client();
+        for (fp, seed, len) in &acked {
+            let mut back = Vec::new();
+            c.retrieve(fp, &mut back, &mut |_, _| {})
+                .unwrap_or_else(|e| {
+                    panic!("round {round}: acknowledged {fp} lost: {e}\n{}", node.log())
+                });
+            assert_eq!(back, data(*seed, *len));
+        }
+        // Every object the node lists is whole and matches its fingerprint.
+        let mut all = Vec::new();
+        c.contents(&mut |fp, _| all.push(fp)).unwrap();
+        for fp in all {
+            c.retrieve(&fp, &mut std::io::sink(), &mut |_, _| {})
+                .unwrap();
+        }
+        drop(node);
+    }
+}

@@ -52,7 +52,11 @@ impl Cluster {
         let mut any = false;
         for multicast in [false, true] {
             for _ in 0..DGRAM_BURST {
-                let sock = if multicast { &self.multicast } else { &self.unicast };
+                let sock = if multicast {
+                    &self.multicast
+                } else {
+                    &self.unicast
+                };
                 let (n, from) = match sock.recv_from(&mut self.buf) {
                     Ok(r) => r,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -92,7 +96,12 @@ impl Cluster {
             if !multicast {
                 self.out.clear();
                 let raw = header.opcode.get();
-                encode_response(&mut self.out, raw, id, &[OutHead::new(Status::UnknownOpcode, raw.into()).as_bytes()]);
+                encode_response(
+                    &mut self.out,
+                    raw,
+                    id,
+                    &[OutHead::new(Status::UnknownOpcode, raw.into()).as_bytes()],
+                );
                 let _ = self.unicast.send_to(&self.out, from);
             }
             NodeStats::inc(&ctx.stats.unknown_opcodes);
@@ -103,8 +112,12 @@ impl Cluster {
             // To the group, a node speaks only when it has something to say.
             match op {
                 Opcode::Locate => {
-                    let Ok(q) = parse_exact::<LocateIn>(op, body) else { return };
-                    let Some(answer) = locate_answer(ctx, &q.fingerprint) else { return };
+                    let Ok(q) = parse_exact::<LocateIn>(op, body) else {
+                        return;
+                    };
+                    let Some(answer) = locate_answer(ctx, &q.fingerprint) else {
+                        return;
+                    };
                     encode_response(&mut self.out, op as u16, id, &[answer.as_bytes()]);
                     NodeStats::inc(&ctx.stats.locate_answers);
                 }
@@ -113,7 +126,10 @@ impl Cluster {
                 }
                 _ => return,
             }
-            if let Err(e) = self.multicast.send_to(&self.out, SocketAddr::V4(self.group)) {
+            if let Err(e) = self
+                .multicast
+                .send_to(&self.out, SocketAddr::V4(self.group))
+            {
                 tracing::debug!(error = %e, "multicast answer failed");
             }
             return;
@@ -132,8 +148,16 @@ impl Cluster {
     /// Multicasts this node's heartbeat to the group.
     pub fn send_heartbeat(&mut self, ctx: &Ctx<'_>) {
         self.out.clear();
-        encode_response(&mut self.out, Opcode::Heartbeat as u16, 0, &[heartbeat(ctx).as_bytes()]);
-        match self.multicast.send_to(&self.out, SocketAddr::V4(self.group)) {
+        encode_response(
+            &mut self.out,
+            Opcode::Heartbeat as u16,
+            0,
+            &[heartbeat(ctx).as_bytes()],
+        );
+        match self
+            .multicast
+            .send_to(&self.out, SocketAddr::V4(self.group))
+        {
             Ok(_) => NodeStats::inc(&ctx.stats.heartbeats_sent),
             Err(e) => tracing::debug!(error = %e, "heartbeat send failed"),
         }

@@ -78,9 +78,12 @@ impl Server {
         let mut listener = TcpListener::bind(cfg.listen)?;
         let local = listener.local_addr()?;
         let mut cluster = Cluster::bind(local, cfg.multicast_group, cfg.multicast_if)?;
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        poll.registry().register(&mut cluster.unicast, UDP_UNICAST, Interest::READABLE)?;
-        poll.registry().register(&mut cluster.multicast, UDP_MULTICAST, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut cluster.unicast, UDP_UNICAST, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut cluster.multicast, UDP_MULTICAST, Interest::READABLE)?;
         let ip = match local {
             SocketAddr::V4(a) if !a.ip().is_unspecified() => *a.ip(),
             _ => cfg.multicast_if,
@@ -91,7 +94,17 @@ impl Server {
             addr: SocketAddrV4::new(ip, local.port()),
             started: Instant::now(),
         };
-        Ok(Server { poll, listener, cluster, sessions: HashMap::new(), next_token: FIRST_SESSION, store, stats, id, cfg })
+        Ok(Server {
+            poll,
+            listener,
+            cluster,
+            sessions: HashMap::new(),
+            next_token: FIRST_SESSION,
+            store,
+            stats,
+            id,
+            cfg,
+        })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -106,9 +119,14 @@ impl Server {
         let mut last_compact = Instant::now();
         let mut last_checkpoint = Instant::now();
         let mut dirty_since_checkpoint = false;
-        let ops_at_checkpoint = NodeStats::get(&self.stats.stores) + NodeStats::get(&self.stats.deletes);
+        let ops_at_checkpoint =
+            NodeStats::get(&self.stats.stores) + NodeStats::get(&self.stats.deletes);
         let mut last_ops = ops_at_checkpoint;
-        self.cluster.send_heartbeat(&Ctx { store: &mut self.store, stats: &self.stats, id: &self.id });
+        self.cluster.send_heartbeat(&Ctx {
+            store: &mut self.store,
+            stats: &self.stats,
+            id: &self.id,
+        });
         NodeStats::inc(&self.stats.loop_turns);
         next_heartbeat += self.cfg.heartbeat_interval;
 
@@ -116,7 +134,9 @@ impl Server {
             NodeStats::inc(&self.stats.loop_turns);
             let now = Instant::now();
             let timeout = if more.is_empty() {
-                next_heartbeat.saturating_duration_since(now).min(self.cfg.idle_sleep)
+                next_heartbeat
+                    .saturating_duration_since(now)
+                    .min(self.cfg.idle_sleep)
             } else {
                 Duration::ZERO
             };
@@ -130,7 +150,11 @@ impl Server {
                 match ev.token() {
                     LISTENER => self.accept(),
                     UDP_UNICAST | UDP_MULTICAST => {
-                        let mut ctx = Ctx { store: &mut self.store, stats: &self.stats, id: &self.id };
+                        let mut ctx = Ctx {
+                            store: &mut self.store,
+                            stats: &self.stats,
+                            id: &self.id,
+                        };
                         // A burst left data queued: come back next turn.
                         if self.cluster.poll(&mut ctx) {
                             more.push(ev.token());
@@ -141,7 +165,11 @@ impl Server {
             }
             for t in ready {
                 if t == UDP_UNICAST || t == UDP_MULTICAST {
-                    let mut ctx = Ctx { store: &mut self.store, stats: &self.stats, id: &self.id };
+                    let mut ctx = Ctx {
+                        store: &mut self.store,
+                        stats: &self.stats,
+                        id: &self.id,
+                    };
                     if self.cluster.poll(&mut ctx) {
                         more.push(t);
                     }
@@ -154,7 +182,11 @@ impl Server {
 
             let now = Instant::now();
             if now >= next_heartbeat {
-                self.cluster.send_heartbeat(&Ctx { store: &mut self.store, stats: &self.stats, id: &self.id });
+                self.cluster.send_heartbeat(&Ctx {
+                    store: &mut self.store,
+                    stats: &self.stats,
+                    id: &self.id,
+                });
                 next_heartbeat = now + self.cfg.heartbeat_interval;
             }
             let ops = NodeStats::get(&self.stats.stores) + NodeStats::get(&self.stats.deletes);
@@ -172,7 +204,10 @@ impl Server {
                     Err(e) => tracing::error!(error = %e, "compaction failed"),
                 }
             }
-            if idle && dirty_since_checkpoint && now.duration_since(last_checkpoint) >= self.cfg.checkpoint_interval {
+            if idle
+                && dirty_since_checkpoint
+                && now.duration_since(last_checkpoint) >= self.cfg.checkpoint_interval
+            {
                 last_checkpoint = now;
                 dirty_since_checkpoint = false;
                 if let Err(e) = self.store.checkpoint() {
@@ -211,7 +246,10 @@ impl Server {
                     &mut reply,
                     dosp::wire::Opcode::Null as u16,
                     0,
-                    &[zerocopy::IntoBytes::as_bytes(&dosp::wire::OutHead::new(dosp::wire::Status::Busy, 0))],
+                    &[zerocopy::IntoBytes::as_bytes(&dosp::wire::OutHead::new(
+                        dosp::wire::Status::Busy,
+                        0,
+                    ))],
                 );
                 let _ = io::Write::write(&mut stream, &reply);
                 continue;
@@ -220,9 +258,11 @@ impl Server {
             let token = Token(self.next_token);
             self.next_token += 1;
             let mut session = Session::new(stream, peer, self.cfg.chunk_max);
-            if let Err(e) =
-                self.poll.registry().register(session.stream_mut(), token, Interest::READABLE | Interest::WRITABLE)
-            {
+            if let Err(e) = self.poll.registry().register(
+                session.stream_mut(),
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
                 tracing::warn!(%peer, error = %e, "cannot register connection");
                 continue;
             }
@@ -236,8 +276,14 @@ impl Server {
     }
 
     fn drive(&mut self, token: Token, more: &mut Vec<Token>) {
-        let Some(session) = self.sessions.get_mut(&token) else { return };
-        let mut ctx = Ctx { store: &mut self.store, stats: &self.stats, id: &self.id };
+        let Some(session) = self.sessions.get_mut(&token) else {
+            return;
+        };
+        let mut ctx = Ctx {
+            store: &mut self.store,
+            stats: &self.stats,
+            id: &self.id,
+        };
         match session.drive(&mut ctx) {
             Drive::Idle => {}
             Drive::More => more.push(token),
@@ -247,7 +293,11 @@ impl Server {
 
     fn close(&mut self, token: Token) {
         if let Some(mut session) = self.sessions.remove(&token) {
-            let mut ctx = Ctx { store: &mut self.store, stats: &self.stats, id: &self.id };
+            let mut ctx = Ctx {
+                store: &mut self.store,
+                stats: &self.stats,
+                id: &self.id,
+            };
             session.close(&mut ctx);
             let _ = self.poll.registry().deregister(session.stream_mut());
             NodeStats::dec(&self.stats.connections);

@@ -73,7 +73,12 @@ pub fn small_op(ctx: &mut Ctx<'_>, op: Opcode, body: &[u8], out: &mut Vec<u8>) -
     status
 }
 
-fn small_op_inner(ctx: &mut Ctx<'_>, op: Opcode, body: &[u8], out: &mut Vec<u8>) -> Result<(), (Status, u32)> {
+fn small_op_inner(
+    ctx: &mut Ctx<'_>,
+    op: Opcode,
+    body: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), (Status, u32)> {
     let bad = |_| (Status::BadRequest, body.len() as u32);
     let ok = || OutHead::new(Status::Success, 0);
     match op {
@@ -85,19 +90,31 @@ fn small_op_inner(ctx: &mut Ctx<'_>, op: Opcode, body: &[u8], out: &mut Vec<u8>)
             let fp = parse_exact::<DeleteIn>(op, body).map_err(bad)?.fingerprint;
             NodeStats::inc(&ctx.stats.deletes);
             let left = ctx.store.delete(&fp).map_err(|e| (status_of(&e), 0))?;
-            let reply = DeleteOut { head: ok(), fingerprint: fp, refcount: left.into(), reserved: 0.into() };
+            let reply = DeleteOut {
+                head: ok(),
+                fingerprint: fp,
+                refcount: left.into(),
+                reserved: 0.into(),
+            };
             out.extend_from_slice(reply.as_bytes());
         }
         Opcode::Locate => {
             let fp = parse_exact::<LocateIn>(op, body).map_err(bad)?.fingerprint;
-            out.extend_from_slice(locate_answer(ctx, &fp).ok_or((Status::NotFound, 0))?.as_bytes());
+            out.extend_from_slice(
+                locate_answer(ctx, &fp)
+                    .ok_or((Status::NotFound, 0))?
+                    .as_bytes(),
+            );
         }
         Opcode::Heartbeat => {
             parse_exact::<HeartbeatIn>(op, body).map_err(bad)?;
             out.extend_from_slice(heartbeat(ctx).as_bytes());
         }
         Opcode::GetDiskState | Opcode::GetDiskStatus => {
-            let want = parse_exact::<DiskQueryIn>(op, body).map_err(bad)?.disk.get();
+            let want = parse_exact::<DiskQueryIn>(op, body)
+                .map_err(bad)?
+                .disk
+                .get();
             let disks: Vec<_> = ctx
                 .store
                 .disks()
@@ -110,14 +127,28 @@ fn small_op_inner(ctx: &mut Ctx<'_>, op: Opcode, body: &[u8], out: &mut Vec<u8>)
             }
             let count = (disks.len() as u16).into();
             if op == Opcode::GetDiskState {
-                let head = DiskStateOut { head: ok(), count, reserved: 0.into(), reserved1: 0.into() };
+                let head = DiskStateOut {
+                    head: ok(),
+                    count,
+                    reserved: 0.into(),
+                    reserved1: 0.into(),
+                };
                 out.extend_from_slice(head.as_bytes());
                 for d in &disks {
-                    let e = DiskStateEntry { disk: d.id.0.into(), state: wire_disk_state(d.state) as u8, reserved: 0 };
+                    let e = DiskStateEntry {
+                        disk: d.id.0.into(),
+                        state: wire_disk_state(d.state) as u8,
+                        reserved: 0,
+                    };
                     out.extend_from_slice(e.as_bytes());
                 }
             } else {
-                let head = DiskStatusOut { head: ok(), count, reserved: 0.into(), reserved1: 0.into() };
+                let head = DiskStatusOut {
+                    head: ok(),
+                    count,
+                    reserved: 0.into(),
+                    reserved1: 0.into(),
+                };
                 out.extend_from_slice(head.as_bytes());
                 for d in &disks {
                     let e = DiskStatusEntry {
@@ -176,7 +207,10 @@ pub fn locate_answer(ctx: &Ctx<'_>, fp: &Fingerprint) -> Option<LocateOut> {
 /// This node's heartbeat: identity, epoch, health, load and capacity.
 pub fn heartbeat(ctx: &Ctx<'_>) -> HeartbeatOut {
     let disks = ctx.store.disks();
-    let online = disks.iter().filter(|d| d.state == DiskState::Online).count();
+    let online = disks
+        .iter()
+        .filter(|d| d.state == DiskState::Online)
+        .count();
     let health = if online == disks.len() {
         0
     } else if online > 0 {
@@ -196,7 +230,12 @@ pub fn heartbeat(ctx: &Ctx<'_>) -> HeartbeatOut {
         port: ctx.id.addr.port().into(),
         addr: ctx.id.addr.ip().octets(),
         ops_outstanding: (NodeStats::get(&ctx.stats.ops_outstanding) as u32).into(),
-        bytes_free: disks.iter().filter(|d| d.state == DiskState::Online).map(|d| d.bytes_available).sum::<u64>().into(),
+        bytes_free: disks
+            .iter()
+            .filter(|d| d.state == DiskState::Online)
+            .map(|d| d.bytes_available)
+            .sum::<u64>()
+            .into(),
         bytes_total: disks.iter().map(|d| d.bytes_total).sum::<u64>().into(),
         objects: disks.iter().map(|d| d.objects_used).sum::<u64>().into(),
     }

@@ -47,10 +47,17 @@ pub enum Drive {
 #[derive(Debug)]
 enum StoreState {
     None,
-    Writing { request_id: u64, write: WriteId },
+    Writing {
+        request_id: u64,
+        write: WriteId,
+    },
     /// The STORE failed (or was refused) but its chunks must still be read to keep the
     /// connection in step; the reply goes out after the last chunk.
-    Discarding { request_id: u64, status: Status, detail: u32 },
+    Discarding {
+        request_id: u64,
+        status: Status,
+        detail: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -99,7 +106,9 @@ struct State {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("peer", &self.peer).finish_non_exhaustive()
+        f.debug_struct("Session")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -131,7 +140,9 @@ impl Session {
     /// Releases what the session holds in the store (an unfinished STORE is aborted:
     /// nothing half-written ever becomes visible).
     pub fn close(&mut self, ctx: &mut Ctx<'_>) {
-        if let StoreState::Writing { write, .. } = std::mem::replace(&mut self.st.store, StoreState::None) {
+        if let StoreState::Writing { write, .. } =
+            std::mem::replace(&mut self.st.store, StoreState::None)
+        {
             ctx.store.abort(write);
             NodeStats::inc(&ctx.stats.stores_aborted);
         }
@@ -170,7 +181,10 @@ impl Session {
             }
 
             // 3. Decode requests, unless backpressured or closing.
-            if !self.st.closing && self.st.outgoing.is_none() && self.st.out.len() - self.st.out_pos < OUT_HIGH {
+            if !self.st.closing
+                && self.st.outgoing.is_none()
+                && self.st.out.len() - self.st.out_pos < OUT_HIGH
+            {
                 match self.decoder.decode(&self.rbuf[self.rstart..self.rend]) {
                     Ok(Some((event, n))) => {
                         self.rstart += n;
@@ -212,7 +226,8 @@ impl Session {
                 }
             }
 
-            if self.st.closing && self.st.outgoing.is_none() && self.st.out_pos == self.st.out.len() {
+            if self.st.closing && self.st.outgoing.is_none() && self.st.out_pos == self.st.out.len()
+            {
                 return Drive::Close;
             }
             if !progress {
@@ -240,9 +255,21 @@ impl State {
         NodeStats::inc(&ctx.stats.ops_total);
     }
 
-    fn reply_error(&mut self, ctx: &Ctx<'_>, opcode: u16, request_id: u64, status: Status, detail: u32) {
+    fn reply_error(
+        &mut self,
+        ctx: &Ctx<'_>,
+        opcode: u16,
+        request_id: u64,
+        status: Status,
+        detail: u32,
+    ) {
         NodeStats::inc(&ctx.stats.errors_total);
-        self.reply(ctx, opcode, request_id, OutHead::new(status, detail).as_bytes());
+        self.reply(
+            ctx,
+            opcode,
+            request_id,
+            OutHead::new(status, detail).as_bytes(),
+        );
     }
 
     /// Bytes that cannot be framed: say why once, then close. An unfinished STORE is
@@ -270,7 +297,11 @@ impl State {
 
     fn handle(&mut self, ctx: &mut Ctx<'_>, event: RequestEvent<'_>) {
         match event {
-            RequestEvent::Request { header, opcode, body } => {
+            RequestEvent::Request {
+                header,
+                opcode,
+                body,
+            } => {
                 let id = header.request_id.get();
                 match opcode {
                     Err(raw) => {
@@ -278,7 +309,9 @@ impl State {
                         self.reply_error(ctx, raw, id, Status::UnknownOpcode, u32::from(raw));
                     }
                     Ok(Opcode::Store) => self.start_store(ctx, id, body),
-                    Ok(op @ (Opcode::Retrieve | Opcode::RetrieveRange)) => self.start_retrieve(ctx, op, id, body),
+                    Ok(op @ (Opcode::Retrieve | Opcode::RetrieveRange)) => {
+                        self.start_retrieve(ctx, op, id, body)
+                    }
                     Ok(Opcode::GetContents) => self.start_contents(ctx, id, body),
                     Ok(op) => {
                         let at = self.out.len();
@@ -297,7 +330,11 @@ impl State {
                         // The store aborts the write on error; keep draining chunks.
                         let status = status_of(&e);
                         tracing::debug!(error = %e, "store failed mid-stream");
-                        self.store = StoreState::Discarding { request_id, status, detail: 0 };
+                        self.store = StoreState::Discarding {
+                            request_id,
+                            status,
+                            detail: 0,
+                        };
                     }
                 }
                 if last {
@@ -311,18 +348,33 @@ impl State {
         self.set_busy(ctx, true);
         NodeStats::inc(&ctx.stats.stores);
         self.store = match parse_exact::<StoreIn>(Opcode::Store, body) {
-            Err(_) => StoreState::Discarding { request_id, status: Status::BadRequest, detail: body.len() as u32 },
+            Err(_) => StoreState::Discarding {
+                request_id,
+                status: Status::BadRequest,
+                detail: body.len() as u32,
+            },
             Ok(_) => match ctx.store.begin() {
                 Ok(write) => StoreState::Writing { request_id, write },
-                Err(e) => StoreState::Discarding { request_id, status: status_of(&e), detail: 0 },
+                Err(e) => StoreState::Discarding {
+                    request_id,
+                    status: status_of(&e),
+                    detail: 0,
+                },
             },
         };
     }
 
     fn finish_store(&mut self, ctx: &mut Ctx<'_>) {
         let (request_id, result) = match std::mem::replace(&mut self.store, StoreState::None) {
-            StoreState::Writing { request_id, write } => (request_id, ctx.store.commit(write).map_err(|e| (status_of(&e), 0))),
-            StoreState::Discarding { request_id, status, detail } => (request_id, Err((status, detail))),
+            StoreState::Writing { request_id, write } => (
+                request_id,
+                ctx.store.commit(write).map_err(|e| (status_of(&e), 0)),
+            ),
+            StoreState::Discarding {
+                request_id,
+                status,
+                detail,
+            } => (request_id, Err((status, detail))),
             StoreState::None => return,
         };
         match result {
@@ -338,7 +390,9 @@ impl State {
                 };
                 self.reply(ctx, Opcode::Store as u16, request_id, out.as_bytes());
             }
-            Err((status, detail)) => self.reply_error(ctx, Opcode::Store as u16, request_id, status, detail),
+            Err((status, detail)) => {
+                self.reply_error(ctx, Opcode::Store as u16, request_id, status, detail)
+            }
         }
         self.set_busy(ctx, false);
     }
@@ -348,13 +402,24 @@ impl State {
         let parsed = if op == Opcode::Retrieve {
             parse_exact::<RetrieveIn>(op, body).map(|r| (r.fingerprint, None))
         } else {
-            parse_exact::<RangeIn>(op, body).map(|r| (r.fingerprint, Some((r.offset.get(), r.len.get()))))
+            parse_exact::<RangeIn>(op, body)
+                .map(|r| (r.fingerprint, Some((r.offset.get(), r.len.get()))))
         };
         let Ok((fp, range)) = parsed else {
-            return self.reply_error(ctx, op as u16, request_id, Status::BadRequest, body.len() as u32);
+            return self.reply_error(
+                ctx,
+                op as u16,
+                request_id,
+                Status::BadRequest,
+                body.len() as u32,
+            );
         };
         let Some(meta) = ctx.store.get(&fp) else {
-            let out = RetrieveOut { head: OutHead::new(Status::NotFound, 0), fingerprint: fp, object_len: 0.into() };
+            let out = RetrieveOut {
+                head: OutHead::new(Status::NotFound, 0),
+                fingerprint: fp,
+                object_len: 0.into(),
+            };
             NodeStats::inc(&ctx.stats.errors_total);
             return self.reply(ctx, op as u16, request_id, out.as_bytes());
         };
@@ -378,14 +443,18 @@ impl State {
         let at = self.out.len();
         let first = PIECE_BYTES.min((end - next) as usize);
         self.out.resize(at + StreamHeader::SIZE + first, 0);
-        if let Err(e) = ctx.store.read(&fp, next, &mut self.out[at + StreamHeader::SIZE..]) {
+        if let Err(e) = ctx
+            .store
+            .read(&fp, next, &mut self.out[at + StreamHeader::SIZE..])
+        {
             self.out.truncate(at);
             if matches!(e, crate::store::StoreError::Corrupt { .. }) {
                 NodeStats::inc(&ctx.stats.checksum_mismatches);
             }
             return self.reply_error(ctx, op as u16, request_id, status_of(&e), 0);
         }
-        self.out[at..at + StreamHeader::SIZE].copy_from_slice(StreamHeader::new(request_id, end - next).as_bytes());
+        self.out[at..at + StreamHeader::SIZE]
+            .copy_from_slice(StreamHeader::new(request_id, end - next).as_bytes());
         let mut md5 = (op == Opcode::Retrieve).then(Md5::new);
         if let Some(m) = md5.as_mut() {
             m.update(&self.out[at + StreamHeader::SIZE..]);
@@ -405,20 +474,41 @@ impl State {
 
     fn start_contents(&mut self, ctx: &mut Ctx<'_>, request_id: u64, body: &[u8]) {
         if parse_exact::<ContentsIn>(Opcode::GetContents, body).is_err() {
-            return self.reply_error(ctx, Opcode::GetContents as u16, request_id, Status::BadRequest, body.len() as u32);
+            return self.reply_error(
+                ctx,
+                Opcode::GetContents as u16,
+                request_id,
+                Status::BadRequest,
+                body.len() as u32,
+            );
         }
         let entries = ctx.store.contents();
         let len = (entries.len() * size_of::<ContentsEntry>()) as u64;
         dosp::codec::encode_stream_header(&mut self.out, request_id, len);
         self.set_busy(ctx, true);
-        self.outgoing = Some(Outgoing::Contents { request_id, entries, next: 0 });
+        self.outgoing = Some(Outgoing::Contents {
+            request_id,
+            entries,
+            next: 0,
+        });
     }
 
     /// Appends the next piece of the streaming response, or its final Out structure.
     fn produce(&mut self, ctx: &mut Ctx<'_>) {
-        let Some(outgoing) = self.outgoing.as_mut() else { return };
+        let Some(outgoing) = self.outgoing.as_mut() else {
+            return;
+        };
         match outgoing {
-            Outgoing::Object { request_id, opcode, fp, next, end, object_len, md5, failed } => {
+            Outgoing::Object {
+                request_id,
+                opcode,
+                fp,
+                next,
+                end,
+                object_len,
+                md5,
+                failed,
+            } => {
                 if *next < *end {
                     let n = PIECE_BYTES.min((*end - *next) as usize);
                     let at = self.out.len();
@@ -453,7 +543,11 @@ impl State {
                         status = Status::ChecksumMismatch;
                     }
                 }
-                let out = RetrieveOut { head: OutHead::new(status, 0), fingerprint: *fp, object_len: (*object_len).into() };
+                let out = RetrieveOut {
+                    head: OutHead::new(status, 0),
+                    fingerprint: *fp,
+                    object_len: (*object_len).into(),
+                };
                 let (op, id) = (*opcode as u16, *request_id);
                 if status != Status::Success {
                     NodeStats::inc(&ctx.stats.errors_total);
@@ -462,15 +556,26 @@ impl State {
                 self.reply(ctx, op, id, out.as_bytes());
                 self.set_busy(ctx, false);
             }
-            Outgoing::Contents { request_id, entries, next } => {
+            Outgoing::Contents {
+                request_id,
+                entries,
+                next,
+            } => {
                 let take = (PIECE_BYTES / size_of::<ContentsEntry>()).min(entries.len() - *next);
                 for (fp, disk) in &entries[*next..*next + take] {
-                    let e = ContentsEntry { fingerprint: *fp, disk: disk.0.into(), reserved: 0.into() };
+                    let e = ContentsEntry {
+                        fingerprint: *fp,
+                        disk: disk.0.into(),
+                        reserved: 0.into(),
+                    };
                     self.out.extend_from_slice(e.as_bytes());
                 }
                 *next += take;
                 if *next == entries.len() {
-                    let out = ContentsOut { head: OutHead::new(Status::Success, 0), count: (entries.len() as u64).into() };
+                    let out = ContentsOut {
+                        head: OutHead::new(Status::Success, 0),
+                        count: (entries.len() as u64).into(),
+                    };
                     let id = *request_id;
                     self.outgoing = None;
                     self.reply(ctx, Opcode::GetContents as u16, id, out.as_bytes());

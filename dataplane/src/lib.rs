@@ -6,7 +6,6 @@
 //! poll-mode backend, or panic on input from the network or a disk.
 #![deny(unsafe_code)]
 
-pub mod md5inline;
 pub mod server;
 pub mod stats;
 pub mod store;

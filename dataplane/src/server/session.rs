@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use dosp::codec::{encode_response, RequestDecoder, RequestEvent};
 use dosp::wire::*;
 use dosp::Fingerprint;
-use md5::{Digest, Md5};
 use zerocopy::{FromZeros, IntoBytes};
 
 use super::ops::{small_op, status_of, Ctx};
@@ -69,9 +68,6 @@ enum Outgoing {
         next: u64,
         end: u64,
         object_len: u64,
-        /// Whole-object fetches are re-hashed on the way out: the final status says
-        /// whether the bytes sent match the fingerprint.
-        md5: Option<Md5>,
         failed: Option<Status>,
     },
     Contents {
@@ -455,10 +451,6 @@ impl State {
         }
         self.out[at..at + StreamHeader::SIZE]
             .copy_from_slice(StreamHeader::new(request_id, end - next).as_bytes());
-        let mut md5 = (op == Opcode::Retrieve).then(Md5::new);
-        if let Some(m) = md5.as_mut() {
-            m.update(&self.out[at + StreamHeader::SIZE..]);
-        }
         self.set_busy(ctx, true);
         self.outgoing = Some(Outgoing::Object {
             request_id,
@@ -467,7 +459,6 @@ impl State {
             next: next + first as u64,
             end,
             object_len: meta.len,
-            md5,
             failed: None,
         });
     }
@@ -506,7 +497,6 @@ impl State {
                 next,
                 end,
                 object_len,
-                md5,
                 failed,
             } => {
                 if *next < *end {
@@ -514,12 +504,12 @@ impl State {
                     let at = self.out.len();
                     self.out.resize(at + n, 0);
                     if failed.is_none() {
+                        // Every block is checked against its CRC-32C on the way
+                        // out; those CRCs were computed from the same buffer the
+                        // fingerprint was, so verified blocks are the fingerprinted
+                        // bytes. (The client re-checks the MD5 of whole objects.)
                         match ctx.store.read(fp, *next, &mut self.out[at..]) {
-                            Ok(_) => {
-                                if let Some(m) = md5.as_mut() {
-                                    m.update(&self.out[at..]);
-                                }
-                            }
+                            Ok(_) => {}
                             Err(e) => {
                                 // The length is already promised: send zeros in place of
                                 // the bad bytes and say so in the final status.
@@ -535,14 +525,7 @@ impl State {
                     *next += n as u64;
                     return;
                 }
-                let mut status = failed.unwrap_or(Status::Success);
-                if let Some(m) = md5.take() {
-                    if status == Status::Success && Fingerprint(m.finalize().into()) != *fp {
-                        NodeStats::inc(&ctx.stats.checksum_mismatches);
-                        tracing::error!(fp = %fp, "object bytes do not match the fingerprint");
-                        status = Status::ChecksumMismatch;
-                    }
-                }
+                let status = failed.unwrap_or(Status::Success);
                 let out = RetrieveOut {
                     head: OutHead::new(status, 0),
                     fingerprint: *fp,

@@ -352,10 +352,7 @@ mod tests {
 
     /// Runs the request decoder over `input` fed in pieces of `step` bytes, as a socket
     /// would deliver them, and returns requests and the reassembled store payloads.
-    fn drive(
-        input: &[u8],
-        step: usize,
-    ) -> Result<Driven, WireError> {
+    fn drive(input: &[u8], step: usize) -> Result<Driven, WireError> {
         let mut dec = RequestDecoder::new(1 << 20);
         let mut buf: Vec<u8> = Vec::new();
         let mut fed = 0;

@@ -295,10 +295,20 @@ fn md5_inline_vs_plain() {
     std::hint::black_box(&dst[..]);
 
     let shm = Path::new("/dev/shm");
-    let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("tempdir");
-    let dev = nvme::file::FileDevice::open(&dir.path().join("disk.img"), 512 << 20).expect("tmpfs disk");
-    let mut store = dataplane::store::Store::open(vec![Box::new(dev)], dataplane::store::StoreConfig::default(), 1)
-        .expect("open store");
+    let dir = if shm.is_dir() {
+        tempfile::tempdir_in(shm)
+    } else {
+        tempfile::tempdir()
+    }
+    .expect("tempdir");
+    let dev =
+        nvme::file::FileDevice::open(&dir.path().join("disk.img"), 512 << 20).expect("tmpfs disk");
+    let mut store = dataplane::store::Store::open(
+        vec![Box::new(dev)],
+        dataplane::store::StoreConfig::default(),
+        1,
+    )
+    .expect("open store");
     let t = Instant::now();
     let mut inline = Fingerprint::ZERO;
     for _ in 0..rounds {
@@ -319,6 +329,10 @@ fn md5_inline_vs_plain() {
     println!("{:<36} {:>10}", "MD5 path (64 MiB object x 4)", "MiB/s");
     println!("{:<36} {:>10.0}", "plain md-5 loop", mib / plain_s);
     println!("{:<36} {:>10.0}", "copy only", mib / copy_s);
-    println!("{:<36} {:>10.0}", "store append+commit (inline md5)", mib / inline_s);
+    println!(
+        "{:<36} {:>10.0}",
+        "store append+commit (inline md5)",
+        mib / inline_s
+    );
     println!("{:<36} {:>10.2}", "inline / plain", plain_s / inline_s);
 }

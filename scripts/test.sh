@@ -27,3 +27,5 @@ echo "==> building binaries"
 cargo build --workspace --bins --locked
 echo "==> cargo test"
 cargo test --workspace --locked -- --test-threads="${DOSD_TEST_THREADS:-2}"
+echo "==> fuzz (bounded)"
+./scripts/fuzz.sh "${DOSD_FUZZ_SECS:-20}"

@@ -489,23 +489,35 @@ impl Client {
         }
     }
 
-    /// DELETE: returns the references left (0 = gone).
-    pub fn delete(&mut self, fp: &Fingerprint) -> Result<u32, ClientError> {
-        let id = self.send_request(Opcode::Delete, DeleteIn { fingerprint: *fp }.as_bytes())?;
-        match self.response(Opcode::Delete, id) {
-            Err(ClientError::Status {
+    /// Sends a request about object `fp` and waits for its Out body; NOT_FOUND
+    /// becomes `ClientError::NotFound` naming the object.
+    fn object_request(
+        &mut self,
+        op: Opcode,
+        fp: &Fingerprint,
+        body: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        let id = self.send_request(op, body)?;
+        self.response(op, id).map_err(|e| match e {
+            ClientError::Status {
                 status: Status::NotFound,
                 ..
-            }) => Err(ClientError::NotFound {
+            } => ClientError::NotFound {
                 fp: *fp,
                 node: self.node.clone(),
-            }),
-            Err(e) => Err(e),
-            Ok(body) => Ok(self
-                .parse::<DeleteOut>(Opcode::Delete, &body)?
-                .refcount
-                .get()),
-        }
+            },
+            e => e,
+        })
+    }
+
+    /// DELETE: returns the references left (0 = gone).
+    pub fn delete(&mut self, fp: &Fingerprint) -> Result<u32, ClientError> {
+        let body =
+            self.object_request(Opcode::Delete, fp, DeleteIn { fingerprint: *fp }.as_bytes())?;
+        Ok(self
+            .parse::<DeleteOut>(Opcode::Delete, &body)?
+            .refcount
+            .get())
     }
 
     /// GET_CONTENTS: calls `each` for every (fingerprint, disk) the node holds, as they
@@ -562,20 +574,11 @@ impl Client {
 
     /// LOCATE asked of this node alone (over its TCP connection).
     pub fn locate(&mut self, fp: &Fingerprint) -> Result<Located, ClientError> {
-        let id = self.send_request(Opcode::Locate, LocateIn { fingerprint: *fp }.as_bytes())?;
-        match self.response(Opcode::Locate, id) {
-            Err(ClientError::Status {
-                status: Status::NotFound,
-                ..
-            }) => Err(ClientError::NotFound {
-                fp: *fp,
-                node: self.node.clone(),
-            }),
-            Err(e) => Err(e),
-            Ok(body) => Ok(Located::from_out(
-                &self.parse::<LocateOut>(Opcode::Locate, &body)?,
-            )),
-        }
+        let body =
+            self.object_request(Opcode::Locate, fp, LocateIn { fingerprint: *fp }.as_bytes())?;
+        Ok(Located::from_out(
+            &self.parse::<LocateOut>(Opcode::Locate, &body)?,
+        ))
     }
 
     pub fn heartbeat(&mut self) -> Result<HeartbeatOut, ClientError> {
@@ -603,7 +606,7 @@ impl Client {
             node: node.to_string(),
             source,
         };
-        let (out, rest) = parse_prefix::<DiskStateOut>(Opcode::GetDiskState, &body)
+        let (out, rest) = parse_prefix::<DiskListOut>(Opcode::GetDiskState, &body)
             .map_err(|e| wire(&self.node, e))?;
         let states =
             <[DiskStateEntry]>::ref_from_prefix_with_elems(rest, usize::from(out.count.get()))
@@ -616,7 +619,7 @@ impl Client {
 
         let id = self.send_request(Opcode::GetDiskStatus, q.as_bytes())?;
         let body = self.response(Opcode::GetDiskStatus, id)?;
-        let (out, rest) = parse_prefix::<DiskStatusOut>(Opcode::GetDiskStatus, &body)
+        let (out, rest) = parse_prefix::<DiskListOut>(Opcode::GetDiskStatus, &body)
             .map_err(|e| wire(&self.node, e))?;
         let stats =
             <[DiskStatusEntry]>::ref_from_prefix_with_elems(rest, usize::from(out.count.get()))

@@ -496,12 +496,11 @@ wire_struct!(/// HEARTBEAT reply, also multicast periodically by every node.
     } = 72);
 wire_struct!(/// GET_DISK_STATE / GET_DISK_STATUS request: one disk or ALL_DISKS.
     DiskQueryIn { disk: U16, reserved: U16, reserved1: U32 } = 8);
-wire_struct!(/// GET_DISK_STATE reply: `count` DiskStateEntry records follow in the body.
-    DiskStateOut { head: OutHead, count: U16, reserved: U16, reserved1: U32 } = 16);
+wire_struct!(/// GET_DISK_STATE / GET_DISK_STATUS reply head: `count` DiskStateEntry or
+    /// DiskStatusEntry records follow in the body.
+    DiskListOut { head: OutHead, count: U16, reserved: U16, reserved1: U32 } = 16);
 wire_struct!(/// One disk's state: 0 online, 1 offline, 2 down.
     DiskStateEntry { disk: U16, state: u8, reserved: u8 } = 4);
-wire_struct!(/// GET_DISK_STATUS reply: `count` DiskStatusEntry records follow in the body.
-    DiskStatusOut { head: OutHead, count: U16, reserved: U16, reserved1: U32 } = 16);
 wire_struct!(/// One disk's statistics.
     DiskStatusEntry {
         disk: U16,

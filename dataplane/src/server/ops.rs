@@ -125,15 +125,14 @@ fn small_op_inner(
             if disks.is_empty() {
                 return Err((Status::NotFound, u32::from(want)));
             }
-            let count = (disks.len() as u16).into();
+            let head = DiskListOut {
+                head: ok(),
+                count: (disks.len() as u16).into(),
+                reserved: 0.into(),
+                reserved1: 0.into(),
+            };
+            out.extend_from_slice(head.as_bytes());
             if op == Opcode::GetDiskState {
-                let head = DiskStateOut {
-                    head: ok(),
-                    count,
-                    reserved: 0.into(),
-                    reserved1: 0.into(),
-                };
-                out.extend_from_slice(head.as_bytes());
                 for d in &disks {
                     let e = DiskStateEntry {
                         disk: d.id.0.into(),
@@ -143,13 +142,6 @@ fn small_op_inner(
                     out.extend_from_slice(e.as_bytes());
                 }
             } else {
-                let head = DiskStatusOut {
-                    head: ok(),
-                    count,
-                    reserved: 0.into(),
-                    reserved1: 0.into(),
-                };
-                out.extend_from_slice(head.as_bytes());
                 for d in &disks {
                     let e = DiskStatusEntry {
                         disk: d.id.0.into(),

@@ -461,6 +461,11 @@ impl State {
             object_len: meta.len,
             failed: None,
         });
+        // A small object fits in the first piece: append its Out now so the whole
+        // reply leaves in one send and the client wakes once.
+        if next + first as u64 == end {
+            self.produce(ctx);
+        }
     }
 
     fn start_contents(&mut self, ctx: &mut Ctx<'_>, request_id: u64, body: &[u8]) {

@@ -21,6 +21,8 @@ pub const DISK_SIZE_DEFAULT: u64 = 1 << 30;
 /// Smallest disk the store can use: superblocks plus a few segments.
 pub const DISK_SIZE_MIN: u64 = 16 << 20;
 pub const HEARTBEAT_MS_DEFAULT: u64 = 1000;
+pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 600_000;
 
 /// Command-line flags. Each overrides the same key of the `--config` file.
 #[derive(Parser, Debug, Default)]
@@ -60,6 +62,12 @@ pub struct Flags {
     /// Heartbeat interval in milliseconds [default: 1000]
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
+    /// Close a connection silent this long mid-request, aborting its STORE [default: 30000]
+    #[arg(long)]
+    pub request_timeout_ms: Option<u64>,
+    /// Close a connection silent this long between requests [default: 600000]
+    #[arg(long)]
+    pub idle_timeout_ms: Option<u64>,
 }
 
 /// The same keys, from the TOML file.
@@ -75,6 +83,8 @@ pub struct FileConfig {
     pub disk_size: Option<toml::Value>,
     pub node_id: Option<toml::Value>,
     pub heartbeat_ms: Option<u64>,
+    pub request_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
 }
 
 /// The resolved configuration.
@@ -89,6 +99,8 @@ pub struct Config {
     pub disk_size: u64,
     pub node_id: Option<u64>,
     pub heartbeat_ms: u64,
+    pub request_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +241,16 @@ impl Config {
             disk_size,
             node_id,
             heartbeat_ms,
+            request_timeout_ms: flags
+                .request_timeout_ms
+                .or(file.request_timeout_ms)
+                .unwrap_or(REQUEST_TIMEOUT_MS_DEFAULT)
+                .max(1),
+            idle_timeout_ms: flags
+                .idle_timeout_ms
+                .or(file.idle_timeout_ms)
+                .unwrap_or(IDLE_TIMEOUT_MS_DEFAULT)
+                .max(1),
         })
     }
 }

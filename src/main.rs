@@ -91,6 +91,8 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         connections_max: 1024,
         idle_sleep: Duration::from_millis(100),
         checkpoint_interval: Duration::from_secs(5),
+        request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+        idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
     };
     let server = dataplane::server::Server::bind(server_cfg, store, Arc::clone(&stats))
         .with_context(|| {

@@ -622,3 +622,88 @@ fn kill_9_mid_workload_keeps_every_acknowledged_object() {
         drop(node);
     }
 }
+
+/// GET `path` from the management endpoint; returns (status code, body).
+fn http_get(node: &Node, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(node.mgmt).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn metric(node: &Node, name: &str) -> u64 {
+    let (_, body) = http_get(node, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in metrics:\n{body}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_stalled_store_times_out_and_is_aborted() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        &unique_group(),
+        &["--request-timeout-ms", "300"],
+    );
+    let mut s = raw(&node);
+    let mut msg = Vec::new();
+    encode_request(
+        &mut msg,
+        Opcode::Store,
+        1,
+        0,
+        StoreIn {
+            size_hint: 0.into(),
+            flags: 0.into(),
+            reserved: 0.into(),
+        }
+        .as_bytes(),
+    );
+    encode_chunk_header(&mut msg, 1000, true);
+    msg.extend_from_slice(&[1u8; 400]);
+    s.write_all(&msg).unwrap();
+    // An idle connection with nothing in flight is left alone meanwhile.
+    let mut idle = raw(&node);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(closed(&mut s), "the stalled connection was closed");
+    assert_eq!(metric(&node, "dosd_sessions_timed_out_total"), 1);
+    assert_eq!(metric(&node, "dosd_stores_aborted_total"), 1);
+    let mut ping = Vec::new();
+    encode_request(&mut ping, Opcode::Null, 5, 0, &[]);
+    idle.write_all(&ping).unwrap();
+    assert_eq!(
+        out_status(&read_response(&mut idle).1).unwrap().0,
+        Status::Success
+    );
+    let mut count = 0;
+    node.client().contents(&mut |_, _| count += 1).unwrap();
+    assert_eq!(count, 0);
+}
+
+#[test]
+fn management_node_and_metrics() {
+    let (_dir, node) = node();
+    node.client().store_bytes(b"counted").unwrap();
+    let (code, body) = http_get(&node, "/v1/node");
+    assert_eq!(code, 200);
+    assert!(
+        body.contains(&format!("\"node_id\":\"{}\"", node.node_id)),
+        "{body}"
+    );
+    assert!(body.contains("\"epoch\":1"), "{body}");
+    assert!(metric(&node, "dosd_stores_total") >= 1);
+    assert!(metric(&node, "dosd_heartbeats_sent_total") >= 1);
+    let (code, body) = http_get(&node, "/nope");
+    assert_eq!(code, 404);
+    assert!(body.contains("error"));
+}

@@ -25,8 +25,10 @@ pub struct NodeStats {
     /// Malformed input: bad magic, checksum, version, sizes; the connection is closed.
     pub bad_requests: AtomicU64,
     pub unknown_opcodes: AtomicU64,
-    /// STOREs abandoned by their client mid-stream (connection closed).
+    /// STOREs abandoned by their client mid-stream (connection closed or timed out).
     pub stores_aborted: AtomicU64,
+    /// Connections closed because the peer went quiet past a timeout.
+    pub sessions_timed_out: AtomicU64,
     /// Object data that failed its checksum on the way out (never sent).
     pub checksum_mismatches: AtomicU64,
     pub stores: AtomicU64,

@@ -159,7 +159,7 @@ fn node_json(shared: &Shared) -> String {
 
 /// Every dataplane counter in the Prometheus text format.
 pub fn metrics(s: &NodeStats) -> String {
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64, bool); 20] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64, bool); 21] = [
         (
             "dosd_connections",
             "Connections open now",
@@ -209,6 +209,12 @@ pub fn metrics(s: &NodeStats) -> String {
             "dosd_stores_aborted_total",
             "STOREs abandoned mid-stream",
             &s.stores_aborted,
+            true,
+        ),
+        (
+            "dosd_sessions_timed_out_total",
+            "Connections closed after going quiet",
+            &s.sessions_timed_out,
             true,
         ),
         (

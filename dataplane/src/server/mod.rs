@@ -39,6 +39,8 @@ const FIRST_SESSION: usize = 16;
 const ACCEPT_BURST: usize = 64;
 /// Events handled per epoll wait.
 const EVENTS_MAX: usize = 256;
+/// How often sessions are checked for timeouts.
+const TIMEOUT_SCAN: Duration = Duration::from_millis(100);
 
 /// What the dataplane needs to start.
 #[derive(Debug, Clone)]
@@ -55,6 +57,11 @@ pub struct ServerConfig {
     pub idle_sleep: Duration,
     /// How often the store checkpoints when it has new commits.
     pub checkpoint_interval: Duration,
+    /// A connection silent this long in the middle of a request is closed (its STORE
+    /// aborted).
+    pub request_timeout: Duration,
+    /// A connection silent this long between requests is closed.
+    pub idle_timeout: Duration,
 }
 
 /// A bound, ready-to-run dataplane.
@@ -118,6 +125,7 @@ impl Server {
         let mut next_heartbeat = Instant::now();
         let mut last_compact = Instant::now();
         let mut last_checkpoint = Instant::now();
+        let mut last_timeout_scan = Instant::now();
         let mut dirty_since_checkpoint = false;
         let ops_at_checkpoint =
             NodeStats::get(&self.stats.stores) + NodeStats::get(&self.stats.deletes);
@@ -193,6 +201,10 @@ impl Server {
             if ops != last_ops {
                 dirty_since_checkpoint = true;
                 last_ops = ops;
+            }
+            if now.duration_since(last_timeout_scan) >= TIMEOUT_SCAN {
+                last_timeout_scan = now;
+                self.close_timed_out(now);
             }
             // Background work only when the node is otherwise quiet.
             let idle = events.is_empty() && more.is_empty();
@@ -272,6 +284,23 @@ impl Server {
             self.sessions.insert(token, session);
             let mut more = Vec::new();
             self.drive(token, &mut more);
+        }
+    }
+
+    fn close_timed_out(&mut self, now: Instant) {
+        let (request, idle) = (self.cfg.request_timeout, self.cfg.idle_timeout);
+        let stale: Vec<Token> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.timed_out(now, request, idle))
+            .map(|(t, _)| *t)
+            .collect();
+        for t in stale {
+            if let Some(s) = self.sessions.get(&t) {
+                tracing::info!(peer = %s.peer, "closing a connection that went quiet");
+            }
+            NodeStats::inc(&self.stats.sessions_timed_out);
+            self.close(t);
         }
     }
 

@@ -12,6 +12,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use dosp::codec::{encode_response, RequestDecoder, RequestEvent};
 use dosp::wire::*;
@@ -86,6 +87,8 @@ pub struct Session {
     rend: usize,
     decoder: RequestDecoder,
     st: State,
+    /// When bytes last moved in either direction, for the timeouts.
+    last_io: Instant,
 }
 
 struct State {
@@ -126,7 +129,20 @@ impl Session {
                 read_closed: false,
                 busy: false,
             },
+            last_io: Instant::now(),
         }
+    }
+
+    /// Whether the peer has gone quiet for too long: `request` while a request is in
+    /// flight (a STORE waiting for chunks, a response waiting to be read, a partial
+    /// request), `idle` between requests. A stalled STORE otherwise holds a write slot
+    /// and its staging buffer forever.
+    pub fn timed_out(&self, now: Instant, request: Duration, idle: Duration) -> bool {
+        let mid_request = self.st.busy
+            || self.decoder.in_store()
+            || self.rstart < self.rend
+            || self.st.out_pos < self.st.out.len();
+        now.saturating_duration_since(self.last_io) > if mid_request { request } else { idle }
     }
 
     pub fn stream_mut(&mut self) -> &mut mio::net::TcpStream {
@@ -157,6 +173,7 @@ impl Session {
                     Ok(n) => {
                         self.st.out_pos += n;
                         NodeStats::add(&ctx.stats.bytes_out, n as u64);
+                        self.last_io = Instant::now();
                         progress = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -207,6 +224,7 @@ impl Session {
                                 Ok(n) => {
                                     self.rend += n;
                                     NodeStats::add(&ctx.stats.bytes_in, n as u64);
+                                    self.last_io = Instant::now();
                                     progress = true;
                                 }
                                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -612,6 +612,50 @@ mod tests {
         }
 
         #[test]
+        fn response_round_trip(id in any::<u64>(), fp in proptest::array::uniform16(any::<u8>()),
+                               data in proptest::collection::vec(any::<u8>(), 0..2000),
+                               status in 0u16..14, step in 1usize..100) {
+            // A streamed reply (stream header, data, Out) followed by a plain one.
+            let status = Status::from_u16(status).unwrap();
+            let out = RetrieveOut { head: OutHead::new(status, 7), fingerprint: Fingerprint(fp), object_len: (data.len() as u64).into() };
+            let mut msg = Vec::new();
+            encode_stream_header(&mut msg, id, data.len() as u64);
+            msg.extend_from_slice(&data);
+            encode_response(&mut msg, Opcode::Retrieve as u16, id, &[out.as_bytes()]);
+            let del = DeleteOut { head: OutHead::new(Status::Success, 0), fingerprint: Fingerprint(fp), refcount: 3.into(), reserved: 0.into() };
+            encode_response(&mut msg, Opcode::Delete as u16, id.wrapping_add(1), &[del.as_bytes()]);
+
+            let mut dec = ResponseDecoder::new(u64::MAX);
+            let mut buf: Vec<u8> = Vec::new();
+            let (mut fed, mut got_data, mut bodies) = (0, Vec::new(), Vec::new());
+            loop {
+                match dec.decode(&buf).unwrap() {
+                    Some((ev, n)) => {
+                        match ev {
+                            ResponseEvent::StreamStart { request_id, len } => {
+                                prop_assert_eq!((request_id, len), (id, data.len() as u64));
+                            }
+                            ResponseEvent::StreamData(d) => got_data.extend_from_slice(d),
+                            ResponseEvent::Response { header, body } => bodies.push((header.request_id.get(), body.to_vec())),
+                        }
+                        buf.drain(..n);
+                    }
+                    None if fed == msg.len() => break,
+                    None => {
+                        let end = (fed + step).min(msg.len());
+                        buf.extend_from_slice(&msg[fed..end]);
+                        fed = end;
+                    }
+                }
+            }
+            prop_assert_eq!(got_data, data);
+            prop_assert_eq!(bodies.len(), 2);
+            prop_assert_eq!(&bodies[0], &(id, out.as_bytes().to_vec()));
+            prop_assert_eq!(out_status(&bodies[0].1).unwrap(), (status, 7));
+            prop_assert_eq!(&bodies[1], &(id.wrapping_add(1), del.as_bytes().to_vec()));
+        }
+
+        #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let mut dec = RequestDecoder::new(1024);
             let mut rest = &bytes[..];

@@ -707,3 +707,71 @@ fn management_node_and_metrics() {
     assert_eq!(code, 404);
     assert!(body.contains("error"));
 }
+
+#[test]
+fn config_file_flags_and_clear_start_up_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let conf = dir.path().join("dosd.toml");
+    std::fs::write(
+        &conf,
+        "disks = 3\ndisk_size = \"32M\"\nnode_id = \"0x00000000000000ab\"\n",
+    )
+    .unwrap();
+    let group = unique_group();
+    let node = Node::start_bare(&data_dir, &group, &["--config", conf.to_str().unwrap()]);
+    assert_eq!(node.node_id, "00000000000000ab");
+    let disks = node.client().disks(ALL_DISKS).unwrap();
+    assert_eq!(disks.len(), 3);
+    assert!(disks.iter().all(|d| d.bytes_total == 32 << 20), "{disks:?}");
+
+    // A second node on the same data directory is refused, clearly.
+    let out = std::process::Command::new(dosd_bin())
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args([
+            "--config",
+            conf.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--mgmt-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("error: cannot open disk 0") && err.contains("already in use"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("already in use").count(),
+        1,
+        "no repeated causes: {err}"
+    );
+    drop(node);
+
+    // Bad values name the key and the reason, and exit non-zero.
+    for (args, want) in [
+        (&["--disk-size", "1Q"][..], "invalid disk size"),
+        (&["--disk-size", "1M"][..], "at least"),
+        (&["--disks", "0"][..], "invalid disks"),
+        (&["--node-id", "xyz"][..], "invalid node id"),
+    ] {
+        let out = std::process::Command::new(dosd_bin())
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
+    std::fs::write(&conf, "disks = 2\ncolour = \"blue\"\n").unwrap();
+    let out = std::process::Command::new(dosd_bin())
+        .args(["--config", conf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains("colour"), "{}", stderr(&out));
+}

@@ -61,8 +61,23 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts `dosd` on `data_dir` with small disks and waits until it is serving.
+    /// Starts `dosd` on `data_dir` with two small disks and waits until it is serving.
     pub fn start(data_dir: &Path, group: &str, extra: &[&str]) -> Node {
+        let mut args = vec![
+            "--disks",
+            "2",
+            "--disk-size",
+            "64M",
+            "--heartbeat-ms",
+            "200",
+        ];
+        args.extend_from_slice(extra);
+        Node::start_bare(data_dir, group, &args)
+    }
+
+    /// Starts `dosd` with only the addresses set (free ports, the test's group) and
+    /// `args`; everything else comes from `args`, a config file or the defaults.
+    pub fn start_bare(data_dir: &Path, group: &str, args: &[&str]) -> Node {
         let stderr_log = data_dir.with_extension("stderr.log");
         let stderr = std::fs::File::create(&stderr_log).expect("create stderr log");
         let mut cmd = Command::new(dosd_bin());
@@ -70,15 +85,7 @@ impl Node {
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0", "--mgmt-listen", "127.0.0.1:0"])
             .args(["--multicast", group, "--multicast-if", "127.0.0.1"])
-            .args([
-                "--disks",
-                "2",
-                "--disk-size",
-                "64M",
-                "--heartbeat-ms",
-                "200",
-            ])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(stderr)
             .env("DOSD_LOG", "info");

@@ -9,6 +9,8 @@
 //! into a file on the same filesystem as dosd's disks and fdatasyncs it before
 //! acknowledging (durable, like a dosd STORE), and for fetch reads the file back and
 //! sends it. No protocol, no hashing, no index: the ceiling the hardware gives.
+//! `peer+md5` is the same peer computing the MD5 of what it receives, as dosd must:
+//! the ratio against it is the cost of dosd's data path beyond hashing.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -104,16 +106,23 @@ fn start_peer(dir: PathBuf) -> String {
                     };
                     let (op, id, len) = (word(0), word(1), word(2));
                     let path = dir.join(format!("obj{id}"));
-                    if op == 0 {
+                    if op == 0 || op == 2 {
                         let mut f = std::fs::File::create(&path).expect("peer file");
+                        let mut md5 = (op == 2).then(<md5::Md5 as md5::Digest>::new);
                         let mut left = len as usize;
                         while left > 0 {
                             let n = left.min(buf.len());
                             if s.read_exact(&mut buf[..n]).is_err() {
                                 return;
                             }
+                            if let Some(m) = md5.as_mut() {
+                                md5::Digest::update(m, &buf[..n]);
+                            }
                             f.write_all(&buf[..n]).expect("peer write");
                             left -= n;
+                        }
+                        if let Some(m) = md5 {
+                            std::hint::black_box(md5::Digest::finalize(m));
                         }
                         f.sync_data().expect("peer fdatasync");
                         if s.write_all(&[1]).is_err() {
@@ -190,8 +199,8 @@ fn main() {
         chrono_free_date()
     );
     println!(
-        "{:<16} {:>12} {:>12} {:>12} {:>12} {:>8}",
-        "operation", "dosd MiB/s", "dosd ops/s", "peer MiB/s", "peer ops/s", "ratio"
+        "{:<16} {:<9} {:>12} {:>12} {:>12} {:>12} {:>8}",
+        "operation", "against", "dosd MiB/s", "dosd ops/s", "peer MiB/s", "peer ops/s", "ratio"
     );
     for (label, size, max_ops) in [("4 KiB", 4096usize, 20_000u64), ("4 MiB", 4 << 20, 300)] {
         // Distinct objects (no dedup): each op stores fresh bytes.
@@ -208,17 +217,21 @@ fn main() {
             o[8..16].copy_from_slice(&i.to_le_bytes());
             fps.push(client.store_bytes(&o).expect("dosd store").fingerprint);
         });
-        let peer_store = measure(size, 5, max_ops, |i| {
-            let o = &objects[(i % objects.len() as u64) as usize];
-            let mut head = Vec::with_capacity(24);
-            for w in [0u64, i, size as u64] {
-                head.extend_from_slice(&w.to_le_bytes());
-            }
-            peer.write_all(&head).expect("peer head");
-            peer.write_all(o).expect("peer data");
-            let mut ack = [0u8; 1];
-            peer.read_exact(&mut ack).expect("peer ack");
-        });
+        let mut peer_store_op = |op: u64| {
+            measure(size, 5, max_ops, |i| {
+                let o = &objects[(i % objects.len() as u64) as usize];
+                let mut head = Vec::with_capacity(24);
+                for w in [op, i, size as u64] {
+                    head.extend_from_slice(&w.to_le_bytes());
+                }
+                peer.write_all(&head).expect("peer head");
+                peer.write_all(o).expect("peer data");
+                let mut ack = [0u8; 1];
+                peer.read_exact(&mut ack).expect("peer ack");
+            })
+        };
+        let peer_store_md5 = peer_store_op(2);
+        let peer_store = peer_store_op(0);
         let stored = fps.len() as u64;
         let peer_stored = peer_store.ops;
         let fetch = measure(size, 5, max_ops, |i| {
@@ -238,11 +251,18 @@ fn main() {
         });
         for (op, d, p) in [
             ("store", &store, &peer_store),
+            ("store", &store, &peer_store_md5),
             ("fetch", &fetch, &peer_fetch),
         ] {
+            let peer_name = if std::ptr::eq(p, &peer_store_md5) {
+                "peer+md5"
+            } else {
+                "peer"
+            };
             println!(
-                "{:<16} {:>12.1} {:>12.0} {:>12.1} {:>12.0} {:>8.2}",
+                "{:<16} {:<9} {:>12.1} {:>12.0} {:>12.1} {:>12.0} {:>8.2}",
                 format!("{op} {label}"),
+                peer_name,
                 d.mib_s(),
                 d.ops_s(),
                 p.mib_s(),

@@ -120,6 +120,8 @@ pub struct Client {
     start: usize,
     end: usize,
     wbuf: Vec<u8>,
+    /// STORE chunk buffer, allocated once per connection.
+    chunk: Vec<u8>,
     next_id: u64,
     decoder: ResponseDecoder,
 }
@@ -154,6 +156,7 @@ impl Client {
                         start: 0,
                         end: 0,
                         wbuf: Vec::with_capacity(IO_BUF + 64),
+                        chunk: vec![0u8; IO_BUF],
                         next_id: 1,
                         decoder: ResponseDecoder::new(u64::MAX),
                     });
@@ -314,8 +317,34 @@ impl Client {
             flags: 0.into(),
             reserved: 0.into(),
         };
-        let id = self.send_request(Opcode::Store, body.as_bytes())?;
-        let mut chunk = vec![0u8; IO_BUF];
+        let id = self.next_id;
+        self.next_id += 1;
+        // The request goes out with the first chunk, and each chunk header with its
+        // data, in one vectored write: a small object is one segment on the wire.
+        self.wbuf.clear();
+        encode_request(&mut self.wbuf, Opcode::Store, id, 0, body.as_bytes());
+        let mut chunk = std::mem::take(&mut self.chunk);
+        let sent = self.send_chunks(input, &mut chunk, progress);
+        self.chunk = chunk;
+        sent?;
+        let body = self.response(Opcode::Store, id)?;
+        let out: StoreOut = self.parse(Opcode::Store, &body)?;
+        Ok(Stored {
+            fingerprint: out.fingerprint,
+            len: out.len.get(),
+            disk: out.disk.get(),
+            deduplicated: out.deduplicated != 0,
+            refcount: out.refcount.get(),
+        })
+    }
+
+    /// Sends `input` as STORE chunks, after whatever `wbuf` already holds.
+    fn send_chunks(
+        &mut self,
+        input: &mut dyn Read,
+        chunk: &mut [u8],
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), ClientError> {
         let mut sent = 0u64;
         loop {
             // Fill the chunk completely (or to EOF) so the last-chunk flag is known
@@ -335,29 +364,16 @@ impl Client {
                     Err(e) => return Err(ClientError::Input(e)),
                 }
             }
-            self.wbuf.clear();
             encode_chunk_header(&mut self.wbuf, filled as u32, eof);
-            self.stream
-                .write_all(&self.wbuf)
+            write_both(&mut self.stream, &self.wbuf, &chunk[..filled])
                 .map_err(|e| self.io_err(e))?;
-            self.stream
-                .write_all(&chunk[..filled])
-                .map_err(|e| self.io_err(e))?;
+            self.wbuf.clear();
             sent += filled as u64;
             progress(sent);
             if eof {
-                break;
+                return Ok(());
             }
         }
-        let body = self.response(Opcode::Store, id)?;
-        let out: StoreOut = self.parse(Opcode::Store, &body)?;
-        Ok(Stored {
-            fingerprint: out.fingerprint,
-            len: out.len.get(),
-            disk: out.disk.get(),
-            deduplicated: out.deduplicated != 0,
-            refcount: out.refcount.get(),
-        })
     }
 
     /// STOREs a byte slice.
@@ -715,6 +731,23 @@ pub fn locate_multicast(
         }
     }
     Ok(found)
+}
+
+/// Writes `a` then `b` with as few system calls as the socket allows.
+fn write_both(stream: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let (mut a, mut b) = (a, b);
+    while !a.is_empty() || !b.is_empty() {
+        let n = match stream.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    Ok(())
 }
 
 /// Joins `group` on interface `iface` with a socket bound to the group's port, shared

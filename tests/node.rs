@@ -775,3 +775,50 @@ fn config_file_flags_and_clear_start_up_errors() {
         .unwrap();
     assert!(stderr(&out).contains("colour"), "{}", stderr(&out));
 }
+
+#[test]
+fn full_disks_say_no_space_and_compaction_gives_the_space_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("data"), &unique_group(), &[]);
+    let mut c = node.client();
+    // Two 64 MiB disks hold two 30 MiB objects each.
+    let objs: Vec<Vec<u8>> = (0..4).map(|i| data(7000 + i, 30 << 20)).collect();
+    let fps: Vec<Fingerprint> = objs
+        .iter()
+        .map(|o| c.store_bytes(o).unwrap().fingerprint)
+        .collect();
+
+    // Announced too big: refused up front (the CLI passes the file size as the hint).
+    let big = dir.path().join("big");
+    std::fs::write(&big, data(1, 70 << 20)).unwrap();
+    let out = node.dosp(&["store", big.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("NO_SPACE"), "{}", stderr(&out));
+    // Unannounced: fails part way, and nothing of it is visible.
+    let fifth = data(7100, 30 << 20);
+    let mut input = &fifth[..];
+    let err = c.store(&mut input, 0, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("NO_SPACE"), "{err}");
+
+    // Deleting makes the space reclaimable; the idle node compacts it.
+    assert_eq!(c.delete(&fps[0]).unwrap(), 0);
+    let mut stored = None;
+    for _ in 0..100 {
+        let mut input = &fifth[..];
+        match c.store(&mut input, fifth.len() as u64, &mut |_| {}) {
+            Ok(s) => {
+                stored = Some(s);
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    let stored = stored.expect("space was reclaimed within 20 s");
+    assert_eq!(stored.fingerprint, Fingerprint::of(&fifth));
+    for (fp, o) in fps.iter().zip(&objs).skip(1) {
+        let mut back = Vec::new();
+        c.retrieve(fp, &mut back, &mut |_, _| {}).unwrap();
+        assert!(back == *o, "object {fp} intact after compaction");
+    }
+    assert!(metric(&node, "dosd_errors_total") >= 2);
+}

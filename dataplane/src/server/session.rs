@@ -252,6 +252,64 @@ impl Session {
     }
 }
 
+/// Refuses a STORE up front when its announced size cannot fit: over the object size
+/// limit (TOO_LARGE, detail = the limit in MiB) or over what the roomiest online disk
+/// has available (NO_SPACE). The chunks are still read, and the reply follows the last.
+fn early_refusal(ctx: &Ctx<'_>, size_hint: u64) -> Option<(Status, u32)> {
+    if size_hint == 0 {
+        return None;
+    }
+    let max = ctx.store.config().max_object_bytes;
+    if size_hint > max {
+        return Some((
+            Status::TooLarge,
+            u32::try_from(max >> 20).unwrap_or(u32::MAX),
+        ));
+    }
+    let room = ctx
+        .store
+        .disks()
+        .iter()
+        .filter(|d| d.state == crate::store::DiskState::Online)
+        .map(|d| d.bytes_available)
+        .max()
+        .unwrap_or(0);
+    (size_hint > room).then_some((Status::NoSpace, 0))
+}
+
+/// When no online disk has `size_hint` bytes free but one would after compaction,
+/// compacts that disk now, so the STORE lands instead of failing part way. Idle-time
+/// compaction reclaims space gradually; this is the on-demand path. It runs on the
+/// dataplane thread and costs at most one pass over that disk's log.
+fn make_room(ctx: &mut Ctx<'_>, size_hint: u64) -> Result<(), crate::store::StoreError> {
+    if size_hint == 0 {
+        return Ok(());
+    }
+    // Segment headers: one 4 KiB block per segment, plus a little slack.
+    let need = size_hint + size_hint / 128 + (1 << 20);
+    let disks = ctx.store.disks();
+    let online = disks
+        .iter()
+        .filter(|d| d.state == crate::store::DiskState::Online);
+    if online.clone().any(|d| d.bytes_free >= need) {
+        return Ok(());
+    }
+    let Some(best) = online
+        .filter(|d| d.bytes_available >= need)
+        .max_by_key(|d| d.bytes_available)
+    else {
+        return Ok(());
+    };
+    let disk = best.id;
+    let report = ctx.store.compact(disk)?;
+    tracing::info!(
+        disk = disk.0,
+        ?report,
+        "compacted on demand to make room for a store"
+    );
+    Ok(())
+}
+
 impl State {
     fn set_busy(&mut self, ctx: &Ctx<'_>, busy: bool) {
         if busy != self.busy {
@@ -367,13 +425,22 @@ impl State {
                 status: Status::BadRequest,
                 detail: body.len() as u32,
             },
-            Ok(_) => match ctx.store.begin() {
-                Ok(write) => StoreState::Writing { request_id, write },
-                Err(e) => StoreState::Discarding {
+            Ok(req) => match early_refusal(ctx, req.size_hint.get()) {
+                Some((status, detail)) => StoreState::Discarding {
                     request_id,
-                    status: status_of(&e),
-                    detail: 0,
+                    status,
+                    detail,
                 },
+                None => {
+                    match make_room(ctx, req.size_hint.get()).and_then(|()| ctx.store.begin()) {
+                        Ok(write) => StoreState::Writing { request_id, write },
+                        Err(e) => StoreState::Discarding {
+                            request_id,
+                            status: status_of(&e),
+                            detail: 0,
+                        },
+                    }
+                }
             },
         };
     }

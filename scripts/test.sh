@@ -26,6 +26,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> building binaries"
 cargo build --workspace --bins --locked
 echo "==> cargo test"
-cargo test --workspace --locked -- --test-threads="${DOSD_TEST_THREADS:-2}"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked -- --test-threads="${DOSD_TEST_THREADS:-2}" 2>&1 | tee "$log"
 echo "==> fuzz (bounded)"
 ./scripts/fuzz.sh "${DOSD_FUZZ_SECS:-20}"
+
+# One closing line with the totals of every cargo test binary above.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) {
+        if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"

@@ -121,12 +121,28 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         mgmt.local_addr()
     );
 
-    // The dataplane runs on its own thread (its "core"); this thread waits for it.
+    // The dataplane runs on its own thread, pinned to the last core when the machine
+    // has more than one (core 0 stays with the management core and the kernel's
+    // housekeeping, DESIGN.md §3); this thread waits for it.
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let pin = (cores.len() > 1).then(|| cores[cores.len() - 1]);
     let dataplane = std::thread::Builder::new()
         .name("dataplane-1".into())
         .spawn({
             let stop = Arc::clone(&stop);
-            move || server.run(&stop)
+            move || {
+                match pin {
+                    Some(core) if core_affinity::set_for_current(core) => {
+                        tracing::info!(core = core.id, "dataplane pinned");
+                    }
+                    Some(core) => tracing::warn!(
+                        core = core.id,
+                        "could not pin the dataplane; running unpinned"
+                    ),
+                    None => tracing::info!("one core: dataplane unpinned"),
+                }
+                server.run(&stop)
+            }
         })
         .context("cannot start the dataplane thread")?;
     let result = dataplane.join();

@@ -12,11 +12,16 @@
 //! `peer+md5` is the same peer computing the MD5 of what it receives, as dosd must:
 //! the ratio against it is the cost of dosd's data path beyond hashing.
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use common::{data, Node};
 
 use dosp::client::Client;
 use dosp::Fingerprint;
@@ -26,62 +31,6 @@ fn bench_secs() -> f64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0)
-}
-
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-struct Dosd {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Dosd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_dosd(dir: &Path) -> Dosd {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dosd"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--mgmt-listen",
-            "127.0.0.1:0",
-            "--disks",
-            "2",
-            "--disk-size",
-            "2G",
-        ])
-        .args(["--multicast", "239.255.73.99:27371"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .env("DOSD_LOG", "warn")
-        .spawn()
-        .expect("spawn dosd");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("dosd ready line");
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("dosp="))
-        .unwrap_or_else(|| panic!("dosd did not start: {line:?}"))
-        .to_string();
-    Dosd { child, addr }
 }
 
 /// The peer: u64 op (0 store, 1 fetch), u64 id, u64 len, then data for a store; replies
@@ -185,11 +134,16 @@ fn main() {
     }
     let tmp = tempfile::tempdir_in(std::env::var("DOSD_BENCH_DIR").unwrap_or_else(|_| ".".into()))
         .expect("tempdir");
-    let dosd = start_dosd(&tmp.path().join("dosd"));
+    let dosd = Node::start_bare(
+        &tmp.path().join("dosd"),
+        "239.255.73.99:27371",
+        &["--disks", "2", "--disk-size", "2G"],
+    );
     let peer_dir = tmp.path().join("peer");
     std::fs::create_dir_all(&peer_dir).expect("peer dir");
     let peer_addr = start_peer(peer_dir);
-    let mut client = Client::connect(&dosd.addr, Duration::from_secs(30)).expect("connect dosd");
+    let mut client =
+        Client::connect(&dosd.node_arg(), Duration::from_secs(30)).expect("connect dosd");
     let mut peer = TcpStream::connect(&peer_addr).expect("connect peer");
     peer.set_nodelay(true).expect("nodelay");
 

@@ -30,6 +30,8 @@ pub struct Cluster {
     group: SocketAddrV4,
     buf: Box<[u8]>,
     out: Vec<u8>,
+    /// Out body being built, before its header is known.
+    body: Vec<u8>,
 }
 
 impl Cluster {
@@ -44,6 +46,7 @@ impl Cluster {
             group,
             buf: vec![0u8; DGRAM_MAX].into_boxed_slice(),
             out: Vec::with_capacity(DGRAM_MAX),
+            body: Vec::with_capacity(DGRAM_MAX),
         })
     }
 
@@ -134,10 +137,10 @@ impl Cluster {
             }
             return;
         }
-        let mut body_out = Vec::with_capacity(DGRAM_MAX);
-        small_op(ctx, op, body, &mut body_out);
-        encode_response(&mut self.out, op as u16, id, &[&body_out]);
-        if op == Opcode::Locate && out_status(&body_out).map(|s| s.0) == Ok(Status::Success) {
+        self.body.clear();
+        let status = small_op(ctx, op, body, &mut self.body);
+        encode_response(&mut self.out, op as u16, id, &[&self.body]);
+        if op == Opcode::Locate && status == Status::Success {
             NodeStats::inc(&ctx.stats.locate_answers);
         }
         if let Err(e) = self.unicast.send_to(&self.out, from) {

@@ -1,6 +1,7 @@
 //! dosd — the storage node. This binary only wires the parts together: it resolves the
 //! configuration, opens the disks, starts the dataplane and the management core, and
 //! stops them cleanly on SIGTERM/SIGINT.
+#![deny(unsafe_code)]
 
 mod config;
 mod datadir;

@@ -80,7 +80,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             "disk"
         );
     }
-    let stats = Arc::new(dataplane::stats::NodeStats::default());
+    let (handle, end) = dataplane::handle::handle_pair();
     let server_cfg = dataplane::server::ServerConfig {
         listen: cfg.listen,
         multicast_group: cfg.multicast,
@@ -95,15 +95,14 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         request_timeout: Duration::from_millis(cfg.request_timeout_ms),
         idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
     };
-    let server = dataplane::server::Server::bind(server_cfg, store, Arc::clone(&stats))
-        .with_context(|| {
-            format!(
-                "cannot bind DOSP on {} / multicast {}",
-                cfg.listen, cfg.multicast
-            )
-        })?;
+    let server = dataplane::server::Server::bind(server_cfg, store, end).with_context(|| {
+        format!(
+            "cannot bind DOSP on {} / multicast {}",
+            cfg.listen, cfg.multicast
+        )
+    })?;
     let local = server.local_addr()?;
-    let mgmt = mgmt::Mgmt::start(cfg.mgmt_listen, Arc::clone(&stats), node_id, epoch)
+    let mgmt = mgmt::Mgmt::start(cfg.mgmt_listen, handle, node_id, epoch)
         .with_context(|| format!("cannot start the management core on {}", cfg.mgmt_listen))?;
     tracing::info!(
         node_id = %format!("{node_id:016x}"),

@@ -6,6 +6,7 @@
 //! poll-mode backend, or panic on input from the network or a disk.
 #![deny(unsafe_code)]
 
+pub mod handle;
 pub mod server;
 pub mod stats;
 pub mod store;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use dataplane::handle::DataplaneHandle;
 use dataplane::stats::NodeStats;
 
 /// A running management core.
@@ -37,10 +38,11 @@ const REQUEST_HEAD_MAX: usize = 8 * 1024;
 impl Mgmt {
     pub fn start(
         addr: SocketAddr,
-        stats: Arc<NodeStats>,
+        handle: DataplaneHandle,
         node_id: u64,
         epoch: u64,
     ) -> io::Result<Mgmt> {
+        let stats = Arc::clone(&handle.stats);
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;

@@ -28,6 +28,7 @@ use mio::{Events, Interest, Poll, Token};
 use self::cluster::Cluster;
 use self::ops::{Ctx, NodeIdentity};
 use self::session::{Drive, Session};
+use crate::handle::{Command, CommandError, DataplaneEnd, COMMANDS_PER_TURN};
 use crate::stats::NodeStats;
 use crate::store::Store;
 
@@ -39,6 +40,8 @@ const FIRST_SESSION: usize = 16;
 const ACCEPT_BURST: usize = 64;
 /// Events handled per epoll wait.
 const EVENTS_MAX: usize = 256;
+/// How often the disk reports are republished for the management core.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
 /// How often sessions are checked for timeouts.
 const TIMEOUT_SCAN: Duration = Duration::from_millis(100);
 
@@ -74,13 +77,15 @@ pub struct Server {
     next_token: usize,
     store: Store,
     stats: Arc<NodeStats>,
+    end: DataplaneEnd,
     id: NodeIdentity,
     cfg: ServerConfig,
 }
 
 impl Server {
     /// Binds every socket. Errors here are start-up errors (address in use, …).
-    pub fn bind(cfg: ServerConfig, store: Store, stats: Arc<NodeStats>) -> io::Result<Server> {
+    pub fn bind(cfg: ServerConfig, store: Store, end: DataplaneEnd) -> io::Result<Server> {
+        let stats = Arc::clone(&end.stats);
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(cfg.listen)?;
         let local = listener.local_addr()?;
@@ -109,6 +114,7 @@ impl Server {
             next_token: FIRST_SESSION,
             store,
             stats,
+            end,
             id,
             cfg,
         })
@@ -126,6 +132,8 @@ impl Server {
         let mut last_compact = Instant::now();
         let mut last_checkpoint = Instant::now();
         let mut last_timeout_scan = Instant::now();
+        let mut last_publish = Instant::now();
+        self.end.disks.publish(self.store.disks());
         let mut dirty_since_checkpoint = false;
         let ops_at_checkpoint =
             NodeStats::get(&self.stats.stores) + NodeStats::get(&self.stats.deletes);
@@ -201,6 +209,10 @@ impl Server {
             if ops != last_ops {
                 dirty_since_checkpoint = true;
                 last_ops = ops;
+            }
+            if self.serve_commands() || now.duration_since(last_publish) >= PUBLISH_INTERVAL {
+                last_publish = now;
+                self.end.disks.publish(self.store.disks());
             }
             if now.duration_since(last_timeout_scan) >= TIMEOUT_SCAN {
                 last_timeout_scan = now;
@@ -285,6 +297,39 @@ impl Server {
             let mut more = Vec::new();
             self.drive(token, &mut more);
         }
+    }
+
+    /// Carries out up to COMMANDS_PER_TURN management commands; true if any came.
+    fn serve_commands(&mut self) -> bool {
+        let mut any = false;
+        for _ in 0..COMMANDS_PER_TURN {
+            let Ok(cmd) = self.end.commands.try_recv() else {
+                break;
+            };
+            any = true;
+            match cmd {
+                Command::SetDiskState { disk, state, reply } => {
+                    let result = if usize::from(disk.0) < self.store.disks().len() {
+                        self.store.set_disk_state(disk, state);
+                        tracing::info!(
+                            disk = disk.0,
+                            ?state,
+                            "disk state set by the management core"
+                        );
+                        self.store
+                            .disks()
+                            .into_iter()
+                            .find(|d| d.id == disk)
+                            .ok_or(CommandError::NoSuchDisk(disk.0))
+                    } else {
+                        Err(CommandError::NoSuchDisk(disk.0))
+                    };
+                    // The asker may have given up waiting; that is fine.
+                    let _ = reply.try_send(result);
+                }
+            }
+        }
+        any
     }
 
     fn close_timed_out(&mut self, now: Instant) {

@@ -733,6 +733,95 @@ pub fn locate_multicast(
     Ok(found)
 }
 
+/// Something heard on the cluster group.
+#[derive(Debug, Clone, Copy)]
+pub enum ClusterEvent {
+    Heartbeat(HeartbeatOut),
+    Announce(AnnounceOut),
+    /// A node's answer to somebody's multicast LOCATE (managers snoop these).
+    Located(LocateOut),
+}
+
+/// Listens on `group` until `wait` has passed or `each` returns false, calling `each`
+/// for every well-formed heartbeat, announcement and LOCATE answer. Repetitions of an
+/// announcement (same node, epoch and seq) are passed on once. Malformed datagrams are
+/// skipped: the group is shared and nothing on it is trusted.
+pub fn watch(
+    group: SocketAddrV4,
+    iface: Ipv4Addr,
+    wait: Duration,
+    each: &mut dyn FnMut(ClusterEvent, SocketAddr) -> bool,
+) -> Result<(), ClientError> {
+    let node = group.to_string();
+    let io_err = |source| ClientError::Io {
+        node: node.clone(),
+        source,
+    };
+    let sock = join_group(group, iface).map_err(io_err)?;
+    let deadline = Instant::now() + wait;
+    // Announcements already passed on, bounded: the oldest are forgotten first.
+    let mut seen: std::collections::VecDeque<(u64, u64, u32)> = std::collections::VecDeque::new();
+    let mut buf = [0u8; 2048];
+    while let Some(left) = deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+    {
+        sock.set_read_timeout(Some(left)).map_err(io_err)?;
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => return Err(io_err(e)),
+        };
+        let Ok((header, body)) = Header::read_from_prefix(&buf[..n]) else {
+            continue;
+        };
+        if header.check(Kind::Response).is_err() {
+            continue;
+        }
+        let Some(body) = body.get(..header.body_len.get() as usize) else {
+            continue;
+        };
+        let event = match header.opcode() {
+            Some(Opcode::Heartbeat) => HeartbeatOut::read_from_prefix(body)
+                .ok()
+                .map(|(h, _)| ClusterEvent::Heartbeat(h)),
+            Some(Opcode::Locate) => LocateOut::read_from_prefix(body)
+                .ok()
+                .filter(|(l, _)| l.head.status.get() == Status::Success as u16)
+                .map(|(l, _)| ClusterEvent::Located(l)),
+            Some(Opcode::Announce) => match AnnounceOut::read_from_prefix(body) {
+                Ok((a, _)) => {
+                    let key = (a.node_id.get(), a.epoch.get(), a.seq.get());
+                    if seen.contains(&key) {
+                        None
+                    } else {
+                        if seen.len() == 256 {
+                            seen.pop_front();
+                        }
+                        seen.push_back(key);
+                        Some(ClusterEvent::Announce(a))
+                    }
+                }
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        if let Some(event) = event {
+            if !each(event, from) {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `a` then `b` with as few system calls as the socket allows.
 fn write_both(stream: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
     let (mut a, mut b) = (a, b);

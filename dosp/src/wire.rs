@@ -256,10 +256,13 @@ pub enum Opcode {
     GetDiskState = 8,
     GetDiskStatus = 9,
     GetLoad = 10,
+    /// Unsolicited, multicast by a node: something happened (disk down, node leaving…).
+    /// Never a request: a node answers an ANNOUNCE request with BAD_REQUEST.
+    Announce = 11,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 11] = [
+    pub const ALL: [Opcode; 12] = [
         Opcode::Null,
         Opcode::Store,
         Opcode::Retrieve,
@@ -271,6 +274,7 @@ impl Opcode {
         Opcode::GetDiskState,
         Opcode::GetDiskStatus,
         Opcode::GetLoad,
+        Opcode::Announce,
     ];
 
     pub fn from_u16(v: u16) -> Option<Opcode> {
@@ -290,6 +294,7 @@ impl Opcode {
             Opcode::GetDiskState => "GET_DISK_STATE",
             Opcode::GetDiskStatus => "GET_DISK_STATUS",
             Opcode::GetLoad => "GET_LOAD",
+            Opcode::Announce => "ANNOUNCE",
         }
     }
 
@@ -306,6 +311,7 @@ impl Opcode {
             Opcode::Heartbeat => size_of::<HeartbeatIn>(),
             Opcode::GetDiskState | Opcode::GetDiskStatus => size_of::<DiskQueryIn>(),
             Opcode::GetLoad => size_of::<LoadIn>(),
+            Opcode::Announce => 0,
         }
     }
 }
@@ -528,6 +534,97 @@ wire_struct!(/// GET_LOAD reply: the node's load, for the managers' balancing.
         errors_total: U64,
     } = 56);
 
+wire_struct!(/// ANNOUNCE: an event, multicast by the node it happened on. Sent once when it
+    /// happens and repeated a few times with the same `seq` (receivers keep the first).
+    AnnounceOut {
+        head: OutHead,
+        node_id: U64,
+        epoch: U64,
+        /// Per node and epoch, +1 per announcement (not per repetition).
+        seq: U32,
+        /// See [`AnnounceKind`].
+        kind: u8,
+        reserved: u8,
+        /// The disk concerned, or ALL_DISKS.
+        disk: U16,
+        /// Why, in UTF-8, NUL-padded.
+        reason: [u8; 64],
+    } = 96);
+
+impl AnnounceOut {
+    pub fn new(
+        node_id: u64,
+        epoch: u64,
+        seq: u32,
+        kind: AnnounceKind,
+        disk: u16,
+        reason: &str,
+    ) -> AnnounceOut {
+        let mut text = [0u8; 64];
+        // Cut at a character boundary so the text stays valid UTF-8.
+        let mut end = reason.len().min(text.len());
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        text[..end].copy_from_slice(&reason.as_bytes()[..end]);
+        AnnounceOut {
+            head: OutHead::new(Status::Success, 0),
+            node_id: node_id.into(),
+            epoch: epoch.into(),
+            seq: seq.into(),
+            kind: kind as u8,
+            reserved: 0,
+            disk: disk.into(),
+            reason: text,
+        }
+    }
+
+    /// The reason text, up to the first NUL; invalid UTF-8 is replaced, never trusted.
+    pub fn reason(&self) -> String {
+        let end = self
+            .reason
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.reason.len());
+        String::from_utf8_lossy(&self.reason[..end]).into_owned()
+    }
+}
+
+/// What an ANNOUNCE says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AnnounceKind {
+    /// A disk went down (I/O errors or an operator): its objects are unavailable here.
+    DiskDown = 1,
+    /// A disk is back in service.
+    DiskUp = 2,
+    /// The node crossed a health threshold; managers should look elsewhere.
+    NodeFailing = 3,
+    /// The node is shutting down cleanly.
+    NodeLeaving = 4,
+}
+
+impl AnnounceKind {
+    pub fn from_u8(v: u8) -> Option<AnnounceKind> {
+        match v {
+            1 => Some(AnnounceKind::DiskDown),
+            2 => Some(AnnounceKind::DiskUp),
+            3 => Some(AnnounceKind::NodeFailing),
+            4 => Some(AnnounceKind::NodeLeaving),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AnnounceKind::DiskDown => "disk-down",
+            AnnounceKind::DiskUp => "disk-up",
+            AnnounceKind::NodeFailing => "node-failing",
+            AnnounceKind::NodeLeaving => "node-leaving",
+        }
+    }
+}
+
 /// Disk states as carried in DiskStateEntry / DiskStatusEntry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -721,7 +818,7 @@ mod tests {
         for op in Opcode::ALL {
             assert_eq!(Opcode::from_u16(op as u16), Some(op));
         }
-        assert_eq!(Opcode::from_u16(11), None);
+        assert_eq!(Opcode::from_u16(12), None);
         for s in Status::ALL {
             assert_eq!(Status::from_u16(s as u16), Some(s));
         }

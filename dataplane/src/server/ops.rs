@@ -174,6 +174,8 @@ fn small_op_inner(
             };
             out.extend_from_slice(reply.as_bytes());
         }
+        // An announcement is something a node sends, never something it is asked.
+        Opcode::Announce => return Err((Status::BadRequest, op as u32)),
         Opcode::Store | Opcode::Retrieve | Opcode::RetrieveRange | Opcode::GetContents => {
             // Streaming operations need a connection; over UDP they are a client error.
             return Err((Status::BadRequest, op as u32));

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dosp::client::{locate_multicast, Client, ClientError};
+use dosp::client::{locate_multicast, watch, Client, ClientError, ClusterEvent};
 use dosp::Fingerprint;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -70,6 +70,22 @@ enum Cmd {
         /// How long to collect answers, in milliseconds.
         #[arg(long, default_value_t = 500)]
         wait_ms: u64,
+    },
+    /// Print heartbeats, announcements and LOCATE answers heard on the cluster group,
+    /// one line each, as they arrive.
+    Watch {
+        /// Multicast group (GROUP:PORT).
+        #[arg(long, default_value = GROUP_DEFAULT)]
+        multicast: SocketAddrV4,
+        /// Local interface address for multicast.
+        #[arg(long, default_value = "127.0.0.1")]
+        multicast_if: Ipv4Addr,
+        /// Stop after this many seconds (default: run until interrupted).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Stop after this many lines.
+        #[arg(long)]
+        count: Option<u64>,
     },
     /// State and status of every disk of the node.
     Disks,
@@ -240,6 +256,35 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 );
             }
         }
+        Cmd::Watch {
+            multicast,
+            multicast_if,
+            seconds,
+            count,
+        } => {
+            // "Forever" is a century: the wait is a Duration, and nobody watches longer.
+            let wait = Duration::from_secs(seconds.unwrap_or(100 * 365 * 24 * 3600));
+            let mut printed = 0u64;
+            let stdout = io::stdout();
+            let mut out = stdout.lock();
+            let mut write_err = None;
+            watch(multicast, multicast_if, wait, &mut |event, from| {
+                if let Err(e) =
+                    writeln!(out, "{}", describe(&event, from)).and_then(|()| out.flush())
+                {
+                    write_err = Some(e);
+                    return false;
+                }
+                printed += 1;
+                count.is_none_or(|c| printed < c)
+            })?;
+            if let Some(e) = write_err {
+                // A closed pipe (`dosp watch | head`) is a normal way to stop.
+                if e.kind() != io::ErrorKind::BrokenPipe {
+                    return Err(fail(format!("cannot write output: {e}")));
+                }
+            }
+        }
         Cmd::Disks => {
             let disks = connect()?.disks(dosp::wire::ALL_DISKS)?;
             println!(
@@ -315,4 +360,61 @@ fn with_output(
         }
     }
     Ok(())
+}
+
+/// One line per cluster event, for `dosp watch`.
+fn describe(event: &ClusterEvent, from: std::net::SocketAddr) -> String {
+    match event {
+        ClusterEvent::Heartbeat(h) => {
+            let health = match h.health {
+                0 => "ok",
+                1 => "degraded",
+                _ => "failing",
+            };
+            format!(
+                "heartbeat node {:016x} epoch {} addr {}:{} health {} disks {}/{} objects {} free {} total {} ops {} uptime {}s",
+                h.node_id.get(),
+                h.epoch.get(),
+                Ipv4Addr::from(h.addr),
+                h.port.get(),
+                health,
+                h.disks_online.get(),
+                h.disks_total.get(),
+                h.objects.get(),
+                h.bytes_free.get(),
+                h.bytes_total.get(),
+                h.ops_outstanding.get(),
+                h.uptime_ms.get() / 1000
+            )
+        }
+        ClusterEvent::Announce(a) => {
+            let kind = dosp::wire::AnnounceKind::from_u8(a.kind)
+                .map(|k| k.name())
+                .unwrap_or("unknown");
+            let disk = if a.disk.get() == dosp::wire::ALL_DISKS {
+                "-".to_string()
+            } else {
+                a.disk.get().to_string()
+            };
+            format!(
+                "announce node {:016x} epoch {} seq {} {} disk {} reason {:?} from {}",
+                a.node_id.get(),
+                a.epoch.get(),
+                a.seq.get(),
+                kind,
+                disk,
+                a.reason(),
+                from
+            )
+        }
+        ClusterEvent::Located(l) => format!(
+            "located {} node {:016x} addr {}:{} disk {} len {}",
+            l.fingerprint,
+            l.node_id.get(),
+            Ipv4Addr::from(l.addr),
+            l.port.get(),
+            l.disk.get(),
+            l.object_len.get()
+        ),
+    }
 }

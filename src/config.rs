@@ -23,6 +23,13 @@ pub const DISK_SIZE_MIN: u64 = 16 << 20;
 pub const HEARTBEAT_MS_DEFAULT: u64 = 1000;
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 600_000;
+/// One disk down degrades the node; two make it failing.
+pub const DISKS_DOWN_MAX_DEFAULT: u16 = 1;
+/// The dataplane loop turns at least every 100 ms when idle (its idle sleep), so 2 s
+/// without a turn is a stall, not a quiet node.
+pub const DATAPLANE_STALL_MS_DEFAULT: u64 = 2000;
+/// The stall threshold must stay well above the loop's idle sleep (100 ms).
+pub const DATAPLANE_STALL_MS_MIN: u64 = 500;
 
 /// Command-line flags. Each overrides the same key of the `--config` file.
 #[derive(Parser, Debug, Default)]
@@ -68,6 +75,16 @@ pub struct Flags {
     /// Close a connection silent this long between requests [default: 600000]
     #[arg(long)]
     pub idle_timeout_ms: Option<u64>,
+    /// Bearer token for the REST endpoints that change things (disk offline/online);
+    /// without one they are disabled
+    #[arg(long, env = "DOSD_MGMT_TOKEN", hide_env_values = true)]
+    pub mgmt_token: Option<String>,
+    /// Health: more disks down than this makes the node failing [default: 1]
+    #[arg(long)]
+    pub disks_down_max: Option<u16>,
+    /// Health: a dataplane loop silent this long makes the node failing [default: 2000]
+    #[arg(long)]
+    pub dataplane_stall_ms: Option<u64>,
 }
 
 /// The same keys, from the TOML file.
@@ -85,6 +102,9 @@ pub struct FileConfig {
     pub heartbeat_ms: Option<u64>,
     pub request_timeout_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
+    pub mgmt_token: Option<String>,
+    pub disks_down_max: Option<u16>,
+    pub dataplane_stall_ms: Option<u64>,
 }
 
 /// The resolved configuration.
@@ -101,6 +121,10 @@ pub struct Config {
     pub heartbeat_ms: u64,
     pub request_timeout_ms: u64,
     pub idle_timeout_ms: u64,
+    /// `None`: the REST endpoints that change things are disabled.
+    pub mgmt_token: Option<String>,
+    pub disks_down_max: u16,
+    pub dataplane_stall_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,7 +240,32 @@ impl Config {
                 "must be at least 1 ms".into(),
             ));
         }
+        let mgmt_token = flags.mgmt_token.or(file.mgmt_token);
+        if mgmt_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(invalid(
+                "mgmt token",
+                "",
+                "must not be empty (leave it out to disable the mutating endpoints)".into(),
+            ));
+        }
+        let dataplane_stall_ms = flags
+            .dataplane_stall_ms
+            .or(file.dataplane_stall_ms)
+            .unwrap_or(DATAPLANE_STALL_MS_DEFAULT);
+        if dataplane_stall_ms < DATAPLANE_STALL_MS_MIN {
+            return Err(invalid(
+                "dataplane stall threshold",
+                &dataplane_stall_ms.to_string(),
+                format!("must be at least {DATAPLANE_STALL_MS_MIN} ms (the loop sleeps up to 100 ms when idle)"),
+            ));
+        }
         Ok(Config {
+            mgmt_token,
+            disks_down_max: flags
+                .disks_down_max
+                .or(file.disks_down_max)
+                .unwrap_or(DISKS_DOWN_MAX_DEFAULT),
+            dataplane_stall_ms,
             data_dir: flags
                 .data_dir
                 .or(file.data_dir)
@@ -316,5 +365,45 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("at least"), "{err}");
+    }
+
+    #[test]
+    fn management_keys() {
+        let c = Config::resolve(Flags::default()).unwrap();
+        assert_eq!(
+            c.mgmt_token, None,
+            "mutations are off unless a token is given"
+        );
+        assert_eq!(c.disks_down_max, DISKS_DOWN_MAX_DEFAULT);
+        assert_eq!(c.dataplane_stall_ms, DATAPLANE_STALL_MS_DEFAULT);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dosd.toml");
+        std::fs::write(
+            &path,
+            "mgmt_token = \"file-token\"\ndisks_down_max = 3\ndataplane_stall_ms = 5000\n",
+        )
+        .unwrap();
+        let c = Config::resolve(Flags {
+            config: Some(path.clone()),
+            mgmt_token: Some("flag-token".into()),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(c.mgmt_token.as_deref(), Some("flag-token"), "flag wins");
+        assert_eq!((c.disks_down_max, c.dataplane_stall_ms), (3, 5000));
+
+        for bad in [
+            Flags {
+                mgmt_token: Some(" ".into()),
+                ..Flags::default()
+            },
+            Flags {
+                dataplane_stall_ms: Some(100),
+                ..Flags::default()
+            },
+        ] {
+            assert!(Config::resolve(bad).is_err());
+        }
     }
 }

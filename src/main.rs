@@ -102,7 +102,22 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         )
     })?;
     let local = server.local_addr()?;
-    let mgmt = mgmt::Mgmt::start(cfg.mgmt_listen, handle, node_id, epoch)
+    let mgmt_cfg = mgmt::MgmtConfig {
+        listen: cfg.mgmt_listen,
+        node_id,
+        epoch,
+        dosp: local,
+        multicast_group: cfg.multicast,
+        multicast_if: cfg.multicast_if,
+        network_backend: "kernel".into(),
+        token: cfg.mgmt_token.clone(),
+        thresholds: mgmt::Thresholds {
+            disks_down_max: cfg.disks_down_max,
+            dataplane_stall_ms: cfg.dataplane_stall_ms,
+        },
+        command_wait: Duration::from_secs(5),
+    };
+    let mgmt = mgmt::Mgmt::start(mgmt_cfg, handle)
         .with_context(|| format!("cannot start the management core on {}", cfg.mgmt_listen))?;
     tracing::info!(
         node_id = %format!("{node_id:016x}"),

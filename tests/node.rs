@@ -627,7 +627,12 @@ fn kill_9_mid_workload_keeps_every_acknowledged_object() {
 fn http_get(node: &Node, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(node.mgmt).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // Connection: close, so that reading to the end ends (the server keeps connections alive otherwise).
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();

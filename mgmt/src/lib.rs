@@ -1,64 +1,135 @@
 //! The management core: the node's window for operators, never on the data path.
 //!
-//! In this first cut it serves a minimal HTTP/1.1 endpoint on its own thread (core 0):
-//! `GET /v1/node` (identity, epoch, uptime, version) and `GET /metrics` (every dataplane
-//! counter in the Prometheus text format), read from the dataplane's shared atomic
-//! counters. Disk status over REST, health, announcements and failover build on this
-//! (issue 3). What it must never do: touch a disk or a data-path socket.
+//! It runs on its own thread (core 0, DESIGN.md §3) with a tokio current-thread runtime
+//! serving a REST API with axum (see [`api`] for the endpoints, `/openapi.json` for the
+//! document). It reads only what the dataplane publishes through the
+//! [`DataplaneHandle`] — atomic counters and disk reports — and changes disk state by
+//! sending the dataplane a bounded command. What it must never do: touch a disk or a
+//! data-path socket, or block the dataplane.
 #![deny(unsafe_code)]
 
-use std::io::{self, BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod health;
+pub mod metrics;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dataplane::handle::DataplaneHandle;
 use dataplane::stats::NodeStats;
+use tokio::sync::watch;
+use utoipa::OpenApi;
+
+pub use health::Thresholds;
+
+/// What the management core needs to know about the node.
+#[derive(Debug, Clone)]
+pub struct MgmtConfig {
+    /// Where the REST API listens.
+    pub listen: SocketAddr,
+    pub node_id: u64,
+    pub epoch: u64,
+    /// The DOSP address actually bound.
+    pub dosp: SocketAddr,
+    pub multicast_group: SocketAddrV4,
+    pub multicast_if: Ipv4Addr,
+    /// Network backend name reported by `/v1/node` (`kernel` or `dpdk`).
+    pub network_backend: String,
+    /// Bearer token for the mutating endpoints; `None` disables them.
+    pub token: Option<String>,
+    pub thresholds: Thresholds,
+    /// How long a request waits for the dataplane to carry out a command.
+    pub command_wait: Duration,
+}
+
+/// Why the management core could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MgmtError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the management thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot render the OpenAPI document: {0}")]
+    OpenApi(String),
+}
+
+/// State shared by the handlers.
+pub struct Shared {
+    pub(crate) handle: DataplaneHandle,
+    pub(crate) cfg: MgmtConfig,
+    pub(crate) local: SocketAddr,
+    pub(crate) started: Instant,
+    pub(crate) liveness: health::Liveness,
+    /// Rendered once at start: it never changes while the node runs.
+    pub(crate) openapi: String,
+}
+
+/// How often the dataplane's loop counter is sampled for the stall rule. Well under
+/// the stall threshold, so a stall is measured to within this much.
+const LIVENESS_SAMPLE: Duration = Duration::from_millis(100);
+/// How long a stop waits for requests in flight before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Threads for blocking waits on dataplane commands; more requests queue.
+const BLOCKING_THREADS: usize = 2;
 
 /// A running management core.
 #[derive(Debug)]
 pub struct Mgmt {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
 }
 
-struct Shared {
-    stats: Arc<NodeStats>,
-    node_id: u64,
-    epoch: u64,
-    started: Instant,
-}
-
-/// Longest request head we read; anything bigger is refused.
-const REQUEST_HEAD_MAX: usize = 8 * 1024;
-
 impl Mgmt {
-    pub fn start(
-        addr: SocketAddr,
-        handle: DataplaneHandle,
-        node_id: u64,
-        epoch: u64,
-    ) -> io::Result<Mgmt> {
-        let stats = Arc::clone(&handle.stats);
-        let listener = TcpListener::bind(addr)?;
-        let addr = listener.local_addr()?;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let shared = Shared {
-            stats,
-            node_id,
-            epoch,
-            started: Instant::now(),
+    /// Binds the REST address (so errors surface here, before the node says it is
+    /// ready) and starts serving on a thread of its own.
+    pub fn start(cfg: MgmtConfig, handle: DataplaneHandle) -> Result<Mgmt, MgmtError> {
+        let listen_err = |source| MgmtError::Listen {
+            addr: cfg.listen,
+            source,
         };
-        let thread = std::thread::Builder::new().name("mgmt".into()).spawn({
-            let stop = Arc::clone(&stop);
-            move || serve(listener, &shared, &stop)
-        })?;
+        let listener = TcpListener::bind(cfg.listen).map_err(listen_err)?;
+        let local = listener.local_addr().map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        if cfg.token.is_none() {
+            tracing::warn!(
+                "management: no --mgmt-token (mgmt_token) configured; POST endpoints \
+                 (disk offline/online) are disabled"
+            );
+        }
+        let openapi = api::ApiDoc::openapi()
+            .to_json()
+            .map_err(|e| MgmtError::OpenApi(e.to_string()))?;
+        let now = Instant::now();
+        let shared = Arc::new(Shared {
+            liveness: health::Liveness::new(NodeStats::get(&handle.stats.loop_turns), now),
+            handle,
+            cfg,
+            local,
+            started: now,
+            openapi,
+        });
+        let (stop, stopped) = watch::channel(false);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .max_blocking_threads(BLOCKING_THREADS)
+            .thread_name("mgmt-blocking")
+            .build()
+            .map_err(MgmtError::Thread)?;
+        let thread = std::thread::Builder::new()
+            .name("mgmt".into())
+            .spawn(move || runtime.block_on(serve(listener, shared, stopped)))
+            .map_err(MgmtError::Thread)?;
         Ok(Mgmt {
-            addr,
+            addr: local,
             stop,
             thread: Some(thread),
         })
@@ -68,209 +139,53 @@ impl Mgmt {
         self.addr
     }
 
+    /// Stops serving: requests in flight get [`SHUTDOWN_GRACE`] to finish.
     pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stop.send(true);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn serve(listener: TcpListener, shared: &Shared, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if let Err(e) = handle(stream, shared) {
-                    tracing::debug!(error = %e, "management request failed");
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "management accept failed");
-                std::thread::sleep(Duration::from_millis(50));
+async fn serve(listener: TcpListener, shared: Arc<Shared>, stopped: watch::Receiver<bool>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "management: cannot serve the REST listener");
+            return;
+        }
+    };
+    // Sample the loop counter on a timer, so a stall is measured even when nobody
+    // asks for /v1/health in the meantime.
+    let sampler = tokio::spawn({
+        let shared = Arc::clone(&shared);
+        async move {
+            let mut tick = tokio::time::interval(LIVENESS_SAMPLE);
+            loop {
+                tick.tick().await;
+                shared.liveness.observe(
+                    NodeStats::get(&shared.handle.stats.loop_turns),
+                    Instant::now(),
+                );
             }
         }
-    }
-}
-
-fn handle(stream: TcpStream, shared: &Shared) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?.take(REQUEST_HEAD_MAX as u64));
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    // Drain the header lines (bounded by the take() above).
-    let mut h = String::new();
-    while reader.read_line(&mut h)? > 2 {
-        h.clear();
-    }
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (code, ctype, body) = match (method, path) {
-        ("GET", "/v1/node") => (200, "application/json", node_json(shared)),
-        ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics(&shared.stats)),
-        ("GET", _) => (
-            404,
-            "application/json",
-            format!("{{\"error\":\"no such resource: {}\"}}", json_escape(path)),
-        ),
-        _ => (
-            405,
-            "application/json",
-            "{\"error\":\"only GET is served here\"}".to_string(),
-        ),
+    });
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
     };
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        _ => "Method Not Allowed",
-    };
-    let mut out = stream;
-    write!(
-        out,
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    out.flush()
-}
-
-use std::io::Read;
-
-fn json_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| match c {
-            '"' => "\\\"".chars().collect::<Vec<_>>(),
-            '\\' => "\\\\".chars().collect(),
-            c if c.is_control() => format!("\\u{:04x}", c as u32).chars().collect(),
-            c => vec![c],
-        })
-        .collect()
-}
-
-fn node_json(shared: &Shared) -> String {
-    format!(
-        "{{\"node_id\":\"{:016x}\",\"epoch\":{},\"uptime_ms\":{},\"version\":\"{}\",\"role\":\"standalone\"}}",
-        shared.node_id,
-        shared.epoch,
-        shared.started.elapsed().as_millis(),
-        env!("CARGO_PKG_VERSION")
-    )
-}
-
-/// Every dataplane counter in the Prometheus text format.
-pub fn metrics(s: &NodeStats) -> String {
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64, bool); 21] = [
-        (
-            "dosd_connections",
-            "Connections open now",
-            &s.connections,
-            false,
-        ),
-        (
-            "dosd_connections_total",
-            "Connections accepted",
-            &s.connections_total,
-            true,
-        ),
-        (
-            "dosd_connections_refused_total",
-            "Connections refused (table full)",
-            &s.connections_refused,
-            true,
-        ),
-        ("dosd_ops_total", "Requests completed", &s.ops_total, true),
-        (
-            "dosd_ops_outstanding",
-            "Requests in progress",
-            &s.ops_outstanding,
-            false,
-        ),
-        ("dosd_bytes_in_total", "Bytes received", &s.bytes_in, true),
-        ("dosd_bytes_out_total", "Bytes sent", &s.bytes_out, true),
-        (
-            "dosd_errors_total",
-            "Replies with a non-success status",
-            &s.errors_total,
-            true,
-        ),
-        (
-            "dosd_bad_requests_total",
-            "Malformed input (connection closed)",
-            &s.bad_requests,
-            true,
-        ),
-        (
-            "dosd_unknown_opcodes_total",
-            "Requests with an unknown opcode",
-            &s.unknown_opcodes,
-            true,
-        ),
-        (
-            "dosd_stores_aborted_total",
-            "STOREs abandoned mid-stream",
-            &s.stores_aborted,
-            true,
-        ),
-        (
-            "dosd_sessions_timed_out_total",
-            "Connections closed after going quiet",
-            &s.sessions_timed_out,
-            true,
-        ),
-        (
-            "dosd_checksum_mismatches_total",
-            "Object data failing its checksum",
-            &s.checksum_mismatches,
-            true,
-        ),
-        ("dosd_stores_total", "STORE requests", &s.stores, true),
-        (
-            "dosd_retrieves_total",
-            "RETRIEVE and RETRIEVE_RANGE requests",
-            &s.retrieves,
-            true,
-        ),
-        ("dosd_deletes_total", "DELETE requests", &s.deletes, true),
-        (
-            "dosd_udp_requests_total",
-            "Datagram requests",
-            &s.udp_requests,
-            true,
-        ),
-        (
-            "dosd_udp_bad_total",
-            "Malformed datagrams dropped",
-            &s.udp_bad,
-            true,
-        ),
-        (
-            "dosd_locate_answers_total",
-            "LOCATE answers sent",
-            &s.locate_answers,
-            true,
-        ),
-        (
-            "dosd_heartbeats_sent_total",
-            "Heartbeats multicast",
-            &s.heartbeats_sent,
-            true,
-        ),
-        (
-            "dosd_loop_turns_total",
-            "Dataplane loop turns",
-            &s.loop_turns,
-            true,
-        ),
-    ];
-    let mut out = String::new();
-    for (name, help, v, counter) in counters {
-        let kind = if counter { "counter" } else { "gauge" };
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}\n",
-            NodeStats::get(v)
-        ));
+    let app = api::router(shared);
+    let server = axum::serve(listener, app).with_graceful_shutdown(until_stopped(stopped.clone()));
+    tokio::select! {
+        result = server => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "management: REST server failed");
+            }
+        }
+        () = async {
+            until_stopped(stopped).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => tracing::warn!("management: stopped with requests still in flight"),
     }
-    out
+    sampler.abort();
 }

@@ -1,0 +1,434 @@
+//! The REST API (`/v1`), its JSON shapes and its OpenAPI document.
+//!
+//! Handlers only read what the dataplane published (counters, disk reports) or send it
+//! a typed command through the handle; the blocking wait for a command's answer runs
+//! on tokio's blocking pool so that other requests keep being served meanwhile.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dataplane::store::{DiskId, DiskReport, DiskState};
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use crate::error::{json_errors, ApiError, ErrorBody};
+use crate::health::{self, Health};
+use crate::{auth, metrics, Shared};
+
+/// Largest request body accepted (the only bodies are small JSON objects).
+const BODY_MAX: usize = 4096;
+/// Longest `reason` an operator may attach to a state change.
+const REASON_MAX: usize = 256;
+
+/// A disk's state, as the API spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskStateView {
+    Online,
+    Offline,
+    Down,
+}
+
+impl From<DiskState> for DiskStateView {
+    fn from(s: DiskState) -> Self {
+        match s {
+            DiskState::Online => DiskStateView::Online,
+            DiskState::Offline => DiskStateView::Offline,
+            DiskState::Down => DiskStateView::Down,
+        }
+    }
+}
+
+/// One disk: identity, where it is, its state and capacity.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DiskView {
+    pub id: u16,
+    /// The identity written in the disk's superblock (32 hex digits).
+    pub identity: String,
+    /// Block backend: `file`, `memory`, …
+    pub backend: String,
+    /// Path or PCI address.
+    pub location: String,
+    pub state: DiskStateView,
+    pub bytes_total: u64,
+    /// Not used by live or dead records.
+    pub bytes_free: u64,
+    /// Free plus reclaimable dead bytes.
+    pub bytes_available: u64,
+    /// Bytes of deleted or superseded records awaiting compaction.
+    pub bytes_dead: u64,
+    pub objects_used: u64,
+    pub objects_available: u64,
+    /// Open writes on the disk.
+    pub outstanding_ops: u32,
+    /// I/O errors seen since start.
+    pub errors: u64,
+}
+
+impl From<&DiskReport> for DiskView {
+    fn from(d: &DiskReport) -> Self {
+        DiskView {
+            id: d.id.0,
+            identity: hex::encode(d.identity),
+            backend: d.backend.to_string(),
+            location: d.location.clone(),
+            state: d.state.into(),
+            bytes_total: d.bytes_total,
+            bytes_free: d.bytes_free,
+            bytes_available: d.bytes_available,
+            bytes_dead: d.bytes_dead,
+            objects_used: d.objects_used,
+            objects_available: d.objects_available,
+            outstanding_ops: d.outstanding_ops,
+            errors: d.errors,
+        }
+    }
+}
+
+/// Every disk of the node.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DisksView {
+    pub disks: Vec<DiskView>,
+}
+
+/// Where the node can be reached.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Addresses {
+    /// DOSP, TCP and UDP (HOST:PORT).
+    pub dosp: String,
+    /// The cluster's multicast group (GROUP:PORT).
+    pub multicast_group: String,
+    /// The local interface multicast is sent from.
+    pub multicast_if: String,
+    /// This REST endpoint.
+    pub mgmt: String,
+}
+
+/// Backends in use.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Backends {
+    /// Network: `kernel` (sockets) or `dpdk`.
+    pub network: String,
+    /// Block backends of the disks, each named once.
+    pub disks: Vec<String>,
+}
+
+/// The node's role in a failover pair.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Standalone,
+    Active,
+    Passive,
+}
+
+/// Who the node is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NodeView {
+    /// 16 hex digits.
+    pub node_id: String,
+    /// Increments on each start.
+    pub epoch: u64,
+    pub version: String,
+    pub uptime_ms: u64,
+    pub role: Role,
+    pub addresses: Addresses,
+    pub backends: Backends,
+    /// Whether POST endpoints are enabled (a token is configured).
+    pub mutations_enabled: bool,
+}
+
+/// Optional body of a state change.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateChangeRequest {
+    /// Why, for the log (at most 256 bytes).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "dosd management API",
+        description = "Node identity, disk state and status, health and metrics of a dosd storage node."
+    ),
+    paths(node, disks, disk, disk_offline, disk_online, health_get, metrics_get, openapi_get),
+    components(schemas(
+        NodeView, Addresses, Backends, Role, DisksView, DiskView, DiskStateView,
+        StateChangeRequest, ErrorBody, Health, health::Reason, health::ReasonKind,
+        health::Status, health::Thresholds
+    )),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The router, with JSON errors for everything that fails.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/node", get(node))
+        .route("/v1/disks", get(disks))
+        .route("/v1/disks/{id}", get(disk))
+        .route("/v1/disks/{id}/offline", post(disk_offline))
+        .route("/v1/disks/{id}/online", post(disk_online))
+        .route("/v1/health", get(health_get))
+        .route("/metrics", get(metrics_get))
+        .route("/openapi.json", get(openapi_get))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_MAX))
+        .layer(axum::middleware::map_response(json_errors))
+        .with_state(shared)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!(
+        "no such resource: {} (see /openapi.json)",
+        uri.path()
+    ))
+}
+
+/// Parses a disk id from the path and finds its report.
+fn find_disk(reports: &[DiskReport], id: &str) -> Result<DiskId, ApiError> {
+    let n: u16 = id.parse().map_err(|_| {
+        ApiError::BadRequest(format!("bad disk id {id:?}: expected a number 0..=65535"))
+    })?;
+    if reports.iter().any(|d| d.id.0 == n) {
+        Ok(DiskId(n))
+    } else {
+        Err(ApiError::NotFound(format!(
+            "no disk {n}: this node has {} disks, 0 to {}",
+            reports.len(),
+            reports.len().saturating_sub(1)
+        )))
+    }
+}
+
+/// Node identity, addresses and backends.
+#[utoipa::path(get, path = "/v1/node", responses((status = 200, body = NodeView)))]
+async fn node(State(s): State<Arc<Shared>>) -> Json<NodeView> {
+    let mut disk_backends: Vec<String> = s
+        .handle
+        .disks
+        .snapshot()
+        .iter()
+        .map(|d| d.backend.to_string())
+        .collect();
+    disk_backends.sort_unstable();
+    disk_backends.dedup();
+    Json(NodeView {
+        node_id: format!("{:016x}", s.cfg.node_id),
+        epoch: s.cfg.epoch,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_ms: u64::try_from(s.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        role: Role::Standalone,
+        addresses: Addresses {
+            dosp: s.cfg.dosp.to_string(),
+            multicast_group: s.cfg.multicast_group.to_string(),
+            multicast_if: s.cfg.multicast_if.to_string(),
+            mgmt: s.local.to_string(),
+        },
+        backends: Backends {
+            network: s.cfg.network_backend.clone(),
+            disks: disk_backends,
+        },
+        mutations_enabled: s.cfg.token.is_some(),
+    })
+}
+
+/// Every disk, in id order.
+#[utoipa::path(get, path = "/v1/disks", responses((status = 200, body = DisksView)))]
+async fn disks(State(s): State<Arc<Shared>>) -> Json<DisksView> {
+    Json(DisksView {
+        disks: s
+            .handle
+            .disks
+            .snapshot()
+            .iter()
+            .map(DiskView::from)
+            .collect(),
+    })
+}
+
+/// One disk.
+#[utoipa::path(
+    get,
+    path = "/v1/disks/{id}",
+    params(("id" = u16, Path, description = "Disk id, 0 to the number of disks less one")),
+    responses(
+        (status = 200, body = DiskView),
+        (status = 400, description = "The id is not a number", body = ErrorBody),
+        (status = 404, description = "No such disk", body = ErrorBody),
+    )
+)]
+async fn disk(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Json<DiskView>, ApiError> {
+    let reports = s.handle.disks.snapshot();
+    let id = find_disk(&reports, &id)?;
+    let d = reports
+        .iter()
+        .find(|d| d.id == id)
+        .ok_or_else(|| ApiError::NotFound(format!("no disk {}", id.0)))?;
+    Ok(Json(DiskView::from(d)))
+}
+
+/// Takes a disk out of service: it accepts no new objects and its objects are reported
+/// unavailable (DISK_OFFLINE); nothing on it is lost.
+#[utoipa::path(
+    post,
+    path = "/v1/disks/{id}/offline",
+    params(("id" = u16, Path, description = "Disk id")),
+    request_body(content = Option<StateChangeRequest>, description = "Optional: why", content_type = "application/json"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The disk as it is now", body = DiskView),
+        (status = 400, description = "Bad id or body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 403, description = "No token configured: mutations disabled", body = ErrorBody),
+        (status = 404, description = "No such disk", body = ErrorBody),
+        (status = 409, description = "The dataplane refused the change", body = ErrorBody),
+        (status = 503, description = "The dataplane is busy or did not answer in time", body = ErrorBody),
+    )
+)]
+async fn disk_offline(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<DiskView>, ApiError> {
+    change_state(s, &headers, &id, &body, DiskState::Offline).await
+}
+
+/// Puts a disk back into service with its index intact. A disk that failed stays down
+/// until the node restarts (409).
+#[utoipa::path(
+    post,
+    path = "/v1/disks/{id}/online",
+    params(("id" = u16, Path, description = "Disk id")),
+    request_body(content = Option<StateChangeRequest>, description = "Optional: why", content_type = "application/json"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The disk as it is now", body = DiskView),
+        (status = 400, description = "Bad id or body", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 403, description = "No token configured: mutations disabled", body = ErrorBody),
+        (status = 404, description = "No such disk", body = ErrorBody),
+        (status = 409, description = "The dataplane refused the change", body = ErrorBody),
+        (status = 503, description = "The dataplane is busy or did not answer in time", body = ErrorBody),
+    )
+)]
+async fn disk_online(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<DiskView>, ApiError> {
+    change_state(s, &headers, &id, &body, DiskState::Online).await
+}
+
+async fn change_state(
+    s: Arc<Shared>,
+    headers: &HeaderMap,
+    id: &str,
+    body: &[u8],
+    state: DiskState,
+) -> Result<Json<DiskView>, ApiError> {
+    // Authentication first: an unauthenticated caller learns nothing about disks.
+    auth::check(
+        s.cfg.token.as_deref(),
+        headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+    )?;
+    let disk = find_disk(&s.handle.disks.snapshot(), id)?;
+    let request: StateChangeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        StateChangeRequest::default()
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("bad JSON body: {e}")))?
+    };
+    let reason = request.reason.unwrap_or_default();
+    if reason.len() > REASON_MAX {
+        return Err(ApiError::BadRequest(format!(
+            "reason is {} bytes, at most {REASON_MAX}",
+            reason.len()
+        )));
+    }
+    let handle = s.handle.clone();
+    let wait = s.cfg.command_wait;
+    let report = tokio::task::spawn_blocking(move || handle.set_disk_state(disk, state, wait))
+        .await
+        .map_err(|_| ApiError::Dataplane(dataplane::handle::CommandError::Stopped))??;
+    if report.state != state {
+        return Err(ApiError::Conflict(format!(
+            "disk {} is {:?} and stays so: a disk that failed stays down until the node restarts",
+            disk.0,
+            DiskStateView::from(report.state)
+        )));
+    }
+    tracing::info!(disk = disk.0, ?state, %reason, "disk state changed over REST");
+    Ok(Json(DiskView::from(&report)))
+}
+
+/// Overall health with its reasons and the thresholds in force.
+#[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health)))]
+async fn health_get(State(s): State<Arc<Shared>>) -> Json<Health> {
+    let now = Instant::now();
+    s.liveness.observe(
+        dataplane::stats::NodeStats::get(&s.handle.stats.loop_turns),
+        now,
+    );
+    Json(health::assess(
+        &s.handle.disks.snapshot(),
+        s.liveness.quiet(now),
+        &s.cfg.thresholds,
+    ))
+}
+
+/// Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses((status = 200, description = "Prometheus exposition format 0.0.4", body = String, content_type = "text/plain"))
+)]
+async fn metrics_get(State(s): State<Arc<Shared>>) -> Response {
+    let text = metrics::render(&s.handle.stats, &s.handle.disks.snapshot());
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3 document", content_type = "application/json")))]
+async fn openapi_get(State(s): State<Arc<Shared>>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        s.openapi.clone(),
+    )
+        .into_response()
+}

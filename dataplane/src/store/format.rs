@@ -1,22 +1,32 @@
 //! The on-disk format of a dosd disk. This module owns every byte layout the store
 //! writes; nothing else in the store touches raw bytes of a superblock or a record
-//! header. All integers are little-endian; all structures are fixed-size
-//! (`zerocopy`), with compile-time size checks.
+//! header. All integers are little-endian; every fixed structure (superblock, record
+//! header, checkpoint header) is a `zerocopy` type with compile-time size checks; the
+//! one variable structure, a checkpoint body, is a packed stream described below.
 //!
 //! # Layout
 //!
 //! ```text
-//! block 0   superblock copy A   (written for even generations)
-//! block 1   superblock copy B   (written for odd generations)
-//! block 2.. the log: a circular region up to the end of the disk
+//! block 0          superblock copy A   (written for even generations)
+//! block 1          superblock copy B   (written for odd generations)
+//! block 2          checkpoint header, slot 0
+//! block 3          checkpoint header, slot 1
+//! block 4 ..       checkpoint body, slot 0   (ckpt_blocks blocks)
+//! .. 4 + 2n        checkpoint body, slot 1   (ckpt_blocks blocks)
+//! 4 + 2n ..        the log: a circular region up to the end of the disk
 //! ```
+//!
+//! The four fixed blocks come first so that open reads both superblock copies and both
+//! checkpoint headers in one I/O. `ckpt_blocks` (n above) is chosen at format from the
+//! disk size ([`ckpt_body_blocks`]) and recorded in the superblock, so the layout of a
+//! formatted disk never depends on this code's arithmetic again.
 //!
 //! ## Superblock (128 bytes at the start of its block, rest of the block zero)
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
 //! | 0 | 8 | magic `b"DOSDDISK"` |
-//! | 8 | 4 | format_version = 1 |
+//! | 8 | 4 | format_version = 2 |
 //! | 12 | 4 | block_size = 4096 |
 //! | 16 | 16 | disk identity (random at format; the disk's serial number) |
 //! | 32 | 8 | node_id of the node that formatted the disk |
@@ -27,7 +37,8 @@
 //! | 72 | 8 | verified_seq: every record with a smaller seq is known durable |
 //! | 80 | 8 | epoch: records written from now on carry this epoch (see below) |
 //! | 88 | 8 | generation: +1 per update; the valid copy with the highest wins |
-//! | 96 | 28 | reserved, zero |
+//! | 96 | 8 | ckpt_blocks: body blocks of each checkpoint slot |
+//! | 104 | 20 | reserved, zero |
 //! | 124 | 4 | crc32c of bytes 0..124 |
 //!
 //! The two copies are updated alternately (generation `g` goes to block `g % 2`) with a
@@ -36,12 +47,16 @@
 //! formatted. Format writes copy B (generation 1), flushes, then copy A (generation 2),
 //! so a crash during format leaves either a blank disk or a valid copy.
 //!
+//! Version 1 (no checkpoint area, log at block 2) is refused like any unknown version:
+//! no version-1 disk was ever deployed.
+//!
 //! ## Log records
 //!
 //! Records are appended at the tail, each starting on a block boundary: one 4096-byte
 //! header block followed by `ceil(payload_len / 4096)` payload blocks (the last one
 //! zero-padded). A record that does not fit before the end of the disk is preceded by a
-//! WRAP record ("continue at block 2"); the space after the WRAP is skipped.
+//! WRAP record ("continue at the start of the log"); the space after the WRAP is
+//! skipped.
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
@@ -81,6 +96,93 @@
 //! written after the last completed flush: truncate) from media rot in old data (keep
 //! the log; reads report the corruption), and keeps the data verification at start-up
 //! down to the last few records even without a checkpoint.
+//!
+//! ## Index checkpoint
+//!
+//! Rebuilding the index from the log alone costs one header read per record, minutes
+//! on a large disk of small objects. So `Store::checkpoint` saves each disk's part of
+//! the index in one of two slots, alternating, and open loads the newest usable slot
+//! and replays only the records written after it. A checkpoint is only ever a shortcut:
+//! the log from `log_head` still holds everything, so a slot that is torn, rotten,
+//! stale or inconsistent is ignored (with a warning) and the full scan used instead.
+//!
+//! Header (128 bytes at the start of its block, rest of the block zero):
+//!
+//! | offset | size | field |
+//! | --- | --- | --- |
+//! | 0 | 8 | magic `b"DOSDCKPT"` |
+//! | 8 | 4 | slot (0 or 1): where this header is, so where its body is |
+//! | 12 | 1 | W: bytes of a block-sized field of the body (see below) |
+//! | 13 | 3 | zero |
+//! | 16 | 16 | disk identity (= the superblock's) |
+//! | 32 | 8 | log_nonce (= the superblock's) |
+//! | 40 | 8 | generation: +1 per checkpoint written; the newest usable one wins |
+//! | 48 | 8 | seq S: every record with seq < S is reflected in the body, none after |
+//! | 56 | 8 | position: byte offset where record S starts (or will start) |
+//! | 64 | 8 | epoch of the log when written: records from S on carry no smaller one |
+//! | 72 | 8 | objects in the body |
+//! | 80 | 8 | pending writes in the body |
+//! | 88 | 8 | extents in the body (objects' and pending writes') |
+//! | 96 | 8 | body_len: exactly (20 + 2W) × (objects + pending) + (3 + W) × extents |
+//! | 104 | 4 | crc32c of the body's body_len bytes |
+//! | 108 | 16 | reserved, zero |
+//! | 124 | 4 | crc32c of bytes 0..124 |
+//!
+//! Body: a byte stream (entries may straddle blocks), zero-padded to a whole block. The
+//! objects first, then the pending writes, each an entry followed by its extents. All
+//! integers little-endian; fields of W bytes hold values that are at most the number of
+//! blocks of the disk, and W is the fewest bytes that can ([`ckpt_width`]: 2 for disks
+//! from 1 to 256 MiB, 3 below 64 GiB, 4 below 16 TiB, 5 beyond), which keeps a small
+//! object's entry at 23 + 3W bytes rather than the 44 of plain 64-bit fields:
+//!
+//! | entry (20 + 2W bytes) | | |
+//! | --- | --- | --- |
+//! | 0 | 16 | fingerprint (zero for a pending write) |
+//! | 16 | W | age: S − write_id, where write_id is the seq of the write's first record |
+//! | 16 + W | 4 | refcount (≥ 1 for an object, 0 for a pending write) |
+//! | 20 + W | W | number of extents that follow (≥ 1) |
+//!
+//! | extent (3 + W bytes) | | |
+//! | --- | --- | --- |
+//! | 0 | W | block of the segment's record header, counted from the start of the log |
+//! | W | 3 | payload bytes of the segment (at most 3.75 MiB < 2^24) |
+//!
+//! The age fits W bytes because the write's first record is live, so between the head
+//! and S, and every record takes at least a block. A snapshot with a value that does not
+//! fit its field anyway (a log written by other software) is not written.
+//!
+//! An object's length is the sum of its extents, its log footprint the sum of their
+//! record sizes, so neither is stored. *Pending writes* are writes still open when the
+//! checkpoint was taken: their first segments lie before S and their COMMIT (if it
+//! comes) after it, so replay from S must start with those segments already collected,
+//! exactly as a full scan would have them at S.
+//!
+//! Writing (see `checkpoint.rs`): flush the log (records below S are durable); write the
+//! body into the slot that does *not* hold the checkpoint in use, then its header; flush.
+//! A crash anywhere leaves the other slot intact, and the new one either whole or failing
+//! its crcs. Loading: both headers are checked (magic, crc, identity, nonce, counts
+//! against the slot size), newest generation first; a slot is usable only while
+//! `head_seq ≤ S` (compaction has not moved the head past it) and its epoch is no newer
+//! than the superblock's; its body must pass its crc and every entry its bounds. The
+//! scan then starts at `position` expecting seq S; if anything from there on disagrees
+//! with the superblock (the log ends before `verified_seq`, a durable record is
+//! unreadable) the whole open is redone from `log_head`, so a checkpoint can never make
+//! recovery trust less of the log than the full scan would.
+//!
+//! ### Sizing the checkpoint area
+//!
+//! Every live record but one takes at least two blocks of log (a header and at least
+//! one payload block): a segment is written only with payload, and the one exception, a
+//! zero-length object's single header block, exists at most once (all empty objects have
+//! the same fingerprint). Live records (those of objects in the index and of pending
+//! writes) do not overlap, and each is one extent of one entry. So a disk of `size`
+//! bytes never has more than `size / 8192 + 1` extents, nor more entries than extents,
+//! and a slot needs at most `(size / 8192 + 1) × (23 + 3W)` bytes of body
+//! ([`ckpt_body_blocks`]). For both slots that is 0.71% of a 64 MiB disk (W = 2), 0.78%
+//! of a 32 GiB one (W = 3), 0.85% of a 4 TB one (W = 4; about 34 GB), 0.93% beyond 16
+//! TiB (W = 5). A snapshot that would not fit anyway (a log written by other software)
+//! is skipped with a warning, and the next open uses the previous checkpoint or the full
+//! scan.
 
 use zerocopy::little_endian::{I32, U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -91,14 +193,21 @@ use dosp::Fingerprint;
 pub const BLOCK: usize = nvme::BLOCK_SIZE;
 /// [`BLOCK`] as a byte offset.
 pub const BLOCK_U64: u64 = BLOCK as u64;
-/// Current (and only) format version.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current format version (2: the checkpoint area; 1 had none and is refused).
+pub const FORMAT_VERSION: u32 = 2;
 /// Superblock magic.
 pub const SB_MAGIC: [u8; 8] = *b"DOSDDISK";
 /// Record header magic.
 pub const REC_MAGIC: [u8; 8] = *b"DOSDLOG1";
-/// First byte of the log (after the two superblock copies).
-pub const LOG_START: u64 = 2 * BLOCK_U64;
+/// Checkpoint magic.
+pub const CKPT_MAGIC: [u8; 8] = *b"DOSDCKPT";
+/// Blocks at the start of every disk before the checkpoint bodies: two superblock
+/// copies and two checkpoint headers.
+pub const FIXED_BLOCKS: u64 = 4;
+/// Sequence numbers, epochs and generations grow by one per event: a value above this
+/// read from disk is damage (however unlikely past a crc), and would overflow
+/// arithmetic.
+pub const SEQ_SANE_MAX: u64 = u64::MAX / 4;
 /// Most payload blocks one record can describe (its block CRCs fill the header).
 pub const MAX_SEGMENT_BLOCKS: usize = 960;
 /// Most payload bytes of one record.
@@ -137,7 +246,8 @@ struct SuperblockRaw {
     verified_seq: U64,
     epoch: U64,
     generation: U64,
-    reserved: [u8; 28],
+    ckpt_blocks: U64,
+    reserved: [u8; 20],
     crc: U32,
 }
 
@@ -157,6 +267,8 @@ pub struct Superblock {
     pub verified_seq: u64,
     pub epoch: u64,
     pub generation: u64,
+    /// Body blocks of each checkpoint slot (fixed at format).
+    pub ckpt_blocks: u64,
 }
 
 /// What one superblock slot holds.
@@ -191,7 +303,8 @@ impl Superblock {
             verified_seq: U64::new(self.verified_seq),
             epoch: U64::new(self.epoch),
             generation: U64::new(self.generation),
-            reserved: [0; 28],
+            ckpt_blocks: U64::new(self.ckpt_blocks),
+            reserved: [0; 20],
             crc: U32::new(0),
         };
         raw.crc = U32::new(crc32c::crc32c(&raw.as_bytes()[..SB_CRC_AT]));
@@ -227,7 +340,234 @@ impl Superblock {
             verified_seq: raw.verified_seq.get(),
             epoch: raw.epoch.get(),
             generation: raw.generation.get(),
+            ckpt_blocks: raw.ckpt_blocks.get(),
         })
+    }
+
+    /// The disk's layout, if the recorded sizes are consistent (a checkpoint area that
+    /// leaves no log, or arithmetic that would overflow, is not).
+    pub fn geometry(&self) -> Option<Geometry> {
+        let size_blocks = self.size_bytes / BLOCK_U64;
+        let log_start_blocks = self.ckpt_blocks.checked_mul(2)?.checked_add(FIXED_BLOCKS)?;
+        (log_start_blocks < size_blocks).then_some(Geometry {
+            size_bytes: size_blocks * BLOCK_U64,
+            ckpt_blocks: self.ckpt_blocks,
+        })
+    }
+}
+
+/// Where everything lives on one disk (see the layout in the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// A multiple of [`BLOCK`].
+    pub size_bytes: u64,
+    /// Body blocks of each checkpoint slot.
+    pub ckpt_blocks: u64,
+}
+
+impl Geometry {
+    /// The layout a disk of `size_bytes` gets at format.
+    pub fn for_size(size_bytes: u64) -> Geometry {
+        Geometry {
+            size_bytes: size_bytes - size_bytes % BLOCK_U64,
+            ckpt_blocks: ckpt_body_blocks(size_bytes),
+        }
+    }
+
+    /// Byte offset of checkpoint slot `slot`'s header block.
+    pub fn ckpt_header(&self, slot: u8) -> u64 {
+        (2 + u64::from(slot & 1)) * BLOCK_U64
+    }
+
+    /// Byte offset of checkpoint slot `slot`'s body.
+    pub fn ckpt_body(&self, slot: u8) -> u64 {
+        (FIXED_BLOCKS + u64::from(slot & 1) * self.ckpt_blocks) * BLOCK_U64
+    }
+
+    /// Bytes one checkpoint body may take.
+    pub fn ckpt_body_bytes(&self) -> u64 {
+        self.ckpt_blocks * BLOCK_U64
+    }
+
+    /// First byte of the log.
+    pub fn log_start(&self) -> u64 {
+        (FIXED_BLOCKS + 2 * self.ckpt_blocks) * BLOCK_U64
+    }
+
+    /// Bytes of the log.
+    pub fn log_len(&self) -> u64 {
+        self.size_bytes.saturating_sub(self.log_start())
+    }
+}
+
+/// W: bytes of the block-sized fields of a checkpoint body on a disk of `size_bytes`,
+/// the fewest that hold any count of the disk's blocks (see the module doc).
+pub fn ckpt_width(size_bytes: u64) -> u8 {
+    let blocks = size_bytes / BLOCK_U64;
+    let bits = u64::BITS - blocks.leading_zeros();
+    // At most 8 (a u64 has 64 bits), at least 1.
+    bits.div_ceil(8).max(1) as u8
+}
+
+/// Bytes of a checkpoint entry (object or pending write) without its extents.
+pub fn ckpt_entry_bytes(width: u8) -> u64 {
+    16 + 4 + 2 * u64::from(width)
+}
+
+/// Bytes of one extent in a checkpoint body.
+pub fn ckpt_extent_bytes(width: u8) -> u64 {
+    CKPT_LEN_BYTES as u64 + u64::from(width)
+}
+
+/// Bytes of an extent's payload length in a checkpoint body.
+pub const CKPT_LEN_BYTES: usize = 3;
+const _: () = assert!(MAX_SEGMENT_BYTES < 1 << (8 * CKPT_LEN_BYTES));
+
+/// The largest value a field of `width` bytes holds.
+pub fn ckpt_field_max(width: u8) -> u64 {
+    match width {
+        0 => 0,
+        1..=7 => (1u64 << (8 * u32::from(width))) - 1,
+        _ => u64::MAX,
+    }
+}
+
+/// Most extents a disk of `size_bytes` can hold live at once: every live record but one
+/// takes two blocks or more (see "Sizing the checkpoint area").
+pub fn ckpt_extents_max(size_bytes: u64) -> u64 {
+    size_bytes / (2 * BLOCK_U64) + 1
+}
+
+/// Body blocks per checkpoint slot for a disk of `size_bytes`: the worst case of one
+/// entry per extent.
+pub fn ckpt_body_blocks(size_bytes: u64) -> u64 {
+    let w = ckpt_width(size_bytes);
+    let per_extent = ckpt_entry_bytes(w) + ckpt_extent_bytes(w);
+    (ckpt_extents_max(size_bytes) * per_extent).div_ceil(BLOCK_U64)
+}
+
+/// Appends `value` as `width` little-endian bytes. The caller has checked that it fits
+/// ([`ckpt_field_max`]).
+pub fn put_uint(out: &mut Vec<u8>, value: u64, width: u8) {
+    out.extend_from_slice(&value.to_le_bytes()[..usize::from(width.min(8))]);
+}
+
+/// Reads a little-endian unsigned integer of up to 8 bytes (extra bytes are ignored).
+pub fn get_uint(bytes: &[u8]) -> u64 {
+    let mut le = [0u8; 8];
+    let n = bytes.len().min(8);
+    le[..n].copy_from_slice(&bytes[..n]);
+    u64::from_le_bytes(le)
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct CkptHeaderRaw {
+    magic: [u8; 8],
+    slot: U32,
+    width: u8,
+    zero: [u8; 3],
+    identity: [u8; 16],
+    log_nonce: U64,
+    generation: U64,
+    seq: U64,
+    position: U64,
+    epoch: U64,
+    objects: U64,
+    pending: U64,
+    extents: U64,
+    body_len: U64,
+    body_crc: U32,
+    reserved: [u8; 16],
+    crc: U32,
+}
+
+const CKPT_HDR_SIZE: usize = 128;
+const CKPT_HDR_CRC_AT: usize = CKPT_HDR_SIZE - 4;
+const _: () = assert!(size_of::<CkptHeaderRaw>() == CKPT_HDR_SIZE);
+const _: () = assert!(CKPT_HDR_SIZE <= BLOCK);
+
+/// A checkpoint header, decoded. Only its own integrity is checked by
+/// [`CkptHeader::decode`]; whether it fits the disk and the log is the loader's call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CkptHeader {
+    pub slot: u8,
+    /// W, the width of the body's block-sized fields.
+    pub width: u8,
+    pub identity: [u8; 16],
+    pub log_nonce: u64,
+    pub generation: u64,
+    pub seq: u64,
+    pub position: u64,
+    pub epoch: u64,
+    pub objects: u64,
+    pub pending: u64,
+    pub extents: u64,
+    pub body_len: u64,
+    pub body_crc: u32,
+}
+
+impl CkptHeader {
+    /// Encodes into a whole block (the rest of the block is zeroed).
+    pub fn encode(&self, block: &mut [u8]) {
+        block.fill(0);
+        let mut raw = CkptHeaderRaw {
+            magic: CKPT_MAGIC,
+            slot: U32::new(u32::from(self.slot)),
+            width: self.width,
+            zero: [0; 3],
+            identity: self.identity,
+            log_nonce: U64::new(self.log_nonce),
+            generation: U64::new(self.generation),
+            seq: U64::new(self.seq),
+            position: U64::new(self.position),
+            epoch: U64::new(self.epoch),
+            objects: U64::new(self.objects),
+            pending: U64::new(self.pending),
+            extents: U64::new(self.extents),
+            body_len: U64::new(self.body_len),
+            body_crc: U32::new(self.body_crc),
+            reserved: [0; 16],
+            crc: U32::new(0),
+        };
+        raw.crc = U32::new(crc32c::crc32c(&raw.as_bytes()[..CKPT_HDR_CRC_AT]));
+        block[..CKPT_HDR_SIZE].copy_from_slice(raw.as_bytes());
+    }
+
+    /// Decodes a header block: `None` unless magic and crc match and the slot number is
+    /// one of the two. Never panics, whatever the bytes.
+    pub fn decode(block: &[u8]) -> Option<CkptHeader> {
+        let (raw, _) = CkptHeaderRaw::ref_from_prefix(block).ok()?;
+        if raw.magic != CKPT_MAGIC
+            || crc32c::crc32c(&raw.as_bytes()[..CKPT_HDR_CRC_AT]) != raw.crc.get()
+        {
+            return None;
+        }
+        let slot = u8::try_from(raw.slot.get()).ok().filter(|&s| s < 2)?;
+        Some(CkptHeader {
+            slot,
+            width: raw.width,
+            identity: raw.identity,
+            log_nonce: raw.log_nonce.get(),
+            generation: raw.generation.get(),
+            seq: raw.seq.get(),
+            position: raw.position.get(),
+            epoch: raw.epoch.get(),
+            objects: raw.objects.get(),
+            pending: raw.pending.get(),
+            extents: raw.extents.get(),
+            body_len: raw.body_len.get(),
+            body_crc: raw.body_crc.get(),
+        })
+    }
+
+    /// The body length the counts imply (`None` on overflow): a header whose
+    /// `body_len` differs is malformed.
+    pub fn implied_body_len(&self) -> Option<u64> {
+        let entries = self.objects.checked_add(self.pending)?;
+        entries
+            .checked_mul(ckpt_entry_bytes(self.width))?
+            .checked_add(self.extents.checked_mul(ckpt_extent_bytes(self.width))?)
     }
 }
 
@@ -333,11 +673,12 @@ mod tests {
             node_id: 42,
             size_bytes: 1 << 20,
             log_nonce: 0xdead_beef,
-            log_head: LOG_START,
+            log_head: 2 * BLOCK_U64,
             head_seq: 1,
             verified_seq: 1,
             epoch: 1,
             generation: 3,
+            ckpt_blocks: 9,
         }
     }
 
@@ -357,8 +698,10 @@ mod tests {
         block[40] ^= 1;
         assert_eq!(Superblock::decode(&block), SbSlot::Invalid);
         sb().encode(&mut block);
-        block[8] = 2;
-        assert_eq!(Superblock::decode(&block), SbSlot::UnknownVersion(2));
+        block[8] = 1;
+        assert_eq!(Superblock::decode(&block), SbSlot::UnknownVersion(1));
+        block[8] = 3;
+        assert_eq!(Superblock::decode(&block), SbSlot::UnknownVersion(3));
         assert_eq!(Superblock::decode(&block[..10]), SbSlot::Invalid);
     }
 
@@ -395,5 +738,125 @@ mod tests {
         assert_eq!(record_size(1), 8192);
         assert_eq!(record_size(4096), 8192);
         assert_eq!(record_size(4097), 12288);
+    }
+
+    #[test]
+    fn geometry_and_sizing() {
+        // A 512 KiB disk: 65 extents at most, 2860 bytes: one block per slot.
+        let g = Geometry::for_size(512 * 1024);
+        assert_eq!(ckpt_extents_max(512 * 1024), 65);
+        assert_eq!(ckpt_width(512 * 1024), 1);
+        assert_eq!(g.ckpt_blocks, 1);
+        assert_eq!(g.ckpt_header(0), 2 * BLOCK_U64);
+        assert_eq!(g.ckpt_header(1), 3 * BLOCK_U64);
+        assert_eq!(g.ckpt_body(0), 4 * BLOCK_U64);
+        assert_eq!(g.ckpt_body(1), 5 * BLOCK_U64);
+        assert_eq!(g.log_start(), 6 * BLOCK_U64);
+        assert_eq!(g.log_len(), 512 * 1024 - 6 * BLOCK_U64);
+        // The widths and shares the module doc promises.
+        for (size, width, share) in [
+            (64u64 << 20, 2, 0.0071),
+            (32 << 30, 3, 0.0078),
+            (4_000_000_000_000, 4, 0.0085),
+            (20 << 40, 5, 0.0093),
+        ] {
+            assert_eq!(ckpt_width(size), width, "{size}");
+            let got = 2.0 * Geometry::for_size(size).ckpt_body_bytes() as f64 / size as f64;
+            // (Whole blocks per slot: a little more on a small disk.)
+            assert!(
+                (share - 0.0001..share + 0.0002).contains(&got),
+                "{size}: {got}"
+            );
+        }
+        assert_eq!(ckpt_width((256 << 20) - 4096), 2);
+        assert_eq!(ckpt_width(256 << 20), 3);
+        // Every block index and block count of the disk fits W bytes.
+        for size in [4096u64, 1 << 20, 255 << 20, 256 << 20, 1 << 40, u64::MAX] {
+            assert!(
+                size / BLOCK_U64 <= ckpt_field_max(ckpt_width(size)),
+                "{size}"
+            );
+        }
+        // The superblock's record of it is checked before use.
+        let mut s = sb();
+        assert_eq!(
+            s.geometry(),
+            Some(Geometry {
+                size_bytes: 1 << 20,
+                ckpt_blocks: 9
+            })
+        );
+        s.ckpt_blocks = 126; // 4 + 252 = all 256 blocks: no log left
+        assert_eq!(s.geometry(), None);
+        s.ckpt_blocks = u64::MAX / 2 + 1;
+        assert_eq!(s.geometry(), None);
+    }
+
+    fn ckpt() -> CkptHeader {
+        CkptHeader {
+            slot: 1,
+            width: 2,
+            identity: [3; 16],
+            log_nonce: 77,
+            generation: 5,
+            seq: 100,
+            position: 8 * BLOCK_U64,
+            epoch: 4,
+            objects: 2,
+            pending: 1,
+            extents: 4,
+            body_len: 3 * 24 + 4 * 5,
+            body_crc: 0x1234_5678,
+        }
+    }
+
+    #[test]
+    fn checkpoint_header_round_trips() {
+        let mut block = vec![0xffu8; BLOCK];
+        ckpt().encode(&mut block);
+        assert_eq!(CkptHeader::decode(&block), Some(ckpt()));
+        assert_eq!(ckpt().implied_body_len(), Some(ckpt().body_len));
+        assert!(block[CKPT_HDR_SIZE..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn checkpoint_header_rejects_damage() {
+        let mut block = vec![0u8; BLOCK];
+        assert_eq!(CkptHeader::decode(&block), None);
+        assert_eq!(CkptHeader::decode(&block[..3]), None);
+        for at in [0, 20, 50, 100, 126] {
+            ckpt().encode(&mut block);
+            block[at] ^= 4;
+            assert_eq!(CkptHeader::decode(&block), None, "byte {at}");
+        }
+        // A well-sealed header naming a third slot is refused too.
+        let mut h = ckpt();
+        h.slot = 2;
+        h.encode(&mut block);
+        assert_eq!(CkptHeader::decode(&block), None);
+        let mut h = ckpt();
+        h.objects = u64::MAX;
+        assert_eq!(h.implied_body_len(), None);
+    }
+
+    #[test]
+    fn body_integers_round_trip() {
+        for width in 1..=8u8 {
+            for v in [0, 1, 255, 256, 65_535, 1 << 30, u64::MAX]
+                .into_iter()
+                .filter(|&v| v <= ckpt_field_max(width))
+            {
+                let mut out = Vec::new();
+                put_uint(&mut out, v, width);
+                assert_eq!(out.len(), usize::from(width));
+                assert_eq!(get_uint(&out), v);
+            }
+        }
+        assert_eq!(ckpt_field_max(2), 65_535);
+        assert_eq!(ckpt_field_max(8), u64::MAX);
+        assert_eq!(
+            get_uint(&[1, 2, 3, 4, 5, 6, 7, 8, 9]),
+            0x0807_0605_0403_0201
+        );
     }
 }

@@ -19,13 +19,20 @@
 //! follows before `commit` returns — from then on the object survives power loss.
 //!
 //! # Recovery
-//! At open each disk's log is scanned from the head recorded in its superblock, one
-//! header block per record, up to the first header that is not the next record of the
-//! log (magic, nonce, crc, seq, epoch). Segments are collected per write; a COMMIT
-//! makes an object of them; REFs apply deltas. Segments written after the last
-//! completed flush (seq at or past the highest `durable_seq` any header or the
-//! superblock vouches for) have their data read back: the first torn one cuts the log,
-//! since nothing from it on was acknowledged. See [`format`] for the layout.
+//! At open each disk's index is loaded from its newest usable checkpoint (a snapshot of
+//! its part of the index covering every record before some seq S, written by
+//! [`Store::checkpoint`]; see `checkpoint` and format.rs), and its log is scanned from
+//! the checkpoint's position — or from the head recorded in its superblock if no
+//! checkpoint is usable — one header block per record, up to the first header that is
+//! not the next record of the log (magic, nonce, crc, seq, epoch). Segments are
+//! collected per write; a COMMIT makes an object of them; REFs apply deltas. Segments
+//! written after the last completed flush (seq at or past the highest `durable_seq`
+//! any header or the superblock vouches for) have their data read back: the first torn
+//! one cuts the log, since nothing from it on was acknowledged. See [`format`] for the
+//! layout. Replay
+//! from a checkpoint yields exactly the index a full scan would (the checkpoint also
+//! carries the segments of writes still open when it was taken), and anything amiss
+//! with a checkpoint sends recovery back to the full scan.
 //!
 //! # Crash consistency in one paragraph
 //! An acknowledged operation's records were flushed before it returned, and every
@@ -33,10 +40,13 @@
 //! flush. Reads check every 4 KiB block against the CRC its header recorded, so a
 //! block that rotted or tore is reported ([`StoreError::Corrupt`]), never returned.
 
+mod checkpoint;
 mod compact;
 mod format;
 mod volume;
 
+#[cfg(test)]
+mod checkpoint_tests;
 #[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
@@ -314,6 +324,9 @@ pub struct Store {
     meta: AlignedBuf,
     hdr_cache: HeaderCache,
     counters: StoreCounters,
+    /// One checkpoint transfer buffer per disk ([`checkpoint::CKPT_IO_BYTES`] each),
+    /// for reading its checkpoint at open and writing new ones.
+    ckpt_bufs: Vec<AlignedBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -370,8 +383,11 @@ impl Store {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut vols = Vec::with_capacity(disks.len());
         let mut locals = Vec::with_capacity(disks.len());
-        for (i, dev) in disks.into_iter().enumerate() {
-            let (vol, local) = Volume::open(DiskId(i as u16), dev, &cfg, node_id, &mut rng);
+        let mut ckpt_bufs: Vec<AlignedBuf> = (0..disks.len())
+            .map(|_| AlignedBuf::new(checkpoint::CKPT_IO_BYTES))
+            .collect();
+        for ((i, dev), buf) in disks.into_iter().enumerate().zip(&mut ckpt_bufs) {
+            let (vol, local) = Volume::open(DiskId(i as u16), dev, &cfg, node_id, &mut rng, buf);
             vols.push(vol);
             locals.push(local);
         }
@@ -417,6 +433,7 @@ impl Store {
             meta: AlignedBuf::new(BLOCK),
             hdr_cache: HeaderCache::new(8),
             counters: StoreCounters::default(),
+            ckpt_bufs,
             cfg,
         };
         for (fp, loser) in duplicates {
@@ -424,6 +441,20 @@ impl Store {
         }
         if !store.vols.iter().any(|v| v.state == DiskState::Online) {
             return Err(StoreError::NoUsableDisk);
+        }
+        // A long replay (a crash, or no checkpoint yet) is saved at once rather than
+        // at the first idle moment, so that it is not paid for again at the next start.
+        let due: Vec<bool> = store
+            .vols
+            .iter()
+            .map(|v| {
+                v.replayed >= checkpoint::REPLAY_CHECKPOINT_RECORDS && checkpoint::snapshot_due(v)
+            })
+            .collect();
+        if due.contains(&true) {
+            if let Err(e) = store.checkpoint_disks(&due) {
+                warn!("checkpoint after recovery failed: {e}");
+            }
         }
         info!(
             disks = store.vols.len(),
@@ -456,14 +487,30 @@ impl Store {
         let lv = &mut self.vols[usize::from(loser.disk.0)];
         lv.live_bytes = lv.live_bytes.saturating_sub(loser.footprint);
         lv.objects = lv.objects.saturating_sub(1);
+        // Until the loser's REF is durable its log still replays to the loser's copy,
+        // which the index no longer holds: a checkpoint of that disk would drop it for
+        // good (and with it refcounts the winner may not have been credited). So no
+        // checkpoint for it until the next open; nor for either disk if the delta
+        // cannot carry the whole refcount (over 2^31: both logs then differ).
         let delta = i32::try_from(loser.refcount).unwrap_or(i32::MAX);
-        if self.write_ref(winner, &fp, delta).is_err() {
-            return;
+        if delta.unsigned_abs() != loser.refcount {
+            self.vols[usize::from(winner.0)].ckpt.diverged = true;
+            self.vols[usize::from(loser.disk.0)].ckpt.diverged = true;
         }
-        if let Some(e) = self.index.get_mut(&fp) {
-            e.refcount = e.refcount.saturating_add(loser.refcount);
+        let retired = self.write_ref(winner, &fp, delta).is_ok() && {
+            if let Some(e) = self.index.get_mut(&fp) {
+                e.refcount = e.refcount.saturating_add(loser.refcount);
+            }
+            self.write_ref(loser.disk, &fp, -delta).is_ok()
+        };
+        if !retired {
+            warn!(
+                fingerprint = %fp,
+                disk = loser.disk.0,
+                "duplicate not retired; no checkpoints of this disk until restart"
+            );
+            self.vols[usize::from(loser.disk.0)].ckpt.diverged = true;
         }
-        let _ = self.write_ref(loser.disk, &fp, -delta);
     }
 
     /// Writes and flushes a REF record on `disk`.
@@ -861,25 +908,6 @@ impl Store {
             info!(disk = disk.0, from = ?vol.state, to = ?state, "disk state changed");
             vol.state = state;
         }
-    }
-
-    /// Flushes every Online disk and records in its superblock that everything
-    /// written so far is durable, so that the next open reads headers only.
-    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
-        let mut first_err = None;
-        for vol in &mut self.vols {
-            if vol.state != DiskState::Online || vol.sb.verified_seq == vol.next_seq {
-                continue;
-            }
-            let r = vol.flush().and_then(|()| {
-                vol.sb.verified_seq = vol.next_seq;
-                vol.write_sb()
-            });
-            if let Err(e) = r {
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
     }
 
     pub fn counters(&self) -> &StoreCounters {

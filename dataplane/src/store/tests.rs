@@ -311,6 +311,11 @@ fn abort_leaves_nothing() {
     assert_eq!(s.disks()[0].objects_used, 0);
 }
 
+/// Blocks of a checkpoint body holding `objects` objects with `extents` extents.
+pub(super) fn ckpt_body_blocks(objects: u64, extents: u64) -> u64 {
+    (objects * 32 + extents * 12).div_ceil(4096)
+}
+
 #[test]
 fn clean_reopen_reads_headers_only() {
     let disk = MemDisk::new(16 * MIB, 8);
@@ -327,8 +332,10 @@ fn clean_reopen_reads_headers_only() {
     let before = disk.stats();
     let mut s = open(std::slice::from_ref(&disk), &c);
     let read = disk.stats().bytes_read - before.bytes_read;
-    // Superblocks + one header per record + the block where the scan stops.
-    assert_eq!(read, 8192 + (records + 1) * 4096, "open read payload");
+    // Superblocks and checkpoint headers, the checkpoint body, and the block where the
+    // scan stops: no record header at all.
+    let body = ckpt_body_blocks(20, records);
+    assert_eq!(read, 16384 + (body + 1) * 4096, "open read payload");
     for (fp, bytes) in &objs {
         assert_eq!(&get_all(&mut s, fp).unwrap(), bytes);
     }
@@ -339,9 +346,10 @@ fn clean_reopen_reads_headers_only() {
     let before = disk.stats();
     let mut s = open(std::slice::from_ref(&disk), &c);
     let read = disk.stats().bytes_read - before.bytes_read;
-    // Superblocks + headers, and the data of the one object written after the last
-    // flush (3 headers, 37 blocks), which is verified.
-    assert_eq!(read, 8192 + (records + 4) * 4096 + 40 * 4096);
+    // The same checkpoint, the headers after it (3, and where the scan stops), and the
+    // data of the one object written after the last flush (3 headers, 37 blocks),
+    // which is verified.
+    assert_eq!(read, 16384 + (body + 4) * 4096 + 40 * 4096);
     assert_eq!(
         get_all(&mut s, &extra.fingerprint).unwrap(),
         data(1, 150_000)
@@ -417,18 +425,24 @@ fn corrupt_data_is_reported_never_returned() {
 
 #[test]
 fn rotten_log_header_takes_the_disk_down_instead_of_truncating() {
-    for checkpoint in [true, false] {
+    // The rotten header of the third object is in the part of the log open must read:
+    // all of it without a checkpoint, the part after it with one. Every record after
+    // it is acknowledged, so the log cannot be cut there.
+    for checkpoint_after in [None, Some(2)] {
         let disk = MemDisk::new(4 * MIB, 34);
         let c = cfg(16 * KIB);
         let mut s = open(std::slice::from_ref(&disk), &c);
         let mut fps = Vec::new();
         for i in 0..6 {
-            fps.push(put(&mut s, &data(i, 9000), 9000).unwrap().fingerprint);
+            if checkpoint_after == Some(i) {
+                s.checkpoint().unwrap();
+            }
+            fps.push(
+                put(&mut s, &data(i as u64, 9000), 9000)
+                    .unwrap()
+                    .fingerprint,
+            );
         }
-        if checkpoint {
-            s.checkpoint().unwrap();
-        }
-        // The header of the third object: every record after it is acknowledged.
         let hdr = s.index[&fps[2]].extents[0].hdr;
         drop(s);
         disk.corrupt(hdr + 100, 1);
@@ -437,8 +451,32 @@ fn rotten_log_header_takes_the_disk_down_instead_of_truncating() {
                 Store::open_seeded(devices(std::slice::from_ref(&disk)), c.clone(), 7, 1),
                 Err(StoreError::NoUsableDisk)
             ),
-            "checkpoint {checkpoint}"
+            "checkpoint after {checkpoint_after:?}"
         );
+    }
+}
+
+#[test]
+fn rotten_log_header_before_the_checkpoint_is_a_corrupt_object() {
+    // Covered by a checkpoint, the header is not read at open: the disk comes up, and
+    // the damage is reported where it matters, on reading that object.
+    let disk = MemDisk::new(4 * MIB, 34);
+    let c = cfg(16 * KIB);
+    let mut s = open(std::slice::from_ref(&disk), &c);
+    let fps: Vec<_> = (0..6)
+        .map(|i| put(&mut s, &data(i, 9000), 9000).unwrap().fingerprint)
+        .collect();
+    s.checkpoint().unwrap();
+    let hdr = s.index[&fps[2]].extents[0].hdr;
+    drop(s);
+    disk.corrupt(hdr + 100, 1);
+    let mut s = open(std::slice::from_ref(&disk), &c);
+    assert_eq!(s.contents().len(), 6);
+    for (i, fp) in fps.iter().enumerate() {
+        match get_all(&mut s, fp) {
+            Ok(bytes) => assert!(i != 2 && bytes == data(i as u64, 9000)),
+            Err(e) => assert!(i == 2 && matches!(e, StoreError::Corrupt { .. }), "{e}"),
+        }
     }
 }
 
@@ -604,12 +642,12 @@ fn unknown_format_version_takes_the_disk_down() {
     let c = cfg(16 * KIB);
     let disks = [MemDisk::new(4 * MIB, 19), MemDisk::new(4 * MIB, 20)];
     drop(open(&disks, &c));
-    // Rewrite both copies as version 2.
+    // Rewrite both copies as version 1 (the format before checkpoints).
     let mut dev = disks[0].device();
     let mut buf = AlignedBuf::new(8192);
     dev.read_at(0, &mut buf).unwrap();
-    buf[8] = 2;
-    buf[4096 + 8] = 2;
+    buf[8] = 1;
+    buf[4096 + 8] = 1;
     dev.write_at(0, &buf).unwrap();
     dev.flush().unwrap();
     let s = open(&disks, &c);

@@ -1,11 +1,13 @@
 //! One disk of the store: its device, its superblock and the state of its circular log
 //! (head, tail, next seq, epoch), its space accounting, and the two things only a disk
 //! can do on its own: append a record at the tail and rebuild its part of the index
-//! from its log at open (format or recovery). It knows nothing of other disks or of
-//! in-flight writes beyond the byte counts the store keeps here for reporting.
+//! from its checkpoint and log at open (format or recovery). It knows nothing of other
+//! disks or of in-flight writes beyond the byte counts the store keeps here for
+//! reporting. Writing checkpoints is `checkpoint`'s business; this module only keeps
+//! the record of which one is in use ([`CkptState`]).
 //!
 //! Positions in the log are kept as *logical* offsets (`lp`) that only grow: the byte
-//! at `lp` lives at `LOG_START + lp % log_len`. The bytes a WRAP skips count as used,
+//! at `lp` lives at `log_start + lp % log_len`. The bytes a WRAP skips count as used,
 //! so `tail_lp - head_lp` is exactly the space between head and tail and a full log
 //! is never confused with an empty one. Only physical offsets go to disk.
 
@@ -19,9 +21,10 @@ use zerocopy::IntoBytes;
 
 use dosp::Fingerprint;
 
+use super::checkpoint::{self, Loaded};
 use super::format::{
-    kind, record_size, RecordHeader, SbSlot, Superblock, BLOCK, BLOCK_U64, LOG_START,
-    MAX_SEGMENT_BLOCKS,
+    kind, record_size, Geometry, RecordHeader, SbSlot, Superblock, BLOCK, BLOCK_U64, FIXED_BLOCKS,
+    MAX_SEGMENT_BLOCKS, SEQ_SANE_MAX,
 };
 use super::{DiskId, DiskState, Entry, Extent, StoreConfig, StoreError};
 
@@ -34,6 +37,28 @@ pub(crate) enum Reserve {
     Data,
     Meta,
     Compaction,
+}
+
+/// What a disk knows of its index checkpoints (see format.rs, "Index checkpoint").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct CkptState {
+    /// Seq S covered by the checkpoint in use: loaded at open or last written. It stays
+    /// usable for the next open as long as compaction keeps the head at or before S.
+    pub seq: Option<u64>,
+    /// The slot holding it: the next checkpoint goes to the other one, so that a crash
+    /// while writing never touches the one in use.
+    pub slot: Option<u8>,
+    /// Highest generation of any header of this disk seen or written: the next
+    /// checkpoint gets a higher one, so it wins over both slots at the next open.
+    pub generation: u64,
+    /// Body bytes a snapshot may take (the slot size, unless a test lowers it).
+    pub capacity: u64,
+    /// This disk's part of the in-memory index no longer equals what its log replays to
+    /// (a duplicate could not be retired at open): a snapshot of it would be wrong, so
+    /// none is written until the next open rebuilds the index from the log.
+    pub diverged: bool,
+    /// S of the checkpoint the last open started from (`None`: full scan).
+    pub loaded: Option<u64>,
 }
 
 /// Where an appended record landed.
@@ -55,6 +80,10 @@ pub(crate) struct Volume {
     /// since after a failed write the in-memory tail may not match the disk.
     pub failed: bool,
     pub sb: Superblock,
+    /// Where the checkpoint slots and the log are.
+    pub geo: Geometry,
+    /// First byte of the log (after the superblocks and the checkpoint area).
+    pub log_start: u64,
     pub log_len: u64,
     pub head_lp: u64,
     pub head_seq: u64,
@@ -71,6 +100,9 @@ pub(crate) struct Volume {
     pub errors: u64,
     /// WRAP records written since open (the log went round the disk).
     pub wraps: u64,
+    pub ckpt: CkptState,
+    /// Records replayed from the log at open (after the checkpoint, if one was used).
+    pub replayed: u64,
     /// Space compaction may need to move a segment, plus a WRAP's waste.
     res_compact: u64,
     /// Room for reference-count records on a disk otherwise full.
@@ -112,16 +144,46 @@ struct Scanned {
 /// What a disk holds after open: its objects, keyed by fingerprint.
 pub(crate) type LocalIndex = HashMap<Fingerprint, Entry>;
 
+/// Segments of writes not (yet) committed, by write id, in log order.
+pub(crate) type Pending = HashMap<u64, Vec<Extent>>;
+
+/// Where replay starts: the head with nothing known, or a checkpoint's position with
+/// its index and pending writes.
+struct Start {
+    lp: u64,
+    seq: u64,
+    /// No record from here on may carry a smaller epoch.
+    epoch: u64,
+    index: LocalIndex,
+    pending: Pending,
+}
+
+/// What a rebuild found, before anything is written back.
+struct Rebuilt {
+    index: LocalIndex,
+    start_seq: u64,
+    /// Seq where the durable log ends (the next record to write).
+    cut: u64,
+    /// Seq where the scan stopped (past `cut` if a torn tail is dropped).
+    end_seq: u64,
+    tail_lp: u64,
+    /// The first dropped record's offset, if the tail is torn.
+    torn_phys: Option<u64>,
+    durable: u64,
+}
+
 impl Volume {
     /// Opens a disk: formats it if blank, recovers it if it has a valid superblock,
     /// and otherwise returns it Down (with the reason logged). Never fails: one bad
-    /// disk must not keep the node from using the others.
+    /// disk must not keep the node from using the others. `ckpt_buf` is the transfer
+    /// buffer for reading a checkpoint body.
     pub fn open(
         id: DiskId,
         dev: Box<dyn BlockDevice>,
         cfg: &StoreConfig,
         node_id: u64,
         rng: &mut impl Rng,
+        ckpt_buf: &mut AlignedBuf,
     ) -> (Volume, LocalIndex) {
         let info = dev.info().clone();
         let seg_record = record_size(cfg.segment_bytes as u64);
@@ -136,12 +198,18 @@ impl Volume {
                 node_id: 0,
                 size_bytes: 0,
                 log_nonce: 0,
-                log_head: LOG_START,
+                log_head: 0,
                 head_seq: 1,
                 verified_seq: 1,
                 epoch: 1,
                 generation: 0,
+                ckpt_blocks: 0,
             },
+            geo: Geometry {
+                size_bytes: 0,
+                ckpt_blocks: 0,
+            },
+            log_start: 0,
             log_len: 0,
             head_lp: 0,
             head_seq: 1,
@@ -154,12 +222,14 @@ impl Volume {
             open_writes: 0,
             errors: 0,
             wraps: 0,
+            ckpt: CkptState::default(),
+            replayed: 0,
             res_compact: 2 * seg_record + 4 * BLOCK_U64,
             res_meta: 32 * BLOCK_U64,
             seg_record,
             scratch: AlignedBuf::new(BLOCK),
         };
-        match vol.open_inner(node_id, rng) {
+        match vol.open_inner(node_id, rng, ckpt_buf) {
             Ok(index) => {
                 vol.state = DiskState::Online;
                 vol.failed = false;
@@ -174,8 +244,20 @@ impl Volume {
         }
     }
 
-    fn open_inner(&mut self, node_id: u64, rng: &mut impl Rng) -> Result<LocalIndex, String> {
-        let mut blocks = AlignedBuf::new(2 * BLOCK);
+    fn open_inner(
+        &mut self,
+        node_id: u64,
+        rng: &mut impl Rng,
+        ckpt_buf: &mut AlignedBuf,
+    ) -> Result<LocalIndex, String> {
+        // Both superblock copies and both checkpoint headers in one read (a device too
+        // small for four blocks is refused below anyway; read what it has).
+        let fixed = if self.info.size_bytes >= FIXED_BLOCKS * BLOCK_U64 {
+            FIXED_BLOCKS as usize
+        } else {
+            2
+        };
+        let mut blocks = AlignedBuf::new(fixed * BLOCK);
         self.dev
             .read_at(0, &mut blocks)
             .map_err(|e| format!("cannot read the superblock: {e}"))?;
@@ -200,7 +282,7 @@ impl Volume {
             })
             .max_by_key(|sb| sb.generation);
         match best {
-            Some(sb) => self.recover(sb, node_id),
+            Some(sb) => self.recover(sb, node_id, &blocks[2 * BLOCK..], ckpt_buf),
             None if blocks[..BLOCK].iter().all(|&b| b == 0) => {
                 self.format(node_id, rng)?;
                 Ok(LocalIndex::new())
@@ -209,34 +291,41 @@ impl Volume {
         }
     }
 
-    /// Checks the log geometry for a disk of `size` bytes and sets `log_len`.
-    fn set_geometry(&mut self, size: u64) -> Result<(), String> {
-        let log_len = size.saturating_sub(LOG_START);
+    /// Checks the layout (it must leave room for a log of at least a few segments) and
+    /// sets `log_start`, `log_len` and the checkpoint capacity.
+    fn set_geometry(&mut self, geo: Geometry) -> Result<(), String> {
+        let log_len = geo.log_len();
         let min = self.res_compact + self.res_meta + 2 * self.seg_record;
         if log_len < min {
             return Err(format!(
-                "disk of {size} bytes is too small for segments of {} bytes (needs at least {} bytes)",
+                "disk of {} bytes is too small for segments of {} bytes (needs at least {} bytes)",
+                geo.size_bytes,
                 self.seg_record - BLOCK_U64,
-                min + LOG_START
+                min + geo.log_start()
             ));
         }
+        self.geo = geo;
+        self.log_start = geo.log_start();
         self.log_len = log_len;
+        self.ckpt.capacity = geo.ckpt_body_bytes();
         Ok(())
     }
 
     fn format(&mut self, node_id: u64, rng: &mut impl Rng) -> Result<(), String> {
-        let size = self.info.size_bytes - self.info.size_bytes % BLOCK_U64;
-        self.set_geometry(size)?;
+        let geo = Geometry::for_size(self.info.size_bytes);
+        let size = geo.size_bytes;
+        self.set_geometry(geo)?;
         self.sb = Superblock {
             identity: rng.gen(),
             node_id,
             size_bytes: size,
             log_nonce: rng.gen(),
-            log_head: LOG_START,
+            log_head: geo.log_start(),
             head_seq: 1,
             verified_seq: 1,
             epoch: 1,
             generation: 0,
+            ckpt_blocks: geo.ckpt_blocks,
         };
         // Copy B first, then copy A, each flushed: a crash in between leaves a valid
         // copy B, a crash before leaves block 0 blank (see format.rs).
@@ -258,19 +347,33 @@ impl Volume {
         Ok(())
     }
 
-    /// Rebuilds this disk's index from its log (see the module doc of `store` for the
-    /// rules), then durably starts a new epoch so that nothing past the recovered tail
-    /// can ever be taken for part of the log.
-    fn recover(&mut self, sb: Superblock, node_id: u64) -> Result<LocalIndex, String> {
+    /// Rebuilds this disk's index from its newest usable checkpoint and the log after
+    /// it, or from the whole log (see the module doc of `store` for the rules), then
+    /// durably starts a new epoch so that nothing past the recovered tail can ever be
+    /// taken for part of the log. `ckpt_headers` holds the two checkpoint header blocks
+    /// as read with the superblocks (empty on a device too small to have them).
+    fn recover(
+        &mut self,
+        sb: Superblock,
+        node_id: u64,
+        ckpt_headers: &[u8],
+        ckpt_buf: &mut AlignedBuf,
+    ) -> Result<LocalIndex, String> {
         if sb.size_bytes > self.info.size_bytes {
             return Err(format!(
                 "formatted for {} bytes but the device has only {}",
                 sb.size_bytes, self.info.size_bytes
             ));
         }
-        self.set_geometry(sb.size_bytes)?;
-        if sb.log_head < LOG_START
-            || sb.log_head >= sb.size_bytes
+        let geo = sb.geometry().ok_or_else(|| {
+            format!(
+                "checkpoint area of 2 x {} blocks leaves no log on {} bytes",
+                sb.ckpt_blocks, sb.size_bytes
+            )
+        })?;
+        self.set_geometry(geo)?;
+        if sb.log_head < self.log_start
+            || sb.log_head >= geo.size_bytes
             || !sb.log_head.is_multiple_of(BLOCK_U64)
         {
             return Err(format!(
@@ -280,8 +383,11 @@ impl Volume {
         }
         // Sequence numbers grow by one per record: anything near the top of the range
         // is damage (however unlikely past the crc), and would overflow below.
-        const SANE: u64 = u64::MAX / 4;
-        if sb.head_seq == 0 || sb.head_seq > SANE || sb.verified_seq > SANE || sb.epoch > SANE {
+        if sb.head_seq == 0
+            || sb.head_seq > SEQ_SANE_MAX
+            || sb.verified_seq > SEQ_SANE_MAX
+            || sb.epoch > SEQ_SANE_MAX
+        {
             return Err(format!(
                 "superblock sequence numbers out of range (head {}, verified {}, epoch {})",
                 sb.head_seq, sb.verified_seq, sb.epoch
@@ -296,18 +402,120 @@ impl Volume {
             );
         }
         self.sb = sb;
-        self.head_lp = sb.log_head - LOG_START;
+        self.head_lp = sb.log_head - self.log_start;
         self.head_seq = sb.head_seq;
 
-        let (recs, end_lp, damaged) = self.scan().map_err(|e| format!("log scan failed: {e}"))?;
-        let end_seq = sb.head_seq + recs.len() as u64;
+        let (loaded, generation) =
+            checkpoint::load(&mut *self.dev, self.id, &geo, &sb, ckpt_headers, ckpt_buf);
+        self.ckpt.generation = generation;
+        let rebuilt = match loaded {
+            Some(c) => {
+                let (seq, slot) = (c.seq, c.slot);
+                match self.rebuild(self.start_at(c)) {
+                    Ok(r) => {
+                        self.ckpt.seq = Some(seq);
+                        self.ckpt.slot = Some(slot);
+                        self.ckpt.loaded = Some(seq);
+                        r
+                    }
+                    Err(why) => {
+                        // The full scan is the authority: it may still succeed (the
+                        // checkpoint was inconsistent) or give the verdict it always
+                        // gave.
+                        warn!(
+                            disk = self.id.0,
+                            seq,
+                            "replay from the checkpoint failed ({why}); scanning the whole log"
+                        );
+                        self.rebuild(self.start_at_head())?
+                    }
+                }
+            }
+            None => self.rebuild(self.start_at_head())?,
+        };
+        let Rebuilt {
+            index,
+            start_seq,
+            cut,
+            end_seq,
+            tail_lp,
+            torn_phys,
+            durable,
+        } = rebuilt;
+
+        self.tail_lp = tail_lp;
+        self.next_seq = cut;
+        if let Some(phys) = torn_phys {
+            // The record at the cut has a valid header but data that never became
+            // durable. Erase the header so that a crash before it is overwritten
+            // cannot bring it (and what follows it) back.
+            warn!(
+                disk = self.id.0,
+                seq = cut,
+                "torn tail: dropping {} unacknowledged record(s)",
+                end_seq - cut
+            );
+            self.scratch.fill(0);
+            self.dev
+                .write_at(phys, &self.scratch)
+                .map_err(|e| format!("cannot erase torn record: {e}"))?;
+        }
+        self.sb.epoch += 1;
+        self.sb.verified_seq = cut;
+        self.write_sb()
+            .map_err(|e| format!("cannot update superblock: {e}"))?;
+        self.durable_seq = cut;
+        self.live_bytes = index.values().map(|e| e.footprint).sum();
+        self.objects = index.len() as u64;
+        self.replayed = cut - start_seq;
+        info!(
+            disk = self.id.0,
+            identity = %hex::encode(self.sb.identity),
+            objects = self.objects,
+            checkpoint = ?self.ckpt.loaded,
+            records = self.replayed,
+            verified_from = durable,
+            "recovered disk"
+        );
+        Ok(index)
+    }
+
+    /// Replay from the log head, knowing nothing.
+    fn start_at_head(&self) -> Start {
+        Start {
+            lp: self.head_lp,
+            seq: self.head_seq,
+            epoch: 0,
+            index: LocalIndex::new(),
+            pending: Pending::new(),
+        }
+    }
+
+    /// Replay from a loaded checkpoint.
+    fn start_at(&self, c: Loaded) -> Start {
+        Start {
+            lp: self.head_lp + c.dist,
+            seq: c.seq,
+            epoch: c.epoch,
+            index: c.index,
+            pending: c.pending,
+        }
+    }
+
+    /// Scans the log from `start`, finds where its durable part ends and replays it onto
+    /// `start`'s index. Writes nothing: the caller may still throw the result away.
+    fn rebuild(&mut self, start: Start) -> Result<Rebuilt, String> {
+        let (recs, end_lp, damaged) = self
+            .scan(start.lp, start.seq, start.epoch)
+            .map_err(|e| format!("log scan failed: {e}"))?;
+        let end_seq = start.seq + recs.len() as u64;
         // Where the scan stopped must be a torn or never-written tail. If the record
         // there is known durable, its header rotted: refuse to truncate the log (that
         // would silently drop acknowledged records) and leave the disk alone.
-        if end_seq < sb.verified_seq {
+        if end_seq < self.sb.verified_seq {
             return Err(format!(
                 "log damaged: it ends at seq {end_seq} but records up to {} were verified durable",
-                sb.verified_seq
+                self.sb.verified_seq
             ));
         }
         if damaged
@@ -320,61 +528,49 @@ impl Volume {
                 self.phys(end_lp)
             ));
         }
+        // Every record before a checkpoint was flushed before the checkpoint was written.
         let durable = recs
             .iter()
             .map(|r| r.durable_seq)
             .max()
             .unwrap_or(0)
-            .max(sb.verified_seq);
+            .max(self.sb.verified_seq)
+            .max(start.seq);
+        let carried: HashMap<u64, u64> = start
+            .pending
+            .iter()
+            .map(|(w, xs)| (*w, xs.iter().map(|x| u64::from(x.len)).sum()))
+            .collect();
         let cut = self
-            .find_torn_tail(&recs, durable, end_seq)
+            .find_torn_tail(&recs, durable, end_seq, &carried)
             .map_err(|e| format!("log verification failed: {e}"))?;
-        let index = self.replay(&recs, cut);
-
-        let cut_at = (cut - sb.head_seq) as usize;
-        self.tail_lp = recs.get(cut_at).map_or(end_lp, |r| r.lp);
-        self.next_seq = cut;
-        if let Some(torn) = recs.get(cut_at) {
-            // The record at the cut has a valid header but data that never became
-            // durable. Erase the header so that a crash before it is overwritten
-            // cannot bring it (and what follows it) back.
-            warn!(
-                disk = self.id.0,
-                seq = torn.seq,
-                "torn tail: dropping {} unacknowledged record(s)",
-                end_seq - cut
-            );
-            self.scratch.fill(0);
-            self.dev
-                .write_at(torn.phys, &self.scratch)
-                .map_err(|e| format!("cannot erase torn record: {e}"))?;
-        }
-        self.sb.epoch += 1;
-        self.sb.verified_seq = cut;
-        self.write_sb()
-            .map_err(|e| format!("cannot update superblock: {e}"))?;
-        self.durable_seq = cut;
-        self.live_bytes = index.values().map(|e| e.footprint).sum();
-        self.objects = index.len() as u64;
-        info!(
-            disk = self.id.0,
-            identity = %hex::encode(self.sb.identity),
-            objects = self.objects,
-            records = cut - sb.head_seq,
-            verified_from = durable,
-            "recovered disk"
-        );
-        Ok(index)
+        let index = self.replay(&recs, cut, start.index, start.pending);
+        let torn = recs.get((cut - start.seq) as usize);
+        Ok(Rebuilt {
+            index,
+            start_seq: start.seq,
+            cut,
+            end_seq,
+            tail_lp: torn.map_or(end_lp, |r| r.lp),
+            torn_phys: torn.map(|r| r.phys),
+            durable,
+        })
     }
 
-    /// Reads record headers from the head until the first one that is not the next
-    /// record of this log. Returns them, the logical offset where the scan stopped, and
-    /// whether the block there looks like a damaged header of this log (magic and
-    /// nonce, but no valid crc): a clean tail (stale record, old data, zeros) does not.
-    fn scan(&mut self) -> Result<(Vec<Scanned>, u64, bool), DevError> {
+    /// Reads record headers from `lp` (where record `seq` is expected, with an epoch of
+    /// at least `min_epoch`) until the first one that is not the next record of this
+    /// log. Returns them, the logical offset where the scan stopped, and whether the
+    /// block there looks like a damaged header of this log (magic and nonce, but no
+    /// valid crc): a clean tail (stale record, old data, zeros) does not.
+    fn scan(
+        &mut self,
+        lp: u64,
+        seq: u64,
+        min_epoch: u64,
+    ) -> Result<(Vec<Scanned>, u64, bool), DevError> {
         let mut buf = AlignedBuf::new(BLOCK);
         let mut recs = Vec::new();
-        let (mut lp, mut seq, mut prev_epoch) = (self.head_lp, self.head_seq, 0);
+        let (mut lp, mut seq, mut prev_epoch) = (lp, seq, min_epoch);
         while lp - self.head_lp < self.log_len {
             let phys = self.phys(lp);
             self.dev.read_at(phys, &mut buf)?;
@@ -448,12 +644,15 @@ impl Volume {
     /// data read back: one that fails its block CRCs was written after the last flush
     /// that completed, so nothing from it on was ever acknowledged and the log is cut
     /// there. (Rot in a segment below `durable` is not a torn write: it is left for
-    /// reads to report.) Returns the seq to cut at (`end_seq` if nothing is torn).
+    /// reads to report.) `carried` holds the payload bytes of pending writes' segments
+    /// before the first scanned record (from a checkpoint: all durable). Returns the seq
+    /// to cut at (`end_seq` if nothing is torn).
     fn find_torn_tail(
         &mut self,
         recs: &[Scanned],
         durable: u64,
         end_seq: u64,
+        carried: &HashMap<u64, u64>,
     ) -> Result<u64, DevError> {
         let mut cut = end_seq;
         let mut pending: HashMap<u64, Vec<usize>> = HashMap::new();
@@ -470,7 +669,12 @@ impl Volume {
                 continue;
             }
             let segs = pending.remove(&r.write_id).unwrap_or_default();
-            let total: u64 = segs.iter().map(|&j| u64::from(recs[j].payload_len)).sum();
+            let before = carried.get(&r.write_id).copied().unwrap_or(0);
+            let total: u64 = before
+                + segs
+                    .iter()
+                    .map(|&j| u64::from(recs[j].payload_len))
+                    .sum::<u64>();
             if total != r.object_len {
                 continue; // partly behind the head: replay ignores it too
             }
@@ -517,10 +721,15 @@ impl Volume {
         Ok(true)
     }
 
-    /// Applies the records with seq below `cut` in order and returns the objects.
-    fn replay(&self, recs: &[Scanned], cut: u64) -> LocalIndex {
-        let mut index = LocalIndex::new();
-        let mut pending: HashMap<u64, Vec<Extent>> = HashMap::new();
+    /// Applies the records with seq below `cut` in order to `index` (with `pending`
+    /// the segments already collected for uncommitted writes) and returns the objects.
+    fn replay(
+        &self,
+        recs: &[Scanned],
+        cut: u64,
+        mut index: LocalIndex,
+        mut pending: Pending,
+    ) -> LocalIndex {
         for r in recs.iter().take_while(|r| r.seq < cut) {
             if r.kind & kind::SEGMENT != 0 {
                 pending.entry(r.write_id).or_default().push(Extent {
@@ -580,12 +789,12 @@ impl Volume {
 
     /// Physical offset of logical offset `lp`.
     pub fn phys(&self, lp: u64) -> u64 {
-        LOG_START + lp % self.log_len
+        self.log_start + lp % self.log_len
     }
 
     /// Logical offset of a physical offset inside the live part of the log.
     pub fn lp_of(&self, phys: u64) -> u64 {
-        let rel = phys - LOG_START;
+        let rel = phys - self.log_start;
         let head = self.head_lp % self.log_len;
         self.head_lp + (rel + self.log_len - head) % self.log_len
     }
@@ -670,6 +879,11 @@ impl Volume {
 
     pub fn read(&mut self, phys: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         self.dev.read_at(phys, buf).map_err(|e| self.fail(e))
+    }
+
+    /// Writes outside the log (the checkpoint area); not flushed.
+    pub fn write(&mut self, phys: u64, buf: &[u8]) -> Result<(), StoreError> {
+        self.dev.write_at(phys, buf).map_err(|e| self.fail(e))
     }
 
     pub fn flush(&mut self) -> Result<(), StoreError> {

@@ -1,0 +1,699 @@
+//! Index checkpoints: saving each disk's part of the index into the checkpoint area of
+//! that disk, and loading it back at open so that only the log records written after it
+//! need to be read. The bytes are format.rs's ("Index checkpoint"); this module owns
+//! when a checkpoint is written, into which slot, and what makes one usable.
+//!
+//! What it must never do: make a checkpoint the only record of anything. The log from
+//! the head still holds everything, a slot is overwritten only when it is not the one
+//! in use, and any doubt about a slot (damage, a stale position, a count that does not
+//! add up, a device error) is settled by ignoring it and scanning the log.
+
+use std::collections::hash_map::Entry as MapEntry;
+
+use nvme::{AlignedBuf, BlockDevice};
+use tracing::{debug, info, warn};
+
+use dosp::Fingerprint;
+
+use super::format::{
+    ckpt_entry_bytes, ckpt_extent_bytes, ckpt_field_max, ckpt_width, get_uint, put_uint,
+    record_size, CkptHeader, Geometry, Superblock, BLOCK, BLOCK_U64, CKPT_LEN_BYTES, CKPT_MAGIC,
+    MAX_SEGMENT_BYTES, SEQ_SANE_MAX,
+};
+use super::volume::{LocalIndex, Pending, Volume};
+use super::{DiskId, DiskState, Entry, Extent, Store, StoreError};
+
+/// Bytes of checkpoint body moved per device transfer, and the size of each disk's
+/// checkpoint buffer (allocated at open, one per disk): 64 blocks stream a body at
+/// device speed and cost little to keep per disk.
+pub(crate) const CKPT_IO_BYTES: usize = 256 * 1024;
+
+/// Snapshots up to this size are always written when anything changed (4 MiB, some
+/// 130,000 small objects: tens of milliseconds). Larger ones only when worth it, see
+/// [`snapshot_worth`].
+pub(crate) const SNAPSHOT_ALWAYS_BYTES: u64 = 4 << 20;
+
+/// Whether writing a new snapshot of `objects` objects (on a disk whose body fields are
+/// `width` bytes) pays for itself, when without it the next open would read
+/// `scan_records` record headers (from the checkpoint in use, or from the head if none
+/// is usable). A large snapshot is written only once the log it saves reading is at
+/// least as many bytes as the snapshot itself: so the checkpoint writes at most about a
+/// block per record appended (however often the server asks), and a clean start reads
+/// at most about `objects / 128` headers past the checkpoint (35 bytes of snapshot per
+/// small object on a 4 TB disk against 4096 per header).
+pub(crate) fn snapshot_worth(objects: u64, width: u8, scan_records: u64) -> bool {
+    let per_object = ckpt_entry_bytes(width) + ckpt_extent_bytes(width);
+    let snapshot = objects.saturating_mul(per_object);
+    snapshot <= SNAPSHOT_ALWAYS_BYTES || scan_records.saturating_mul(BLOCK_U64) >= snapshot
+}
+
+/// Whether a disk is due a new snapshot: something changed since the one in use, and
+/// writing one is worth it.
+pub(crate) fn snapshot_due(v: &Volume) -> bool {
+    if v.state != DiskState::Online || v.ckpt.seq == Some(v.next_seq) {
+        return false;
+    }
+    // A checkpoint the head has moved past is of no use to the next open.
+    let from = v
+        .ckpt
+        .seq
+        .filter(|&s| s >= v.head_seq)
+        .unwrap_or(v.head_seq);
+    snapshot_worth(
+        v.objects,
+        ckpt_width(v.geo.size_bytes),
+        v.next_seq.saturating_sub(from),
+    )
+}
+
+/// Records replayed at open past which the store writes a fresh checkpoint right away,
+/// so that a node that crashed once does not pay for the same long scan at every start
+/// until its first idle checkpoint. (A thousand header reads take a few milliseconds.)
+pub(crate) const REPLAY_CHECKPOINT_RECORDS: u64 = 1024;
+
+/// A checkpoint loaded at open: where replay resumes and what it resumes with.
+pub(crate) struct Loaded {
+    pub slot: u8,
+    /// Every record with a smaller seq is reflected in `index` and `pending`.
+    pub seq: u64,
+    /// Bytes from the log head to where record `seq` starts (or will start).
+    pub dist: u64,
+    /// Records from `seq` on carry no smaller epoch.
+    pub epoch: u64,
+    pub index: LocalIndex,
+    pub pending: Pending,
+}
+
+/// Why a slot is not used.
+enum Unusable {
+    /// A sound checkpoint the log has moved past (compaction passed it): normal.
+    Stale(String),
+    /// Damaged or inconsistent: an operating error, worth a warning.
+    Malformed(String),
+}
+
+fn malformed<T>(why: impl Into<String>) -> Result<T, Unusable> {
+    Err(Unusable::Malformed(why.into()))
+}
+
+/// Finds the newest usable checkpoint of a disk and loads it. `headers` holds the two
+/// header blocks (as read together with the superblocks); `sb` is the superblock in
+/// force, already checked (geometry, head). Returns the checkpoint, if any is usable,
+/// and the highest generation among this disk's valid headers, usable or not, so that
+/// the next checkpoint written outranks both. Never fails: a disk without a usable
+/// checkpoint is opened by the full scan.
+pub(crate) fn load(
+    dev: &mut dyn BlockDevice,
+    disk: DiskId,
+    geo: &Geometry,
+    sb: &Superblock,
+    headers: &[u8],
+    buf: &mut AlignedBuf,
+) -> (Option<Loaded>, u64) {
+    let mut found: Vec<(u8, CkptHeader)> = Vec::with_capacity(2);
+    for slot in 0..2u8 {
+        let at = usize::from(slot) * BLOCK;
+        let Some(block) = headers.get(at..at + BLOCK) else {
+            continue;
+        };
+        match CkptHeader::decode(block) {
+            Some(h) if h.identity == sb.identity && h.log_nonce == sb.log_nonce => {
+                found.push((slot, h));
+            }
+            // Left by an earlier format of this disk (identity and nonce are new at
+            // every format): as good as blank.
+            Some(_) => debug!(
+                disk = disk.0,
+                slot, "checkpoint slot of another log; ignored"
+            ),
+            None if block.get(..8) == Some(&CKPT_MAGIC[..]) => {
+                warn!(
+                    disk = disk.0,
+                    slot, "checkpoint header damaged (torn or rotten); ignored"
+                );
+            }
+            None => {}
+        }
+    }
+    let generation = found
+        .iter()
+        .map(|(_, h)| h.generation)
+        .filter(|&g| g <= SEQ_SANE_MAX)
+        .max()
+        .unwrap_or(0);
+    found.sort_by_key(|(_, h)| std::cmp::Reverse(h.generation));
+    for (slot, h) in &found {
+        let r = usable(h, *slot, geo, sb).and_then(|dist| read_body(dev, disk, geo, h, dist, buf));
+        match r {
+            Ok(loaded) => {
+                info!(
+                    disk = disk.0,
+                    slot,
+                    generation = h.generation,
+                    seq = h.seq,
+                    objects = h.objects,
+                    "loaded index checkpoint"
+                );
+                return (Some(loaded), generation);
+            }
+            Err(Unusable::Stale(why)) => {
+                info!(
+                    disk = disk.0,
+                    slot,
+                    seq = h.seq,
+                    "checkpoint not used: {why}"
+                );
+            }
+            Err(Unusable::Malformed(why)) => {
+                warn!(
+                    disk = disk.0,
+                    slot,
+                    seq = h.seq,
+                    "checkpoint unusable: {why}"
+                );
+            }
+        }
+    }
+    (None, generation)
+}
+
+/// Checks a header against the disk and the log. Returns the distance in bytes from
+/// the log head to the checkpoint's position.
+fn usable(h: &CkptHeader, slot: u8, geo: &Geometry, sb: &Superblock) -> Result<u64, Unusable> {
+    if h.slot != slot {
+        return malformed(format!("header of slot {} found in slot {slot}", h.slot));
+    }
+    if h.width != ckpt_width(geo.size_bytes) {
+        return malformed(format!(
+            "field width {} is not this disk's {}",
+            h.width,
+            ckpt_width(geo.size_bytes)
+        ));
+    }
+    if h.generation == 0 || h.generation > SEQ_SANE_MAX || h.seq > SEQ_SANE_MAX {
+        return malformed(format!(
+            "generation {} or seq {} out of range",
+            h.generation, h.seq
+        ));
+    }
+    // Records written after the checkpoint carry at least its epoch; an epoch the
+    // superblock never reached cannot belong to this log.
+    if h.epoch == 0 || h.epoch > sb.epoch {
+        return malformed(format!(
+            "epoch {} beyond the superblock's {}",
+            h.epoch, sb.epoch
+        ));
+    }
+    if h.seq < sb.head_seq {
+        return Err(Unusable::Stale(format!(
+            "compaction moved the log head (seq {}) past it",
+            sb.head_seq
+        )));
+    }
+    let (log_start, log_len) = (geo.log_start(), geo.log_len());
+    if h.position < log_start
+        || h.position >= geo.size_bytes
+        || !h.position.is_multiple_of(BLOCK_U64)
+    {
+        return malformed(format!("position {} outside the log", h.position));
+    }
+    // Both offsets are inside the log: the distance is their difference round the
+    // circle, except that a checkpoint past the head by a whole lap (a full log) sits
+    // where the head is.
+    let mut dist = (h.position + log_len - sb.log_head) % log_len;
+    if h.seq > sb.head_seq && dist == 0 {
+        dist = log_len;
+    }
+    // Every record takes at least one block.
+    let records = h.seq - sb.head_seq;
+    if (h.seq == sb.head_seq && dist != 0)
+        || records.checked_mul(BLOCK_U64).is_none_or(|min| min > dist)
+    {
+        return malformed(format!(
+            "position {} cannot follow {records} record(s) from the head at {}",
+            h.position, sb.log_head
+        ));
+    }
+    if h.implied_body_len() != Some(h.body_len) {
+        return malformed(format!(
+            "body of {} bytes does not hold {} objects, {} pending writes and {} extents",
+            h.body_len, h.objects, h.pending, h.extents
+        ));
+    }
+    if h.body_len > geo.ckpt_body_bytes() {
+        return malformed(format!(
+            "body of {} bytes is larger than its slot ({} bytes)",
+            h.body_len,
+            geo.ckpt_body_bytes()
+        ));
+    }
+    // implied_body_len succeeded, so this sum does not overflow.
+    if h.extents < h.objects + h.pending {
+        return malformed("fewer extents than entries");
+    }
+    Ok(dist)
+}
+
+/// Reads the body of a checked header, validating every entry, and its crc last (the
+/// body is parsed as it streams in; a body that fails its crc is thrown away whole).
+fn read_body(
+    dev: &mut dyn BlockDevice,
+    disk: DiskId,
+    geo: &Geometry,
+    h: &CkptHeader,
+    dist: u64,
+    buf: &mut AlignedBuf,
+) -> Result<Loaded, Unusable> {
+    let mut r = BodyReader {
+        dev,
+        buf,
+        next: geo.ckpt_body(h.slot),
+        left: h.body_len,
+        pos: 0,
+        len: 0,
+        crc: 0,
+    };
+    // Capacities from disk are only hints, and bounded: the counts were checked against
+    // the slot size, not against memory.
+    let mut index = LocalIndex::with_capacity(h.objects.min(1 << 16) as usize);
+    let mut pending = Pending::new();
+    let mut extents_left = h.extents;
+    let log_start = geo.log_start();
+    let w = usize::from(h.width);
+    // Bounded by the header's counts, which fit the slot.
+    for i in 0..h.objects + h.pending {
+        let mut fp = [0u8; 16];
+        r.take(&mut fp)?;
+        let age = r.uint(w)?;
+        let refcount = r.uint(4)? as u32;
+        let n = r.uint(w)?;
+        let object = i < h.objects;
+        if age == 0 || age >= h.seq {
+            return malformed(format!(
+                "entry {i}: write {age} records before seq {}",
+                h.seq
+            ));
+        }
+        let write_id = h.seq - age;
+        if object != (refcount > 0) || (!object && fp != [0; 16]) {
+            return malformed(format!("entry {i}: not an object nor a pending write"));
+        }
+        if n == 0 || n > extents_left {
+            return malformed(format!("entry {i}: {n} extents, {extents_left} left"));
+        }
+        extents_left -= n;
+        let mut extents = Vec::with_capacity(n.min(64) as usize);
+        let (mut len, mut footprint) = (0u64, 0u64);
+        for _ in 0..n {
+            let block = r.uint(w)?;
+            let xlen = r.uint(CKPT_LEN_BYTES)? as u32;
+            let size = record_size(u64::from(xlen));
+            let hdr = block
+                .checked_mul(BLOCK_U64)
+                .and_then(|b| b.checked_add(log_start))
+                .filter(|h| h.checked_add(size).is_some_and(|end| end <= geo.size_bytes));
+            let Some(hdr) = hdr.filter(|_| xlen as usize <= MAX_SEGMENT_BYTES) else {
+                return malformed(format!(
+                    "entry {i}: extent at block {block} of {xlen} bytes outside the log"
+                ));
+            };
+            len += u64::from(xlen);
+            footprint += size;
+            extents.push(Extent { hdr, len: xlen });
+        }
+        if object {
+            match index.entry(Fingerprint(fp)) {
+                MapEntry::Occupied(o) => {
+                    return malformed(format!("object {} listed twice", o.key()));
+                }
+                MapEntry::Vacant(v) => {
+                    v.insert(Entry {
+                        disk,
+                        len,
+                        refcount,
+                        write_id,
+                        extents,
+                        footprint,
+                    });
+                }
+            }
+        } else {
+            match pending.entry(write_id) {
+                MapEntry::Occupied(_) => {
+                    return malformed(format!("pending write {write_id} listed twice"));
+                }
+                MapEntry::Vacant(v) => {
+                    v.insert(extents);
+                }
+            }
+        }
+    }
+    if extents_left != 0 || r.left != 0 || r.pos != r.len {
+        return malformed("body longer than its entries");
+    }
+    if r.crc != h.body_crc {
+        return malformed("body fails its crc (torn or rotten)");
+    }
+    Ok(Loaded {
+        slot: h.slot,
+        seq: h.seq,
+        dist,
+        epoch: h.epoch,
+        index,
+        pending,
+    })
+}
+
+/// Streams a checkpoint body off the device a buffer at a time, computing its crc.
+struct BodyReader<'a> {
+    dev: &'a mut dyn BlockDevice,
+    buf: &'a mut AlignedBuf,
+    /// Where the next transfer starts.
+    next: u64,
+    /// Body bytes not read yet.
+    left: u64,
+    /// Bytes of `buf` consumed, and valid.
+    pos: usize,
+    len: usize,
+    crc: u32,
+}
+
+impl BodyReader<'_> {
+    /// A little-endian integer of `width` (at most 8) bytes.
+    fn uint(&mut self, width: usize) -> Result<u64, Unusable> {
+        let mut le = [0u8; 8];
+        let Some(bytes) = le.get_mut(..width) else {
+            return malformed(format!("field of {width} bytes"));
+        };
+        self.take(bytes)?;
+        Ok(get_uint(bytes))
+    }
+
+    /// Fills `out` from the body. Each turn copies at least one byte or reads a new
+    /// buffer, and the reads stop at the body's length, so this ends.
+    fn take(&mut self, out: &mut [u8]) -> Result<(), Unusable> {
+        let mut got = 0;
+        while got < out.len() {
+            if self.pos == self.len {
+                self.refill()?;
+            }
+            let n = (out.len() - got).min(self.len - self.pos);
+            out[got..got + n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+            got += n;
+            self.pos += n;
+        }
+        Ok(())
+    }
+
+    fn refill(&mut self) -> Result<(), Unusable> {
+        if self.left == 0 {
+            return malformed("body shorter than its entries");
+        }
+        if self.buf.len() < BLOCK {
+            return malformed("no buffer to read the body with");
+        }
+        let n = self.left.min(self.buf.len() as u64) as usize;
+        let span = n.next_multiple_of(BLOCK);
+        if let Err(e) = self.dev.read_at(self.next, &mut self.buf[..span]) {
+            return malformed(format!("cannot read the body: {e}"));
+        }
+        self.crc = crc32c::crc32c_append(self.crc, &self.buf[..n]);
+        self.next += span as u64;
+        self.left -= n as u64;
+        self.pos = 0;
+        self.len = n;
+        Ok(())
+    }
+}
+
+/// Outcome of streaming a snapshot so far.
+enum SnapState {
+    Writing,
+    /// Larger than the slot, or a value its field cannot hold: skipped, the previous
+    /// checkpoint (if any) stays in use.
+    Unfit(&'static str),
+    /// A device error: the disk is Down now.
+    Failed(StoreError),
+}
+
+/// One disk's snapshot being streamed into its inactive slot: entries are appended to
+/// `buf` and each full buffer goes out as one write; the header goes last.
+struct Snapshot {
+    buf: AlignedBuf,
+    fill: usize,
+    /// Where `buf` goes when it is next written.
+    at: u64,
+    /// One entry or extent being encoded.
+    scratch: Vec<u8>,
+    log_start: u64,
+    /// Counts and length accumulate here as entries are added, the crc as each buffer
+    /// goes out.
+    header: CkptHeader,
+    header_at: u64,
+    capacity: u64,
+    state: SnapState,
+}
+
+impl Snapshot {
+    fn begin(vol: &Volume, buf: AlignedBuf) -> Snapshot {
+        let slot = vol.ckpt.slot.map_or(0, |s| 1 - (s & 1));
+        Snapshot {
+            buf,
+            fill: 0,
+            at: vol.geo.ckpt_body(slot),
+            scratch: Vec::with_capacity(64),
+            log_start: vol.log_start,
+            header: CkptHeader {
+                slot,
+                width: ckpt_width(vol.geo.size_bytes),
+                identity: vol.sb.identity,
+                log_nonce: vol.sb.log_nonce,
+                generation: vol.ckpt.generation + 1,
+                seq: vol.next_seq,
+                position: vol.phys(vol.tail_lp),
+                epoch: vol.sb.epoch,
+                objects: 0,
+                pending: 0,
+                extents: 0,
+                body_len: 0,
+                body_crc: 0,
+            },
+            header_at: vol.geo.ckpt_header(slot),
+            capacity: vol.ckpt.capacity,
+            state: SnapState::Writing,
+        }
+    }
+
+    fn put(&mut self, vol: &mut Volume, bytes: &[u8]) {
+        if !matches!(self.state, SnapState::Writing) {
+            return;
+        }
+        if self.header.body_len + bytes.len() as u64 > self.capacity || self.buf.len() < BLOCK {
+            self.state = SnapState::Unfit("larger than its slot");
+            return;
+        }
+        self.header.body_len += bytes.len() as u64;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let n = rest.len().min(self.buf.len() - self.fill);
+            self.buf[self.fill..self.fill + n].copy_from_slice(&rest[..n]);
+            self.fill += n;
+            rest = &rest[n..];
+            if self.fill == self.buf.len() {
+                self.header.body_crc = crc32c::crc32c_append(self.header.body_crc, &self.buf);
+                if let Err(e) = vol.write(self.at, &self.buf) {
+                    self.state = SnapState::Failed(e);
+                    return;
+                }
+                self.at += self.buf.len() as u64;
+                self.fill = 0;
+            }
+        }
+    }
+
+    /// Adds one entry (an object when `fp` is given, else a pending write).
+    fn entry(
+        &mut self,
+        vol: &mut Volume,
+        fp: Option<&Fingerprint>,
+        write_id: u64,
+        refcount: u32,
+        extents: &[Extent],
+    ) {
+        let w = self.header.width;
+        let max = ckpt_field_max(w);
+        let age = self.header.seq.saturating_sub(write_id);
+        let n = extents.len() as u64;
+        if age == 0 || age > max || n > max {
+            self.state = SnapState::Unfit("a write id or extent count its field cannot hold");
+            return;
+        }
+        let mut e = std::mem::take(&mut self.scratch);
+        e.clear();
+        e.extend_from_slice(&fp.map_or([0; 16], |f| f.0));
+        put_uint(&mut e, age, w);
+        e.extend_from_slice(&refcount.to_le_bytes());
+        put_uint(&mut e, n, w);
+        self.put(vol, &e);
+        for x in extents {
+            let block = x.hdr.saturating_sub(self.log_start) / BLOCK_U64;
+            if x.hdr < self.log_start || block > max {
+                self.state = SnapState::Unfit("an extent outside the log");
+                break;
+            }
+            e.clear();
+            put_uint(&mut e, block, w);
+            put_uint(&mut e, u64::from(x.len), CKPT_LEN_BYTES as u8);
+            self.put(vol, &e);
+        }
+        self.scratch = e;
+        if fp.is_some() {
+            self.header.objects += 1;
+        } else {
+            self.header.pending += 1;
+        }
+        self.header.extents += n;
+    }
+
+    /// Writes what is left of the body, then the header, and flushes. `Ok(false)`: the
+    /// snapshot did not fit and nothing was made current.
+    fn finish(&mut self, vol: &mut Volume) -> Result<bool, StoreError> {
+        match std::mem::replace(&mut self.state, SnapState::Writing) {
+            SnapState::Writing => {}
+            SnapState::Unfit(why) => {
+                warn!(
+                    disk = vol.id.0,
+                    capacity = self.capacity,
+                    "index snapshot does not fit its checkpoint slot ({why}); checkpoint skipped, the next open scans the log from the last usable one"
+                );
+                return Ok(false);
+            }
+            SnapState::Failed(e) => return Err(e),
+        }
+        if self.fill > 0 {
+            let tail = &self.buf[..self.fill];
+            self.header.body_crc = crc32c::crc32c_append(self.header.body_crc, tail);
+            let span = self.fill.next_multiple_of(BLOCK);
+            self.buf[self.fill..span].fill(0);
+            vol.write(self.at, &self.buf[..span])?;
+        }
+        // The header last, in the same flush: if the body did not all land, the
+        // header's crc of it fails and the slot is ignored; the other slot is untouched.
+        self.header.encode(&mut self.buf[..BLOCK]);
+        vol.write(self.header_at, &self.buf[..BLOCK])?;
+        vol.flush()?;
+        Ok(true)
+    }
+}
+
+impl Store {
+    /// Makes everything written so far durable and saves each changed Online disk's
+    /// part of the index as a checkpoint (see format.rs), so that the next open reads
+    /// the checkpoint and only the log records written after it. A large index is saved
+    /// only once enough log has been written since its last checkpoint to make that
+    /// worth it ([`snapshot_worth`]), so calling this often is cheap. Also records in the
+    /// superblock that everything so far is durable, which spares a full scan (should
+    /// one ever be needed) the re-verification of data. Called by the server when idle
+    /// after changes and at shutdown. A snapshot too large for its slot is skipped with
+    /// a warning; a device error takes that disk Down and is returned (the first one).
+    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let due: Vec<bool> = self.vols.iter().map(snapshot_due).collect();
+        self.checkpoint_disks(&due)
+    }
+
+    /// Snapshots of the disks marked in `due` (one pass over the index feeds them all),
+    /// then the superblock's verified mark of every Online disk.
+    pub(super) fn checkpoint_disks(&mut self, due: &[bool]) -> Result<(), StoreError> {
+        let Store {
+            vols,
+            index,
+            writes,
+            ckpt_bufs,
+            ..
+        } = self;
+        let mut first_err = None;
+        let mut snaps: Vec<Option<Snapshot>> = Vec::with_capacity(vols.len());
+        for (i, vol) in vols.iter_mut().enumerate() {
+            let mut snap = None;
+            if due.get(i) == Some(&true) && vol.state == DiskState::Online {
+                // Everything a snapshot reflects must be durable before it is.
+                match vol.flush() {
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                    Ok(()) if vol.ckpt.diverged => {
+                        debug!(
+                            disk = i,
+                            "index differs from the log until restart; no checkpoint"
+                        );
+                    }
+                    Ok(()) => {
+                        let buf = ckpt_bufs
+                            .get_mut(i)
+                            .map(|b| std::mem::replace(b, AlignedBuf::new(0)))
+                            .filter(|b| b.len() >= BLOCK)
+                            .unwrap_or_else(|| AlignedBuf::new(CKPT_IO_BYTES));
+                        snap = Some(Snapshot::begin(vol, buf));
+                    }
+                }
+            }
+            snaps.push(snap);
+        }
+        if snaps.iter().any(Option::is_some) {
+            // Objects first, then pending writes: the order the body promises.
+            for (fp, e) in index.iter() {
+                let d = usize::from(e.disk.0);
+                if let (Some(Some(s)), Some(vol)) = (snaps.get_mut(d), vols.get_mut(d)) {
+                    s.entry(vol, Some(fp), e.write_id, e.refcount, &e.extents);
+                }
+            }
+            for w in writes.values().filter(|w| w.write_id != 0) {
+                let d = usize::from(w.disk.0);
+                if let (Some(Some(s)), Some(vol)) = (snaps.get_mut(d), vols.get_mut(d)) {
+                    s.entry(vol, None, w.write_id, 0, &w.st.extents);
+                }
+            }
+        }
+        for (i, snap) in snaps.into_iter().enumerate() {
+            let (Some(mut s), Some(vol)) = (snap, vols.get_mut(i)) else {
+                continue;
+            };
+            let r = s.finish(vol);
+            if let Some(b) = ckpt_bufs.get_mut(i) {
+                *b = s.buf;
+            }
+            match r {
+                Ok(true) => {
+                    vol.ckpt.seq = Some(s.header.seq);
+                    vol.ckpt.slot = Some(s.header.slot);
+                    vol.ckpt.generation = s.header.generation;
+                    debug!(
+                        disk = i,
+                        slot = s.header.slot,
+                        seq = s.header.seq,
+                        objects = s.header.objects,
+                        bytes = s.header.body_len,
+                        "checkpoint written"
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        for vol in vols.iter_mut() {
+            if vol.state == DiskState::Online && vol.sb.verified_seq != vol.next_seq {
+                // Flushed by the snapshot, or here.
+                let r = vol.flush().and_then(|()| {
+                    vol.sb.verified_seq = vol.next_seq;
+                    vol.write_sb()
+                });
+                if let Err(e) = r {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}

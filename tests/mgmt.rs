@@ -377,12 +377,13 @@ fn offline_sends_stores_elsewhere_and_online_brings_every_object_back() {
     let d = api.check("POST", "/v1/disks/{id}/offline", &r);
     assert_eq!(d["state"], "offline");
     assert_eq!(d["id"], target);
-    // Offline again is not an error: the disk simply stays offline.
+    // Offline again is not an error: the disk simply stays offline. A JSON `null`
+    // body is no body, as the document allows.
     let r = post(
         &node,
         &format!("/v1/disks/{target}/offline"),
         Some(TOKEN),
-        b"",
+        b"null",
     );
     assert_eq!(
         api.check("POST", "/v1/disks/{id}/offline", &r)["state"],

@@ -272,7 +272,7 @@ async fn disks(State(s): State<Arc<Shared>>) -> Json<DisksView> {
 #[utoipa::path(
     get,
     path = "/v1/disks/{id}",
-    params(("id" = u16, Path, description = "Disk id, 0 to the number of disks less one")),
+    params(("id" = u16, Path, minimum = 0, maximum = 65535, description = "Disk id, 0 to the number of disks less one")),
     responses(
         (status = 200, body = DiskView),
         (status = 400, description = "The id is not a number", body = ErrorBody),
@@ -297,7 +297,7 @@ async fn disk(
 #[utoipa::path(
     post,
     path = "/v1/disks/{id}/offline",
-    params(("id" = u16, Path, description = "Disk id")),
+    params(("id" = u16, Path, minimum = 0, maximum = 65535, description = "Disk id")),
     request_body(content = Option<StateChangeRequest>, description = "Optional: why", content_type = "application/json"),
     security(("bearer" = [])),
     responses(
@@ -324,7 +324,7 @@ async fn disk_offline(
 #[utoipa::path(
     post,
     path = "/v1/disks/{id}/online",
-    params(("id" = u16, Path, description = "Disk id")),
+    params(("id" = u16, Path, minimum = 0, maximum = 65535, description = "Disk id")),
     request_body(content = Option<StateChangeRequest>, description = "Optional: why", content_type = "application/json"),
     security(("bearer" = [])),
     responses(
@@ -359,11 +359,13 @@ async fn change_state(
         headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
     )?;
     let disk = find_disk(&s.handle.disks.snapshot(), id)?;
+    // No body, or JSON `null`, is no request body (the document says it is optional).
     let request: StateChangeRequest = if body.iter().all(u8::is_ascii_whitespace) {
         StateChangeRequest::default()
     } else {
-        serde_json::from_slice(body)
+        serde_json::from_slice::<Option<StateChangeRequest>>(body)
             .map_err(|e| ApiError::BadRequest(format!("bad JSON body: {e}")))?
+            .unwrap_or_default()
     };
     let reason = request.reason.unwrap_or_default();
     if reason.len() > REASON_MAX {

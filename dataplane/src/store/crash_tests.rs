@@ -1,6 +1,9 @@
 //! Crash tests: a seeded random workload (interleaved stores, aborts, deletes,
-//! compaction, checkpoints, injected device faults) on in-memory disks, with power
-//! cuts at random points. After every reboot:
+//! compaction, checkpoints, injected device faults — also while a checkpoint is being
+//! written) on in-memory disks, with power cuts at random points and, now and then, a
+//! damaged checkpoint slot. After every reboot:
+//! - the index rebuilt from the checkpoints and the log tails is exactly the one a full
+//!   scan of the logs gives;
 //! - every object whose commit returned Ok (and not deleted since) is there, with
 //!   identical bytes and the right refcount;
 //! - no object is visible that no commit was ever attempted for (in-flight and aborted
@@ -14,6 +17,8 @@ use nvme::mem::{Faults, MemDisk};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::checkpoint_tests::{index_of, logs_of, without_checkpoints};
+use super::format::BLOCK_U64;
 use super::tests::{cfg, check_accounting, data, devices, get_all};
 use super::*;
 
@@ -62,6 +67,8 @@ struct Run {
     compactions: u64,
     dedups: u64,
     wraps: u64,
+    /// Disks opened from a checkpoint (summed over reboots).
+    from_checkpoint: u64,
 }
 
 impl Run {
@@ -83,6 +90,7 @@ impl Run {
             compactions: 0,
             dedups: 0,
             wraps: 0,
+            from_checkpoint: 0,
         }
     }
 
@@ -268,6 +276,18 @@ impl Run {
         for d in &self.disks {
             d.set_faults(Faults::default());
         }
+        if self.rng.gen_bool(0.15) {
+            // Rot or a stray write in a checkpoint slot: costs a full scan at most.
+            let d = self.rng.gen_range(0..self.disks.len());
+            let geo = self.store.vols[d].geo;
+            let slot = self.rng.gen_range(0..2u8);
+            let (start, len) = if self.rng.gen_bool(0.5) {
+                (geo.ckpt_header(slot), BLOCK_U64)
+            } else {
+                (geo.ckpt_body(slot), geo.ckpt_body_bytes())
+            };
+            self.disks[d].corrupt(start + self.rng.gen_range(0..len), 1);
+        }
         if std::env::var("CRASH_TRACE").is_ok() {
             eprintln!(
                 "reboot crash={crash} {:?} {:?}",
@@ -284,11 +304,30 @@ impl Run {
         self.dedups += self.store.counters().dedup_hits;
         self.wraps += self.store.vols.iter().map(|v| v.wraps).sum::<u64>();
         let seed = self.rng.gen();
+        let twins: Vec<MemDisk> = self.disks.iter().map(without_checkpoints).collect();
         self.store =
             Store::open_seeded(devices(&self.disks), self.cfg.clone(), 1, seed).expect("reopen");
         for r in self.store.disks() {
             assert_eq!(r.state, DiskState::Online, "disk {:?} after reboot", r.id);
         }
+        let full = Store::open_seeded(devices(&twins), self.cfg.clone(), 1, seed)
+            .expect("reopen by full scan");
+        assert_eq!(
+            index_of(&self.store),
+            index_of(&full),
+            "index: checkpoint vs full scan"
+        );
+        assert_eq!(
+            logs_of(&self.store),
+            logs_of(&full),
+            "logs: checkpoint vs full scan"
+        );
+        self.from_checkpoint += self
+            .store
+            .vols
+            .iter()
+            .filter(|v| v.ckpt.loaded.is_some())
+            .count() as u64;
         check_accounting(&self.store);
         let contents = self.store.contents();
         for (fp, _) in &contents {
@@ -341,6 +380,7 @@ fn crash_at_random_points() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let (mut reboots, mut objects, mut compactions, mut dedups, mut wraps) = (0, 0, 0, 0, 0);
+    let mut from_checkpoint = 0;
     for seed in from..200 {
         let run = run_seed(seed, 200);
         reboots += run.reboots;
@@ -348,8 +388,9 @@ fn crash_at_random_points() {
         compactions += run.compactions;
         dedups += run.dedups;
         wraps += run.wraps;
+        from_checkpoint += run.from_checkpoint;
     }
-    eprintln!("reboots {reboots} objects {objects} compactions {compactions} dedups {dedups} wrapped {wraps}");
+    eprintln!("reboots {reboots} objects {objects} compactions {compactions} dedups {dedups} wrapped {wraps} disks opened from a checkpoint {from_checkpoint}");
     // The workload must actually exercise what it claims to.
     if from == 0 {
         assert!(reboots > 500, "{reboots}");
@@ -357,6 +398,7 @@ fn crash_at_random_points() {
         assert!(compactions > 100, "{compactions}");
         assert!(dedups > 100, "{dedups}");
         assert!(wraps > 10, "{wraps}");
+        assert!(from_checkpoint > 200, "{from_checkpoint}");
     }
 }
 

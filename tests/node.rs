@@ -786,8 +786,9 @@ fn full_disks_say_no_space_and_compaction_gives_the_space_back() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(&dir.path().join("data"), &unique_group(), &[]);
     let mut c = node.client();
-    // Two 64 MiB disks hold two 30 MiB objects each.
-    let objs: Vec<Vec<u8>> = (0..4).map(|i| data(7000 + i, 30 << 20)).collect();
+    // Two 64 MiB disks hold two 28 MiB objects each, with room to spare for the
+    // store's own metadata (superblocks, checkpoint slots, reserves) but not a third.
+    let objs: Vec<Vec<u8>> = (0..4).map(|i| data(7000 + i, 28 << 20)).collect();
     let fps: Vec<Fingerprint> = objs
         .iter()
         .map(|o| c.store_bytes(o).unwrap().fingerprint)
@@ -800,7 +801,7 @@ fn full_disks_say_no_space_and_compaction_gives_the_space_back() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("NO_SPACE"), "{}", stderr(&out));
     // Unannounced: fails part way, and nothing of it is visible.
-    let fifth = data(7100, 30 << 20);
+    let fifth = data(7100, 28 << 20);
     let mut input = &fifth[..];
     let err = c.store(&mut input, 0, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("NO_SPACE"), "{err}");

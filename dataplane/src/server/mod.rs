@@ -223,7 +223,13 @@ impl Server {
             if idle && now.duration_since(last_compact) >= Duration::from_secs(1) {
                 last_compact = now;
                 match self.store.maybe_compact() {
-                    Ok(Some(r)) => tracing::info!(?r, "compacted"),
+                    Ok(Some(r)) => {
+                        tracing::info!(?r, "compacted");
+                        // Compaction moved the log head, possibly past the last
+                        // checkpoint: write a new one soon, or a crash before the next
+                        // store would cost a full scan at start-up.
+                        dirty_since_checkpoint = true;
+                    }
                     Ok(None) => {}
                     Err(e) => tracing::error!(error = %e, "compaction failed"),
                 }

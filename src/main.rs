@@ -87,7 +87,6 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         multicast_if: cfg.multicast_if,
         node_id,
         epoch,
-        heartbeat_interval: Duration::from_millis(cfg.heartbeat_ms),
         chunk_max: dosp::wire::CHUNK_MAX_DEFAULT,
         connections_max: 1024,
         idle_sleep: Duration::from_millis(100),
@@ -117,6 +116,28 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         },
         command_wait: Duration::from_secs(5),
     };
+    let thresholds = mgmt_cfg.thresholds;
+    let announcer_cfg = mgmt::cluster::AnnouncerConfig {
+        group: cfg.multicast,
+        iface: cfg.multicast_if,
+        node_id,
+        epoch,
+        dosp: match local {
+            std::net::SocketAddr::V4(a) if !a.ip().is_unspecified() => a,
+            _ => std::net::SocketAddrV4::new(cfg.multicast_if, local.port()),
+        },
+        heartbeat_interval: Duration::from_millis(cfg.heartbeat_ms),
+        repeat: 3,
+        repeat_gap: Duration::from_millis(100),
+        thresholds,
+    };
+    let announcer =
+        mgmt::cluster::Announcer::start(announcer_cfg, handle.clone()).with_context(|| {
+            format!(
+                "cannot start heartbeats on {} via {}",
+                cfg.multicast, cfg.multicast_if
+            )
+        })?;
     let mgmt = mgmt::Mgmt::start(mgmt_cfg, handle)
         .with_context(|| format!("cannot start the management core on {}", cfg.mgmt_listen))?;
     tracing::info!(
@@ -161,6 +182,8 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         })
         .context("cannot start the dataplane thread")?;
     let result = dataplane.join();
+    // Tell the cluster this node is leaving (repeated, bounded), then stop serving REST.
+    announcer.stop();
     mgmt.stop();
     match result {
         Ok(Ok(_store)) => {

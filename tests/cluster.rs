@@ -99,3 +99,66 @@ fn watch_stops_after_count_and_rejects_bad_arguments() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// POSTs to the node's management endpoint with the bearer token; returns the status.
+fn post(node: &Node, path: &str, token: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(node.mgmt).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn disk_events_and_leaving_are_announced_to_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique_group();
+    let mut node = Node::start(&dir.path().join("a"), &group, &["--mgmt-token", "s3cret"]);
+    let mut watcher = Command::new(dosp_bin())
+        .args(["watch", "--multicast", &group, "--seconds", "20"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
+    // The watcher has joined once it prints the node's first heartbeat.
+    for line in lines.by_ref().take(100) {
+        if line.unwrap().starts_with("heartbeat") {
+            break;
+        }
+    }
+    assert_eq!(post(&node, "/v1/disks/1/offline", "s3cret"), 200);
+    assert_eq!(post(&node, "/v1/disks/1/online", "s3cret"), 200);
+    assert_eq!(node.terminate(), Some(0));
+
+    let mut events = Vec::new();
+    for line in lines.by_ref().take(500) {
+        let line = line.unwrap();
+        if line.starts_with("announce") {
+            assert!(line.contains(&node.node_id), "{line}");
+            events.push(line);
+        }
+        if events.len() == 3 {
+            break;
+        }
+    }
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert!(
+        events[0].contains("disk-down disk 1") && events[0].contains("offline"),
+        "{}",
+        events[0]
+    );
+    assert!(events[1].contains("disk-up disk 1"), "{}", events[1]);
+    assert!(events[2].contains("node-leaving disk -"), "{}", events[2]);
+    // Repetitions carry the same seq and are shown once: seqs are 1, 2, 3.
+    for (i, e) in events.iter().enumerate() {
+        assert!(e.contains(&format!("seq {} ", i + 1)), "{e}");
+    }
+}

@@ -4,8 +4,8 @@
 //! as TCP), so a manager can ask one node with the same In/Out structures it would use
 //! over TCP. The multicast one is joined to the cluster group: a LOCATE sent to the
 //! group is answered — by multicast, so every manager snooping the group learns the
-//! location — only by nodes that hold the object; the rest stay silent. Heartbeats go
-//! to the group on a timer.
+//! location — only by nodes that hold the object; the rest stay silent. (Periodic
+//! heartbeats and announcements come from the management core, mgmt/src/cluster.rs.)
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -145,24 +145,6 @@ impl Cluster {
         }
         if let Err(e) = self.unicast.send_to(&self.out, from) {
             tracing::debug!(%from, error = %e, "unicast answer failed");
-        }
-    }
-
-    /// Multicasts this node's heartbeat to the group.
-    pub fn send_heartbeat(&mut self, ctx: &Ctx<'_>) {
-        self.out.clear();
-        encode_response(
-            &mut self.out,
-            Opcode::Heartbeat as u16,
-            0,
-            &[heartbeat(ctx).as_bytes()],
-        );
-        match self
-            .multicast
-            .send_to(&self.out, SocketAddr::V4(self.group))
-        {
-            Ok(_) => NodeStats::inc(&ctx.stats.heartbeats_sent),
-            Err(e) => tracing::debug!(error = %e, "heartbeat send failed"),
         }
     }
 }

@@ -7,7 +7,7 @@
 //! lands on the wrong loop is forwarded over a bounded single-producer queue.
 //!
 //! Each turn, in bounded batches: accept new connections, drive ready sessions, serve
-//! datagrams, fire timers (heartbeat, idle compaction, checkpoint). The loop sleeps in
+//! datagrams, fire timers (idle compaction, checkpoint, timeouts). The loop sleeps in
 //! epoll when idle, so an idle node does not burn its core; the poll timeout is bounded
 //! so shutdown and timers are noticed promptly.
 
@@ -53,7 +53,6 @@ pub struct ServerConfig {
     pub multicast_if: Ipv4Addr,
     pub node_id: u64,
     pub epoch: u64,
-    pub heartbeat_interval: Duration,
     pub chunk_max: u32,
     pub connections_max: usize,
     /// Longest the loop sleeps in epoll when idle.
@@ -128,7 +127,6 @@ impl Server {
     pub fn run(mut self, stop: &AtomicBool) -> io::Result<Store> {
         let mut events = Events::with_capacity(EVENTS_MAX);
         let mut more: Vec<Token> = Vec::new();
-        let mut next_heartbeat = Instant::now();
         let mut last_compact = Instant::now();
         let mut last_checkpoint = Instant::now();
         let mut last_timeout_scan = Instant::now();
@@ -138,21 +136,12 @@ impl Server {
         let ops_at_checkpoint =
             NodeStats::get(&self.stats.stores) + NodeStats::get(&self.stats.deletes);
         let mut last_ops = ops_at_checkpoint;
-        self.cluster.send_heartbeat(&Ctx {
-            store: &mut self.store,
-            stats: &self.stats,
-            id: &self.id,
-        });
         NodeStats::inc(&self.stats.loop_turns);
-        next_heartbeat += self.cfg.heartbeat_interval;
 
         while !stop.load(Ordering::Relaxed) {
             NodeStats::inc(&self.stats.loop_turns);
-            let now = Instant::now();
             let timeout = if more.is_empty() {
-                next_heartbeat
-                    .saturating_duration_since(now)
-                    .min(self.cfg.idle_sleep)
+                self.cfg.idle_sleep
             } else {
                 Duration::ZERO
             };
@@ -197,14 +186,6 @@ impl Server {
             more.dedup();
 
             let now = Instant::now();
-            if now >= next_heartbeat {
-                self.cluster.send_heartbeat(&Ctx {
-                    store: &mut self.store,
-                    stats: &self.stats,
-                    id: &self.id,
-                });
-                next_heartbeat = now + self.cfg.heartbeat_interval;
-            }
             let ops = NodeStats::get(&self.stats.stores) + NodeStats::get(&self.stats.deletes);
             if ops != last_ops {
                 dirty_since_checkpoint = true;

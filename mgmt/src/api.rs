@@ -68,8 +68,48 @@ pub struct DiskView {
     pub objects_available: u64,
     /// Open writes on the disk.
     pub outstanding_ops: u32,
-    /// I/O errors seen since start.
+    /// Errors since start: device errors, blocks failing their checksum, a disk that
+    /// could not be opened.
     pub errors: u64,
+    /// The most recent error, or null if there was none since start.
+    #[schema(required = true)]
+    pub last_error: Option<LastErrorView>,
+    /// Reads completed on the device since start (failed ones count as errors).
+    pub read_ops: u64,
+    pub read_bytes: u64,
+    /// Writes completed on the device since start.
+    pub write_ops: u64,
+    pub write_bytes: u64,
+    /// Flushes (cache flush / FUA barriers) completed since start.
+    pub flushes: u64,
+    /// The device's own health data (NVMe SMART / health log). Null when the backend
+    /// has none: the `file` and `memory` backends never do, and nothing is made up
+    /// in its place.
+    #[schema(required = true)]
+    pub health: Option<DiskHealthView>,
+}
+
+/// A disk's most recent error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct LastErrorView {
+    pub message: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+}
+
+/// Device health as NVMe reports it in its SMART / health information log page
+/// (NVMe 2.0 §5.16.1.3). Only a backend that talks to the device itself can fill it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct DiskHealthView {
+    /// Critical warning bits (0: none).
+    pub critical_warning: u8,
+    /// Composite temperature in kelvins.
+    pub temperature_kelvin: u16,
+    /// Vendor estimate of life used, in percent (may exceed 100).
+    pub percentage_used: u8,
+    /// Unrecovered data integrity errors over the device's life.
+    pub media_errors: u64,
+    pub power_on_hours: u64,
 }
 
 impl From<&DiskReport> for DiskView {
@@ -88,6 +128,18 @@ impl From<&DiskReport> for DiskView {
             objects_available: d.objects_available,
             outstanding_ops: d.outstanding_ops,
             errors: d.errors,
+            last_error: d.last_error.as_ref().map(|e| LastErrorView {
+                message: e.message.clone(),
+                at_unix_ms: e.at_unix_ms,
+            }),
+            read_ops: d.io.read_ops,
+            read_bytes: d.io.read_bytes,
+            write_ops: d.io.write_ops,
+            write_bytes: d.io.write_bytes,
+            flushes: d.io.flushes,
+            // No backend in this tree reads a health log yet (the file and memory
+            // backends have none): say so rather than invent numbers.
+            health: None,
         }
     }
 }
@@ -163,6 +215,7 @@ pub struct StateChangeRequest {
     paths(node, disks, disk, disk_offline, disk_online, health_get, metrics_get, openapi_get),
     components(schemas(
         NodeView, Addresses, Backends, Role, DisksView, DiskView, DiskStateView,
+        LastErrorView, DiskHealthView,
         StateChangeRequest, ErrorBody, Health, health::Reason, health::ReasonKind,
         health::Status, health::Thresholds
     )),

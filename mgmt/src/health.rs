@@ -217,6 +217,8 @@ mod tests {
             outstanding_ops: 0,
             bytes_dead: 0,
             errors: 3,
+            io: Default::default(),
+            last_error: None,
         }
     }
 

@@ -160,9 +160,62 @@ pub fn render(s: &NodeStats, disks: &[DiskReport]) -> String {
         &mut out,
         "dosd_disk_errors_total",
         Kind::Counter,
-        "I/O errors seen on the disk",
+        "Errors of the disk: device errors, checksum failures, failure to open",
         &|d| d.errors,
     );
+    // Device I/O, named as node_exporter names the kernel's disk statistics so that
+    // the usual dashboards and rate() queries read them alike.
+    family(
+        &mut out,
+        "dosd_disk_reads_completed_total",
+        Kind::Counter,
+        "Reads completed on the device",
+        &|d| d.io.read_ops,
+    );
+    family(
+        &mut out,
+        "dosd_disk_read_bytes_total",
+        Kind::Counter,
+        "Bytes read from the device",
+        &|d| d.io.read_bytes,
+    );
+    family(
+        &mut out,
+        "dosd_disk_writes_completed_total",
+        Kind::Counter,
+        "Writes completed on the device",
+        &|d| d.io.write_ops,
+    );
+    family(
+        &mut out,
+        "dosd_disk_written_bytes_total",
+        Kind::Counter,
+        "Bytes written to the device",
+        &|d| d.io.write_bytes,
+    );
+    family(
+        &mut out,
+        "dosd_disk_flushes_completed_total",
+        Kind::Counter,
+        "Flushes completed on the device",
+        &|d| d.io.flushes,
+    );
+    // Seconds since the epoch, the Prometheus convention for "when did X last happen"
+    // (`time() - dosd_disk_last_error_timestamp_seconds` is its age); 0: no error yet.
+    let _ = write!(
+        out,
+        "# HELP dosd_disk_last_error_timestamp_seconds When the disk's last error happened (0: never)\n# TYPE dosd_disk_last_error_timestamp_seconds gauge\n"
+    );
+    for d in disks {
+        let ms = d.last_error.as_ref().map_or(0, |e| e.at_unix_ms);
+        let _ = writeln!(
+            out,
+            "dosd_disk_last_error_timestamp_seconds{{disk=\"{}\"}} {}.{:03}",
+            d.id.0,
+            ms / 1000,
+            ms % 1000
+        );
+    }
     // The state as a one-hot gauge per state, the usual Prometheus encoding of an enum.
     let _ = write!(
         out,
@@ -271,7 +324,18 @@ mod tests {
             objects_available: 1,
             outstanding_ops: 0,
             bytes_dead: 10,
-            errors: 0,
+            errors: 1,
+            io: dataplane::store::DiskIo {
+                read_ops: 4,
+                read_bytes: 16384,
+                write_ops: 2,
+                write_bytes: 8192,
+                flushes: 1,
+            },
+            last_error: Some(dataplane::store::LastError {
+                message: "boom".into(),
+                at_unix_ms: 1_700_000_000_250,
+            }),
         }];
         let text = render(&s, &disks);
         assert!(text.contains("\ndosd_stores_total 7\n"), "{text}");
@@ -281,6 +345,17 @@ mod tests {
         );
         assert!(text.contains("dosd_disk_state{disk=\"3\",state=\"offline\"} 1\n"));
         assert!(text.contains("dosd_disk_state{disk=\"3\",state=\"online\"} 0\n"));
+        for sample in [
+            "dosd_disk_errors_total{disk=\"3\"} 1\n",
+            "dosd_disk_reads_completed_total{disk=\"3\"} 4\n",
+            "dosd_disk_read_bytes_total{disk=\"3\"} 16384\n",
+            "dosd_disk_writes_completed_total{disk=\"3\"} 2\n",
+            "dosd_disk_written_bytes_total{disk=\"3\"} 8192\n",
+            "dosd_disk_flushes_completed_total{disk=\"3\"} 1\n",
+            "dosd_disk_last_error_timestamp_seconds{disk=\"3\"} 1700000000.250\n",
+        ] {
+            assert!(text.contains(sample), "{sample} missing:\n{text}");
+        }
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
             assert!(

@@ -182,7 +182,9 @@ impl Store {
                 (Some(h), _) => pos + record_size(u64::from(h.payload_len.get())),
                 (None, Some(size)) => pos + size,
                 (None, None) => {
-                    vol.errors += 1;
+                    vol.note_error(format!(
+                        "log record {seq} at offset {phys} is damaged (compaction stopped)"
+                    ));
                     error!(
                         disk = disk.0,
                         offset = phys,

@@ -42,6 +42,7 @@
 
 mod checkpoint;
 mod compact;
+mod counted;
 mod format;
 mod volume;
 
@@ -67,6 +68,8 @@ use dosp::Fingerprint;
 
 use format::{kind, RecordHeader, BLOCK, BLOCK_U64, MAX_SEGMENT_BYTES};
 use volume::{Reserve, Volume};
+
+pub use counted::{DiskIo, LastError};
 
 /// Tunables of the store.
 #[derive(Clone, Debug, PartialEq)]
@@ -148,7 +151,13 @@ pub struct DiskReport {
     /// Open writes on the disk.
     pub outstanding_ops: u32,
     pub bytes_dead: u64,
+    /// Errors since open: device errors, blocks failing their checksum, a disk that
+    /// could not be opened.
     pub errors: u64,
+    /// I/O that completed on the device since open.
+    pub io: DiskIo,
+    /// The most recent of `errors`, if any.
+    pub last_error: Option<LastError>,
 }
 
 /// What one compaction call did.
@@ -748,7 +757,7 @@ impl Store {
         let end = offset + n as u64;
         let corrupt = |vol: &mut Volume, counters: &mut StoreCounters, what: &str| {
             counters.corrupt_blocks += 1;
-            vol.errors += 1;
+            vol.note_error(format!("object {fp} failed its checksum on read: {what}"));
             error!(fingerprint = %fp, disk = e.disk.0, "object data failed its checksum: {what}");
             StoreError::Corrupt {
                 fp: *fp,
@@ -887,6 +896,8 @@ impl Store {
                     outstanding_ops: v.open_writes,
                     bytes_dead: dead,
                     errors: v.errors,
+                    io: v.io(),
+                    last_error: v.last_error.clone(),
                 }
             })
             .collect()

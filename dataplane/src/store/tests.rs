@@ -383,6 +383,8 @@ fn corrupt_data_is_reported_never_returned() {
     assert_eq!(&part[..], &bytes[16384 + 8192..16384 + 12288]);
     assert!(s.counters().corrupt_blocks >= 2);
     assert!(s.disks()[0].errors >= 2);
+    let last = s.disks()[0].last_error.clone().expect("a last error");
+    assert!(last.message.contains("checksum"), "{last:?}");
     assert_eq!(state(&s, 0), DiskState::Online, "rot is not a disk failure");
 
     // After a clean restart (data not re-verified at open) it is still caught, and
@@ -682,6 +684,10 @@ fn device_errors_take_the_disk_down() {
     );
     assert_eq!(state(&s, 0), DiskState::Down);
     assert_eq!(s.disks()[0].errors, 1);
+    let last = s.disks()[0].last_error.clone().expect("a last error");
+    assert!(last.message.contains("injected fault"), "{last:?}");
+    assert!(last.at_unix_ms > 0);
+    assert_eq!(s.disks()[1].last_error, None);
     // Its objects are still listed, but unavailable.
     assert_eq!(s.get(&a.fingerprint).unwrap().disk, DiskId(0));
     assert!(matches!(
@@ -960,4 +966,54 @@ fn reports_add_up() {
     assert!(r.bytes_dead >= 100_000);
     let n = s.counters().clone();
     assert_eq!((n.stores, n.deletes), (2, 1));
+}
+
+/// The per-disk I/O counters see every call that reached the device, from format and
+/// recovery on: they agree with the in-memory disk's own count of successful calls.
+#[test]
+fn disk_io_counters_match_the_device() {
+    let c = cfg(16 * KIB);
+    let disks = [MemDisk::new(4 * MIB, 31), MemDisk::new(4 * MIB, 32)];
+    let check = |s: &Store| {
+        for (d, r) in disks.iter().zip(s.disks()) {
+            let m = d.stats();
+            assert_eq!(
+                r.io,
+                super::DiskIo {
+                    read_ops: m.reads,
+                    read_bytes: m.bytes_read,
+                    write_ops: m.writes,
+                    write_bytes: m.bytes_written,
+                    flushes: m.flushes,
+                },
+                "disk {}",
+                r.id.0
+            );
+        }
+    };
+    let mut s = open(&disks, &c);
+    check(&s);
+    let a = put(&mut s, &data(1, 50_000), 50_000).unwrap();
+    check(&s);
+    let i = usize::from(a.disk.0);
+    let after = s.disks()[i].io;
+    assert!(
+        after.write_bytes >= 50_000 && after.flushes >= 1,
+        "{after:?}"
+    );
+    assert_eq!(get_all(&mut s, &a.fingerprint).unwrap(), data(1, 50_000));
+    check(&s);
+    assert!(s.disks()[i].io.read_bytes >= 50_000);
+    s.delete(&a.fingerprint).unwrap();
+    check(&s);
+    // Counters start again at each open, and count the recovery's reads too.
+    drop(s);
+    let base: Vec<_> = disks.iter().map(MemDisk::stats).collect();
+    let s = open(&disks, &c);
+    for ((d, r), b) in disks.iter().zip(s.disks()).zip(base) {
+        assert_eq!(r.io.read_ops, d.stats().reads - b.reads);
+        assert_eq!(r.io.flushes, d.stats().flushes - b.flushes);
+        assert!(r.io.read_ops > 0);
+        assert_eq!(r.last_error, None);
+    }
 }

@@ -22,6 +22,7 @@ use zerocopy::IntoBytes;
 use dosp::Fingerprint;
 
 use super::checkpoint::{self, Loaded};
+use super::counted::{Counted, LastError};
 use super::format::{
     kind, record_size, Geometry, RecordHeader, SbSlot, Superblock, BLOCK, BLOCK_U64, FIXED_BLOCKS,
     MAX_SEGMENT_BLOCKS, SEQ_SANE_MAX,
@@ -72,7 +73,8 @@ pub(crate) struct Appended {
 
 pub(crate) struct Volume {
     pub id: DiskId,
-    dev: Box<dyn BlockDevice>,
+    /// Every device call goes through here, so the I/O counters miss none.
+    dev: Counted,
     pub info: DeviceInfo,
     pub state: DiskState,
     /// Down because the device failed or the disk could not be opened, as opposed to
@@ -97,7 +99,10 @@ pub(crate) struct Volume {
     pub open_bytes: u64,
     pub objects: u64,
     pub open_writes: u32,
+    /// Errors seen since open (device errors, checksum failures, an unusable disk);
+    /// raised only through [`Volume::note_error`], which also records the last one.
     pub errors: u64,
+    pub last_error: Option<LastError>,
     /// WRAP records written since open (the log went round the disk).
     pub wraps: u64,
     pub ckpt: CkptState,
@@ -189,7 +194,7 @@ impl Volume {
         let seg_record = record_size(cfg.segment_bytes as u64);
         let mut vol = Volume {
             id,
-            dev,
+            dev: Counted::new(dev),
             info,
             state: DiskState::Down,
             failed: true,
@@ -221,6 +226,7 @@ impl Volume {
             objects: 0,
             open_writes: 0,
             errors: 0,
+            last_error: None,
             wraps: 0,
             ckpt: CkptState::default(),
             replayed: 0,
@@ -237,6 +243,7 @@ impl Volume {
             }
             Err(why) => {
                 error!(disk = id.0, location = %vol.info.location, "disk unusable, marked down: {why}");
+                vol.note_error(format!("disk unusable: {why}"));
                 vol.state = DiskState::Down;
                 vol.failed = true;
                 (vol, LocalIndex::new())
@@ -406,7 +413,7 @@ impl Volume {
         self.head_seq = sb.head_seq;
 
         let (loaded, generation) =
-            checkpoint::load(&mut *self.dev, self.id, &geo, &sb, ckpt_headers, ckpt_buf);
+            checkpoint::load(&mut self.dev, self.id, &geo, &sb, ckpt_headers, ckpt_buf);
         self.ckpt.generation = generation;
         let rebuilt = match loaded {
             Some(c) => {
@@ -863,9 +870,20 @@ impl Volume {
         }
     }
 
+    /// Counts an error of this disk and keeps it as the last one, for the reports.
+    pub fn note_error(&mut self, message: String) {
+        self.errors += 1;
+        self.last_error = Some(LastError::now(message));
+    }
+
+    /// I/O completed on the device since open.
+    pub fn io(&self) -> super::counted::DiskIo {
+        self.dev.io
+    }
+
     /// A device error: the disk goes Down and the caller gets the error to return.
     pub fn fail(&mut self, e: DevError) -> StoreError {
-        self.errors += 1;
+        self.note_error(format!("device error: {e}"));
         if self.state != DiskState::Down {
             error!(disk = self.id.0, location = %self.info.location, "device error, disk is now down: {e}");
         }

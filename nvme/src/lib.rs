@@ -3,12 +3,15 @@
 //! This crate owns everything below the object store: the [`BlockDevice`] trait that the
 //! store is written against, the aligned buffers that every transfer uses, and the
 //! backends — files or block devices through io_uring ([`file::FileDevice`]) and an
-//! in-memory disk with deterministic fault injection ([`mem::MemDevice`]) for tests.
+//! in-memory disk with deterministic fault injection ([`mem::MemDevice`]) for tests,
+//! and a wrapper that fails any backend on command ([`faulty::FaultyDevice`]) for tests
+//! of whole nodes.
 //! The polled user-space NVMe driver over VFIO lands here as another backend.
 //!
 //! What it must never do: interpret the bytes it moves. Layout belongs to the store.
 
 pub mod buf;
+pub mod faulty;
 pub mod file;
 pub mod mem;
 

@@ -1,0 +1,241 @@
+//! A fault-injecting wrapper around any block device, for tests of whole nodes.
+//!
+//! [`crate::mem::MemDevice`] injects faults into a simulated medium, which suits the
+//! store's unit tests. Integration tests run real `dosd` processes on real file disks,
+//! so they need faults on top of a real backend instead: [`FaultyDevice`] wraps any
+//! `Box<dyn BlockDevice>` and, when its shared [`FaultSwitch`] says so, fails reads,
+//! writes and flushes with [`DevError::Injected`] without passing them to the device.
+//! The switch is shared (an `Arc`) so another thread — a signal handler thread in
+//! `dosd`, a test — can fail the disk while the dataplane is using it.
+//!
+//! What it must never do: change the bytes of an I/O it lets through, or fail one it
+//! was not told to. A wrapper whose switch is never thrown behaves exactly like the
+//! device inside it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::{BlockDevice, DevError, DeviceInfo};
+
+/// `writes_left` when no countdown is armed.
+const DISARMED: u64 = u64::MAX;
+
+/// The control of one wrapped disk, shared between the device and whoever injects.
+///
+/// Once failing, the disk stays failing until [`FaultSwitch::heal`]: a real disk that
+/// returned an I/O error is not trusted again either.
+#[derive(Debug)]
+pub struct FaultSwitch {
+    failing: AtomicBool,
+    /// Writes still allowed before the disk starts failing, or [`DISARMED`].
+    writes_left: AtomicU64,
+    /// I/Os refused so far (for logs and tests).
+    injected: AtomicU64,
+}
+
+impl Default for FaultSwitch {
+    fn default() -> Self {
+        FaultSwitch {
+            failing: AtomicBool::new(false),
+            writes_left: AtomicU64::new(DISARMED),
+            injected: AtomicU64::new(0),
+        }
+    }
+}
+
+impl FaultSwitch {
+    /// A switch that lets everything through until told otherwise.
+    pub fn new() -> Arc<FaultSwitch> {
+        Arc::new(FaultSwitch::default())
+    }
+
+    /// Every I/O from now on fails.
+    pub fn fail_now(&self) {
+        self.failing.store(true, Ordering::SeqCst);
+    }
+
+    /// `n` more writes succeed; the one after them and every I/O from then on fail.
+    /// (Reads and flushes keep working until then, like a disk that dies mid-write.)
+    pub fn fail_after_writes(&self, n: u64) {
+        self.writes_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Lets everything through again and disarms any countdown.
+    pub fn heal(&self) {
+        self.writes_left.store(DISARMED, Ordering::SeqCst);
+        self.failing.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::SeqCst)
+    }
+
+    /// How many I/Os have been refused.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::Relaxed)
+    }
+
+    /// Decides one I/O: `Err` if it must fail. `write` says whether it spends one of
+    /// the countdown's writes.
+    fn admit(&self, offset: u64, write: bool) -> Result<(), DevError> {
+        if write && !self.is_failing() {
+            // Spend one write of an armed countdown; at zero the disk starts failing.
+            // `fetch_update` keeps the countdown exact if the switch is re-armed from
+            // another thread at the same moment.
+            let spent = self
+                .writes_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| match left {
+                    DISARMED | 0 => None,
+                    n => Some(n - 1),
+                });
+            if spent.is_err() && self.writes_left.load(Ordering::SeqCst) == 0 {
+                self.fail_now();
+            }
+        }
+        if self.is_failing() {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(DevError::Injected { offset });
+        }
+        Ok(())
+    }
+}
+
+/// A block device that fails on command; see the module documentation.
+pub struct FaultyDevice {
+    inner: Box<dyn BlockDevice>,
+    switch: Arc<FaultSwitch>,
+}
+
+impl FaultyDevice {
+    pub fn new(inner: Box<dyn BlockDevice>, switch: Arc<FaultSwitch>) -> FaultyDevice {
+        FaultyDevice { inner, switch }
+    }
+
+    pub fn switch(&self) -> &Arc<FaultSwitch> {
+        &self.switch
+    }
+}
+
+impl std::fmt::Debug for FaultyDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultyDevice")
+            .field("inner", self.inner.info())
+            .field("switch", &self.switch)
+            .finish()
+    }
+}
+
+impl BlockDevice for FaultyDevice {
+    /// The inner device's info, unchanged: reports and superblocks must not tell a
+    /// wrapped disk from a plain one.
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        self.switch.admit(offset, false)?;
+        self.inner.read_at(offset, buf)
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
+        self.switch.admit(offset, true)?;
+        self.inner.write_at(offset, buf)
+    }
+
+    fn flush(&mut self) -> Result<(), DevError> {
+        // A flush has no offset; 0 stands for "the whole device".
+        self.switch.admit(0, false)?;
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::MemDisk;
+    use crate::{AlignedBuf, BLOCK_SIZE};
+
+    const B: u64 = BLOCK_SIZE as u64;
+
+    fn device() -> (FaultyDevice, Arc<FaultSwitch>) {
+        let disk = MemDisk::new(64 * B, 1);
+        let switch = FaultSwitch::new();
+        let dev = FaultyDevice::new(Box::new(disk.device()), Arc::clone(&switch));
+        (dev, switch)
+    }
+
+    fn filled(byte: u8) -> AlignedBuf {
+        let mut b = AlignedBuf::new(BLOCK_SIZE);
+        b.fill(byte);
+        b
+    }
+
+    #[test]
+    fn passes_everything_through_until_thrown() {
+        let (mut dev, switch) = device();
+        assert_eq!(dev.info().backend, "memory");
+        dev.write_at(3 * B, &filled(0xab)).unwrap();
+        dev.flush().unwrap();
+        let mut back = AlignedBuf::new(BLOCK_SIZE);
+        dev.read_at(3 * B, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0xab));
+        assert!(!switch.is_failing());
+        assert_eq!(switch.injected(), 0);
+    }
+
+    #[test]
+    fn fail_now_refuses_every_io_and_changes_nothing() {
+        let (mut dev, switch) = device();
+        dev.write_at(0, &filled(1)).unwrap();
+        switch.fail_now();
+        assert!(matches!(
+            dev.write_at(0, &filled(2)),
+            Err(DevError::Injected { offset: 0 })
+        ));
+        let mut back = AlignedBuf::new(BLOCK_SIZE);
+        assert!(matches!(
+            dev.read_at(B, &mut back),
+            Err(DevError::Injected { offset }) if offset == B
+        ));
+        assert!(matches!(dev.flush(), Err(DevError::Injected { .. })));
+        assert_eq!(switch.injected(), 3);
+        // The refused write never reached the device.
+        switch.heal();
+        dev.read_at(0, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 1));
+        dev.write_at(0, &filled(3)).unwrap();
+    }
+
+    #[test]
+    fn a_countdown_lets_n_writes_through_then_fails_everything() {
+        let (mut dev, switch) = device();
+        switch.fail_after_writes(2);
+        let mut back = AlignedBuf::new(BLOCK_SIZE);
+        for i in 0..2 {
+            dev.write_at(i * B, &filled(7)).unwrap();
+            // Reads and flushes do not spend the countdown.
+            dev.read_at(i * B, &mut back).unwrap();
+            dev.flush().unwrap();
+        }
+        assert!(!switch.is_failing());
+        assert!(dev.write_at(2 * B, &filled(7)).is_err());
+        assert!(switch.is_failing());
+        assert!(dev.read_at(0, &mut back).is_err());
+        assert!(dev.flush().is_err());
+        // Healing disarms the countdown too.
+        switch.heal();
+        for i in 0..5 {
+            dev.write_at(i * B, &filled(8)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_zero_countdown_fails_the_next_write() {
+        let (mut dev, switch) = device();
+        switch.fail_after_writes(0);
+        let mut back = AlignedBuf::new(BLOCK_SIZE);
+        dev.read_at(0, &mut back).unwrap();
+        assert!(dev.write_at(0, &filled(1)).is_err());
+        assert!(switch.is_failing());
+    }
+}

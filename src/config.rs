@@ -30,6 +30,9 @@ pub const DISKS_DOWN_MAX_DEFAULT: u16 = 1;
 pub const DATAPLANE_STALL_MS_DEFAULT: u64 = 2000;
 /// The stall threshold must stay well above the loop's idle sleep (100 ms).
 pub const DATAPLANE_STALL_MS_MIN: u64 = 500;
+/// How long the `--test-hooks` stall blocks the dataplane loop: past the default stall
+/// threshold, so the node is seen `failing`.
+pub const TEST_STALL_MS_DEFAULT: u64 = 3000;
 
 /// Command-line flags. Each overrides the same key of the `--config` file.
 #[derive(Parser, Debug, Default)]
@@ -85,6 +88,20 @@ pub struct Flags {
     /// Health: a dataplane loop silent this long makes the node failing [default: 2000]
     #[arg(long)]
     pub dataplane_stall_ms: Option<u64>,
+
+    // Test-only flags, hidden from --help and absent from the config file on purpose: a
+    // production node must never carry them. dosd warns loudly at start-up when one is
+    // set. Without them SIGUSR1 and SIGUSR2 are not handled at all.
+    /// TEST ONLY: wrap disk N in a fault injector; SIGUSR1 then makes every I/O on it
+    /// fail (the disk goes down, as on a real device error).
+    #[arg(long, hide = true, value_name = "N")]
+    pub fault_inject_disk: Option<u16>,
+    /// TEST ONLY: SIGUSR2 makes the dataplane loop block once for --test-stall-ms.
+    #[arg(long, hide = true)]
+    pub test_hooks: bool,
+    /// TEST ONLY: how long the --test-hooks stall lasts [default: 3000]
+    #[arg(long, hide = true, requires = "test_hooks")]
+    pub test_stall_ms: Option<u64>,
 }
 
 /// The same keys, from the TOML file.
@@ -125,6 +142,11 @@ pub struct Config {
     pub mgmt_token: Option<String>,
     pub disks_down_max: u16,
     pub dataplane_stall_ms: u64,
+    /// Test only (flags, never the file): the disk wrapped in a fault injector.
+    pub fault_inject_disk: Option<u16>,
+    /// Test only: how long SIGUSR2 stalls the dataplane loop; `None` without
+    /// `--test-hooks`.
+    pub test_stall_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -259,7 +281,21 @@ impl Config {
                 format!("must be at least {DATAPLANE_STALL_MS_MIN} ms (the loop sleeps up to 100 ms when idle)"),
             ));
         }
+        if let Some(n) = flags.fault_inject_disk {
+            if n >= disks {
+                return Err(invalid(
+                    "fault-inject disk",
+                    &n.to_string(),
+                    format!("the node has disks 0 to {}", disks - 1),
+                ));
+            }
+        }
+        let test_stall_ms = flags
+            .test_hooks
+            .then(|| flags.test_stall_ms.unwrap_or(TEST_STALL_MS_DEFAULT));
         Ok(Config {
+            fault_inject_disk: flags.fault_inject_disk,
+            test_stall_ms,
             mgmt_token,
             disks_down_max: flags
                 .disks_down_max
@@ -405,5 +441,32 @@ mod tests {
         ] {
             assert!(Config::resolve(bad).is_err());
         }
+    }
+
+    #[test]
+    fn test_hooks_are_hidden_and_checked() {
+        use clap::CommandFactory;
+        let help = Flags::command().render_long_help().to_string();
+        for hidden in ["fault-inject", "test-hooks", "test-stall"] {
+            assert!(!help.contains(hidden), "--help shows {hidden}");
+        }
+        let c = Config::resolve(Flags::default()).unwrap();
+        assert_eq!((c.fault_inject_disk, c.test_stall_ms), (None, None));
+
+        let parse = |args: &[&str]| Flags::try_parse_from([&["dosd"], args].concat());
+        let c = Config::resolve(
+            parse(&["--disks", "2", "--fault-inject-disk", "1", "--test-hooks"]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.fault_inject_disk, Some(1));
+        assert_eq!(c.test_stall_ms, Some(TEST_STALL_MS_DEFAULT));
+        let c = Config::resolve(parse(&["--test-hooks", "--test-stall-ms", "700"]).unwrap());
+        assert_eq!(c.unwrap().test_stall_ms, Some(700));
+        let err = Config::resolve(parse(&["--disks", "2", "--fault-inject-disk", "2"]).unwrap());
+        assert!(err.unwrap_err().to_string().contains("disks 0 to 1"));
+        assert!(
+            parse(&["--test-stall-ms", "700"]).is_err(),
+            "a stall length without --test-hooks is a mistake"
+        );
     }
 }

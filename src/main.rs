@@ -7,7 +7,7 @@ mod config;
 mod datadir;
 
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +49,97 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
+/// TEST ONLY (`--fault-inject-disk N`): puts disk `disk` behind a fault injector and
+/// returns its switch. The store sees the same device, so the disk opens, serves and
+/// fails exactly as a plain one would; only SIGUSR1 (see [`TestSignals`]) throws the
+/// switch.
+fn wrap_faulty(
+    devices: Vec<Box<dyn nvme::BlockDevice>>,
+    disk: u16,
+) -> (
+    Vec<Box<dyn nvme::BlockDevice>>,
+    Arc<nvme::faulty::FaultSwitch>,
+) {
+    let switch = nvme::faulty::FaultSwitch::new();
+    let devices = devices
+        .into_iter()
+        .enumerate()
+        .map(|(i, dev)| -> Box<dyn nvme::BlockDevice> {
+            if i == usize::from(disk) {
+                Box::new(nvme::faulty::FaultyDevice::new(dev, Arc::clone(&switch)))
+            } else {
+                dev
+            }
+        })
+        .collect();
+    tracing::warn!(
+        disk,
+        "TEST HOOK ARMED (--fault-inject-disk): SIGUSR1 makes every I/O on this disk fail; never use this in production"
+    );
+    (devices, switch)
+}
+
+/// TEST ONLY: the signals that drive the test hooks, handled on their own thread so
+/// the handler itself only records the signal (signal-hook's iterator) and the work —
+/// logging, throwing a switch — happens outside signal context. Nothing is registered
+/// unless a test flag is set: a production node leaves SIGUSR1/SIGUSR2 alone.
+///
+/// - SIGUSR1 with `--fault-inject-disk N`: disk N fails every I/O from now on.
+/// - SIGUSR2 with `--test-hooks`: the dataplane loop blocks once for `--test-stall-ms`.
+struct TestSignals {
+    handle: signal_hook::iterator::Handle,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl TestSignals {
+    fn start(
+        fault: Option<(u16, Arc<nvme::faulty::FaultSwitch>)>,
+        stall: Option<Arc<AtomicBool>>,
+    ) -> anyhow::Result<Option<TestSignals>> {
+        use signal_hook::consts::{SIGUSR1, SIGUSR2};
+        let mut wanted = Vec::new();
+        if fault.is_some() {
+            wanted.push(SIGUSR1);
+        }
+        if stall.is_some() {
+            wanted.push(SIGUSR2);
+        }
+        if wanted.is_empty() {
+            return Ok(None);
+        }
+        let mut signals = signal_hook::iterator::Signals::new(&wanted)
+            .context("cannot install the test-hook signal handlers")?;
+        let handle = signals.handle();
+        let thread = std::thread::Builder::new()
+            .name("test-hooks".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    match (sig, &fault, &stall) {
+                        (SIGUSR1, Some((disk, switch)), _) => {
+                            tracing::warn!(
+                                disk = *disk,
+                                "test hook: SIGUSR1, the disk now fails every I/O"
+                            );
+                            switch.fail_now();
+                        }
+                        (SIGUSR2, _, Some(trigger)) => {
+                            tracing::warn!("test hook: SIGUSR2, stalling the dataplane loop");
+                            trigger.store(true, Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                }
+            })
+            .context("cannot start the test-hook thread")?;
+        Ok(Some(TestSignals { handle, thread }))
+    }
+
+    fn stop(self) {
+        self.handle.close();
+        let _ = self.thread.join();
+    }
+}
+
 fn run(flags: Flags) -> anyhow::Result<()> {
     let cfg = Config::resolve(flags)?;
     let dir = datadir::DataDir::open(&cfg.data_dir)?;
@@ -57,7 +148,21 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         None => dir.node_id()?,
     };
     let epoch = dir.next_epoch()?;
-    let devices = dir.open_disks(cfg.disks, cfg.disk_size)?;
+    let mut devices = dir.open_disks(cfg.disks, cfg.disk_size)?;
+    let mut fault = None;
+    if let Some(disk) = cfg.fault_inject_disk {
+        // The configuration checked that `disk` is one of the node's disks.
+        let (wrapped, switch) = wrap_faulty(devices, disk);
+        devices = wrapped;
+        fault = Some((disk, switch));
+    }
+    let stall_trigger = cfg.test_stall_ms.map(|ms| {
+        tracing::warn!(
+            stall_ms = ms,
+            "TEST HOOKS ARMED (--test-hooks): SIGUSR2 stalls the dataplane loop; never use this in production"
+        );
+        Arc::new(AtomicBool::new(false))
+    });
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -93,6 +198,13 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         checkpoint_interval: Duration::from_secs(5),
         request_timeout: Duration::from_millis(cfg.request_timeout_ms),
         idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+        test_stall: stall_trigger
+            .as_ref()
+            .zip(cfg.test_stall_ms)
+            .map(|(trigger, ms)| dataplane::server::TestStall {
+                trigger: Arc::clone(trigger),
+                duration: Duration::from_millis(ms),
+            }),
     };
     let server = dataplane::server::Server::bind(server_cfg, store, end).with_context(|| {
         format!(
@@ -140,6 +252,8 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         })?;
     let mgmt = mgmt::Mgmt::start(mgmt_cfg, handle)
         .with_context(|| format!("cannot start the management core on {}", cfg.mgmt_listen))?;
+    // Before the ready line, so a test may signal as soon as it reads that line.
+    let test_signals = TestSignals::start(fault, stall_trigger)?;
     tracing::info!(
         node_id = %format!("{node_id:016x}"),
         epoch,
@@ -182,6 +296,9 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         })
         .context("cannot start the dataplane thread")?;
     let result = dataplane.join();
+    if let Some(t) = test_signals {
+        t.stop();
+    }
     // Tell the cluster this node is leaving (repeated, bounded), then stop serving REST.
     announcer.stop();
     mgmt.stop();

@@ -64,6 +64,21 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// A connection silent this long between requests is closed.
     pub idle_timeout: Duration,
+    /// Test-only: `None` in production. See [`TestStall`].
+    pub test_stall: Option<TestStall>,
+}
+
+/// A test-only hook that blocks the dataplane loop, so the integration tests can prove
+/// that the management core notices a stalled core (`/v1/health` `failing`, a
+/// node-failing announcement) and that the node recovers when the loop resumes.
+///
+/// Whoever holds `trigger` sets it; the loop clears it at the top of its next turn and
+/// then sleeps `duration` once, serving nothing meanwhile, exactly as a core stuck in
+/// a bad device or a livelock would look from outside.
+#[derive(Debug, Clone)]
+pub struct TestStall {
+    pub trigger: Arc<AtomicBool>,
+    pub duration: Duration,
 }
 
 /// A bound, ready-to-run dataplane.
@@ -139,6 +154,20 @@ impl Server {
         NodeStats::inc(&self.stats.loop_turns);
 
         while !stop.load(Ordering::Relaxed) {
+            if let Some(stall) = &self.cfg.test_stall {
+                // A plain load per turn while armed (the swap only once it fires);
+                // nothing at all in production, where the hook is `None`.
+                if stall.trigger.load(Ordering::Relaxed)
+                    && stall.trigger.swap(false, Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        ms = stall.duration.as_millis() as u64,
+                        "test hook: stalling the dataplane loop"
+                    );
+                    std::thread::sleep(stall.duration);
+                    tracing::warn!("test hook: dataplane loop resumes");
+                }
+            }
             NodeStats::inc(&self.stats.loop_turns);
             let timeout = if more.is_empty() {
                 self.cfg.idle_sleep

@@ -194,7 +194,15 @@ fn samples(text: &str) -> HashMap<String, f64> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
     {
         let (key, value) = line.rsplit_once(' ').expect("sample has a value");
-        let name = key.split('{').next().unwrap();
+        let mut name = key.split('{').next().unwrap();
+        // A histogram's samples carry suffixes; its TYPE line has the bare name.
+        for suffix in ["_bucket", "_sum", "_count"] {
+            if let Some(base) = name.strip_suffix(suffix) {
+                if text.contains(&format!("# TYPE {base} histogram\n")) {
+                    name = base;
+                }
+            }
+        }
         assert!(
             text.contains(&format!("# TYPE {name} ")),
             "no TYPE line for {name}"
@@ -229,7 +237,19 @@ fn every_endpoint_answers_as_documented() {
         );
     }
     assert!(api.doc["components"]["securitySchemes"]["bearer"].is_object());
-    node.client().store_bytes(b"counted").unwrap();
+    let stored = node.client().store_bytes(b"counted").unwrap();
+    let mut back = Vec::new();
+    node.client()
+        .retrieve(&stored.fingerprint, &mut back, &mut |_, _| {})
+        .unwrap();
+    // One reply with an error status, for the errors-by-status counters.
+    match node
+        .client()
+        .retrieve(&Fingerprint::of(b"never stored"), &mut back, &mut |_, _| {})
+    {
+        Err(ClientError::NotFound { .. }) => {}
+        other => panic!("retrieve of a missing object: {other:?}"),
+    }
     // The dataplane republishes its disk reports every 250 ms: wait (bounded) for the
     // store to show.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -334,6 +354,28 @@ fn every_endpoint_answers_as_documented() {
         .map(|d| s[&format!("dosd_disk_objects_used{{disk=\"{d}\"}}")])
         .sum();
     assert_eq!(used, 1.0);
+    // Replies by status and latency histograms per class of operation.
+    assert!(s["dosd_errors_total"] >= 1.0);
+    assert_eq!(s["dosd_errors_by_status_total{status=\"NOT_FOUND\"}"], 1.0);
+    assert_eq!(
+        s["dosd_errors_by_status_total{status=\"DISK_FAILED\"}"],
+        0.0
+    );
+    assert_eq!(s["dosd_op_latency_seconds_count{op=\"store\"}"], 1.0);
+    assert_eq!(s["dosd_op_latency_seconds_count{op=\"retrieve\"}"], 2.0);
+    for op in ["store", "retrieve", "delete", "other"] {
+        let count = s[&format!("dosd_op_latency_seconds_count{{op=\"{op}\"}}")];
+        assert_eq!(
+            s[&format!("dosd_op_latency_seconds_bucket{{op=\"{op}\",le=\"+Inf\"}}")],
+            count
+        );
+        assert!(s[&format!("dosd_op_latency_seconds_sum{{op=\"{op}\"}}")] >= 0.0);
+    }
+    // A request on loopback takes well under 16 s: all in a finite bucket.
+    assert_eq!(
+        s["dosd_op_latency_seconds_bucket{op=\"store\",le=\"16.777216\"}"],
+        1.0
+    );
     // Per-disk I/O counters, one sample per disk, and no error yet.
     for disk in ["0", "1"] {
         for family in [

@@ -1,9 +1,110 @@
 //! Counters the dataplane shares with the management core.
 //!
 //! Plain relaxed atomics: the dataplane increments them on its own core and the
-//! management core reads them whenever it likes. Nothing here is ever locked.
+//! management core reads them whenever it likes. Nothing here is ever locked, and
+//! nothing allocates after start-up: the histograms are fixed arrays of counters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dosp::wire::Status;
+
+/// Buckets of a latency [`Histogram`]: bucket `k` below the last counts latencies of
+/// at most 2^k µs (1 µs up to 2^24 µs ≈ 16.8 s, past any request timeout); the last
+/// counts everything slower (Prometheus' `+Inf`). Powers of two make the bucket a
+/// leading-zero count, and 26 of them span every latency a request can have.
+pub const LATENCY_BUCKETS: usize = 26;
+
+/// A fixed-bucket latency histogram of atomics (see [`LATENCY_BUCKETS`]).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+    sum_us: AtomicU64,
+}
+
+/// A copy of a [`Histogram`] at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// Observations per bucket (not cumulative).
+    pub buckets: [u64; LATENCY_BUCKETS],
+    pub sum_us: u64,
+}
+
+impl HistogramSnapshot {
+    /// Observations in all buckets. Derived from the buckets rather than counted
+    /// apart, so that `+Inf` and `_count` always agree in an exposition.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+    }
+}
+
+impl Histogram {
+    /// Upper bound of bucket `k` in microseconds; `None` for the last (`+Inf`).
+    pub const fn upper_bound_us(k: usize) -> Option<u64> {
+        if k + 1 < LATENCY_BUCKETS {
+            Some(1 << k)
+        } else {
+            None
+        }
+    }
+
+    /// The bucket of a latency of `us` microseconds: the smallest `k` with
+    /// `us <= 2^k`, capped at the last.
+    fn bucket_of(us: u64) -> usize {
+        let k = if us <= 1 {
+            0
+        } else {
+            (u64::BITS - (us - 1).leading_zeros()) as usize
+        };
+        k.min(LATENCY_BUCKETS - 1)
+    }
+
+    pub fn record(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.buckets[Self::bucket_of(us)].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Reads every bucket. Not one atomic snapshot: a request recorded meanwhile may
+    /// be in the buckets and not yet in the sum, which Prometheus tolerates.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: std::array::from_fn(|k| self.buckets[k].load(Ordering::Relaxed)),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What a latency is recorded under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpClass {
+    /// STORE, from its request to its reply (after the last chunk).
+    Store,
+    /// RETRIEVE and RETRIEVE_RANGE, from the request to the final Out structure.
+    Retrieve,
+    Delete,
+    /// Everything else answered over TCP (LOCATE, HEARTBEAT, disk queries, GET_CONTENTS,
+    /// NULL, unknown opcodes).
+    Other,
+}
+
+impl OpClass {
+    pub const ALL: [OpClass; 4] = [
+        OpClass::Store,
+        OpClass::Retrieve,
+        OpClass::Delete,
+        OpClass::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OpClass::Store => "store",
+            OpClass::Retrieve => "retrieve",
+            OpClass::Delete => "delete",
+            OpClass::Other => "other",
+        }
+    }
+}
 
 /// Node-wide counters. Every field is incremented somewhere in the dataplane.
 #[derive(Debug, Default)]
@@ -20,8 +121,15 @@ pub struct NodeStats {
     pub ops_outstanding: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
-    /// Replies with a status other than SUCCESS (NOT_FOUND included).
+    /// Replies with a status other than SUCCESS (NOT_FOUND included): the sum of
+    /// `errors_by_status`. Both are raised only by [`NodeStats::error`].
     pub errors_total: AtomicU64,
+    /// Replies with a status other than SUCCESS, indexed by the status' code (the
+    /// SUCCESS slot stays 0).
+    pub errors_by_status: [AtomicU64; Status::ALL.len()],
+    /// Request latency by [`OpClass`] (indexed by it), from the request's arrival to
+    /// its reply; see [`NodeStats::latency`].
+    pub latency: [Histogram; OpClass::ALL.len()],
     /// Malformed input: bad magic, checksum, version, sizes; the connection is closed.
     pub bad_requests: AtomicU64,
     pub unknown_opcodes: AtomicU64,
@@ -57,5 +165,90 @@ impl NodeStats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Counts a reply with a non-success status, in total and by status.
+    pub fn error(stats: &NodeStats, status: Status) {
+        debug_assert_ne!(status, Status::Success, "a success is not an error");
+        NodeStats::inc(&stats.errors_total);
+        if let Some(by_status) = stats.errors_by_status.get(status as usize) {
+            NodeStats::inc(by_status);
+        }
+    }
+
+    /// The latency histogram of one class of operation.
+    pub fn latency(&self, op: OpClass) -> &Histogram {
+        &self.latency[op as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_powers_of_two_microseconds() {
+        let us = |n| Histogram::bucket_of(n);
+        assert_eq!(us(0), 0);
+        assert_eq!(us(1), 0);
+        assert_eq!(us(2), 1);
+        assert_eq!(us(3), 2);
+        assert_eq!(us(4), 2);
+        assert_eq!(us(5), 3);
+        assert_eq!(us(1 << 20), 20);
+        assert_eq!(us((1 << 20) + 1), 21);
+        assert_eq!(us(1 << 24), 24);
+        assert_eq!(us((1 << 24) + 1), LATENCY_BUCKETS - 1);
+        assert_eq!(us(u64::MAX), LATENCY_BUCKETS - 1);
+        // Every latency lands in the bucket whose bound is the first at or above it.
+        for n in [0u64, 1, 7, 1000, 123_456, 9_999_999, 1 << 30] {
+            let k = us(n);
+            if let Some(hi) = Histogram::upper_bound_us(k) {
+                assert!(n <= hi, "{n} above bucket {k}");
+            }
+            if k > 0 {
+                let lo = Histogram::upper_bound_us(k - 1).unwrap();
+                assert!(n > lo, "{n} belongs below bucket {k}");
+            }
+        }
+        assert_eq!(Histogram::upper_bound_us(LATENCY_BUCKETS - 1), None);
+    }
+
+    #[test]
+    fn a_histogram_counts_and_sums() {
+        let h = Histogram::default();
+        h.record(Duration::from_micros(3));
+        h.record(Duration::from_micros(3));
+        h.record(Duration::from_millis(2));
+        h.record(Duration::from_secs(100));
+        let s = h.snapshot();
+        assert_eq!(s.count(), 4);
+        assert_eq!(s.sum_us, 6 + 2000 + 100_000_000);
+        assert_eq!(s.buckets[2], 2);
+        assert_eq!(s.buckets[11], 1); // 2000 µs <= 2048 µs
+        assert_eq!(s.buckets[LATENCY_BUCKETS - 1], 1);
+    }
+
+    #[test]
+    fn errors_count_in_total_and_by_status() {
+        let s = NodeStats::default();
+        NodeStats::error(&s, Status::NotFound);
+        NodeStats::error(&s, Status::NotFound);
+        NodeStats::error(&s, Status::Busy);
+        assert_eq!(NodeStats::get(&s.errors_total), 3);
+        assert_eq!(
+            NodeStats::get(&s.errors_by_status[Status::NotFound as usize]),
+            2
+        );
+        assert_eq!(
+            NodeStats::get(&s.errors_by_status[Status::Busy as usize]),
+            1
+        );
+        let sum: u64 = s.errors_by_status.iter().map(NodeStats::get).sum();
+        assert_eq!(sum, NodeStats::get(&s.errors_total));
+        assert_eq!(
+            NodeStats::get(&s.errors_by_status[Status::Success as usize]),
+            0
+        );
     }
 }

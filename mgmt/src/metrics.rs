@@ -2,12 +2,14 @@
 //!
 //! Every counter of [`NodeStats`] is exported (the table below lists each field once;
 //! a test checks the table against the struct and that the dataplane increments each),
-//! plus per-disk gauges from the latest published disk reports.
+//! then its labelled families (errors by status, latency histograms by operation),
+//! then per-disk gauges and counters from the latest published disk reports.
 
 use std::fmt::Write;
 
-use dataplane::stats::NodeStats;
+use dataplane::stats::{Histogram, NodeStats, OpClass};
 use dataplane::store::{DiskReport, DiskState};
+use dosp::wire::Status;
 
 /// Prometheus metric kinds used here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,9 +78,68 @@ fn node_counters(s: &NodeStats) -> impl IntoIterator<Item = Exported> {
     }
 }
 
-/// The whole exposition: node counters, then per-disk gauges.
+/// [`NodeStats`] fields that are not single counters, each exported as a labelled
+/// family by [`render_families`] (field → metric name; for the completeness test).
+#[cfg_attr(not(test), allow(dead_code))]
+const FAMILIES: [(&str, &str); 2] = [
+    ("errors_by_status", "dosd_errors_by_status_total"),
+    ("latency", "dosd_op_latency_seconds"),
+];
+
+/// Microseconds as seconds with all six decimals (exact, no float rounding).
+fn seconds(out: &mut String, us: u64) {
+    let _ = write!(out, "{}.{:06}", us / 1_000_000, us % 1_000_000);
+}
+
+/// Errors by status, and the latency histograms in the Prometheus histogram layout
+/// (cumulative `_bucket{le}` ending in `+Inf`, then `_sum` and `_count`).
+fn render_families(out: &mut String, s: &NodeStats) {
+    // A separate name from `dosd_errors_total`, which stays the unlabelled total:
+    // one family may not hold both a total and its parts, or sum() counts twice.
+    let _ = write!(
+        out,
+        "# HELP dosd_errors_by_status_total Replies with a non-success status, by status (they sum to dosd_errors_total)\n\
+         # TYPE dosd_errors_by_status_total counter\n"
+    );
+    for status in Status::ALL.into_iter().filter(|&st| st != Status::Success) {
+        let n = s
+            .errors_by_status
+            .get(status as usize)
+            .map_or(0, NodeStats::get);
+        let _ = writeln!(
+            out,
+            "dosd_errors_by_status_total{{status=\"{}\"}} {n}",
+            status.name()
+        );
+    }
+
+    let name = "dosd_op_latency_seconds";
+    let _ = write!(
+        out,
+        "# HELP {name} Request latency, from the request's arrival to its reply (a stream's final status)\n\
+         # TYPE {name} histogram\n"
+    );
+    for op in OpClass::ALL {
+        let h = s.latency(op).snapshot();
+        let mut cumulative = 0u64;
+        for (k, n) in h.buckets.iter().enumerate() {
+            cumulative = cumulative.wrapping_add(*n);
+            let _ = write!(out, "{name}_bucket{{op=\"{}\",le=\"", op.name());
+            match Histogram::upper_bound_us(k) {
+                Some(us) => seconds(out, us),
+                None => out.push_str("+Inf"),
+            }
+            let _ = writeln!(out, "\"}} {cumulative}");
+        }
+        let _ = write!(out, "{name}_sum{{op=\"{}\"}} ", op.name());
+        seconds(out, h.sum_us);
+        let _ = writeln!(out, "\n{name}_count{{op=\"{}\"}} {}", op.name(), h.count());
+    }
+}
+
+/// The whole exposition: node counters, labelled families, then per-disk gauges.
 pub fn render(s: &NodeStats, disks: &[DiskReport]) -> String {
-    let mut out = String::with_capacity(4096 + disks.len() * 1024);
+    let mut out = String::with_capacity(8192 + disks.len() * 2048);
     for e in node_counters(s) {
         let _ = write!(
             out,
@@ -89,6 +150,7 @@ pub fn render(s: &NodeStats, disks: &[DiskReport]) -> String {
             value = e.value
         );
     }
+    render_families(&mut out, s);
     if disks.is_empty() {
         return out;
     }
@@ -243,17 +305,31 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    /// Field names of `NodeStats`, read from its source.
-    fn stats_fields(src: &str) -> Vec<String> {
+    /// Fields of `NodeStats`, read from its source: (name, type).
+    fn stats_fields(src: &str) -> Vec<(String, String)> {
         let body = &src[src
             .find("pub struct NodeStats")
             .expect("NodeStats in stats.rs")..];
         let body = &body[..body.find("\n}").expect("end of NodeStats")];
         body.lines()
             .filter_map(|l| l.trim().strip_prefix("pub "))
-            .filter_map(|l| l.split_once(": AtomicU64"))
-            .map(|(name, _)| name.to_string())
+            .filter_map(|l| l.split_once(": "))
+            .map(|(name, ty)| (name.to_string(), ty.trim_end_matches(',').to_string()))
             .collect()
+    }
+
+    /// The metric family a sample belongs to: a histogram's `_bucket`, `_sum` and
+    /// `_count` samples belong to the histogram's name.
+    fn family_of<'a>(text: &str, sample: &'a str) -> &'a str {
+        let name = sample.split(['{', ' ']).next().unwrap();
+        for suffix in ["_bucket", "_sum", "_count"] {
+            if let Some(base) = name.strip_suffix(suffix) {
+                if text.contains(&format!("# TYPE {base} histogram\n")) {
+                    return base;
+                }
+            }
+        }
+        name
     }
 
     fn rust_sources(dir: &Path, out: &mut String) {
@@ -276,9 +352,51 @@ mod tests {
         let exported: Vec<Exported> = node_counters(&NodeStats::default()).into_iter().collect();
         let mut names: Vec<&str> = exported.iter().map(|e| e.field).collect();
         names.sort_unstable();
-        let mut want: Vec<&str> = fields.iter().map(String::as_str).collect();
+        // Plain counters go in the table; anything else must be a labelled family.
+        let mut want: Vec<&str> = fields
+            .iter()
+            .filter(|(_, ty)| ty == "AtomicU64")
+            .map(|(name, _)| name.as_str())
+            .collect();
         want.sort_unstable();
         assert_eq!(names, want, "the metrics table and NodeStats disagree");
+        let mut families: Vec<&str> = FAMILIES.iter().map(|(f, _)| *f).collect();
+        families.sort_unstable();
+        let mut want: Vec<&str> = fields
+            .iter()
+            .filter(|(_, ty)| ty != "AtomicU64")
+            .map(|(name, _)| name.as_str())
+            .collect();
+        want.sort_unstable();
+        assert_eq!(families, want, "FAMILIES and NodeStats disagree");
+        let text = render(&NodeStats::default(), &[]);
+        for (field, metric) in FAMILIES {
+            assert!(
+                text.contains(&format!("# TYPE {metric} ")),
+                "{field} is not exported as {metric}"
+            );
+        }
+
+        // The families are fed from the request paths of the dataplane: errors through
+        // NodeStats::error, latencies through NodeStats::latency(..).record for every
+        // class of operation.
+        let mut server = String::new();
+        rust_sources(&root.join("server"), &mut server);
+        assert!(
+            server.contains("NodeStats::error(ctx.stats, "),
+            "errors_by_status is never counted"
+        );
+        assert!(
+            server.contains(".latency(") && server.contains(".record("),
+            "latency is never recorded"
+        );
+        for op in OpClass::ALL {
+            let variant = format!("{op:?}");
+            assert!(
+                server.contains(&format!("OpClass::{variant}")),
+                "no latency is ever recorded for OpClass::{variant}"
+            );
+        }
 
         let mut src = String::new();
         rust_sources(&root, &mut src);
@@ -357,11 +475,70 @@ mod tests {
             assert!(text.contains(sample), "{sample} missing:\n{text}");
         }
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let name = line.split(['{', ' ']).next().unwrap();
+            let name = family_of(&text, line);
             assert!(
                 text.contains(&format!("# TYPE {name} ")),
                 "no TYPE for {name}"
             );
+        }
+    }
+
+    #[test]
+    fn errors_by_status_and_latency_histograms() {
+        let s = NodeStats::default();
+        NodeStats::error(&s, Status::NotFound);
+        NodeStats::error(&s, Status::NotFound);
+        NodeStats::error(&s, Status::DiskOffline);
+        let h = s.latency(OpClass::Retrieve);
+        h.record(std::time::Duration::from_micros(3)); // le 4 µs
+        h.record(std::time::Duration::from_micros(1500)); // le 2048 µs
+        h.record(std::time::Duration::from_secs(60)); // +Inf only
+        let text = render(&s, &[]);
+        for sample in [
+            "\ndosd_errors_total 3\n",
+            "\ndosd_errors_by_status_total{status=\"NOT_FOUND\"} 2\n",
+            "\ndosd_errors_by_status_total{status=\"DISK_OFFLINE\"} 1\n",
+            "\ndosd_errors_by_status_total{status=\"BUSY\"} 0\n",
+            "\ndosd_op_latency_seconds_bucket{op=\"retrieve\",le=\"0.000002\"} 0\n",
+            "\ndosd_op_latency_seconds_bucket{op=\"retrieve\",le=\"0.000004\"} 1\n",
+            "\ndosd_op_latency_seconds_bucket{op=\"retrieve\",le=\"0.002048\"} 2\n",
+            "\ndosd_op_latency_seconds_bucket{op=\"retrieve\",le=\"16.777216\"} 2\n",
+            "\ndosd_op_latency_seconds_bucket{op=\"retrieve\",le=\"+Inf\"} 3\n",
+            "\ndosd_op_latency_seconds_sum{op=\"retrieve\"} 60.001503\n",
+            "\ndosd_op_latency_seconds_count{op=\"retrieve\"} 3\n",
+            "\ndosd_op_latency_seconds_count{op=\"store\"} 0\n",
+            "\n# TYPE dosd_op_latency_seconds histogram\n",
+        ] {
+            assert!(text.contains(sample), "{sample:?} missing:\n{text}");
+        }
+        assert!(!text.contains("status=\"SUCCESS\""), "SUCCESS is no error");
+        // Per operation: buckets cumulative and increasing in `le`, ending in +Inf,
+        // which equals _count.
+        for op in OpClass::ALL {
+            let prefix = format!("dosd_op_latency_seconds_bucket{{op=\"{}\",le=\"", op.name());
+            let buckets: Vec<(&str, u64)> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix(&prefix))
+                .map(|l| {
+                    let (le, n) = l.split_once("\"} ").unwrap();
+                    (le, n.parse().unwrap())
+                })
+                .collect();
+            assert_eq!(buckets.len(), dataplane::stats::LATENCY_BUCKETS);
+            assert_eq!(buckets.last().unwrap().0, "+Inf");
+            for w in buckets.windows(2) {
+                assert!(w[0].1 <= w[1].1, "{op:?}: not cumulative");
+                if w[1].0 != "+Inf" {
+                    let (a, b): (f64, f64) = (w[0].0.parse().unwrap(), w[1].0.parse().unwrap());
+                    assert!(a < b, "{op:?}: le not increasing");
+                }
+            }
+            let count = format!(
+                "dosd_op_latency_seconds_count{{op=\"{}\"}} {}\n",
+                op.name(),
+                buckets.last().unwrap().1
+            );
+            assert!(text.contains(&count), "{count:?} missing");
         }
     }
 }

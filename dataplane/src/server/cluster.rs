@@ -106,6 +106,7 @@ impl Cluster {
                     &[OutHead::new(Status::UnknownOpcode, raw.into()).as_bytes()],
                 );
                 let _ = self.unicast.send_to(&self.out, from);
+                NodeStats::error(ctx.stats, Status::UnknownOpcode);
             }
             NodeStats::inc(&ctx.stats.unknown_opcodes);
             return;

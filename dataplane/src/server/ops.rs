@@ -68,7 +68,7 @@ pub fn small_op(ctx: &mut Ctx<'_>, op: Opcode, body: &[u8], out: &mut Vec<u8>) -
         }
     };
     if status != Status::Success {
-        NodeStats::inc(&ctx.stats.errors_total);
+        NodeStats::error(ctx.stats, status);
     }
     status
 }

@@ -9,6 +9,12 @@
 //! Backpressure: while a response is streaming or the output buffer is above its high
 //! mark, the session stops decoding (and so stops reading), and TCP flow control pushes
 //! back on the client.
+//!
+//! Latency: each request's arrival time travels with its state (store, stream) and is
+//! recorded in the node's histograms when its reply is queued — a STORE after its last
+//! chunk, a stream with its final Out structure. A request abandoned by its client
+//! (connection closed mid-STORE) has no reply and so no latency: it counts as
+//! `stores_aborted` instead.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -20,7 +26,7 @@ use dosp::Fingerprint;
 use zerocopy::{FromZeros, IntoBytes};
 
 use super::ops::{small_op, status_of, Ctx};
-use crate::stats::NodeStats;
+use crate::stats::{NodeStats, OpClass};
 use crate::store::{DiskId, WriteId};
 
 /// Receive buffer: a header plus the largest body, with room for STORE data to flow.
@@ -50,6 +56,7 @@ enum StoreState {
     Writing {
         request_id: u64,
         write: WriteId,
+        started: Instant,
     },
     /// The STORE failed (or was refused) but its chunks must still be read to keep the
     /// connection in step; the reply goes out after the last chunk.
@@ -57,6 +64,7 @@ enum StoreState {
         request_id: u64,
         status: Status,
         detail: u32,
+        started: Instant,
     },
 }
 
@@ -70,11 +78,13 @@ enum Outgoing {
         end: u64,
         object_len: u64,
         failed: Option<Status>,
+        started: Instant,
     },
     Contents {
         request_id: u64,
         entries: Vec<(Fingerprint, DiskId)>,
         next: usize,
+        started: Instant,
     },
 }
 
@@ -322,6 +332,11 @@ impl State {
         }
     }
 
+    /// Records a request's latency, from its arrival to now (its reply is queued).
+    fn done(ctx: &Ctx<'_>, op: OpClass, started: Instant) {
+        ctx.stats.latency(op).record(started.elapsed());
+    }
+
     fn reply(&mut self, ctx: &Ctx<'_>, opcode: u16, request_id: u64, body: &[u8]) {
         encode_response(&mut self.out, opcode, request_id, &[body]);
         NodeStats::inc(&ctx.stats.ops_total);
@@ -335,7 +350,7 @@ impl State {
         status: Status,
         detail: u32,
     ) {
-        NodeStats::inc(&ctx.stats.errors_total);
+        NodeStats::error(ctx.stats, status);
         self.reply(
             ctx,
             opcode,
@@ -349,20 +364,33 @@ impl State {
     fn framing_error(&mut self, ctx: &mut Ctx<'_>, e: WireError, peer: SocketAddr) {
         NodeStats::inc(&ctx.stats.bad_requests);
         tracing::warn!(%peer, error = %e, "closing connection after malformed input");
-        let (opcode, request_id) = match std::mem::replace(&mut self.store, StoreState::None) {
-            StoreState::Writing { request_id, write } => {
-                ctx.store.abort(write);
-                NodeStats::inc(&ctx.stats.stores_aborted);
-                (Opcode::Store as u16, request_id)
-            }
-            StoreState::Discarding { request_id, .. } => (Opcode::Store as u16, request_id),
-            StoreState::None => (Opcode::Null as u16, 0),
-        };
+        let (opcode, request_id, store_started) =
+            match std::mem::replace(&mut self.store, StoreState::None) {
+                StoreState::Writing {
+                    request_id,
+                    write,
+                    started,
+                } => {
+                    ctx.store.abort(write);
+                    NodeStats::inc(&ctx.stats.stores_aborted);
+                    (Opcode::Store as u16, request_id, Some(started))
+                }
+                StoreState::Discarding {
+                    request_id,
+                    started,
+                    ..
+                } => (Opcode::Store as u16, request_id, Some(started)),
+                StoreState::None => (Opcode::Null as u16, 0, None),
+            };
         let detail = match &e {
             WireError::ChunkTooLarge { len, .. } | WireError::BodyTooLarge { len, .. } => *len,
             _ => 0,
         };
         self.reply_error(ctx, opcode, request_id, e.status(), detail);
+        // An unfinished STORE got its (error) reply: it ends here.
+        if let Some(started) = store_started {
+            State::done(ctx, OpClass::Store, started);
+        }
         self.set_busy(ctx, false);
         self.closing = true;
     }
@@ -375,16 +403,19 @@ impl State {
                 body,
             } => {
                 let id = header.request_id.get();
+                // The request has just been decoded: its latency counts from here.
+                let started = Instant::now();
                 match opcode {
                     Err(raw) => {
                         NodeStats::inc(&ctx.stats.unknown_opcodes);
                         self.reply_error(ctx, raw, id, Status::UnknownOpcode, u32::from(raw));
+                        State::done(ctx, OpClass::Other, started);
                     }
-                    Ok(Opcode::Store) => self.start_store(ctx, id, body),
+                    Ok(Opcode::Store) => self.start_store(ctx, id, body, started),
                     Ok(op @ (Opcode::Retrieve | Opcode::RetrieveRange)) => {
-                        self.start_retrieve(ctx, op, id, body)
+                        self.start_retrieve(ctx, op, id, body, started)
                     }
-                    Ok(Opcode::GetContents) => self.start_contents(ctx, id, body),
+                    Ok(Opcode::GetContents) => self.start_contents(ctx, id, body, started),
                     Ok(op) => {
                         let at = self.out.len();
                         self.out.extend_from_slice(Header::new_zeroed().as_bytes());
@@ -393,11 +424,22 @@ impl State {
                         let h = Header::new(Kind::Response, op, id, len, 0);
                         self.out[at..at + Header::SIZE].copy_from_slice(h.as_bytes());
                         NodeStats::inc(&ctx.stats.ops_total);
+                        let class = if op == Opcode::Delete {
+                            OpClass::Delete
+                        } else {
+                            OpClass::Other
+                        };
+                        State::done(ctx, class, started);
                     }
                 }
             }
             RequestEvent::Chunk { data, last, .. } => {
-                if let StoreState::Writing { request_id, write } = self.store {
+                if let StoreState::Writing {
+                    request_id,
+                    write,
+                    started,
+                } = self.store
+                {
                     if let Err(e) = ctx.store.append(write, data) {
                         // The store aborts the write on error; keep draining chunks.
                         let status = status_of(&e);
@@ -406,6 +448,7 @@ impl State {
                             request_id,
                             status,
                             detail: 0,
+                            started,
                         };
                     }
                 }
@@ -416,7 +459,7 @@ impl State {
         }
     }
 
-    fn start_store(&mut self, ctx: &mut Ctx<'_>, request_id: u64, body: &[u8]) {
+    fn start_store(&mut self, ctx: &mut Ctx<'_>, request_id: u64, body: &[u8], started: Instant) {
         self.set_busy(ctx, true);
         NodeStats::inc(&ctx.stats.stores);
         self.store = match parse_exact::<StoreIn>(Opcode::Store, body) {
@@ -424,20 +467,27 @@ impl State {
                 request_id,
                 status: Status::BadRequest,
                 detail: body.len() as u32,
+                started,
             },
             Ok(req) => match early_refusal(ctx, req.size_hint.get()) {
                 Some((status, detail)) => StoreState::Discarding {
                     request_id,
                     status,
                     detail,
+                    started,
                 },
                 None => {
                     match make_room(ctx, req.size_hint.get()).and_then(|()| ctx.store.begin()) {
-                        Ok(write) => StoreState::Writing { request_id, write },
+                        Ok(write) => StoreState::Writing {
+                            request_id,
+                            write,
+                            started,
+                        },
                         Err(e) => StoreState::Discarding {
                             request_id,
                             status: status_of(&e),
                             detail: 0,
+                            started,
                         },
                     }
                 }
@@ -446,18 +496,25 @@ impl State {
     }
 
     fn finish_store(&mut self, ctx: &mut Ctx<'_>) {
-        let (request_id, result) = match std::mem::replace(&mut self.store, StoreState::None) {
-            StoreState::Writing { request_id, write } => (
-                request_id,
-                ctx.store.commit(write).map_err(|e| (status_of(&e), 0)),
-            ),
-            StoreState::Discarding {
-                request_id,
-                status,
-                detail,
-            } => (request_id, Err((status, detail))),
-            StoreState::None => return,
-        };
+        let (request_id, result, started) =
+            match std::mem::replace(&mut self.store, StoreState::None) {
+                StoreState::Writing {
+                    request_id,
+                    write,
+                    started,
+                } => (
+                    request_id,
+                    ctx.store.commit(write).map_err(|e| (status_of(&e), 0)),
+                    started,
+                ),
+                StoreState::Discarding {
+                    request_id,
+                    status,
+                    detail,
+                    started,
+                } => (request_id, Err((status, detail)), started),
+                StoreState::None => return,
+            };
         match result {
             Ok(c) => {
                 let out = StoreOut {
@@ -475,11 +532,25 @@ impl State {
                 self.reply_error(ctx, Opcode::Store as u16, request_id, status, detail)
             }
         }
+        State::done(ctx, OpClass::Store, started);
         self.set_busy(ctx, false);
     }
 
-    fn start_retrieve(&mut self, ctx: &mut Ctx<'_>, op: Opcode, request_id: u64, body: &[u8]) {
+    fn start_retrieve(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        op: Opcode,
+        request_id: u64,
+        body: &[u8],
+        started: Instant,
+    ) {
         NodeStats::inc(&ctx.stats.retrieves);
+        // Every early answer below ends the request; the streamed one ends in `produce`.
+        let early = |st: &mut State, ctx: &Ctx<'_>, status: Status, body: &[u8]| {
+            NodeStats::error(ctx.stats, status);
+            st.reply(ctx, op as u16, request_id, body);
+            State::done(ctx, OpClass::Retrieve, started);
+        };
         let parsed = if op == Opcode::Retrieve {
             parse_exact::<RetrieveIn>(op, body).map(|r| (r.fingerprint, None))
         } else {
@@ -487,13 +558,8 @@ impl State {
                 .map(|r| (r.fingerprint, Some((r.offset.get(), r.len.get()))))
         };
         let Ok((fp, range)) = parsed else {
-            return self.reply_error(
-                ctx,
-                op as u16,
-                request_id,
-                Status::BadRequest,
-                body.len() as u32,
-            );
+            let head = OutHead::new(Status::BadRequest, body.len() as u32);
+            return early(self, ctx, Status::BadRequest, head.as_bytes());
         };
         let Some(meta) = ctx.store.get(&fp) else {
             let out = RetrieveOut {
@@ -501,8 +567,7 @@ impl State {
                 fingerprint: fp,
                 object_len: 0.into(),
             };
-            NodeStats::inc(&ctx.stats.errors_total);
-            return self.reply(ctx, op as u16, request_id, out.as_bytes());
+            return early(self, ctx, Status::NotFound, out.as_bytes());
         };
         let (next, end) = match range {
             None => (0, meta.len),
@@ -514,8 +579,7 @@ impl State {
                         fingerprint: fp,
                         object_len: meta.len.into(),
                     };
-                    NodeStats::inc(&ctx.stats.errors_total);
-                    return self.reply(ctx, op as u16, request_id, out.as_bytes());
+                    return early(self, ctx, Status::OutOfRange, out.as_bytes());
                 }
             },
         };
@@ -532,7 +596,8 @@ impl State {
             if matches!(e, crate::store::StoreError::Corrupt { .. }) {
                 NodeStats::inc(&ctx.stats.checksum_mismatches);
             }
-            return self.reply_error(ctx, op as u16, request_id, status_of(&e), 0);
+            let status = status_of(&e);
+            return early(self, ctx, status, OutHead::new(status, 0).as_bytes());
         }
         self.out[at..at + StreamHeader::SIZE]
             .copy_from_slice(StreamHeader::new(request_id, end - next).as_bytes());
@@ -545,6 +610,7 @@ impl State {
             end,
             object_len: meta.len,
             failed: None,
+            started,
         });
         // A small object fits in the first piece: append its Out now so the whole
         // reply leaves in one send and the client wakes once.
@@ -553,15 +619,22 @@ impl State {
         }
     }
 
-    fn start_contents(&mut self, ctx: &mut Ctx<'_>, request_id: u64, body: &[u8]) {
+    fn start_contents(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        request_id: u64,
+        body: &[u8],
+        started: Instant,
+    ) {
         if parse_exact::<ContentsIn>(Opcode::GetContents, body).is_err() {
-            return self.reply_error(
+            self.reply_error(
                 ctx,
                 Opcode::GetContents as u16,
                 request_id,
                 Status::BadRequest,
                 body.len() as u32,
             );
+            return State::done(ctx, OpClass::Other, started);
         }
         let entries = ctx.store.contents();
         let len = (entries.len() * size_of::<ContentsEntry>()) as u64;
@@ -571,6 +644,7 @@ impl State {
             request_id,
             entries,
             next: 0,
+            started,
         });
     }
 
@@ -588,6 +662,7 @@ impl State {
                 end,
                 object_len,
                 failed,
+                started,
             } => {
                 if *next < *end {
                     let n = PIECE_BYTES.min((*end - *next) as usize);
@@ -621,18 +696,20 @@ impl State {
                     fingerprint: *fp,
                     object_len: (*object_len).into(),
                 };
-                let (op, id) = (*opcode as u16, *request_id);
+                let (op, id, started) = (*opcode as u16, *request_id, *started);
                 if status != Status::Success {
-                    NodeStats::inc(&ctx.stats.errors_total);
+                    NodeStats::error(ctx.stats, status);
                 }
                 self.outgoing = None;
                 self.reply(ctx, op, id, out.as_bytes());
+                State::done(ctx, OpClass::Retrieve, started);
                 self.set_busy(ctx, false);
             }
             Outgoing::Contents {
                 request_id,
                 entries,
                 next,
+                started,
             } => {
                 let take = (PIECE_BYTES / size_of::<ContentsEntry>()).min(entries.len() - *next);
                 for (fp, disk) in &entries[*next..*next + take] {
@@ -649,9 +726,10 @@ impl State {
                         head: OutHead::new(Status::Success, 0),
                         count: (entries.len() as u64).into(),
                     };
-                    let id = *request_id;
+                    let (id, started) = (*request_id, *started);
                     self.outgoing = None;
                     self.reply(ctx, Opcode::GetContents as u16, id, out.as_bytes());
+                    State::done(ctx, OpClass::Other, started);
                     self.set_busy(ctx, false);
                 }
             }

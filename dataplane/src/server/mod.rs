@@ -40,6 +40,10 @@ const FIRST_SESSION: usize = 16;
 const ACCEPT_BURST: usize = 64;
 /// Events handled per epoll wait.
 const EVENTS_MAX: usize = 256;
+/// How often every online disk is probed with a one-block read. With the publish
+/// interval and the announcer's tick this bounds how late a dead disk is announced
+/// (dosp/PROTOCOL.md, "ANNOUNCE").
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the disk reports are republished for the management core.
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
 /// How often sessions are checked for timeouts.
@@ -146,6 +150,7 @@ impl Server {
         let mut last_checkpoint = Instant::now();
         let mut last_timeout_scan = Instant::now();
         let mut last_publish = Instant::now();
+        let mut last_probe = Instant::now();
         self.end.disks.publish(self.store.disks());
         let mut dirty_since_checkpoint = false;
         let ops_at_checkpoint =
@@ -220,7 +225,18 @@ impl Server {
                 dirty_since_checkpoint = true;
                 last_ops = ops;
             }
-            if self.serve_commands() || now.duration_since(last_publish) >= PUBLISH_INTERVAL {
+            // A disk that dies while nothing touches it is found by the probe; publish
+            // at once so the management core announces it without waiting.
+            let mut changed = false;
+            if now.duration_since(last_probe) >= PROBE_INTERVAL {
+                last_probe = now;
+                for disk in self.store.probe() {
+                    tracing::error!(disk = disk.0, "disk failed its health probe: down");
+                    changed = true;
+                }
+            }
+            changed |= self.serve_commands();
+            if changed || now.duration_since(last_publish) >= PUBLISH_INTERVAL {
                 last_publish = now;
                 self.end.disks.publish(self.store.disks());
             }

@@ -921,6 +921,21 @@ impl Store {
         }
     }
 
+    /// Reads one block (superblock A) of every online disk. A disk that died while the
+    /// node was idle is noticed here — its read fails and it goes Down like on any I/O
+    /// error — instead of at the next request that touches it, so the management core
+    /// can announce it within a bounded time. Returns the disks that went down.
+    pub fn probe(&mut self) -> Vec<DiskId> {
+        let Store { vols, bounce, .. } = self;
+        let mut down = Vec::new();
+        for vol in vols.iter_mut().filter(|v| v.state == DiskState::Online) {
+            if vol.read(0, &mut bounce[..BLOCK]).is_err() {
+                down.push(vol.id);
+            }
+        }
+        down
+    }
+
     pub fn counters(&self) -> &StoreCounters {
         &self.counters
     }

@@ -732,6 +732,25 @@ fn device_errors_take_the_disk_down() {
 }
 
 #[test]
+fn probe_notices_a_disk_that_died_while_idle() {
+    let c = cfg(16 * KIB);
+    let disks = [MemDisk::new(4 * MIB, 31), MemDisk::new(4 * MIB, 32)];
+    let mut s = open(&disks, &c);
+    let a = put(&mut s, &data(1, 10_000), 10_000).unwrap();
+    assert_eq!(s.probe(), Vec::<DiskId>::new(), "healthy disks stay online");
+    disks[1].set_faults(Faults {
+        fail_reads: std::iter::once(0..4 * MIB).collect(),
+        ..Faults::default()
+    });
+    assert_eq!(s.probe(), vec![DiskId(1)]);
+    assert_eq!(state(&s, 1), DiskState::Down);
+    assert_eq!(state(&s, 0), DiskState::Online);
+    // A down disk is not probed again; the other keeps serving.
+    assert_eq!(s.probe(), Vec::<DiskId>::new());
+    assert_eq!(get_all(&mut s, &a.fingerprint).unwrap(), data(1, 10_000));
+}
+
+#[test]
 fn offline_disk_refuses_reads_and_writes() {
     let c = cfg(16 * KIB);
     let disks = [MemDisk::new(4 * MIB, 23), MemDisk::new(4 * MIB, 24)];

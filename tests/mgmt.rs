@@ -679,6 +679,9 @@ fn bad_requests_get_json_errors() {
     for body in [
         &b"{bad"[..],
         b"[1,2]",
+        b"[]",
+        br#"["why"]"#,
+        b"5",
         br#"{"reason": 5}"#,
         br#"{"unknown": 1}"#,
         b"\xff\xfe",

@@ -416,7 +416,17 @@ async fn change_state(
     let request: StateChangeRequest = if body.iter().all(u8::is_ascii_whitespace) {
         StateChangeRequest::default()
     } else {
-        serde_json::from_slice::<Option<StateChangeRequest>>(body)
+        // Through a Value first: serde's derived struct decoder also takes the fields
+        // as a JSON array (so `[]` would pass as an empty request), and the document
+        // promises an object.
+        let value: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("bad JSON body: {e}")))?;
+        if !(value.is_object() || value.is_null()) {
+            return Err(ApiError::BadRequest(
+                "bad JSON body: expected an object (or null)".to_string(),
+            ));
+        }
+        serde_json::from_value::<Option<StateChangeRequest>>(value)
             .map_err(|e| ApiError::BadRequest(format!("bad JSON body: {e}")))?
             .unwrap_or_default()
     };

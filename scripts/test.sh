@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v md5sum >/dev/null || need_apt+=(coreutils)
 command -v cc >/dev/null || need_apt+=(gcc)
+# For the schemathesis run (from PyPI, into a venv under target/).
+python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
     echo "==> installing ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -31,6 +33,42 @@ trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked -- --test-threads="${DOSD_TEST_THREADS:-2}" 2>&1 | tee "$log"
 echo "==> fuzz (bounded)"
 ./scripts/fuzz.sh "${DOSD_FUZZ_SECS:-20}"
+
+# schemathesis against a real node's /openapi.json: every operation, generated and
+# mutated requests, every check (status codes, content types, response schemas, no
+# 5xx). Seeded, so that a failure replays; bounded examples keep it well under two
+# minutes. DOSD_SCHEMATHESIS_EXAMPLES=0 skips it.
+st_examples="${DOSD_SCHEMATHESIS_EXAMPLES:-50}"
+if ((st_examples > 0)); then
+    echo "==> schemathesis ($st_examples examples per operation)"
+    venv=target/schemathesis-venv
+    if [[ ! -x $venv/bin/schemathesis ]]; then
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q 'schemathesis>=4,<5'
+    fi
+    st_dir="$(mktemp -d)"
+    st_pid=
+    trap 'rm -f "$log"; [[ -n $st_pid ]] && kill "$st_pid" 2>/dev/null; rm -rf "$st_dir"' EXIT
+    # Its own multicast group, so that its heartbeats meet no other test's node.
+    coproc DOSD {
+        exec target/debug/dosd --data-dir "$st_dir/data" --disks 2 --disk-size 64M \
+            --listen 127.0.0.1:0 --mgmt-listen 127.0.0.1:0 --mgmt-token schemathesis \
+            --multicast "239.255.$((RANDOM % 250 + 1)).$((RANDOM % 250 + 1)):17999" \
+            --multicast-if 127.0.0.1 2>"$st_dir/dosd.log"
+    }
+    st_pid=$DOSD_PID
+    # The first line says where it listens, once the disks are open.
+    read -r -t 30 line <&"${DOSD[0]}" || { cat "$st_dir/dosd.log"; exit 1; }
+    mgmt="$(sed -n 's/.* mgmt=\([^ ]*\).*/\1/p' <<<"$line")"
+    st_bin="$PWD/$venv/bin/schemathesis"
+    # From the scratch directory: its example database and caches stay out of the tree.
+    (cd "$st_dir" && "$st_bin" run "http://$mgmt/openapi.json" \
+        -H "Authorization: Bearer schemathesis" --checks all \
+        --max-examples "$st_examples" --seed "${DOSD_SCHEMATHESIS_SEED:-1}")
+    kill "$st_pid"
+    wait "$st_pid" 2>/dev/null || true
+    st_pid=
+fi
 
 # One closing line with the totals of every cargo test binary above.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) {

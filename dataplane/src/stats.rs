@@ -148,6 +148,11 @@ pub struct NodeStats {
     pub heartbeats_sent: AtomicU64,
     /// Loop turns of the dataplane core (liveness).
     pub loop_turns: AtomicU64,
+    /// Requests completed in the last whole second (a gauge, set once a second).
+    pub ops_per_sec: AtomicU64,
+    /// The node's health as the management core last assessed it: 0 ok, 1 degraded,
+    /// 2 failing (a gauge; the dataplane reports it in HEARTBEAT answers).
+    pub health: AtomicU64,
 }
 
 impl NodeStats {
@@ -165,6 +170,11 @@ impl NodeStats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Sets a gauge.
+    pub fn set(gauge: &AtomicU64, v: u64) {
+        gauge.store(v, Ordering::Relaxed);
     }
 
     /// Counts a reply with a non-success status, in total and by status.

@@ -499,7 +499,10 @@ wire_struct!(/// HEARTBEAT reply, also multicast periodically by every node.
         bytes_free: U64,
         bytes_total: U64,
         objects: U64,
-    } = 72);
+        /// Requests completed per second, over the last second.
+        ops_per_sec: U32,
+        reserved1: U32,
+    } = 80);
 wire_struct!(/// GET_DISK_STATE / GET_DISK_STATUS request: one disk or ALL_DISKS.
     DiskQueryIn { disk: U16, reserved: U16, reserved1: U32 } = 8);
 wire_struct!(/// GET_DISK_STATE / GET_DISK_STATUS reply head: `count` DiskStateEntry or

@@ -43,6 +43,15 @@ pub struct AnnouncerConfig {
     pub thresholds: Thresholds,
 }
 
+/// Health as carried on the wire: 0 ok, 1 degraded, 2 failing.
+fn health_byte(h: Health) -> u8 {
+    match h {
+        Health::Ok => 0,
+        Health::Degraded => 1,
+        Health::Failing => 2,
+    }
+}
+
 /// The running announcer.
 #[derive(Debug)]
 pub struct Announcer {
@@ -134,6 +143,7 @@ impl Speaker {
             self.disk_events(&disks);
             let assessed = assess(&disks, quiet, &self.cfg.thresholds);
             let health = assessed.status;
+            NodeStats::set(&self.handle.stats.health, health_byte(health).into());
             if health == Health::Failing && self.last_health != Health::Failing {
                 let reason = assessed
                     .reasons
@@ -231,11 +241,7 @@ impl Speaker {
             epoch: self.cfg.epoch.into(),
             uptime_ms: (self.started.elapsed().as_millis() as u64).into(),
             role: 0,
-            health: match health {
-                Health::Ok => 0,
-                Health::Degraded => 1,
-                Health::Failing => 2,
-            },
+            health: health_byte(health),
             disks_online: (online.len() as u16).into(),
             disks_total: (disks.len() as u16).into(),
             port: self.cfg.dosp.port().into(),
@@ -244,6 +250,8 @@ impl Speaker {
             bytes_free: online.iter().map(|d| d.bytes_available).sum::<u64>().into(),
             bytes_total: disks.iter().map(|d| d.bytes_total).sum::<u64>().into(),
             objects: disks.iter().map(|d| d.objects_used).sum::<u64>().into(),
+            ops_per_sec: (NodeStats::get(&self.handle.stats.ops_per_sec) as u32).into(),
+            reserved1: 0.into(),
         };
         let mut message = Vec::new();
         encode_response(&mut message, Opcode::Heartbeat as u16, 0, &[out.as_bytes()]);

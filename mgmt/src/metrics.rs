@@ -59,6 +59,8 @@ fn node_counters(s: &NodeStats) -> impl IntoIterator<Item = Exported> {
         connections_refused => "dosd_connections_refused_total", Counter, "Connections refused (table full)";
         ops_total => "dosd_ops_total", Counter, "Requests completed";
         ops_outstanding => "dosd_ops_outstanding", Gauge, "Requests in progress";
+        ops_per_sec => "dosd_ops_per_second", Gauge, "Requests completed in the last second";
+        health => "dosd_health", Gauge, "Node health: 0 ok, 1 degraded, 2 failing";
         bytes_in => "dosd_bytes_in_total", Counter, "Bytes received";
         bytes_out => "dosd_bytes_out_total", Counter, "Bytes sent";
         errors_total => "dosd_errors_total", Counter, "Replies with a non-success status";
@@ -406,7 +408,9 @@ mod tests {
             // `stats.FIELD)` or `stats.FIELD,` inside an increment: the closing
             // character keeps `connections` from matching `connections_total`.
             let used = src.lines().any(|l| {
-                (l.contains("NodeStats::inc(") || l.contains("NodeStats::add("))
+                (l.contains("NodeStats::inc(")
+                    || l.contains("NodeStats::add(")
+                    || l.contains("NodeStats::set("))
                     && (l.contains(&format!("stats.{})", e.field))
                         || l.contains(&format!("stats.{},", e.field)))
             });

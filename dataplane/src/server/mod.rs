@@ -151,6 +151,7 @@ impl Server {
         let mut last_timeout_scan = Instant::now();
         let mut last_publish = Instant::now();
         let mut last_probe = Instant::now();
+        let mut last_rate = (Instant::now(), NodeStats::get(&self.stats.ops_total));
         self.end.disks.publish(self.store.disks());
         let mut dirty_since_checkpoint = false;
         let ops_at_checkpoint =
@@ -224,6 +225,13 @@ impl Server {
             if ops != last_ops {
                 dirty_since_checkpoint = true;
                 last_ops = ops;
+            }
+            if now.duration_since(last_rate.0) >= Duration::from_secs(1) {
+                let ops = NodeStats::get(&self.stats.ops_total);
+                let secs = now.duration_since(last_rate.0).as_secs_f64();
+                let rate = ((ops - last_rate.1) as f64 / secs) as u64;
+                NodeStats::set(&self.stats.ops_per_sec, rate);
+                last_rate = (now, ops);
             }
             // A disk that dies while nothing touches it is found by the probe; publish
             // at once so the management core announces it without waiting.

@@ -205,12 +205,12 @@ pub fn heartbeat(ctx: &Ctx<'_>) -> HeartbeatOut {
         .iter()
         .filter(|d| d.state == DiskState::Online)
         .count();
-    let health = if online == disks.len() {
-        0
-    } else if online > 0 {
-        1
-    } else {
-        2
+    // The management core owns the health rule and publishes its verdict; a node
+    // whose management core has not assessed yet says what its disks say.
+    let health = match NodeStats::get(&ctx.stats.health) {
+        h @ 1..=2 => h as u8,
+        _ if online < disks.len() => 1,
+        _ => 0,
     };
     HeartbeatOut {
         head: OutHead::new(Status::Success, 0),
@@ -232,5 +232,7 @@ pub fn heartbeat(ctx: &Ctx<'_>) -> HeartbeatOut {
             .into(),
         bytes_total: disks.iter().map(|d| d.bytes_total).sum::<u64>().into(),
         objects: disks.iter().map(|d| d.objects_used).sum::<u64>().into(),
+        ops_per_sec: (NodeStats::get(&ctx.stats.ops_per_sec) as u32).into(),
+        reserved1: 0.into(),
     }
 }

@@ -372,7 +372,7 @@ fn describe(event: &ClusterEvent, from: std::net::SocketAddr) -> String {
                 _ => "failing",
             };
             format!(
-                "heartbeat node {:016x} epoch {} addr {}:{} health {} disks {}/{} objects {} free {} total {} ops {} uptime {}s",
+                "heartbeat node {:016x} epoch {} addr {}:{} health {} disks {}/{} objects {} free {} total {} ops {} ops/s {} uptime {}s",
                 h.node_id.get(),
                 h.epoch.get(),
                 Ipv4Addr::from(h.addr),
@@ -384,6 +384,7 @@ fn describe(event: &ClusterEvent, from: std::net::SocketAddr) -> String {
                 h.bytes_free.get(),
                 h.bytes_total.get(),
                 h.ops_outstanding.get(),
+                h.ops_per_sec.get(),
                 h.uptime_ms.get() / 1000
             )
         }

@@ -11,6 +11,7 @@
 //! What it must never do: interpret the bytes it moves. Layout belongs to the store.
 
 pub mod buf;
+pub mod driver;
 pub mod faulty;
 pub mod file;
 pub mod mem;

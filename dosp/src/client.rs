@@ -686,39 +686,15 @@ pub fn locate_multicast(
         LocateIn { fingerprint: *fp }.as_bytes(),
     );
     sock.send_to(&msg, group).map_err(io_err)?;
-    let deadline = Instant::now() + wait;
     let mut found: Vec<Located> = Vec::new();
-    let mut buf = [0u8; 2048];
-    while let Some(left) = deadline
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
-    {
-        sock.set_read_timeout(Some(left)).map_err(io_err)?;
-        let n = match sock.recv_from(&mut buf) {
-            Ok((n, _)) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                break
-            }
-            Err(e) => return Err(io_err(e)),
-        };
-        // The group carries heartbeats, other managers' queries and answers: keep only
-        // well-formed LOCATE answers to this query.
-        let Ok((header, body)) = Header::read_from_prefix(&buf[..n]) else {
-            continue;
-        };
-        if header.check(Kind::Response).is_err()
-            || header.opcode.get() != Opcode::Locate as u16
-            || header.request_id.get() != request_id
-        {
-            continue;
+    // The group carries heartbeats, other managers' queries and answers: keep only
+    // well-formed LOCATE answers to this query.
+    recv_responses(&sock, Instant::now() + wait, &mut |header, body, _| {
+        if header.opcode.get() != Opcode::Locate as u16 || header.request_id.get() != request_id {
+            return true;
         }
         let Ok((out, _)) = LocateOut::read_from_prefix(body) else {
-            continue;
+            return true;
         };
         if out.head.status.get() == Status::Success as u16 && out.fingerprint == *fp {
             let l = Located::from_out(&out);
@@ -729,8 +705,52 @@ pub fn locate_multicast(
                 found.push(l);
             }
         }
-    }
+        true
+    })
+    .map_err(io_err)?;
     Ok(found)
+}
+
+/// Receives datagrams on `sock` until `deadline` or until `each` returns false, passing
+/// on every well-formed response (header checked, body bounded by its length) with its
+/// sender. Anything else on the group is skipped: nothing there is trusted.
+fn recv_responses(
+    sock: &UdpSocket,
+    deadline: Instant,
+    each: &mut dyn FnMut(&Header, &[u8], SocketAddr) -> bool,
+) -> io::Result<()> {
+    let mut buf = [0u8; 2048];
+    while let Some(left) = deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+    {
+        sock.set_read_timeout(Some(left))?;
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => return Err(e),
+        };
+        let Ok((header, body)) = Header::read_from_prefix(&buf[..n]) else {
+            continue;
+        };
+        if header.check(Kind::Response).is_err() {
+            continue;
+        }
+        let Some(body) = body.get(..header.body_len.get() as usize) else {
+            continue;
+        };
+        if !each(&header, body, from) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Something heard on the cluster group.
@@ -758,36 +778,9 @@ pub fn watch(
         source,
     };
     let sock = join_group(group, iface).map_err(io_err)?;
-    let deadline = Instant::now() + wait;
     // Announcements already passed on, bounded: the oldest are forgotten first.
     let mut seen: std::collections::VecDeque<(u64, u64, u32)> = std::collections::VecDeque::new();
-    let mut buf = [0u8; 2048];
-    while let Some(left) = deadline
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
-    {
-        sock.set_read_timeout(Some(left)).map_err(io_err)?;
-        let (n, from) = match sock.recv_from(&mut buf) {
-            Ok(r) => r,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                break
-            }
-            Err(e) => return Err(io_err(e)),
-        };
-        let Ok((header, body)) = Header::read_from_prefix(&buf[..n]) else {
-            continue;
-        };
-        if header.check(Kind::Response).is_err() {
-            continue;
-        }
-        let Some(body) = body.get(..header.body_len.get() as usize) else {
-            continue;
-        };
+    recv_responses(&sock, Instant::now() + wait, &mut |header, body, from| {
         let event = match header.opcode() {
             Some(Opcode::Heartbeat) => HeartbeatOut::read_from_prefix(body)
                 .ok()
@@ -813,12 +806,12 @@ pub fn watch(
             },
             _ => None,
         };
-        if let Some(event) = event {
-            if !each(event, from) {
-                break;
-            }
+        match event {
+            Some(event) => each(event, from),
+            None => true,
         }
-    }
+    })
+    .map_err(io_err)?;
     Ok(())
 }
 

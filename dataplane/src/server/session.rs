@@ -278,10 +278,8 @@ fn early_refusal(ctx: &Ctx<'_>, size_hint: u64) -> Option<(Status, u32)> {
     }
     let room = ctx
         .store
-        .disks()
-        .iter()
-        .filter(|d| d.state == crate::store::DiskState::Online)
-        .map(|d| d.bytes_available)
+        .online_room()
+        .map(|(_, _, available)| available)
         .max()
         .unwrap_or(0);
     (size_hint > room).then_some((Status::NoSpace, 0))
@@ -297,20 +295,17 @@ fn make_room(ctx: &mut Ctx<'_>, size_hint: u64) -> Result<(), crate::store::Stor
     }
     // Segment headers: one 4 KiB block per segment, plus a little slack.
     let need = size_hint + size_hint / 128 + (1 << 20);
-    let disks = ctx.store.disks();
-    let online = disks
-        .iter()
-        .filter(|d| d.state == crate::store::DiskState::Online);
-    if online.clone().any(|d| d.bytes_free >= need) {
+    if ctx.store.online_room().any(|(_, free, _)| free >= need) {
         return Ok(());
     }
-    let Some(best) = online
-        .filter(|d| d.bytes_available >= need)
-        .max_by_key(|d| d.bytes_available)
+    let Some((disk, _, _)) = ctx
+        .store
+        .online_room()
+        .filter(|&(_, _, available)| available >= need)
+        .max_by_key(|&(_, _, available)| available)
     else {
         return Ok(());
     };
-    let disk = best.id;
     let report = ctx.store.compact(disk)?;
     tracing::info!(
         disk = disk.0,

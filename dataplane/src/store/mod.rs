@@ -96,6 +96,15 @@ impl Default for StoreConfig {
     }
 }
 
+/// (bytes free, dead bytes) of a volume; a disk that never opened has neither.
+fn room_of(v: &Volume) -> (u64, u64) {
+    if v.log_len > 0 {
+        (v.bytes_free(), v.bytes_dead())
+    } else {
+        (0, 0)
+    }
+}
+
 /// A disk: its slot index in the `Vec` given to [`Store::open`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DiskId(pub u16);
@@ -874,13 +883,23 @@ impl Store {
         all
     }
 
+    /// (disk, bytes free, bytes available after compaction) of every online disk,
+    /// without building reports: cheap enough to ask on every STORE.
+    pub fn online_room(&self) -> impl Iterator<Item = (DiskId, u64, u64)> + '_ {
+        self.vols
+            .iter()
+            .filter(|v| v.state == DiskState::Online)
+            .map(|v| {
+                let (free, dead) = room_of(v);
+                (v.id, free, free + dead)
+            })
+    }
+
     pub fn disks(&self) -> Vec<DiskReport> {
         self.vols
             .iter()
             .map(|v| {
-                let usable = v.log_len > 0;
-                let free = if usable { v.bytes_free() } else { 0 };
-                let dead = if usable { v.bytes_dead() } else { 0 };
+                let (free, dead) = room_of(v);
                 let available = free + dead;
                 DiskReport {
                     id: v.id,

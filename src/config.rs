@@ -63,6 +63,12 @@ pub struct Flags {
     /// Number of file-backed disks [default: 4]
     #[arg(long)]
     pub disks: Option<u16>,
+    /// A disk to serve, repeatable, in place of the data directory's images:
+    /// `nvme:SERIAL`, `nvme:PCI_ADDRESS` (the user-space NVMe driver; as root dosd
+    /// binds the controller to vfio-pci and gives it back on exit) or `file:PATH`
+    /// (a file or block device of --disk-size bytes)
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disk: Vec<String>,
     /// Size of each disk, e.g. 1G, 512M, 4096 (bytes) [default: 1G]
     #[arg(long)]
     pub disk_size: Option<String>,
@@ -114,6 +120,7 @@ pub struct FileConfig {
     pub multicast: Option<SocketAddrV4>,
     pub multicast_if: Option<Ipv4Addr>,
     pub disks: Option<u16>,
+    pub disk: Option<Vec<String>>,
     pub disk_size: Option<toml::Value>,
     pub node_id: Option<toml::Value>,
     pub heartbeat_ms: Option<u64>,
@@ -122,6 +129,25 @@ pub struct FileConfig {
     pub mgmt_token: Option<String>,
     pub disks_down_max: Option<u16>,
     pub dataplane_stall_ms: Option<u64>,
+}
+
+/// One explicitly named disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSpec {
+    /// A controller for the user-space NVMe driver: serial number or PCI address.
+    Nvme(String),
+    /// A file or block device through the kernel (io_uring).
+    File(PathBuf),
+}
+
+impl DiskSpec {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("nvme", rest)) if !rest.is_empty() => Ok(DiskSpec::Nvme(rest.to_string())),
+            Some(("file", rest)) if !rest.is_empty() => Ok(DiskSpec::File(PathBuf::from(rest))),
+            _ => Err("expected nvme:SERIAL, nvme:PCI_ADDRESS or file:PATH".into()),
+        }
+    }
 }
 
 /// The resolved configuration.
@@ -133,6 +159,8 @@ pub struct Config {
     pub multicast: SocketAddrV4,
     pub multicast_if: Ipv4Addr,
     pub disks: u16,
+    /// Explicit disks (`--disk`); empty means the data directory's images.
+    pub disk_specs: Vec<DiskSpec>,
     pub disk_size: u64,
     pub node_id: Option<u64>,
     pub heartbeat_ms: u64,
@@ -243,7 +271,28 @@ impl Config {
             None => None,
             Some(s) => Some(parse_node_id(&s).map_err(|why| invalid("node id", &s, why))?),
         };
-        let disks = flags.disks.or(file.disks).unwrap_or(DISKS_DEFAULT);
+        let spec_strings = if flags.disk.is_empty() {
+            file.disk.clone().unwrap_or_default()
+        } else {
+            flags.disk.clone()
+        };
+        let mut disk_specs = Vec::with_capacity(spec_strings.len());
+        for s in &spec_strings {
+            disk_specs.push(DiskSpec::parse(s).map_err(|why| invalid("disk", s, why))?);
+        }
+        if !disk_specs.is_empty() && flags.disks.or(file.disks).is_some() {
+            return Err(invalid(
+                "disks",
+                &flags.disks.or(file.disks).unwrap_or(0).to_string(),
+                "give either a number of data-directory disks or an explicit --disk list, not both"
+                    .into(),
+            ));
+        }
+        let disks = if disk_specs.is_empty() {
+            flags.disks.or(file.disks).unwrap_or(DISKS_DEFAULT)
+        } else {
+            u16::try_from(disk_specs.len()).unwrap_or(u16::MAX)
+        };
         if disks == 0 || usize::from(disks) > dosp::wire::DISKS_MAX {
             return Err(invalid(
                 "disks",
@@ -323,6 +372,7 @@ impl Config {
                 .or(file.multicast_if)
                 .unwrap_or(MULTICAST_IF_DEFAULT),
             disks,
+            disk_specs,
             disk_size,
             node_id,
             heartbeat_ms,
@@ -468,5 +518,39 @@ mod tests {
             parse(&["--test-stall-ms", "700"]).is_err(),
             "a stall length without --test-hooks is a mistake"
         );
+    }
+
+    #[test]
+    fn explicit_disks_are_parsed_and_checked() {
+        let parse = |args: &[&str]| Flags::try_parse_from([&["dosd"], args].concat());
+        let c = Config::resolve(
+            parse(&[
+                "--disk",
+                "nvme:DOSDNVME0",
+                "--disk",
+                "file:/tmp/d.img",
+                "--disk",
+                "nvme:0000:01:00.0",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.disks, 3);
+        assert_eq!(
+            c.disk_specs,
+            vec![
+                DiskSpec::Nvme("DOSDNVME0".into()),
+                DiskSpec::File("/tmp/d.img".into()),
+                DiskSpec::Nvme("0000:01:00.0".into()),
+            ]
+        );
+        for bad in ["DOSDNVME0", "nvme:", "disk:x", "file:"] {
+            let e = Config::resolve(parse(&["--disk", bad]).unwrap()).unwrap_err();
+            assert!(e.to_string().contains("nvme:SERIAL"), "{bad}: {e}");
+        }
+        let e = Config::resolve(parse(&["--disks", "2", "--disk", "nvme:X"]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        let c = Config::resolve(Flags::default()).unwrap();
+        assert!(c.disk_specs.is_empty());
     }
 }

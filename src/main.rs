@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
-use crate::config::{Config, Flags};
+use crate::config::{Config, DiskSpec, Flags};
 
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DOSD_LOG")
@@ -47,6 +47,43 @@ fn one_line(e: &anyhow::Error) -> String {
         }
     }
     line
+}
+
+/// Opened disks, and the NVMe controllers behind some of them.
+type Devices = (Vec<Box<dyn nvme::BlockDevice>>, Vec<nvme::driver::Opened>);
+
+/// The node's disks: the explicit `--disk` list, or the data directory's images.
+/// Returns the NVMe controllers opened, to be dropped after the store (dropping one
+/// shuts it down cleanly and gives it back to the kernel's driver).
+fn open_devices(cfg: &Config, dir: &datadir::DataDir) -> anyhow::Result<Devices> {
+    if cfg.disk_specs.is_empty() {
+        return Ok((dir.open_disks(cfg.disks, cfg.disk_size)?, Vec::new()));
+    }
+    let mut devices: Vec<Box<dyn nvme::BlockDevice>> = Vec::new();
+    let mut controllers = Vec::new();
+    for (i, spec) in cfg.disk_specs.iter().enumerate() {
+        match spec {
+            DiskSpec::File(path) => {
+                let dev = nvme::file::FileDevice::open(path, cfg.disk_size)
+                    .with_context(|| format!("cannot open disk {i} (file:{})", path.display()))?;
+                devices.push(Box::new(dev));
+            }
+            DiskSpec::Nvme(name) => {
+                let opts = nvme::driver::CtrlOptions {
+                    io_queues: 2,
+                    ..Default::default()
+                };
+                let opened = nvme::driver::open(name, &opts)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("cannot open disk {i} (nvme:{name})"))?;
+                let dev = nvme::driver::NvmeDevice::new(&opened.ctrl, Default::default())
+                    .with_context(|| format!("cannot open disk {i} (nvme:{name})"))?;
+                devices.push(Box::new(dev));
+                controllers.push(opened);
+            }
+        }
+    }
+    Ok((devices, controllers))
 }
 
 /// TEST ONLY (`--fault-inject-disk N`): puts disk `disk` behind a fault injector and
@@ -148,7 +185,9 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         None => dir.node_id()?,
     };
     let epoch = dir.next_epoch()?;
-    let mut devices = dir.open_disks(cfg.disks, cfg.disk_size)?;
+    // `_controllers` keeps the NVMe controllers (and their vfio-pci bindings) until
+    // the store, which holds their queues, is gone: it is declared before it.
+    let (mut devices, _controllers) = open_devices(&cfg, &dir)?;
     let mut fault = None;
     if let Some(disk) = cfg.fault_inject_disk {
         // The configuration checked that `disk` is one of the node's disks.

@@ -105,11 +105,15 @@ pub struct DiskHealthView {
     pub critical_warning: u8,
     /// Composite temperature in kelvins.
     pub temperature_kelvin: u16,
+    /// Spare capacity left, in percent.
+    pub available_spare: u8,
     /// Vendor estimate of life used, in percent (may exceed 100).
     pub percentage_used: u8,
     /// Unrecovered data integrity errors over the device's life.
     pub media_errors: u64,
     pub power_on_hours: u64,
+    /// Times the device lost power without a shutdown notification.
+    pub unsafe_shutdowns: u64,
 }
 
 impl From<&DiskReport> for DiskView {
@@ -137,9 +141,17 @@ impl From<&DiskReport> for DiskView {
             write_ops: d.io.write_ops,
             write_bytes: d.io.write_bytes,
             flushes: d.io.flushes,
-            // No backend in this tree reads a health log yet (the file and memory
-            // backends have none): say so rather than invent numbers.
-            health: None,
+            // Only the NVMe backend reads a health log; files and memory have none,
+            // and say so (null) rather than invent numbers.
+            health: d.health.as_ref().map(|h| DiskHealthView {
+                critical_warning: h.critical_warning,
+                temperature_kelvin: h.temperature_kelvin,
+                available_spare: h.available_spare,
+                percentage_used: h.percentage_used,
+                media_errors: u64::try_from(h.media_errors).unwrap_or(u64::MAX),
+                power_on_hours: u64::try_from(h.power_on_hours).unwrap_or(u64::MAX),
+                unsafe_shutdowns: u64::try_from(h.unsafe_shutdowns).unwrap_or(u64::MAX),
+            }),
         }
     }
 }

@@ -219,6 +219,7 @@ mod tests {
             errors: 3,
             io: Default::default(),
             last_error: None,
+            health: None,
         }
     }
 

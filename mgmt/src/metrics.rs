@@ -280,6 +280,55 @@ pub fn render(s: &NodeStats, disks: &[DiskReport]) -> String {
             ms % 1000
         );
     }
+    // The device's own health log, only for disks whose backend reads one (NVMe): a
+    // file disk has no such sample rather than a made-up zero.
+    type HealthValue = fn(&nvme::driver::SmartLog) -> u128;
+    let smart: [(&str, Kind, &str, HealthValue); 5] = [
+        (
+            "dosd_disk_temperature_kelvin",
+            Kind::Gauge,
+            "Composite temperature from the device health log",
+            |h| h.temperature_kelvin.into(),
+        ),
+        (
+            "dosd_disk_critical_warning",
+            Kind::Gauge,
+            "Critical warning bits from the device health log (0: none)",
+            |h| h.critical_warning.into(),
+        ),
+        (
+            "dosd_disk_percentage_used",
+            Kind::Gauge,
+            "Device estimate of life used, percent",
+            |h| h.percentage_used.into(),
+        ),
+        (
+            "dosd_disk_media_errors_total",
+            Kind::Counter,
+            "Unrecovered media and data integrity errors over the device's life",
+            |h| h.media_errors,
+        ),
+        (
+            "dosd_disk_unsafe_shutdowns_total",
+            Kind::Counter,
+            "Power losses without a shutdown notification over the device's life",
+            |h| h.unsafe_shutdowns,
+        ),
+    ];
+    if disks.iter().any(|d| d.health.is_some()) {
+        for (name, kind, help, value) in smart {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {}\n",
+                kind.as_str()
+            );
+            for d in disks {
+                if let Some(h) = &d.health {
+                    let _ = writeln!(out, "{name}{{disk=\"{}\"}} {}", d.id.0, value(h));
+                }
+            }
+        }
+    }
     // The state as a one-hot gauge per state, the usual Prometheus encoding of an enum.
     let _ = write!(
         out,
@@ -458,6 +507,7 @@ mod tests {
                 message: "boom".into(),
                 at_unix_ms: 1_700_000_000_250,
             }),
+            health: None,
         }];
         let text = render(&s, &disks);
         assert!(text.contains("\ndosd_stores_total 7\n"), "{text}");

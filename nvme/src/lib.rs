@@ -6,7 +6,8 @@
 //! in-memory disk with deterministic fault injection ([`mem::MemDevice`]) for tests,
 //! and a wrapper that fails any backend on command ([`faulty::FaultyDevice`]) for tests
 //! of whole nodes.
-//! The polled user-space NVMe driver over VFIO lands here as another backend.
+//! The polled user-space NVMe driver over VFIO ([`driver`]) is the backend for real
+//! NVMe devices ([`driver::NvmeDevice`]).
 //!
 //! What it must never do: interpret the bytes it moves. Layout belongs to the store.
 
@@ -59,6 +60,12 @@ pub enum DevError {
     },
     #[error("injected fault at offset {offset}")]
     Injected { offset: u64 },
+    #[error("NVMe error at offset {offset}: {source}")]
+    Nvme {
+        offset: u64,
+        #[source]
+        source: driver::NvmeError,
+    },
     #[error("cannot open device {path}: {source}")]
     Open {
         path: String,
@@ -81,6 +88,11 @@ pub trait BlockDevice: Send {
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError>;
     /// Makes every completed write durable.
     fn flush(&mut self) -> Result<(), DevError>;
+    /// The device's own health log (NVMe SMART / Health Information), for backends
+    /// that talk to the device itself; `None` for files and memory.
+    fn health(&mut self) -> Option<Result<driver::SmartLog, DevError>> {
+        None
+    }
 }
 
 /// Checks the alignment contract shared by all backends.

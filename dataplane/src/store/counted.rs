@@ -84,6 +84,10 @@ impl BlockDevice for Counted {
         self.io.flushes += 1;
         Ok(())
     }
+
+    fn health(&mut self) -> Option<Result<nvme::driver::SmartLog, DevError>> {
+        self.dev.health()
+    }
 }
 
 #[cfg(test)]

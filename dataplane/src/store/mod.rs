@@ -167,6 +167,9 @@ pub struct DiskReport {
     pub io: DiskIo,
     /// The most recent of `errors`, if any.
     pub last_error: Option<LastError>,
+    /// The device's own health log (NVMe SMART), refreshed by [`Store::probe`];
+    /// `None` for files and memory.
+    pub health: Option<nvme::driver::SmartLog>,
 }
 
 /// What one compaction call did.
@@ -917,6 +920,7 @@ impl Store {
                     errors: v.errors,
                     io: v.io(),
                     last_error: v.last_error.clone(),
+                    health: v.health,
                 }
             })
             .collect()
@@ -943,13 +947,16 @@ impl Store {
     /// Reads one block (superblock A) of every online disk. A disk that died while the
     /// node was idle is noticed here — its read fails and it goes Down like on any I/O
     /// error — instead of at the next request that touches it, so the management core
-    /// can announce it within a bounded time. Returns the disks that went down.
+    /// can announce it within a bounded time. Also refreshes each healthy disk's device
+    /// health log (NVMe SMART). Returns the disks that went down.
     pub fn probe(&mut self) -> Vec<DiskId> {
         let Store { vols, bounce, .. } = self;
         let mut down = Vec::new();
         for vol in vols.iter_mut().filter(|v| v.state == DiskState::Online) {
             if vol.read(0, &mut bounce[..BLOCK]).is_err() {
                 down.push(vol.id);
+            } else {
+                vol.refresh_health();
             }
         }
         down

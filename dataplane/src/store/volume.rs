@@ -103,6 +103,9 @@ pub(crate) struct Volume {
     /// raised only through [`Volume::note_error`], which also records the last one.
     pub errors: u64,
     pub last_error: Option<LastError>,
+    /// The device's own health log as last read (NVMe SMART); `None` for backends
+    /// without one.
+    pub health: Option<nvme::driver::SmartLog>,
     /// WRAP records written since open (the log went round the disk).
     pub wraps: u64,
     pub ckpt: CkptState,
@@ -227,6 +230,7 @@ impl Volume {
             open_writes: 0,
             errors: 0,
             last_error: None,
+            health: None,
             wraps: 0,
             ckpt: CkptState::default(),
             replayed: 0,
@@ -892,6 +896,31 @@ impl Volume {
         StoreError::DiskFailed {
             disk: self.id,
             source: e,
+        }
+    }
+
+    /// Re-reads the device's health log, where the backend has one. A failed read is
+    /// logged, not a disk fault: the I/O path decides that.
+    pub fn refresh_health(&mut self) {
+        match self.dev.health() {
+            None => {}
+            Some(Ok(h)) => {
+                if h.critical_warning != 0
+                    && self
+                        .health
+                        .is_none_or(|old| old.critical_warning != h.critical_warning)
+                {
+                    tracing::warn!(
+                        disk = self.id.0,
+                        critical_warning = h.critical_warning,
+                        "device reports a critical warning in its health log"
+                    );
+                }
+                self.health = Some(h);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(disk = self.id.0, error = %e, "cannot read the device health log")
+            }
         }
     }
 

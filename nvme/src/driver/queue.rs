@@ -163,6 +163,12 @@ impl QueuePair {
         self.outstanding.len() - self.free.len()
     }
 
+    /// The command id the next successful [`QueuePair::submit`] will use, so the
+    /// caller can prepare per-id resources (a PRP list page) before submitting.
+    pub fn peek_free_id(&self) -> Option<u16> {
+        self.free.last().copied()
+    }
+
     /// Submission slots free according to the last SQ head the controller reported.
     pub fn sq_free_slots(&self) -> u16 {
         let used = (self.sq_tail + self.sq_entries - self.sq_head) % self.sq_entries;

@@ -564,9 +564,19 @@ fn store(specs: &[String], seed: u64) -> Result<()> {
             })
             .collect()
     };
-    // CONFORMANCE-PENDING
-    let _ = (&mut factory, seed, Instant::now());
-    bail!("store conformance suite not built yet")
+    let opts = dataplane::store::conformance::Options {
+        seed,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let report =
+        dataplane::store::conformance::run(&mut factory, &opts).map_err(anyhow::Error::msg)?;
+    println!(
+        "ok: store conformance on {} NVMe device(s) in {:.1} s: {report:?}",
+        specs.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn cpu_seconds() -> f64 {

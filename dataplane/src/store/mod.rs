@@ -42,6 +42,7 @@
 
 mod checkpoint;
 mod compact;
+pub mod conformance;
 mod counted;
 mod format;
 mod volume;

@@ -1,0 +1,790 @@
+#!/usr/bin/env python3
+"""QEMU test harness for dosd: boots a suite script in a throw-away TCG VM.
+
+Usage: qemu/test SUITE          (runs qemu/suites/SUITE.sh)
+
+Steps: install missing host packages, fetch the Debian kernel once into
+target/qemu/cache/, build the guest binaries fully static into target/qemu-guest/,
+pack an initramfs (busybox, kernel modules, binaries, /suite.sh, /init), boot it under
+QEMU with the disks the suite declares, stream the console, serve the guest's host
+requests (DOSD-HOST: ...) over QMP, and exit with the suite's status. See README.md.
+
+Only the Python standard library is used.
+"""
+
+import json
+import os
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+QEMU_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(QEMU_DIR)
+TARGET = os.path.join(ROOT, "target")
+CACHE = os.path.join(TARGET, "qemu", "cache")
+GUEST_TARGET_DIR = os.path.join(TARGET, "qemu-guest")
+RUST_TARGET = "x86_64-unknown-linux-gnu"
+
+# Host packages: (package, a command or file that proves it is installed).
+PACKAGES = [
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("busybox-static", "/bin/busybox"),
+    ("cpio", "cpio"),
+    ("zstd", "zstd"),
+    ("kmod", "depmod"),
+    ("fio", "fio"),
+]
+
+# Kernel modules put in every initramfs and loaded by /init, in this order (each with
+# its dependency closure). Missing ones are skipped with a note (vfio_virqfd is folded
+# into vfio in later kernels).
+MODULES = [
+    "nvme",
+    "vfio",
+    "vfio_iommu_type1",  # a soft dependency of vfio: busybox modprobe would skip it
+    "vfio_virqfd",
+    "irqbypass",
+    "vfio_pci_core",
+    "vfio_pci",
+    "virtio_pci",
+    "virtio_net",
+]
+
+DEFAULTS = {"mem": 1024, "smp": 2, "hugepages": 128, "timeout": 900}
+
+
+def log(msg):
+    print(f"[host] {msg}", flush=True)
+
+
+class HarnessError(Exception):
+    pass
+
+
+def run(cmd, **kw):
+    """Runs a command, raising HarnessError with its output on failure."""
+    kw.setdefault("check", False)
+    res = subprocess.run(cmd, **kw)
+    if res.returncode != 0:
+        raise HarnessError(f"command failed (exit {res.returncode}): {shlex.join(cmd)}")
+    return res
+
+
+def output(cmd, **kw):
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, **kw)
+    if res.returncode != 0:
+        raise HarnessError(f"command failed (exit {res.returncode}): {shlex.join(cmd)}")
+    return res.stdout
+
+
+# ---------------------------------------------------------------------------- suite
+
+
+def parse_size(text):
+    m = re.fullmatch(r"(\d+)([KMGT]?)i?B?", text.strip(), re.I)
+    if not m:
+        raise HarnessError(f"bad size {text!r} (want e.g. 512M, 2G)")
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(m.group(1)) * mult[m.group(2).upper()]
+
+
+def parse_suite(path):
+    """Reads the `# qemu-KEY: VALUE` directives of a suite script's header (the
+    comment block at its top: parsing stops at the first line of code)."""
+    suite = dict(DEFAULTS)
+    suite.update(disks=[], tests=[], host_bins=[])
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                break
+            m = re.match(r"#\s*qemu-([a-z-]+):\s*(.*?)\s*$", line)
+            if not m:
+                continue
+            key, val = m.group(1), m.group(2)
+            where = f"{path}:{lineno}"
+            if key == "disk":
+                disk = {}
+                for item in val.split():
+                    k, sep, v = item.partition("=")
+                    if not sep:
+                        raise HarnessError(f"{where}: qemu-disk wants key=value, got {item!r}")
+                    disk[k] = v
+                for k in ("id", "serial", "size"):
+                    if k not in disk:
+                        raise HarnessError(f"{where}: qemu-disk needs {k}=")
+                if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", disk["id"]):
+                    raise HarnessError(f"{where}: bad disk id {disk['id']!r}")
+                if not re.fullmatch(r"[A-Za-z0-9_.-]{1,20}", disk["serial"]):
+                    raise HarnessError(f"{where}: bad serial {disk['serial']!r} (1-20 chars)")
+                if any(d["id"] == disk["id"] for d in suite["disks"]):
+                    raise HarnessError(f"{where}: duplicate disk id {disk['id']}")
+                disk["bytes"] = parse_size(disk["size"])
+                suite["disks"].append(disk)
+            elif key in ("mem", "smp", "hugepages", "timeout"):
+                if not val.isdigit():
+                    raise HarnessError(f"{where}: qemu-{key} wants a number, got {val!r}")
+                suite[key] = int(val)
+            elif key == "tests":
+                suite["tests"] += val.split()
+            elif key == "host-bin":
+                suite["host_bins"] += val.split()
+            else:
+                raise HarnessError(f"{where}: unknown directive qemu-{key}")
+    return suite
+
+
+# ------------------------------------------------------------------------- packages
+
+
+def installed(pkg):
+    res = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", pkg],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    return res.returncode == 0 and res.stdout.strip() == "install ok installed"
+
+
+def ensure_packages():
+    missing = []
+    for pkg, probe in PACKAGES:
+        present = os.path.exists(probe) if probe.startswith("/") else shutil.which(probe)
+        if not present or not installed(pkg):
+            missing.append(pkg)
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    apt = ["apt-get", "-y", "-qq", "-o", "Dpkg::Use-Pty=0"]
+    run(["apt-get", "update", "-qq"], env=env)
+    run(apt + ["install", "--no-install-recommends"] + missing, env=env, stdout=subprocess.DEVNULL)
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def apt_download(pkg, dest):
+    """apt-get download PKG into dest; returns the .deb path. Updates lists once if needed."""
+    os.makedirs(dest, exist_ok=True)
+    os.chmod(dest, 0o755)
+    for attempt in (1, 2):
+        before = set(os.listdir(dest))
+        res = subprocess.run(
+            ["apt-get", "download", "-qq", pkg],
+            cwd=dest,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        debs = sorted(set(os.listdir(dest)) - before)
+        if res.returncode == 0:
+            debs = debs or [d for d in os.listdir(dest) if d.startswith(pkg + "_")]
+            if debs:
+                return os.path.join(dest, debs[-1])
+        if attempt == 1:
+            log(f"apt-get download {pkg} failed; updating package lists and retrying")
+            run(["apt-get", "update", "-qq"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    raise HarnessError(f"apt-get download {pkg} failed: {res.stderr.strip()}")
+
+
+def ensure_kernel():
+    """Returns (vmlinuz, modules root, kernel version), fetching them once into CACHE."""
+    stamp = os.path.join(CACHE, "kernel-version")
+    root = os.path.join(CACHE, "kernel")
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            version = f.read().strip()
+        vmlinuz = os.path.join(root, "boot", f"vmlinuz-{version}")
+        if os.path.exists(vmlinuz) and os.path.exists(
+            os.path.join(root, "lib/modules", version, "modules.dep")
+        ):
+            return vmlinuz, root, version
+    t0 = time.monotonic()
+    debs = os.path.join(CACHE, "debs")
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(debs, ignore_errors=True)
+    meta = apt_download("linux-image-amd64", debs)
+    depends = output(["dpkg-deb", "-f", meta, "Depends"])
+    m = re.search(r"(linux-image-[0-9][^\s,(|]*-amd64)", depends)
+    if not m:
+        raise HarnessError(f"linux-image-amd64 depends on no versioned image: {depends!r}")
+    image_pkg = m.group(1)
+    log(f"fetching kernel {image_pkg}")
+    image = apt_download(image_pkg, debs)
+    run(["dpkg-deb", "-x", image, root])
+    version = image_pkg[len("linux-image-"):]
+    vmlinuz = os.path.join(root, "boot", f"vmlinuz-{version}")
+    moddir = None
+    for cand in ("lib/modules", "usr/lib/modules"):
+        if os.path.isdir(os.path.join(root, cand, version)):
+            moddir = os.path.join(root, cand, version)
+    if not os.path.exists(vmlinuz) or moddir is None:
+        raise HarnessError(f"{image} has no boot/vmlinuz-{version} or modules dir")
+    if moddir.startswith(os.path.join(root, "usr")):
+        # depmod -b wants BASE/lib/modules/VERSION.
+        os.makedirs(os.path.join(root, "lib"), exist_ok=True)
+        os.symlink("../usr/lib/modules", os.path.join(root, "lib", "modules"))
+    run(["depmod", "-b", root, version])
+    shutil.rmtree(debs, ignore_errors=True)
+    with open(stamp, "w") as f:
+        f.write(version + "\n")
+    log(f"kernel {version} cached in {os.path.relpath(root, ROOT)} ({time.monotonic() - t0:.0f} s)")
+    return vmlinuz, root, version
+
+
+def module_closure(kroot, version):
+    """Module files to load, dependencies first, for MODULES (as modprobe resolves them)."""
+    order = []
+    for mod in MODULES:
+        res = subprocess.run(
+            ["modprobe", "-d", kroot, "-S", version, "--show-depends", mod],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if res.returncode != 0:
+            log(f"note: module {mod} not found in kernel {version}, skipped")
+            continue
+        for line in res.stdout.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "insmod" and parts[1] not in order:
+                order.append(parts[1])
+    return order
+
+
+# ---------------------------------------------------------------------------- build
+
+
+def cargo(args):
+    """Runs a static guest cargo build; returns the JSON messages it printed."""
+    env = dict(
+        os.environ,
+        CARGO_TARGET_DIR=GUEST_TARGET_DIR,
+        RUSTFLAGS="-C target-feature=+crt-static",
+    )
+    env.pop("CARGO_BUILD_RUSTFLAGS", None)
+    cmd = ["cargo"] + args + [
+        "--release",
+        "--locked",
+        "--target",
+        RUST_TARGET,
+        "--message-format=json-render-diagnostics",
+    ]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    if res.returncode != 0:
+        raise HarnessError(f"guest build failed: {shlex.join(cmd)}")
+    msgs = []
+    for line in res.stdout.splitlines():
+        if line.startswith("{"):
+            msgs.append(json.loads(line))
+    return msgs
+
+
+def is_static(path):
+    """True when the ELF file has no PT_INTERP (no dynamic loader needed)."""
+    with open(path, "rb") as f:
+        hdr = f.read(64)
+        if hdr[:4] != b"\x7fELF" or hdr[4] != 2:
+            return False
+        phoff = int.from_bytes(hdr[32:40], "little")
+        phentsize = int.from_bytes(hdr[54:56], "little")
+        phnum = int.from_bytes(hdr[56:58], "little")
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    for i in range(phnum):
+        if int.from_bytes(table[i * phentsize : i * phentsize + 4], "little") == 3:
+            return False
+    return True
+
+
+def build_guest(tests):
+    """Returns {name in /bin: host path} of the static guest binaries."""
+    bins = {}
+    for msg in cargo(["build", "--workspace", "--bins"]):
+        if msg.get("reason") == "compiler-artifact" and msg.get("executable"):
+            if "bin" in msg["target"]["kind"]:
+                bins[msg["target"]["name"]] = msg["executable"]
+    for pkg in tests:
+        exes = [
+            m["executable"]
+            for m in cargo(["test", "--no-run", "--lib", "-p", pkg])
+            if m.get("reason") == "compiler-artifact"
+            and m.get("executable")
+            and m.get("profile", {}).get("test")
+        ]
+        if len(exes) != 1:
+            raise HarnessError(f"expected one lib test executable for {pkg}, got {exes}")
+        bins[f"test-{pkg}"] = exes[0]
+    for name, path in bins.items():
+        if not is_static(path):
+            raise HarnessError(f"guest binary {name} ({path}) is not statically linked")
+    return bins
+
+
+# ------------------------------------------------------------------------ initramfs
+
+INIT = r"""#!/bin/sh
+# /init of the dosd QEMU harness (generated by qemu/harness.py).
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export HOME=/root DOSD_QEMU=1 DOSD_QEMU_SUITE=@SUITE@
+mount -t devtmpfs devtmpfs /dev
+exec 0</dev/console 1>/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mkdir -p /dev/pts /dev/shm /dev/hugepages /root
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+echo @HUGEPAGES@ > /proc/sys/vm/nr_hugepages
+mount -t hugetlbfs hugetlbfs /dev/hugepages
+[ "$(cat /proc/sys/vm/nr_hugepages)" -ge @HUGEPAGES@ ] ||
+    echo "dosd-init: WARNING: only $(cat /proc/sys/vm/nr_hugepages) of @HUGEPAGES@ hugepages (qemu-mem too small?)"
+hostname dosd-guest
+ip link set lo up
+# Modules, dependencies first, as the host resolved them (busybox modprobe ignores
+# soft dependencies, so vfio_iommu_type1 is listed explicitly).
+while read -r m; do
+    insmod "$m" || echo "dosd-init: insmod $m failed"
+done < /etc/dosd-modules
+# Wait (bounded) for the declared NVMe controllers to show up.
+want=@NDISKS@
+i=0
+while [ "$(ls /sys/class/nvme 2>/dev/null | wc -l)" -lt "$want" ] && [ $i -lt 300 ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+[ "$(ls /sys/class/nvme 2>/dev/null | wc -l)" -ge "$want" ] ||
+    echo "dosd-init: only $(ls /sys/class/nvme 2>/dev/null | wc -l) of $want NVMe controllers appeared"
+echo
+echo "dosd-init: up in $(cut -d' ' -f1 /proc/uptime) s, hugepages $(cat /proc/sys/vm/nr_hugepages), running /suite.sh"
+cd /
+sh /suite.sh
+rc=$?
+echo "DOSD-SUITE-EXIT $rc"
+sync
+poweroff -f
+sleep 5
+echo o > /proc/sysrq-trigger
+"""
+
+DOSD_HOST = r"""#!/bin/sh
+# Asks the QEMU harness on the host to do something: dosd-host device_del ID
+echo "DOSD-HOST: $*" > /dev/console
+"""
+
+
+def copy_file(src, dst):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copyfile(src, dst)
+    shutil.copymode(src, dst)
+
+
+def host_bin_files(name):
+    """A host binary plus every shared object ldd lists: [(host path, guest path)]."""
+    path = shutil.which(name)
+    if not path:
+        raise HarnessError(f"qemu-host-bin {name}: not found on the host")
+    path = os.path.realpath(path)
+    files = [(path, f"/bin/{name}")]
+    res = subprocess.run(["ldd", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if res.returncode != 0:
+        if "not a dynamic executable" in res.stdout:
+            return files
+        raise HarnessError(f"ldd {path} failed: {res.stdout.strip()}")
+    for line in res.stdout.splitlines():
+        line = line.strip()
+        if "not found" in line:
+            raise HarnessError(f"qemu-host-bin {name}: missing library: {line}")
+        m = re.match(r"(\S+) => (/\S+) \(0x", line) or re.match(r"(/\S+) \(0x", line)
+        if not m:
+            continue  # linux-vdso.so.1
+        lib = m.group(m.lastindex)
+        files.append((os.path.realpath(lib), lib))
+        if m.lastindex == 2 and not m.group(1).startswith("/"):
+            # Also under the soname in the same directory, as the loader looks it up.
+            files.append((os.path.realpath(lib), os.path.join(os.path.dirname(lib), m.group(1))))
+    return files
+
+
+def build_initramfs(name, suite, script, kroot, version, bins, rundir):
+    stage = os.path.join(rundir, "initramfs")
+    shutil.rmtree(stage, ignore_errors=True)
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "etc", "root"):
+        os.makedirs(os.path.join(stage, d), exist_ok=True)
+    # busybox and its applets.
+    copy_file("/bin/busybox", os.path.join(stage, "bin/busybox"))
+    for applet in output(["/bin/busybox", "--list-full"]).split():
+        dst = os.path.join(stage, applet)
+        if os.path.lexists(dst):
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.symlink(os.path.relpath(os.path.join(stage, "bin/busybox"), os.path.dirname(dst)), dst)
+    # Kernel modules, decompressed (busybox insmod need not know .xz), in load order.
+    modroot = os.path.join(stage, "lib/modules", version)
+    load = []
+    for src in module_closure(kroot, version):
+        rel = src.split(f"/modules/{version}/", 1)[1]
+        dst = os.path.join(modroot, re.sub(r"\.(xz|zst|gz)$", "", rel))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if src.endswith(".xz"):
+            with open(dst, "wb") as out:
+                run(["xz", "-dc", src], stdout=out)
+        elif src.endswith(".zst"):
+            run(["zstd", "-q", "-d", "-f", src, "-o", dst])
+        elif src.endswith(".gz"):
+            with open(dst, "wb") as out:
+                run(["gzip", "-dc", src], stdout=out)
+        else:
+            shutil.copyfile(src, dst)
+        load.append("/" + os.path.relpath(dst, stage))
+    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        src = os.path.join(kroot, "lib/modules", version, f)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(modroot, f))
+    run(["depmod", "-b", stage, version])
+    with open(os.path.join(stage, "etc/dosd-modules"), "w") as f:
+        f.write("".join(m + "\n" for m in load))
+    # Guest binaries, without their debug info (a quarter of the size) unless
+    # DOSD_QEMU_DEBUGINFO=1: symbols stay, so backtraces still name functions.
+    strip = shutil.which("objcopy") if os.environ.get("DOSD_QEMU_DEBUGINFO") != "1" else None
+    for bname, path in sorted(bins.items()):
+        dst = os.path.join(stage, "bin", bname)
+        if strip:
+            run([strip, "--strip-debug", path, dst])
+        else:
+            copy_file(path, dst)
+    for hb in suite["host_bins"]:
+        for src, dst in host_bin_files(hb):
+            copy_file(src, stage + dst)
+    # Scripts.
+    init = (
+        INIT.replace("@SUITE@", name)
+        .replace("@HUGEPAGES@", str(suite["hugepages"]))
+        .replace("@NDISKS@", str(len(suite["disks"])))
+    )
+    for path, text in (("init", init), ("bin/dosd-host", DOSD_HOST)):
+        with open(os.path.join(stage, path), "w") as f:
+            f.write(text)
+        os.chmod(os.path.join(stage, path), 0o755)
+    copy_file(script, os.path.join(stage, "suite.sh"))
+    os.chmod(os.path.join(stage, "suite.sh"), 0o755)
+    if os.geteuid() == 0:
+        os.mknod(os.path.join(stage, "dev/console"), 0o600 | 0o020000, os.makedev(5, 1))
+    # cpio newc | zstd.
+    image = os.path.join(rundir, "initramfs.cpio.zst")
+    files = output(["find", ".", "-mindepth", "1"], cwd=stage).splitlines()
+    listing = "".join(p + "\n" for p in sorted(files))
+    with open(image, "wb") as out:
+        cpio = subprocess.Popen(
+            ["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"],
+            cwd=stage,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        zstd = subprocess.Popen(["zstd", "-q", "-3", "-T0"], stdin=cpio.stdout, stdout=out)
+        cpio.stdout.close()
+        cpio.stdin.write(listing.encode())
+        cpio.stdin.close()
+        if cpio.wait() != 0 or zstd.wait() != 0:
+            raise HarnessError("building the initramfs failed (cpio | zstd)")
+    return image
+
+
+# ----------------------------------------------------------------------------- QMP
+
+
+class Qmp:
+    """A QMP client on a unix socket: commands, and a reader that logs events."""
+
+    def __init__(self, path, out):
+        self.out = out
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise HarnessError(f"cannot connect to QMP socket {path}")
+                time.sleep(0.1)
+        self.sock.settimeout(15)
+        self.file = self.sock.makefile("rb")
+        self.lock = threading.Lock()
+        self.replies = {}
+        self.cond = threading.Condition()
+        self.next_id = 0
+        try:
+            greeting = self._read()
+        except (OSError, ValueError) as e:
+            raise HarnessError(f"no QMP greeting: {e}")
+        if greeting is None or "QMP" not in greeting:
+            raise HarnessError(f"unexpected QMP greeting: {greeting}")
+        self.sock.settimeout(None)
+        threading.Thread(target=self._reader, daemon=True).start()
+        self.command("qmp_capabilities")
+
+    def _read(self):
+        line = self.file.readline()
+        return json.loads(line) if line else None
+
+    def _reader(self):
+        try:
+            while True:
+                msg = self._read()
+                if msg is None:
+                    break
+                if "event" in msg:
+                    self.out(f"[qmp] event {msg['event']} {json.dumps(msg.get('data', {}))}")
+                elif "id" in msg:
+                    with self.cond:
+                        self.replies[msg["id"]] = msg
+                        self.cond.notify_all()
+        except (OSError, ValueError):
+            pass
+        with self.cond:
+            self.replies[None] = {"error": {"desc": "QMP connection closed"}}
+            self.cond.notify_all()
+
+    def command(self, execute, arguments=None, timeout=30):
+        with self.lock:
+            self.next_id += 1
+            cid = self.next_id
+        msg = {"execute": execute, "id": cid}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while cid not in self.replies and None not in self.replies:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return {"error": {"desc": f"no QMP reply in {timeout} s"}}
+                self.cond.wait(left)
+            return self.replies.pop(cid, None) or self.replies[None]
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# The guest's requests: `DOSD-HOST: VERB ARGS...` on the console -> handler(qmp, args).
+def host_device_del(qmp, args, out):
+    if len(args) != 1:
+        return out(f"[host] device_del wants one device id, got {args}")
+    reply = qmp.command("device_del", {"id": args[0]})
+    out(f"[qmp] device_del {args[0]} -> {json.dumps(reply)}")
+
+
+HOST_ACTIONS = {"device_del": host_device_del}
+
+ANSI_RE = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[()][A-Z0-9]|[A-Za-z])")
+HOST_RE = re.compile(r"(?:^|[^'\"\w])DOSD-HOST: ([a-z_]+)((?: +[A-Za-z0-9_.:=,/-]+)*) *$")
+EXIT_RE = re.compile(r"(?:^|[^'\"\w])DOSD-SUITE-EXIT (\d+) *$")
+
+
+# ------------------------------------------------------------------------------ run
+
+
+def qemu_command(suite, vmlinuz, initrd, rundir, qmp_path):
+    cmd = [
+        "qemu-system-x86_64",
+        "-machine", "q35,kernel-irqchip=split",
+        "-accel", "tcg",
+        "-cpu", "max",
+        "-smp", str(suite["smp"]),
+        "-m", str(suite["mem"]),
+        "-nographic",
+        "-no-reboot",
+        "-nic", "none",
+        "-device", "intel-iommu,intremap=on,caching-mode=on",
+        "-qmp", f"unix:{qmp_path},server=on,wait=off",
+        "-kernel", vmlinuz,
+        "-initrd", initrd,
+        "-append", "console=ttyS0 panic=-1 intel_iommu=on iommu=pt loglevel=4 "
+        + os.environ.get("DOSD_QEMU_APPEND", ""),
+    ]
+    for k, disk in enumerate(suite["disks"], 1):
+        img = os.path.join(rundir, f"{disk['id']}.img")
+        with open(img, "wb") as f:
+            f.truncate(disk["bytes"])
+        did = disk["id"]
+        cmd += [
+            "-device", f"pcie-root-port,id=rp-{did},chassis={k},slot={k}",
+            "-drive", f"file={img},if=none,id=drv-{did},format=raw",
+            "-device", f"nvme,id={did},serial={disk['serial']},drive=drv-{did},bus=rp-{did}",
+        ]
+    return cmd
+
+
+def boot(name, suite, cmd, rundir, qmp_path, logfile):
+    """Runs QEMU, streams the console; returns (rc or None, reason)."""
+    lock = threading.Lock()
+
+    def out(line):
+        with lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            logfile.write(line + "\n")
+            logfile.flush()
+
+    out(f"[host] {shlex.join(cmd)}")
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    qmp = None
+    rc = None
+    reason = None
+    panic = None
+    try:
+        try:
+            qmp = Qmp(qmp_path, out)
+        except HarnessError as e:
+            if proc.poll() is None:
+                raise
+            qmp = None
+            out(f"[host] {e}")
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ, "guest")
+        sel.register(proc.stderr, selectors.EVENT_READ, "qemu")
+        bufs = {"guest": b"", "qemu": b""}
+        deadline = time.monotonic() + suite["timeout"]
+        exit_deadline = None
+        open_streams = 2
+        while open_streams:
+            now = time.monotonic()
+            if exit_deadline is not None and now > exit_deadline:
+                out("[host] the guest printed its exit status but QEMU did not stop; killed")
+                break
+            if now > deadline:
+                reason = f"timeout: the suite did not finish in {suite['timeout']} s (qemu-timeout)"
+                break
+            for key, _ in sel.select(timeout=0.5):
+                data = os.read(key.fileobj.fileno(), 65536)
+                if not data:
+                    sel.unregister(key.fileobj)
+                    open_streams -= 1
+                    data = b"\n" if bufs[key.data] else b""
+                bufs[key.data] += data
+                *lines, bufs[key.data] = bufs[key.data].split(b"\n")
+                for raw in lines:
+                    line = ANSI_RE.sub("", raw.decode("utf-8", "replace")).rstrip("\r")
+                    if key.data == "qemu":
+                        out(f"[qemu] {line}")
+                        continue
+                    out(f"[guest] {line}")
+                    if panic is None and "Kernel panic" in line:
+                        panic = line.strip()
+                    m = EXIT_RE.search(line)
+                    if m and rc is None:
+                        rc = int(m.group(1))
+                        exit_deadline = time.monotonic() + 30
+                    m = HOST_RE.search(line)
+                    if m:
+                        verb, args = m.group(1), m.group(2).split()
+                        action = HOST_ACTIONS.get(verb)
+                        if action is None:
+                            out(f"[host] unknown guest request {verb!r} ignored")
+                        elif qmp is None:
+                            out(f"[host] no QMP connection: cannot {verb}")
+                        else:
+                            threading.Thread(
+                                target=action, args=(qmp, args, out), daemon=True
+                            ).start()
+        if rc is None and reason is None:
+            try:
+                status = proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                status = "unknown: closed its output but did not exit"
+            if panic:
+                reason = f"guest kernel panic: {panic}"
+            else:
+                reason = f"QEMU exited (status {status}) before the suite printed DOSD-SUITE-EXIT"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if qmp:
+            qmp.close()
+    return rc, reason
+
+
+def on_signal(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv):
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    if len(argv) != 2 or argv[1].startswith("-"):
+        print("usage: qemu/test SUITE   (runs qemu/suites/SUITE.sh in a QEMU VM)", file=sys.stderr)
+        suites = sorted(f[:-3] for f in os.listdir(os.path.join(QEMU_DIR, "suites")) if f.endswith(".sh"))
+        print(f"suites: {' '.join(suites)}", file=sys.stderr)
+        return 2
+    name = argv[1]
+    script = os.path.join(QEMU_DIR, "suites", f"{name}.sh")
+    t_start = time.monotonic()
+    verdict = "FAIL"
+    rc = None
+    try:
+        if not os.path.isfile(script):
+            raise HarnessError(f"no suite {script}")
+        suite = parse_suite(script)
+        if "DOSD_QEMU_TIMEOUT" in os.environ:
+            suite["timeout"] = int(os.environ["DOSD_QEMU_TIMEOUT"])
+        rundir = os.path.join(TARGET, "qemu", f"run-{name}")
+        shutil.rmtree(rundir, ignore_errors=True)
+        os.makedirs(rundir)
+        os.makedirs(CACHE, exist_ok=True)
+
+        t = time.monotonic()
+        ensure_packages()
+        vmlinuz, kroot, version = ensure_kernel()
+        log(f"packages and kernel {version}: {time.monotonic() - t:.1f} s")
+        t = time.monotonic()
+        bins = build_guest(suite["tests"])
+        log(f"guest build ({' '.join(sorted(bins))}): {time.monotonic() - t:.1f} s")
+        t = time.monotonic()
+        initrd = build_initramfs(name, suite, script, kroot, version, bins, rundir)
+        size = os.path.getsize(initrd) / (1 << 20)
+        log(f"initramfs {os.path.relpath(initrd, ROOT)} ({size:.1f} MiB): {time.monotonic() - t:.1f} s")
+
+        qmp_path = os.path.join(rundir, "qmp.sock")
+        cmd = qemu_command(suite, vmlinuz, initrd, rundir, qmp_path)
+        logpath = os.path.join(TARGET, "qemu", f"{name}.log")
+        t = time.monotonic()
+        with open(logpath, "w") as logfile:
+            rc, reason = boot(name, suite, cmd, rundir, qmp_path, logfile)
+        log(f"VM: {time.monotonic() - t:.1f} s; console log in {os.path.relpath(logpath, ROOT)}")
+        if rc is None:
+            raise HarnessError(reason)
+        verdict = "PASS" if rc == 0 else "FAIL"
+    except HarnessError as e:
+        log(f"error: {e}")
+    except KeyboardInterrupt:
+        log("interrupted")
+    secs = time.monotonic() - t_start
+    what = f"rc {rc}" if rc is not None else "no exit status"
+    print(f"qemu/test {name}: {verdict} ({what}) in {secs:.0f} s", flush=True)
+    if rc is None:
+        return 1
+    return rc if 0 < rc < 256 else (0 if rc == 0 else 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,120 @@
+#!/bin/sh
+# The user-space NVMe driver against QEMU's emulated NVMe controllers, through real
+# VFIO behind an emulated IOMMU: bring-up and Identify, I/O across PRP shapes, flush,
+# write zeroes, deallocate, several queue pairs from several threads, the SMART log,
+# clean shutdown, the object store's conformance suite, store/fetch through a dosd
+# on two NVMe disks (and again after a restart), and last a surprise removal under I/O.
+#
+# qemu-disk: id=nvme0 serial=DOSDNVME0 size=512M
+# qemu-disk: id=nvme1 serial=DOSDNVME1 size=256M
+# qemu-disk: id=nvme2 serial=DOSDNVME2 size=256M
+# qemu-disk: id=nvme3 serial=DOSDNVME3 size=128M
+# qemu-mem: 1536
+# qemu-smp: 2
+# qemu-hugepages: 256
+# qemu-timeout: 1800
+set -u
+
+passed=0
+failed=0
+failures=""
+
+# run NAME COMMAND...: one named check; its output is shown, its status counted.
+run() {
+    name=$1
+    shift
+    echo "=== RUN $name: $*"
+    start=$(date +%s)
+    if "$@"; then
+        echo "=== PASS $name ($(($(date +%s) - start)) s)"
+        passed=$((passed + 1))
+    else
+        echo "=== FAIL $name ($(($(date +%s) - start)) s)"
+        failed=$((failed + 1))
+        failures="$failures $name"
+    fi
+}
+
+# wait_for SECONDS COMMAND...: polls COMMAND every 0.2 s until it succeeds.
+wait_for() {
+    n=$(($1 * 5))
+    shift
+    while ! "$@" 2>/dev/null; do
+        n=$((n - 1))
+        [ "$n" -gt 0 ] || return 1
+        sleep 0.2
+    done
+}
+
+dosd_pid=""
+start_dosd() {
+    : >/tmp/dosd.out
+    dosd --data-dir /tmp/dosd-data --disk nvme:DOSDNVME1 --disk nvme:DOSDNVME2 \
+        >/tmp/dosd.out 2>>/tmp/dosd.log &
+    dosd_pid=$!
+    if ! wait_for 120 grep -q '^listening' /tmp/dosd.out; then
+        echo "dosd did not start; its log:"
+        tail -n 30 /tmp/dosd.log
+        return 1
+    fi
+    cat /tmp/dosd.out
+}
+
+stop_dosd() {
+    kill -TERM "$dosd_pid" 2>/dev/null
+    wait "$dosd_pid"
+    rc=$?
+    echo "dosd exited with $rc"
+    [ "$rc" -eq 0 ]
+}
+
+dosd_store_fetch() {
+    ip link set lo up 2>/dev/null || true
+    rm -rf /tmp/dosd-data /tmp/dosd.log
+    start_dosd || return 1
+    dosp disks || return 1
+    # The REST view names the NVMe backend and carries the device's SMART data.
+    timeout 10 wget -qO /tmp/disks.json http://127.0.0.1:7380/v1/disks || return 1
+    grep -q '"backend":"nvme"' /tmp/disks.json || { echo "REST does not show the nvme backend"; cat /tmp/disks.json; return 1; }
+    grep -q '"temperature_kelvin"' /tmp/disks.json || { echo "REST has no SMART health"; cat /tmp/disks.json; return 1; }
+    : >/tmp/fps
+    for size in 0 1 4096 70000 1048577 3000000; do
+        head -c "$size" /dev/urandom >"/tmp/obj.$size"
+        fp=$(dosp store "/tmp/obj.$size") || return 1
+        echo "$size $fp" >>/tmp/fps
+    done
+    echo "stored:"
+    cat /tmp/fps
+    while read -r size fp; do
+        dosp fetch "$fp" -o /tmp/back || return 1
+        cmp "/tmp/obj.$size" /tmp/back || { echo "object of $size bytes differs"; return 1; }
+    done </tmp/fps
+    stop_dosd || return 1
+    # The controllers went back to the kernel's nvme driver on exit.
+    for s in DOSDNVME1 DOSDNVME2; do
+        found=""
+        for c in /sys/class/nvme/nvme*; do
+            [ "$(sed 's/ *$//' "$c/serial" 2>/dev/null)" = "$s" ] && found=$c
+        done
+        [ -n "$found" ] || { echo "$s was not given back to the nvme driver"; return 1; }
+    done
+    echo "after restart:"
+    start_dosd || return 1
+    while read -r size fp; do
+        dosp fetch "$fp" -o /tmp/back || return 1
+        cmp "/tmp/obj.$size" /tmp/back || { echo "object of $size bytes differs after restart"; return 1; }
+    done </tmp/fps
+    stop_dosd
+}
+
+run identify nvme-guest identify DOSDNVME0 --expect-serial DOSDNVME0 --expect-bytes 536870912
+run rw nvme-guest rw DOSDNVME0
+run threads nvme-guest threads DOSDNVME0 --threads 4 --ops 100
+run smart nvme-guest smart DOSDNVME0
+run shutdown-cycle nvme-guest shutdown-cycle DOSDNVME0
+run store-conformance nvme-guest store DOSDNVME1 DOSDNVME2 --seed 7
+run dosd-store-fetch dosd_store_fetch
+run surprise-removal nvme-guest hotplug DOSDNVME3 --device-id nvme3
+
+echo "nvme suite: $passed passed, $failed failed${failures:+ (failed:$failures)}"
+[ "$failed" -eq 0 ]

@@ -623,7 +623,7 @@ def qemu_command(suite, vmlinuz, initrd, rundir, qmp_path):
         did = disk["id"]
         cmd += [
             "-device", f"pcie-root-port,id=rp-{did},chassis={k},slot={k}",
-            "-drive", f"file={img},if=none,id=drv-{did},format=raw",
+            "-drive", f"file={img},if=none,id=drv-{did},format=raw,discard=unmap",
             "-device", f"nvme,id={did},serial={disk['serial']},drive=drv-{did},bus=rp-{did}",
         ]
     return cmd

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of dosd on a fresh Debian 12 machine: installs what is missing,
-# then format check, lints, unit/property/integration tests.
+# then format check, lints, unit/property/integration tests, fuzzing, schemathesis
+# and the QEMU suites.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,7 +71,21 @@ if ((st_examples > 0)); then
     st_pid=
 fi
 
+# The QEMU suites (qemu/README.md): the harness's own smoke check, then the user-space
+# NVMe driver against QEMU's emulated controllers through VFIO, the object store on
+# them and surprise removal. qemu/test installs QEMU, the Debian kernel and busybox
+# itself. DOSD_QEMU=0 skips them (e.g. on a machine without QEMU's needs).
+qemu_summary=""
+if [[ ${DOSD_QEMU:-1} != 0 ]]; then
+    for suite in smoke nvme; do
+        echo "==> qemu/test $suite"
+        ./qemu/test "$suite"
+        qemu_summary+="qemu/test $suite passed; "
+    done
+fi
+
 # One closing line with the totals of every cargo test binary above.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) {
         if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+[[ -z $qemu_summary ]] || echo "${qemu_summary% }"

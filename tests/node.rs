@@ -763,6 +763,15 @@ fn config_file_flags_and_clear_start_up_errors() {
         (&["--disk-size", "1M"][..], "at least"),
         (&["--disks", "0"][..], "invalid disks"),
         (&["--node-id", "xyz"][..], "invalid node id"),
+        (&["--disk", "floppy:a"][..], "expected nvme:SERIAL"),
+        (
+            &["--disk", "nvme:NO-SUCH-SERIAL"][..],
+            "no NVMe controller matches",
+        ),
+        (
+            &["--disk", "nvme:ffff:ff:1f.7"][..],
+            "no NVMe controller matches",
+        ),
     ] {
         let out = std::process::Command::new(dosd_bin())
             .arg("--data-dir")

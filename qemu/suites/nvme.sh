@@ -3,12 +3,15 @@
 # VFIO behind an emulated IOMMU: bring-up and Identify, I/O across PRP shapes, flush,
 # write zeroes, deallocate, several queue pairs from several threads, the SMART log,
 # clean shutdown, the object store's conformance suite, store/fetch through a dosd
-# on two NVMe disks (and again after a restart), and last a surprise removal under I/O.
+# on two NVMe disks (and again after a restart), and last surprise removals under I/O:
+# of a device the driver alone is using, and of one disk of a serving dosd.
 #
 # qemu-disk: id=nvme0 serial=DOSDNVME0 size=512M
 # qemu-disk: id=nvme1 serial=DOSDNVME1 size=256M
 # qemu-disk: id=nvme2 serial=DOSDNVME2 size=256M
 # qemu-disk: id=nvme3 serial=DOSDNVME3 size=128M
+# qemu-disk: id=nvme4 serial=DOSDNVME4 size=128M
+# qemu-disk: id=nvme5 serial=DOSDNVME5 size=128M
 # qemu-mem: 1536
 # qemu-smp: 2
 # qemu-hugepages: 256
@@ -47,10 +50,13 @@ wait_for() {
 }
 
 dosd_pid=""
+# start_dosd [SERIAL...]: a node on these NVMe disks (default DOSDNVME1 DOSDNVME2).
 start_dosd() {
     : >/tmp/dosd.out
-    dosd --data-dir /tmp/dosd-data --disk nvme:DOSDNVME1 --disk nvme:DOSDNVME2 \
-        >/tmp/dosd.out 2>>/tmp/dosd.log &
+    disks=""
+    for s in ${*:-DOSDNVME1 DOSDNVME2}; do disks="$disks --disk nvme:$s"; done
+    # shellcheck disable=SC2086
+    dosd --data-dir /tmp/dosd-data $disks >/tmp/dosd.out 2>>/tmp/dosd.log &
     dosd_pid=$!
     if ! wait_for 120 grep -q '^listening' /tmp/dosd.out; then
         echo "dosd did not start; its log:"
@@ -107,6 +113,48 @@ dosd_store_fetch() {
     stop_dosd
 }
 
+# A serving node loses one of its two disks: the disk goes down, the node announces
+# it, keeps serving the other disk and never returns wrong bytes.
+dosd_disk_pulled() {
+    rm -rf /tmp/dosd-data /tmp/dosd.log
+    # Two fresh disks of one size: new objects alternate between them.
+    start_dosd DOSDNVME4 DOSDNVME5 || return 1
+    : >/tmp/fps
+    for i in 1 2 3 4 5 6 7 8; do
+        head -c $((i * 50000)) /dev/urandom >"/tmp/obj.$i"
+        fp=$(dosp store "/tmp/obj.$i") || return 1
+        echo "$i $fp" >>/tmp/fps
+    done
+    timeout 600 dosp watch >/tmp/watch.out 2>&1 &
+    watch_pid=$!
+    sleep 1
+    dosd-host device_del nvme5
+    # pciehp waits ~5 s after the attention button, then the kernel asks for the device.
+    down() { dosp disks | awk '$1 == 1 && $2 == "down" { found = 1 } END { exit !found }'; }
+    wait_for 60 down || { echo "disk 1 never went down"; dosp disks; tail -n 20 /tmp/dosd.log; return 1; }
+    dosp disks
+    good=0
+    while read -r i fp; do
+        if dosp fetch "$fp" -o /tmp/back 2>/tmp/err; then
+            cmp "/tmp/obj.$i" /tmp/back || { echo "object $i came back wrong"; return 1; }
+            good=$((good + 1))
+        else
+            echo "object $i: $(cat /tmp/err)"
+        fi
+    done </tmp/fps
+    [ "$good" -gt 0 ] || { echo "nothing could be fetched from the surviving disk"; return 1; }
+    [ "$good" -lt 8 ] || { echo "no object was on the pulled disk: the check proves nothing"; return 1; }
+    timeout 10 wget -qO /tmp/health.json http://127.0.0.1:7380/v1/health || return 1
+    cat /tmp/health.json; echo
+    grep -q '"status":"degraded"' /tmp/health.json || { echo "health is not degraded"; return 1; }
+    kill "$watch_pid" 2>/dev/null
+    grep -q "disk-down" /tmp/watch.out || { echo "no disk-down announcement heard"; cat /tmp/watch.out; return 1; }
+    grep "disk-down" /tmp/watch.out | head -n 1
+    grep -q "NVMe device lost" /tmp/dosd.log || { echo "driver did not report the loss"; return 1; }
+    echo "$good of 8 objects still served from the surviving disk; the others refused, none wrong"
+    stop_dosd
+}
+
 run identify nvme-guest identify DOSDNVME0 --expect-serial DOSDNVME0 --expect-bytes 536870912
 run rw nvme-guest rw DOSDNVME0
 run threads nvme-guest threads DOSDNVME0 --threads 4 --ops 100
@@ -115,6 +163,7 @@ run shutdown-cycle nvme-guest shutdown-cycle DOSDNVME0
 run store-conformance nvme-guest store DOSDNVME1 DOSDNVME2 --seed 7
 run dosd-store-fetch dosd_store_fetch
 run surprise-removal nvme-guest hotplug DOSDNVME3 --device-id nvme3
+run dosd-disk-pulled dosd_disk_pulled
 
 echo "nvme suite: $passed passed, $failed failed${failures:+ (failed:$failures)}"
 [ "$failed" -eq 0 ]

@@ -87,7 +87,8 @@ pub fn nvme_controllers() -> Vec<String> {
 pub fn kernel_serial(pci: &str) -> Option<String> {
     let dir = Path::new(PCI_DEVICES).join(pci).join("nvme");
     let e = fs::read_dir(dir).ok()?.flatten().next()?;
-    read_trim(&e.path().join("serial"))
+    // Empty until the driver's probe has run Identify.
+    read_trim(&e.path().join("serial")).filter(|s| !s.is_empty())
 }
 
 /// What `nvme:SPEC` names: a PCI address, or the serial number of a controller the
@@ -115,11 +116,23 @@ pub fn resolve(spec: &str) -> Result<Target, BindError> {
         return Ok(Target::Pci(pci));
     }
     let all = nvme_controllers();
-    if let Some(pci) = all
-        .iter()
-        .find(|p| kernel_serial(p).as_deref() == Some(spec))
-    {
-        return Ok(Target::Pci(pci.clone()));
+    // A controller just given back to the nvme driver shows its serial only once the
+    // driver's (asynchronous) probe has finished: wait for those, boundedly.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(pci) = all
+            .iter()
+            .find(|p| kernel_serial(p).as_deref() == Some(spec))
+        {
+            return Ok(Target::Pci(pci.clone()));
+        }
+        let probing = all
+            .iter()
+            .any(|p| current_driver(p).as_deref() == Some("nvme") && kernel_serial(p).is_none());
+        if !probing || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
     let candidates: Vec<String> = all
         .into_iter()

@@ -228,13 +228,35 @@ impl CompletionRing for CqRing {
         if i >= self.entries {
             return CompletionEntry::default();
         }
-        // SAFETY: in bounds, 16-byte aligned; a volatile read of plain data the
-        // controller may be writing (a torn read shows a stale phase and is retried).
-        let e = unsafe {
-            std::ptr::read_volatile(self.mem.ptr().cast::<CompletionEntry>().wrapping_add(i))
-        };
+        // Dword 3 (command id, status and the phase tag) first, as one 32-bit read,
+        // then the rest after a fence. Reading the entry as one struct lets the
+        // compiler load field by field in any order, so a command id from the ring's
+        // previous pass could pair with the new phase tag when the controller writes
+        // the entry between the two loads: an "unknown command" that is not one.
+        let base = self
+            .mem
+            .ptr()
+            .wrapping_add(i * size_of::<CompletionEntry>());
+        // SAFETY: `i < entries` so the entry's 16 bytes lie in the ring; 4-byte aligned
+        // (the ring is page aligned); a plain-data volatile read of memory the
+        // controller writes.
+        let dw3 = unsafe { std::ptr::read_volatile(base.wrapping_add(12).cast::<u32>()) };
         fence(Ordering::Acquire);
-        e
+        // SAFETY: as above, dword 2.
+        let dw2 = unsafe { std::ptr::read_volatile(base.wrapping_add(8).cast::<u32>()) };
+        // SAFETY: as above, dword 1.
+        let dw1 = unsafe { std::ptr::read_volatile(base.wrapping_add(4).cast::<u32>()) };
+        // SAFETY: as above, dword 0.
+        let dw0 = unsafe { std::ptr::read_volatile(base.cast::<u32>()) };
+        fence(Ordering::Acquire);
+        CompletionEntry {
+            dw0: u32::from_le(dw0),
+            dw1: u32::from_le(dw1),
+            sq_head: u32::from_le(dw2) as u16,
+            sq_id: (u32::from_le(dw2) >> 16) as u16,
+            command_id: u32::from_le(dw3) as u16,
+            status: (u32::from_le(dw3) >> 16) as u16,
+        }
     }
 }
 

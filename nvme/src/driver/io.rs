@@ -7,10 +7,11 @@
 //! take one, fill it (writes), submit with its id and get it back with the completion.
 //! Each command id has its own PRP list page, so a transfer never waits for a list.
 //!
-//! What it must never do: let a caller wait forever. Each poll that finds nothing
-//! checks, every few hundred polls, that the controller is alive and that no command
-//! has outlived the timeout; either failure fails every outstanding command with the
-//! reason and marks the controller, so every other queue stops too.
+//! What it must never do: let a caller wait forever. Every few hundred polls with
+//! commands outstanding it checks that the controller is alive (not removed, not
+//! failed, not asked back by the kernel) and that no command has outlived the timeout;
+//! either failure fails every outstanding command with the reason and marks the
+//! controller, so every other queue stops too.
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -83,7 +84,8 @@ struct Pending {
     submitted: Instant,
 }
 
-/// Polls between liveness/timeout checks while nothing completes.
+/// Polls (with commands outstanding) between liveness and timeout checks: one
+/// register read and one non-blocking eventfd read per this many polls.
 const CHECK_EVERY: u32 = 256;
 
 /// Shape of a queue.
@@ -108,7 +110,6 @@ impl Default for QueueOptions {
 }
 
 pub struct IoQueue {
-    ctrl: Arc<Controller>,
     qid: u16,
     qp: QueuePair,
     sq: SqRing,
@@ -124,11 +125,15 @@ pub struct IoQueue {
     free_bufs: Vec<u16>,
     buffer_bytes: usize,
     scratch: Vec<Completion>,
-    idle_polls: u32,
+    polls_since_check: u32,
     run_scratch: Vec<IoDone>,
     block_shift: u32,
     nsid: u32,
     created: bool,
+    /// Last field, so it is dropped last: the rings and buffers above are DMA memory
+    /// whose IOMMU mappings must be removed while the controller's VFIO group is
+    /// still attached, which dropping the last controller reference ends.
+    ctrl: Arc<Controller>,
 }
 
 impl std::fmt::Debug for IoQueue {
@@ -202,7 +207,7 @@ impl IoQueue {
                 };
                 ids
             ],
-            idle_polls: 0,
+            polls_since_check: 0,
             run_scratch: Vec::with_capacity(ids),
             block_shift: ctrl.ns.block_size.trailing_zeros(),
             nsid: ctrl.nsid,
@@ -422,14 +427,15 @@ impl IoQueue {
             });
         }
         let mut done = p.completed;
-        if p.completed == 0 && self.qp.outstanding() > 0 {
-            self.idle_polls += 1;
-            if self.idle_polls >= CHECK_EVERY {
-                self.idle_polls = 0;
+        // Liveness is checked every CHECK_EVERY polls whether or not commands are
+        // completing: a device the kernel wants back (hot removal) keeps answering
+        // until it is released, so a busy queue must look too, not only a stalled one.
+        if self.qp.outstanding() > 0 {
+            self.polls_since_check += 1;
+            if self.polls_since_check >= CHECK_EVERY {
+                self.polls_since_check = 0;
                 done += self.check_stuck(out);
             }
-        } else {
-            self.idle_polls = 0;
         }
         if self.ctrl.state() != CtrlState::Live {
             done += self.fail_outstanding(out);

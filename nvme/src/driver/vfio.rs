@@ -441,9 +441,11 @@ impl Device {
 }
 
 /// Reads an eventfd without blocking: true if it was signalled since the last read.
-pub fn eventfd_signalled(efd: &File) -> bool {
+pub fn eventfd_signalled(mut efd: &File) -> bool {
+    use std::io::Read;
+    // read(2), not pread: an eventfd cannot seek (pread fails with ESPIPE).
     let mut b = [0u8; 8];
-    matches!(efd.read_at(&mut b, 0), Ok(8))
+    matches!(efd.read(&mut b), Ok(8))
 }
 
 /// A mapped BAR: volatile 32- and 64-bit register access, bounds-checked.
@@ -509,5 +511,37 @@ impl Drop for Bar {
         // SAFETY: unmaps exactly the mapping made in `map_bar0`; no reference into it
         // outlives `self`.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+
+    #[test]
+    fn eventfd_reads_once_per_signal() {
+        // SAFETY: eventfd creates a new fd; no pointers involved.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: `raw` is a new fd nothing else owns.
+        let efd = unsafe { File::from_raw_fd(raw) };
+        assert!(!eventfd_signalled(&efd), "fresh eventfd reads as signalled");
+        (&efd).write_all(&1u64.to_ne_bytes()).unwrap();
+        assert!(eventfd_signalled(&efd));
+        assert!(!eventfd_signalled(&efd), "one signal read twice");
+    }
+
+    #[test]
+    fn ioctl_numbers_match_linux_vfio_h() {
+        // _IO(';', 100 + n) from <linux/vfio.h>.
+        assert_eq!(VFIO_GET_API_VERSION, 0x3b64);
+        assert_eq!(VFIO_GROUP_GET_DEVICE_FD, 0x3b6a);
+        assert_eq!(VFIO_DEVICE_SET_IRQS, 0x3b6e);
+        assert_eq!(VFIO_IOMMU_MAP_DMA, 0x3b71);
+        assert_eq!(size_of::<RegionInfo>(), 32);
+        assert_eq!(size_of::<DmaMap>(), 32);
+        assert_eq!(size_of::<IrqSetOneFd>(), 24);
     }
 }

@@ -432,6 +432,11 @@ impl Store {
                 local.clear();
             }
         }
+        // The device health log, read once now so reports carry it from the start;
+        // the periodic probe keeps it fresh.
+        for vol in vols.iter_mut().filter(|v| v.state == DiskState::Online) {
+            vol.refresh_health();
+        }
         let mut index = HashMap::new();
         let mut duplicates = Vec::new();
         for local in locals {

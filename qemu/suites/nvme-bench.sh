@@ -46,14 +46,14 @@ echo "bench: kernel device $dev, polled completions for fio: $hipri"
 
 # Write the span once so reads hit written blocks on both sides.
 fio --name=fill --filename="$dev" --rw=write --bs=1M --size=${SPAN_MIB}M --direct=1 \
-    --ioengine=io_uring --output=/dev/null || exit 1
+    --ioengine=io_uring --eta=never --output=/dev/null || exit 1
 
 : >/tmp/results
 for rw in randread randwrite; do
     for qd in 1 32; do
         fio --name=b --filename="$dev" --rw=$rw --bs=4k --size=${SPAN_MIB}M --direct=1 \
             --ioengine=io_uring --hipri=$hipri --iodepth=$qd --runtime=$SECS --time_based \
-            --randrepeat=1 --norandommap --output-format=terse --terse-version=3 \
+            --randrepeat=1 --norandommap --eta=never --output-format=terse --terse-version=3 \
             --output=/tmp/fio.out || exit 1
         # terse v3: 8 read IOPS, 49 write IOPS, 88 usr %, 89 sys % (of one CPU)
         awk -F';' -v rw=$rw -v qd=$qd '{

@@ -588,10 +588,20 @@ def host_device_del(qmp, args, out):
     out(f"[qmp] device_del {args[0]} -> {json.dumps(reply)}")
 
 
-HOST_ACTIONS = {"device_del": host_device_del}
+def host_qom_set(qmp, args, out):
+    # qom-set ID PROPERTY VALUE: sets a property of a device (e.g. an NVMe
+    # controller's smart_critical_warning, to raise a SMART critical warning).
+    if len(args) != 3 or not args[2].isdigit():
+        return out(f"[host] qom-set wants ID PROPERTY INTEGER, got {args}")
+    path = f"/machine/peripheral/{args[0]}"
+    reply = qmp.command("qom-set", {"path": path, "property": args[1], "value": int(args[2])})
+    out(f"[qmp] qom-set {path} {args[1]}={args[2]} -> {json.dumps(reply)}")
+
+
+HOST_ACTIONS = {"device_del": host_device_del, "qom-set": host_qom_set}
 
 ANSI_RE = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[()][A-Z0-9]|[A-Za-z])")
-HOST_RE = re.compile(r"(?:^|[^'\"\w])DOSD-HOST: ([a-z_]+)((?: +[A-Za-z0-9_.:=,/-]+)*) *$")
+HOST_RE = re.compile(r"(?:^|[^'\"\w])DOSD-HOST: ([a-z_-]+)((?: +[A-Za-z0-9_.:=,/-]+)*) *$")
 EXIT_RE = re.compile(r"(?:^|[^'\"\w])DOSD-SUITE-EXIT (\d+) *$")
 
 

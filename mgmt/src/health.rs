@@ -54,6 +54,33 @@ pub enum ReasonKind {
     DataplaneStalled,
     /// The dataplane has published no disk reports yet (start-up).
     NoDiskReports,
+    /// A disk's device reports a critical warning in its health log (NVMe SMART):
+    /// spare below threshold, temperature, degraded reliability, read-only media, or
+    /// a failed backup of volatile memory. Replace it before it fails.
+    DiskCriticalWarning,
+}
+
+/// The critical warning bits of the NVMe SMART / Health Information log (byte 0), in
+/// words an operator can act on.
+pub fn critical_warning_text(bits: u8) -> String {
+    const NAMES: [&str; 6] = [
+        "available spare below threshold",
+        "temperature outside its thresholds",
+        "reliability degraded by media errors",
+        "media placed in read-only mode",
+        "volatile memory backup failed",
+        "persistent memory region read-only",
+    ];
+    let mut words: Vec<String> = NAMES
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| bits & (1 << i) != 0)
+        .map(|(_, n)| (*n).to_string())
+        .collect();
+    if bits & 0xc0 != 0 {
+        words.push(format!("reserved bits {:#04x}", bits & 0xc0));
+    }
+    words.join(", ")
 }
 
 /// One reason the node is not `ok`.
@@ -92,7 +119,23 @@ pub fn assess(disks: &[DiskReport], quiet: Duration, t: &Thresholds) -> Health {
     let (mut online, mut offline, mut down) = (0u16, 0u16, 0u16);
     for d in disks {
         match d.state {
-            DiskState::Online => online += 1,
+            DiskState::Online => {
+                online += 1;
+                if let Some(h) = d.health.filter(|h| h.critical_warning != 0) {
+                    reasons.push(Reason {
+                        status: Status::Degraded,
+                        kind: ReasonKind::DiskCriticalWarning,
+                        disk: Some(d.id.0),
+                        core: None,
+                        message: format!(
+                            "disk {} reports a critical warning ({:#04x}): {}",
+                            d.id.0,
+                            h.critical_warning,
+                            critical_warning_text(h.critical_warning)
+                        ),
+                    });
+                }
+            }
             DiskState::Offline => {
                 offline += 1;
                 reasons.push(Reason {
@@ -239,6 +282,37 @@ mod tests {
         assert!(h.reasons.is_empty());
         assert_eq!((h.disks_online, h.disks_offline, h.disks_down), (2, 0, 0));
         assert_eq!(h.thresholds, T);
+    }
+
+    #[test]
+    fn a_smart_critical_warning_degrades_and_says_what_it_means() {
+        let mut warned = disk(1, DiskState::Online);
+        let healthy = nvme::driver::SmartLog {
+            temperature_kelvin: 310,
+            ..Default::default()
+        };
+        let mut quiet = disk(0, DiskState::Online);
+        quiet.health = Some(healthy);
+        warned.health = Some(nvme::driver::SmartLog {
+            critical_warning: 0b0000_0110,
+            ..healthy
+        });
+        let h = assess(&[quiet.clone(), warned], Duration::ZERO, &T);
+        assert_eq!(h.status, Status::Degraded);
+        assert_eq!(h.reasons.len(), 1);
+        assert_eq!(h.reasons[0].kind, ReasonKind::DiskCriticalWarning);
+        assert_eq!(h.reasons[0].disk, Some(1));
+        let m = &h.reasons[0].message;
+        assert!(
+            m.contains("0x06") && m.contains("temperature") && m.contains("reliability"),
+            "{m}"
+        );
+        // No health log (file disks) or no warning: nothing to say.
+        assert_eq!(
+            assess(&[quiet, disk(2, DiskState::Online)], Duration::ZERO, &T).status,
+            Status::Ok
+        );
+        assert!(critical_warning_text(0x80).contains("reserved bits 0x80"));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 # VFIO behind an emulated IOMMU: bring-up and Identify, I/O across PRP shapes, flush,
 # write zeroes, deallocate, several queue pairs from several threads, the SMART log,
 # clean shutdown, the object store's conformance suite, store/fetch through a dosd
-# on two NVMe disks (and again after a restart), and last surprise removals under I/O:
+# on two NVMe disks (and again after a restart) with a SMART critical warning raised
+# and cleared on the way, and last surprise removals under I/O:
 # of a device the driver alone is using, and of one disk of a serving dosd.
 #
 # qemu-disk: id=nvme0 serial=DOSDNVME0 size=512M
@@ -83,6 +84,16 @@ dosd_store_fetch() {
     timeout 10 wget -qO /tmp/disks.json http://127.0.0.1:7380/v1/disks || return 1
     grep -q '"backend":"nvme"' /tmp/disks.json || { echo "REST does not show the nvme backend"; cat /tmp/disks.json; return 1; }
     grep -q '"temperature_kelvin"' /tmp/disks.json || { echo "REST has no SMART health"; cat /tmp/disks.json; return 1; }
+    # A SMART critical warning raised on the controller (QEMU's property, set from
+    # the host) reaches /v1/health and /metrics through the driver's health log reads.
+    health_has() { timeout 10 wget -qO- http://127.0.0.1:7380/v1/health | grep -q "$1"; }
+    dosd-host qom-set nvme1 smart_critical_warning 4
+    wait_for 30 health_has disk_critical_warning || { echo "critical warning not reported"; return 1; }
+    timeout 10 wget -qO- http://127.0.0.1:7380/v1/health; echo
+    timeout 10 wget -qO- http://127.0.0.1:7380/metrics | grep 'dosd_disk_critical_warning{disk="0"} 4' ||
+        { echo "critical warning not in /metrics"; return 1; }
+    dosd-host qom-set nvme1 smart_critical_warning 0
+    wait_for 30 health_has '"status":"ok"' || { echo "health did not return to ok"; return 1; }
     : >/tmp/fps
     for size in 0 1 4096 70000 1048577 3000000; do
         head -c "$size" /dev/urandom >"/tmp/obj.$size"

@@ -18,7 +18,7 @@ const NVME_CLASS: &str = "0x010802";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    #[error("no NVMe controller matches {0:?} (give a PCI address like 0000:01:00.0 or a serial number from /sys/class/nvme/*/serial)")]
+    #[error("no NVMe controller matches {0:?} (give a PCI address like 0000:01:00.0 or a serial number from /sys/class/nvme/*/serial){list}", list = describe_controllers())]
     NotFound(String),
     #[error("{pci} is not an NVMe controller (PCI class {class})")]
     NotNvme { pci: String, class: String },
@@ -83,6 +83,25 @@ pub fn nvme_controllers() -> Vec<String> {
     v
 }
 
+/// "; NVMe controllers here: ADDR (driver, serial S), …" for error messages.
+fn describe_controllers() -> String {
+    let all = nvme_controllers();
+    if all.is_empty() {
+        return "; this machine has no NVMe controller".into();
+    }
+    let list: Vec<String> = all
+        .iter()
+        .map(|p| {
+            let driver = current_driver(p).unwrap_or_else(|| "no driver".into());
+            match kernel_serial(p) {
+                Some(s) => format!("{p} ({driver}, serial {s})"),
+                None => format!("{p} ({driver})"),
+            }
+        })
+        .collect();
+    format!("; NVMe controllers here: {}", list.join(", "))
+}
+
 /// The serial number the kernel's nvme driver reports for a controller it drives.
 pub fn kernel_serial(pci: &str) -> Option<String> {
     let dir = Path::new(PCI_DEVICES).join(pci).join("nvme");
@@ -115,21 +134,29 @@ pub fn resolve(spec: &str) -> Result<Target, BindError> {
         }
         return Ok(Target::Pci(pci));
     }
-    let all = nvme_controllers();
+    let mut all;
     // A controller just given back to the nvme driver shows its serial only once the
     // driver's (asynchronous) probe has finished: wait for those, boundedly.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Every miss is retried for 2 s (a controller being rebound can show no serial,
+    // or no driver, for a moment), and for up to 30 s while one is visibly probing.
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(30);
     loop {
+        all = nvme_controllers();
         if let Some(pci) = all
             .iter()
             .find(|p| kernel_serial(p).as_deref() == Some(spec))
         {
             return Ok(Target::Pci(pci.clone()));
         }
-        let probing = all
-            .iter()
-            .any(|p| current_driver(p).as_deref() == Some("nvme") && kernel_serial(p).is_none());
-        if !probing || Instant::now() > deadline {
+        // Being probed: bound to nvme (or about to be: no driver yet) without a
+        // serial to show.
+        let probing = all.iter().any(|p| {
+            matches!(current_driver(p).as_deref(), Some("nvme") | None)
+                && kernel_serial(p).is_none()
+        });
+        let settling = start.elapsed() < Duration::from_secs(2);
+        if !(probing || settling) || Instant::now() > deadline {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));

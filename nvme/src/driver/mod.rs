@@ -1,20 +1,26 @@
-//! The polled user-space NVMe driver (issue 4), in the making.
+//! The polled user-space NVMe driver: the SPDK model, without SPDK.
 //!
-//! When complete, the driver will unbind a controller from the kernel, drive it through
-//! VFIO with DMA memory from hugepages, give each dataplane core its own I/O queue pair
-//! per disk and poll completions instead of taking interrupts, in the manner of SPDK.
-//! All of its `unsafe` (MMIO, DMA, VFIO ioctls) will live in this module's VFIO and
-//! register files, each block with a `SAFETY` comment.
+//! A controller is taken from the kernel ([`bind`]: vfio-pci, the original driver
+//! given back on exit) and driven from user space through VFIO ([`vfio`]): BAR0
+//! mapped for registers and doorbells, DMA memory from hugepages mapped into the IOMMU
+//! ([`dma`]). [`ctrl`] brings the controller up per the specification and owns the
+//! admin queue (Identify, features, log pages, queue creation, shutdown); each core
+//! that uses the device owns an [`io::IoQueue`] — its own submission/completion pair,
+//! polled, never interrupted — and [`device::NvmeDevice`] is the object store's
+//! [`crate::BlockDevice`] over one such queue.
 //!
-//! This first part is the host-testable core and contains no `unsafe`:
+//! Underneath, host-testable and free of `unsafe`:
 //! - [`spec`]: the NVMe 2.0 queue entries, opcodes and status decode;
 //! - [`queue`]: the queue-pair state machine (tails, heads, phase, command ids), which
 //!   works on ring memory it is handed and returns doorbell values instead of writing
 //!   them, so it runs against a software controller in tests;
-//! - [`prp`]: PRP1/PRP2/PRP-list construction for a transfer.
+//! - [`prp`]: PRP1/PRP2/PRP-list construction for a transfer;
+//! - [`ident`]: Identify, SMART and error-log decoding.
 //!
-//! What this part must never do: touch hardware, allocate after a queue is created, or
-//! panic on a value that came from the controller.
+//! All `unsafe` (MMIO, DMA, VFIO ioctls) lives in [`vfio`] and [`dma`], each block
+//! with a `SAFETY` comment. What the driver must never do: allocate on the I/O path,
+//! wait without a bound, or panic on a value that came from the controller — a
+//! misbehaving, failed or removed device becomes a typed error and a disk `down`.
 
 pub mod bind;
 pub mod ctrl;

@@ -4,7 +4,8 @@
 # write zeroes, deallocate, several queue pairs from several threads, the SMART log,
 # clean shutdown, the object store's conformance suite, store/fetch through a dosd
 # on two NVMe disks (and again after a restart) with a SMART critical warning raised
-# and cleared on the way, and last surprise removals under I/O:
+# and cleared on the way, kill -9 of a storing dosd and a restart that finds its
+# controllers still on vfio-pci, and last surprise removals under I/O:
 # of a device the driver alone is using, and of one disk of a serving dosd.
 #
 # qemu-disk: id=nvme0 serial=DOSDNVME0 size=512M
@@ -41,11 +42,11 @@ run() {
 
 # wait_for SECONDS COMMAND...: polls COMMAND every 0.2 s until it succeeds.
 wait_for() {
-    n=$(($1 * 5))
+    wait_polls=$(($1 * 5))
     shift
     while ! "$@" 2>/dev/null; do
-        n=$((n - 1))
-        [ "$n" -gt 0 ] || return 1
+        wait_polls=$((wait_polls - 1))
+        [ "$wait_polls" -gt 0 ] || return 1
         sleep 0.2
     done
 }
@@ -115,12 +116,54 @@ dosd_store_fetch() {
         done
         [ -n "$found" ] || { echo "$s was not given back to the nvme driver"; return 1; }
     done
+    grep -q "NVMe controller shut down cleanly" /tmp/dosd.log ||
+        { echo "no clean NVMe shutdown on SIGTERM"; tail -n 20 /tmp/dosd.log; return 1; }
     echo "after restart:"
     start_dosd || return 1
     while read -r size fp; do
         dosp fetch "$fp" -o /tmp/back || return 1
         cmp "/tmp/obj.$size" /tmp/back || { echo "object of $size bytes differs after restart"; return 1; }
     done </tmp/fps
+    stop_dosd
+}
+
+# kill -9 under a store workload: the controllers stay on vfio-pci, enabled, with
+# commands possibly in flight. The next dosd finds them by serial on vfio-pci (by
+# Identify), resets them, and every acknowledged object is there.
+dosd_kill9() {
+    rm -rf /tmp/dosd-data /tmp/dosd.log
+    start_dosd || return 1
+    : >/tmp/acked
+    i=0
+    (
+        while :; do
+            i=$((i + 1))
+            head -c $((i * 7919 % 300000)) /dev/urandom >"/tmp/k.$i"
+            fp=$(dosp store "/tmp/k.$i") && echo "$i $fp" >>/tmp/acked
+        done
+    ) &
+    writer=$!
+    sleep 4
+    kill -9 "$dosd_pid"
+    kill -9 "$writer" 2>/dev/null
+    wait "$writer" 2>/dev/null
+    wait "$dosd_pid" 2>/dev/null
+    acked=$(wc -l </tmp/acked)
+    echo "dosd killed with $acked objects acknowledged"
+    [ "$acked" -gt 0 ] || { echo "nothing was stored before the kill"; return 1; }
+    for s in DOSDNVME1 DOSDNVME2; do
+        found=""
+        for c in /sys/class/nvme/nvme*; do
+            [ "$(sed 's/ *$//' "$c/serial" 2>/dev/null)" = "$s" ] && found=$c
+        done
+        [ -z "$found" ] || { echo "$s is back on the nvme driver: the kill did not leave it on vfio-pci"; return 1; }
+    done
+    start_dosd || return 1
+    while read -r i fp; do
+        dosp fetch "$fp" -o /tmp/back || { echo "acknowledged object $i ($fp) lost"; return 1; }
+        cmp "/tmp/k.$i" /tmp/back || { echo "object $i differs"; return 1; }
+    done </tmp/acked
+    echo "all $acked acknowledged objects fetched intact after kill -9 and restart"
     stop_dosd
 }
 
@@ -173,6 +216,7 @@ run smart nvme-guest smart DOSDNVME0
 run shutdown-cycle nvme-guest shutdown-cycle DOSDNVME0
 run store-conformance nvme-guest store DOSDNVME1 DOSDNVME2 --seed 7
 run dosd-store-fetch dosd_store_fetch
+run dosd-kill9 dosd_kill9
 run surprise-removal nvme-guest hotplug DOSDNVME3 --device-id nvme3
 run dosd-disk-pulled dosd_disk_pulled
 

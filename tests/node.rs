@@ -920,3 +920,53 @@ fn many_concurrent_connections() {
     assert_eq!(total, 480);
     assert!(metric(&node, "dosd_connections_total") >= 48);
 }
+
+#[test]
+fn explicit_file_disks_from_flags_and_config_serve_and_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    let disk_a = format!("file:{}", a.display());
+    let disk_b = format!("file:{}", b.display());
+    let data_dir = dir.path().join("data");
+    let group = unique_group();
+    let objects: Vec<Vec<u8>> = (0..6)
+        .map(|i| data(i, 1000 + 70_000 * i as usize))
+        .collect();
+    let fps: Vec<Fingerprint> = {
+        let node = Node::start_bare(
+            &data_dir,
+            &group,
+            &["--disk", &disk_a, "--disk", &disk_b, "--disk-size", "32M"],
+        );
+        let disks = node.client().disks(ALL_DISKS).unwrap();
+        assert_eq!(disks.len(), 2, "{disks:?}");
+        assert!(disks.iter().all(|d| d.bytes_total == 32 << 20), "{disks:?}");
+        let fps = objects
+            .iter()
+            .map(|o| node.client().store_bytes(o).unwrap().fingerprint)
+            .collect();
+        drop(node);
+        fps
+    };
+    // The files are the disks: sized as asked, and nothing in the data directory.
+    assert_eq!(std::fs::metadata(&a).unwrap().len(), 32 << 20);
+    assert_eq!(std::fs::metadata(&b).unwrap().len(), 32 << 20);
+    assert!(!data_dir.join("disk0.img").exists());
+
+    // The same disks named in the config file (`disk = [...]`), in the other order:
+    // the store finds every object by the disks' own identities.
+    let conf = dir.path().join("dosd.toml");
+    std::fs::write(
+        &conf,
+        format!("disk = [{disk_b:?}, {disk_a:?}]\ndisk_size = \"32M\"\n"),
+    )
+    .unwrap();
+    let node = Node::start_bare(&data_dir, &group, &["--config", conf.to_str().unwrap()]);
+    for (o, fp) in objects.iter().zip(&fps) {
+        let mut back = Vec::new();
+        node.client()
+            .retrieve(fp, &mut back, &mut |_, _| {})
+            .unwrap();
+        assert_eq!(&back, o);
+    }
+}

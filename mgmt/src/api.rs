@@ -114,6 +114,9 @@ pub struct DiskHealthView {
     pub power_on_hours: u64,
     /// Times the device lost power without a shutdown notification.
     pub unsafe_shutdowns: u64,
+    /// Entries the device has logged in its Error Information log over its life
+    /// (NVMe "Number of Error Information Log Entries").
+    pub error_log_entries: u64,
 }
 
 impl From<&DiskReport> for DiskView {
@@ -151,6 +154,7 @@ impl From<&DiskReport> for DiskView {
                 media_errors: u64::try_from(h.media_errors).unwrap_or(u64::MAX),
                 power_on_hours: u64::try_from(h.power_on_hours).unwrap_or(u64::MAX),
                 unsafe_shutdowns: u64::try_from(h.unsafe_shutdowns).unwrap_or(u64::MAX),
+                error_log_entries: u64::try_from(h.error_log_entries).unwrap_or(u64::MAX),
             }),
         }
     }
@@ -508,4 +512,61 @@ async fn openapi_get(State(s): State<Arc<Shared>>) -> Response {
         s.openapi.clone(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dataplane::store::DiskIo;
+
+    fn report(health: Option<nvme::driver::SmartLog>) -> DiskReport {
+        DiskReport {
+            id: DiskId(2),
+            identity: [7; 16],
+            state: DiskState::Online,
+            backend: "nvme",
+            location: "0000:01:00.0 serial X".into(),
+            bytes_total: 1 << 30,
+            bytes_free: 1 << 29,
+            bytes_available: 1 << 29,
+            objects_used: 1,
+            objects_available: 2,
+            outstanding_ops: 0,
+            bytes_dead: 0,
+            errors: 0,
+            io: DiskIo::default(),
+            last_error: None,
+            health,
+        }
+    }
+
+    #[test]
+    fn disk_view_carries_the_health_log_and_saturates_wide_counters() {
+        assert_eq!(DiskView::from(&report(None)).health, None);
+        let h = nvme::driver::SmartLog {
+            critical_warning: 4,
+            temperature_kelvin: 318,
+            available_spare: 97,
+            percentage_used: 3,
+            media_errors: u128::MAX,
+            power_on_hours: 1234,
+            unsafe_shutdowns: 2,
+            error_log_entries: 9,
+            ..Default::default()
+        };
+        let v = DiskView::from(&report(Some(h))).health.unwrap();
+        assert_eq!(
+            v,
+            DiskHealthView {
+                critical_warning: 4,
+                temperature_kelvin: 318,
+                available_spare: 97,
+                percentage_used: 3,
+                media_errors: u64::MAX,
+                power_on_hours: 1234,
+                unsafe_shutdowns: 2,
+                error_log_entries: 9,
+            }
+        );
+    }
 }

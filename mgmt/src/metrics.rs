@@ -538,6 +538,58 @@ mod tests {
     }
 
     #[test]
+    fn smart_series_only_for_disks_with_a_health_log() {
+        let s = NodeStats::default();
+        let mut file = dataplane::store::DiskReport {
+            id: dataplane::store::DiskId(0),
+            identity: [0; 16],
+            state: DiskState::Online,
+            backend: "file",
+            location: "x".into(),
+            bytes_total: 100,
+            bytes_free: 50,
+            bytes_available: 60,
+            objects_used: 0,
+            objects_available: 1,
+            outstanding_ops: 0,
+            bytes_dead: 0,
+            errors: 0,
+            io: Default::default(),
+            last_error: None,
+            health: None,
+        };
+        let text = render(&s, std::slice::from_ref(&file));
+        assert!(!text.contains("dosd_disk_temperature_kelvin"), "{text}");
+        let mut nvme = file.clone();
+        nvme.id = dataplane::store::DiskId(1);
+        nvme.backend = "nvme";
+        nvme.health = Some(nvme::driver::SmartLog {
+            critical_warning: 2,
+            temperature_kelvin: 330,
+            percentage_used: 7,
+            media_errors: 5,
+            unsafe_shutdowns: 1,
+            ..Default::default()
+        });
+        file.id = dataplane::store::DiskId(0);
+        let text = render(&s, &[file, nvme]);
+        for sample in [
+            "dosd_disk_temperature_kelvin{disk=\"1\"} 330\n",
+            "dosd_disk_critical_warning{disk=\"1\"} 2\n",
+            "dosd_disk_percentage_used{disk=\"1\"} 7\n",
+            "dosd_disk_media_errors_total{disk=\"1\"} 5\n",
+            "dosd_disk_unsafe_shutdowns_total{disk=\"1\"} 1\n",
+            "# TYPE dosd_disk_media_errors_total counter\n",
+        ] {
+            assert!(text.contains(sample), "{sample} missing:\n{text}");
+        }
+        assert!(
+            !text.contains("dosd_disk_temperature_kelvin{disk=\"0\"}"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn errors_by_status_and_latency_histograms() {
         let s = NodeStats::default();
         NodeStats::error(&s, Status::NotFound);

@@ -51,6 +51,15 @@ wait_for() {
     done
 }
 
+# on_kernel_driver SERIAL: the kernel's nvme driver has the controller (it shows up
+# in /sys/class/nvme with that serial, space-padded there).
+on_kernel_driver() {
+    for c in /sys/class/nvme/nvme*; do
+        [ "$(sed 's/ *$//' "$c/serial" 2>/dev/null)" = "$1" ] && return 0
+    done
+    return 1
+}
+
 dosd_pid=""
 # start_dosd [SERIAL...]: a node on these NVMe disks (default DOSDNVME1 DOSDNVME2).
 start_dosd() {
@@ -110,11 +119,7 @@ dosd_store_fetch() {
     stop_dosd || return 1
     # The controllers went back to the kernel's nvme driver on exit.
     for s in DOSDNVME1 DOSDNVME2; do
-        found=""
-        for c in /sys/class/nvme/nvme*; do
-            [ "$(sed 's/ *$//' "$c/serial" 2>/dev/null)" = "$s" ] && found=$c
-        done
-        [ -n "$found" ] || { echo "$s was not given back to the nvme driver"; return 1; }
+        on_kernel_driver "$s" || { echo "$s was not given back to the nvme driver"; return 1; }
     done
     grep -q "NVMe controller shut down cleanly" /tmp/dosd.log ||
         { echo "no clean NVMe shutdown on SIGTERM"; tail -n 20 /tmp/dosd.log; return 1; }
@@ -152,11 +157,7 @@ dosd_kill9() {
     echo "dosd killed with $acked objects acknowledged"
     [ "$acked" -gt 0 ] || { echo "nothing was stored before the kill"; return 1; }
     for s in DOSDNVME1 DOSDNVME2; do
-        found=""
-        for c in /sys/class/nvme/nvme*; do
-            [ "$(sed 's/ *$//' "$c/serial" 2>/dev/null)" = "$s" ] && found=$c
-        done
-        [ -z "$found" ] || { echo "$s is back on the nvme driver: the kill did not leave it on vfio-pci"; return 1; }
+        ! on_kernel_driver "$s" || { echo "$s is back on the nvme driver: the kill did not leave it on vfio-pci"; return 1; }
     done
     start_dosd || return 1
     while read -r i fp; do

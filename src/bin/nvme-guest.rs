@@ -199,6 +199,17 @@ fn write_read(q: &mut IoQueue, b: BufId, offset: u64, data: &[u8]) -> Result<()>
     Ok(())
 }
 
+/// Reads `len` bytes at `offset` and says whether they are all zero.
+fn reads_zeroes(q: &mut IoQueue, b: BufId, offset: u64, len: usize) -> Result<bool> {
+    q.buf(b).write_from(0, &vec![0xa5; len]);
+    let len32 = len as u32;
+    q.run(IoCmd::Read { offset, len: len32 }, Some(b))
+        .with_context(|| format!("read {len} at {offset}"))?;
+    let mut back = vec![1u8; len];
+    q.buf(b).read_into(0, &mut back);
+    Ok(back.iter().all(|&x| x == 0))
+}
+
 fn rw(spec: &str) -> Result<()> {
     let o = open(spec, 1)?;
     let ctrl = o.ctrl.clone();
@@ -246,17 +257,8 @@ fn rw(spec: &str) -> Result<()> {
             None,
         )
         .context("write zeroes")?;
-        q.run(
-            IoCmd::Read {
-                offset: off,
-                len: len as u32,
-            },
-            Some(b),
-        )?;
-        let mut back = vec![1u8; len];
-        q.buf(b).read_into(0, &mut back);
         ensure!(
-            back.iter().all(|&x| x == 0),
+            reads_zeroes(&mut q, b, off, len)?,
             "write zeroes left data behind"
         );
         println!("ok: write zeroes then read zeroes");
@@ -277,18 +279,10 @@ fn rw(spec: &str) -> Result<()> {
             None,
         )
         .context("deallocate")?;
-        q.run(
-            IoCmd::Read {
-                offset: off,
-                len: len as u32,
-            },
-            Some(b),
-        )?;
-        let mut back = vec![1u8; len];
-        q.buf(b).read_into(0, &mut back);
+        let zeroes = reads_zeroes(&mut q, b, off, len)?;
         if ctrl.ns.deallocated_reads_zero() {
             ensure!(
-                back.iter().all(|&x| x == 0),
+                zeroes,
                 "deallocated blocks did not read as zeroes (DLFEAT {:#x})",
                 ctrl.ns.dlfeat
             );

@@ -140,7 +140,7 @@ impl Mgmt {
         self.addr
     }
 
-    /// Stops serving: requests in flight get [`SHUTDOWN_GRACE`] to finish.
+    /// Stops serving: requests in flight get `SHUTDOWN_GRACE` to finish.
     pub fn stop(mut self) {
         let _ = self.stop.send(true);
         if let Some(t) = self.thread.take() {

@@ -591,7 +591,7 @@ impl Store {
     /// part of the index as a checkpoint (see format.rs), so that the next open reads
     /// the checkpoint and only the log records written after it. A large index is saved
     /// only once enough log has been written since its last checkpoint to make that
-    /// worth it ([`snapshot_worth`]), so calling this often is cheap. Also records in the
+    /// worth it (`snapshot_worth`), so calling this often is cheap. Also records in the
     /// superblock that everything so far is durable, which spares a full scan (should
     /// one ever be needed) the re-verification of data. Called by the server when idle
     /// after changes and at shutdown. A snapshot too large for its slot is skipped with

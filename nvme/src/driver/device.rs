@@ -164,20 +164,16 @@ impl NvmeDevice {
                     q.give_buf(b);
                 }
             }
-            if q.controller().state().error().is_some() && q.outstanding() > 0 && inflight > 0 {
+            if inflight == 0 {
+                continue;
+            }
+            if let Some(e) = q.controller().state().error() {
                 // `poll` has failed every outstanding command; anything still counted
                 // here can never complete.
-                if first_err.is_none() {
-                    first_err = Some((
-                        offset,
-                        q.controller().state().error().unwrap_or(NvmeError::Removed),
-                    ));
-                }
+                first_err.get_or_insert((offset, e));
                 break;
             }
-            if self.done.capacity() > 0 && inflight > 0 {
-                std::hint::spin_loop();
-            }
+            std::hint::spin_loop();
         }
         match first_err {
             None => Ok(()),

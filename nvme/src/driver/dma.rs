@@ -24,7 +24,9 @@ pub const HUGEPAGE: usize = 2 << 20;
 /// One mapping, pinned and visible to the device at `iova` until dropped.
 #[derive(Debug)]
 pub struct DmaRegion {
-    map: memmap2::MmapMut,
+    /// Owns the memory `ptr` points into; held, never read, and released only after
+    /// `Drop` has removed the IOMMU mapping.
+    _map: memmap2::MmapMut,
     ptr: *mut u8,
     len: usize,
     iova: u64,
@@ -72,7 +74,7 @@ impl DmaRegion {
         // unmaps the IOVA range before the memory is released.
         unsafe { container.map_dma(ptr, iova, len as u64)? };
         Ok(Arc::new(Self {
-            map,
+            _map: map,
             ptr,
             len,
             iova,
@@ -100,11 +102,10 @@ impl DmaRegion {
 
 impl Drop for DmaRegion {
     fn drop(&mut self) {
+        // `_map` is released after this body, once the device can no longer reach it.
         if let Err(e) = self.container.unmap_dma(self.iova, self.len as u64) {
             tracing::warn!(error = %e, "DMA unmap failed");
         }
-        // `map` is released after this, once the device can no longer reach it.
-        let _ = &self.map;
     }
 }
 

@@ -434,7 +434,7 @@ impl IoQueue {
             self.polls_since_check += 1;
             if self.polls_since_check >= CHECK_EVERY {
                 self.polls_since_check = 0;
-                done += self.check_stuck(out);
+                self.check_stuck();
             }
         }
         if self.ctrl.state() != CtrlState::Live {
@@ -443,10 +443,11 @@ impl IoQueue {
         done
     }
 
-    /// Liveness and timeout check; fails everything outstanding if either tripped.
-    fn check_stuck(&mut self, out: &mut Vec<IoDone>) -> usize {
+    /// Liveness and timeout check: marks the controller failed if either tripped, and
+    /// `poll` then fails everything outstanding.
+    fn check_stuck(&mut self) {
         if self.ctrl.check() != CtrlState::Live {
-            return 0; // `poll` fails the outstanding commands
+            return;
         }
         let timeout = self.ctrl.timeout;
         let oldest = self.pending.iter().flatten().map(|p| p.submitted).min();
@@ -457,33 +458,26 @@ impl IoQueue {
                 "NVMe command timed out: controller declared failed"
             );
             self.ctrl.set_state(CtrlState::Fatal);
-            let _ = out;
         }
-        0
     }
 
     /// Completes every outstanding command with the controller's failure. Their
     /// buffers are *not* returned to the pool (the device may still write them); the
     /// queue is dead from here on anyway.
     fn fail_outstanding(&mut self, out: &mut Vec<IoDone>) -> usize {
-        let Some(err) = self.ctrl.state().error() else {
-            return 0;
-        };
+        let state = self.ctrl.state();
         let mut n = 0;
         for slot in self.pending.iter_mut() {
             if out.len() == out.capacity() {
                 break;
             }
+            // `error()` is `None` only for a live controller, which fails nothing.
+            let Some(err) = state.error() else { break };
             if let Some(p) = slot.take() {
-                let result = Err(match &err {
-                    NvmeError::Fatal => NvmeError::Fatal,
-                    NvmeError::Removed => NvmeError::Removed,
-                    _ => NvmeError::ShutDown,
-                });
                 out.push(IoDone {
                     tag: p.tag,
                     buf: None,
-                    result,
+                    result: Err(err),
                 });
                 n += 1;
             }

@@ -18,6 +18,9 @@ pub struct AlignedBuf {
     /// (the allocator must not be asked for zero bytes).
     ptr: NonNull<u8>,
     len: usize,
+    /// Bytes allocated; `len` may be set lower (in whole blocks) so that a pooled
+    /// buffer can carry a shorter transfer without a new allocation.
+    cap: usize,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>; nothing else
@@ -44,6 +47,7 @@ impl AlignedBuf {
             return AlignedBuf {
                 ptr: Self::dangling(),
                 len: 0,
+                cap: 0,
             };
         }
         let layout = Self::layout(len);
@@ -52,7 +56,19 @@ impl AlignedBuf {
         let Some(ptr) = NonNull::new(raw) else {
             alloc::handle_alloc_error(layout)
         };
-        AlignedBuf { ptr, len }
+        AlignedBuf { ptr, len, cap: len }
+    }
+
+    /// Bytes allocated: the most [`AlignedBuf::set_len`] can restore.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Sets the length to `len` rounded up to whole blocks, at most the capacity
+    /// (clamped). Bytes past a shortened length keep their contents.
+    pub fn set_len(&mut self, len: usize) {
+        let len = len.div_ceil(BLOCK_SIZE).saturating_mul(BLOCK_SIZE);
+        self.len = len.min(self.cap);
     }
 
     /// Length in bytes, always a multiple of [`BLOCK_SIZE`].
@@ -79,12 +95,12 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.len == 0 {
+        if self.cap == 0 {
             return;
         }
-        // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout (same len,
-        // same alignment) and is freed only here, once.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout (the
+        // allocated length `cap`, same alignment) and is freed only here, once.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
     }
 }
 
@@ -169,6 +185,18 @@ mod tests {
         assert_eq!(copy[0], 1);
         assert_eq!(copy[2 * BLOCK_SIZE - 1], 2);
         assert_eq!(copy.as_ptr() as usize % BLOCK_SIZE, 0);
+    }
+
+    #[test]
+    fn set_len_shortens_and_restores_within_capacity() {
+        let mut buf = AlignedBuf::new(4 * BLOCK_SIZE);
+        buf[3 * BLOCK_SIZE] = 9;
+        buf.set_len(1);
+        assert_eq!(buf.len(), BLOCK_SIZE);
+        assert_eq!(buf.capacity(), 4 * BLOCK_SIZE);
+        buf.set_len(usize::MAX / 2);
+        assert_eq!(buf.len(), 4 * BLOCK_SIZE);
+        assert_eq!(buf[3 * BLOCK_SIZE], 9);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::{BlockDevice, DevError, DeviceInfo};
+use crate::{BlockDevice, Completion, DevError, DeviceInfo, IoOp, IoTag};
 
 /// `writes_left` when no countdown is armed.
 const DISARMED: u64 = u64::MAX;
@@ -104,11 +104,17 @@ impl FaultSwitch {
 pub struct FaultyDevice {
     inner: Box<dyn BlockDevice>,
     switch: Arc<FaultSwitch>,
+    /// Operations refused at submission, completed (with their error) at the next poll.
+    refused: Vec<Completion>,
 }
 
 impl FaultyDevice {
     pub fn new(inner: Box<dyn BlockDevice>, switch: Arc<FaultSwitch>) -> FaultyDevice {
-        FaultyDevice { inner, switch }
+        FaultyDevice {
+            inner,
+            switch,
+            refused: Vec::new(),
+        }
     }
 
     pub fn switch(&self) -> &Arc<FaultSwitch> {
@@ -132,20 +138,37 @@ impl BlockDevice for FaultyDevice {
         self.inner.info()
     }
 
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
-        self.switch.admit(offset, false)?;
-        self.inner.read_at(offset, buf)
-    }
-
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
-        self.switch.admit(offset, true)?;
-        self.inner.write_at(offset, buf)
-    }
-
-    fn flush(&mut self) -> Result<(), DevError> {
+    fn submit(&mut self, tag: IoTag, op: IoOp) {
         // A flush has no offset; 0 stands for "the whole device".
-        self.switch.admit(0, false)?;
-        self.inner.flush()
+        let admitted = match &op {
+            IoOp::Read { offset, .. } => self.switch.admit(*offset, false),
+            IoOp::Write { offset, .. } => self.switch.admit(*offset, true),
+            IoOp::Flush => self.switch.admit(0, false),
+        };
+        match admitted {
+            Ok(()) => self.inner.submit(tag, op),
+            Err(e) => self.refused.push(op.complete(tag, Err(e))),
+        }
+    }
+
+    fn poll(&mut self, max: usize, out: &mut Vec<Completion>) -> usize {
+        let n = self.refused.len().min(max);
+        out.extend(self.refused.drain(..n));
+        n + self.inner.poll(max - n, out)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.refused.len() + self.inner.in_flight()
+    }
+
+    fn wait(&mut self, timeout: std::time::Duration) {
+        if self.refused.is_empty() {
+            self.inner.wait(timeout);
+        }
+    }
+
+    fn health(&mut self) -> Option<Result<crate::driver::SmartLog, DevError>> {
+        self.inner.health()
     }
 }
 

@@ -19,7 +19,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::{check_transfer, BlockDevice, DevError, DeviceInfo, BLOCK_SIZE};
+use crate::{
+    check_transfer, AlignedBuf, BlockDevice, Completion, DevError, DeviceInfo, IoKind, IoOp, IoTag,
+    BLOCK_SIZE,
+};
 
 /// The atomic unit of a write on real media: a power cut can leave a block with some
 /// of its sectors new and others old, never a sector half-written.
@@ -67,12 +70,48 @@ pub struct MemDevice {
     /// The disk's crash count when this device was made.
     generation: u64,
     info: DeviceInfo,
+    /// Submitted, not yet completed.
+    queue: Vec<Queued>,
+    /// Polls so far: the device's clock for latencies.
+    polls: u64,
 }
 
 /// A completed write that no flush has covered yet.
 struct Pending {
     offset: u64,
     data: Box<[u8]>,
+    /// Its place among all completed writes ([`State::writes_done`] when it landed).
+    done_no: u64,
+}
+
+/// When submitted operations complete, set with [`MemDisk::set_latency`]: each waits
+/// a seeded number of polls in `0..=max_polls`, and operations due in the same poll
+/// complete in a seeded order when `reorder` is set — as a real device's queue does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Latency {
+    pub max_polls: u32,
+    pub reorder: bool,
+}
+
+impl Default for Latency {
+    /// Late and out of order: what the store must cope with on any real device.
+    fn default() -> Self {
+        Latency {
+            max_polls: 3,
+            reorder: true,
+        }
+    }
+}
+
+/// An operation waiting in a device's queue.
+#[derive(Debug)]
+struct Queued {
+    tag: IoTag,
+    op: IoOp,
+    /// The device's poll count at which it may complete.
+    due: u64,
+    /// For a flush: the writes it covers are those with `done_no` below this.
+    covers: u64,
 }
 
 struct State {
@@ -91,6 +130,12 @@ struct State {
     /// Successful writes left before `fail_writes_after` trips.
     writes_left: Option<u64>,
     stats: MemStats,
+    /// Writes completed so far, across devices: orders writes against flushes.
+    writes_done: u64,
+    latency: Latency,
+    /// Draws latencies and completion orders (apart from `rng`, so that changing the
+    /// latency model leaves crash outcomes of a seed alone).
+    lat_rng: StdRng,
 }
 
 impl fmt::Debug for State {
@@ -124,6 +169,9 @@ impl MemDisk {
             faults: Faults::default(),
             writes_left: None,
             stats: MemStats::default(),
+            writes_done: 0,
+            latency: Latency::default(),
+            lat_rng: StdRng::seed_from_u64(seed ^ 0x6c61_7465_6e63_7921),
         };
         MemDisk {
             state: Arc::new(Mutex::new(state)),
@@ -142,7 +190,14 @@ impl MemDisk {
                 backend: "memory",
                 location: "memory".to_string(),
             },
+            queue: Vec::new(),
+            polls: 0,
         }
+    }
+
+    /// Replaces the latency model of every device of this disk.
+    pub fn set_latency(&self, latency: Latency) {
+        self.lock().latency = latency;
     }
 
     /// Power loss. Each write not covered by a flush is, in order and as drawn from the
@@ -222,14 +277,31 @@ impl State {
         self.pending.push(Pending {
             offset,
             data: buf.into(),
+            done_no: self.writes_done,
         });
+        self.writes_done += 1;
     }
 
-    fn flush(&mut self) {
-        // The cache holds the latest contents of every block the pending writes
-        // touched, which is exactly the result of applying them in order.
-        self.durable.extend(self.cache.drain());
-        self.pending.clear();
+    /// Makes durable the pending writes that completed before `covers` writes had:
+    /// exactly what a flush submitted at that moment promises, and no more.
+    fn flush(&mut self, covers: u64) {
+        if self.pending.iter().all(|p| p.done_no < covers) {
+            // The cache holds the latest contents of every block the pending writes
+            // touched, which is exactly the result of applying them in order.
+            self.durable.extend(self.cache.drain());
+            self.pending.clear();
+            return;
+        }
+        // Pending writes are in completion order: land the covered prefix in order;
+        // the cache keeps serving the latest contents to reads.
+        let k = self.pending.partition_point(|p| p.done_no < covers);
+        let landed: Vec<Pending> = self.pending.drain(..k).collect();
+        for w in &landed {
+            for (i, chunk) in w.data.chunks_exact(BLOCK_SIZE).enumerate() {
+                self.durable_mut(w.offset / BLOCK + i as u64)
+                    .copy_from_slice(chunk);
+            }
+        }
     }
 
     fn crash(&mut self) {
@@ -297,51 +369,147 @@ impl MemDevice {
     }
 }
 
+impl MemDevice {
+    /// Carries out one operation against the medium, now.
+    fn execute(&mut self, q: Queued) -> Completion {
+        let Queued {
+            tag, op, covers, ..
+        } = q;
+        let (kind, offset, mut buf) = match op {
+            IoOp::Read { offset, buf } => (IoKind::Read, offset, buf),
+            IoOp::Write { offset, buf } => (IoKind::Write, offset, buf),
+            IoOp::Flush => (IoKind::Flush, 0, AlignedBuf::new(0)),
+        };
+        let result = self.execute_inner(kind, offset, &mut buf, covers);
+        Completion {
+            tag,
+            kind,
+            offset,
+            buf,
+            result,
+        }
+    }
+
+    fn execute_inner(
+        &mut self,
+        kind: IoKind,
+        offset: u64,
+        buf: &mut [u8],
+        covers: u64,
+    ) -> Result<(), DevError> {
+        let mut state = self.live(offset)?;
+        match kind {
+            IoKind::Read => {
+                check_transfer(offset, buf, state.size)?;
+                let end = offset + buf.len() as u64;
+                if state
+                    .faults
+                    .fail_reads
+                    .iter()
+                    .any(|r| r.start < end && offset < r.end)
+                {
+                    return Err(DevError::Injected { offset });
+                }
+                state.read(offset, buf);
+                state.stats.reads += 1;
+                state.stats.bytes_read += buf.len() as u64;
+            }
+            IoKind::Write => {
+                check_transfer(offset, buf, state.size)?;
+                match state.writes_left {
+                    Some(0) => return Err(DevError::Injected { offset }),
+                    Some(n) => state.writes_left = Some(n - 1),
+                    None => {}
+                }
+                state.write(offset, buf);
+                state.stats.writes += 1;
+                state.stats.bytes_written += buf.len() as u64;
+            }
+            IoKind::Flush => {
+                if state.faults.fail_flush {
+                    return Err(DevError::Injected { offset: 0 });
+                }
+                state.flush(covers);
+                state.stats.flushes += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl BlockDevice for MemDevice {
     fn info(&self) -> &DeviceInfo {
         &self.info
     }
 
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
-        let mut state = self.live(offset)?;
-        check_transfer(offset, buf, state.size)?;
-        let end = offset + buf.len() as u64;
-        if state
-            .faults
-            .fail_reads
-            .iter()
-            .any(|r| r.start < end && offset < r.end)
+    fn submit(&mut self, tag: IoTag, op: IoOp) {
+        let mut state = lock(&self.state);
+        let delay = match state.latency.max_polls {
+            0 => 0,
+            m => state.lat_rng.gen_range(0..=u64::from(m)),
+        };
+        // A flush covers what completed before it was submitted, wherever it lands
+        // in the queue.
+        let covers = state.writes_done;
+        drop(state);
+        self.queue.push(Queued {
+            tag,
+            op,
+            due: self.polls + delay,
+            covers,
+        });
+    }
+
+    fn poll(&mut self, max: usize, out: &mut Vec<Completion>) -> usize {
+        self.polls += 1;
+        let now = self.polls;
+        let mut due: Vec<usize> = (0..self.queue.len())
+            .filter(|&i| self.queue[i].due <= now)
+            .collect();
+        if due.is_empty() || max == 0 {
+            return 0;
+        }
         {
-            return Err(DevError::Injected { offset });
+            let mut state = lock(&self.state);
+            if state.latency.reorder {
+                // Fisher-Yates from the seeded stream: a failing seed replays.
+                for i in (1..due.len()).rev() {
+                    let j = state.lat_rng.gen_range(0..=i);
+                    due.swap(i, j);
+                }
+            }
         }
-        state.read(offset, buf);
-        state.stats.reads += 1;
-        state.stats.bytes_read += buf.len() as u64;
-        Ok(())
+        due.truncate(max);
+        // Take them out of the queue (highest index first keeps the others valid),
+        // then carry them out in the drawn order.
+        let mut picked: Vec<(usize, Queued)> = Vec::with_capacity(due.len());
+        let mut order: Vec<usize> = due.clone();
+        order.sort_unstable_by(|a, b| b.cmp(a));
+        for i in order {
+            let q = self.queue.swap_remove(i);
+            picked.push((i, q));
+        }
+        // `swap_remove` from the highest index down never moves an element that is
+        // still to be picked, so each `(index, op)` pair above is the op at `index`.
+        picked.sort_by_key(|(i, _)| due.iter().position(|d| d == i));
+        let n = picked.len();
+        for (_, q) in picked {
+            let c = self.execute(q);
+            out.push(c);
+        }
+        n
     }
 
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
-        let mut state = self.live(offset)?;
-        check_transfer(offset, buf, state.size)?;
-        match state.writes_left {
-            Some(0) => return Err(DevError::Injected { offset }),
-            Some(n) => state.writes_left = Some(n - 1),
-            None => {}
-        }
-        state.write(offset, buf);
-        state.stats.writes += 1;
-        state.stats.bytes_written += buf.len() as u64;
-        Ok(())
+    fn in_flight(&self) -> usize {
+        self.queue.len()
     }
 
-    fn flush(&mut self) -> Result<(), DevError> {
-        let mut state = self.live(0)?;
-        if state.faults.fail_flush {
-            return Err(DevError::Injected { offset: 0 });
+    fn wait(&mut self, _timeout: std::time::Duration) {
+        // Time passes: everything queued is due at the next poll.
+        let now = self.polls + 1;
+        for q in &mut self.queue {
+            q.due = q.due.min(now);
         }
-        state.flush();
-        state.stats.flushes += 1;
-        Ok(())
     }
 }
 
@@ -716,5 +884,103 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Submits everything, then polls until all complete; returns the tags in
+    /// completion order.
+    fn drain(dev: &mut MemDevice, out: &mut Vec<Completion>) -> Vec<u64> {
+        let mut order = Vec::new();
+        for _ in 0..100 {
+            let mut got = Vec::new();
+            dev.poll(usize::MAX, &mut got);
+            order.extend(got.iter().map(|c| c.tag.0));
+            out.extend(got);
+            if dev.in_flight() == 0 {
+                break;
+            }
+        }
+        order
+    }
+
+    #[test]
+    fn completions_come_late_and_out_of_order_and_replay_by_seed() {
+        let run = |seed: u64| {
+            let disk = MemDisk::new(1 << 20, seed);
+            let mut dev = disk.device();
+            for i in 0..32u64 {
+                dev.submit(
+                    IoTag(i),
+                    IoOp::Read {
+                        offset: i * BLOCK,
+                        buf: AlignedBuf::new(BLOCK_SIZE),
+                    },
+                );
+            }
+            assert_eq!(dev.in_flight(), 32);
+            let mut out = Vec::new();
+            let order = drain(&mut dev, &mut out);
+            assert!(out.iter().all(|c| c.result.is_ok()));
+            order
+        };
+        let a = run(7);
+        assert_eq!(a.len(), 32);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_ne!(a, sorted, "32 reads all in submission order: no reordering");
+        assert_eq!(a, run(7), "same seed, same order");
+    }
+
+    #[test]
+    fn a_flush_covers_only_writes_completed_before_it_was_submitted() {
+        let disk = MemDisk::new(1 << 20, 3);
+        disk.set_latency(Latency {
+            max_polls: 0,
+            reorder: false,
+        });
+        let mut dev = disk.device();
+        // Write A completes; then a flush and write B are in flight together.
+        dev.submit(
+            IoTag(1),
+            IoOp::Write {
+                offset: 0,
+                buf: filled(1, 1),
+            },
+        );
+        let mut out = Vec::new();
+        drain(&mut dev, &mut out);
+        dev.submit(IoTag(2), IoOp::Flush);
+        dev.submit(
+            IoTag(3),
+            IoOp::Write {
+                offset: BLOCK,
+                buf: filled(1, 2),
+            },
+        );
+        drain(&mut dev, &mut out);
+        assert!(out.iter().all(|c| c.result.is_ok()));
+        // B completed before the flush ran (no reordering, FIFO) but after it was
+        // submitted: only A is promised, and only A is durable.
+        assert_eq!(disk.pending_writes(), 1);
+        disk.set_faults(Faults::default());
+        disk.crash();
+        let mut dev = disk.device();
+        assert_eq!(read(&mut dev, 0, 1)[..], filled(1, 1)[..]);
+    }
+
+    #[test]
+    fn operations_of_a_crashed_device_fail() {
+        let disk = MemDisk::new(1 << 20, 5);
+        let mut dev = disk.device();
+        dev.submit(
+            IoTag(9),
+            IoOp::Read {
+                offset: 0,
+                buf: AlignedBuf::new(BLOCK_SIZE),
+            },
+        );
+        disk.crash();
+        let mut out = Vec::new();
+        drain(&mut dev, &mut out);
+        assert!(injected(out.pop().unwrap().result));
     }
 }

@@ -10,7 +10,7 @@
 
 use std::collections::hash_map::Entry as MapEntry;
 
-use nvme::{AlignedBuf, BlockDevice};
+use nvme::AlignedBuf;
 use tracing::{debug, info, warn};
 
 use dosp::Fingerprint;
@@ -103,7 +103,7 @@ fn malformed<T>(why: impl Into<String>) -> Result<T, Unusable> {
 /// the next checkpoint written outranks both. Never fails: a disk without a usable
 /// checkpoint is opened by the full scan.
 pub(crate) fn load(
-    dev: &mut dyn BlockDevice,
+    dev: &mut super::counted::Counted,
     disk: DiskId,
     geo: &Geometry,
     sb: &Superblock,
@@ -257,7 +257,7 @@ fn usable(h: &CkptHeader, slot: u8, geo: &Geometry, sb: &Superblock) -> Result<u
 /// Reads the body of a checked header, validating every entry, and its crc last (the
 /// body is parsed as it streams in; a body that fails its crc is thrown away whole).
 fn read_body(
-    dev: &mut dyn BlockDevice,
+    dev: &mut super::counted::Counted,
     disk: DiskId,
     geo: &Geometry,
     h: &CkptHeader,
@@ -366,7 +366,7 @@ fn read_body(
 
 /// Streams a checkpoint body off the device a buffer at a time, computing its crc.
 struct BodyReader<'a> {
-    dev: &'a mut dyn BlockDevice,
+    dev: &'a mut super::counted::Counted,
     buf: &'a mut AlignedBuf,
     /// Where the next transfer starts.
     next: u64,
@@ -604,6 +604,8 @@ impl Store {
     /// Snapshots of the disks marked in `due` (one pass over the index feeds them all),
     /// then the superblock's verified mark of every Online disk.
     pub(super) fn checkpoint_disks(&mut self, due: &[bool]) -> Result<(), StoreError> {
+        // A snapshot must see every commit settled (in the index and durable).
+        self.settle();
         let Store {
             vols,
             index,

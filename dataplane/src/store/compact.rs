@@ -37,6 +37,9 @@ struct Candidate {
     max_record: u64,
 }
 
+/// Log bytes one idle-time compaction step may cover.
+pub const COMPACT_STEP_BYTES: u64 = 8 << 20;
+
 impl Store {
     /// A full pass over one disk: every record present when called is either reclaimed
     /// or moved (up to the first record of any write still open). Live objects move
@@ -90,7 +93,11 @@ impl Store {
         candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         for (_, disk) in candidates {
             let vol = &self.vols[usize::from(disk.0)];
-            let window = (vol.log_len / 8).min(256 << 20).max(16 * vol.seg_record);
+            // A bounded step (a few device round trips of work) so that the loop
+            // that calls this between turns is never held for long.
+            let window = (vol.log_len / 8)
+                .min(COMPACT_STEP_BYTES)
+                .max(2 * vol.seg_record);
             let stop = vol.tail_lp;
             match self.compact_step(disk, stop, window) {
                 Ok(r) if r.bytes_scanned > 0 => return Ok(Some(r)),
@@ -115,6 +122,9 @@ impl Store {
         stop: u64,
         max_window: u64,
     ) -> Result<CompactReport, StoreError> {
+        // Compaction reads and rewrites the log with blocking calls: it must see every
+        // record's write completed and every pending commit settled.
+        self.settle();
         let d = usize::from(disk.0);
         let pin = self
             .writes

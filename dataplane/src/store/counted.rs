@@ -8,7 +8,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use nvme::{BlockDevice, DevError, DeviceInfo};
+use nvme::{
+    check_transfer, AlignedBuf, BlockDevice, Completion, DevError, DeviceInfo, IoKind, IoOp, IoTag,
+};
 
 /// I/O that completed on one disk since the node opened it. Failed commands are not
 /// counted here: they count as the disk's errors (and set its last error) instead.
@@ -45,10 +47,16 @@ impl LastError {
     }
 }
 
-/// A device with its I/O counters.
+/// A device with its I/O counters, and the blocking calls the store's start-up,
+/// checkpoint and compaction paths still use beside the asynchronous ones.
 pub(crate) struct Counted {
     dev: Box<dyn BlockDevice>,
     pub io: DiskIo,
+    /// Completions of asynchronous operations that arrived while a blocking call
+    /// waited for its own; handed out first by the next `poll`.
+    stash: Vec<Completion>,
+    /// Transfer buffer of the blocking calls, kept between calls.
+    scratch: AlignedBuf,
 }
 
 impl Counted {
@@ -56,37 +64,120 @@ impl Counted {
         Counted {
             dev,
             io: DiskIo::default(),
+            stash: Vec::new(),
+            scratch: AlignedBuf::new(0),
         }
     }
-}
 
-impl BlockDevice for Counted {
-    fn info(&self) -> &DeviceInfo {
+    pub fn info(&self) -> &DeviceInfo {
         self.dev.info()
     }
 
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
-        self.dev.read_at(offset, buf)?;
-        self.io.read_ops += 1;
-        self.io.read_bytes += buf.len() as u64;
-        Ok(())
-    }
-
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
-        self.dev.write_at(offset, buf)?;
-        self.io.write_ops += 1;
-        self.io.write_bytes += buf.len() as u64;
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), DevError> {
-        self.dev.flush()?;
-        self.io.flushes += 1;
-        Ok(())
-    }
-
-    fn health(&mut self) -> Option<Result<nvme::driver::SmartLog, DevError>> {
+    pub fn health(&mut self) -> Option<Result<nvme::driver::SmartLog, DevError>> {
         self.dev.health()
+    }
+
+    fn count(&mut self, c: &Completion) {
+        if c.result.is_err() {
+            return;
+        }
+        match c.kind {
+            IoKind::Read => {
+                self.io.read_ops += 1;
+                self.io.read_bytes += c.buf.len() as u64;
+            }
+            IoKind::Write => {
+                self.io.write_ops += 1;
+                self.io.write_bytes += c.buf.len() as u64;
+            }
+            IoKind::Flush => self.io.flushes += 1,
+        }
+    }
+
+    /// Queues an asynchronous operation.
+    pub fn submit(&mut self, tag: IoTag, op: IoOp) {
+        self.dev.submit(tag, op);
+    }
+
+    /// Up to `max` finished asynchronous operations, stashed ones first.
+    pub fn poll(&mut self, max: usize, out: &mut Vec<Completion>) -> usize {
+        let from = out.len();
+        let n = self.stash.len().min(max);
+        out.extend(self.stash.drain(..n));
+        let m = self.dev.poll(max - n, out);
+        for c in &out[from + n..] {
+            self.count(c);
+        }
+        n + m
+    }
+
+    /// Operations submitted and not yet handed out by `poll`.
+    pub fn in_flight(&self) -> usize {
+        self.dev.in_flight() + self.stash.len()
+    }
+
+    /// Blocks until the device has finished something (start-up and blocking paths).
+    pub fn wait(&mut self) {
+        if self.stash.is_empty() {
+            self.dev.wait(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// Runs `op` to completion, blocking; others that finish meanwhile are stashed.
+    fn run(&mut self, op: IoOp) -> (AlignedBuf, Result<(), DevError>) {
+        let mut early = Vec::new();
+        let (buf, r) = nvme::run_blocking(&mut self.dev, op, &mut early);
+        for c in &early {
+            self.count(c);
+        }
+        self.stash.append(&mut early);
+        (buf, r)
+    }
+
+    fn scratch(&mut self, len: usize) -> AlignedBuf {
+        let mut b = std::mem::replace(&mut self.scratch, AlignedBuf::new(0));
+        if b.capacity() < len {
+            b = AlignedBuf::new(len);
+        }
+        b.set_len(len);
+        b
+    }
+
+    /// Reads into `buf`, blocking.
+    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        check_transfer(offset, buf, self.info().size_bytes)?;
+        let own = self.scratch(buf.len());
+        let (own, r) = self.run(IoOp::Read { offset, buf: own });
+        if r.is_ok() {
+            buf.copy_from_slice(&own);
+            self.io.read_ops += 1;
+            self.io.read_bytes += buf.len() as u64;
+        }
+        self.scratch = own;
+        r
+    }
+
+    /// Writes `buf`, blocking.
+    pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
+        check_transfer(offset, buf, self.info().size_bytes)?;
+        let mut own = self.scratch(buf.len());
+        own.copy_from_slice(buf);
+        let (own, r) = self.run(IoOp::Write { offset, buf: own });
+        if r.is_ok() {
+            self.io.write_ops += 1;
+            self.io.write_bytes += buf.len() as u64;
+        }
+        self.scratch = own;
+        r
+    }
+
+    /// Flushes, blocking. Covers the writes completed before it.
+    pub fn flush(&mut self) -> Result<(), DevError> {
+        let (_, r) = self.run(IoOp::Flush);
+        if r.is_ok() {
+            self.io.flushes += 1;
+        }
+        r
     }
 }
 

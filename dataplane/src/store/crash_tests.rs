@@ -157,7 +157,11 @@ impl Run {
                 w.pos += n;
                 if w.pos == w.data.len() {
                     let w = self.inflight.swap_remove(i);
-                    match self.store.commit(w.id) {
+                    let r = self.store.commit(w.id);
+                    if std::env::var("CRASH_TRACE").is_ok() {
+                        eprintln!("commit: {r:?}");
+                    }
+                    match r {
                         Ok(c) => {
                             assert_eq!(c.fingerprint, Fingerprint::of(&w.data));
                             assert_eq!(c.len, w.data.len() as u64);
@@ -178,7 +182,11 @@ impl Run {
                 let Some(fp) = self.pick() else { return };
                 let m = &self.model[&fp];
                 let (certain, mem) = (m.certain(), m.mem);
-                match self.store.delete(&fp) {
+                let r = self.store.delete(&fp);
+                if std::env::var("CRASH_TRACE").is_ok() {
+                    eprintln!("delete {fp}: {r:?}");
+                }
+                match r {
                     Ok(left) => {
                         if certain {
                             assert_eq!(left + 1, mem, "delete of {fp}");

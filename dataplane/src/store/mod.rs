@@ -40,6 +40,7 @@
 //! flush. Reads check every 4 KiB block against the CRC its header recorded, so a
 //! block that rotted or tore is reported ([`StoreError::Corrupt`]), never returned.
 
+mod aio;
 mod checkpoint;
 mod compact;
 pub mod conformance;
@@ -70,6 +71,7 @@ use dosp::Fingerprint;
 use format::{kind, RecordHeader, BLOCK, BLOCK_U64, MAX_SEGMENT_BYTES};
 use volume::{Reserve, Volume};
 
+pub use aio::{CacheStats, ReadId, ReadStart, StoreEvent};
 pub use counted::{DiskIo, LastError};
 
 /// Tunables of the store.
@@ -84,6 +86,11 @@ pub struct StoreConfig {
     pub max_object_bytes: u64,
     /// `maybe_compact` works on a disk whose dead/used ratio exceeds this. Default 0.5.
     pub compact_dead_ratio: f64,
+    /// Bytes of the hot-object cache (verified whole small objects); 0 disables it.
+    /// Default 64 MiB.
+    pub cache_bytes: usize,
+    /// Largest object the cache holds. Default 64 KiB.
+    pub cache_object_bytes_max: u64,
 }
 
 impl Default for StoreConfig {
@@ -93,6 +100,8 @@ impl Default for StoreConfig {
             max_open_writes: 64,
             max_object_bytes: 64 << 30,
             compact_dead_ratio: 0.5,
+            cache_bytes: 64 << 20,
+            cache_object_bytes_max: 64 << 10,
         }
     }
 }
@@ -332,6 +341,9 @@ impl HeaderCache {
 
 const ZEROS: [u8; BLOCK] = [0; BLOCK];
 
+/// The `user` of the blocking wrappers' own operations.
+const SYNC_USER: u64 = u64::MAX;
+
 /// The object store of one node. See the module documentation.
 pub struct Store {
     cfg: StoreConfig,
@@ -349,6 +361,24 @@ pub struct Store {
     /// One checkpoint transfer buffer per disk ([`checkpoint::CKPT_IO_BYTES`] each),
     /// for reading its checkpoint at open and writing new ones.
     ckpt_bufs: Vec<AlignedBuf>,
+    /// Reads in flight, by [`ReadId`].
+    reads: Vec<Option<aio::ReadOp>>,
+    free_reads: Vec<u32>,
+    read_bufs: aio::BufPool,
+    read_scratch: Vec<nvme::Completion>,
+    /// Per disk: commits, deletes and references waiting for a flush, in seq order.
+    waiters: Vec<aio::Waiters>,
+    /// New objects whose commit is not durable yet: in the index, hidden from readers.
+    unacked: std::collections::HashSet<Fingerprint>,
+    /// Events for callers that a blocking wait passed over.
+    parked_events: Vec<StoreEvent>,
+    cache: aio::ObjCache,
+    /// Staging buffers back from the device, and how many are out (in open writes
+    /// or in flight).
+    spare_staging: Vec<AlignedBuf>,
+    staging_out: usize,
+    /// One-block buffers for reference records.
+    meta_bufs: Vec<AlignedBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -450,6 +480,7 @@ impl Store {
             }
         }
         let bounce_len = seg.max(64 * BLOCK);
+        let nvols = vols.len();
         let mut store = Store {
             vols,
             index,
@@ -458,9 +489,20 @@ impl Store {
             pool: Vec::new(),
             bounce: AlignedBuf::new(bounce_len),
             meta: AlignedBuf::new(BLOCK),
-            hdr_cache: HeaderCache::new(8),
+            hdr_cache: HeaderCache::new(64),
             counters: StoreCounters::default(),
             ckpt_bufs,
+            reads: Vec::new(),
+            free_reads: Vec::new(),
+            read_bufs: aio::BufPool::default(),
+            read_scratch: Vec::new(),
+            waiters: (0..nvols).map(|_| aio::Waiters::new()).collect(),
+            unacked: std::collections::HashSet::new(),
+            parked_events: Vec::new(),
+            cache: aio::ObjCache::new(cfg.cache_bytes, cfg.cache_object_bytes_max),
+            spare_staging: Vec::new(),
+            staging_out: 0,
+            meta_bufs: Vec::new(),
             cfg,
         };
         for (fp, loser) in duplicates {
@@ -580,11 +622,17 @@ impl Store {
             });
         };
         let seg = self.cfg.segment_bytes;
-        let st = self.pool.pop().unwrap_or_else(|| Staging {
-            buf: AlignedBuf::new(BLOCK + seg),
-            crcs: Vec::with_capacity(seg / BLOCK),
-            extents: Vec::new(),
-        });
+        let st = match self.pool.pop() {
+            Some(st) => st,
+            None => Staging {
+                buf: self
+                    .spare_staging
+                    .pop()
+                    .unwrap_or_else(|| AlignedBuf::new(BLOCK + seg)),
+                crcs: Vec::with_capacity(seg / BLOCK),
+                extents: Vec::new(),
+            },
+        };
         let id = WriteId(self.next_write);
         self.next_write += 1;
         self.vols[i].open_writes += 1;
@@ -628,6 +676,8 @@ impl Store {
             vols,
             cfg,
             counters,
+            spare_staging,
+            staging_out,
             ..
         } = self;
         let w = writes.get_mut(&id).ok_or(StoreError::UnknownWrite)?;
@@ -637,7 +687,11 @@ impl Store {
         let mut rest = data;
         while !rest.is_empty() {
             if w.fill == seg {
-                write_segment(vol, w, None, counters)?;
+                let spare = spare_staging
+                    .pop()
+                    .unwrap_or_else(|| AlignedBuf::new(BLOCK + seg));
+                write_segment(vol, w, None, counters, spare)?;
+                *staging_out += 1;
             }
             // Up to the end of the current block: the slice is copied, hashed and
             // checksummed while it is in cache.
@@ -658,14 +712,42 @@ impl Store {
         Ok(())
     }
 
-    /// Finishes a write: from the moment this returns `Ok` the object survives power
-    /// loss. A fingerprint already stored gets a durable refcount + 1 instead.
+    /// Whether [`Store::append`] can take `n` more bytes of write `id` without a
+    /// staging buffer beyond the pool's bound: a full segment goes to the device in
+    /// its own buffer while the next one fills, and at most `2 × max_open_writes`
+    /// such buffers are out at once. A caller that hears `false` stops reading its
+    /// connection until [`Store::poll`] has returned some.
+    pub fn can_append(&self, id: WriteId, n: usize) -> bool {
+        match self.writes.get(&id) {
+            Some(w) => {
+                w.fill + n <= self.cfg.segment_bytes
+                    || !self.spare_staging.is_empty()
+                    || self.staging_out < 2 * self.cfg.max_open_writes
+            }
+            None => true,
+        }
+    }
+
+    /// Finishes a write, blocking until it is durable: [`Store::commit_start`] and a
+    /// wait for its event. For tests, tools and start-up; a loop uses `commit_start`.
     pub fn commit(&mut self, id: WriteId) -> Result<Committed, StoreError> {
+        self.commit_start(id, SYNC_USER)?;
+        match self.wait_for(SYNC_USER) {
+            StoreEvent::Committed { result, .. } => result,
+            other => Err(StoreError::Format(format!("unexpected event {other:?}"))),
+        }
+    }
+
+    /// Finishes a write: appends its last record (or, for a fingerprint already
+    /// stored, a reference +1) and returns. [`StoreEvent::Committed`] with `user`
+    /// follows once a flush has made it durable; from then on the object survives
+    /// power loss. Errors here mean nothing was committed.
+    pub fn commit_start(&mut self, id: WriteId, user: u64) -> Result<(), StoreError> {
         let Some(mut w) = self.writes.remove(&id) else {
             return Err(StoreError::UnknownWrite);
         };
         let fp = Fingerprint(std::mem::take(&mut w.md5).finalize().into());
-        let result = self.commit_inner(&mut w, fp);
+        let result = self.commit_submit(&mut w, fp, user);
         self.release(w);
         if result.is_err() {
             self.counters.aborts += 1;
@@ -673,29 +755,36 @@ impl Store {
         result
     }
 
-    fn commit_inner(
+    fn commit_submit(
         &mut self,
         w: &mut OpenWrite,
         fp: Fingerprint,
-    ) -> Result<Committed, StoreError> {
+        user: u64,
+    ) -> Result<(), StoreError> {
         if let Some(disk) = self.index.get(&fp).map(|e| e.disk) {
-            self.write_ref(disk, &fp, 1)?;
+            let seq = self.append_ref(disk, &fp, 1)?;
             let e = self.index.get_mut(&fp).ok_or(StoreError::NotFound(fp))?;
             e.refcount = e.refcount.saturating_add(1);
-            self.counters.stores += 1;
-            self.counters.dedup_hits += 1;
-            return Ok(Committed {
+            let c = Committed {
                 fingerprint: fp,
                 len: e.len,
                 disk,
                 deduplicated: true,
                 refcount: e.refcount,
+            };
+            self.waiters[usize::from(disk.0)].push_back(aio::Waiter {
+                seq,
+                user,
+                kind: aio::WaitKind::Dedup { c },
             });
+            return Ok(());
         }
+        let spare = self.meta_or_spare();
         let vol = &mut self.vols[usize::from(w.disk.0)];
         vol.check_online()?;
-        write_segment(vol, w, Some(&fp), &mut self.counters)?;
-        vol.flush()?;
+        write_segment(vol, w, Some(&fp), &mut self.counters, spare)?;
+        self.staging_out += 1;
+        let seq = vol.next_seq - 1;
         vol.live_bytes += w.bytes;
         vol.objects += 1;
         self.index.insert(
@@ -709,14 +798,52 @@ impl Store {
                 footprint: w.bytes,
             },
         );
-        self.counters.stores += 1;
-        Ok(Committed {
+        self.unacked.insert(fp);
+        let c = Committed {
             fingerprint: fp,
             len: w.total,
             disk: w.disk,
             deduplicated: false,
             refcount: 1,
-        })
+        };
+        self.waiters[usize::from(w.disk.0)].push_back(aio::Waiter {
+            seq,
+            user,
+            kind: aio::WaitKind::New { c },
+        });
+        Ok(())
+    }
+
+    /// A staging buffer for the write that will reuse this one's `Staging`.
+    fn meta_or_spare(&mut self) -> AlignedBuf {
+        let seg = self.cfg.segment_bytes;
+        self.spare_staging
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::new(BLOCK + seg))
+    }
+
+    /// Appends a REF record asynchronously; returns its seq.
+    fn append_ref(
+        &mut self,
+        disk: DiskId,
+        fp: &Fingerprint,
+        delta: i32,
+    ) -> Result<u64, StoreError> {
+        let buf = self
+            .meta_bufs
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::new(BLOCK));
+        let vol = &mut self.vols[usize::from(disk.0)];
+        let mut h = RecordHeader::new(kind::REF);
+        h.fingerprint = fp.0;
+        h.delta = I32::new(delta);
+        match vol.append_async(&mut h, buf, Reserve::Meta) {
+            Ok(a) => Ok(a.seq),
+            Err((e, buf)) => {
+                self.meta_bufs.push(buf);
+                Err(e)
+            }
+        }
     }
 
     /// Drops a write (the connection went away mid-store): nothing becomes visible;
@@ -740,6 +867,9 @@ impl Store {
     }
 
     pub fn get(&self, fp: &Fingerprint) -> Option<ObjectMeta> {
+        if self.unacked.contains(fp) {
+            return None;
+        }
         self.index.get(fp).map(|e| ObjectMeta {
             len: e.len,
             disk: e.disk,
@@ -747,147 +877,84 @@ impl Store {
         })
     }
 
-    /// Reads `min(out.len(), len - offset)` bytes of an object at `offset`. Every
-    /// block read is checked against its CRC first: bytes that fail it are never
-    /// copied out.
+    /// Reads `min(out.len(), len - offset)` bytes of an object at `offset`, blocking
+    /// ([`Store::read_start`] and a wait). Every block read is checked against its
+    /// CRC first: bytes that fail it are never copied out.
     pub fn read(
         &mut self,
         fp: &Fingerprint,
         offset: u64,
         out: &mut [u8],
     ) -> Result<usize, StoreError> {
-        let Store {
-            index,
-            vols,
-            bounce,
-            hdr_cache,
-            counters,
-            ..
-        } = self;
-        let e = index.get(fp).ok_or(StoreError::NotFound(*fp))?;
-        if offset > e.len {
-            return Err(StoreError::OutOfRange { offset, len: e.len });
+        match self.read_start(fp, offset, out, SYNC_USER)? {
+            ReadStart::Ready(n) => Ok(n),
+            ReadStart::Pending(id) => match self.wait_for(SYNC_USER) {
+                StoreEvent::Read { id: got, .. } if got == id => self.read_finish(id, out),
+                other => Err(StoreError::Format(format!("unexpected event {other:?}"))),
+            },
         }
-        let vol = &mut vols[usize::from(e.disk.0)];
-        vol.check_online()?;
-        counters.reads += 1;
-        let n = (out.len() as u64).min(e.len - offset) as usize;
-        let end = offset + n as u64;
-        let corrupt = |vol: &mut Volume, counters: &mut StoreCounters, what: &str| {
-            counters.corrupt_blocks += 1;
-            vol.note_error(format!("object {fp} failed its checksum on read: {what}"));
-            error!(fingerprint = %fp, disk = e.disk.0, "object data failed its checksum: {what}");
-            StoreError::Corrupt {
-                fp: *fp,
-                disk: e.disk,
-            }
-        };
-        let mut ext_start = 0u64;
-        for ext in &e.extents {
-            let ext_end = ext_start + u64::from(ext.len);
-            if ext_start >= end {
-                break;
-            }
-            if ext_end <= offset {
-                ext_start = ext_end;
-                continue;
-            }
-            let (lo, hi) = (
-                offset.max(ext_start) - ext_start,
-                end.min(ext_end) - ext_start,
-            );
-            let key = (e.disk, ext.hdr, e.write_id);
-            // Without the header's CRCs in cache, read the header and the wanted data
-            // blocks in one I/O when they fit in the bounce buffer: a small object's
-            // fetch then costs one device read, not two.
-            let hi_blocks = hi.div_ceil(BLOCK_U64);
-            let mut prefetched = false;
-            let slot = match hdr_cache.find(key) {
-                Some(slot) => slot,
-                None => {
-                    // Blocks before the wanted range are read for nothing: allow a few.
-                    let waste_ok = lo / BLOCK_U64 <= PREFETCH_SKIP_BLOCKS_MAX;
-                    let span = if waste_ok && (1 + hi_blocks) * BLOCK_U64 <= bounce.len() as u64 {
-                        prefetched = true;
-                        ((1 + hi_blocks) * BLOCK_U64) as usize
-                    } else {
-                        BLOCK
-                    };
-                    vol.read(ext.hdr, &mut bounce[..span])?;
-                    let hdr = RecordHeader::check(&bounce[..BLOCK], vol.log_nonce()).filter(|h| {
-                        h.kind & kind::SEGMENT != 0
-                            && h.write_id.get() == e.write_id
-                            && h.payload_len.get() == ext.len
-                    });
-                    match hdr {
-                        Some(h) => hdr_cache.insert(key, h),
-                        None => return Err(corrupt(vol, counters, "bad segment header")),
-                    }
-                }
-            };
-            let per_read = (bounce.len() / BLOCK) as u64;
-            let mut pos = lo;
-            while pos < hi {
-                let b0 = pos / BLOCK_U64;
-                let (b1, buf) = if prefetched {
-                    // Already read with the header: blocks 0..hi_blocks follow it.
-                    let from = (BLOCK_U64 * (1 + b0)) as usize;
-                    let to = (BLOCK_U64 * (1 + hi_blocks)) as usize;
-                    (hi_blocks, &bounce[from..to])
-                } else {
-                    let b1 = hi.div_ceil(BLOCK_U64).min(b0 + per_read);
-                    let buf = &mut bounce[..((b1 - b0) * BLOCK_U64) as usize];
-                    vol.read(ext.hdr + BLOCK_U64 * (1 + b0), buf)?;
-                    (b1, &*buf)
-                };
-                let hdr = &hdr_cache.slots[slot].1;
-                for (k, block) in buf.chunks_exact(BLOCK).enumerate() {
-                    if hdr.block_crc(b0 as usize + k) != Some(crc32c::crc32c(block)) {
-                        return Err(corrupt(vol, counters, "bad block"));
-                    }
-                }
-                let take_end = hi.min(b1 * BLOCK_U64);
-                let src =
-                    &buf[(pos - b0 * BLOCK_U64) as usize..(take_end - b0 * BLOCK_U64) as usize];
-                let at = (ext_start + pos - offset) as usize;
-                out[at..at + src.len()].copy_from_slice(src);
-                pos = take_end;
-            }
-            ext_start = ext_end;
-        }
-        counters.bytes_read += n as u64;
-        Ok(n)
     }
 
-    /// Drops one reference, durably. Returns the references left; at zero the object
-    /// is gone from the index and its space is reclaimed by compaction.
+    /// Drops one reference, blocking until durable ([`Store::delete_start`] and a
+    /// wait). Returns the references left.
     pub fn delete(&mut self, fp: &Fingerprint) -> Result<u32, StoreError> {
+        self.delete_start(fp, SYNC_USER)?;
+        match self.wait_for(SYNC_USER) {
+            StoreEvent::Deleted { result, .. } => result,
+            other => Err(StoreError::Format(format!("unexpected event {other:?}"))),
+        }
+    }
+
+    /// Drops one reference: appends a REF −1 record; [`StoreEvent::Deleted`] with the
+    /// references left follows once it is durable. At zero the object is gone from
+    /// the index (and the cache) at once and its space is reclaimed by compaction.
+    pub fn delete_start(&mut self, fp: &Fingerprint, user: u64) -> Result<(), StoreError> {
+        if self.unacked.contains(fp) {
+            return Err(StoreError::NotFound(*fp));
+        }
         let disk = self.index.get(fp).ok_or(StoreError::NotFound(*fp))?.disk;
-        match self.write_ref(disk, fp, -1) {
+        let seq = match self.append_ref(disk, fp, -1) {
             Err(StoreError::NoSpace) => {
                 // Even the metadata reserve is used up: make room, then retry once.
+                // Rare (a disk full to the brim); compaction blocks this once.
                 let _ = self.compact(disk);
-                self.write_ref(disk, fp, -1)?;
+                self.append_ref(disk, fp, -1)?
             }
             other => other?,
-        }
-        self.counters.deletes += 1;
+        };
         let e = self.index.get_mut(fp).ok_or(StoreError::NotFound(*fp))?;
         e.refcount = e.refcount.saturating_sub(1);
         let left = e.refcount;
+        let mut removed = None;
         if left == 0 {
             if let Some(e) = self.index.remove(fp) {
                 let vol = &mut self.vols[usize::from(e.disk.0)];
                 vol.live_bytes = vol.live_bytes.saturating_sub(e.footprint);
                 vol.objects = vol.objects.saturating_sub(1);
+                removed = Some(Box::new(e));
             }
+            self.cache.remove(fp);
         }
-        Ok(left)
+        self.waiters[usize::from(disk.0)].push_back(aio::Waiter {
+            seq,
+            user,
+            kind: aio::WaitKind::Delete {
+                fp: *fp,
+                left,
+                removed,
+            },
+        });
+        Ok(())
     }
 
     /// Every object and the disk holding it, sorted by fingerprint.
     pub fn contents(&self) -> Vec<(Fingerprint, DiskId)> {
-        let mut all: Vec<_> = self.index.iter().map(|(fp, e)| (*fp, e.disk)).collect();
+        let mut all: Vec<_> = self
+            .index
+            .iter()
+            .filter(|(fp, _)| !self.unacked.contains(*fp))
+            .map(|(fp, e)| (*fp, e.disk))
+            .collect();
         all.sort_unstable();
         all
     }
@@ -980,11 +1047,15 @@ impl Store {
 
 /// Writes a write's staged data as one record (SEGMENT, or SEGMENT|COMMIT with the
 /// object's fingerprint when `commit` is given) and empties the staging buffer.
+/// The record goes to the device asynchronously in the staging buffer itself, and
+/// `spare` takes its place in the write (on refusal `spare` is dropped and nothing
+/// changes).
 fn write_segment(
     vol: &mut Volume,
     w: &mut OpenWrite,
     commit: Option<&Fingerprint>,
     counters: &mut StoreCounters,
+    spare: AlignedBuf,
 ) -> Result<(), StoreError> {
     let pad = (BLOCK - w.fill % BLOCK) % BLOCK;
     if pad != 0 {
@@ -1007,7 +1078,17 @@ fn write_segment(
     if let Some(fp) = commit {
         h.set_commit(fp, w.total, 1);
     }
-    let a = vol.append(&mut h, &mut w.st.buf[..BLOCK * (1 + blocks)], Reserve::Data)?;
+    let mut rec = std::mem::replace(&mut w.st.buf, spare);
+    rec.set_len(BLOCK * (1 + blocks));
+    let a = match vol.append_async(&mut h, rec, Reserve::Data) {
+        Ok(a) => a,
+        Err((e, mut rec)) => {
+            let cap = rec.capacity();
+            rec.set_len(cap);
+            w.st.buf = rec;
+            return Err(e);
+        }
+    };
     if w.write_id == 0 {
         w.write_id = a.seq;
         w.first_lp = Some(a.lp);

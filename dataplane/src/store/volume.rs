@@ -11,9 +11,9 @@
 //! so `tail_lp - head_lp` is exactly the space between head and tail and a full log
 //! is never confused with an empty one. Only physical offsets go to disk.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
-use nvme::{AlignedBuf, BlockDevice, DevError, DeviceInfo};
+use nvme::{AlignedBuf, BlockDevice, Completion, DevError, DeviceInfo, IoOp, IoTag};
 use rand::Rng;
 use tracing::{debug, error, info, warn};
 use zerocopy::little_endian::U64;
@@ -119,7 +119,24 @@ pub(crate) struct Volume {
     pub seg_record: u64,
     /// One block for WRAP records and superblocks.
     scratch: AlignedBuf,
+    /// Seqs of appended records whose write has not completed. Everything below the
+    /// smallest is on the device (not necessarily durable).
+    pub inflight: BTreeSet<u64>,
+    /// The flush in flight, with the seq below which it makes every record durable.
+    pub flushing: Option<u64>,
+    /// Record buffers given back by completed writes, for the store to reuse.
+    pub done_bufs: Vec<AlignedBuf>,
+    /// Read completions that arrived during a blocking wait, for the next `poll`.
+    parked: Vec<Completion>,
 }
+
+/// Tags of a volume's asynchronous operations: the class in the top byte.
+pub(crate) const TAG_RECORD: u64 = 1 << 56;
+pub(crate) const TAG_FLUSH: u64 = 2 << 56;
+pub(crate) const TAG_READ: u64 = 3 << 56;
+const TAG_CLASS: u64 = 0xff << 56;
+/// Completions taken from a device per poll.
+pub(crate) const POLL_MAX: usize = 256;
 
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -238,6 +255,10 @@ impl Volume {
             res_meta: 32 * BLOCK_U64,
             seg_record,
             scratch: AlignedBuf::new(BLOCK),
+            inflight: BTreeSet::new(),
+            flushing: None,
+            done_bufs: Vec::new(),
+            parked: Vec::new(),
         };
         match vol.open_inner(node_id, rng, ckpt_buf) {
             Ok(index) => {
@@ -933,10 +954,111 @@ impl Volume {
         self.dev.write_at(phys, buf).map_err(|e| self.fail(e))
     }
 
+    /// Makes every record appended so far durable, blocking (start-up, checkpoint,
+    /// compaction): waits for the writes in flight, then flushes.
     pub fn flush(&mut self) -> Result<(), StoreError> {
+        self.settle_writes()?;
         let covered = self.next_seq;
         self.dev.flush().map_err(|e| self.fail(e))?;
-        self.durable_seq = covered;
+        self.durable_seq = self.durable_seq.max(covered);
+        Ok(())
+    }
+
+    /// Seq below which every appended record's write has completed.
+    pub fn completed_upto(&self) -> u64 {
+        self.inflight.first().copied().unwrap_or(self.next_seq)
+    }
+
+    /// Starts a flush covering every record whose write has completed (group commit:
+    /// one flush for all the commits that finished writing meanwhile).
+    pub fn submit_flush(&mut self) {
+        debug_assert!(self.flushing.is_none());
+        self.flushing = Some(self.completed_upto());
+        self.dev.submit(IoTag(TAG_FLUSH), IoOp::Flush);
+    }
+
+    /// Submits a read of `buf.len()` bytes at `phys`, tagged with the store's read
+    /// id; its completion comes back from [`Volume::poll`].
+    pub fn submit_read(&mut self, id: u32, phys: u64, buf: AlignedBuf) {
+        self.dev.submit(
+            IoTag(TAG_READ | u64::from(id)),
+            IoOp::Read { offset: phys, buf },
+        );
+    }
+
+    /// Collects finished operations: record writes and flushes are settled here
+    /// (a failure takes the disk down), read completions go to `reads`. Bounded.
+    pub fn poll(&mut self, reads: &mut Vec<Completion>) {
+        reads.append(&mut self.parked);
+        let mut got = Vec::new();
+        self.dev.poll(POLL_MAX, &mut got);
+        for c in got {
+            if let Some(r) = self.settle(c) {
+                reads.push(r);
+            }
+        }
+    }
+
+    /// Settles a record write or flush completion; hands back anything else.
+    fn settle(&mut self, c: Completion) -> Option<Completion> {
+        match c.tag.0 & TAG_CLASS {
+            TAG_RECORD => {
+                self.inflight.remove(&(c.tag.0 & !TAG_CLASS));
+                let mut buf = c.buf;
+                let cap = buf.capacity();
+                buf.set_len(cap);
+                self.done_bufs.push(buf);
+                if let Err(e) = c.result {
+                    self.fail(e);
+                }
+                None
+            }
+            TAG_FLUSH => {
+                let covers = self.flushing.take().unwrap_or(self.durable_seq);
+                match c.result {
+                    Ok(()) => self.durable_seq = self.durable_seq.max(covers),
+                    Err(e) => {
+                        self.fail(e);
+                    }
+                }
+                None
+            }
+            _ => Some(c),
+        }
+    }
+
+    /// Blocks until the device finishes something (blocking paths only).
+    pub fn wait_device(&mut self) {
+        if self.parked.is_empty() {
+            self.dev.wait();
+        }
+    }
+
+    /// Read completions held back by a blocking wait.
+    pub fn has_parked(&self) -> bool {
+        !self.parked.is_empty() || self.dev.in_flight() > 0
+    }
+
+    /// Blocks until every record write and any flush in flight have completed.
+    pub fn settle_writes(&mut self) -> Result<(), StoreError> {
+        let mut got = Vec::new();
+        let errors_before = self.errors;
+        while !self.inflight.is_empty() || self.flushing.is_some() {
+            got.clear();
+            self.dev.poll(POLL_MAX, &mut got);
+            if got.is_empty() {
+                self.dev.wait();
+                continue;
+            }
+            for c in got.drain(..) {
+                if let Some(r) = self.settle(c) {
+                    self.parked.push(r);
+                }
+            }
+        }
+        if self.errors != errors_before {
+            return Err(self.unavailable());
+        }
         Ok(())
     }
 
@@ -964,29 +1086,57 @@ impl Volume {
         hdr.seal();
     }
 
-    /// Appends one record: `hdr` is sealed and copied into the first block of `rec`,
-    /// whose following blocks hold the payload, and `rec` goes to disk in one write.
-    /// Writes a WRAP first if the record does not fit before the end of the disk.
+    /// Appends one record, blocking until its write completed (compaction, duplicate
+    /// resolution): `hdr` is sealed and copied into the first block of `rec`, whose
+    /// following blocks hold the payload. Not flushed.
     pub fn append(
         &mut self,
         hdr: &mut RecordHeader,
         rec: &mut [u8],
         class: Reserve,
     ) -> Result<Appended, StoreError> {
-        self.check_online()?;
+        let mut own = AlignedBuf::new(rec.len());
+        own.copy_from_slice(rec);
+        let a = self.append_async(hdr, own, class).map_err(|(e, _)| e)?;
+        rec[..BLOCK].copy_from_slice(hdr.as_bytes());
+        self.settle_writes()?;
+        Ok(a)
+    }
+
+    /// Appends one record asynchronously: `hdr` is sealed and copied into the first
+    /// block of `rec` (its length is the record's size), whose following blocks hold
+    /// the payload, and `rec` goes to the device in one write. Writes a WRAP first if
+    /// the record does not fit before the end of the disk. The buffer comes back in
+    /// `done_bufs` when the write completes; on refusal it is handed back at once.
+    pub fn append_async(
+        &mut self,
+        hdr: &mut RecordHeader,
+        mut rec: AlignedBuf,
+        class: Reserve,
+    ) -> Result<Appended, (StoreError, AlignedBuf)> {
+        if let Err(e) = self.check_online() {
+            return Err((e, rec));
+        }
         let size = rec.len() as u64;
         if !self.fits(size, class) {
-            return Err(StoreError::NoSpace);
+            return Err((StoreError::NoSpace, rec));
         }
         let phys = self.phys(self.tail_lp);
         let to_end = self.sb.size_bytes - phys;
         if size > to_end {
             let mut wrap = RecordHeader::new(kind::WRAP);
-            self.seal(&mut wrap, self.next_seq);
-            self.scratch.copy_from_slice(wrap.as_bytes());
-            self.dev
-                .write_at(phys, &self.scratch)
-                .map_err(|e| self.fail(e))?;
+            let seq = self.next_seq;
+            self.seal(&mut wrap, seq);
+            let mut block = AlignedBuf::new(BLOCK);
+            block.copy_from_slice(wrap.as_bytes());
+            self.inflight.insert(seq);
+            self.dev.submit(
+                IoTag(TAG_RECORD | seq),
+                IoOp::Write {
+                    offset: phys,
+                    buf: block,
+                },
+            );
             self.next_seq += 1;
             self.tail_lp += to_end;
             self.wraps += 1;
@@ -995,7 +1145,14 @@ impl Volume {
         let seq = self.next_seq;
         self.seal(hdr, seq);
         rec[..BLOCK].copy_from_slice(hdr.as_bytes());
-        self.dev.write_at(phys, rec).map_err(|e| self.fail(e))?;
+        self.inflight.insert(seq);
+        self.dev.submit(
+            IoTag(TAG_RECORD | seq),
+            IoOp::Write {
+                offset: phys,
+                buf: rec,
+            },
+        );
         let lp = self.tail_lp;
         self.next_seq += 1;
         self.tail_lp += size;

@@ -133,6 +133,40 @@ fn dedup_refcounts_and_delete() {
 }
 
 #[test]
+fn delete_over_udp_is_refused_and_changes_nothing() {
+    let (_dir, node) = node();
+    let mut c = node.client();
+    let stored = c.store_bytes(&data(4, 5_000)).unwrap();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut msg = Vec::new();
+    encode_request(
+        &mut msg,
+        Opcode::Delete,
+        91,
+        0,
+        DeleteIn {
+            fingerprint: stored.fingerprint,
+        }
+        .as_bytes(),
+    );
+    udp.send_to(&msg, node.addr).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, _) = udp.recv_from(&mut buf).unwrap();
+    let (h, body) = Header::read_from_prefix(&buf[..n]).unwrap();
+    assert_eq!(h.request_id.get(), 91);
+    let (status, detail) = out_status(body).unwrap();
+    assert_eq!(status, Status::BadRequest);
+    assert_eq!(detail, Opcode::Delete as u32);
+    // Still there, with its one reference: the next (TCP) delete leaves zero.
+    let mut back = Vec::new();
+    c.retrieve(&stored.fingerprint, &mut back, &mut |_, _| {})
+        .unwrap();
+    assert_eq!(back.len(), 5_000);
+    assert_eq!(c.delete(&stored.fingerprint).unwrap(), 0);
+}
+
+#[test]
 fn contents_lists_every_object() {
     let (_dir, node) = node();
     let mut c = node.client();

@@ -145,6 +145,7 @@ impl Server {
     /// Runs until `stop` is set, then checkpoints the store and returns it.
     pub fn run(mut self, stop: &AtomicBool) -> io::Result<Store> {
         let mut events = Events::with_capacity(EVENTS_MAX);
+        let mut store_events = Vec::new();
         let mut more: Vec<Token> = Vec::new();
         let mut last_compact = Instant::now();
         let mut last_checkpoint = Instant::now();
@@ -175,7 +176,9 @@ impl Server {
                 }
             }
             NodeStats::inc(&self.stats.loop_turns);
-            let timeout = if more.is_empty() {
+            // With device operations in flight the loop polls without sleeping: their
+            // completions are what it waits for.
+            let timeout = if more.is_empty() && !self.store.busy() {
                 self.cfg.idle_sleep
             } else {
                 Duration::ZERO
@@ -186,6 +189,28 @@ impl Server {
                 Err(e) => return Err(e),
             }
             let mut ready: Vec<Token> = std::mem::take(&mut more);
+            // Device completions: each finished operation goes to its session, which
+            // is then driven with the others.
+            self.store.poll(&mut store_events);
+            for ev in store_events.drain(..) {
+                let token = Token(ev.user() as usize);
+                match self.sessions.get_mut(&token) {
+                    Some(session) => {
+                        let mut ctx = Ctx {
+                            store: &mut self.store,
+                            stats: &self.stats,
+                            id: &self.id,
+                        };
+                        session.on_store_event(&mut ctx, ev);
+                        ready.push(token);
+                    }
+                    None => {
+                        if let crate::store::StoreEvent::Read { id, .. } = ev {
+                            self.store.read_release(id);
+                        }
+                    }
+                }
+            }
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -321,7 +346,7 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let token = Token(self.next_token);
             self.next_token += 1;
-            let mut session = Session::new(stream, peer, self.cfg.chunk_max);
+            let mut session = Session::new(stream, peer, self.cfg.chunk_max, token.0 as u64);
             if let Err(e) = self.poll.registry().register(
                 session.stream_mut(),
                 token,

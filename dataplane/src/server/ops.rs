@@ -56,9 +56,10 @@ pub fn error_body(out: &mut Vec<u8>, status: Status, detail: u32) {
     out.extend_from_slice(OutHead::new(status, detail).as_bytes());
 }
 
-/// Handles NULL, DELETE, LOCATE, HEARTBEAT, GET_DISK_STATE, GET_DISK_STATUS and
-/// GET_LOAD: appends the Out body to `out` and returns its status. Streaming opcodes
-/// (STORE, RETRIEVE, RETRIEVE_RANGE, GET_CONTENTS) are not handled here.
+/// Handles NULL, LOCATE, HEARTBEAT, GET_DISK_STATE, GET_DISK_STATUS and GET_LOAD:
+/// appends the Out body to `out` and returns its status. Streaming opcodes (STORE,
+/// RETRIEVE, RETRIEVE_RANGE, GET_CONTENTS) and DELETE (answered when durable) are the
+/// session's; over UDP they get BAD_REQUEST.
 pub fn small_op(ctx: &mut Ctx<'_>, op: Opcode, body: &[u8], out: &mut Vec<u8>) -> Status {
     let status = match small_op_inner(ctx, op, body, out) {
         Ok(()) => Status::Success,
@@ -85,18 +86,6 @@ fn small_op_inner(
         Opcode::Null => {
             parse_exact::<NullIn>(op, body).map_err(bad)?;
             out.extend_from_slice(NullOut { head: ok() }.as_bytes());
-        }
-        Opcode::Delete => {
-            let fp = parse_exact::<DeleteIn>(op, body).map_err(bad)?.fingerprint;
-            NodeStats::inc(&ctx.stats.deletes);
-            let left = ctx.store.delete(&fp).map_err(|e| (status_of(&e), 0))?;
-            let reply = DeleteOut {
-                head: ok(),
-                fingerprint: fp,
-                refcount: left.into(),
-                reserved: 0.into(),
-            };
-            out.extend_from_slice(reply.as_bytes());
         }
         Opcode::Locate => {
             let fp = parse_exact::<LocateIn>(op, body).map_err(bad)?.fingerprint;
@@ -176,8 +165,15 @@ fn small_op_inner(
         }
         // An announcement is something a node sends, never something it is asked.
         Opcode::Announce => return Err((Status::BadRequest, op as u32)),
-        Opcode::Store | Opcode::Retrieve | Opcode::RetrieveRange | Opcode::GetContents => {
-            // Streaming operations need a connection; over UDP they are a client error.
+        // Streaming operations need a connection; DELETE changes state and must be
+        // answered exactly once, which a datagram cannot promise (a lost reply and a
+        // retry would drop two references): over UDP they are a client error. (Over
+        // TCP the session handles all four itself.)
+        Opcode::Store
+        | Opcode::Retrieve
+        | Opcode::RetrieveRange
+        | Opcode::GetContents
+        | Opcode::Delete => {
             return Err((Status::BadRequest, op as u32));
         }
     }

@@ -6,9 +6,16 @@
 //! store (the one copy, with MD5 in the same pass), and streams RETRIEVE data from the
 //! store in pieces as the socket drains, so no object is ever held whole in memory.
 //!
-//! Backpressure: while a response is streaming or the output buffer is above its high
-//! mark, the session stops decoding (and so stops reading), and TCP flow control pushes
-//! back on the client.
+//! Backpressure: while a response is streaming, the output buffer is above its high
+//! mark, or a request waits for the store (a read, or a commit or delete waiting for
+//! its flush), the session stops decoding (and so stops reading), and TCP flow control
+//! pushes back on the client. Replies therefore stay in request order.
+//!
+//! The store is asynchronous: a session starts a read, a commit or a delete with its
+//! own `user` value (its token) and goes on with other work; the loop hands it the
+//! store's [`StoreEvent`] when the operation finished, and the session answers then.
+//! A piece of a stream being read is reserved in the output buffer and held back from
+//! the socket (`hold`) until its bytes are in and verified.
 //!
 //! Latency: each request's arrival time travels with its state (store, stream) and is
 //! recorded in the node's histograms when its reply is queued — a STORE after its last
@@ -27,7 +34,7 @@ use zerocopy::{FromZeros, IntoBytes};
 
 use super::ops::{small_op, status_of, Ctx};
 use crate::stats::{NodeStats, OpClass};
-use crate::store::{DiskId, WriteId};
+use crate::store::{DiskId, ReadId, ReadStart, StoreError, StoreEvent, WriteId};
 
 /// Receive buffer: a header plus the largest body, with room for STORE data to flow.
 const RBUF_BYTES: usize = 256 * 1024;
@@ -68,6 +75,21 @@ enum StoreState {
     },
 }
 
+/// A request answered when the store says its record is durable.
+#[derive(Debug)]
+enum Waiting {
+    None,
+    Commit {
+        request_id: u64,
+        started: Instant,
+    },
+    Delete {
+        request_id: u64,
+        fp: Fingerprint,
+        started: Instant,
+    },
+}
+
 #[derive(Debug)]
 enum Outgoing {
     Object {
@@ -79,6 +101,12 @@ enum Outgoing {
         object_len: u64,
         failed: Option<Status>,
         started: Instant,
+        /// The stream header is not sent yet: the first piece decides between a
+        /// stream and a plain error status.
+        first: bool,
+        /// The piece being read: its id, where it sits in the output buffer (the
+        /// stream header first, for the first piece) and its length.
+        inflight: Option<(ReadId, usize, usize)>,
     },
     Contents {
         request_id: u64,
@@ -102,8 +130,14 @@ pub struct Session {
 }
 
 struct State {
+    /// This session's name in the store's events.
+    user: u64,
     out: Vec<u8>,
     out_pos: usize,
+    /// Bytes from here on are reserved for a piece still being read: not sent yet.
+    hold: Option<usize>,
+    /// A commit or delete waiting for its flush.
+    waiting: Waiting,
     store: StoreState,
     outgoing: Option<Outgoing>,
     /// Flush what is queued, then close (after a framing error or EOF).
@@ -122,7 +156,12 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    pub fn new(stream: mio::net::TcpStream, peer: SocketAddr, chunk_max: u32) -> Session {
+    pub fn new(
+        stream: mio::net::TcpStream,
+        peer: SocketAddr,
+        chunk_max: u32,
+        user: u64,
+    ) -> Session {
         Session {
             stream,
             peer,
@@ -131,8 +170,11 @@ impl Session {
             rend: 0,
             decoder: RequestDecoder::new(chunk_max),
             st: State {
+                user,
                 out: Vec::with_capacity(OUT_HIGH + PIECE_BYTES + 1024),
                 out_pos: 0,
+                hold: None,
+                waiting: Waiting::None,
                 store: StoreState::None,
                 outgoing: None,
                 closing: false,
@@ -168,17 +210,22 @@ impl Session {
             ctx.store.abort(write);
             NodeStats::inc(&ctx.stats.stores_aborted);
         }
+        // A read in flight finishes on the device anyway; the loop releases it when
+        // its event finds no session. A commit or delete in flight completes durably
+        // without anyone to tell.
         self.st.set_busy(ctx, false);
     }
 
     /// Moves bytes until the socket blocks, the work runs out or the step bound is hit.
     pub fn drive(&mut self, ctx: &mut Ctx<'_>) -> Drive {
+        let mut blocked = false;
         for _ in 0..STEPS_MAX {
             let mut progress = false;
 
             // 1. Send what is queued.
-            if self.st.out_pos < self.st.out.len() {
-                match self.stream.write(&self.st.out[self.st.out_pos..]) {
+            let sendable = self.st.hold.unwrap_or(self.st.out.len());
+            if self.st.out_pos < sendable {
+                match self.stream.write(&self.st.out[self.st.out_pos..sendable]) {
                     Ok(0) => return Drive::Close,
                     Ok(n) => {
                         self.st.out_pos += n;
@@ -197,15 +244,27 @@ impl Session {
             }
             let pending = self.st.out.len() - self.st.out_pos;
 
-            // 2. Produce more of a streaming response when the output has room.
-            if self.st.outgoing.is_some() && pending < OUT_HIGH {
+            // 2. Produce more of a streaming response when the output has room and no
+            //    piece is being read.
+            if self.st.outgoing.is_some() && pending < OUT_HIGH && !self.st.reading() {
                 self.st.produce(ctx);
                 progress = true;
             }
 
-            // 3. Decode requests, unless backpressured or closing.
+            // 3. Decode requests, unless backpressured, waiting for the store, or
+            //    closing. A STORE whose next segment would need a staging buffer the
+            //    store cannot spare waits here too (the loop drives it again).
+            let store_full = match self.st.store {
+                StoreState::Writing { write, .. } => !ctx.store.can_append(write, RBUF_BYTES),
+                _ => false,
+            };
+            if store_full {
+                blocked = true;
+            }
             if !self.st.closing
                 && self.st.outgoing.is_none()
+                && matches!(self.st.waiting, Waiting::None)
+                && !store_full
                 && self.st.out.len() - self.st.out_pos < OUT_HIGH
             {
                 match self.decoder.decode(&self.rbuf[self.rstart..self.rend]) {
@@ -250,15 +309,23 @@ impl Session {
                 }
             }
 
-            if self.st.closing && self.st.outgoing.is_none() && self.st.out_pos == self.st.out.len()
+            if self.st.closing
+                && self.st.outgoing.is_none()
+                && matches!(self.st.waiting, Waiting::None)
+                && self.st.out_pos == self.st.out.len()
             {
                 return Drive::Close;
             }
             if !progress {
-                return Drive::Idle;
+                return if blocked { Drive::More } else { Drive::Idle };
             }
         }
         Drive::More
+    }
+
+    /// Hands the session what the store finished for it; the loop drives it next.
+    pub fn on_store_event(&mut self, ctx: &mut Ctx<'_>, ev: StoreEvent) {
+        self.st.on_store_event(ctx, ev);
     }
 }
 
@@ -411,6 +478,7 @@ impl State {
                         self.start_retrieve(ctx, op, id, body, started)
                     }
                     Ok(Opcode::GetContents) => self.start_contents(ctx, id, body, started),
+                    Ok(Opcode::Delete) => self.start_delete(ctx, id, body, started),
                     Ok(op) => {
                         let at = self.out.len();
                         self.out.extend_from_slice(Header::new_zeroed().as_bytes());
@@ -419,12 +487,7 @@ impl State {
                         let h = Header::new(Kind::Response, op, id, len, 0);
                         self.out[at..at + Header::SIZE].copy_from_slice(h.as_bytes());
                         NodeStats::inc(&ctx.stats.ops_total);
-                        let class = if op == Opcode::Delete {
-                            OpClass::Delete
-                        } else {
-                            OpClass::Other
-                        };
-                        State::done(ctx, class, started);
+                        State::done(ctx, OpClass::Other, started);
                     }
                 }
             }
@@ -497,11 +560,17 @@ impl State {
                     request_id,
                     write,
                     started,
-                } => (
-                    request_id,
-                    ctx.store.commit(write).map_err(|e| (status_of(&e), 0)),
-                    started,
-                ),
+                } => match ctx.store.commit_start(write, self.user) {
+                    // The answer comes with the store's event, once durable.
+                    Ok(()) => {
+                        self.waiting = Waiting::Commit {
+                            request_id,
+                            started,
+                        };
+                        return;
+                    }
+                    Err(e) => (request_id, Err((status_of(&e), 0)), started),
+                },
                 StoreState::Discarding {
                     request_id,
                     status,
@@ -510,6 +579,16 @@ impl State {
                 } => (request_id, Err((status, detail)), started),
                 StoreState::None => return,
             };
+        self.answer_store(ctx, request_id, result, started);
+    }
+
+    fn answer_store(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        request_id: u64,
+        result: Result<crate::store::Committed, (Status, u32)>,
+        started: Instant,
+    ) {
         match result {
             Ok(c) => {
                 let out = StoreOut {
@@ -529,6 +608,124 @@ impl State {
         }
         State::done(ctx, OpClass::Store, started);
         self.set_busy(ctx, false);
+    }
+
+    /// DELETE: the reference record is appended now and the answer follows when it
+    /// is durable (group commit, like a STORE's).
+    fn start_delete(&mut self, ctx: &mut Ctx<'_>, request_id: u64, body: &[u8], started: Instant) {
+        NodeStats::inc(&ctx.stats.deletes);
+        let fp = match parse_exact::<DeleteIn>(Opcode::Delete, body) {
+            Ok(req) => req.fingerprint,
+            Err(_) => {
+                NodeStats::inc(&ctx.stats.bad_requests);
+                self.reply_error(
+                    ctx,
+                    Opcode::Delete as u16,
+                    request_id,
+                    Status::BadRequest,
+                    body.len() as u32,
+                );
+                return State::done(ctx, OpClass::Delete, started);
+            }
+        };
+        match ctx.store.delete_start(&fp, self.user) {
+            Ok(()) => {
+                self.set_busy(ctx, true);
+                self.waiting = Waiting::Delete {
+                    request_id,
+                    fp,
+                    started,
+                };
+            }
+            Err(e) => {
+                self.reply_error(ctx, Opcode::Delete as u16, request_id, status_of(&e), 0);
+                State::done(ctx, OpClass::Delete, started);
+            }
+        }
+    }
+
+    fn answer_delete(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        request_id: u64,
+        fp: Fingerprint,
+        result: Result<u32, StoreError>,
+        started: Instant,
+    ) {
+        match result {
+            Ok(left) => {
+                let reply = DeleteOut {
+                    head: OutHead::new(Status::Success, 0),
+                    fingerprint: fp,
+                    refcount: left.into(),
+                    reserved: 0.into(),
+                };
+                self.reply(ctx, Opcode::Delete as u16, request_id, reply.as_bytes());
+            }
+            Err(e) => self.reply_error(ctx, Opcode::Delete as u16, request_id, status_of(&e), 0),
+        }
+        State::done(ctx, OpClass::Delete, started);
+        self.set_busy(ctx, false);
+    }
+
+    fn reading(&self) -> bool {
+        matches!(
+            self.outgoing,
+            Some(Outgoing::Object {
+                inflight: Some(_),
+                ..
+            })
+        )
+    }
+
+    fn on_store_event(&mut self, ctx: &mut Ctx<'_>, ev: StoreEvent) {
+        match ev {
+            StoreEvent::Committed { result, .. } => {
+                if let Waiting::Commit {
+                    request_id,
+                    started,
+                } = std::mem::replace(&mut self.waiting, Waiting::None)
+                {
+                    let result = result.map_err(|e| (status_of(&e), 0));
+                    self.answer_store(ctx, request_id, result, started);
+                }
+            }
+            StoreEvent::Deleted { result, .. } => {
+                if let Waiting::Delete {
+                    request_id,
+                    fp,
+                    started,
+                } = std::mem::replace(&mut self.waiting, Waiting::None)
+                {
+                    self.answer_delete(ctx, request_id, fp, result, started);
+                }
+            }
+            StoreEvent::Read { id, .. } => {
+                let Some(Outgoing::Object {
+                    inflight: Some((want, at, n)),
+                    first,
+                    ..
+                }) = &mut self.outgoing
+                else {
+                    ctx.store.read_release(id);
+                    return;
+                };
+                if *want != id {
+                    ctx.store.read_release(id);
+                    return;
+                }
+                let (at, n, first) = (*at, *n, *first);
+                let data_at = if first { at + StreamHeader::SIZE } else { at };
+                let result = ctx
+                    .store
+                    .read_finish(id, &mut self.out[data_at..data_at + n]);
+                if let Some(Outgoing::Object { inflight, .. }) = &mut self.outgoing {
+                    *inflight = None;
+                }
+                self.hold = None;
+                self.piece_done(ctx, at, n, result.map(|_| ()));
+            }
+        }
     }
 
     fn start_retrieve(
@@ -578,38 +775,120 @@ impl State {
                 }
             },
         };
-        // Read the first piece before announcing the stream, so an object on a failed
-        // or offline disk gets a plain error status instead of a stream of nothing.
-        let at = self.out.len();
-        let first = PIECE_BYTES.min((end - next) as usize);
-        self.out.resize(at + StreamHeader::SIZE + first, 0);
-        if let Err(e) = ctx
-            .store
-            .read(&fp, next, &mut self.out[at + StreamHeader::SIZE..])
-        {
-            self.out.truncate(at);
-            if matches!(e, crate::store::StoreError::Corrupt { .. }) {
-                NodeStats::inc(&ctx.stats.checksum_mismatches);
-            }
-            let status = status_of(&e);
-            return early(self, ctx, status, OutHead::new(status, 0).as_bytes());
-        }
-        self.out[at..at + StreamHeader::SIZE]
-            .copy_from_slice(StreamHeader::new(request_id, end - next).as_bytes());
+        // The first piece is read before the stream is announced, so an object on a
+        // failed or offline disk gets a plain error status instead of a stream of
+        // nothing.
         self.set_busy(ctx, true);
         self.outgoing = Some(Outgoing::Object {
             request_id,
             opcode: op,
             fp,
-            next: next + first as u64,
+            next,
             end,
             object_len: meta.len,
             failed: None,
             started,
+            first: true,
+            inflight: None,
         });
+        self.request_piece(ctx);
+    }
+
+    /// Starts reading the next piece of the object being streamed into a region
+    /// reserved at the end of the output buffer (after the stream header, for the
+    /// first piece). A cache hit completes it at once.
+    fn request_piece(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(Outgoing::Object {
+            fp,
+            next,
+            end,
+            first,
+            failed,
+            ..
+        }) = &self.outgoing
+        else {
+            return;
+        };
+        let (fp, next, end, first, failed) = (*fp, *next, *end, *first, failed.is_some());
+        let n = PIECE_BYTES.min((end - next) as usize);
+        let at = self.out.len();
+        let data_at = if first { at + StreamHeader::SIZE } else { at };
+        self.out.resize(data_at + n, 0);
+        if n == 0 || failed {
+            // Nothing to read (an empty object), or the stream already failed: the
+            // promised length is filled with zeros.
+            return self.piece_done(ctx, at, n, Ok(()));
+        }
+        let user = self.user;
+        match ctx
+            .store
+            .read_start(&fp, next, &mut self.out[data_at..data_at + n], user)
+        {
+            Ok(ReadStart::Ready(_)) => self.piece_done(ctx, at, n, Ok(())),
+            Ok(ReadStart::Pending(id)) => {
+                if let Some(Outgoing::Object { inflight, .. }) = &mut self.outgoing {
+                    *inflight = Some((id, at, n));
+                }
+                self.hold = Some(at);
+            }
+            Err(e) => self.piece_done(ctx, at, n, Err(e)),
+        }
+    }
+
+    /// A piece is in (or failed): announce the stream after a good first piece, or
+    /// answer with a plain error after a failed first piece; a later piece that fails
+    /// is sent as zeros (the length is promised) and the final status says why.
+    fn piece_done(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        at: usize,
+        n: usize,
+        result: Result<(), StoreError>,
+    ) {
+        let Some(Outgoing::Object {
+            request_id,
+            opcode,
+            fp,
+            next,
+            end,
+            failed,
+            first,
+            started,
+            ..
+        }) = &mut self.outgoing
+        else {
+            return;
+        };
+        let data_at = if *first { at + StreamHeader::SIZE } else { at };
+        if let Err(e) = result {
+            if matches!(e, StoreError::Corrupt { .. }) {
+                NodeStats::inc(&ctx.stats.checksum_mismatches);
+            }
+            let status = status_of(&e);
+            if *first {
+                let (op, id, started) = (*opcode, *request_id, *started);
+                self.out.truncate(at);
+                self.outgoing = None;
+                NodeStats::error(ctx.stats, status);
+                let body = OutHead::new(status, 0);
+                self.reply(ctx, op as u16, id, body.as_bytes());
+                State::done(ctx, OpClass::Retrieve, started);
+                self.set_busy(ctx, false);
+                return;
+            }
+            tracing::error!(fp = %fp, error = %e, "read failed mid-stream");
+            *failed = Some(status);
+            self.out[data_at..data_at + n].fill(0);
+        }
+        if *first {
+            let h = StreamHeader::new(*request_id, *end - *next);
+            self.out[at..at + StreamHeader::SIZE].copy_from_slice(h.as_bytes());
+            *first = false;
+        }
+        *next += n as u64;
         // A small object fits in the first piece: append its Out now so the whole
         // reply leaves in one send and the client wakes once.
-        if next + first as u64 == end {
+        if *next == *end {
             self.produce(ctx);
         }
     }
@@ -658,32 +937,14 @@ impl State {
                 object_len,
                 failed,
                 started,
+                inflight,
+                ..
             } => {
-                if *next < *end {
-                    let n = PIECE_BYTES.min((*end - *next) as usize);
-                    let at = self.out.len();
-                    self.out.resize(at + n, 0);
-                    if failed.is_none() {
-                        // Every block is checked against its CRC-32C on the way
-                        // out; those CRCs were computed from the same buffer the
-                        // fingerprint was, so verified blocks are the fingerprinted
-                        // bytes. (The client re-checks the MD5 of whole objects.)
-                        match ctx.store.read(fp, *next, &mut self.out[at..]) {
-                            Ok(_) => {}
-                            Err(e) => {
-                                // The length is already promised: send zeros in place of
-                                // the bad bytes and say so in the final status.
-                                tracing::error!(fp = %fp, error = %e, "read failed mid-stream");
-                                if matches!(e, crate::store::StoreError::Corrupt { .. }) {
-                                    NodeStats::inc(&ctx.stats.checksum_mismatches);
-                                }
-                                *failed = Some(status_of(&e));
-                                self.out[at..].fill(0);
-                            }
-                        }
-                    }
-                    *next += n as u64;
+                if inflight.is_some() {
                     return;
+                }
+                if *next < *end {
+                    return self.request_piece(ctx);
                 }
                 let status = failed.unwrap_or(Status::Success);
                 let out = RetrieveOut {

@@ -1,114 +1,49 @@
-//! Store and fetch throughput of a real `dosd` over loopback, side by side with a peer
-//! measured in the same run, and the cost of inline MD5 next to a plain MD5 loop.
+//! Store and fetch throughput of a real `dosd` over loopback, side by side with its
+//! peers measured in the same run, and the cost of inline MD5 next to a plain MD5 loop.
 //!
-//! Run: `cargo bench --bench throughput` (DOSD_BENCH_SECS bounds each measurement,
-//! default 3 s). Prints one table; ratios are dosd ÷ peer, so 1.00 means "as fast as
-//! the thinnest possible server on the same disk and network".
+//! Run: `cargo bench --bench throughput` (see benches/README.md). Three parts, each
+//! printing its own table; DOSD_BENCH_PARTS (default `single,side,md5`) picks some.
+//! Ratios are dosd ÷ peer, so 1.00 means "as fast as the peer on the same disk and
+//! network".
 //!
-//! The peer: a minimal TCP server in this process that, per object, receives the bytes
-//! into a file on the same filesystem as dosd's disks and fdatasyncs it before
-//! acknowledging (durable, like a dosd STORE), and for fetch reads the file back and
-//! sends it. No protocol, no hashing, no index: the ceiling the hardware gives.
-//! `peer+md5` is the same peer computing the MD5 of what it receives, as dosd must:
-//! the ratio against it is the cost of dosd's data path beyond hashing.
+//! - `single`: one client, one request at a time, against the durable peer
+//!   ([`peer`]): the thinnest durable TCP server, which writes each object to a file on
+//!   the same filesystem as dosd's disks and fdatasyncs it before acknowledging, and
+//!   for fetch reads the file back and sends it. `peer+md5` is the same peer computing
+//!   the MD5 of what it receives, as dosd must: the ratio against it is the cost of
+//!   dosd's data path beyond hashing.
+//! - `side`: 1, 8 and 64 concurrent clients ([`side_by_side`]): durable 4 KiB stores
+//!   against the durable peer, and 4 KiB, 4 MiB and 64 KiB-range fetches against nginx,
+//!   warm and cold, with both servers' CPU seconds per GB.
+//! - `md5`: the store's inline MD5 path against a plain MD5 loop.
+//!
+//! Every measurement is bounded by DOSD_BENCH_SECS (default 3 s) and an operation
+//! count; nothing here asserts a time.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../../tests/common/mod.rs"]
 mod common;
+mod http;
+mod load;
+mod nginx;
+mod peer;
+mod side_by_side;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{data, Node};
+use common::{data, unique_group, Node};
 
 use dosp::client::Client;
 use dosp::Fingerprint;
+use load::Rate;
+use peer::{Peer, PeerConn, OP_STORE, OP_STORE_MD5};
 
 fn bench_secs() -> f64 {
     std::env::var("DOSD_BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0)
-}
-
-/// The peer: u64 op (0 store, 1 fetch), u64 id, u64 len, then data for a store; replies
-/// one byte (store) or the data (fetch).
-fn start_peer(dir: PathBuf) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind peer");
-    let addr = listener.local_addr().expect("peer addr").to_string();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { continue };
-            let dir = dir.clone();
-            std::thread::spawn(move || {
-                let _ = s.set_nodelay(true);
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let mut head = [0u8; 24];
-                    if s.read_exact(&mut head).is_err() {
-                        return;
-                    }
-                    let word = |i: usize| {
-                        u64::from_le_bytes(head[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
-                    };
-                    let (op, id, len) = (word(0), word(1), word(2));
-                    let path = dir.join(format!("obj{id}"));
-                    if op == 0 || op == 2 {
-                        let mut f = std::fs::File::create(&path).expect("peer file");
-                        let mut md5 = (op == 2).then(<md5::Md5 as md5::Digest>::new);
-                        let mut left = len as usize;
-                        while left > 0 {
-                            let n = left.min(buf.len());
-                            if s.read_exact(&mut buf[..n]).is_err() {
-                                return;
-                            }
-                            if let Some(m) = md5.as_mut() {
-                                md5::Digest::update(m, &buf[..n]);
-                            }
-                            f.write_all(&buf[..n]).expect("peer write");
-                            left -= n;
-                        }
-                        if let Some(m) = md5 {
-                            std::hint::black_box(md5::Digest::finalize(m));
-                        }
-                        f.sync_data().expect("peer fdatasync");
-                        if s.write_all(&[1]).is_err() {
-                            return;
-                        }
-                    } else {
-                        let mut f = std::fs::File::open(&path).expect("peer open");
-                        loop {
-                            let n = f.read(&mut buf).expect("peer read");
-                            if n == 0 {
-                                break;
-                            }
-                            if s.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-struct Rate {
-    ops: u64,
-    bytes: u64,
-    secs: f64,
-}
-
-impl Rate {
-    fn mib_s(&self) -> f64 {
-        self.bytes as f64 / self.secs / (1 << 20) as f64
-    }
-    fn ops_s(&self) -> f64 {
-        self.ops as f64 / self.secs
-    }
 }
 
 /// Runs `op(i)` repeatedly for about `secs` (at least `min_ops` times, at most `max_ops`).
@@ -123,35 +58,59 @@ fn measure(size: usize, min_ops: u64, max_ops: u64, mut op: impl FnMut(u64)) -> 
         ops,
         bytes: ops * size as u64,
         secs: t.elapsed().as_secs_f64(),
+        server_cpu_s: 0.0,
     }
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(peer::PEER_ARG) {
+        let dir = args.get(2).expect("--durable-peer DIR");
+        peer::serve(dir.into());
+        return;
+    }
     // `cargo test --benches` runs this with --bench absent: keep that quick.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !args.iter().any(|a| a == "--bench") {
         println!("throughput: run with `cargo bench --bench throughput`");
         return;
     }
+    let parts = std::env::var("DOSD_BENCH_PARTS").unwrap_or_else(|_| "single,side,md5".into());
+    let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
     let tmp = tempfile::tempdir_in(std::env::var("DOSD_BENCH_DIR").unwrap_or_else(|_| ".".into()))
         .expect("tempdir");
+    println!(
+        "dosd throughput over loopback, {} s per measurement, {} ({}), {} cores",
+        bench_secs(),
+        chrono_free_date(),
+        git_head(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    if part("single") {
+        single_client(tmp.path());
+    }
+    if part("side") {
+        side_by_side::run(&side_by_side::Config::from_env(bench_secs()), tmp.path());
+    }
+    if part("md5") {
+        md5_inline_vs_plain();
+    }
+}
+
+/// The single-client table: dosd against the durable peer, one request at a time.
+fn single_client(tmp: &Path) {
     let dosd = Node::start_bare(
-        &tmp.path().join("dosd"),
-        "239.255.73.99:27371",
+        &tmp.join("dosd"),
+        &unique_group(),
         &["--disks", "2", "--disk-size", "2G"],
     );
-    let peer_dir = tmp.path().join("peer");
+    let peer_dir = tmp.join("peer");
     std::fs::create_dir_all(&peer_dir).expect("peer dir");
-    let peer_addr = start_peer(peer_dir);
+    let peer_server = Peer::start(&peer_dir);
     let mut client =
         Client::connect(&dosd.node_arg(), Duration::from_secs(30)).expect("connect dosd");
-    let mut peer = TcpStream::connect(&peer_addr).expect("connect peer");
-    peer.set_nodelay(true).expect("nodelay");
+    let mut peer = PeerConn::connect(&peer_server.addr).expect("connect peer");
 
-    println!(
-        "dosd throughput over loopback, {} s per measurement, {}",
-        bench_secs(),
-        chrono_free_date()
-    );
+    println!();
     println!(
         "{:<16} {:<9} {:>12} {:>12} {:>12} {:>12} {:>8}",
         "operation", "against", "dosd MiB/s", "dosd ops/s", "peer MiB/s", "peer ops/s", "ratio"
@@ -174,18 +133,11 @@ fn main() {
         let mut peer_store_op = |op: u64| {
             measure(size, 5, max_ops, |i| {
                 let o = &objects[(i % objects.len() as u64) as usize];
-                let mut head = Vec::with_capacity(24);
-                for w in [op, i, size as u64] {
-                    head.extend_from_slice(&w.to_le_bytes());
-                }
-                peer.write_all(&head).expect("peer head");
-                peer.write_all(o).expect("peer data");
-                let mut ack = [0u8; 1];
-                peer.read_exact(&mut ack).expect("peer ack");
+                peer.store(op, i, o).expect("peer store");
             })
         };
-        let peer_store_md5 = peer_store_op(2);
-        let peer_store = peer_store_op(0);
+        let peer_store_md5 = peer_store_op(OP_STORE_MD5);
+        let peer_store = peer_store_op(OP_STORE);
         let stored = fps.len() as u64;
         let peer_stored = peer_store.ops;
         let fetch = measure(size, 5, max_ops, |i| {
@@ -196,23 +148,13 @@ fn main() {
         });
         let mut buf = vec![0u8; size];
         let peer_fetch = measure(size, 5, max_ops, |i| {
-            let mut head = Vec::with_capacity(24);
-            for w in [1u64, i % peer_stored, size as u64] {
-                head.extend_from_slice(&w.to_le_bytes());
-            }
-            peer.write_all(&head).expect("peer head");
-            peer.read_exact(&mut buf).expect("peer data");
+            peer.fetch(i % peer_stored, &mut buf).expect("peer fetch");
         });
-        for (op, d, p) in [
-            ("store", &store, &peer_store),
-            ("store", &store, &peer_store_md5),
-            ("fetch", &fetch, &peer_fetch),
+        for (op, d, p, peer_name) in [
+            ("store", &store, &peer_store, "peer"),
+            ("store", &store, &peer_store_md5, "peer+md5"),
+            ("fetch", &fetch, &peer_fetch, "peer"),
         ] {
-            let peer_name = if std::ptr::eq(p, &peer_store_md5) {
-                "peer+md5"
-            } else {
-                "peer"
-            };
             println!(
                 "{:<16} {:<9} {:>12.1} {:>12.0} {:>12.1} {:>12.0} {:>8.2}",
                 format!("{op} {label}"),
@@ -225,7 +167,15 @@ fn main() {
             );
         }
     }
-    md5_inline_vs_plain();
+}
+
+/// The commit measured, as `git describe` would name it (empty outside a checkout).
+fn git_head() -> String {
+    Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 fn chrono_free_date() -> String {

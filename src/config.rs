@@ -23,6 +23,11 @@ pub const DISK_SIZE_MIN: u64 = 16 << 20;
 pub const HEARTBEAT_MS_DEFAULT: u64 = 1000;
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 600_000;
+/// Connections the dataplane serves at once. Each holds a file descriptor and up to
+/// about 1 MiB of buffers (256 KiB in, up to 768 KiB out), touched only as used.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
+/// A bound on `connections_max`, so a typo cannot ask for millions of descriptors.
+pub const CONNECTIONS_MAX_LIMIT: usize = 65_536;
 /// One disk down degrades the node; two make it failing.
 pub const DISKS_DOWN_MAX_DEFAULT: u16 = 1;
 /// The dataplane loop turns at least every 100 ms when idle (its idle sleep), so 2 s
@@ -84,6 +89,10 @@ pub struct Flags {
     /// Close a connection silent this long between requests [default: 600000]
     #[arg(long)]
     pub idle_timeout_ms: Option<u64>,
+    /// Connections served at once, 1 to 65536; when all are taken, the one idle the
+    /// longest is closed to admit a new one [default: 1024]
+    #[arg(long)]
+    pub connections_max: Option<usize>,
     /// Bearer token for the REST endpoints that change things (disk offline/online);
     /// without one they are disabled
     #[arg(long, env = "DOSD_MGMT_TOKEN", hide_env_values = true)]
@@ -126,6 +135,7 @@ pub struct FileConfig {
     pub heartbeat_ms: Option<u64>,
     pub request_timeout_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
+    pub connections_max: Option<usize>,
     pub mgmt_token: Option<String>,
     pub disks_down_max: Option<u16>,
     pub dataplane_stall_ms: Option<u64>,
@@ -166,6 +176,7 @@ pub struct Config {
     pub heartbeat_ms: u64,
     pub request_timeout_ms: u64,
     pub idle_timeout_ms: u64,
+    pub connections_max: usize,
     /// `None`: the REST endpoints that change things are disabled.
     pub mgmt_token: Option<String>,
     pub disks_down_max: u16,
@@ -339,6 +350,17 @@ impl Config {
                 ));
             }
         }
+        let connections_max = flags
+            .connections_max
+            .or(file.connections_max)
+            .unwrap_or(CONNECTIONS_MAX_DEFAULT);
+        if !(1..=CONNECTIONS_MAX_LIMIT).contains(&connections_max) {
+            return Err(invalid(
+                "connections_max",
+                &connections_max.to_string(),
+                format!("must be 1 to {CONNECTIONS_MAX_LIMIT}"),
+            ));
+        }
         let test_stall_ms = flags
             .test_hooks
             .then(|| flags.test_stall_ms.unwrap_or(TEST_STALL_MS_DEFAULT));
@@ -386,6 +408,7 @@ impl Config {
                 .or(file.idle_timeout_ms)
                 .unwrap_or(IDLE_TIMEOUT_MS_DEFAULT)
                 .max(1),
+            connections_max,
         })
     }
 }
@@ -491,6 +514,30 @@ mod tests {
         ] {
             assert!(Config::resolve(bad).is_err());
         }
+    }
+
+    #[test]
+    fn connections_max_from_flag_or_file_and_checked() {
+        let c = Config::resolve(Flags::default()).unwrap();
+        assert_eq!(c.connections_max, CONNECTIONS_MAX_DEFAULT);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dosd.toml");
+        std::fs::write(&path, "connections_max = 300\n").unwrap();
+        let from_file = Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        };
+        assert_eq!(Config::resolve(from_file).unwrap().connections_max, 300);
+        let parse = |args: &[&str]| Flags::try_parse_from([&["dosd"], args].concat());
+        let flag = parse(&["--config", path.to_str().unwrap(), "--connections-max", "7"]);
+        assert_eq!(Config::resolve(flag.unwrap()).unwrap().connections_max, 7);
+
+        for bad in ["0", "65537"] {
+            let e = Config::resolve(parse(&["--connections-max", bad]).unwrap()).unwrap_err();
+            assert!(e.to_string().contains("1 to 65536"), "{bad}: {e}");
+        }
+        assert!(parse(&["--connections-max", "-1"]).is_err());
     }
 
     #[test]

@@ -232,7 +232,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         node_id,
         epoch,
         chunk_max: dosp::wire::CHUNK_MAX_DEFAULT,
-        connections_max: 1024,
+        connections_max: cfg.connections_max,
         idle_sleep: Duration::from_millis(100),
         checkpoint_interval: Duration::from_secs(5),
         request_timeout: Duration::from_millis(cfg.request_timeout_ms),

@@ -763,6 +763,8 @@ fn config_file_flags_and_clear_start_up_errors() {
         (&["--disk-size", "1M"][..], "at least"),
         (&["--disks", "0"][..], "invalid disks"),
         (&["--node-id", "xyz"][..], "invalid node id"),
+        (&["--connections-max", "0"][..], "invalid connections_max"),
+        (&["--connections-max", "70000"][..], "must be 1 to 65536"),
         (&["--disk", "floppy:a"][..], "expected nvme:SERIAL"),
         (
             &["--disk", "nvme:NO-SUCH-SERIAL"][..],

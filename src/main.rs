@@ -5,6 +5,7 @@
 
 mod config;
 mod datadir;
+mod fdlimit;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -179,6 +180,20 @@ impl TestSignals {
 
 fn run(flags: Flags) -> anyhow::Result<()> {
     let cfg = Config::resolve(flags)?;
+    // Before anything is opened: every descriptor the configuration may need must be
+    // there when it is needed, or the node does not start.
+    match fdlimit::ensure(cfg.connections_max, cfg.disks)? {
+        fdlimit::Outcome::Enough { soft } => {
+            tracing::debug!(limit = soft, "file descriptor limit suffices")
+        }
+        fdlimit::Outcome::RaisedSoft { from, to } | fdlimit::Outcome::RaisedHard { from, to } => {
+            tracing::info!(
+                from,
+                to,
+                "raised the file descriptor limit for connections_max"
+            )
+        }
+    }
     let dir = datadir::DataDir::open(&cfg.data_dir)?;
     let node_id = match cfg.node_id {
         Some(id) => id,

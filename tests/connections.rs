@@ -4,7 +4,72 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
 use common::*;
+use dosp::codec::encode_request;
+use dosp::wire::*;
+use zerocopy::FromBytes;
+
+/// How long any single wait on the node may take before the test fails.
+const WAIT: Duration = Duration::from_secs(10);
+
+fn raw(node: &Node) -> TcpStream {
+    let s = TcpStream::connect_timeout(&node.addr, WAIT).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+fn send_null(s: &mut TcpStream, id: u64) {
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::Null, id, 0, &[]);
+    s.write_all(&msg).unwrap();
+}
+
+/// Reads one response header + body.
+fn read_response(s: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)> {
+    let mut h = [0u8; Header::SIZE];
+    s.read_exact(&mut h)?;
+    let header = Header::read_from_bytes(&h).unwrap();
+    header.check(Kind::Response).unwrap();
+    let mut body = vec![0u8; header.body_len.get() as usize];
+    s.read_exact(&mut body)?;
+    Ok((header, body))
+}
+
+/// The status of the next response on `s`.
+fn status(s: &mut TcpStream) -> Status {
+    let (_, body) = read_response(s).expect("a response");
+    out_status(&body).unwrap().0
+}
+
+/// True once the node has closed `s` (EOF or reset), within the read timeout.
+fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => {
+                return !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                )
+            }
+        }
+    }
+}
+
+fn signal(node: &Node, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &node.child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} failed");
+}
 
 #[test]
 fn the_descriptor_limit_is_raised_for_connections_max_or_start_up_is_refused() {
@@ -66,4 +131,42 @@ fn the_descriptor_limit_is_raised_for_connections_max_or_start_up_is_refused() {
     .unwrap_or_else(|log| panic!("dosd did not start with a fitting connections_max:\n{log}"));
     assert_eq!(node.nofile_limits(), (256, 256));
     node.client().ping().unwrap();
+}
+
+#[test]
+fn a_burst_of_connections_is_served_without_waiting_for_another_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        &unique_group(),
+        &["--test-hooks", "--test-stall-ms", "1500"],
+    );
+    // 120: more than one readiness event used to take (64), within the kernel's
+    // queue even at std's fixed backlog of 128, so nothing would ever wake the loop
+    // for the rest. 300: more than one accept pass takes (256), so the loop must come
+    // back by itself, and more than a backlog of 128 holds.
+    for (round, n) in [120u64, 300].into_iter().enumerate() {
+        // Stall the loop so that the whole burst queues up before it looks: one
+        // readiness event for all of it. (If the stall comes late, the burst is spread
+        // over several events and the test only gets easier.)
+        signal(&node, "USR2");
+        std::thread::sleep(Duration::from_millis(300));
+        let mut conns: Vec<TcpStream> = (0..n).map(|_| raw(&node)).collect();
+        for (id, s) in conns.iter_mut().enumerate() {
+            send_null(s, id as u64);
+        }
+        // No other client connects from here on: every one is answered all the same.
+        for (id, s) in conns.iter_mut().enumerate() {
+            let (h, body) = read_response(s).unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: connection {id} of {n} stranded: {e}\n{}",
+                    node.log()
+                )
+            });
+            assert_eq!(h.request_id.get(), id as u64);
+            assert_eq!(out_status(&body).unwrap().0, Status::Success);
+        }
+        // Let the stall's end pass before the next round's stall.
+        std::thread::sleep(Duration::from_millis(1500));
+    }
 }

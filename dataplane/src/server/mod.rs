@@ -11,6 +11,7 @@
 //! epoll when idle, so an idle node does not burn its core; the poll timeout is bounded
 //! so shutdown and timers are noticed promptly.
 
+pub mod accept;
 pub mod cluster;
 pub mod ops;
 pub mod session;
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 
+use self::accept::{Pass, Step, ACCEPT_BURST};
 use self::cluster::Cluster;
 use self::ops::{Ctx, NodeIdentity};
 use self::session::{Drive, Session};
@@ -36,8 +38,6 @@ const LISTENER: Token = Token(0);
 const UDP_UNICAST: Token = Token(1);
 const UDP_MULTICAST: Token = Token(2);
 const FIRST_SESSION: usize = 16;
-/// Connections accepted per turn.
-const ACCEPT_BURST: usize = 64;
 /// Events handled per epoll wait.
 const EVENTS_MAX: usize = 256;
 /// How often every online disk is probed with a one-block read. With the publish
@@ -90,6 +90,9 @@ pub struct TestStall {
 pub struct Server {
     poll: Poll,
     listener: TcpListener,
+    /// When the loop must run an accept pass without waiting for a readiness event
+    /// (the last pass stopped before the queue was empty; see `accept.rs`).
+    accept_at: Option<Instant>,
     cluster: Cluster,
     sessions: HashMap<Token, Session>,
     next_token: usize,
@@ -105,8 +108,14 @@ impl Server {
     pub fn bind(cfg: ServerConfig, store: Store, end: DataplaneEnd) -> io::Result<Server> {
         let stats = Arc::clone(&end.stats);
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(cfg.listen)?;
+        let (mut listener, backlog) = accept::bind(cfg.listen, cfg.connections_max)?;
         let local = listener.local_addr()?;
+        tracing::info!(
+            %local,
+            backlog,
+            connections_max = cfg.connections_max,
+            "DOSP listener bound"
+        );
         let mut cluster = Cluster::bind(local, cfg.multicast_group, cfg.multicast_if)?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -127,6 +136,7 @@ impl Server {
         Ok(Server {
             poll,
             listener,
+            accept_at: None,
             cluster,
             sessions: HashMap::new(),
             next_token: FIRST_SESSION,
@@ -176,7 +186,12 @@ impl Server {
             }
             NodeStats::inc(&self.stats.loop_turns);
             let timeout = if more.is_empty() {
-                self.cfg.idle_sleep
+                match self.accept_at {
+                    Some(at) => at
+                        .saturating_duration_since(Instant::now())
+                        .min(self.cfg.idle_sleep),
+                    None => self.cfg.idle_sleep,
+                }
             } else {
                 Duration::ZERO
             };
@@ -186,9 +201,13 @@ impl Server {
                 Err(e) => return Err(e),
             }
             let mut ready: Vec<Token> = std::mem::take(&mut more);
+            let mut accepted = false;
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(),
+                    LISTENER => {
+                        accepted = true;
+                        self.accept(&mut more);
+                    }
                     UDP_UNICAST | UDP_MULTICAST => {
                         let mut ctx = Ctx {
                             store: &mut self.store,
@@ -216,6 +235,9 @@ impl Server {
                     continue;
                 }
                 self.drive(t, &mut more);
+            }
+            if !accepted && self.accept_at.is_some_and(|at| at <= Instant::now()) {
+                self.accept(&mut more);
             }
             more.sort_unstable();
             more.dedup();
@@ -291,52 +313,67 @@ impl Server {
         Ok(self.store)
     }
 
-    fn accept(&mut self) {
+    /// One accept pass: takes connections until the queue is empty or the per-turn
+    /// bound is hit, and arranges to come back next turn when it stopped early.
+    fn accept(&mut self, more: &mut Vec<Token>) {
+        self.accept_at = None;
         for _ in 0..ACCEPT_BURST {
-            let (mut stream, peer) = match self.listener.accept() {
-                Ok(s) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
+            match accept::next(&self.listener) {
+                Step::Connection(stream, peer) => self.admit(stream, peer, more),
+                Step::Empty => return self.accept_done(Pass::Drained),
+                Step::Failed(e) => {
                     // EMFILE and friends: log, and try again next turn.
                     tracing::warn!(error = %e, "accept failed");
-                    return;
+                    return self.accept_done(Pass::Again);
                 }
-            };
-            if self.sessions.len() >= self.cfg.connections_max {
-                NodeStats::inc(&self.stats.connections_refused);
-                tracing::warn!(%peer, max = self.cfg.connections_max, "refusing connection: session table full");
-                let mut reply = Vec::new();
-                dosp::codec::encode_response(
-                    &mut reply,
-                    dosp::wire::Opcode::Null as u16,
-                    0,
-                    &[zerocopy::IntoBytes::as_bytes(&dosp::wire::OutHead::new(
-                        dosp::wire::Status::Busy,
-                        0,
-                    ))],
-                );
-                let _ = io::Write::write(&mut stream, &reply);
-                continue;
             }
-            let _ = stream.set_nodelay(true);
-            let token = Token(self.next_token);
-            self.next_token += 1;
-            let mut session = Session::new(stream, peer, self.cfg.chunk_max);
-            if let Err(e) = self.poll.registry().register(
-                session.stream_mut(),
-                token,
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                tracing::warn!(%peer, error = %e, "cannot register connection");
-                continue;
-            }
-            NodeStats::inc(&self.stats.connections);
-            NodeStats::inc(&self.stats.connections_total);
-            tracing::debug!(%peer, "connection accepted");
-            self.sessions.insert(token, session);
-            let mut more = Vec::new();
-            self.drive(token, &mut more);
         }
+        self.accept_done(Pass::Again);
+    }
+
+    fn accept_done(&mut self, pass: Pass) {
+        if pass == Pass::Again {
+            self.accept_at = Some(Instant::now());
+        }
+    }
+
+    /// Gives a new connection a session, or refuses it with BUSY when the table is full.
+    fn admit(&mut self, mut stream: mio::net::TcpStream, peer: SocketAddr, more: &mut Vec<Token>) {
+        if self.sessions.len() >= self.cfg.connections_max {
+            NodeStats::inc(&self.stats.connections_refused);
+            tracing::warn!(%peer, max = self.cfg.connections_max, "refusing connection: session table full");
+            let mut reply = Vec::new();
+            dosp::codec::encode_response(
+                &mut reply,
+                dosp::wire::Opcode::Null as u16,
+                0,
+                &[zerocopy::IntoBytes::as_bytes(&dosp::wire::OutHead::new(
+                    dosp::wire::Status::Busy,
+                    0,
+                ))],
+            );
+            let _ = io::Write::write(&mut stream, &reply);
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        let mut session = Session::new(stream, peer, self.cfg.chunk_max);
+        if let Err(e) = self.poll.registry().register(
+            session.stream_mut(),
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!(%peer, error = %e, "cannot register connection");
+            return;
+        }
+        NodeStats::inc(&self.stats.connections);
+        NodeStats::inc(&self.stats.connections_total);
+        tracing::debug!(%peer, "connection accepted");
+        self.sessions.insert(token, session);
+        // Whatever the client sent with its handshake is read now; a session that
+        // hits its step bound is driven again next turn like any other.
+        self.drive(token, more);
     }
 
     /// Carries out up to COMMANDS_PER_TURN management commands; true if any came.

@@ -170,3 +170,169 @@ fn a_burst_of_connections_is_served_without_waiting_for_another_client() {
         std::thread::sleep(Duration::from_millis(1500));
     }
 }
+
+/// A kept-alive HTTP/1.1 connection to the management endpoint: opened while the
+/// node has descriptors, it still answers when the node has none to spare.
+struct Rest {
+    s: TcpStream,
+}
+
+impl Rest {
+    fn connect(node: &Node) -> Rest {
+        let s = TcpStream::connect(node.mgmt).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        Rest { s }
+    }
+
+    /// GET `path`: (status code, body).
+    fn get(&mut self, path: &str) -> (u16, String) {
+        write!(self.s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            self.s.read_exact(&mut b).expect("an HTTP response head");
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().unwrap())
+            })
+            .expect("a content-length");
+        let mut body = vec![0u8; len];
+        self.s.read_exact(&mut body).unwrap();
+        (code, String::from_utf8(body).unwrap())
+    }
+
+    fn health(&mut self) -> serde_json::Value {
+        let (code, body) = self.get("/v1/health");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn metric(&mut self, name: &str) -> u64 {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in metrics"))
+            .parse()
+            .unwrap()
+    }
+
+    /// Polls `/v1/health` until `pred` holds, for at most [`WAIT`].
+    fn wait_health(&mut self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let h = self.health();
+            if pred(&h) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: last /v1/health {h}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn reason_kinds(h: &serde_json::Value) -> Vec<String> {
+    h["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Sets the running node's descriptor limit (soft, keeping `hard`).
+fn set_nofile(node: &Node, soft: u64, hard: u64) {
+    use rustix::process::{prlimit, Pid, Resource, Rlimit};
+    let pid = Pid::from_raw(node.child.id() as i32).unwrap();
+    let limit = Rlimit {
+        current: Some(soft),
+        maximum: (hard != u64::MAX).then_some(hard),
+    };
+    prlimit(Some(pid), Resource::Nofile, limit).unwrap();
+}
+
+/// The descriptors the node has open, by number.
+fn open_fds(node: &Node) -> Vec<u64> {
+    std::fs::read_dir(format!("/proc/{}/fd", node.child.id()))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn out_of_descriptors_the_node_refuses_with_busy_says_so_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("data"), &unique_group(), &[]);
+    let mut rest = Rest::connect(&node);
+    assert_eq!(rest.health()["status"], "ok");
+    let (soft, hard) = node.nofile_limits();
+
+    // 1. Room for two more descriptors (and whatever holes there are below the
+    // highest): the first connections get sessions, the rest are refused with BUSY at
+    // once instead of waiting in the queue.
+    let fds = open_fds(&node);
+    let highest = *fds.iter().max().unwrap();
+    let free = highest + 3 - fds.len() as u64;
+    set_nofile(&node, highest + 3, hard);
+    let mut served = Vec::new();
+    let mut busy = 0;
+    for id in 0..free + 6 {
+        let mut s = raw(&node);
+        send_null(&mut s, id);
+        let (h, body) = read_response(&mut s)
+            .unwrap_or_else(|e| panic!("connection {id} got no answer: {e}\n{}", node.log()));
+        match out_status(&body).unwrap() {
+            (Status::Success, _) => served.push(s),
+            (Status::Busy, detail) => {
+                assert_eq!((h.request_id.get(), h.opcode.get(), detail), (0, 0, 0));
+                assert!(closed(&mut s), "a refused connection is closed");
+                busy += 1;
+            }
+            other => panic!("connection {id}: {other:?}"),
+        }
+    }
+    assert!(busy >= 6, "{busy} refused of {}, {free} free", free + 6);
+    rest.wait_health("out of descriptors is a reason", |h| {
+        h["status"] == "degraded" && reason_kinds(h) == ["listener_shedding"]
+    });
+    assert!(rest.metric("dosd_accept_failures_total") >= 6);
+    assert!(rest.metric("dosd_connections_refused_total") >= 6);
+    assert_eq!(rest.metric("dosd_listener_state"), 1);
+
+    // 2. No descriptor at all, not even the reserve's slot: the node cannot accept,
+    // and says it is failing. Clients wait in the queue.
+    set_nofile(&node, 3, hard);
+    let mut queued: Vec<TcpStream> = (0..20).map(|_| raw(&node)).collect();
+    for (id, s) in queued.iter_mut().enumerate() {
+        send_null(s, 100 + id as u64);
+    }
+    rest.wait_health("a listener that cannot accept fails the node", |h| {
+        h["status"] == "failing" && reason_kinds(h).contains(&"listener_stuck".to_string())
+    });
+
+    // 3. Descriptors come back: every queued client is answered though no other
+    // client connects to wake the listener, and the node is ok again.
+    set_nofile(&node, soft, hard);
+    for (id, s) in queued.iter_mut().enumerate() {
+        let (h, body) = read_response(s)
+            .unwrap_or_else(|e| panic!("queued connection {id} stranded: {e}\n{}", node.log()));
+        assert_eq!(h.request_id.get(), 100 + id as u64);
+        assert_eq!(out_status(&body).unwrap().0, Status::Success);
+    }
+    rest.wait_health("descriptors back", |h| h["status"] == "ok");
+    assert_eq!(rest.metric("dosd_listener_state"), 0);
+    node.client().ping().unwrap();
+    for s in &mut served {
+        send_null(s, 7);
+        assert_eq!(status(s), Status::Success, "sessions kept through it all");
+    }
+    let log = node.log();
+    assert!(log.contains("refusing new connections with BUSY"), "{log}");
+    assert!(log.contains("accepting again"), "{log}");
+}

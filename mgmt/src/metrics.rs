@@ -56,7 +56,9 @@ fn node_counters(s: &NodeStats) -> impl IntoIterator<Item = Exported> {
     exported! { s;
         connections => "dosd_connections", Gauge, "Connections open now";
         connections_total => "dosd_connections_total", Counter, "Connections accepted";
-        connections_refused => "dosd_connections_refused_total", Counter, "Connections refused (table full)";
+        connections_refused => "dosd_connections_refused_total", Counter, "Connections answered BUSY and closed (table full, or out of file descriptors)";
+        accept_failures => "dosd_accept_failures_total", Counter, "Accepts that failed for want of file descriptors or memory";
+        listener_state => "dosd_listener_state", Gauge, "DOSP listener: 0 accepting, 1 out of descriptors and shedding with BUSY, 2 cannot accept";
         ops_total => "dosd_ops_total", Counter, "Requests completed";
         ops_outstanding => "dosd_ops_outstanding", Gauge, "Requests in progress";
         ops_per_sec => "dosd_ops_per_second", Gauge, "Requests completed in the last second";

@@ -26,12 +26,12 @@ use std::time::{Duration, Instant};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 
-use self::accept::{Pass, Step, ACCEPT_BURST};
+use self::accept::{Pass, Reserve, Shed, Step, ACCEPT_BURST, ACCEPT_RETRY};
 use self::cluster::Cluster;
 use self::ops::{Ctx, NodeIdentity};
 use self::session::{Drive, Session};
 use crate::handle::{Command, CommandError, DataplaneEnd, COMMANDS_PER_TURN};
-use crate::stats::NodeStats;
+use crate::stats::{ListenerState, NodeStats};
 use crate::store::Store;
 
 const LISTENER: Token = Token(0);
@@ -93,6 +93,11 @@ pub struct Server {
     /// When the loop must run an accept pass without waiting for a readiness event
     /// (the last pass stopped before the queue was empty; see `accept.rs`).
     accept_at: Option<Instant>,
+    /// The spare descriptor that lets the listener refuse connections when the
+    /// process is out of descriptors.
+    reserve: Reserve,
+    /// What the listener last saw, as published in `stats.listener_state`.
+    listener_state: ListenerState,
     cluster: Cluster,
     sessions: HashMap<Token, Session>,
     next_token: usize,
@@ -137,6 +142,8 @@ impl Server {
             poll,
             listener,
             accept_at: None,
+            reserve: Reserve::new()?,
+            listener_state: ListenerState::Accepting,
             cluster,
             sessions: HashMap::new(),
             next_token: FIRST_SESSION,
@@ -314,45 +321,99 @@ impl Server {
     }
 
     /// One accept pass: takes connections until the queue is empty or the per-turn
-    /// bound is hit, and arranges to come back next turn when it stopped early.
+    /// bound is hit, sheds them with BUSY while the process is out of descriptors, and
+    /// arranges to come back when it stopped before the queue was empty.
     fn accept(&mut self, more: &mut Vec<Token>) {
         self.accept_at = None;
+        let mut short = false;
+        let mut failure = None;
+        let mut pass = Pass::Bound;
         for _ in 0..ACCEPT_BURST {
             match accept::next(&self.listener) {
                 Step::Connection(stream, peer) => self.admit(stream, peer, more),
-                Step::Empty => return self.accept_done(Pass::Drained),
+                Step::Empty => {
+                    pass = Pass::Drained;
+                    break;
+                }
+                Step::Failed(e) if accept::is_shortage(&e) => {
+                    NodeStats::inc(&self.stats.accept_failures);
+                    if !short {
+                        tracing::debug!(error = %e, "accept: out of descriptors, shedding");
+                    }
+                    short = true;
+                    failure = Some(e);
+                    match self.reserve.shed_one(&self.listener) {
+                        Shed::Refused(peer) => {
+                            NodeStats::inc(&self.stats.connections_refused);
+                            tracing::debug!(%peer, "refused a connection: out of file descriptors");
+                        }
+                        Shed::Empty => {
+                            pass = Pass::Drained;
+                            break;
+                        }
+                        Shed::Cannot => {
+                            pass = Pass::Failed;
+                            break;
+                        }
+                    }
+                }
                 Step::Failed(e) => {
-                    // EMFILE and friends: log, and try again next turn.
-                    tracing::warn!(error = %e, "accept failed");
-                    return self.accept_done(Pass::Again);
+                    // Not a shortage and not one connection's: the listener itself is
+                    // in trouble. Say so, and try again later.
+                    NodeStats::inc(&self.stats.accept_failures);
+                    tracing::error!(error = %e, "accept failed");
+                    failure = Some(e);
+                    pass = Pass::Failed;
+                    break;
                 }
             }
         }
-        self.accept_done(Pass::Again);
+        let state = match pass {
+            Pass::Failed => ListenerState::Stuck,
+            _ if short => ListenerState::Shedding,
+            _ if self.listener_state == ListenerState::Accepting => ListenerState::Accepting,
+            // Short before, nothing to accept now: are descriptors back?
+            _ if self.reserve.spare_available() => ListenerState::Accepting,
+            _ if self.reserve.held() => ListenerState::Shedding,
+            _ => ListenerState::Stuck,
+        };
+        self.set_listener_state(state, failure.as_ref());
+        self.accept_at = match (pass, state) {
+            (Pass::Bound, _) => Some(Instant::now()),
+            (_, ListenerState::Accepting) => None,
+            _ => Some(Instant::now() + ACCEPT_RETRY),
+        };
     }
 
-    fn accept_done(&mut self, pass: Pass) {
-        if pass == Pass::Again {
-            self.accept_at = Some(Instant::now());
+    fn set_listener_state(&mut self, state: ListenerState, error: Option<&io::Error>) {
+        if state == self.listener_state {
+            return;
         }
+        let error = error.map(ToString::to_string).unwrap_or_default();
+        match state {
+            ListenerState::Accepting => {
+                tracing::info!("DOSP listener accepting again: file descriptors are back")
+            }
+            ListenerState::Shedding => tracing::warn!(
+                %error,
+                "DOSP listener out of file descriptors: refusing new connections with BUSY"
+            ),
+            ListenerState::Stuck => tracing::error!(
+                %error,
+                "DOSP listener cannot accept connections, not even to refuse them"
+            ),
+        }
+        self.listener_state = state;
+        NodeStats::set(&self.stats.listener_state, state as u64);
     }
 
     /// Gives a new connection a session, or refuses it with BUSY when the table is full.
-    fn admit(&mut self, mut stream: mio::net::TcpStream, peer: SocketAddr, more: &mut Vec<Token>) {
+    fn admit(&mut self, stream: mio::net::TcpStream, peer: SocketAddr, more: &mut Vec<Token>) {
         if self.sessions.len() >= self.cfg.connections_max {
             NodeStats::inc(&self.stats.connections_refused);
             tracing::warn!(%peer, max = self.cfg.connections_max, "refusing connection: session table full");
-            let mut reply = Vec::new();
-            dosp::codec::encode_response(
-                &mut reply,
-                dosp::wire::Opcode::Null as u16,
-                0,
-                &[zerocopy::IntoBytes::as_bytes(&dosp::wire::OutHead::new(
-                    dosp::wire::Status::Busy,
-                    0,
-                ))],
-            );
-            let _ = io::Write::write(&mut stream, &reply);
+            let max = u32::try_from(self.cfg.connections_max).unwrap_or(u32::MAX);
+            accept::refuse(stream, max);
             return;
         }
         let _ = stream.set_nodelay(true);

@@ -252,6 +252,8 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         checkpoint_interval: Duration::from_secs(5),
         request_timeout: Duration::from_millis(cfg.request_timeout_ms),
         idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+        header_timeout: Duration::from_millis(cfg.header_timeout_ms),
+        transfer_rate_min: cfg.transfer_rate_min,
         test_stall: stall_trigger
             .as_ref()
             .zip(cfg.test_stall_ms)

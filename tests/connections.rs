@@ -336,3 +336,91 @@ fn out_of_descriptors_the_node_refuses_with_busy_says_so_and_recovers() {
     assert!(log.contains("refusing new connections with BUSY"), "{log}");
     assert!(log.contains("accepting again"), "{log}");
 }
+
+/// Writes `bytes` one at a time, `every` apart, until the node closes the connection.
+/// Returns how many were written before it did, or `None` if it never did.
+fn trickle(s: &mut TcpStream, bytes: &[u8], every: Duration) -> Option<usize> {
+    s.set_nonblocking(true).unwrap();
+    let mut probe = [0u8; 64];
+    for (i, b) in bytes.iter().enumerate() {
+        if s.write_all(std::slice::from_ref(b)).is_err() {
+            return Some(i);
+        }
+        std::thread::sleep(every);
+        match s.read(&mut probe) {
+            Ok(0) => return Some(i + 1),
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return Some(i + 1),
+            _ => {}
+        }
+    }
+    s.set_nonblocking(false).unwrap();
+    // The last byte may have gone just before the deadline: give the node its scan.
+    closed(s).then_some(bytes.len())
+}
+
+#[test]
+fn a_request_header_trickled_a_byte_at_a_time_is_cut_off_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    // Silence and idle limits far away: only the header deadline can end this.
+    let node = Node::start(
+        &dir.path().join("data"),
+        &unique_group(),
+        &["--header-timeout-ms", "500"],
+    );
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::Null, 1, 0, &[]);
+    let mut s = raw(&node);
+    // A byte every 100 ms, never quiet for long; the header would take 3.2 s. Its last
+    // byte is held back, so the request never completes either way.
+    let sent = trickle(&mut s, &msg[..msg.len() - 1], Duration::from_millis(100));
+    let sent =
+        sent.unwrap_or_else(|| panic!("a trickled header held its connection\n{}", node.log()));
+    assert!(sent < msg.len() - 1, "closed only after {sent} bytes");
+    let mut rest = Rest::connect(&node);
+    assert_eq!(rest.metric("dosd_sessions_timed_out_total"), 1);
+    assert!(node.log().contains("request header took too long"));
+    // A client that sends its request whole is not affected.
+    node.client().ping().unwrap();
+}
+
+#[test]
+fn a_store_trickled_below_the_minimum_rate_is_aborted() {
+    let dir = tempfile::tempdir().unwrap();
+    // The rate is measured over request-timeout windows; the trickle below is never
+    // silent for that long.
+    let node = Node::start(
+        &dir.path().join("data"),
+        &unique_group(),
+        &["--request-timeout-ms", "1000", "--transfer-rate-min", "64K"],
+    );
+    let mut s = raw(&node);
+    let mut msg = Vec::new();
+    encode_request(
+        &mut msg,
+        Opcode::Store,
+        1,
+        0,
+        zerocopy::IntoBytes::as_bytes(&StoreIn {
+            size_hint: 0.into(),
+            flags: 0.into(),
+            reserved: 0.into(),
+        }),
+    );
+    dosp::codec::encode_chunk_header(&mut msg, 100, true);
+    s.write_all(&msg).unwrap();
+    // 100 bytes at 10 a second: the chunk would take 10 s.
+    let sent = trickle(&mut s, &[7u8; 99], Duration::from_millis(100));
+    let sent =
+        sent.unwrap_or_else(|| panic!("a trickled STORE held its connection\n{}", node.log()));
+    assert!(sent < 99, "closed only after {sent} bytes");
+    let mut rest = Rest::connect(&node);
+    assert_eq!(rest.metric("dosd_sessions_timed_out_total"), 1);
+    assert_eq!(rest.metric("dosd_stores_aborted_total"), 1);
+    assert!(node.log().contains("slower than the minimum rate"));
+    // Nothing of it is visible; a STORE at a real client's pace goes through.
+    let mut c = node.client();
+    let mut count = 0;
+    c.contents(&mut |_, _| count += 1).unwrap();
+    assert_eq!(count, 0);
+    c.store_bytes(&data(1, 3 << 20)).unwrap();
+}

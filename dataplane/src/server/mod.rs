@@ -29,7 +29,7 @@ use mio::{Events, Interest, Poll, Token};
 use self::accept::{Pass, Reserve, Shed, Step, ACCEPT_BURST, ACCEPT_RETRY};
 use self::cluster::Cluster;
 use self::ops::{Ctx, NodeIdentity};
-use self::session::{Drive, Session};
+use self::session::{Deadlines, Drive, Session};
 use crate::handle::{Command, CommandError, DataplaneEnd, COMMANDS_PER_TURN};
 use crate::stats::{ListenerState, NodeStats};
 use crate::store::Store;
@@ -64,10 +64,15 @@ pub struct ServerConfig {
     /// How often the store checkpoints when it has new commits.
     pub checkpoint_interval: Duration,
     /// A connection silent this long in the middle of a request is closed (its STORE
-    /// aborted).
+    /// aborted). Also the window over which `transfer_rate_min` is measured.
     pub request_timeout: Duration,
     /// A connection silent this long between requests is closed.
     pub idle_timeout: Duration,
+    /// A request's header and In structure must arrive within this of their first byte.
+    pub header_timeout: Duration,
+    /// Bytes per second a connection must move while the node waits on it mid-request
+    /// (STORE chunks in, a reply out); 0: no minimum.
+    pub transfer_rate_min: u64,
     /// Test-only: `None` in production. See [`TestStall`].
     pub test_stall: Option<TestStall>,
 }
@@ -471,17 +476,19 @@ impl Server {
     }
 
     fn close_timed_out(&mut self, now: Instant) {
-        let (request, idle) = (self.cfg.request_timeout, self.cfg.idle_timeout);
-        let stale: Vec<Token> = self
+        let deadlines = Deadlines {
+            request: self.cfg.request_timeout,
+            idle: self.cfg.idle_timeout,
+            header: self.cfg.header_timeout,
+            rate_min_bytes_per_sec: self.cfg.transfer_rate_min,
+        };
+        let stale: Vec<_> = self
             .sessions
-            .iter()
-            .filter(|(_, s)| s.timed_out(now, request, idle))
-            .map(|(t, _)| *t)
+            .iter_mut()
+            .filter_map(|(t, s)| Some((*t, s.peer, s.timed_out(now, &deadlines)?)))
             .collect();
-        for t in stale {
-            if let Some(s) = self.sessions.get(&t) {
-                tracing::info!(peer = %s.peer, "closing a connection that went quiet");
-            }
+        for (t, peer, why) in stale {
+            tracing::info!(%peer, "closing a connection: {}", why.reason());
             NodeStats::inc(&self.stats.sessions_timed_out);
             self.close(t);
         }

@@ -424,3 +424,81 @@ fn a_store_trickled_below_the_minimum_rate_is_aborted() {
     assert_eq!(count, 0);
     c.store_bytes(&data(1, 3 << 20)).unwrap();
 }
+
+/// Sends the start of a STORE (its request and part of a chunk): the connection is
+/// then in the middle of a request until the rest comes.
+fn start_store(s: &mut TcpStream, id: u64) {
+    let mut msg = Vec::new();
+    encode_request(
+        &mut msg,
+        Opcode::Store,
+        id,
+        0,
+        zerocopy::IntoBytes::as_bytes(&StoreIn {
+            size_hint: 0.into(),
+            flags: 0.into(),
+            reserved: 0.into(),
+        }),
+    );
+    dosp::codec::encode_chunk_header(&mut msg, 1000, true);
+    msg.extend_from_slice(&[1u8; 10]);
+    s.write_all(&msg).unwrap();
+}
+
+#[test]
+fn a_full_table_makes_room_by_closing_the_connection_idle_the_longest() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        &unique_group(),
+        &["--connections-max", "4"],
+    );
+    // A full table of idle connections, the first idle the longest.
+    let mut idle: Vec<TcpStream> = (0..4).map(|_| raw(&node)).collect();
+    for (id, s) in idle.iter_mut().enumerate() {
+        send_null(s, id as u64);
+        assert_eq!(status(s), Status::Success);
+    }
+    for s in &mut idle[1..] {
+        send_null(s, 9);
+        assert_eq!(status(s), Status::Success);
+    }
+    // A new client is served; the longest idle one is closed for it, the rest kept.
+    let mut newcomer = raw(&node);
+    send_null(&mut newcomer, 10);
+    assert_eq!(status(&mut newcomer), Status::Success);
+    assert!(
+        closed(&mut idle[0]),
+        "the longest idle connection was closed"
+    );
+    for s in &mut idle[1..] {
+        send_null(s, 11);
+        assert_eq!(status(s), Status::Success);
+    }
+    let mut rest = Rest::connect(&node);
+    assert_eq!(rest.metric("dosd_connections_evicted_total"), 1);
+
+    // Every session in the middle of a request: nothing can be closed without harm,
+    // so the next client is refused, with the node's limit as detail.
+    start_store(&mut newcomer, 20);
+    for (id, s) in idle[1..].iter_mut().enumerate() {
+        start_store(s, 21 + id as u64);
+    }
+    // The STOREs have begun once the node has read them; a NULL pipelined behind each
+    // would wait for its end, so look at the gauge of stores in progress instead.
+    let deadline = Instant::now() + WAIT;
+    while rest.metric("dosd_ops_outstanding") < 4 {
+        assert!(Instant::now() < deadline, "the STOREs did not begin");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut refused = raw(&node);
+    let (h, body) = read_response(&mut refused).expect("a BUSY reply");
+    assert_eq!(
+        (h.request_id.get(), h.opcode.get()),
+        (0, Opcode::Null as u16)
+    );
+    assert_eq!(out_status(&body).unwrap(), (Status::Busy, 4));
+    assert!(closed(&mut refused));
+    assert_eq!(rest.metric("dosd_connections_refused_total"), 1);
+    assert_eq!(rest.metric("dosd_connections_evicted_total"), 1);
+}

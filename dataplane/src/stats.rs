@@ -139,9 +139,11 @@ pub struct NodeStats {
     pub connections: AtomicU64,
     /// Connections accepted since start.
     pub connections_total: AtomicU64,
-    /// Connections answered BUSY and closed: the session table was full, or the process
-    /// was out of file descriptors.
+    /// Connections answered BUSY and closed: the session table was full of connections
+    /// in the middle of a request, or the process was out of file descriptors.
     pub connections_refused: AtomicU64,
+    /// Idle connections (between requests) closed to admit a new one into a full table.
+    pub connections_evicted: AtomicU64,
     /// `accept` calls that failed for want of a resource (file descriptors, memory).
     pub accept_failures: AtomicU64,
     /// The DOSP listener's [`ListenerState`], as a gauge (its `u64` value).

@@ -56,7 +56,8 @@ fn node_counters(s: &NodeStats) -> impl IntoIterator<Item = Exported> {
     exported! { s;
         connections => "dosd_connections", Gauge, "Connections open now";
         connections_total => "dosd_connections_total", Counter, "Connections accepted";
-        connections_refused => "dosd_connections_refused_total", Counter, "Connections answered BUSY and closed (table full, or out of file descriptors)";
+        connections_refused => "dosd_connections_refused_total", Counter, "Connections answered BUSY and closed (table full of busy connections, or out of file descriptors)";
+        connections_evicted => "dosd_connections_evicted_total", Counter, "Idle connections closed to admit a new one into a full table";
         accept_failures => "dosd_accept_failures_total", Counter, "Accepts that failed for want of file descriptors or memory";
         listener_state => "dosd_listener_state", Gauge, "DOSP listener: 0 accepting, 1 out of descriptors and shedding with BUSY, 2 cannot accept";
         ops_total => "dosd_ops_total", Counter, "Requests completed";

@@ -38,6 +38,8 @@ const LISTENER: Token = Token(0);
 const UDP_UNICAST: Token = Token(1);
 const UDP_MULTICAST: Token = Token(2);
 const FIRST_SESSION: usize = 16;
+/// Idle sessions looked at, when the table is full, before a newcomer is refused.
+const EVICT_TRIES: usize = 8;
 /// Events handled per epoll wait.
 const EVENTS_MAX: usize = 256;
 /// How often every online disk is probed with a one-block read. With the publish
@@ -412,14 +414,57 @@ impl Server {
         NodeStats::set(&self.stats.listener_state, state as u64);
     }
 
-    /// Gives a new connection a session, or refuses it with BUSY when the table is full.
+    /// The session idle the longest that can be closed without harm: between
+    /// requests, and with no input waiting unread (a request just arrived). At most
+    /// EVICT_TRIES candidates are looked at, oldest first.
+    fn longest_idle(&self) -> Option<(Instant, Token)> {
+        let mut skipped: Vec<Token> = Vec::new();
+        for _ in 0..EVICT_TRIES {
+            let (since, token) = self
+                .sessions
+                .iter()
+                .filter(|(t, _)| !skipped.contains(t))
+                .filter_map(|(t, s)| Some((s.idle_since()?, *t)))
+                .min()?;
+            if !self.sessions[&token].has_unread_input() {
+                return Some((since, token));
+            }
+            skipped.push(token);
+        }
+        None
+    }
+
+    /// Gives a new connection a session. When the table is full, the session idle the
+    /// longest (between requests) is closed to make room; only when every session is
+    /// in the middle of a request is the newcomer refused with BUSY. Idle connections
+    /// so cannot lock new clients out: the cost is a scan of the table, and only when
+    /// it is full.
     fn admit(&mut self, stream: mio::net::TcpStream, peer: SocketAddr, more: &mut Vec<Token>) {
         if self.sessions.len() >= self.cfg.connections_max {
-            NodeStats::inc(&self.stats.connections_refused);
-            tracing::warn!(%peer, max = self.cfg.connections_max, "refusing connection: session table full");
-            let max = u32::try_from(self.cfg.connections_max).unwrap_or(u32::MAX);
-            accept::refuse(stream, max);
-            return;
+            match self.longest_idle() {
+                Some((since, victim)) => {
+                    if let Some(s) = self.sessions.get(&victim) {
+                        tracing::info!(
+                            peer = %s.peer,
+                            idle_ms = since.elapsed().as_millis() as u64,
+                            "session table full: closing the connection idle the longest"
+                        );
+                    }
+                    NodeStats::inc(&self.stats.connections_evicted);
+                    self.close(victim);
+                }
+                None => {
+                    NodeStats::inc(&self.stats.connections_refused);
+                    tracing::warn!(
+                        %peer,
+                        max = self.cfg.connections_max,
+                        "refusing connection: every session is in the middle of a request"
+                    );
+                    let max = u32::try_from(self.cfg.connections_max).unwrap_or(u32::MAX);
+                    accept::refuse(stream, max);
+                    return;
+                }
+            }
         }
         let _ = stream.set_nodelay(true);
         let token = Token(self.next_token);

@@ -241,6 +241,26 @@ impl Session {
         }
     }
 
+    /// When the session last moved a byte, if it is between requests: nothing in
+    /// flight either way, no partial request buffered. Such a session may be closed
+    /// to make room for a new one without losing anything of a request.
+    pub fn idle_since(&self) -> Option<Instant> {
+        let between = !self.st.busy
+            && !self.decoder.in_store()
+            && self.header_since.is_none()
+            && self.rstart == self.rend
+            && self.st.out_pos == self.st.out.len();
+        between.then_some(self.last_io)
+    }
+
+    /// Whether the peer has sent bytes the session has not read yet (a peek, one
+    /// system call). Closing a socket with unread input sends a reset, which can
+    /// destroy replies still in flight; a session with none closes with a FIN after
+    /// its last reply.
+    pub fn has_unread_input(&self) -> bool {
+        matches!(self.stream.peek(&mut [0u8; 1]), Ok(n) if n > 0)
+    }
+
     pub fn stream_mut(&mut self) -> &mut mio::net::TcpStream {
         &mut self.stream
     }

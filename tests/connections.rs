@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use dosp::codec::encode_request;
 use dosp::wire::*;
-use zerocopy::FromBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 /// How long any single wait on the node may take before the test fails.
 const WAIT: Duration = Duration::from_secs(10);
@@ -270,7 +270,7 @@ fn out_of_descriptors_the_node_refuses_with_busy_says_so_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(&dir.path().join("data"), &unique_group(), &[]);
     let mut rest = Rest::connect(&node);
-    assert_eq!(rest.health()["status"], "ok");
+    rest.wait_health("a node that has started is ok", |h| h["status"] == "ok");
     let (soft, hard) = node.nofile_limits();
 
     // 1. Room for two more descriptors (and whatever holes there are below the
@@ -400,11 +400,12 @@ fn a_store_trickled_below_the_minimum_rate_is_aborted() {
         Opcode::Store,
         1,
         0,
-        zerocopy::IntoBytes::as_bytes(&StoreIn {
+        StoreIn {
             size_hint: 0.into(),
             flags: 0.into(),
             reserved: 0.into(),
-        }),
+        }
+        .as_bytes(),
     );
     dosp::codec::encode_chunk_header(&mut msg, 100, true);
     s.write_all(&msg).unwrap();
@@ -434,11 +435,12 @@ fn start_store(s: &mut TcpStream, id: u64) {
         Opcode::Store,
         id,
         0,
-        zerocopy::IntoBytes::as_bytes(&StoreIn {
+        StoreIn {
             size_hint: 0.into(),
             flags: 0.into(),
             reserved: 0.into(),
-        }),
+        }
+        .as_bytes(),
     );
     dosp::codec::encode_chunk_header(&mut msg, 1000, true);
     msg.extend_from_slice(&[1u8; 10]);
@@ -501,4 +503,121 @@ fn a_full_table_makes_room_by_closing_the_connection_idle_the_longest() {
     assert!(closed(&mut refused));
     assert_eq!(rest.metric("dosd_connections_refused_total"), 1);
     assert_eq!(rest.metric("dosd_connections_evicted_total"), 1);
+}
+
+/// Sends `msg` to the node's UDP port and returns the reply datagram.
+fn udp_exchange(udp: &std::net::UdpSocket, node: &Node, msg: &[u8]) -> Vec<u8> {
+    udp.send_to(msg, node.addr).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let (n, _) = udp.recv_from(&mut buf).expect("a UDP reply");
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn udp_replies_are_at_most_three_times_their_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_bare(
+        &dir.path().join("data"),
+        &unique_group(),
+        &["--disks", "4", "--disk-size", "32M"],
+    );
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(WAIT)).unwrap();
+    let all = DiskQueryIn {
+        disk: ALL_DISKS.into(),
+        reserved: 0.into(),
+        reserved1: 0.into(),
+    };
+    let all = all.as_bytes().to_vec();
+    let status_len = Header::SIZE + size_of::<DiskListOut>() + 4 * size_of::<DiskStatusEntry>();
+
+    // Every opcode, unpadded: whatever the answer, never more than 3× the request.
+    let fp = LocateIn {
+        fingerprint: dosp::Fingerprint::ZERO,
+    }
+    .as_bytes()
+    .to_vec();
+    for (op, body) in [
+        (0u16, &[][..]),
+        (Opcode::Locate as u16, &fp[..]),
+        (Opcode::Heartbeat as u16, &[][..]),
+        (Opcode::GetLoad as u16, &[][..]),
+        (Opcode::GetDiskState as u16, &all[..]),
+        (Opcode::GetDiskStatus as u16, &all[..]),
+        (Opcode::Store as u16, &[0u8; 16][..]),
+        (0x4242, &[][..]),
+    ] {
+        let mut msg = Header::new_raw(Kind::Request, op, 1, body.len() as u32, 0)
+            .as_bytes()
+            .to_vec();
+        msg.extend_from_slice(body);
+        let reply = udp_exchange(&udp, &node, &msg);
+        assert!(
+            reply.len() <= 3 * msg.len(),
+            "opcode {op}: {} bytes answered with {}",
+            msg.len(),
+            reply.len()
+        );
+    }
+
+    // The 40-byte question whose answer is 304 bytes: TOO_LARGE, with the size needed.
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::GetDiskStatus, 2, 0, &all);
+    let reply = udp_exchange(&udp, &node, &msg);
+    assert_eq!(reply.len(), Header::SIZE + size_of::<OutHead>());
+    let (h, body) = Header::read_from_prefix(&reply).unwrap();
+    assert_eq!(
+        (h.request_id.get(), h.opcode.get()),
+        (2, Opcode::GetDiskStatus as u16)
+    );
+    assert_eq!(
+        out_status(body).unwrap(),
+        (Status::TooLarge, status_len as u32)
+    );
+    // Padded to a third of that, the same question is answered in full; a byte less
+    // is still too little.
+    let need = status_len.div_ceil(3);
+    msg.resize(need - 1, 0);
+    let reply = udp_exchange(&udp, &node, &msg);
+    assert_eq!(
+        out_status(&reply[Header::SIZE..]).unwrap().0,
+        Status::TooLarge
+    );
+    msg.resize(need, 0);
+    let reply = udp_exchange(&udp, &node, &msg);
+    assert_eq!(reply.len(), status_len);
+    let (out, _) = DiskListOut::read_from_prefix(&reply[Header::SIZE..]).unwrap();
+    assert_eq!((out.head.status.get(), out.count.get()), (0, 4));
+    // A single disk's status fits an unpadded request.
+    let one = DiskQueryIn {
+        disk: 1.into(),
+        reserved: 0.into(),
+        reserved1: 0.into(),
+    };
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::GetDiskStatus, 3, 0, one.as_bytes());
+    let reply = udp_exchange(&udp, &node, &msg);
+    assert_eq!(
+        out_status(&reply[Header::SIZE..]).unwrap().0,
+        Status::Success
+    );
+
+    // The client library pads as it must, and asks again when a list is longer.
+    let body = dosp::client::udp_request(node.addr, Opcode::GetDiskStatus, &all, WAIT).unwrap();
+    assert_eq!(
+        DiskListOut::read_from_prefix(&body).unwrap().0.count.get(),
+        4
+    );
+    let body = dosp::client::udp_request(node.addr, Opcode::Heartbeat, &[], WAIT).unwrap();
+    let hb = HeartbeatOut::read_from_prefix(&body).unwrap().0;
+    assert_eq!(format!("{:016x}", hb.node_id.get()), node.node_id);
+    let err = dosp::client::udp_request(node.addr, Opcode::Locate, &fp, WAIT).unwrap_err();
+    assert!(matches!(
+        err,
+        dosp::client::ClientError::Status {
+            status: Status::NotFound,
+            ..
+        }
+    ));
 }

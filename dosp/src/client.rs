@@ -261,6 +261,18 @@ impl Client {
             node: self.node.clone(),
             source,
         };
+        // A node that refuses the connection answers whatever came first with one BUSY
+        // under opcode NULL and request id 0 (PROTOCOL.md §6); our ids start at 1.
+        if header.request_id.get() == 0 && header.opcode.get() == Opcode::Null as u16 {
+            if let Ok((Status::Busy, detail)) = out_status(&body) {
+                return Err(ClientError::Status {
+                    op: op.name(),
+                    node: self.node.clone(),
+                    status: Status::Busy,
+                    detail,
+                });
+            }
+        }
         if header.request_id.get() != id {
             return Err(wire(WireError::RequestIdMismatch {
                 got: header.request_id.get(),

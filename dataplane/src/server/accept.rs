@@ -192,13 +192,12 @@ impl Reserve {
 /// sent is read first (once, bounded), so that the close is a FIN after the reply
 /// rather than a reset that could destroy it.
 pub fn refuse(mut stream: TcpStream, detail: u32) {
-    let mut reply = Vec::with_capacity(dosp::wire::Header::SIZE + 8);
-    dosp::codec::encode_response(
-        &mut reply,
-        dosp::wire::Opcode::Null as u16,
-        0,
-        &[dosp::wire::OutHead::new(dosp::wire::Status::Busy, detail).as_bytes()],
-    );
+    use dosp::wire::{Header, Kind, Opcode, OutHead, Status};
+    let mut reply = [0u8; Header::SIZE + size_of::<OutHead>()];
+    let (head, out) = reply.split_at_mut(Header::SIZE);
+    let len = size_of::<OutHead>() as u32;
+    head.copy_from_slice(Header::new(Kind::Response, Opcode::Null, 0, len, 0).as_bytes());
+    out.copy_from_slice(OutHead::new(Status::Busy, detail).as_bytes());
     // A fresh socket's send buffer always has room for 40 bytes.
     let _ = stream.write(&reply);
     let mut sink = [0u8; 512];

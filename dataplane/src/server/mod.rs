@@ -418,18 +418,18 @@ impl Server {
     /// requests, and with no input waiting unread (a request just arrived). At most
     /// EVICT_TRIES candidates are looked at, oldest first.
     fn longest_idle(&self) -> Option<(Instant, Token)> {
-        let mut skipped: Vec<Token> = Vec::new();
-        for _ in 0..EVICT_TRIES {
+        let mut skipped = [Token(usize::MAX); EVICT_TRIES];
+        for n in 0..EVICT_TRIES {
             let (since, token) = self
                 .sessions
                 .iter()
-                .filter(|(t, _)| !skipped.contains(t))
+                .filter(|(t, _)| !skipped[..n].contains(t))
                 .filter_map(|(t, s)| Some((s.idle_since()?, *t)))
                 .min()?;
             if !self.sessions[&token].has_unread_input() {
                 return Some((since, token));
             }
-            skipped.push(token);
+            skipped[n] = token;
         }
         None
     }

@@ -443,8 +443,9 @@ impl Server {
         if self.sessions.len() >= self.cfg.connections_max {
             match self.longest_idle() {
                 Some((since, victim)) => {
+                    // Routine under pressure, and counted: not worth a line each.
                     if let Some(s) = self.sessions.get(&victim) {
-                        tracing::info!(
+                        tracing::debug!(
                             peer = %s.peer,
                             idle_ms = since.elapsed().as_millis() as u64,
                             "session table full: closing the connection idle the longest"

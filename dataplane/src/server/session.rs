@@ -19,9 +19,9 @@
 //! Deadlines ([`Deadlines`], checked by the loop every 100 ms): a connection may not
 //! hold its slot by trickling. A request's header and In structure must arrive within
 //! `header` of their first byte; while the node waits on the peer mid-request (STORE
-//! chunks to come in, a reply to be read) the connection must move `rate_min` bytes a
-//! second, measured over windows of `request`; and silence is bounded by `request`
-//! mid-request and `idle` between requests.
+//! chunks to come in, a reply to be read) the connection must move
+//! `rate_min_bytes_per_sec` bytes a second, measured over windows of `request`; and
+//! silence is bounded by `request` mid-request and `idle` between requests.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;

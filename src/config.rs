@@ -23,6 +23,19 @@ pub const DISK_SIZE_MIN: u64 = 16 << 20;
 pub const HEARTBEAT_MS_DEFAULT: u64 = 1000;
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 600_000;
+/// A request's header and In structure (at most 64 KiB) must arrive within this of
+/// their first byte: generous for any real link, short enough that a client sending a
+/// byte at a time cannot hold a connection.
+pub const HEADER_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Mid-request, a connection must move this many bytes a second (measured over
+/// request-timeout windows): a 4 MiB chunk in a minute, which any real client beats,
+/// while a trickle of a few bytes a second is closed.
+pub const TRANSFER_RATE_MIN_DEFAULT: u64 = 64 << 10;
+/// Connections the dataplane serves at once. Each holds a file descriptor and up to
+/// about 1 MiB of buffers (256 KiB in, up to 768 KiB out), touched only as used.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
+/// A bound on `connections_max`, so a typo cannot ask for millions of descriptors.
+pub const CONNECTIONS_MAX_LIMIT: usize = 65_536;
 /// One disk down degrades the node; two make it failing.
 pub const DISKS_DOWN_MAX_DEFAULT: u16 = 1;
 /// The dataplane loop turns at least every 100 ms when idle (its idle sleep), so 2 s
@@ -84,6 +97,19 @@ pub struct Flags {
     /// Close a connection silent this long between requests [default: 600000]
     #[arg(long)]
     pub idle_timeout_ms: Option<u64>,
+    /// Close a connection whose request header (and In structure) has not all arrived
+    /// this long after its first byte [default: 10000]
+    #[arg(long)]
+    pub header_timeout_ms: Option<u64>,
+    /// Bytes per second a connection must move mid-request (STORE chunks in, a reply
+    /// out), over request-timeout windows, or be closed; e.g. 64K; 0 for no minimum
+    /// [default: 64K]
+    #[arg(long)]
+    pub transfer_rate_min: Option<String>,
+    /// Connections served at once, 1 to 65536; when all are taken, the one idle the
+    /// longest is closed to admit a new one [default: 1024]
+    #[arg(long)]
+    pub connections_max: Option<usize>,
     /// Bearer token for the REST endpoints that change things (disk offline/online);
     /// without one they are disabled
     #[arg(long, env = "DOSD_MGMT_TOKEN", hide_env_values = true)]
@@ -126,6 +152,9 @@ pub struct FileConfig {
     pub heartbeat_ms: Option<u64>,
     pub request_timeout_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
+    pub header_timeout_ms: Option<u64>,
+    pub transfer_rate_min: Option<toml::Value>,
+    pub connections_max: Option<usize>,
     pub mgmt_token: Option<String>,
     pub disks_down_max: Option<u16>,
     pub dataplane_stall_ms: Option<u64>,
@@ -166,6 +195,10 @@ pub struct Config {
     pub heartbeat_ms: u64,
     pub request_timeout_ms: u64,
     pub idle_timeout_ms: u64,
+    pub header_timeout_ms: u64,
+    /// Bytes per second; 0: no minimum.
+    pub transfer_rate_min: u64,
+    pub connections_max: usize,
     /// `None`: the REST endpoints that change things are disabled.
     pub mgmt_token: Option<String>,
     pub disks_down_max: u16,
@@ -339,6 +372,35 @@ impl Config {
                 ));
             }
         }
+        let header_timeout_ms = flags
+            .header_timeout_ms
+            .or(file.header_timeout_ms)
+            .unwrap_or(HEADER_TIMEOUT_MS_DEFAULT);
+        if header_timeout_ms == 0 {
+            return Err(invalid(
+                "header_timeout_ms",
+                "0",
+                "must be at least 1 ms".into(),
+            ));
+        }
+        let transfer_rate_min = match flags
+            .transfer_rate_min
+            .or(file.transfer_rate_min.as_ref().map(value_str))
+        {
+            None => TRANSFER_RATE_MIN_DEFAULT,
+            Some(s) => parse_size(&s).map_err(|why| invalid("transfer_rate_min", &s, why))?,
+        };
+        let connections_max = flags
+            .connections_max
+            .or(file.connections_max)
+            .unwrap_or(CONNECTIONS_MAX_DEFAULT);
+        if !(1..=CONNECTIONS_MAX_LIMIT).contains(&connections_max) {
+            return Err(invalid(
+                "connections_max",
+                &connections_max.to_string(),
+                format!("must be 1 to {CONNECTIONS_MAX_LIMIT}"),
+            ));
+        }
         let test_stall_ms = flags
             .test_hooks
             .then(|| flags.test_stall_ms.unwrap_or(TEST_STALL_MS_DEFAULT));
@@ -386,6 +448,9 @@ impl Config {
                 .or(file.idle_timeout_ms)
                 .unwrap_or(IDLE_TIMEOUT_MS_DEFAULT)
                 .max(1),
+            header_timeout_ms,
+            transfer_rate_min,
+            connections_max,
         })
     }
 }
@@ -491,6 +556,58 @@ mod tests {
         ] {
             assert!(Config::resolve(bad).is_err());
         }
+    }
+
+    #[test]
+    fn connections_max_from_flag_or_file_and_checked() {
+        let c = Config::resolve(Flags::default()).unwrap();
+        assert_eq!(c.connections_max, CONNECTIONS_MAX_DEFAULT);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dosd.toml");
+        std::fs::write(&path, "connections_max = 300\n").unwrap();
+        let from_file = Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        };
+        assert_eq!(Config::resolve(from_file).unwrap().connections_max, 300);
+        let parse = |args: &[&str]| Flags::try_parse_from([&["dosd"], args].concat());
+        let flag = parse(&["--config", path.to_str().unwrap(), "--connections-max", "7"]);
+        assert_eq!(Config::resolve(flag.unwrap()).unwrap().connections_max, 7);
+
+        for bad in ["0", "65537"] {
+            let e = Config::resolve(parse(&["--connections-max", bad]).unwrap()).unwrap_err();
+            assert!(e.to_string().contains("1 to 65536"), "{bad}: {e}");
+        }
+        assert!(parse(&["--connections-max", "-1"]).is_err());
+    }
+
+    #[test]
+    fn header_timeout_and_transfer_rate() {
+        let c = Config::resolve(Flags::default()).unwrap();
+        assert_eq!(c.header_timeout_ms, HEADER_TIMEOUT_MS_DEFAULT);
+        assert_eq!(c.transfer_rate_min, 64 << 10);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dosd.toml");
+        std::fs::write(
+            &path,
+            "header_timeout_ms = 2500\ntransfer_rate_min = \"1M\"\n",
+        )
+        .unwrap();
+        let parse = |args: &[&str]| Flags::try_parse_from([&["dosd"], args].concat());
+        let c = Config::resolve(parse(&["--config", path.to_str().unwrap()]).unwrap()).unwrap();
+        assert_eq!((c.header_timeout_ms, c.transfer_rate_min), (2500, 1 << 20));
+        std::fs::write(&path, "transfer_rate_min = 0\n").unwrap();
+        let c = Config::resolve(parse(&["--config", path.to_str().unwrap()]).unwrap()).unwrap();
+        assert_eq!(c.transfer_rate_min, 0, "0 turns the minimum off");
+        let c = Config::resolve(parse(&["--transfer-rate-min", "4096"]).unwrap()).unwrap();
+        assert_eq!(c.transfer_rate_min, 4096);
+
+        let e = Config::resolve(parse(&["--header-timeout-ms", "0"]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("header_timeout_ms"), "{e}");
+        let e = Config::resolve(parse(&["--transfer-rate-min", "fast"]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("transfer_rate_min"), "{e}");
     }
 
     #[test]

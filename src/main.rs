@@ -5,6 +5,7 @@
 
 mod config;
 mod datadir;
+mod fdlimit;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -179,6 +180,20 @@ impl TestSignals {
 
 fn run(flags: Flags) -> anyhow::Result<()> {
     let cfg = Config::resolve(flags)?;
+    // Before anything is opened: every descriptor the configuration may need must be
+    // there when it is needed, or the node does not start.
+    match fdlimit::ensure(cfg.connections_max, cfg.disks)? {
+        fdlimit::Outcome::Enough { soft } => {
+            tracing::debug!(limit = soft, "file descriptor limit suffices")
+        }
+        fdlimit::Outcome::RaisedSoft { from, to } | fdlimit::Outcome::RaisedHard { from, to } => {
+            tracing::info!(
+                from,
+                to,
+                "raised the file descriptor limit for connections_max"
+            )
+        }
+    }
     let dir = datadir::DataDir::open(&cfg.data_dir)?;
     let node_id = match cfg.node_id {
         Some(id) => id,
@@ -232,11 +247,13 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         node_id,
         epoch,
         chunk_max: dosp::wire::CHUNK_MAX_DEFAULT,
-        connections_max: 1024,
+        connections_max: cfg.connections_max,
         idle_sleep: Duration::from_millis(100),
         checkpoint_interval: Duration::from_secs(5),
         request_timeout: Duration::from_millis(cfg.request_timeout_ms),
         idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+        header_timeout: Duration::from_millis(cfg.header_timeout_ms),
+        transfer_rate_min: cfg.transfer_rate_min,
         test_stall: stall_trigger
             .as_ref()
             .zip(cfg.test_stall_ms)

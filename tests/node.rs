@@ -308,17 +308,14 @@ fn heartbeats_arrive_on_the_group_and_unicast_queries_answer() {
     }
     assert!(seen, "no heartbeat from the node on {group}");
 
-    // Unicast HEARTBEAT over UDP to the node's DOSP address.
+    // Unicast HEARTBEAT over UDP to the node's DOSP address (the client pads the
+    // request: the reply is more than three times an empty request).
+    let body = dosp::client::udp_request(node.addr, Opcode::Heartbeat, &[], Duration::from_secs(3))
+        .unwrap();
+    let hb = HeartbeatOut::read_from_prefix(&body).unwrap().0;
+    assert_eq!(format!("{:016x}", hb.node_id.get()), node.node_id);
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let mut msg = Vec::new();
-    encode_request(&mut msg, Opcode::Heartbeat, 77, 0, &[]);
-    udp.send_to(&msg, node.addr).unwrap();
-    let (n, _) = udp.recv_from(&mut buf).unwrap();
-    let (h, body) = Header::read_from_prefix(&buf[..n]).unwrap();
-    h.check(Kind::Response).unwrap();
-    assert_eq!(h.request_id.get(), 77);
-    assert_eq!(out_status(body).unwrap().0, Status::Success);
 
     // Unicast LOCATE of an absent object answers NOT_FOUND (unicast is never silent).
     let mut msg = Vec::new();
@@ -797,6 +794,8 @@ fn config_file_flags_and_clear_start_up_errors() {
         (&["--disk-size", "1M"][..], "at least"),
         (&["--disks", "0"][..], "invalid disks"),
         (&["--node-id", "xyz"][..], "invalid node id"),
+        (&["--connections-max", "0"][..], "invalid connections_max"),
+        (&["--connections-max", "70000"][..], "must be 1 to 65536"),
         (&["--disk", "floppy:a"][..], "expected nvme:SERIAL"),
         (
             &["--disk", "nvme:NO-SUCH-SERIAL"][..],

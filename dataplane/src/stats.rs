@@ -106,6 +106,32 @@ impl OpClass {
     }
 }
 
+/// Whether the DOSP listener can take new connections, as the dataplane last saw it.
+/// The management core's health rule (mgmt/src/health.rs) turns it into a reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum ListenerState {
+    /// Connections are accepted (the normal state).
+    Accepting = 0,
+    /// The process is out of file descriptors: each new connection is accepted on the
+    /// reserve descriptor, answered BUSY and closed. Existing connections are served.
+    Shedding = 1,
+    /// The listener cannot accept at all (not even to shed): new connections wait in
+    /// the kernel's backlog until descriptors come back.
+    Stuck = 2,
+}
+
+impl ListenerState {
+    /// The state a gauge value stands for; unknown values read as `Stuck`, the worst.
+    pub fn from_gauge(v: u64) -> ListenerState {
+        match v {
+            0 => ListenerState::Accepting,
+            1 => ListenerState::Shedding,
+            _ => ListenerState::Stuck,
+        }
+    }
+}
+
 /// Node-wide counters. Every field is incremented somewhere in the dataplane.
 #[derive(Debug, Default)]
 pub struct NodeStats {
@@ -113,8 +139,15 @@ pub struct NodeStats {
     pub connections: AtomicU64,
     /// Connections accepted since start.
     pub connections_total: AtomicU64,
-    /// Connections refused because the session table was full.
+    /// Connections answered BUSY and closed: the session table was full of connections
+    /// in the middle of a request, or the process was out of file descriptors.
     pub connections_refused: AtomicU64,
+    /// Idle connections (between requests) closed to admit a new one into a full table.
+    pub connections_evicted: AtomicU64,
+    /// `accept` calls that failed for want of a resource (file descriptors, memory).
+    pub accept_failures: AtomicU64,
+    /// The DOSP listener's [`ListenerState`], as a gauge (its `u64` value).
+    pub listener_state: AtomicU64,
     /// Requests completed (any status).
     pub ops_total: AtomicU64,
     /// Requests in progress now (streams, stores).

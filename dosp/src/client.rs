@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use md5::{Digest, Md5};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
-use crate::codec::{encode_chunk_header, encode_request, ResponseDecoder, ResponseEvent};
+use crate::codec::{
+    encode_chunk_header, encode_request, udp_request_len_for, ResponseDecoder, ResponseEvent,
+};
 use crate::wire::*;
 use crate::Fingerprint;
 
@@ -259,6 +261,18 @@ impl Client {
             node: self.node.clone(),
             source,
         };
+        // A node that refuses the connection answers whatever came first with one BUSY
+        // under opcode NULL and request id 0 (PROTOCOL.md §6); our ids start at 1.
+        if header.request_id.get() == 0 && header.opcode.get() == Opcode::Null as u16 {
+            if let Ok((Status::Busy, detail)) = out_status(&body) {
+                return Err(ClientError::Status {
+                    op: op.name(),
+                    node: self.node.clone(),
+                    status: Status::Busy,
+                    detail,
+                });
+            }
+        }
         if header.request_id.get() != id {
             return Err(wire(WireError::RequestIdMismatch {
                 got: header.request_id.get(),
@@ -711,6 +725,99 @@ pub fn locate_multicast(
     Ok(found)
 }
 
+/// The reply a UDP request is padded for at first: the header and the opcode's whole
+/// Out structure, with one entry for the disk lists (a node with more disks answers
+/// TOO_LARGE with the size it needs, and the request is sent again padded for that).
+fn udp_reply_len_expected(op: Opcode) -> usize {
+    Header::SIZE
+        + match op {
+            Opcode::Null => size_of::<NullOut>(),
+            Opcode::Locate => size_of::<LocateOut>(),
+            Opcode::Heartbeat => size_of::<HeartbeatOut>(),
+            Opcode::GetLoad => size_of::<LoadOut>(),
+            Opcode::GetDiskState => size_of::<DiskListOut>() + size_of::<DiskStateEntry>(),
+            Opcode::GetDiskStatus => size_of::<DiskListOut>() + size_of::<DiskStatusEntry>(),
+            // Not carried over UDP: the node says BAD_REQUEST, which fits anything.
+            _ => size_of::<OutHead>(),
+        }
+}
+
+/// One request to `node` over UDP unicast and its reply's Out body, waiting at most
+/// `wait` for it. The datagram is padded so the node may answer it (a reply is at most
+/// three times its request, dosp/PROTOCOL.md "UDP replies"); if the node answers
+/// TOO_LARGE with a size the padding did not cover (a disk list longer than one), the
+/// request is sent once more, padded for that size. A reply that does not come is
+/// `Io` with `TimedOut`: UDP may lose either datagram, and the caller may try again.
+pub fn udp_request(
+    node: SocketAddr,
+    op: Opcode,
+    body: &[u8],
+    wait: Duration,
+) -> Result<Vec<u8>, ClientError> {
+    let name = node.to_string();
+    let io_err = |source| ClientError::Io {
+        node: name.clone(),
+        source,
+    };
+    let local: SocketAddr = if node.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(local).map_err(io_err)?;
+    let deadline = Instant::now() + wait;
+    let mut pad = udp_request_len_for(udp_reply_len_expected(op));
+    let mut retried = false;
+    loop {
+        let request_id = rand_id();
+        let mut msg = Vec::with_capacity(pad.max(Header::SIZE + body.len()));
+        encode_request(&mut msg, op, request_id, 0, body);
+        if msg.len() < pad {
+            msg.resize(pad, 0);
+        }
+        sock.send_to(&msg, node).map_err(io_err)?;
+        let mut reply = None;
+        recv_responses(&sock, deadline, &mut |header, out, from| {
+            if from != node || header.request_id.get() != request_id {
+                return true;
+            }
+            reply = Some((*header, out.to_vec()));
+            false
+        })
+        .map_err(io_err)?;
+        let Some((header, out)) = reply else {
+            return Err(io_err(io::ErrorKind::TimedOut.into()));
+        };
+        let wire = |source| ClientError::Wire {
+            node: name.clone(),
+            source,
+        };
+        if header.opcode.get() != op as u16 {
+            return Err(wire(WireError::OpcodeMismatch {
+                got: header.opcode.get(),
+                want: op.name(),
+            }));
+        }
+        let (status, detail) = out_status(&out).map_err(wire)?;
+        let needed = udp_request_len_for(detail as usize);
+        match status {
+            Status::Success => return Ok(out),
+            Status::TooLarge if !retried && needed > msg.len() => {
+                pad = needed;
+                retried = true;
+            }
+            status => {
+                return Err(ClientError::Status {
+                    op: op.name(),
+                    node: name,
+                    status,
+                    detail,
+                })
+            }
+        }
+    }
+}
+
 /// Receives datagrams on `sock` until `deadline` or until `each` returns false, passing
 /// on every well-formed response (header checked, body bounded by its length) with its
 /// sender. Anything else on the group is skipped: nothing there is trusted.
@@ -719,7 +826,8 @@ fn recv_responses(
     deadline: Instant,
     each: &mut dyn FnMut(&Header, &[u8], SocketAddr) -> bool,
 ) -> io::Result<()> {
-    let mut buf = [0u8; 2048];
+    // Room for the largest datagram a node sends (a disk list of DISKS_MAX disks).
+    let mut buf = vec![0u8; 1 << 16];
     while let Some(left) = deadline
         .checked_duration_since(Instant::now())
         .filter(|d| !d.is_zero())

@@ -314,6 +314,22 @@ pub fn encode_response(out: &mut Vec<u8>, opcode: u16, request_id: u64, parts: &
     }
 }
 
+/// Over UDP unicast a reply datagram is at most this many times the size of the
+/// request datagram it answers (dosp/PROTOCOL.md, "UDP replies"), so a datagram with
+/// a forged source address cannot be turned into a larger one at somebody else.
+pub const UDP_REPLY_FACTOR_MAX: usize = 3;
+
+/// Whether a node may answer a `request_len`-byte datagram with a `reply_len`-byte one.
+pub fn udp_reply_allowed(request_len: usize, reply_len: usize) -> bool {
+    reply_len <= request_len.saturating_mul(UDP_REPLY_FACTOR_MAX)
+}
+
+/// The smallest request datagram a reply of `reply_len` bytes may answer: what a
+/// requester pads its datagram to (with zeros after the body).
+pub fn udp_request_len_for(reply_len: usize) -> usize {
+    reply_len.div_ceil(UDP_REPLY_FACTOR_MAX)
+}
+
 /// Appends a STORE chunk header to `out`; the caller sends `len` data bytes after it.
 pub fn encode_chunk_header(out: &mut Vec<u8>, len: u32, last: bool) {
     out.extend_from_slice(ChunkHeader::new(len, last).as_bytes());
@@ -331,6 +347,22 @@ mod tests {
     use crate::Fingerprint;
     use proptest::prelude::*;
     use zerocopy::FromZeros;
+
+    #[test]
+    fn the_udp_reply_rule_and_the_padding_it_asks_for_agree() {
+        assert!(udp_reply_allowed(32, 96));
+        assert!(!udp_reply_allowed(32, 97));
+        // Every error reply (header + OutHead) answers the smallest request.
+        assert!(udp_reply_allowed(Header::SIZE, Header::SIZE + 8));
+        for reply in [40usize, 112, 176, 16_432] {
+            let pad = udp_request_len_for(reply);
+            assert!(udp_reply_allowed(pad, reply), "{reply}");
+            assert!(
+                !udp_reply_allowed(pad - 1, reply),
+                "{reply}: {pad} is the least"
+            );
+        }
+    }
 
     fn store_message(id: u64, chunks: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();

@@ -13,6 +13,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use dataplane::stats::{ListenerState, NodeStats};
 use dataplane::store::{DiskId, DiskReport, DiskState};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -473,13 +474,12 @@ async fn change_state(
 #[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health)))]
 async fn health_get(State(s): State<Arc<Shared>>) -> Json<Health> {
     let now = Instant::now();
-    s.liveness.observe(
-        dataplane::stats::NodeStats::get(&s.handle.stats.loop_turns),
-        now,
-    );
+    s.liveness
+        .observe(NodeStats::get(&s.handle.stats.loop_turns), now);
     Json(health::assess(
         &s.handle.disks.snapshot(),
         s.liveness.quiet(now),
+        ListenerState::from_gauge(NodeStats::get(&s.handle.stats.listener_state)),
         &s.cfg.thresholds,
     ))
 }

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dataplane::handle::DataplaneHandle;
-use dataplane::stats::NodeStats;
+use dataplane::stats::{ListenerState, NodeStats};
 use dataplane::store::{DiskReport, DiskState};
 
 use crate::health::{assess, Status as Health, Thresholds};
@@ -141,7 +141,9 @@ impl Speaker {
             let disks = self.handle.disks.snapshot();
             let quiet = self.quiet(now);
             self.disk_events(&disks);
-            let assessed = assess(&disks, quiet, &self.cfg.thresholds);
+            let listener =
+                ListenerState::from_gauge(NodeStats::get(&self.handle.stats.listener_state));
+            let assessed = assess(&disks, quiet, listener, &self.cfg.thresholds);
             let health = assessed.status;
             NodeStats::set(&self.handle.stats.health, health_byte(health).into());
             if health == Health::Failing && self.last_health != Health::Failing {

@@ -1,13 +1,14 @@
 //! The node's health rule: what makes it `ok`, `degraded` or `failing`, and why.
 //!
 //! The rule is a pure function of the published disk reports, how long the dataplane
-//! loop has gone without a turn, and the thresholds in force, so it is tested here
-//! without a node. What it must never do: look at a disk itself (the dataplane owns
+//! loop has gone without a turn, the state of the DOSP listener, and the thresholds in
+//! force, so it is tested here without a node. What it must never do: look at a disk itself (the dataplane owns
 //! the disks; this only reads what it published).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use dataplane::stats::ListenerState;
 use dataplane::store::{DiskReport, DiskState};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -58,6 +59,12 @@ pub enum ReasonKind {
     /// spare below threshold, temperature, degraded reliability, read-only media, or
     /// a failed backup of volatile memory. Replace it before it fails.
     DiskCriticalWarning,
+    /// The process is out of file descriptors: new DOSP connections are answered BUSY
+    /// and closed; connections already open are served.
+    ListenerShedding,
+    /// The DOSP listener cannot accept connections at all, not even to refuse them:
+    /// new clients wait in the kernel's queue.
+    ListenerStuck,
 }
 
 /// The critical warning bits of the NVMe SMART / Health Information log (byte 0), in
@@ -114,7 +121,15 @@ pub struct Health {
 
 /// Applies the rule. `quiet` is how long the (single) dataplane loop has gone without
 /// a turn; core ids count from 1 since core 0 is the management core (DESIGN.md §3).
-pub fn assess(disks: &[DiskReport], quiet: Duration, t: &Thresholds) -> Health {
+/// `listener` is what the dataplane last saw of its DOSP listener: shedding new
+/// connections for want of descriptors degrades the node (it still serves the
+/// connections it has); not accepting at all makes it failing.
+pub fn assess(
+    disks: &[DiskReport],
+    quiet: Duration,
+    listener: ListenerState,
+    t: &Thresholds,
+) -> Health {
     let mut reasons = Vec::new();
     let (mut online, mut offline, mut down) = (0u16, 0u16, 0u16);
     for d in disks {
@@ -191,6 +206,23 @@ pub fn assess(disks: &[DiskReport], quiet: Duration, t: &Thresholds) -> Health {
                 t.dataplane_stall_ms
             ),
         });
+    }
+    match listener {
+        ListenerState::Accepting => {}
+        ListenerState::Shedding => reasons.push(Reason {
+            status: Status::Degraded,
+            kind: ReasonKind::ListenerShedding,
+            disk: None,
+            core: Some(1),
+            message: "the node is out of file descriptors: new DOSP connections are answered BUSY and closed".into(),
+        }),
+        ListenerState::Stuck => reasons.push(Reason {
+            status: Status::Failing,
+            kind: ReasonKind::ListenerStuck,
+            disk: None,
+            core: Some(1),
+            message: "the DOSP listener cannot accept connections: new clients wait unanswered".into(),
+        }),
     }
     Health {
         status: reasons.iter().map(|r| r.status).max().unwrap_or(Status::Ok),
@@ -276,6 +308,7 @@ mod tests {
         let h = assess(
             &[disk(0, DiskState::Online), disk(1, DiskState::Online)],
             Duration::from_millis(100),
+            ListenerState::Accepting,
             &T,
         );
         assert_eq!(h.status, Status::Ok);
@@ -297,7 +330,12 @@ mod tests {
             critical_warning: 0b0000_0110,
             ..healthy
         });
-        let h = assess(&[quiet.clone(), warned], Duration::ZERO, &T);
+        let h = assess(
+            &[quiet.clone(), warned],
+            Duration::ZERO,
+            ListenerState::Accepting,
+            &T,
+        );
         assert_eq!(h.status, Status::Degraded);
         assert_eq!(h.reasons.len(), 1);
         assert_eq!(h.reasons[0].kind, ReasonKind::DiskCriticalWarning);
@@ -309,7 +347,13 @@ mod tests {
         );
         // No health log (file disks) or no warning: nothing to say.
         assert_eq!(
-            assess(&[quiet, disk(2, DiskState::Online)], Duration::ZERO, &T).status,
+            assess(
+                &[quiet, disk(2, DiskState::Online)],
+                Duration::ZERO,
+                ListenerState::Accepting,
+                &T
+            )
+            .status,
             Status::Ok
         );
         assert!(critical_warning_text(0x80).contains("reserved bits 0x80"));
@@ -320,6 +364,7 @@ mod tests {
         let h = assess(
             &[disk(0, DiskState::Online), disk(1, DiskState::Offline)],
             Duration::ZERO,
+            ListenerState::Accepting,
             &T,
         );
         assert_eq!(h.status, Status::Degraded);
@@ -330,6 +375,7 @@ mod tests {
         let h = assess(
             &[disk(0, DiskState::Down), disk(1, DiskState::Online)],
             Duration::ZERO,
+            ListenerState::Accepting,
             &T,
         );
         assert_eq!(
@@ -348,7 +394,7 @@ mod tests {
             disk(1, DiskState::Down),
             disk(2, DiskState::Online),
         ];
-        let h = assess(&disks, Duration::ZERO, &T);
+        let h = assess(&disks, Duration::ZERO, ListenerState::Accepting, &T);
         assert_eq!(h.status, Status::Failing);
         assert!(h
             .reasons
@@ -360,13 +406,13 @@ mod tests {
             ..T
         };
         assert_eq!(
-            assess(&disks, Duration::ZERO, &loose).status,
+            assess(&disks, Duration::ZERO, ListenerState::Accepting, &loose).status,
             Status::Degraded
         );
         // Offline disks do not count as down.
         let offline = [disk(0, DiskState::Offline), disk(1, DiskState::Offline)];
         assert_eq!(
-            assess(&offline, Duration::ZERO, &T).status,
+            assess(&offline, Duration::ZERO, ListenerState::Accepting, &T).status,
             Status::Degraded
         );
     }
@@ -375,10 +421,21 @@ mod tests {
     fn a_stalled_loop_is_failing_only_past_the_threshold() {
         let disks = [disk(0, DiskState::Online)];
         assert_eq!(
-            assess(&disks, Duration::from_millis(2000), &T).status,
+            assess(
+                &disks,
+                Duration::from_millis(2000),
+                ListenerState::Accepting,
+                &T
+            )
+            .status,
             Status::Ok
         );
-        let h = assess(&disks, Duration::from_millis(2001), &T);
+        let h = assess(
+            &disks,
+            Duration::from_millis(2001),
+            ListenerState::Accepting,
+            &T,
+        );
         assert_eq!(h.status, Status::Failing);
         assert_eq!(h.reasons[0].kind, ReasonKind::DataplaneStalled);
         assert_eq!(h.reasons[0].core, Some(1));
@@ -386,8 +443,25 @@ mod tests {
     }
 
     #[test]
+    fn a_listener_that_sheds_degrades_and_one_that_cannot_accept_fails() {
+        let disks = [disk(0, DiskState::Online)];
+        let h = assess(&disks, Duration::ZERO, ListenerState::Shedding, &T);
+        assert_eq!(h.status, Status::Degraded);
+        assert_eq!(h.reasons.len(), 1);
+        assert_eq!(h.reasons[0].kind, ReasonKind::ListenerShedding);
+        assert!(h.reasons[0].message.contains("file descriptors"));
+        let h = assess(&disks, Duration::ZERO, ListenerState::Stuck, &T);
+        assert_eq!(h.status, Status::Failing);
+        assert_eq!(h.reasons[0].kind, ReasonKind::ListenerStuck);
+        assert_eq!(
+            assess(&disks, Duration::ZERO, ListenerState::Accepting, &T).status,
+            Status::Ok
+        );
+    }
+
+    #[test]
     fn no_reports_yet_is_degraded() {
-        let h = assess(&[], Duration::ZERO, &T);
+        let h = assess(&[], Duration::ZERO, ListenerState::Accepting, &T);
         assert_eq!(h.status, Status::Degraded);
         assert_eq!(h.reasons[0].kind, ReasonKind::NoDiskReports);
     }

@@ -56,7 +56,10 @@ fn node_counters(s: &NodeStats) -> impl IntoIterator<Item = Exported> {
     exported! { s;
         connections => "dosd_connections", Gauge, "Connections open now";
         connections_total => "dosd_connections_total", Counter, "Connections accepted";
-        connections_refused => "dosd_connections_refused_total", Counter, "Connections refused (table full)";
+        connections_refused => "dosd_connections_refused_total", Counter, "Connections answered BUSY and closed (table full of busy connections, or out of file descriptors)";
+        connections_evicted => "dosd_connections_evicted_total", Counter, "Idle connections closed to admit a new one into a full table";
+        accept_failures => "dosd_accept_failures_total", Counter, "Accepts that failed for want of file descriptors or memory";
+        listener_state => "dosd_listener_state", Gauge, "DOSP listener: 0 accepting, 1 out of descriptors and shedding with BUSY, 2 cannot accept";
         ops_total => "dosd_ops_total", Counter, "Requests completed";
         ops_outstanding => "dosd_ops_outstanding", Gauge, "Requests in progress";
         ops_per_sec => "dosd_ops_per_second", Gauge, "Requests completed in the last second";

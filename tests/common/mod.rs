@@ -78,9 +78,30 @@ impl Node {
     /// Starts `dosd` with only the addresses set (free ports, the test's group) and
     /// `args`; everything else comes from `args`, a config file or the defaults.
     pub fn start_bare(data_dir: &Path, group: &str, args: &[&str]) -> Node {
+        Node::try_start_under(&[], data_dir, group, args).unwrap_or_else(|log| {
+            panic!("dosd exited before it was ready:\n{log}");
+        })
+    }
+
+    /// Like [`Node::start_bare`], with `dosd` run by a wrapper command (`prefix`, e.g.
+    /// `prlimit --nofile=…`, which execs it: the child's pid is dosd's). Returns
+    /// dosd's stderr if it exits instead of becoming ready.
+    pub fn try_start_under(
+        prefix: &[&str],
+        data_dir: &Path,
+        group: &str,
+        args: &[&str],
+    ) -> Result<Node, String> {
         let stderr_log = data_dir.with_extension("stderr.log");
         let stderr = std::fs::File::create(&stderr_log).expect("create stderr log");
-        let mut cmd = Command::new(dosd_bin());
+        let mut cmd = match prefix.split_first() {
+            None => Command::new(dosd_bin()),
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(dosd_bin());
+                c
+            }
+        };
         cmd.arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0", "--mgmt-listen", "127.0.0.1:0"])
@@ -97,10 +118,7 @@ impl Node {
         reader.read_line(&mut line).expect("read dosd stdout");
         if line.is_empty() {
             let _ = child.wait();
-            panic!(
-                "dosd exited before it was ready:\n{}",
-                std::fs::read_to_string(&stderr_log).unwrap_or_default()
-            );
+            return Err(std::fs::read_to_string(&stderr_log).unwrap_or_default());
         }
         let field = |key: &str| {
             line.split_whitespace()
@@ -118,7 +136,7 @@ impl Node {
                 sink.clear();
             }
         });
-        Node {
+        Ok(Node {
             child,
             addr,
             mgmt,
@@ -126,7 +144,7 @@ impl Node {
             data_dir: data_dir.to_path_buf(),
             group: group.to_string(),
             stderr_log,
-        }
+        })
     }
 
     pub fn node_arg(&self) -> String {
@@ -169,6 +187,21 @@ impl Node {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// The (soft, hard) `Max open files` of the running node, from /proc.
+    pub fn nofile_limits(&self) -> (u64, u64) {
+        let text = std::fs::read_to_string(format!("/proc/{}/limits", self.child.id()))
+            .expect("read /proc/PID/limits");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("a Max open files line");
+        let mut nums = line
+            .split_whitespace()
+            .skip(3)
+            .map(|v| v.parse::<u64>().unwrap_or(u64::MAX));
+        (nums.next().unwrap(), nums.next().unwrap())
     }
 }
 

@@ -6,11 +6,19 @@
 //! group is answered — by multicast, so every manager snooping the group learns the
 //! location — only by nodes that hold the object; the rest stay silent. (Periodic
 //! heartbeats and announcements come from the management core, mgmt/src/cluster.rs.)
+//!
+//! Unicast answers are bounded by the request that asked: at most three times its
+//! datagram's size (dosp/PROTOCOL.md, "UDP replies"). A source address is not
+//! checked by anyone, and a node that answered 16 KiB of disk status to a 40-byte
+//! datagram would be an amplifier pointed at whoever the datagram claimed to be. A
+//! reply that would be larger is replaced by TOO_LARGE carrying the size needed, so
+//! the requester can pad its request or ask over TCP. Multicast answers go to the
+//! group, never to the claimed source, and are left alone.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use dosp::codec::encode_response;
+use dosp::codec::{encode_response, udp_reply_allowed};
 use dosp::wire::*;
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -141,7 +149,16 @@ impl Cluster {
         self.body.clear();
         let status = small_op(ctx, op, body, &mut self.body);
         encode_response(&mut self.out, op as u16, id, &[&self.body]);
-        if op == Opcode::Locate && status == Status::Success {
+        // `n` is the whole datagram as received, padding included. The replacement
+        // (header + OutHead, 40 bytes) always fits: a request is at least 32.
+        if !udp_reply_allowed(n, self.out.len()) {
+            let needed = u32::try_from(self.out.len()).unwrap_or(u32::MAX);
+            self.out.clear();
+            let head = OutHead::new(Status::TooLarge, needed);
+            encode_response(&mut self.out, op as u16, id, &[head.as_bytes()]);
+            NodeStats::error(ctx.stats, Status::TooLarge);
+            tracing::debug!(%from, request = n, reply = needed, "UDP reply too large for its request");
+        } else if op == Opcode::Locate && status == Status::Success {
             NodeStats::inc(&ctx.stats.locate_answers);
         }
         if let Err(e) = self.unicast.send_to(&self.out, from) {

@@ -11,6 +11,7 @@
 //! epoll when idle, so an idle node does not burn its core; the poll timeout is bounded
 //! so shutdown and timers are noticed promptly.
 
+pub mod accept;
 pub mod cluster;
 pub mod ops;
 pub mod session;
@@ -25,19 +26,20 @@ use std::time::{Duration, Instant};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 
+use self::accept::{Pass, Reserve, Shed, Step, ACCEPT_BURST, ACCEPT_RETRY};
 use self::cluster::Cluster;
 use self::ops::{Ctx, NodeIdentity};
-use self::session::{Drive, Session};
+use self::session::{Deadlines, Drive, Session};
 use crate::handle::{Command, CommandError, DataplaneEnd, COMMANDS_PER_TURN};
-use crate::stats::NodeStats;
+use crate::stats::{ListenerState, NodeStats};
 use crate::store::Store;
 
 const LISTENER: Token = Token(0);
 const UDP_UNICAST: Token = Token(1);
 const UDP_MULTICAST: Token = Token(2);
 const FIRST_SESSION: usize = 16;
-/// Connections accepted per turn.
-const ACCEPT_BURST: usize = 64;
+/// Idle sessions looked at, when the table is full, before a newcomer is refused.
+const EVICT_TRIES: usize = 8;
 /// Events handled per epoll wait.
 const EVENTS_MAX: usize = 256;
 /// How often every online disk is probed with a one-block read. With the publish
@@ -64,10 +66,15 @@ pub struct ServerConfig {
     /// How often the store checkpoints when it has new commits.
     pub checkpoint_interval: Duration,
     /// A connection silent this long in the middle of a request is closed (its STORE
-    /// aborted).
+    /// aborted). Also the window over which `transfer_rate_min` is measured.
     pub request_timeout: Duration,
     /// A connection silent this long between requests is closed.
     pub idle_timeout: Duration,
+    /// A request's header and In structure must arrive within this of their first byte.
+    pub header_timeout: Duration,
+    /// Bytes per second a connection must move while the node waits on it mid-request
+    /// (STORE chunks in, a reply out); 0: no minimum.
+    pub transfer_rate_min: u64,
     /// Test-only: `None` in production. See [`TestStall`].
     pub test_stall: Option<TestStall>,
 }
@@ -90,6 +97,14 @@ pub struct TestStall {
 pub struct Server {
     poll: Poll,
     listener: TcpListener,
+    /// When the loop must run an accept pass without waiting for a readiness event
+    /// (the last pass stopped before the queue was empty; see `accept.rs`).
+    accept_at: Option<Instant>,
+    /// The spare descriptor that lets the listener refuse connections when the
+    /// process is out of descriptors.
+    reserve: Reserve,
+    /// What the listener last saw, as published in `stats.listener_state`.
+    listener_state: ListenerState,
     cluster: Cluster,
     sessions: HashMap<Token, Session>,
     next_token: usize,
@@ -105,8 +120,14 @@ impl Server {
     pub fn bind(cfg: ServerConfig, store: Store, end: DataplaneEnd) -> io::Result<Server> {
         let stats = Arc::clone(&end.stats);
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(cfg.listen)?;
+        let (mut listener, backlog) = accept::bind(cfg.listen, cfg.connections_max)?;
         let local = listener.local_addr()?;
+        tracing::info!(
+            %local,
+            backlog,
+            connections_max = cfg.connections_max,
+            "DOSP listener bound"
+        );
         let mut cluster = Cluster::bind(local, cfg.multicast_group, cfg.multicast_if)?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -127,6 +148,9 @@ impl Server {
         Ok(Server {
             poll,
             listener,
+            accept_at: None,
+            reserve: Reserve::new()?,
+            listener_state: ListenerState::Accepting,
             cluster,
             sessions: HashMap::new(),
             next_token: FIRST_SESSION,
@@ -179,7 +203,12 @@ impl Server {
             // With device operations in flight the loop polls without sleeping: their
             // completions are what it waits for.
             let timeout = if more.is_empty() && !self.store.busy() {
-                self.cfg.idle_sleep
+                match self.accept_at {
+                    Some(at) => at
+                        .saturating_duration_since(Instant::now())
+                        .min(self.cfg.idle_sleep),
+                    None => self.cfg.idle_sleep,
+                }
             } else {
                 Duration::ZERO
             };
@@ -211,9 +240,13 @@ impl Server {
                     }
                 }
             }
+            let mut accepted = false;
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(),
+                    LISTENER => {
+                        accepted = true;
+                        self.accept(&mut more);
+                    }
                     UDP_UNICAST | UDP_MULTICAST => {
                         let mut ctx = Ctx {
                             store: &mut self.store,
@@ -241,6 +274,9 @@ impl Server {
                     continue;
                 }
                 self.drive(t, &mut more);
+            }
+            if !accepted && self.accept_at.is_some_and(|at| at <= Instant::now()) {
+                self.accept(&mut more);
             }
             more.sort_unstable();
             more.dedup();
@@ -316,52 +352,165 @@ impl Server {
         Ok(self.store)
     }
 
-    fn accept(&mut self) {
+    /// One accept pass: takes connections until the queue is empty or the per-turn
+    /// bound is hit, sheds them with BUSY while the process is out of descriptors, and
+    /// arranges to come back when it stopped before the queue was empty.
+    fn accept(&mut self, more: &mut Vec<Token>) {
+        self.accept_at = None;
+        let mut short = false;
+        let mut failure = None;
+        let mut pass = Pass::Bound;
         for _ in 0..ACCEPT_BURST {
-            let (mut stream, peer) = match self.listener.accept() {
-                Ok(s) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    // EMFILE and friends: log, and try again next turn.
-                    tracing::warn!(error = %e, "accept failed");
+            match accept::next(&self.listener) {
+                Step::Connection(stream, peer) => self.admit(stream, peer, more),
+                Step::Empty => {
+                    pass = Pass::Drained;
+                    break;
+                }
+                Step::Failed(e) if accept::is_shortage(&e) => {
+                    NodeStats::inc(&self.stats.accept_failures);
+                    if !short {
+                        tracing::debug!(error = %e, "accept: out of descriptors, shedding");
+                    }
+                    short = true;
+                    failure = Some(e);
+                    match self.reserve.shed_one(&self.listener) {
+                        Shed::Refused(peer) => {
+                            NodeStats::inc(&self.stats.connections_refused);
+                            tracing::debug!(%peer, "refused a connection: out of file descriptors");
+                        }
+                        Shed::Empty => {
+                            pass = Pass::Drained;
+                            break;
+                        }
+                        Shed::Cannot => {
+                            pass = Pass::Failed;
+                            break;
+                        }
+                    }
+                }
+                Step::Failed(e) => {
+                    // Not a shortage and not one connection's: the listener itself is
+                    // in trouble. Say so, and try again later.
+                    NodeStats::inc(&self.stats.accept_failures);
+                    tracing::error!(error = %e, "accept failed");
+                    failure = Some(e);
+                    pass = Pass::Failed;
+                    break;
+                }
+            }
+        }
+        let state = match pass {
+            Pass::Failed => ListenerState::Stuck,
+            _ if short => ListenerState::Shedding,
+            _ if self.listener_state == ListenerState::Accepting => ListenerState::Accepting,
+            // Short before, nothing to accept now: are descriptors back?
+            _ if self.reserve.spare_available() => ListenerState::Accepting,
+            _ if self.reserve.held() => ListenerState::Shedding,
+            _ => ListenerState::Stuck,
+        };
+        self.set_listener_state(state, failure.as_ref());
+        self.accept_at = match (pass, state) {
+            (Pass::Bound, _) => Some(Instant::now()),
+            (_, ListenerState::Accepting) => None,
+            _ => Some(Instant::now() + ACCEPT_RETRY),
+        };
+    }
+
+    fn set_listener_state(&mut self, state: ListenerState, error: Option<&io::Error>) {
+        if state == self.listener_state {
+            return;
+        }
+        let error = error.map(ToString::to_string).unwrap_or_default();
+        match state {
+            ListenerState::Accepting => {
+                tracing::info!("DOSP listener accepting again: file descriptors are back")
+            }
+            ListenerState::Shedding => tracing::warn!(
+                %error,
+                "DOSP listener out of file descriptors: refusing new connections with BUSY"
+            ),
+            ListenerState::Stuck => tracing::error!(
+                %error,
+                "DOSP listener cannot accept connections, not even to refuse them"
+            ),
+        }
+        self.listener_state = state;
+        NodeStats::set(&self.stats.listener_state, state as u64);
+    }
+
+    /// The session idle the longest that can be closed without harm: between
+    /// requests, and with no input waiting unread (a request just arrived). At most
+    /// EVICT_TRIES candidates are looked at, oldest first.
+    fn longest_idle(&self) -> Option<(Instant, Token)> {
+        let mut skipped = [Token(usize::MAX); EVICT_TRIES];
+        for n in 0..EVICT_TRIES {
+            let (since, token) = self
+                .sessions
+                .iter()
+                .filter(|(t, _)| !skipped[..n].contains(t))
+                .filter_map(|(t, s)| Some((s.idle_since()?, *t)))
+                .min()?;
+            if !self.sessions[&token].has_unread_input() {
+                return Some((since, token));
+            }
+            skipped[n] = token;
+        }
+        None
+    }
+
+    /// Gives a new connection a session. When the table is full, the session idle the
+    /// longest (between requests) is closed to make room; only when every session is
+    /// in the middle of a request is the newcomer refused with BUSY. Idle connections
+    /// so cannot lock new clients out: the cost is a scan of the table, and only when
+    /// it is full.
+    fn admit(&mut self, stream: mio::net::TcpStream, peer: SocketAddr, more: &mut Vec<Token>) {
+        if self.sessions.len() >= self.cfg.connections_max {
+            match self.longest_idle() {
+                Some((since, victim)) => {
+                    // Routine under pressure, and counted: not worth a line each.
+                    if let Some(s) = self.sessions.get(&victim) {
+                        tracing::debug!(
+                            peer = %s.peer,
+                            idle_ms = since.elapsed().as_millis() as u64,
+                            "session table full: closing the connection idle the longest"
+                        );
+                    }
+                    NodeStats::inc(&self.stats.connections_evicted);
+                    self.close(victim);
+                }
+                None => {
+                    NodeStats::inc(&self.stats.connections_refused);
+                    tracing::warn!(
+                        %peer,
+                        max = self.cfg.connections_max,
+                        "refusing connection: every session is in the middle of a request"
+                    );
+                    let max = u32::try_from(self.cfg.connections_max).unwrap_or(u32::MAX);
+                    accept::refuse(stream, max);
                     return;
                 }
-            };
-            if self.sessions.len() >= self.cfg.connections_max {
-                NodeStats::inc(&self.stats.connections_refused);
-                tracing::warn!(%peer, max = self.cfg.connections_max, "refusing connection: session table full");
-                let mut reply = Vec::new();
-                dosp::codec::encode_response(
-                    &mut reply,
-                    dosp::wire::Opcode::Null as u16,
-                    0,
-                    &[zerocopy::IntoBytes::as_bytes(&dosp::wire::OutHead::new(
-                        dosp::wire::Status::Busy,
-                        0,
-                    ))],
-                );
-                let _ = io::Write::write(&mut stream, &reply);
-                continue;
             }
-            let _ = stream.set_nodelay(true);
-            let token = Token(self.next_token);
-            self.next_token += 1;
-            let mut session = Session::new(stream, peer, self.cfg.chunk_max, token.0 as u64);
-            if let Err(e) = self.poll.registry().register(
-                session.stream_mut(),
-                token,
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                tracing::warn!(%peer, error = %e, "cannot register connection");
-                continue;
-            }
-            NodeStats::inc(&self.stats.connections);
-            NodeStats::inc(&self.stats.connections_total);
-            tracing::debug!(%peer, "connection accepted");
-            self.sessions.insert(token, session);
-            let mut more = Vec::new();
-            self.drive(token, &mut more);
         }
+        let _ = stream.set_nodelay(true);
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        let mut session = Session::new(stream, peer, self.cfg.chunk_max, token.0 as u64);
+        if let Err(e) = self.poll.registry().register(
+            session.stream_mut(),
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!(%peer, error = %e, "cannot register connection");
+            return;
+        }
+        NodeStats::inc(&self.stats.connections);
+        NodeStats::inc(&self.stats.connections_total);
+        tracing::debug!(%peer, "connection accepted");
+        self.sessions.insert(token, session);
+        // Whatever the client sent with its handshake is read now; a session that
+        // hits its step bound is driven again next turn like any other.
+        self.drive(token, more);
     }
 
     /// Carries out up to COMMANDS_PER_TURN management commands; true if any came.
@@ -398,17 +547,19 @@ impl Server {
     }
 
     fn close_timed_out(&mut self, now: Instant) {
-        let (request, idle) = (self.cfg.request_timeout, self.cfg.idle_timeout);
-        let stale: Vec<Token> = self
+        let deadlines = Deadlines {
+            request: self.cfg.request_timeout,
+            idle: self.cfg.idle_timeout,
+            header: self.cfg.header_timeout,
+            rate_min_bytes_per_sec: self.cfg.transfer_rate_min,
+        };
+        let stale: Vec<_> = self
             .sessions
-            .iter()
-            .filter(|(_, s)| s.timed_out(now, request, idle))
-            .map(|(t, _)| *t)
+            .iter_mut()
+            .filter_map(|(t, s)| Some((*t, s.peer, s.timed_out(now, &deadlines)?)))
             .collect();
-        for t in stale {
-            if let Some(s) = self.sessions.get(&t) {
-                tracing::info!(peer = %s.peer, "closing a connection that went quiet");
-            }
+        for (t, peer, why) in stale {
+            tracing::info!(%peer, "closing a connection: {}", why.reason());
             NodeStats::inc(&self.stats.sessions_timed_out);
             self.close(t);
         }

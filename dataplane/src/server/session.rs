@@ -22,6 +22,13 @@
 //! chunk, a stream with its final Out structure. A request abandoned by its client
 //! (connection closed mid-STORE) has no reply and so no latency: it counts as
 //! `stores_aborted` instead.
+//!
+//! Deadlines ([`Deadlines`], checked by the loop every 100 ms): a connection may not
+//! hold its slot by trickling. A request's header and In structure must arrive within
+//! `header` of their first byte; while the node waits on the peer mid-request (STORE
+//! chunks to come in, a reply to be read) the connection must move
+//! `rate_min_bytes_per_sec` bytes a second, measured over windows of `request`; and
+//! silence is bounded by `request` mid-request and `idle` between requests.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -45,6 +52,45 @@ const PIECE_BYTES: usize = 256 * 1024;
 const OUT_HIGH: usize = 512 * 1024;
 /// Steps of work per `drive` call, so one busy connection cannot starve the others.
 const STEPS_MAX: usize = 64;
+
+/// The time limits a session is held to (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// Longest silence in the middle of a request; also the window over which
+    /// `rate_min_bytes_per_sec` is measured.
+    pub request: Duration,
+    /// Longest silence between requests.
+    pub idle: Duration,
+    /// From the first byte of a request's header to the last byte of its In structure.
+    pub header: Duration,
+    /// Bytes per second a connection must move while the node waits on it in the
+    /// middle of a request; 0 sets no minimum.
+    pub rate_min_bytes_per_sec: u64,
+}
+
+/// Why a session was closed by a deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    /// A request's header and In structure took longer than `header` to arrive.
+    Header,
+    /// Mid-request, the peer moved less than the minimum rate over a window.
+    TooSlow,
+    /// Silent longer than `request` in the middle of a request.
+    Silent,
+    /// Silent longer than `idle` between requests.
+    Idle,
+}
+
+impl Timeout {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Timeout::Header => "its request header took too long to arrive",
+            Timeout::TooSlow => "it moved data slower than the minimum rate mid-request",
+            Timeout::Silent => "it went quiet in the middle of a request",
+            Timeout::Idle => "it was idle too long",
+        }
+    }
+}
 
 /// What the loop should do with the session after `drive`.
 #[derive(Debug, PartialEq, Eq)]
@@ -127,6 +173,12 @@ pub struct Session {
     st: State,
     /// When bytes last moved in either direction, for the timeouts.
     last_io: Instant,
+    /// When the first byte of a request header still incomplete arrived.
+    header_since: Option<Instant>,
+    /// Bytes moved in either direction since the connection opened.
+    moved: u64,
+    /// Start of the current rate window, and `moved` then.
+    window: (Instant, u64),
 }
 
 struct State {
@@ -138,6 +190,8 @@ struct State {
     hold: Option<usize>,
     /// A commit or delete waiting for its flush.
     waiting: Waiting,
+    /// The last drive found the STORE waiting for a staging buffer.
+    store_blocked: bool,
     store: StoreState,
     outgoing: Option<Outgoing>,
     /// Flush what is queued, then close (after a framing error or EOF).
@@ -162,6 +216,7 @@ impl Session {
         chunk_max: u32,
         user: u64,
     ) -> Session {
+        let now = Instant::now();
         Session {
             stream,
             peer,
@@ -175,26 +230,88 @@ impl Session {
                 out_pos: 0,
                 hold: None,
                 waiting: Waiting::None,
+                store_blocked: false,
                 store: StoreState::None,
                 outgoing: None,
                 closing: false,
                 read_closed: false,
                 busy: false,
             },
-            last_io: Instant::now(),
+            last_io: now,
+            header_since: None,
+            moved: 0,
+            window: (now, 0),
         }
     }
 
-    /// Whether the peer has gone quiet for too long: `request` while a request is in
-    /// flight (a STORE waiting for chunks, a response waiting to be read, a partial
-    /// request), `idle` between requests. A stalled STORE otherwise holds a write slot
-    /// and its staging buffer forever.
-    pub fn timed_out(&self, now: Instant, request: Duration, idle: Duration) -> bool {
+    /// Whether the peer broke a deadline, and which (see [`Deadlines`]). Called every
+    /// scan (100 ms), which also moves the rate window along.
+    ///
+    /// The rate is measured only while the node waits on the peer: STORE chunks to
+    /// come in (the loop reads them as fast as they arrive) or a reply to be read. A
+    /// STORE path that ever pauses reading to wait for the store must restart the
+    /// window (`self.window = (now, self.moved)`) so the peer is not blamed for it.
+    pub fn timed_out(&mut self, now: Instant, d: &Deadlines) -> Option<Timeout> {
+        if self
+            .header_since
+            .is_some_and(|t| now.saturating_duration_since(t) > d.header)
+        {
+            return Some(Timeout::Header);
+        }
+        // While the node itself waits (for a device read, a commit's flush, a staging
+        // buffer) the peer is not to blame: neither the rate nor the silence counts.
+        let on_store = self.st.waiting_on_store();
+        let sendable = self.st.hold.unwrap_or(self.st.out.len());
+        let waiting_on_peer = !on_store && (self.decoder.in_store() || self.st.out_pos < sendable);
+        if !waiting_on_peer || d.rate_min_bytes_per_sec == 0 {
+            self.window = (now, self.moved);
+        } else {
+            let elapsed = now.saturating_duration_since(self.window.0);
+            if elapsed >= d.request {
+                let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+                let need = d.rate_min_bytes_per_sec.saturating_mul(ms) / 1000;
+                if self.moved - self.window.1 < need {
+                    return Some(Timeout::TooSlow);
+                }
+                self.window = (now, self.moved);
+            }
+        }
+        // Silence: a stalled STORE otherwise holds a write slot and its staging buffer
+        // forever.
         let mid_request = self.st.busy
             || self.decoder.in_store()
             || self.rstart < self.rend
             || self.st.out_pos < self.st.out.len();
-        now.saturating_duration_since(self.last_io) > if mid_request { request } else { idle }
+        let quiet = now.saturating_duration_since(self.last_io);
+        if on_store {
+            self.last_io = now;
+            return None;
+        }
+        match mid_request {
+            true if quiet > d.request => Some(Timeout::Silent),
+            false if quiet > d.idle => Some(Timeout::Idle),
+            _ => None,
+        }
+    }
+
+    /// When the session last moved a byte, if it is between requests: nothing in
+    /// flight either way, no partial request buffered. Such a session may be closed
+    /// to make room for a new one without losing anything of a request.
+    pub fn idle_since(&self) -> Option<Instant> {
+        let between = !self.st.busy
+            && !self.decoder.in_store()
+            && self.header_since.is_none()
+            && self.rstart == self.rend
+            && self.st.out_pos == self.st.out.len();
+        between.then_some(self.last_io)
+    }
+
+    /// Whether the peer has sent bytes the session has not read yet (a peek, one
+    /// system call). Closing a socket with unread input sends a reset, which can
+    /// destroy replies still in flight; a session with none closes with a FIN after
+    /// its last reply.
+    pub fn has_unread_input(&self) -> bool {
+        matches!(self.stream.peek(&mut [0u8; 1]), Ok(n) if n > 0)
     }
 
     pub fn stream_mut(&mut self) -> &mut mio::net::TcpStream {
@@ -231,6 +348,7 @@ impl Session {
                         self.st.out_pos += n;
                         NodeStats::add(&ctx.stats.bytes_out, n as u64);
                         self.last_io = Instant::now();
+                        self.moved += n as u64;
                         progress = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -261,6 +379,7 @@ impl Session {
             if store_full {
                 blocked = true;
             }
+            self.st.store_blocked = store_full;
             if !self.st.closing
                 && self.st.outgoing.is_none()
                 && matches!(self.st.waiting, Waiting::None)
@@ -269,11 +388,21 @@ impl Session {
             {
                 match self.decoder.decode(&self.rbuf[self.rstart..self.rend]) {
                     Ok(Some((event, n))) => {
+                        if matches!(event, RequestEvent::Request { .. }) {
+                            self.header_since = None;
+                        }
                         self.rstart += n;
                         self.st.handle(ctx, event);
                         progress = true;
                     }
                     Ok(None) => {
+                        // Part of a request header is here: its deadline runs.
+                        if self.header_since.is_none()
+                            && self.rstart < self.rend
+                            && !self.decoder.in_store()
+                        {
+                            self.header_since = Some(Instant::now());
+                        }
                         // 4. Read more input.
                         if !self.st.read_closed {
                             if self.rstart == self.rend {
@@ -294,6 +423,7 @@ impl Session {
                                     self.rend += n;
                                     NodeStats::add(&ctx.stats.bytes_in, n as u64);
                                     self.last_io = Instant::now();
+                                    self.moved += n as u64;
                                     progress = true;
                                 }
                                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -668,6 +798,11 @@ impl State {
         self.set_busy(ctx, false);
     }
 
+    /// Whether the session waits for the store rather than for its peer.
+    fn waiting_on_store(&self) -> bool {
+        self.reading() || !matches!(self.waiting, Waiting::None) || self.store_blocked
+    }
+
     fn reading(&self) -> bool {
         matches!(
             self.outgoing,
@@ -992,3 +1127,7 @@ impl State {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

@@ -536,6 +536,8 @@ mod tests {
             errors: 0,
             io: DiskIo::default(),
             last_error: None,
+            corrupt_objects: 0,
+            corrupt_blocks: 0,
             health,
         }
     }

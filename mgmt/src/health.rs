@@ -262,6 +262,8 @@ mod tests {
             errors: 3,
             io: Default::default(),
             last_error: None,
+            corrupt_objects: 0,
+            corrupt_blocks: 0,
             health: None,
         }
     }

@@ -507,6 +507,8 @@ mod tests {
                 message: "boom".into(),
                 at_unix_ms: 1_700_000_000_250,
             }),
+            corrupt_objects: 0,
+            corrupt_blocks: 0,
             health: None,
         }];
         let text = render(&s, &disks);
@@ -556,6 +558,8 @@ mod tests {
             errors: 0,
             io: Default::default(),
             last_error: None,
+            corrupt_objects: 0,
+            corrupt_blocks: 0,
             health: None,
         };
         let text = render(&s, std::slice::from_ref(&file));

@@ -320,6 +320,13 @@ impl Store {
             bytes += a.size;
         }
         if bad_blocks > 0 {
+            // Counted on the disk too, not only node-wide: this may be the only time
+            // anything looks at the object's data before someone asks for it.
+            vol.note_corrupt(
+                fp,
+                bad_blocks,
+                &format!("when compaction moved it ({bad_blocks} bad blocks)"),
+            );
             self.counters.corrupt_blocks += bad_blocks;
             error!(
                 fingerprint = %fp,

@@ -168,6 +168,11 @@ pub struct DiskReport {
     pub io: DiskIo,
     /// The most recent of `errors`, if any.
     pub last_error: Option<LastError>,
+    /// Objects of the disk found failing their checksum since open (by a read or by
+    /// compaction) and still stored: each counts once however often it fails.
+    pub corrupt_objects: u64,
+    /// Blocks found failing their checksum since open, per detection.
+    pub corrupt_blocks: u64,
     /// The device's own health log (NVMe SMART), refreshed by [`Store::probe`];
     /// `None` for files and memory.
     pub health: Option<nvme::driver::SmartLog>,
@@ -775,7 +780,7 @@ impl Store {
         let end = offset + n as u64;
         let corrupt = |vol: &mut Volume, counters: &mut StoreCounters, what: &str| {
             counters.corrupt_blocks += 1;
-            vol.note_error(format!("object {fp} failed its checksum on read: {what}"));
+            vol.note_corrupt(fp, 1, &format!("on read: {what}"));
             error!(fingerprint = %fp, disk = e.disk.0, "object data failed its checksum: {what}");
             StoreError::Corrupt {
                 fp: *fp,
@@ -880,6 +885,7 @@ impl Store {
                 let vol = &mut self.vols[usize::from(e.disk.0)];
                 vol.live_bytes = vol.live_bytes.saturating_sub(e.footprint);
                 vol.objects = vol.objects.saturating_sub(1);
+                vol.corruption.forget(fp);
             }
         }
         Ok(left)
@@ -926,6 +932,8 @@ impl Store {
                     errors: v.errors,
                     io: v.io(),
                     last_error: v.last_error.clone(),
+                    corrupt_objects: v.corruption.objects(),
+                    corrupt_blocks: v.corruption.blocks,
                     health: v.health,
                 }
             })

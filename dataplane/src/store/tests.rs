@@ -425,6 +425,74 @@ fn corrupt_data_is_reported_never_returned() {
     assert!(get_all(&mut s, &fp2).is_err());
 }
 
+/// Damage is counted on the disk that holds it — per object (once, however often it
+/// is read) and per bad block — and the disk's last error names the object, whether a
+/// read or compaction found it; deleting the object takes it off the count.
+#[test]
+fn corruption_is_counted_on_its_disk_per_object() {
+    let disks = [MemDisk::new(4 * MIB, 40), MemDisk::new(4 * MIB, 41)];
+    let c = cfg(16 * KIB);
+    let mut s = open(&disks, &c);
+    let fps: Vec<Fingerprint> = (0..4)
+        .map(|i| {
+            put(&mut s, &data(60 + i, 20_000), 5000)
+                .unwrap()
+                .fingerprint
+        })
+        .collect();
+    let (bad, by_compaction) = (fps[0], fps[1]);
+    let on = |s: &Store, fp: &Fingerprint| usize::from(s.index[fp].disk.0);
+    let (d_bad, d_comp) = (on(&s, &bad), on(&s, &by_compaction));
+    for fp in [bad, by_compaction] {
+        let ext = s.index[&fp].extents[0];
+        disks[on(&s, &fp)].corrupt(ext.hdr + 4096 + 5, 1);
+    }
+    let mut out = vec![0u8; 20_000];
+    for _ in 0..3 {
+        assert!(matches!(
+            s.read(&bad, 0, &mut out),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+    let r = s.disks()[d_bad].clone();
+    assert_eq!((r.corrupt_objects, r.corrupt_blocks, r.errors), (1, 3, 3));
+    let last = r.last_error.expect("a last error");
+    assert!(
+        last.message.contains(&bad.to_hex()) && last.message.contains("on read"),
+        "{last:?}"
+    );
+    let healthy = 1 - d_bad;
+    if d_comp != d_bad {
+        assert_eq!(s.disks()[healthy].corrupt_objects, 0);
+    }
+
+    // Nobody reads the other damaged object; compaction meets it while moving it.
+    s.checkpoint().unwrap();
+    drop(s);
+    let mut s = open(&disks, &c);
+    assert!(
+        s.disks().iter().all(|r| r.corrupt_objects == 0),
+        "since open"
+    );
+    s.compact(DiskId(d_comp as u16)).unwrap();
+    let r = s.disks()[d_comp].clone();
+    assert!(r.corrupt_objects >= 1 && r.corrupt_blocks >= 1, "{r:?}");
+    let last = r.last_error.expect("a last error");
+    assert!(
+        last.message.contains(&by_compaction.to_hex()) && last.message.contains("compaction"),
+        "{last:?}"
+    );
+    // Deleting the damaged objects takes them off the count; blocks stay counted.
+    for fp in [bad, by_compaction] {
+        assert_eq!(s.delete(&fp).unwrap(), 0);
+    }
+    assert!(s.disks().iter().all(|r| r.corrupt_objects == 0));
+    assert!(s.disks()[d_comp].corrupt_blocks >= 1);
+    for (i, fp) in fps.iter().enumerate().skip(2) {
+        assert_eq!(get_all(&mut s, fp).unwrap(), data(60 + i as u64, 20_000));
+    }
+}
+
 #[test]
 fn rotten_log_header_takes_the_disk_down_instead_of_truncating() {
     // The rotten header of the third object is in the part of the log open must read:

@@ -263,8 +263,9 @@ impl Session {
 }
 
 /// Refuses a STORE up front when its announced size cannot fit: over the object size
-/// limit (TOO_LARGE, detail = the limit in MiB) or over what the roomiest online disk
-/// has available (NO_SPACE). The chunks are still read, and the reply follows the last.
+/// limit (TOO_LARGE, detail = the limit in MiB) or with room on no online disk, even
+/// after compaction (NO_SPACE, by the same rule as `objects_available`). The chunks
+/// are still read, and the reply follows the last.
 fn early_refusal(ctx: &Ctx<'_>, size_hint: u64) -> Option<(Status, u32)> {
     if size_hint == 0 {
         return None;
@@ -276,42 +277,33 @@ fn early_refusal(ctx: &Ctx<'_>, size_hint: u64) -> Option<(Status, u32)> {
             u32::try_from(max >> 20).unwrap_or(u32::MAX),
         ));
     }
-    let room = ctx
-        .store
-        .online_room()
-        .map(|(_, _, available)| available)
-        .max()
-        .unwrap_or(0);
-    (size_hint > room).then_some((Status::NoSpace, 0))
+    (ctx.store.room_for(size_hint) == crate::store::Room::Nowhere).then_some((Status::NoSpace, 0))
 }
 
-/// When no online disk has `size_hint` bytes free but one would after compaction,
-/// compacts that disk now, so the STORE lands instead of failing part way. Idle-time
-/// compaction reclaims space gradually; this is the on-demand path. It runs on the
-/// dataplane thread and costs at most one pass over that disk's log.
+/// When no online disk has room for `size_hint` bytes (0: unknown, judged as the
+/// smallest object) but one would after compaction, compacts that disk now, so the
+/// STORE lands instead of failing part way. Idle-time compaction reclaims space
+/// gradually; this is the on-demand path. It runs on the dataplane thread and costs at
+/// most one pass over that disk's log. If compaction finds no room to work in, the
+/// store is left to `begin_for` to judge.
 fn make_room(ctx: &mut Ctx<'_>, size_hint: u64) -> Result<(), crate::store::StoreError> {
-    if size_hint == 0 {
-        return Ok(());
-    }
-    // Segment headers: one 4 KiB block per segment, plus a little slack.
-    let need = size_hint + size_hint / 128 + (1 << 20);
-    if ctx.store.online_room().any(|(_, free, _)| free >= need) {
-        return Ok(());
-    }
-    let Some((disk, _, _)) = ctx
-        .store
-        .online_room()
-        .filter(|&(_, _, available)| available >= need)
-        .max_by_key(|&(_, _, available)| available)
-    else {
+    let crate::store::Room::AfterCompacting(disk) = ctx.store.room_for(size_hint) else {
         return Ok(());
     };
-    let report = ctx.store.compact(disk)?;
-    tracing::info!(
-        disk = disk.0,
-        ?report,
-        "compacted on demand to make room for a store"
-    );
+    match ctx.store.compact(disk) {
+        Ok(report) => tracing::info!(
+            disk = disk.0,
+            ?report,
+            "compacted on demand to make room for a store"
+        ),
+        Err(crate::store::StoreError::NoSpace) => {
+            tracing::warn!(
+                disk = disk.0,
+                "on-demand compaction found no room to work in"
+            )
+        }
+        Err(e) => return Err(e),
+    }
     Ok(())
 }
 
@@ -472,7 +464,8 @@ impl State {
                     started,
                 },
                 None => {
-                    match make_room(ctx, req.size_hint.get()).and_then(|()| ctx.store.begin()) {
+                    let hint = req.size_hint.get();
+                    match make_room(ctx, hint).and_then(|()| ctx.store.begin_for(hint)) {
                         Ok(write) => StoreState::Writing {
                             request_id,
                             write,

@@ -45,6 +45,7 @@ mod compact;
 pub mod conformance;
 mod counted;
 mod format;
+mod room;
 mod volume;
 
 #[cfg(test)]
@@ -71,6 +72,7 @@ use format::{kind, RecordHeader, BLOCK, BLOCK_U64, MAX_SEGMENT_BYTES};
 use volume::{Reserve, Volume};
 
 pub use counted::{DiskIo, LastError};
+pub use room::Room;
 
 /// Tunables of the store.
 #[derive(Clone, Debug, PartialEq)]
@@ -156,7 +158,10 @@ pub struct DiskReport {
     /// Free plus reclaimable dead bytes: what new objects could use after compaction.
     pub bytes_available: u64,
     pub objects_used: u64,
-    /// `bytes_available` / the smallest possible object footprint (2 blocks).
+    /// How many more of the smallest objects (1 byte: 2 blocks) the disk admits one
+    /// after the other, by the same rule as a STORE's admission (see `room`): within
+    /// its free space, or within `bytes_available` less one segment that compacting
+    /// may leave behind as a WRAP's waste.
     pub objects_available: u64,
     /// Open writes on the disk.
     pub outstanding_ops: u32,
@@ -555,35 +560,19 @@ impl Store {
         vol.flush()
     }
 
-    /// Starts a write on the Online disk with the most free space (less what the
-    /// writes already open on it will take).
+    /// Starts a write of unknown size: [`Store::begin_for`] with no hint.
     pub fn begin(&mut self) -> Result<WriteId, StoreError> {
+        self.begin_for(0)
+    }
+
+    /// Starts a write of about `size_hint` bytes (0: unknown, judged as the smallest
+    /// object) on the Online disk that admits it with the most free space (less what the
+    /// writes already open on it will take); NoSpace if none admits it (see `room`).
+    pub fn begin_for(&mut self, size_hint: u64) -> Result<WriteId, StoreError> {
         if self.writes.len() >= self.cfg.max_open_writes {
             return Err(StoreError::Busy);
         }
-        let mut best: Option<(u64, usize)> = None;
-        let mut any_online = false;
-        for (i, v) in self.vols.iter().enumerate() {
-            if v.state != DiskState::Online {
-                continue;
-            }
-            any_online = true;
-            let free = v.bytes_free();
-            if free < v.seg_record {
-                continue;
-            }
-            let effective = free.saturating_sub(u64::from(v.open_writes) * v.seg_record);
-            if best.is_none_or(|(b, _)| effective > b) {
-                best = Some((effective, i));
-            }
-        }
-        let Some((_, i)) = best else {
-            return Err(if any_online {
-                StoreError::NoSpace
-            } else {
-                StoreError::NoUsableDisk
-            });
-        };
+        let i = self.choose_disk(size_hint)?;
         let seg = self.cfg.segment_bytes;
         let st = self.pool.pop().unwrap_or_else(|| Staging {
             buf: AlignedBuf::new(BLOCK + seg),
@@ -898,18 +887,6 @@ impl Store {
         all
     }
 
-    /// (disk, bytes free, bytes available after compaction) of every online disk,
-    /// without building reports: cheap enough to ask on every STORE.
-    pub fn online_room(&self) -> impl Iterator<Item = (DiskId, u64, u64)> + '_ {
-        self.vols
-            .iter()
-            .filter(|v| v.state == DiskState::Online)
-            .map(|v| {
-                let (free, dead) = room_of(v);
-                (v.id, free, free + dead)
-            })
-    }
-
     pub fn disks(&self) -> Vec<DiskReport> {
         self.vols
             .iter()
@@ -926,7 +903,11 @@ impl Store {
                     bytes_free: free,
                     bytes_available: available,
                     objects_used: v.objects,
-                    objects_available: available / (2 * BLOCK_U64),
+                    objects_available: if v.log_len > 0 {
+                        v.stores_admitted(1)
+                    } else {
+                        0
+                    },
                     outstanding_ops: v.open_writes,
                     bytes_dead: dead,
                     errors: v.errors,

@@ -262,30 +262,27 @@ impl Session {
     }
 }
 
-/// Refuses a STORE up front when its announced size cannot fit: over the object size
-/// limit (TOO_LARGE, detail = the limit in MiB) or with room on no online disk, even
-/// after compaction (NO_SPACE, by the same rule as `objects_available`). The chunks
-/// are still read, and the reply follows the last.
+/// Refuses a STORE up front when its announced size is over the object size limit
+/// (TOO_LARGE, detail = the limit in MiB). The chunks are still read, and the reply
+/// follows the last. Room is not judged here: a STORE no disk has room for is still
+/// read and hashed (`Store::begin_for`), so that an object the node holds already gets
+/// a reference; any other gets NO_SPACE after its last chunk.
 fn early_refusal(ctx: &Ctx<'_>, size_hint: u64) -> Option<(Status, u32)> {
-    if size_hint == 0 {
-        return None;
-    }
     let max = ctx.store.config().max_object_bytes;
-    if size_hint > max {
-        return Some((
+    (size_hint > max).then(|| {
+        (
             Status::TooLarge,
             u32::try_from(max >> 20).unwrap_or(u32::MAX),
-        ));
-    }
-    (ctx.store.room_for(size_hint) == crate::store::Room::Nowhere).then_some((Status::NoSpace, 0))
+        )
+    })
 }
 
 /// When no online disk has room for `size_hint` bytes (0: unknown, judged as the
 /// smallest object) but one would after compaction, compacts that disk now, so the
 /// STORE lands instead of failing part way. Idle-time compaction reclaims space
 /// gradually; this is the on-demand path. It runs on the dataplane thread and costs at
-/// most one pass over that disk's log. If compaction finds no room to work in, the
-/// store is left to `begin_for` to judge.
+/// most one pass over that disk's log. Running out of room while compacting is no
+/// reason to refuse: the write then only hashes, and may still be a duplicate.
 fn make_room(ctx: &mut Ctx<'_>, size_hint: u64) -> Result<(), crate::store::StoreError> {
     let crate::store::Room::AfterCompacting(disk) = ctx.store.room_for(size_hint) else {
         return Ok(());

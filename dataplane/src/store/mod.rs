@@ -17,6 +17,8 @@
 //! is known, the staged tail is dropped and a REF +1 record is written instead;
 //! otherwise the staged tail goes out as a SEGMENT|COMMIT record. Either way one flush
 //! follows before `commit` returns — from then on the object survives power loss.
+//! A write with no room on any disk (or that runs out of it) goes on hashing without
+//! writing, so that a duplicate still gets its reference at commit (see `room`).
 //!
 //! # Recovery
 //! At open each disk's index is loaded from its newest usable checkpoint (a snapshot of
@@ -290,6 +292,9 @@ struct OpenWrite {
     first_lp: Option<u64>,
     /// Footprint of its records written so far.
     bytes: u64,
+    /// No room for it: its bytes are only hashed, and commit adds a reference to the
+    /// object if it is stored already or fails with NoSpace (see `room`).
+    unstored: bool,
 }
 
 /// Disk, header offset and write id of a cached header.
@@ -550,6 +555,26 @@ impl Store {
         }
     }
 
+    /// [`Store::write_ref`] that may use the metadata reserve, and when even that is used
+    /// up compacts the disk and tries once more: REF records turn into dead space as soon
+    /// as they are written, so compaction can always win them back. Deletes and dedup
+    /// hits go through here, so that a full disk can still be emptied and a duplicate
+    /// still be referenced.
+    fn write_ref_making_room(
+        &mut self,
+        disk: DiskId,
+        fp: &Fingerprint,
+        delta: i32,
+    ) -> Result<(), StoreError> {
+        match self.write_ref(disk, fp, delta) {
+            Err(StoreError::NoSpace) => {
+                let _ = self.compact(disk);
+                self.write_ref(disk, fp, delta)
+            }
+            other => other,
+        }
+    }
+
     /// Writes and flushes a REF record on `disk`.
     fn write_ref(&mut self, disk: DiskId, fp: &Fingerprint, delta: i32) -> Result<(), StoreError> {
         let vol = &mut self.vols[usize::from(disk.0)];
@@ -565,14 +590,16 @@ impl Store {
         self.begin_for(0)
     }
 
-    /// Starts a write of about `size_hint` bytes (0: unknown, judged as the smallest
-    /// object) on the Online disk that admits it with the most free space (less what the
-    /// writes already open on it will take); NoSpace if none admits it (see `room`).
+    /// Starts a write of about `size_hint` bytes (0: unknown) on the Online disk that
+    /// admits it with the most free space (less what the writes already open on it will
+    /// take). Room is never a reason to refuse here: a write no disk admits, or one that
+    /// runs out of room later, still hashes its bytes, so that a duplicate gets its
+    /// reference at commit; anything else fails there with NoSpace, nothing committed.
     pub fn begin_for(&mut self, size_hint: u64) -> Result<WriteId, StoreError> {
         if self.writes.len() >= self.cfg.max_open_writes {
             return Err(StoreError::Busy);
         }
-        let i = self.choose_disk(size_hint)?;
+        let (i, stored) = self.choose_disk(size_hint)?;
         let seg = self.cfg.segment_bytes;
         let st = self.pool.pop().unwrap_or_else(|| Staging {
             buf: AlignedBuf::new(BLOCK + seg),
@@ -594,6 +621,7 @@ impl Store {
                 write_id: 0,
                 first_lp: None,
                 bytes: 0,
+                unstored: !stored,
             },
         );
         Ok(id)
@@ -625,13 +653,25 @@ impl Store {
             ..
         } = self;
         let w = writes.get_mut(&id).ok_or(StoreError::UnknownWrite)?;
+        if w.unstored {
+            w.hash_only(data);
+            return Ok(());
+        }
         let vol = &mut vols[usize::from(w.disk.0)];
         vol.check_online()?;
         let seg = cfg.segment_bytes;
         let mut rest = data;
         while !rest.is_empty() {
             if w.fill == seg {
-                write_segment(vol, w, None, counters)?;
+                match write_segment(vol, w, None, counters) {
+                    Err(StoreError::NoSpace) => {
+                        // Its staged bytes are hashed already: hash the rest only.
+                        w.unstore(vol);
+                        w.md5.update(rest);
+                        break;
+                    }
+                    other => other?,
+                }
             }
             // Up to the end of the current block: the slice is copied, hashed and
             // checksummed while it is in cache.
@@ -673,7 +713,7 @@ impl Store {
         fp: Fingerprint,
     ) -> Result<Committed, StoreError> {
         if let Some(disk) = self.index.get(&fp).map(|e| e.disk) {
-            self.write_ref(disk, &fp, 1)?;
+            self.write_ref_making_room(disk, &fp, 1)?;
             let e = self.index.get_mut(&fp).ok_or(StoreError::NotFound(fp))?;
             e.refcount = e.refcount.saturating_add(1);
             self.counters.stores += 1;
@@ -685,6 +725,9 @@ impl Store {
                 deduplicated: true,
                 refcount: e.refcount,
             });
+        }
+        if w.unstored {
+            return Err(StoreError::NoSpace);
         }
         let vol = &mut self.vols[usize::from(w.disk.0)];
         vol.check_online()?;
@@ -857,14 +900,7 @@ impl Store {
     /// is gone from the index and its space is reclaimed by compaction.
     pub fn delete(&mut self, fp: &Fingerprint) -> Result<u32, StoreError> {
         let disk = self.index.get(fp).ok_or(StoreError::NotFound(*fp))?.disk;
-        match self.write_ref(disk, fp, -1) {
-            Err(StoreError::NoSpace) => {
-                // Even the metadata reserve is used up: make room, then retry once.
-                let _ = self.compact(disk);
-                self.write_ref(disk, fp, -1)?;
-            }
-            other => other?,
-        }
+        self.write_ref_making_room(disk, fp, -1)?;
         self.counters.deletes += 1;
         let e = self.index.get_mut(fp).ok_or(StoreError::NotFound(*fp))?;
         e.refcount = e.refcount.saturating_sub(1);

@@ -2,10 +2,15 @@
 //! how many more of the smallest objects a disk reports it can take. Admission and
 //! `objects_available` are both decided by [`Volume::stores_admitted`], so that the
 //! number an operator or a client reads and the answer a STORE gets cannot disagree.
+//!
+//! Also here: what becomes of a write that finds no room. It is not refused: it goes on
+//! hashing its bytes without writing them (see [`OpenWrite::unstore`]), so that a
+//! STORE of an object the node already holds still gets its reference at commit, and
+//! any other gets NO_SPACE there with nothing written for it.
 
 use super::format::BLOCK_U64;
 use super::volume::Volume;
-use super::{DiskId, DiskState, Store, StoreError};
+use super::{DiskId, DiskState, OpenWrite, Store, StoreError};
 
 /// What a store of `n` bytes costs on a disk today, in bytes of log: the object is
 /// written as segments of at most `segment_bytes`, each one record of one 4 KiB header
@@ -94,11 +99,12 @@ impl Store {
             .map_or(Room::Nowhere, |v| Room::AfterCompacting(v.id))
     }
 
-    /// The disk a new write of `size_hint` bytes (0: unknown) goes to: the online disk
-    /// with the most free space left after what the writes open on it may take, among
-    /// those whose free space admits it. `NoSpace` if none does, `NoUsableDisk` when no
-    /// disk is online.
-    pub(crate) fn choose_disk(&self, size_hint: u64) -> Result<usize, StoreError> {
+    /// The disk a new write of `size_hint` bytes (0: unknown) goes to, and whether its
+    /// data will be written there: the online disk with the most free space left after
+    /// what the writes open on it may take, among those whose free space admits it; if
+    /// none does, the online disk with the most free space, for a write that only
+    /// hashes. `NoUsableDisk` when no disk is online.
+    pub(crate) fn choose_disk(&self, size_hint: u64) -> Result<(usize, bool), StoreError> {
         let online = || {
             self.vols
                 .iter()
@@ -113,11 +119,37 @@ impl Store {
                 // Ties go to the lowest slot, as they always have.
                 (v.bytes_free().saturating_sub(open), std::cmp::Reverse(*i))
             });
-        match admitted {
-            Some((i, _)) => Ok(i),
-            None if online().next().is_some() => Err(StoreError::NoSpace),
-            None => Err(StoreError::NoUsableDisk),
+        if let Some((i, _)) = admitted {
+            return Ok((i, true));
         }
+        online()
+            .max_by_key(|(i, v)| (v.bytes_free(), std::cmp::Reverse(*i)))
+            .map(|(i, _)| (i, false))
+            .ok_or(StoreError::NoUsableDisk)
+    }
+}
+
+impl OpenWrite {
+    /// The write ran out of room (or never had any): what it wrote so far is dead space
+    /// from now on, and the rest of its bytes are only hashed, so that commit can still
+    /// add a reference if the object is stored already, and answers NoSpace otherwise.
+    /// Its disk stops keeping compaction away from its records.
+    pub(crate) fn unstore(&mut self, vol: &mut Volume) {
+        vol.open_bytes = vol.open_bytes.saturating_sub(self.bytes);
+        self.bytes = 0;
+        self.first_lp = None;
+        self.fill = 0;
+        self.crc = 0;
+        self.st.crcs.clear();
+        self.st.extents.clear();
+        self.unstored = true;
+    }
+
+    /// Feeds bytes of a write that is not being stored to its fingerprint only.
+    pub(crate) fn hash_only(&mut self, data: &[u8]) {
+        use md5::Digest;
+        self.md5.update(data);
+        self.total += data.len() as u64;
     }
 }
 

@@ -565,16 +565,17 @@ fn full_disk_then_delete_and_compact_makes_room() {
     };
     assert!(matches!(err, StoreError::NoSpace), "{err}");
     assert!(fps.len() >= 8, "{} objects fit", fps.len());
-    // Full: a write of unknown size is refused exactly when no room for the smallest
-    // object is reported.
-    match s.begin() {
-        Err(StoreError::NoSpace) => assert_eq!(s.disks()[0].objects_available, 0),
-        Ok(id) => {
-            assert!(s.disks()[0].objects_available > 0);
-            s.abort(id);
-        }
-        Err(e) => panic!("{e}"),
-    }
+    // Full: a new object fails at commit with nothing of it left live; one already
+    // stored gets a reference instead.
+    let full = s.disks()[0].clone();
+    assert!(matches!(
+        put(&mut s, &data(999, 60_000), 10_000),
+        Err(StoreError::NoSpace)
+    ));
+    let last = fps.len() as u64 - 1;
+    let again = put(&mut s, &data(1000 + last, 60_000), 10_000).unwrap();
+    assert!(again.deduplicated && again.refcount == 2, "{again:?}");
+    assert_eq!(s.disks()[0].objects_used, full.objects_used);
     check_accounting(&s);
     // Delete all but the last two; compaction brings the space back.
     for fp in &fps[..fps.len() - 2] {
@@ -1087,19 +1088,33 @@ fn fill_small(s: &mut Store, down_to: u64, seed: &mut u64, stored: &mut Vec<Fing
 
 /// `objects_available` and admission are one rule: while a disk reports room for
 /// more of the smallest objects a new one is stored, and when it reports none a new
-/// one gets NoSpace with nothing written.
+/// one gets NoSpace with nothing written. A duplicate still gets its reference on the
+/// full disk — when it runs out of room part way, when its size hint does not fit,
+/// and when the disk has no room at all.
 #[test]
-fn objects_available_is_what_admission_admits() {
+fn objects_available_is_what_admission_admits_and_a_full_disk_still_dedups() {
     let disk = MemDisk::new(MIB, 51);
     let c = cfg(16 * KIB);
     let mut s = open(std::slice::from_ref(&disk), &c);
+    // Three segments: 20 KiB records, bigger than what is left at the end.
+    let big = data(500, 40_000);
+    let big_fp = put_hinted(&mut s, &big, 7000).unwrap().fingerprint;
     let mut seed = 600;
     while put_hinted(&mut s, &data(seed, 30_000), 30_000).is_ok() {
         seed += 1;
     }
     let mut small = Vec::new();
+    for (left, refs) in [(3, 2), (1, 3)] {
+        fill_small(&mut s, left, &mut seed, &mut small);
+        // Room for a 20 KiB record or two at most: a duplicate of unknown size runs
+        // out of room part way (after one segment, or at its first) and is referenced
+        // all the same.
+        let r = put(&mut s, &big, 7000).unwrap();
+        assert!(r.deduplicated && r.fingerprint == big_fp, "{r:?}");
+        assert_eq!(r.refcount, refs);
+    }
     fill_small(&mut s, 0, &mut seed, &mut small);
-    assert!(!small.is_empty());
+    let (last, last_seed) = (*small.last().unwrap(), seed - 1);
     let full = s.disks()[0].clone();
     assert_eq!(s.room_for(1), Room::Nowhere, "{full:?}");
     // Nothing new of any size is admitted, and refusing writes nothing.
@@ -1113,6 +1128,24 @@ fn objects_available_is_what_admission_admits() {
             (now.objects_used, now.bytes_free, now.objects_available),
             (full.objects_used, full.bytes_free, 0)
         );
+    }
+    // Duplicates still are: with a hint that does not fit, and of the smallest size.
+    let r = put_hinted(&mut s, &big, 40_000).unwrap();
+    assert!(r.deduplicated && r.refcount == 4, "{r:?}");
+    let r = put_hinted(&mut s, &data(last_seed, 4096), 4096).unwrap();
+    assert!(r.deduplicated && r.fingerprint == last, "{r:?}");
+    assert_eq!(s.disks()[0].objects_used, full.objects_used);
+    check_accounting(&s);
+    // The references are durable, the refused writes left nothing visible.
+    let objects = s.contents().len();
+    drop(s);
+    let mut s = open(std::slice::from_ref(&disk), &c);
+    assert_eq!(s.contents().len(), objects);
+    assert_eq!(s.get(&big_fp).unwrap().refcount, 4);
+    assert_eq!(s.get(&last).unwrap().refcount, 2);
+    assert_eq!(get_all(&mut s, &big_fp).unwrap(), big);
+    for fp in &small {
+        assert_eq!(get_all(&mut s, fp).unwrap().len(), 4096);
     }
     check_accounting(&s);
 }

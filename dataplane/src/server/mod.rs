@@ -124,6 +124,10 @@ impl Server {
             addr: SocketAddrV4::new(ip, local.port()),
             started: Instant::now(),
         };
+        // The first reports go out now, not when the loop starts on its thread: the
+        // node says it is ready once bound, and the management core must know its
+        // disks from then on (not answer 404 for each, nor "no disk reports yet").
+        end.disks.publish(store.disks());
         Ok(Server {
             poll,
             listener,

@@ -467,3 +467,141 @@ fn a_disk_dying_while_idle_is_found_by_the_probe_and_announced() {
     });
     assert_eq!(health["disks_down"], 1);
 }
+
+/// GET `path` from the management endpoint as text (for `/metrics`).
+fn get_text(node: &Node, path: &str) -> String {
+    let mut s = TcpStream::connect(node.mgmt).expect("connect to mgmt");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {text}");
+    body.to_string()
+}
+
+/// Flips one byte inside every copy of `pattern` in the disk image at `path`, `skip`
+/// bytes into it. Returns how many copies were found.
+fn flip_byte_in(path: &std::path::Path, pattern: &[u8], skip: usize) -> usize {
+    use std::os::unix::fs::FileExt;
+    let image = std::fs::read(path).expect("read the disk image");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open the disk image");
+    let mut found = 0;
+    let mut at = 0;
+    while let Some(i) = image[at..]
+        .windows(pattern.len())
+        .position(|w| w == pattern)
+        .map(|i| at + i)
+    {
+        let pos = i + skip;
+        f.write_at(&[image[pos] ^ 0x5a], pos as u64).expect("flip");
+        found += 1;
+        at = i + pattern.len().max(skip + 1);
+    }
+    f.sync_all().unwrap();
+    found
+}
+
+#[test]
+fn a_corrupt_object_is_counted_on_its_disk_named_and_degrades_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let group = unique_group();
+    let args = [
+        "--disks",
+        "1",
+        "--disk-size",
+        "16M",
+        "--heartbeat-ms",
+        "200",
+    ];
+    // A payload the test can find in the disk image: a marker at the start of a
+    // 20 KB object, which the node stores contiguously after a header block.
+    let marker = b"<<dosd corruption probe: find me in the disk image>>";
+    let mut victim = data(77, 20_000);
+    victim[..marker.len()].copy_from_slice(marker);
+    let bystander = data(78, 30_000);
+    let mut node = Node::start_bare(&data_dir, &group, &args);
+    let mut client = node.client();
+    let fp = client.store_bytes(&victim).unwrap().fingerprint;
+    // Stored after it, so the victim's record is vouched durable by a later one and
+    // recovery does not mistake the damage for a torn tail.
+    let fp_ok = client.store_bytes(&bystander).unwrap().fingerprint;
+    drop(client);
+    assert_eq!(node.terminate(), Some(0), "{}", node.log());
+
+    // Rot one byte of the victim's data (its second block) while the node is down.
+    let image = std::fs::read_dir(&data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "img"))
+        .expect("a disk image");
+    assert!(flip_byte_in(&image, marker, 5000) >= 1, "marker not found");
+
+    let node = Node::start_bare(&data_dir, &group, &args);
+    let mut client = node.client();
+    for _ in 0..2 {
+        let mut got = Vec::new();
+        match client.retrieve(&fp, &mut got, &mut |_, _| {}) {
+            Err(ClientError::Status {
+                status: Status::ChecksumMismatch,
+                ..
+            }) => {}
+            other => panic!("fetch of the damaged object: {other:?}"),
+        }
+    }
+    let mut got = Vec::new();
+    client.retrieve(&fp_ok, &mut got, &mut |_, _| {}).unwrap();
+    assert!(got == bystander, "the other object is intact");
+
+    // The operator sees it on the disk: counted once as an object (read twice), as
+    // errors, and named in the last error.
+    let d = poll_json(&node, "/v1/disks/0", "the damage on disk 0", |d| {
+        d["corrupt_objects"] == 1 && d["errors"].as_u64().unwrap_or(0) >= 2
+    });
+    assert!(d["corrupt_blocks"].as_u64().unwrap() >= 2, "{d}");
+    let last = d["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(last.contains(&fp.to_hex()), "the object is named: {d}");
+    assert_eq!(d["state"], "online", "rot is not a disk failure: {d}");
+    let h = poll_json(&node, "/v1/health", "health degraded", |h| {
+        h["status"] == "degraded"
+    });
+    let reasons = h["reasons"].as_array().unwrap();
+    assert!(
+        reasons.iter().any(|r| r["kind"] == "disk_corrupt_objects"
+            && r["disk"] == 0
+            && r["status"] == "degraded"
+            && r["message"]
+                .as_str()
+                .unwrap()
+                .contains("disk 0 holds 1 object")),
+        "a reason names the disk and the count: {h}"
+    );
+    let metrics = get_text(&node, "/metrics");
+    assert!(
+        metrics.contains("\ndosd_disk_corrupt_objects{disk=\"0\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("\ndosd_disk_errors_total{disk=\"0\"} "));
+
+    // Deleting the damaged object and storing a good copy again heals the node.
+    assert_eq!(client.delete(&fp).unwrap(), 0);
+    poll_json(&node, "/v1/health", "health ok again", |h| {
+        h["status"] == "ok"
+    });
+    assert_eq!(
+        get_json(&node, "/v1/disks/0").unwrap()["corrupt_objects"],
+        0
+    );
+    assert_eq!(client.store_bytes(&victim).unwrap().fingerprint, fp);
+    let mut got = Vec::new();
+    client.retrieve(&fp, &mut got, &mut |_, _| {}).unwrap();
+    assert!(got == victim, "the good copy reads back");
+}

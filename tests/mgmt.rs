@@ -294,6 +294,8 @@ fn every_endpoint_answers_as_documented() {
         assert!(disk["flushes"].as_u64().unwrap() >= 1, "{disk}");
         assert_eq!(disk["errors"], 0);
         assert_eq!(disk["last_error"], Value::Null);
+        assert_eq!(disk["corrupt_objects"], 0);
+        assert_eq!(disk["corrupt_blocks"], 0);
         // The file backend has no health log: reported as null, not made up.
         assert_eq!(disk["health"], Value::Null);
     }
@@ -396,6 +398,12 @@ fn every_endpoint_answers_as_documented() {
             s[&format!("dosd_disk_last_error_timestamp_seconds{{disk=\"{disk}\"}}")],
             0.0
         );
+        for family in [
+            "dosd_disk_corrupt_objects",
+            "dosd_disk_corrupt_blocks_total",
+        ] {
+            assert_eq!(s[&format!("{family}{{disk=\"{disk}\"}}")], 0.0, "{family}");
+        }
     }
 
     // HEAD works wherever GET does.

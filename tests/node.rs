@@ -871,6 +871,121 @@ fn full_disks_say_no_space_and_compaction_gives_the_space_back() {
     assert!(metric(&node, "dosd_errors_total") >= 2);
 }
 
+fn is_no_space(e: &dosp::client::ClientError) -> bool {
+    matches!(
+        e,
+        dosp::client::ClientError::Status {
+            status: Status::NoSpace,
+            ..
+        }
+    )
+}
+
+/// A small disk filled to the brim: while it reports room for more of the smallest
+/// objects a new one is stored, and when it reports none a new one of any size gets
+/// NO_SPACE and changes nothing; but storing again an object it already holds adds a
+/// reference, whether the size is announced or not, from the library or the CLI.
+#[test]
+fn a_full_disk_admits_what_it_reports_and_still_takes_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let group = unique_group();
+    let args = [
+        "--disks",
+        "1",
+        "--disk-size",
+        "16M",
+        "--heartbeat-ms",
+        "200",
+    ];
+    let mut node = Node::start_bare(&data_dir, &group, &args);
+    let mut c = node.client();
+    let status = |c: &mut dosp::client::Client| c.disks(ALL_DISKS).unwrap()[0];
+    // Bigger than a segment (1 MiB), so it is written as several records.
+    let big = data(8000, (3 << 20) + 777);
+    let big_fp = c.store_bytes(&big).unwrap().fingerprint;
+    let mut mid = Vec::new();
+    for seed in 8001.. {
+        let bytes = data(seed, 200_000);
+        match c.store_bytes(&bytes) {
+            Ok(s) => mid.push((s.fingerprint, bytes)),
+            Err(e) if is_no_space(&e) => break,
+            Err(e) => panic!("store: {e}"),
+        }
+    }
+    assert!(mid.len() >= 40, "{} objects of 200 KB fit", mid.len());
+    // To the brim with objects that cost what the smallest does (8 KiB on disk).
+    let mut small = 0;
+    for seed in 9000..11_000 {
+        let before = status(&mut c);
+        if before.objects_available == 0 {
+            break;
+        }
+        let s = c
+            .store_bytes(&data(seed, 4096))
+            .unwrap_or_else(|e| panic!("objects_available {} but: {e}", before.objects_available));
+        assert!(!s.deduplicated);
+        small += 1;
+        assert!(status(&mut c).objects_available < before.objects_available);
+    }
+    let full = status(&mut c);
+    assert_eq!(full.objects_available, 0, "{full:?}");
+    assert!(small >= 1, "the 200 KB objects left room for small ones");
+
+    // Nothing new gets in, of any size, announced or not; nothing of it is kept.
+    let objects = |c: &mut dosp::client::Client| c.contents(&mut |_, _| {}).unwrap();
+    let count = objects(&mut c);
+    for (seed, len) in [(12_000, 1), (12_001, 4096), (12_002, 200_000)] {
+        let bytes = data(seed, len);
+        let e = c.store_bytes(&bytes).unwrap_err();
+        assert!(is_no_space(&e), "{len} bytes: {e}");
+        let mut input = &bytes[..];
+        let e = c.store(&mut input, 0, &mut |_| {}).unwrap_err();
+        assert!(is_no_space(&e), "{len} bytes, size unknown: {e}");
+    }
+    assert_eq!(objects(&mut c), count);
+    let after = status(&mut c);
+    assert_eq!(
+        (after.objects_used, after.objects_available),
+        (full.objects_used, 0)
+    );
+
+    // Duplicates are referenced: announced (too big to fit), unannounced, a small
+    // one, and through the CLI (which announces the file size).
+    let (fp, bytes) = &mid[3];
+    let s = c.store_bytes(bytes).unwrap();
+    assert!(
+        s.deduplicated && s.fingerprint == *fp && s.refcount == 2,
+        "{s:?}"
+    );
+    let mut input = &big[..];
+    let s = c.store(&mut input, 0, &mut |_| {}).unwrap();
+    assert!(
+        s.deduplicated && s.fingerprint == big_fp && s.refcount == 2,
+        "{s:?}"
+    );
+    let s = c.store_bytes(&data(9000, 4096)).unwrap();
+    assert!(s.deduplicated && s.refcount == 2, "{s:?}");
+    let file = dir.path().join("big");
+    std::fs::write(&file, &big).unwrap();
+    let out = node.dosp(&["store", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), big_fp.to_hex());
+    assert_eq!(objects(&mut c), count);
+
+    // The references are durable: after a restart, deleting counts them down.
+    drop(c);
+    assert_eq!(node.terminate(), Some(0), "{}", node.log());
+    let node = Node::start_bare(&data_dir, &group, &args);
+    let mut c = node.client();
+    assert_eq!(objects(&mut c), count);
+    assert_eq!(c.delete(&big_fp).unwrap(), 2);
+    assert_eq!(c.delete(fp).unwrap(), 1);
+    let mut got = Vec::new();
+    c.retrieve(&big_fp, &mut got, &mut |_, _| {}).unwrap();
+    assert!(got == big);
+}
+
 /// Peak resident memory of a process, from /proc (VmHWM), in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -72,9 +72,17 @@ pub struct DiskView {
     /// Errors since start: device errors, blocks failing their checksum, a disk that
     /// could not be opened.
     pub errors: u64,
-    /// The most recent error, or null if there was none since start.
+    /// The most recent error, or null if there was none since start. An object that
+    /// failed its checksum is named here by its fingerprint.
     #[schema(required = true)]
     pub last_error: Option<LastErrorView>,
+    /// Objects of this disk found failing their checksum since start (by a read or by
+    /// compaction) and still stored, each counted once however often it fails. Any
+    /// makes the node `degraded`: restore them from a replica, then delete and store
+    /// them again.
+    pub corrupt_objects: u64,
+    /// Blocks found failing their checksum since start, each time one is met.
+    pub corrupt_blocks: u64,
     /// Reads completed on the device since start (failed ones count as errors).
     pub read_ops: u64,
     pub read_bytes: u64,
@@ -140,6 +148,8 @@ impl From<&DiskReport> for DiskView {
                 message: e.message.clone(),
                 at_unix_ms: e.at_unix_ms,
             }),
+            corrupt_objects: d.corrupt_objects,
+            corrupt_blocks: d.corrupt_blocks,
             read_ops: d.io.read_ops,
             read_bytes: d.io.read_bytes,
             write_ops: d.io.write_ops,
@@ -536,6 +546,8 @@ mod tests {
             errors: 0,
             io: DiskIo::default(),
             last_error: None,
+            corrupt_objects: 0,
+            corrupt_blocks: 0,
             health,
         }
     }

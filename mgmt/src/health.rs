@@ -65,6 +65,10 @@ pub enum ReasonKind {
     /// The DOSP listener cannot accept connections at all, not even to refuse them:
     /// new clients wait in the kernel's queue.
     ListenerStuck,
+    /// Objects of a disk failed their checksum (found by a read or by compaction):
+    /// their bytes are lost on this node and are never served. Restore them from a
+    /// replica; the disk's `last_error` names the latest one.
+    DiskCorruptObjects,
 }
 
 /// The critical warning bits of the NVMe SMART / Health Information log (byte 0), in
@@ -173,6 +177,9 @@ pub fn assess(
             }
         }
     }
+    for d in disks.iter().filter(|d| d.corrupt_objects > 0) {
+        reasons.push(corrupt_objects_reason(d));
+    }
     if disks.is_empty() {
         reasons.push(Reason {
             status: Status::Degraded,
@@ -235,6 +242,29 @@ pub fn assess(
     }
 }
 
+/// A disk holds objects that failed their checksum: whatever its state, those objects
+/// cannot be served from this node, so the node is degraded until they are deleted
+/// (and stored again from a good copy).
+fn corrupt_objects_reason(d: &DiskReport) -> Reason {
+    let n = d.corrupt_objects;
+    let mut message = format!(
+        "disk {} holds {n} {} that failed {} checksum",
+        d.id.0,
+        if n == 1 { "object" } else { "objects" },
+        if n == 1 { "its" } else { "their" },
+    );
+    if let Some(e) = &d.last_error {
+        message.push_str(&format!("; last error: {}", e.message));
+    }
+    Reason {
+        status: Status::Degraded,
+        kind: ReasonKind::DiskCorruptObjects,
+        disk: Some(d.id.0),
+        core: None,
+        message,
+    }
+}
+
 /// Watches the dataplane's loop counter: remembers when it last changed.
 ///
 /// Sampled on a timer by the management core, so a stall is seen even when nobody
@@ -294,6 +324,8 @@ mod tests {
             errors: 3,
             io: Default::default(),
             last_error: None,
+            corrupt_objects: 0,
+            corrupt_blocks: 0,
             health: None,
         }
     }
@@ -357,6 +389,53 @@ mod tests {
             Status::Ok
         );
         assert!(critical_warning_text(0x80).contains("reserved bits 0x80"));
+    }
+
+    #[test]
+    fn corrupt_objects_degrade_and_name_the_disk_the_count_and_the_object() {
+        let mut bad = disk(1, DiskState::Online);
+        bad.corrupt_objects = 2;
+        bad.corrupt_blocks = 7;
+        bad.last_error = Some(dataplane::store::LastError {
+            message: "object 0123abcd failed its checksum on read: bad block".into(),
+            at_unix_ms: 1,
+        });
+        let h = assess(
+            &[disk(0, DiskState::Online), bad.clone()],
+            Duration::ZERO,
+            ListenerState::Accepting,
+            &T,
+        );
+        assert_eq!(h.status, Status::Degraded);
+        assert_eq!(h.reasons.len(), 1, "{h:?}");
+        let r = &h.reasons[0];
+        assert_eq!(
+            (r.kind, r.disk, r.status),
+            (ReasonKind::DiskCorruptObjects, Some(1), Status::Degraded)
+        );
+        assert!(
+            r.message.contains("disk 1 holds 2 objects") && r.message.contains("0123abcd"),
+            "{}",
+            r.message
+        );
+        // Bad blocks alone (the object since deleted) leave the node ok.
+        bad.corrupt_objects = 0;
+        assert_eq!(
+            assess(&[bad.clone()], Duration::ZERO, ListenerState::Accepting, &T).status,
+            Status::Ok
+        );
+        // On a disk that is down as well, both are said.
+        bad.corrupt_objects = 1;
+        bad.state = DiskState::Down;
+        let kinds: Vec<_> = assess(&[bad], Duration::ZERO, ListenerState::Accepting, &T)
+            .reasons
+            .iter()
+            .map(|r| r.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [ReasonKind::DiskDown, ReasonKind::DiskCorruptObjects]
+        );
     }
 
     #[test]

@@ -230,6 +230,20 @@ pub fn render(s: &NodeStats, disks: &[DiskReport]) -> String {
         "Errors of the disk: device errors, checksum failures, failure to open",
         &|d| d.errors,
     );
+    family(
+        &mut out,
+        "dosd_disk_corrupt_objects",
+        Kind::Gauge,
+        "Objects of the disk found failing their checksum and still stored",
+        &|d| d.corrupt_objects,
+    );
+    family(
+        &mut out,
+        "dosd_disk_corrupt_blocks_total",
+        Kind::Counter,
+        "Blocks of the disk found failing their checksum (each time one is met)",
+        &|d| d.corrupt_blocks,
+    );
     // Device I/O, named as node_exporter names the kernel's disk statistics so that
     // the usual dashboards and rate() queries read them alike.
     family(
@@ -510,6 +524,8 @@ mod tests {
                 message: "boom".into(),
                 at_unix_ms: 1_700_000_000_250,
             }),
+            corrupt_objects: 2,
+            corrupt_blocks: 5,
             health: None,
         }];
         let text = render(&s, &disks);
@@ -522,6 +538,8 @@ mod tests {
         assert!(text.contains("dosd_disk_state{disk=\"3\",state=\"online\"} 0\n"));
         for sample in [
             "dosd_disk_errors_total{disk=\"3\"} 1\n",
+            "dosd_disk_corrupt_objects{disk=\"3\"} 2\n",
+            "dosd_disk_corrupt_blocks_total{disk=\"3\"} 5\n",
             "dosd_disk_reads_completed_total{disk=\"3\"} 4\n",
             "dosd_disk_read_bytes_total{disk=\"3\"} 16384\n",
             "dosd_disk_writes_completed_total{disk=\"3\"} 2\n",
@@ -559,6 +577,8 @@ mod tests {
             errors: 0,
             io: Default::default(),
             last_error: None,
+            corrupt_objects: 0,
+            corrupt_blocks: 0,
             health: None,
         };
         let text = render(&s, std::slice::from_ref(&file));

@@ -145,6 +145,10 @@ impl Server {
             addr: SocketAddrV4::new(ip, local.port()),
             started: Instant::now(),
         };
+        // The first reports go out now, not when the loop starts on its thread: the
+        // node says it is ready once bound, and the management core must know its
+        // disks from then on (not answer 404 for each, nor "no disk reports yet").
+        end.disks.publish(store.disks());
         Ok(Server {
             poll,
             listener,
@@ -218,6 +222,13 @@ impl Server {
                 Err(e) => return Err(e),
             }
             let mut ready: Vec<Token> = std::mem::take(&mut more);
+            // A STORE waiting for room: one bounded compaction step per turn.
+            if let Some(r) = self.store.compact_tick() {
+                match r {
+                    Ok(step) => tracing::debug!(?step, "compaction step for a waiting store"),
+                    Err(e) => tracing::warn!(error = %e, "compaction for a waiting store failed"),
+                }
+            }
             // Device completions: each finished operation goes to its session, which
             // is then driven with the others.
             self.store.poll(&mut store_events);

@@ -119,6 +119,13 @@ enum StoreState {
         detail: u32,
         started: Instant,
     },
+    /// Its announced size fits only after compaction: its chunks wait unread while the
+    /// loop compacts that disk in bounded steps, then the write begins.
+    AwaitingRoom {
+        request_id: u64,
+        size_hint: u64,
+        started: Instant,
+    },
 }
 
 /// A request answered when the store says its record is durable.
@@ -372,8 +379,12 @@ impl Session {
             // 3. Decode requests, unless backpressured, waiting for the store, or
             //    closing. A STORE whose next segment would need a staging buffer the
             //    store cannot spare waits here too (the loop drives it again).
+            if let StoreState::AwaitingRoom { .. } = self.st.store {
+                self.st.begin_when_room(ctx);
+            }
             let store_full = match self.st.store {
                 StoreState::Writing { write, .. } => !ctx.store.can_append(write, RBUF_BYTES),
+                StoreState::AwaitingRoom { .. } => true,
                 _ => false,
             };
             if store_full {
@@ -459,57 +470,19 @@ impl Session {
     }
 }
 
-/// Refuses a STORE up front when its announced size cannot fit: over the object size
-/// limit (TOO_LARGE, detail = the limit in MiB) or over what the roomiest online disk
-/// has available (NO_SPACE). The chunks are still read, and the reply follows the last.
+/// Refuses a STORE up front when its announced size is over the object size limit
+/// (TOO_LARGE, detail = the limit in MiB). The chunks are still read, and the reply
+/// follows the last. Room is not judged here: a STORE no disk has room for is still
+/// read and hashed (`Store::begin_for`), so that an object the node holds already gets
+/// a reference; any other gets NO_SPACE after its last chunk.
 fn early_refusal(ctx: &Ctx<'_>, size_hint: u64) -> Option<(Status, u32)> {
-    if size_hint == 0 {
-        return None;
-    }
     let max = ctx.store.config().max_object_bytes;
-    if size_hint > max {
-        return Some((
+    (size_hint > max).then(|| {
+        (
             Status::TooLarge,
             u32::try_from(max >> 20).unwrap_or(u32::MAX),
-        ));
-    }
-    let room = ctx
-        .store
-        .online_room()
-        .map(|(_, _, available)| available)
-        .max()
-        .unwrap_or(0);
-    (size_hint > room).then_some((Status::NoSpace, 0))
-}
-
-/// When no online disk has `size_hint` bytes free but one would after compaction,
-/// compacts that disk now, so the STORE lands instead of failing part way. Idle-time
-/// compaction reclaims space gradually; this is the on-demand path. It runs on the
-/// dataplane thread and costs at most one pass over that disk's log.
-fn make_room(ctx: &mut Ctx<'_>, size_hint: u64) -> Result<(), crate::store::StoreError> {
-    if size_hint == 0 {
-        return Ok(());
-    }
-    // Segment headers: one 4 KiB block per segment, plus a little slack.
-    let need = size_hint + size_hint / 128 + (1 << 20);
-    if ctx.store.online_room().any(|(_, free, _)| free >= need) {
-        return Ok(());
-    }
-    let Some((disk, _, _)) = ctx
-        .store
-        .online_room()
-        .filter(|&(_, _, available)| available >= need)
-        .max_by_key(|&(_, _, available)| available)
-    else {
-        return Ok(());
-    };
-    let report = ctx.store.compact(disk)?;
-    tracing::info!(
-        disk = disk.0,
-        ?report,
-        "compacted on demand to make room for a store"
-    );
-    Ok(())
+        )
+    })
 }
 
 impl State {
@@ -568,6 +541,11 @@ impl State {
                     (Opcode::Store as u16, request_id, Some(started))
                 }
                 StoreState::Discarding {
+                    request_id,
+                    started,
+                    ..
+                } => (Opcode::Store as u16, request_id, Some(started)),
+                StoreState::AwaitingRoom {
                     request_id,
                     started,
                     ..
@@ -665,22 +643,63 @@ impl State {
                     started,
                 },
                 None => {
-                    match make_room(ctx, req.size_hint.get()).and_then(|()| ctx.store.begin()) {
-                        Ok(write) => StoreState::Writing {
+                    let hint = req.size_hint.get();
+                    if let crate::store::Room::AfterCompacting(disk) = ctx.store.room_for(hint) {
+                        ctx.store.compact_soon(disk);
+                        self.store = StoreState::AwaitingRoom {
                             request_id,
-                            write,
+                            size_hint: hint,
                             started,
-                        },
-                        Err(e) => StoreState::Discarding {
-                            request_id,
-                            status: status_of(&e),
-                            detail: 0,
-                            started,
-                        },
+                        };
+                        return;
                     }
+                    self.begin(ctx, request_id, hint, started)
                 }
             },
         };
+    }
+
+    fn begin(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        request_id: u64,
+        hint: u64,
+        started: Instant,
+    ) -> StoreState {
+        match ctx.store.begin_for(hint) {
+            Ok(write) => StoreState::Writing {
+                request_id,
+                write,
+                started,
+            },
+            Err(e) => StoreState::Discarding {
+                request_id,
+                status: status_of(&e),
+                detail: 0,
+                started,
+            },
+        }
+    }
+
+    /// A STORE waiting for room begins once compaction made it (or can do no more:
+    /// then the write begins anyway, and only hashes if it finds no room, in case it
+    /// is a duplicate).
+    fn begin_when_room(&mut self, ctx: &mut Ctx<'_>) {
+        let StoreState::AwaitingRoom {
+            request_id,
+            size_hint,
+            started,
+        } = self.store
+        else {
+            return;
+        };
+        let waiting = matches!(
+            ctx.store.room_for(size_hint),
+            crate::store::Room::AfterCompacting(_)
+        ) && ctx.store.compacting();
+        if !waiting {
+            self.store = self.begin(ctx, request_id, size_hint, started);
+        }
     }
 
     fn finish_store(&mut self, ctx: &mut Ctx<'_>) {
@@ -707,6 +726,13 @@ impl State {
                     detail,
                     started,
                 } => (request_id, Err((status, detail)), started),
+                // Its chunks are never decoded while it waits; should it end anyway,
+                // it ends with nothing committed.
+                StoreState::AwaitingRoom {
+                    request_id,
+                    started,
+                    ..
+                } => (request_id, Err((Status::NoSpace, 0)), started),
                 StoreState::None => return,
             };
         self.answer_store(ctx, request_id, result, started);
@@ -800,7 +826,10 @@ impl State {
 
     /// Whether the session waits for the store rather than for its peer.
     fn waiting_on_store(&self) -> bool {
-        self.reading() || !matches!(self.waiting, Waiting::None) || self.store_blocked
+        self.reading()
+            || !matches!(self.waiting, Waiting::None)
+            || self.store_blocked
+            || matches!(self.store, StoreState::AwaitingRoom { .. })
     }
 
     fn reading(&self) -> bool {

@@ -416,8 +416,7 @@ impl Store {
     fn corrupt(&mut self, op: &ReadOp, what: &str) -> StoreError {
         let fp = op.fp;
         self.counters.corrupt_blocks += 1;
-        self.vols[usize::from(op.disk.0)]
-            .note_error(format!("object {fp} failed its checksum on read: {what}"));
+        self.vols[usize::from(op.disk.0)].note_corrupt(&fp, 1, &format!("on read: {what}"));
         tracing::error!(fingerprint = %fp, disk = op.disk.0, "object data failed its checksum: {what}");
         StoreError::Corrupt { fp, disk: op.disk }
     }
@@ -445,7 +444,8 @@ impl Store {
 
     /// Whether anything is in flight (the loop keeps polling rather than sleeping).
     pub fn busy(&self) -> bool {
-        !self.parked_events.is_empty()
+        self.urgent.is_some()
+            || !self.parked_events.is_empty()
             || self.reads.len() > self.free_reads.len()
             || self.waiters.iter().any(|w| !w.is_empty())
             || self

@@ -108,6 +108,37 @@ impl Store {
         Ok(None)
     }
 
+    /// Asks for `disk` to be compacted, up to its current tail, in bounded steps by
+    /// [`Store::compact_tick`]: what a STORE that fits only after compaction waits
+    /// for, instead of a whole pass inside one request.
+    pub fn compact_soon(&mut self, disk: DiskId) {
+        if self.urgent.is_none() {
+            if let Some(v) = self.vols.get(usize::from(disk.0)) {
+                self.urgent = Some((disk, v.tail_lp));
+            }
+        }
+    }
+
+    /// Whether a compaction asked for by [`Store::compact_soon`] is under way.
+    pub fn compacting(&self) -> bool {
+        self.urgent.is_some()
+    }
+
+    /// One bounded step ([`COMPACT_STEP_BYTES`]) of the compaction asked for, if any;
+    /// the loop calls it every turn while one is under way.
+    pub fn compact_tick(&mut self) -> Option<Result<CompactReport, StoreError>> {
+        let (disk, stop) = self.urgent?;
+        let r = self.compact_step(disk, stop, COMPACT_STEP_BYTES);
+        let done = match &r {
+            Ok(step) => step.bytes_scanned == 0 || self.vols[usize::from(disk.0)].head_lp >= stop,
+            Err(_) => true,
+        };
+        if done {
+            self.urgent = None;
+        }
+        Some(r)
+    }
+
     fn vol(&self, disk: DiskId) -> Result<&super::Volume, StoreError> {
         self.vols
             .get(usize::from(disk.0))
@@ -330,6 +361,13 @@ impl Store {
             bytes += a.size;
         }
         if bad_blocks > 0 {
+            // Counted on the disk too, not only node-wide: this may be the only time
+            // anything looks at the object's data before someone asks for it.
+            vol.note_corrupt(
+                fp,
+                bad_blocks,
+                &format!("when compaction moved it ({bad_blocks} bad blocks)"),
+            );
             self.counters.corrupt_blocks += bad_blocks;
             error!(
                 fingerprint = %fp,

@@ -1,13 +1,16 @@
 //! Per-disk I/O accounting: a [`BlockDevice`] wrapper that counts every read, write
-//! and flush that reaches the device, and the record of a disk's last error.
+//! and flush that reaches the device, the record of a disk's last error, and what of
+//! its data was found failing its checksums.
 //!
 //! Every device call of a volume goes through its [`Counted`] device (the recovery
 //! scan, checkpoint reads, appends, superblock writes alike), so the counters cannot
 //! miss a call site. They are plain integers: the store lives on one thread, and the
 //! management core only ever sees copies in published [`super::DiskReport`]s.
 
+use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use dosp::Fingerprint;
 use nvme::{
     check_transfer, AlignedBuf, BlockDevice, Completion, DevError, DeviceInfo, IoKind, IoOp, IoTag,
 };
@@ -44,6 +47,42 @@ impl LastError {
             message,
             at_unix_ms,
         }
+    }
+}
+
+/// The objects of one disk found failing their checksums since open (by a read or by
+/// compaction moving them), and how many bad blocks were met.
+///
+/// An operator needs both numbers apart from the disk's error count: errors grow with
+/// every failed read of the same object, while "how many objects are damaged" is what
+/// decides whether to restore them from a replica. An object stays counted until its
+/// last reference is deleted; nothing is remembered across restarts (the next read of
+/// a damaged object finds it again).
+#[derive(Debug, Default)]
+pub(crate) struct Corruption {
+    /// Objects still in the index known to be damaged: at most one entry per object
+    /// of the disk, so bounded by the index itself.
+    objects: HashSet<Fingerprint>,
+    /// Bad blocks met, per detection: a block read twice counts twice.
+    pub blocks: u64,
+}
+
+impl Corruption {
+    /// Records `blocks` bad blocks found in object `fp`. Returns whether the object was
+    /// not known to be damaged before.
+    pub fn note(&mut self, fp: Fingerprint, blocks: u64) -> bool {
+        self.blocks = self.blocks.saturating_add(blocks);
+        self.objects.insert(fp)
+    }
+
+    /// The object is gone (its last reference was deleted): it no longer counts.
+    pub fn forget(&mut self, fp: &Fingerprint) {
+        self.objects.remove(fp);
+    }
+
+    /// Damaged objects still stored.
+    pub fn objects(&self) -> u64 {
+        self.objects.len() as u64
     }
 }
 
@@ -207,6 +246,19 @@ mod tests {
                 flushes: 1,
             }
         );
+    }
+
+    #[test]
+    fn corrupt_objects_count_once_however_often_they_fail() {
+        let (a, b) = (Fingerprint::of(b"a"), Fingerprint::of(b"b"));
+        let mut c = Corruption::default();
+        assert!(c.note(a, 1));
+        assert!(!c.note(a, 1), "the same object again");
+        assert!(c.note(b, 3));
+        assert_eq!((c.objects(), c.blocks), (2, 5));
+        c.forget(&a);
+        c.forget(&a);
+        assert_eq!((c.objects(), c.blocks), (1, 5), "blocks stay counted");
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //! is known, the staged tail is dropped and a REF +1 record is written instead;
 //! otherwise the staged tail goes out as a SEGMENT|COMMIT record. Either way one flush
 //! follows before `commit` returns — from then on the object survives power loss.
+//! A write with no room on any disk (or that runs out of it) goes on hashing without
+//! writing, so that a duplicate still gets its reference at commit (see `room`).
 //!
 //! # Recovery
 //! At open each disk's index is loaded from its newest usable checkpoint (a snapshot of
@@ -46,6 +48,7 @@ mod compact;
 pub mod conformance;
 mod counted;
 mod format;
+mod room;
 mod volume;
 
 #[cfg(test)]
@@ -68,11 +71,12 @@ use zerocopy::IntoBytes;
 
 use dosp::Fingerprint;
 
-use format::{kind, RecordHeader, BLOCK, BLOCK_U64, MAX_SEGMENT_BYTES};
+use format::{kind, RecordHeader, BLOCK, MAX_SEGMENT_BYTES};
 use volume::{Reserve, Volume};
 
 pub use aio::{CacheStats, ReadId, ReadStart, StoreEvent};
 pub use counted::{DiskIo, LastError};
+pub use room::Room;
 
 /// Tunables of the store.
 #[derive(Clone, Debug, PartialEq)]
@@ -165,7 +169,10 @@ pub struct DiskReport {
     /// Free plus reclaimable dead bytes: what new objects could use after compaction.
     pub bytes_available: u64,
     pub objects_used: u64,
-    /// `bytes_available` / the smallest possible object footprint (2 blocks).
+    /// How many more of the smallest objects (1 byte: 2 blocks) the disk admits one
+    /// after the other, by the same rule as a STORE's admission (see `room`): within
+    /// its free space, or within `bytes_available` less one segment that compacting
+    /// may leave behind as a WRAP's waste.
     pub objects_available: u64,
     /// Open writes on the disk.
     pub outstanding_ops: u32,
@@ -177,6 +184,11 @@ pub struct DiskReport {
     pub io: DiskIo,
     /// The most recent of `errors`, if any.
     pub last_error: Option<LastError>,
+    /// Objects of the disk found failing their checksum since open (by a read or by
+    /// compaction) and still stored: each counts once however often it fails.
+    pub corrupt_objects: u64,
+    /// Blocks found failing their checksum since open, per detection.
+    pub corrupt_blocks: u64,
     /// The device's own health log (NVMe SMART), refreshed by [`Store::probe`];
     /// `None` for files and memory.
     pub health: Option<nvme::driver::SmartLog>,
@@ -289,6 +301,9 @@ struct OpenWrite {
     first_lp: Option<u64>,
     /// Footprint of its records written so far.
     bytes: u64,
+    /// No room for it: its bytes are only hashed, and commit adds a reference to the
+    /// object if it is stored already or fails with NoSpace (see `room`).
+    unstored: bool,
 }
 
 /// Disk, header offset and write id of a cached header.
@@ -379,6 +394,9 @@ pub struct Store {
     staging_out: usize,
     /// One-block buffers for reference records.
     meta_bufs: Vec<AlignedBuf>,
+    /// A compaction asked for by a STORE waiting for room: the disk, and the tail
+    /// it runs to.
+    urgent: Option<(DiskId, u64)>,
 }
 
 impl std::fmt::Debug for Store {
@@ -503,6 +521,7 @@ impl Store {
             spare_staging: Vec::new(),
             staging_out: 0,
             meta_bufs: Vec::new(),
+            urgent: None,
             cfg,
         };
         for (fp, loser) in duplicates {
@@ -582,6 +601,28 @@ impl Store {
         }
     }
 
+    /// [`Store::write_ref`] that may use the metadata reserve, and when even that is used
+    /// up compacts the disk and tries once more: REF records turn into dead space as soon
+    /// as they are written, so compaction can always win them back. Deletes and dedup
+    /// hits go through here, so that a full disk can still be emptied and a duplicate
+    /// still be referenced.
+    fn append_ref_making_room(
+        &mut self,
+        disk: DiskId,
+        fp: &Fingerprint,
+        delta: i32,
+    ) -> Result<u64, StoreError> {
+        match self.append_ref(disk, fp, delta) {
+            Err(StoreError::NoSpace) => {
+                // Rare (a disk full to the brim, even its metadata reserve): the one
+                // place a request still runs a compaction pass inline.
+                let _ = self.compact(disk);
+                self.append_ref(disk, fp, delta)
+            }
+            other => other,
+        }
+    }
+
     /// Writes and flushes a REF record on `disk`.
     fn write_ref(&mut self, disk: DiskId, fp: &Fingerprint, delta: i32) -> Result<(), StoreError> {
         let vol = &mut self.vols[usize::from(disk.0)];
@@ -592,35 +633,21 @@ impl Store {
         vol.flush()
     }
 
-    /// Starts a write on the Online disk with the most free space (less what the
-    /// writes already open on it will take).
+    /// Starts a write of unknown size: [`Store::begin_for`] with no hint.
     pub fn begin(&mut self) -> Result<WriteId, StoreError> {
+        self.begin_for(0)
+    }
+
+    /// Starts a write of about `size_hint` bytes (0: unknown) on the Online disk that
+    /// admits it with the most free space (less what the writes already open on it will
+    /// take). Room is never a reason to refuse here: a write no disk admits, or one that
+    /// runs out of room later, still hashes its bytes, so that a duplicate gets its
+    /// reference at commit; anything else fails there with NoSpace, nothing committed.
+    pub fn begin_for(&mut self, size_hint: u64) -> Result<WriteId, StoreError> {
         if self.writes.len() >= self.cfg.max_open_writes {
             return Err(StoreError::Busy);
         }
-        let mut best: Option<(u64, usize)> = None;
-        let mut any_online = false;
-        for (i, v) in self.vols.iter().enumerate() {
-            if v.state != DiskState::Online {
-                continue;
-            }
-            any_online = true;
-            let free = v.bytes_free();
-            if free < v.seg_record {
-                continue;
-            }
-            let effective = free.saturating_sub(u64::from(v.open_writes) * v.seg_record);
-            if best.is_none_or(|(b, _)| effective > b) {
-                best = Some((effective, i));
-            }
-        }
-        let Some((_, i)) = best else {
-            return Err(if any_online {
-                StoreError::NoSpace
-            } else {
-                StoreError::NoUsableDisk
-            });
-        };
+        let (i, stored) = self.choose_disk(size_hint)?;
         let seg = self.cfg.segment_bytes;
         let st = match self.pool.pop() {
             Some(st) => st,
@@ -648,6 +675,7 @@ impl Store {
                 write_id: 0,
                 first_lp: None,
                 bytes: 0,
+                unstored: !stored,
             },
         );
         Ok(id)
@@ -681,6 +709,10 @@ impl Store {
             ..
         } = self;
         let w = writes.get_mut(&id).ok_or(StoreError::UnknownWrite)?;
+        if w.unstored {
+            w.hash_only(data);
+            return Ok(());
+        }
         let vol = &mut vols[usize::from(w.disk.0)];
         vol.check_online()?;
         let seg = cfg.segment_bytes;
@@ -690,8 +722,16 @@ impl Store {
                 let spare = spare_staging
                     .pop()
                     .unwrap_or_else(|| AlignedBuf::new(BLOCK + seg));
-                write_segment(vol, w, None, counters, spare)?;
-                *staging_out += 1;
+                match write_segment(vol, w, None, counters, spare) {
+                    Ok(()) => *staging_out += 1,
+                    Err(StoreError::NoSpace) => {
+                        // Its staged bytes are hashed already: hash the rest only.
+                        w.unstore(vol);
+                        w.md5.update(rest);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             // Up to the end of the current block: the slice is copied, hashed and
             // checksummed while it is in cache.
@@ -762,7 +802,7 @@ impl Store {
         user: u64,
     ) -> Result<(), StoreError> {
         if let Some(disk) = self.index.get(&fp).map(|e| e.disk) {
-            let seq = self.append_ref(disk, &fp, 1)?;
+            let seq = self.append_ref_making_room(disk, &fp, 1)?;
             let e = self.index.get_mut(&fp).ok_or(StoreError::NotFound(fp))?;
             e.refcount = e.refcount.saturating_add(1);
             let c = Committed {
@@ -778,6 +818,9 @@ impl Store {
                 kind: aio::WaitKind::Dedup { c },
             });
             return Ok(());
+        }
+        if w.unstored {
+            return Err(StoreError::NoSpace);
         }
         let spare = self.meta_or_spare();
         let vol = &mut self.vols[usize::from(w.disk.0)];
@@ -913,15 +956,7 @@ impl Store {
             return Err(StoreError::NotFound(*fp));
         }
         let disk = self.index.get(fp).ok_or(StoreError::NotFound(*fp))?.disk;
-        let seq = match self.append_ref(disk, fp, -1) {
-            Err(StoreError::NoSpace) => {
-                // Even the metadata reserve is used up: make room, then retry once.
-                // Rare (a disk full to the brim); compaction blocks this once.
-                let _ = self.compact(disk);
-                self.append_ref(disk, fp, -1)?
-            }
-            other => other?,
-        };
+        let seq = self.append_ref_making_room(disk, fp, -1)?;
         let e = self.index.get_mut(fp).ok_or(StoreError::NotFound(*fp))?;
         e.refcount = e.refcount.saturating_sub(1);
         let left = e.refcount;
@@ -931,6 +966,7 @@ impl Store {
                 let vol = &mut self.vols[usize::from(e.disk.0)];
                 vol.live_bytes = vol.live_bytes.saturating_sub(e.footprint);
                 vol.objects = vol.objects.saturating_sub(1);
+                vol.corruption.forget(fp);
                 removed = Some(Box::new(e));
             }
             self.cache.remove(fp);
@@ -959,18 +995,6 @@ impl Store {
         all
     }
 
-    /// (disk, bytes free, bytes available after compaction) of every online disk,
-    /// without building reports: cheap enough to ask on every STORE.
-    pub fn online_room(&self) -> impl Iterator<Item = (DiskId, u64, u64)> + '_ {
-        self.vols
-            .iter()
-            .filter(|v| v.state == DiskState::Online)
-            .map(|v| {
-                let (free, dead) = room_of(v);
-                (v.id, free, free + dead)
-            })
-    }
-
     pub fn disks(&self) -> Vec<DiskReport> {
         self.vols
             .iter()
@@ -987,12 +1011,18 @@ impl Store {
                     bytes_free: free,
                     bytes_available: available,
                     objects_used: v.objects,
-                    objects_available: available / (2 * BLOCK_U64),
+                    objects_available: if v.log_len > 0 {
+                        v.stores_admitted(1)
+                    } else {
+                        0
+                    },
                     outstanding_ops: v.open_writes,
                     bytes_dead: dead,
                     errors: v.errors,
                     io: v.io(),
                     last_error: v.last_error.clone(),
+                    corrupt_objects: v.corruption.objects(),
+                    corrupt_blocks: v.corruption.blocks,
                     health: v.health,
                 }
             })

@@ -22,7 +22,7 @@ use zerocopy::IntoBytes;
 use dosp::Fingerprint;
 
 use super::checkpoint::{self, Loaded};
-use super::counted::{Counted, LastError};
+use super::counted::{Corruption, Counted, LastError};
 use super::format::{
     kind, record_size, Geometry, RecordHeader, SbSlot, Superblock, BLOCK, BLOCK_U64, FIXED_BLOCKS,
     MAX_SEGMENT_BLOCKS, SEQ_SANE_MAX,
@@ -103,6 +103,9 @@ pub(crate) struct Volume {
     /// raised only through [`Volume::note_error`], which also records the last one.
     pub errors: u64,
     pub last_error: Option<LastError>,
+    /// Objects of this disk found failing their checksums, raised only through
+    /// [`Volume::note_corrupt`].
+    pub corruption: Corruption,
     /// The device's own health log as last read (NVMe SMART); `None` for backends
     /// without one.
     pub health: Option<nvme::driver::SmartLog>,
@@ -247,6 +250,7 @@ impl Volume {
             open_writes: 0,
             errors: 0,
             last_error: None,
+            corruption: Corruption::default(),
             health: None,
             wraps: 0,
             ckpt: CkptState::default(),
@@ -899,6 +903,15 @@ impl Volume {
     pub fn note_error(&mut self, message: String) {
         self.errors += 1;
         self.last_error = Some(LastError::now(message));
+    }
+
+    /// Object `fp` of this disk failed its checksum (`blocks` bad blocks, found `how`):
+    /// counted as an error of the disk and as a damaged object (once, however often it
+    /// fails), and named in the disk's last error so an operator knows which object to
+    /// restore.
+    pub fn note_corrupt(&mut self, fp: &Fingerprint, blocks: u64, how: &str) {
+        self.corruption.note(*fp, blocks);
+        self.note_error(format!("object {fp} failed its checksum {how}"));
     }
 
     /// I/O completed on the device since open.

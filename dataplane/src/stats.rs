@@ -186,6 +186,17 @@ pub struct NodeStats {
     /// The node's health as the management core last assessed it: 0 ok, 1 degraded,
     /// 2 failing (a gauge; the dataplane reports it in HEARTBEAT answers).
     pub health: AtomicU64,
+    /// Hot-object cache: reads served from memory, reads that went to a disk, objects
+    /// and bytes held, and its capacity (set by the loop when it publishes reports).
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub cache_objects: AtomicU64,
+    pub cache_bytes: AtomicU64,
+    pub cache_capacity_bytes: AtomicU64,
+    /// Objects in the index and the bytes the index takes (estimated from its table
+    /// and its extents), set with the cache figures.
+    pub index_objects: AtomicU64,
+    pub index_bytes: AtomicU64,
 }
 
 impl NodeStats {

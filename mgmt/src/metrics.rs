@@ -80,6 +80,13 @@ fn node_counters(s: &NodeStats) -> impl IntoIterator<Item = Exported> {
         locate_answers => "dosd_locate_answers_total", Counter, "LOCATE answers sent";
         heartbeats_sent => "dosd_heartbeats_sent_total", Counter, "Heartbeats multicast";
         loop_turns => "dosd_loop_turns_total", Counter, "Dataplane loop turns";
+        cache_hits => "dosd_cache_hits_total", Counter, "Object reads served from the hot-object cache";
+        cache_misses => "dosd_cache_misses_total", Counter, "Object reads that went to a disk (cache enabled)";
+        cache_objects => "dosd_cache_objects", Gauge, "Objects in the hot-object cache";
+        cache_bytes => "dosd_cache_bytes", Gauge, "Bytes of objects in the hot-object cache";
+        cache_capacity_bytes => "dosd_cache_capacity_bytes", Gauge, "Capacity of the hot-object cache (cache_bytes; 0 disables it)";
+        index_objects => "dosd_index_objects", Gauge, "Objects in the in-memory index";
+        index_bytes => "dosd_index_bytes", Gauge, "Memory the in-memory index takes (estimate: table slots and extent lists)";
     }
 }
 

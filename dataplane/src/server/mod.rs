@@ -48,6 +48,8 @@ const EVENTS_MAX: usize = 256;
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the disk reports are republished for the management core.
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the index's size is measured for `/metrics`.
+const INDEX_FIGURES_INTERVAL: Duration = Duration::from_secs(10);
 /// How often sessions are checked for timeouts.
 const TIMEOUT_SCAN: Duration = Duration::from_millis(100);
 
@@ -180,6 +182,8 @@ impl Server {
         let mut last_timeout_scan = Instant::now();
         let mut last_publish = Instant::now();
         let mut last_probe = Instant::now();
+        self.publish_index_figures();
+        let mut last_index_figures = Instant::now();
         let mut last_rate = (Instant::now(), NodeStats::get(&self.stats.ops_total));
         self.end.disks.publish(self.store.disks());
         let mut dirty_since_checkpoint = false;
@@ -319,6 +323,11 @@ impl Server {
             if changed || now.duration_since(last_publish) >= PUBLISH_INTERVAL {
                 last_publish = now;
                 self.end.disks.publish(self.store.disks());
+                self.publish_store_figures();
+                if now.duration_since(last_index_figures) >= INDEX_FIGURES_INTERVAL {
+                    last_index_figures = now;
+                    self.publish_index_figures();
+                }
             }
             if now.duration_since(last_timeout_scan) >= TIMEOUT_SCAN {
                 last_timeout_scan = now;
@@ -522,6 +531,25 @@ impl Server {
         // Whatever the client sent with its handshake is read now; a session that
         // hits its step bound is driven again next turn like any other.
         self.drive(token, more);
+    }
+
+    /// Cache and index figures for `/metrics`.
+    fn publish_store_figures(&self) {
+        let c = self.store.cache_stats();
+        let s = &self.stats;
+        NodeStats::set(&s.cache_hits, c.hits);
+        NodeStats::set(&s.cache_misses, c.misses);
+        NodeStats::set(&s.cache_objects, c.objects);
+        NodeStats::set(&s.cache_bytes, c.bytes);
+        NodeStats::set(&s.cache_capacity_bytes, c.capacity_bytes);
+    }
+
+    /// Index figures for `/metrics`: walking every entry's extents costs O(objects),
+    /// so this runs every INDEX_FIGURES_INTERVAL only.
+    fn publish_index_figures(&self) {
+        let (objects, bytes) = self.store.index_footprint();
+        NodeStats::set(&self.stats.index_objects, objects);
+        NodeStats::set(&self.stats.index_bytes, bytes);
     }
 
     /// Carries out up to COMMANDS_PER_TURN management commands; true if any came.

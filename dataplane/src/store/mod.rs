@@ -1065,6 +1065,22 @@ impl Store {
         down
     }
 
+    /// Objects in the index and an estimate of the memory it takes: every slot of the
+    /// hash table (key, entry, one control byte) whether used or not, plus each
+    /// entry's extent list. What `/metrics` reports as `dosd_index_bytes`.
+    pub fn index_footprint(&self) -> (u64, u64) {
+        let slot = size_of::<(Fingerprint, Entry)>() + 1;
+        let extents: usize = self
+            .index
+            .values()
+            .map(|e| e.extents.capacity() * size_of::<Extent>())
+            .sum();
+        (
+            self.index.len() as u64,
+            (self.index.capacity() * slot + extents) as u64,
+        )
+    }
+
     pub fn counters(&self) -> &StoreCounters {
         &self.counters
     }

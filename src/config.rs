@@ -85,6 +85,10 @@ pub struct Flags {
     /// Size of each disk, e.g. 1G, 512M, 4096 (bytes) [default: 1G]
     #[arg(long)]
     pub disk_size: Option<String>,
+    /// Memory for the hot-object cache of verified small objects, e.g. 64M; 0 turns it
+    /// off [default: 64M]
+    #[arg(long)]
+    pub cache_bytes: Option<String>,
     /// Node id (hex or decimal) [default: generated once and kept in the data directory]
     #[arg(long)]
     pub node_id: Option<String>,
@@ -128,6 +132,10 @@ pub struct Flags {
     /// fail (the disk goes down, as on a real device error).
     #[arg(long, hide = true, value_name = "N")]
     pub fault_inject_disk: Option<u16>,
+    /// TEST ONLY: the --fault-inject-disk disk completes every I/O this much later (a
+    /// slow disk).
+    #[arg(long, hide = true, value_name = "MS", requires = "fault_inject_disk")]
+    pub test_disk_latency_ms: Option<u64>,
     /// TEST ONLY: SIGUSR2 makes the dataplane loop block once for --test-stall-ms.
     #[arg(long, hide = true)]
     pub test_hooks: bool,
@@ -148,6 +156,7 @@ pub struct FileConfig {
     pub disks: Option<u16>,
     pub disk: Option<Vec<String>>,
     pub disk_size: Option<toml::Value>,
+    pub cache_bytes: Option<toml::Value>,
     pub node_id: Option<toml::Value>,
     pub heartbeat_ms: Option<u64>,
     pub request_timeout_ms: Option<u64>,
@@ -191,6 +200,8 @@ pub struct Config {
     /// Explicit disks (`--disk`); empty means the data directory's images.
     pub disk_specs: Vec<DiskSpec>,
     pub disk_size: u64,
+    /// Bytes of the hot-object cache (0: off).
+    pub cache_bytes: u64,
     pub node_id: Option<u64>,
     pub heartbeat_ms: u64,
     pub request_timeout_ms: u64,
@@ -205,6 +216,8 @@ pub struct Config {
     pub dataplane_stall_ms: u64,
     /// Test only (flags, never the file): the disk wrapped in a fault injector.
     pub fault_inject_disk: Option<u16>,
+    /// Test only: latency the fault injector adds to that disk's every I/O.
+    pub test_disk_latency_ms: Option<u64>,
     /// Test only: how long SIGUSR2 stalls the dataplane loop; `None` without
     /// `--test-hooks`.
     pub test_stall_ms: Option<u64>,
@@ -229,6 +242,12 @@ pub enum ConfigError {
 
 /// Parses a size: a number of bytes with an optional K/M/G/T suffix (powers of 1024;
 /// `KiB`, `MB`, `G` all accepted).
+/// The hot-object cache's default size: small against a storage node's RAM, large
+/// enough to hold 16,000 objects of 4 KiB.
+pub const CACHE_BYTES_DEFAULT: u64 = 64 << 20;
+/// Largest cache accepted: a typo of a unit should not eat the machine.
+pub const CACHE_BYTES_MAX: u64 = 64 << 30;
+
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -298,6 +317,20 @@ impl Config {
                 "disk size",
                 &disk_size.to_string(),
                 format!("must be at least {DISK_SIZE_MIN} bytes (16M)"),
+            ));
+        }
+        let cache_bytes = match flags
+            .cache_bytes
+            .or(file.cache_bytes.as_ref().map(value_str))
+        {
+            None => CACHE_BYTES_DEFAULT,
+            Some(s) => parse_size(&s).map_err(|why| invalid("cache size", &s, why))?,
+        };
+        if cache_bytes > CACHE_BYTES_MAX {
+            return Err(invalid(
+                "cache size",
+                &cache_bytes.to_string(),
+                format!("at most {CACHE_BYTES_MAX} bytes (64G)"),
             ));
         }
         let node_id = match flags.node_id.or(file.node_id.as_ref().map(value_str)) {
@@ -406,6 +439,7 @@ impl Config {
             .then(|| flags.test_stall_ms.unwrap_or(TEST_STALL_MS_DEFAULT));
         Ok(Config {
             fault_inject_disk: flags.fault_inject_disk,
+            test_disk_latency_ms: flags.test_disk_latency_ms,
             test_stall_ms,
             mgmt_token,
             disks_down_max: flags
@@ -436,6 +470,7 @@ impl Config {
             disks,
             disk_specs,
             disk_size,
+            cache_bytes,
             node_id,
             heartbeat_ms,
             request_timeout_ms: flags

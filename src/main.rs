@@ -207,6 +207,14 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     if let Some(disk) = cfg.fault_inject_disk {
         // The configuration checked that `disk` is one of the node's disks.
         let (wrapped, switch) = wrap_faulty(devices, disk);
+        if let Some(ms) = cfg.test_disk_latency_ms {
+            tracing::warn!(
+                disk,
+                ms,
+                "TEST HOOK ARMED (--test-disk-latency-ms): every I/O on this disk completes late"
+            );
+            switch.set_latency(std::time::Duration::from_millis(ms));
+        }
         devices = wrapped;
         fault = Some((disk, switch));
     }
@@ -224,9 +232,15 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             .context("cannot install signal handler")?;
     }
 
-    let store =
-        dataplane::store::Store::open(devices, dataplane::store::StoreConfig::default(), node_id)
-            .context("cannot open the object store")?;
+    let store = dataplane::store::Store::open(
+        devices,
+        dataplane::store::StoreConfig {
+            cache_bytes: usize::try_from(cfg.cache_bytes).unwrap_or(usize::MAX),
+            ..dataplane::store::StoreConfig::default()
+        },
+        node_id,
+    )
+    .context("cannot open the object store")?;
     for d in store.disks() {
         tracing::info!(
             disk = d.id.0,

@@ -605,3 +605,93 @@ fn a_corrupt_object_is_counted_on_its_disk_named_and_degrades_health() {
     client.retrieve(&fp, &mut got, &mut |_, _| {}).unwrap();
     assert!(got == victim, "the good copy reads back");
 }
+
+/// Median of some latencies.
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+#[test]
+fn a_slow_disk_slows_only_the_requests_that_touch_it() {
+    const SLOW_MS: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let latency = SLOW_MS.to_string();
+    let node = Node::start(
+        &dir.path().join("n"),
+        &unique_group(),
+        &[
+            "--fault-inject-disk",
+            "1",
+            "--test-disk-latency-ms",
+            &latency,
+            // Every fetch must reach its disk.
+            "--cache-bytes",
+            "0",
+        ],
+    );
+    let mut c = node.client();
+    let mut on: [Vec<Fingerprint>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..40u64 {
+        if on.iter().all(|v| v.len() >= 3) {
+            break;
+        }
+        let s = c.store_bytes(&data(500 + i, 4096)).unwrap();
+        on[usize::from(s.disk)].push(s.fingerprint);
+    }
+    assert!(on.iter().all(|v| v.len() >= 3), "objects per disk: {on:?}");
+
+    // One client keeps fetching from the slow disk while another fetches from the
+    // fast one: with a loop that waited on each device call, every fast fetch would
+    // queue behind a slow one.
+    let stop = Arc::new(AtomicBool::new(false));
+    let slow_fps = on[1].clone();
+    let mut slow_client = node.client();
+    let stop2 = Arc::clone(&stop);
+    let slow = std::thread::spawn(move || {
+        let mut lat = Vec::new();
+        let deadline = Instant::now() + DEADLINE;
+        while !stop2.load(Ordering::Relaxed) && lat.len() < 100 && Instant::now() < deadline {
+            let t = Instant::now();
+            let mut back = Vec::new();
+            slow_client
+                .retrieve(
+                    &slow_fps[lat.len() % slow_fps.len()],
+                    &mut back,
+                    &mut |_, _| {},
+                )
+                .unwrap();
+            lat.push(t.elapsed());
+        }
+        lat
+    });
+    // Let the slow client get going first.
+    std::thread::sleep(Duration::from_millis(SLOW_MS / 2));
+    let mut fast = Vec::new();
+    for k in 0..40 {
+        let t = Instant::now();
+        let mut back = Vec::new();
+        c.retrieve(&on[0][k % on[0].len()], &mut back, &mut |_, _| {})
+            .unwrap();
+        fast.push(t.elapsed());
+        assert_eq!(back.len(), 4096);
+    }
+    // Keep the slow one busy until it has a few samples.
+    std::thread::sleep(Duration::from_millis(2 * SLOW_MS));
+    stop.store(true, Ordering::Relaxed);
+    let mut slow = slow.join().unwrap();
+    assert!(slow.len() >= 2, "slow-disk fetches: {}", slow.len());
+    let (f, s) = (median(&mut fast), median(&mut slow));
+    eprintln!(
+        "per-disk fetch latency, median: fast disk {f:?} ({} fetches), slow disk {s:?} ({} fetches)",
+        fast.len(),
+        slow.len()
+    );
+    // The slow disk really is slow (a lower bound the hook guarantees)...
+    assert!(s >= Duration::from_millis(SLOW_MS), "{s:?}");
+    // ...and the other disk's requests did not wait for it: a ratio, not a time.
+    assert!(
+        f * 4 < s,
+        "fetches from the fast disk waited for the slow one: median {f:?} against {s:?}"
+    );
+}

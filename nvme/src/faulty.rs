@@ -31,6 +31,9 @@ pub struct FaultSwitch {
     writes_left: AtomicU64,
     /// I/Os refused so far (for logs and tests).
     injected: AtomicU64,
+    /// Extra latency added to every completion, in microseconds (0: none): a slow
+    /// disk, for tests that show it slows only the requests that touch it.
+    latency_us: AtomicU64,
 }
 
 impl Default for FaultSwitch {
@@ -39,6 +42,7 @@ impl Default for FaultSwitch {
             failing: AtomicBool::new(false),
             writes_left: AtomicU64::new(DISARMED),
             injected: AtomicU64::new(0),
+            latency_us: AtomicU64::new(0),
         }
     }
 }
@@ -58,6 +62,12 @@ impl FaultSwitch {
     /// (Reads and flushes keep working until then, like a disk that dies mid-write.)
     pub fn fail_after_writes(&self, n: u64) {
         self.writes_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Every operation completes `latency` later than the device finished it.
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latency_us.store(us, Ordering::SeqCst);
     }
 
     /// Lets everything through again and disarms any countdown.
@@ -106,6 +116,8 @@ pub struct FaultyDevice {
     switch: Arc<FaultSwitch>,
     /// Operations refused at submission, completed (with their error) at the next poll.
     refused: Vec<Completion>,
+    /// Completions held back for the switch's latency, in the order they came.
+    delayed: std::collections::VecDeque<(std::time::Instant, Completion)>,
 }
 
 impl FaultyDevice {
@@ -114,6 +126,7 @@ impl FaultyDevice {
             inner,
             switch,
             refused: Vec::new(),
+            delayed: std::collections::VecDeque::new(),
         }
     }
 
@@ -154,16 +167,39 @@ impl BlockDevice for FaultyDevice {
     fn poll(&mut self, max: usize, out: &mut Vec<Completion>) -> usize {
         let n = self.refused.len().min(max);
         out.extend(self.refused.drain(..n));
-        n + self.inner.poll(max - n, out)
+        let latency = self.switch.latency_us.load(Ordering::Relaxed);
+        if latency == 0 && self.delayed.is_empty() {
+            return n + self.inner.poll(max - n, out);
+        }
+        let now = std::time::Instant::now();
+        let mut got = Vec::new();
+        self.inner.poll(usize::MAX, &mut got);
+        let due = now + std::time::Duration::from_micros(latency);
+        self.delayed.extend(got.into_iter().map(|c| (due, c)));
+        let mut m = 0;
+        while n + m < max && self.delayed.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, c)) = self.delayed.pop_front() {
+                out.push(c);
+                m += 1;
+            }
+        }
+        n + m
     }
 
     fn in_flight(&self) -> usize {
-        self.refused.len() + self.inner.in_flight()
+        self.refused.len() + self.delayed.len() + self.inner.in_flight()
     }
 
     fn wait(&mut self, timeout: std::time::Duration) {
-        if self.refused.is_empty() {
-            self.inner.wait(timeout);
+        if !self.refused.is_empty() {
+            return;
+        }
+        match self.delayed.front() {
+            Some((at, _)) => {
+                let left = at.saturating_duration_since(std::time::Instant::now());
+                std::thread::sleep(left.min(timeout));
+            }
+            None => self.inner.wait(timeout),
         }
     }
 
@@ -260,5 +296,18 @@ mod tests {
         dev.read_at(0, &mut back).unwrap();
         assert!(dev.write_at(0, &filled(1)).is_err());
         assert!(switch.is_failing());
+    }
+
+    #[test]
+    fn latency_holds_completions_back_and_keeps_their_order() {
+        let (mut dev, switch) = device();
+        switch.set_latency(std::time::Duration::from_millis(30));
+        let t = std::time::Instant::now();
+        dev.write_at(0, &filled(5)).unwrap();
+        assert!(t.elapsed() >= std::time::Duration::from_millis(30));
+        let mut back = AlignedBuf::new(BLOCK_SIZE);
+        dev.read_at(0, &mut back).unwrap();
+        assert_eq!(back[..], filled(5)[..]);
+        assert_eq!(dev.in_flight(), 0);
     }
 }

@@ -109,6 +109,8 @@ pub struct Server {
     listener_state: ListenerState,
     cluster: Cluster,
     sessions: HashMap<Token, Session>,
+    /// Buffers for `connections_max` sessions, made at start-up.
+    bufs: session::BufPool,
     next_token: usize,
     store: Store,
     stats: Arc<NodeStats>,
@@ -159,6 +161,7 @@ impl Server {
             listener_state: ListenerState::Accepting,
             cluster,
             sessions: HashMap::new(),
+            bufs: session::BufPool::new(cfg.connections_max),
             next_token: FIRST_SESSION,
             store,
             stats,
@@ -512,16 +515,26 @@ impl Server {
                 }
             }
         }
+        // One pair of buffers per allowed connection was made at start-up, and a
+        // session gives its pair back when it closes: with the table below its
+        // maximum there is always one.
+        let Some(bufs) = self.bufs.take() else {
+            NodeStats::inc(&self.stats.connections_refused);
+            let max = u32::try_from(self.cfg.connections_max).unwrap_or(u32::MAX);
+            accept::refuse(stream, max);
+            return;
+        };
         let _ = stream.set_nodelay(true);
         let token = Token(self.next_token);
         self.next_token += 1;
-        let mut session = Session::new(stream, peer, self.cfg.chunk_max, token.0 as u64);
+        let mut session = Session::new(stream, peer, self.cfg.chunk_max, token.0 as u64, bufs);
         if let Err(e) = self.poll.registry().register(
             session.stream_mut(),
             token,
             Interest::READABLE | Interest::WRITABLE,
         ) {
             tracing::warn!(%peer, error = %e, "cannot register connection");
+            self.bufs.give(session.into_bufs());
             return;
         }
         NodeStats::inc(&self.stats.connections);
@@ -536,12 +549,11 @@ impl Server {
     /// Cache and index figures for `/metrics`.
     fn publish_store_figures(&self) {
         let c = self.store.cache_stats();
-        let s = &self.stats;
-        NodeStats::set(&s.cache_hits, c.hits);
-        NodeStats::set(&s.cache_misses, c.misses);
-        NodeStats::set(&s.cache_objects, c.objects);
-        NodeStats::set(&s.cache_bytes, c.bytes);
-        NodeStats::set(&s.cache_capacity_bytes, c.capacity_bytes);
+        NodeStats::set(&self.stats.cache_hits, c.hits);
+        NodeStats::set(&self.stats.cache_misses, c.misses);
+        NodeStats::set(&self.stats.cache_objects, c.objects);
+        NodeStats::set(&self.stats.cache_bytes, c.bytes);
+        NodeStats::set(&self.stats.cache_capacity_bytes, c.capacity_bytes);
     }
 
     /// Index figures for `/metrics`: walking every entry's extents costs O(objects),
@@ -631,6 +643,7 @@ impl Server {
             let _ = self.poll.registry().deregister(session.stream_mut());
             NodeStats::dec(&self.stats.connections);
             tracing::debug!(peer = %session.peer, "connection closed");
+            self.bufs.give(session.into_bufs());
         }
     }
 }

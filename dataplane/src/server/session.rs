@@ -92,6 +92,56 @@ impl Timeout {
     }
 }
 
+/// The two buffers of a session, pooled by the loop: [`BufPool::new`] makes one pair
+/// per allowed connection at start-up, a new session takes a pair and a closed one
+/// gives it back, so accepting and closing connections never allocates.
+///
+/// Memory: `connections_max` × ([`RBUF_BYTES`] + [`OUT_BYTES`]) = 1 MiB per
+/// connection at most (1 GiB at the default 1024). The pages of a pair are touched
+/// only as far as its connections have used them: a node whose connections send small
+/// requests and fetch small objects keeps a few KiB of each pair resident.
+#[derive(Debug)]
+pub struct SessionBufs {
+    rbuf: Box<[u8]>,
+    out: Vec<u8>,
+}
+
+/// Output buffer capacity: the high mark, a stream piece and a reply.
+pub const OUT_BYTES: usize = OUT_HIGH + PIECE_BYTES + 1024;
+
+/// Session buffers for every allowed connection.
+#[derive(Debug)]
+pub struct BufPool {
+    free: Vec<SessionBufs>,
+}
+
+impl BufPool {
+    pub fn new(connections_max: usize) -> BufPool {
+        BufPool {
+            free: (0..connections_max)
+                .map(|_| SessionBufs {
+                    rbuf: vec![0u8; RBUF_BYTES].into_boxed_slice(),
+                    out: Vec::with_capacity(OUT_BYTES),
+                })
+                .collect(),
+        }
+    }
+
+    /// A pair for a new session; `None` when every allowed connection has one.
+    pub fn take(&mut self) -> Option<SessionBufs> {
+        self.free.pop()
+    }
+
+    pub fn give(&mut self, mut bufs: SessionBufs) {
+        bufs.out.clear();
+        self.free.push(bufs);
+    }
+
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+}
+
 /// What the loop should do with the session after `drive`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Drive {
@@ -222,18 +272,19 @@ impl Session {
         peer: SocketAddr,
         chunk_max: u32,
         user: u64,
+        bufs: SessionBufs,
     ) -> Session {
         let now = Instant::now();
         Session {
             stream,
             peer,
-            rbuf: vec![0u8; RBUF_BYTES].into_boxed_slice(),
+            rbuf: bufs.rbuf,
             rstart: 0,
             rend: 0,
             decoder: RequestDecoder::new(chunk_max),
             st: State {
                 user,
-                out: Vec::with_capacity(OUT_HIGH + PIECE_BYTES + 1024),
+                out: bufs.out,
                 out_pos: 0,
                 hold: None,
                 waiting: Waiting::None,
@@ -319,6 +370,14 @@ impl Session {
     /// its last reply.
     pub fn has_unread_input(&self) -> bool {
         matches!(self.stream.peek(&mut [0u8; 1]), Ok(n) if n > 0)
+    }
+
+    /// The session's buffers, for the pool, once it is closed.
+    pub fn into_bufs(self) -> SessionBufs {
+        SessionBufs {
+            rbuf: self.rbuf,
+            out: self.st.out,
+        }
     }
 
     pub fn stream_mut(&mut self) -> &mut mio::net::TcpStream {

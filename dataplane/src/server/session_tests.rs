@@ -22,7 +22,14 @@ fn session() -> (Session, TcpStream) {
     let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (server, peer) = listener.accept().unwrap();
     server.set_nonblocking(true).unwrap();
-    let s = Session::new(mio::net::TcpStream::from_std(server), peer, 1 << 20, 16);
+    let bufs = super::BufPool::new(1).take().unwrap();
+    let s = Session::new(
+        mio::net::TcpStream::from_std(server),
+        peer,
+        1 << 20,
+        16,
+        bufs,
+    );
     (s, client)
 }
 

@@ -837,7 +837,12 @@ impl Store {
                 len: w.total,
                 refcount: 1,
                 write_id: w.write_id,
-                extents: std::mem::take(&mut w.st.extents),
+                // Exactly as long as needed: the index holds millions of these.
+                extents: {
+                    let mut e = std::mem::take(&mut w.st.extents);
+                    e.shrink_to_fit();
+                    e
+                },
                 footprint: w.bytes,
             },
         );

@@ -1225,3 +1225,23 @@ fn disk_io_counters_match_the_device() {
         assert_eq!(r.last_error, None);
     }
 }
+
+/// What the index costs per object, as `/metrics` reports it: printed for the README's
+/// memory arithmetic, and bounded so that a change which bloats it is noticed.
+#[test]
+fn index_bytes_per_small_object() {
+    let disks = [MemDisk::new(512 * MIB, 77)];
+    let mut s = open(&disks, &cfg(64 * KIB));
+    let n = 20_000u32;
+    for i in 0..n {
+        put(&mut s, &i.to_le_bytes(), 16).unwrap();
+    }
+    let (objects, bytes) = s.index_footprint();
+    assert_eq!(objects, u64::from(n));
+    let per = bytes / objects;
+    eprintln!(
+        "index: {bytes} bytes for {objects} objects, {per} B per object (entry {} B)",
+        size_of::<(Fingerprint, Entry)>()
+    );
+    assert!(per <= 256, "{per} B per object");
+}

@@ -66,6 +66,34 @@ fn store_from_stdin() {
 }
 
 #[test]
+fn store_with_md5_is_checked_by_the_node() {
+    let (dir, node) = node();
+    let input = dir.path().join("obj");
+    std::fs::write(&input, data(17, 3 << 20)).unwrap();
+    let md5 = md5sum(&input);
+    let wrong = Fingerprint::of(b"something else").to_hex();
+    let out = node.dosp(&["store", input.to_str().unwrap(), "--md5", &wrong]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("stored nothing") && stderr(&out).contains("MD5"),
+        "{}",
+        stderr(&out)
+    );
+    let mut count = 0;
+    node.client().contents(&mut |_, _| count += 1).unwrap();
+    assert_eq!(count, 0, "nothing of the refused object is stored");
+    let out = node.dosp(&["store", input.to_str().unwrap(), "--md5", &md5]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), md5);
+    let out = node.dosp(&["store", input.to_str().unwrap(), "--md5", "xyz"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a malformed --md5 is a usage error"
+    );
+}
+
+#[test]
 fn range_reads_and_past_the_end() {
     let (dir, node) = node();
     let payload = data(7, 2_000_000);
@@ -400,12 +428,7 @@ fn bad_input_gets_a_status_and_loses_nothing() {
         Opcode::Store,
         20,
         0,
-        StoreIn {
-            size_hint: 0.into(),
-            flags: 0.into(),
-            reserved: 0.into(),
-        }
-        .as_bytes(),
+        StoreIn::new(0, None, None).as_bytes(),
     );
     encode_chunk_header(&mut msg, 10, false);
     msg.extend_from_slice(b"0123456789EXTRA-BYTES-HERE");
@@ -433,12 +456,7 @@ fn bad_input_gets_a_status_and_loses_nothing() {
         Opcode::Store,
         21,
         0,
-        StoreIn {
-            size_hint: 0.into(),
-            flags: 0.into(),
-            reserved: 0.into(),
-        }
-        .as_bytes(),
+        StoreIn::new(0, None, None).as_bytes(),
     );
     encode_chunk_header(&mut msg, CHUNK_MAX_DEFAULT + 1, true);
     s.write_all(&msg).unwrap();
@@ -456,12 +474,7 @@ fn bad_input_gets_a_status_and_loses_nothing() {
         Opcode::Store,
         22,
         0,
-        StoreIn {
-            size_hint: 0.into(),
-            flags: 0.into(),
-            reserved: 0.into(),
-        }
-        .as_bytes(),
+        StoreIn::new(0, None, None).as_bytes(),
     );
     encode_chunk_header(&mut msg, half.len() as u32, false);
     msg.extend_from_slice(&half);
@@ -667,12 +680,7 @@ fn a_stalled_store_times_out_and_is_aborted() {
         Opcode::Store,
         1,
         0,
-        StoreIn {
-            size_hint: 0.into(),
-            flags: 0.into(),
-            reserved: 0.into(),
-        }
-        .as_bytes(),
+        StoreIn::new(0, None, None).as_bytes(),
     );
     encode_chunk_header(&mut msg, 1000, true);
     msg.extend_from_slice(&[1u8; 400]);
@@ -812,15 +820,21 @@ fn full_disks_say_no_space_and_compaction_gives_the_space_back() {
     // Unannounced: fails part way, and nothing of it is visible.
     let fifth = data(7100, 28 << 20);
     let mut input = &fifth[..];
-    let err = c.store(&mut input, 0, &mut |_| {}).unwrap_err();
+    let err = c
+        .store(&mut input, Default::default(), &mut |_| {})
+        .unwrap_err();
     assert!(err.to_string().contains("NO_SPACE"), "{err}");
 
     // Deleting makes the space reclaimable; the idle node compacts it.
     assert_eq!(c.delete(&fps[0]).unwrap(), 0);
     let mut stored = None;
+    let expect = dosp::client::Expect {
+        len: Some(fifth.len() as u64),
+        md5: None,
+    };
     for _ in 0..100 {
         let mut input = &fifth[..];
-        match c.store(&mut input, fifth.len() as u64, &mut |_| {}) {
+        match c.store(&mut input, expect, &mut |_| {}) {
             Ok(s) => {
                 stored = Some(s);
                 break;

@@ -334,11 +334,7 @@ mod tests {
 
     fn store_message(id: u64, chunks: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
-        let body = StoreIn {
-            size_hint: 0.into(),
-            flags: 0.into(),
-            reserved: 0.into(),
-        };
+        let body = StoreIn::new(0, None, None);
         encode_request(&mut out, Opcode::Store, id, 0, body.as_bytes());
         for (i, c) in chunks.iter().enumerate() {
             encode_chunk_header(&mut out, c.len() as u32, i + 1 == chunks.len());

@@ -424,14 +424,76 @@ wire_struct!(/// NULL request: nothing.
     NullIn {} = 0);
 wire_struct!(/// NULL reply: the node is alive and speaks this version.
     NullOut { head: OutHead } = 8);
+/// StoreIn flag: `expect_md5` is the object's MD5; the node refuses any other object.
+pub const STORE_EXPECT_MD5: u32 = 1 << 0;
+/// StoreIn flag: `expect_len` is the object's exact length; the node refuses any other.
+pub const STORE_EXPECT_LEN: u32 = 1 << 1;
+/// Every StoreIn flag this version defines; a request with any other bit set is refused.
+pub const STORE_FLAGS_KNOWN: u32 = STORE_EXPECT_MD5 | STORE_EXPECT_LEN;
+
+/// CHECKSUM_MISMATCH detail of a STORE whose data is not as long as `expect_len` said.
+pub const MISMATCH_LEN: u32 = 1;
+/// CHECKSUM_MISMATCH detail of a STORE whose data does not hash to `expect_md5`.
+pub const MISMATCH_MD5: u32 = 2;
+
 wire_struct!(/// STORE request; chunks follow.
     StoreIn {
-        /// Total object size if the client knows it (0 = unknown). Advisory: the node
-        /// rejects early with TOO_LARGE/NO_SPACE when it cannot hold that many bytes.
+        /// Total object size if the client knows it (0 = unknown), for the node's early
+        /// refusal (TOO_LARGE, NO_SPACE) before any data. Not checked against the data.
         size_hint: U64,
+        /// STORE_EXPECT_MD5 | STORE_EXPECT_LEN; other bits zero.
         flags: U32,
         reserved: U32,
-    } = 16);
+        /// With STORE_EXPECT_MD5: the object's MD5 (zero otherwise).
+        expect_md5: Fingerprint,
+        /// With STORE_EXPECT_LEN: the object's exact length (zero otherwise).
+        expect_len: U64,
+    } = 40);
+
+impl StoreIn {
+    /// A request announcing `size_hint` and promising whatever of the length and MD5 is
+    /// given. A known length is also sent as the hint.
+    pub fn new(
+        size_hint: u64,
+        expect_len: Option<u64>,
+        expect_md5: Option<Fingerprint>,
+    ) -> StoreIn {
+        let mut flags = 0;
+        if expect_len.is_some() {
+            flags |= STORE_EXPECT_LEN;
+        }
+        if expect_md5.is_some() {
+            flags |= STORE_EXPECT_MD5;
+        }
+        StoreIn {
+            size_hint: expect_len.unwrap_or(size_hint).into(),
+            flags: flags.into(),
+            reserved: 0.into(),
+            expect_md5: expect_md5.unwrap_or(Fingerprint::ZERO),
+            expect_len: expect_len.unwrap_or(0).into(),
+        }
+    }
+
+    /// The promised length, if the flag says there is one.
+    pub fn expect_len(&self) -> Option<u64> {
+        (self.flags.get() & STORE_EXPECT_LEN != 0).then(|| self.expect_len.get())
+    }
+
+    /// The promised MD5, if the flag says there is one.
+    pub fn expect_md5(&self) -> Option<Fingerprint> {
+        (self.flags.get() & STORE_EXPECT_MD5 != 0).then_some(self.expect_md5)
+    }
+
+    /// Flag bits this version does not define (0 for a valid request).
+    pub fn unknown_flags(&self) -> u32 {
+        self.flags.get() & !STORE_FLAGS_KNOWN
+    }
+
+    /// The size the node plans for: the promised length, else the hint (0: unknown).
+    pub fn announced_len(&self) -> u64 {
+        self.expect_len().unwrap_or(self.size_hint.get())
+    }
+}
 wire_struct!(/// STORE reply.
     StoreOut {
         head: OutHead,
@@ -814,6 +876,40 @@ mod tests {
         bad.flags = 4.into();
         bad.checksum = crc32c(&bad.as_bytes()[..12]).into();
         assert_eq!(bad.check(10), Err(WireError::BadFlags(4)));
+    }
+
+    #[test]
+    fn store_in_layout_is_the_documented_one() {
+        let fp = Fingerprint([0xAB; 16]);
+        let req = StoreIn::new(5, Some(0x0102_0304_0506_0708), Some(fp));
+        let b = req.as_bytes();
+        assert_eq!(b.len(), 40);
+        assert_eq!(
+            &b[0..8],
+            &0x0102_0304_0506_0708u64.to_le_bytes(),
+            "known length is the hint"
+        );
+        assert_eq!(&b[8..12], &3u32.to_le_bytes(), "EXPECT_MD5 | EXPECT_LEN");
+        assert_eq!(&b[12..16], &[0; 4]);
+        assert_eq!(&b[16..32], &[0xAB; 16]);
+        assert_eq!(&b[32..40], &0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(req.announced_len(), 0x0102_0304_0506_0708);
+        assert_eq!((req.expect_md5(), req.unknown_flags()), (Some(fp), 0));
+
+        let hint_only = StoreIn::new(77, None, None);
+        assert_eq!(hint_only.as_bytes()[8..], [0; 32]);
+        assert_eq!(
+            (hint_only.expect_len(), hint_only.expect_md5()),
+            (None, None)
+        );
+        assert_eq!(hint_only.announced_len(), 77);
+
+        // A field whose flag is clear is ignored, whatever it holds.
+        let mut odd = StoreIn::read_from_bytes(b).unwrap();
+        odd.flags = (STORE_EXPECT_LEN | 0x10).into();
+        assert_eq!(odd.expect_md5(), None);
+        assert_eq!(odd.expect_len(), Some(0x0102_0304_0506_0708));
+        assert_eq!(odd.unknown_flags(), 0x10);
     }
 
     #[test]

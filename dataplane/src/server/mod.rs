@@ -14,6 +14,8 @@
 pub mod cluster;
 pub mod ops;
 pub mod session;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::io;

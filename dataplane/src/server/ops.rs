@@ -9,7 +9,7 @@ use dosp::Fingerprint;
 use zerocopy::IntoBytes;
 
 use crate::stats::NodeStats;
-use crate::store::{DiskState, Store, StoreError};
+use crate::store::{DiskState, Mismatched, Store, StoreError};
 
 /// Who this node is, as reported in LOCATE and HEARTBEAT answers.
 #[derive(Debug, Clone)]
@@ -39,7 +39,24 @@ pub fn status_of(e: &StoreError) -> Status {
         StoreError::DiskOffline(_) => Status::DiskOffline,
         StoreError::Corrupt { .. } => Status::ChecksumMismatch,
         StoreError::OutOfRange { .. } => Status::OutOfRange,
+        StoreError::Mismatch { .. } => Status::ChecksumMismatch,
         _ => Status::Internal,
+    }
+}
+
+/// The `detail` that goes with [`status_of`]: which promise a refused STORE broke
+/// (dosp/PROTOCOL.md, STORE); 0 for every other error.
+pub fn detail_of(e: &StoreError) -> u32 {
+    match e {
+        StoreError::Mismatch {
+            what: Mismatched::Len,
+            ..
+        } => MISMATCH_LEN,
+        StoreError::Mismatch {
+            what: Mismatched::Md5,
+            ..
+        } => MISMATCH_MD5,
+        _ => 0,
     }
 }
 

@@ -25,9 +25,9 @@ use dosp::wire::*;
 use dosp::Fingerprint;
 use zerocopy::{FromZeros, IntoBytes};
 
-use super::ops::{small_op, status_of, Ctx};
+use super::ops::{detail_of, small_op, status_of, Ctx};
 use crate::stats::{NodeStats, OpClass};
-use crate::store::{DiskId, WriteId};
+use crate::store::{DiskId, Expect, WriteId};
 
 /// Receive buffer: a header plus the largest body, with room for STORE data to flow.
 const RBUF_BYTES: usize = 256 * 1024;
@@ -57,6 +57,8 @@ enum StoreState {
         request_id: u64,
         write: WriteId,
         started: Instant,
+        /// What the client promised about the object, checked at commit.
+        expect: Expect,
     },
     /// The STORE failed (or was refused) but its chunks must still be read to keep the
     /// connection in step; the reply goes out after the last chunk.
@@ -365,6 +367,7 @@ impl State {
                     request_id,
                     write,
                     started,
+                    ..
                 } => {
                     ctx.store.abort(write);
                     NodeStats::inc(&ctx.stats.stores_aborted);
@@ -433,6 +436,7 @@ impl State {
                     request_id,
                     write,
                     started,
+                    ..
                 } = self.store
                 {
                     if let Err(e) = ctx.store.append(write, data) {
@@ -464,7 +468,13 @@ impl State {
                 detail: body.len() as u32,
                 started,
             },
-            Ok(req) => match early_refusal(ctx, req.size_hint.get()) {
+            Ok(req) if req.unknown_flags() != 0 => StoreState::Discarding {
+                request_id,
+                status: Status::BadRequest,
+                detail: req.flags.get(),
+                started,
+            },
+            Ok(req) => match early_refusal(ctx, req.announced_len()) {
                 Some((status, detail)) => StoreState::Discarding {
                     request_id,
                     status,
@@ -472,11 +482,15 @@ impl State {
                     started,
                 },
                 None => {
-                    match make_room(ctx, req.size_hint.get()).and_then(|()| ctx.store.begin()) {
+                    match make_room(ctx, req.announced_len()).and_then(|()| ctx.store.begin()) {
                         Ok(write) => StoreState::Writing {
                             request_id,
                             write,
                             started,
+                            expect: Expect {
+                                md5: req.expect_md5(),
+                                len: req.expect_len(),
+                            },
                         },
                         Err(e) => StoreState::Discarding {
                             request_id,
@@ -497,9 +511,12 @@ impl State {
                     request_id,
                     write,
                     started,
+                    expect,
                 } => (
                     request_id,
-                    ctx.store.commit(write).map_err(|e| (status_of(&e), 0)),
+                    ctx.store
+                        .commit_expect(write, &expect)
+                        .map_err(|e| (status_of(&e), detail_of(&e))),
                     started,
                 ),
                 StoreState::Discarding {

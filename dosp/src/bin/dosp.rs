@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dosp::client::{locate_multicast, watch, Client, ClientError, ClusterEvent};
+use dosp::client::{locate_multicast, watch, Client, ClientError, ClusterEvent, Expect};
 use dosp::Fingerprint;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -38,8 +38,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Store FILE (or stdin with `-`); prints the fingerprint.
-    Store { file: PathBuf },
+    /// Store FILE (or stdin with `-`); prints the fingerprint. The node is told the
+    /// file's length, and refuses (storing nothing) data that does not match it.
+    Store {
+        file: PathBuf,
+        /// The object's MD5 (32 hex digits): the node refuses, and stores nothing of,
+        /// data with another
+        #[arg(long, value_name = "HEX")]
+        md5: Option<String>,
+    },
     /// Fetch an object (verified against its fingerprint) to stdout or -o FILE.
     Fetch {
         fingerprint: String,
@@ -154,18 +161,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let timeout = Duration::from_secs(cli.timeout.max(1));
     let connect = || Client::connect(&cli.node, timeout);
     match cli.cmd {
-        Cmd::Store { file } => {
-            let (mut input, size): (Box<dyn Read>, u64) = if file.as_os_str() == "-" {
-                (Box::new(io::stdin().lock()), 0)
+        Cmd::Store { file, md5 } => {
+            let md5 = md5.as_deref().map(parse_fp).transpose()?;
+            let (mut input, len): (Box<dyn Read>, Option<u64>) = if file.as_os_str() == "-" {
+                (Box::new(io::stdin().lock()), None)
             } else {
                 let f = File::open(&file)
                     .map_err(|e| fail(format!("cannot open {}: {e}", file.display())))?;
-                let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-                (Box::new(f), size)
+                // Only a regular file's size is its length (a device or /proc file
+                // says 0 or anything).
+                let len = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
+                (Box::new(f), len)
             };
             let mut client = connect()?;
-            let pb = bar(size);
-            let stored = client.store(&mut input, size, &mut |sent| {
+            let pb = bar(len.unwrap_or(0));
+            let stored = client.store(&mut input, Expect { len, md5 }, &mut |sent| {
                 if let Some(pb) = &pb {
                     pb.set_position(sent);
                 }

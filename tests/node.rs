@@ -448,7 +448,8 @@ fn bad_input_gets_a_status_and_loses_nothing() {
         )
         .is_err());
 
-    // A chunk over the node's maximum: TOO_LARGE.
+    // A chunk over the node's maximum: TOO_LARGE with its length, the chunk skipped
+    // and the connection still in step.
     let mut s = raw(&node);
     let mut msg = Vec::new();
     encode_request(
@@ -459,10 +460,18 @@ fn bad_input_gets_a_status_and_loses_nothing() {
         StoreIn::new(0, None, None).as_bytes(),
     );
     encode_chunk_header(&mut msg, CHUNK_MAX_DEFAULT + 1, true);
+    msg.resize(msg.len() + CHUNK_MAX_DEFAULT as usize + 1, 0x5A);
+    encode_request(&mut msg, Opcode::Null, 23, 0, &[]);
     s.write_all(&msg).unwrap();
+    let (h, body) = read_response(&mut s);
     assert_eq!(
-        out_status(&read_response(&mut s).1).unwrap().0,
-        Status::TooLarge
+        (h.request_id.get(), out_status(&body).unwrap()),
+        (21, (Status::TooLarge, CHUNK_MAX_DEFAULT + 1))
+    );
+    let (h, body) = read_response(&mut s);
+    assert_eq!(
+        (h.request_id.get(), out_status(&body).unwrap().0),
+        (23, Status::Success)
     );
 
     // A connection that stops mid-store: the half object never appears.

@@ -265,8 +265,10 @@ impl Session {
 }
 
 /// Refuses a STORE up front when its announced size cannot fit: over the object size
-/// limit (TOO_LARGE, detail = the limit in MiB) or over what the roomiest online disk
-/// has available (NO_SPACE). The chunks are still read, and the reply follows the last.
+/// limit (TOO_LARGE, detail = the announced size in MiB, rounded up, saturated at
+/// u32::MAX: a byte count need not fit in the detail) or over what the roomiest online
+/// disk has available (NO_SPACE). The chunks are still read, and the reply follows the
+/// last.
 fn early_refusal(ctx: &Ctx<'_>, size_hint: u64) -> Option<(Status, u32)> {
     if size_hint == 0 {
         return None;
@@ -275,7 +277,7 @@ fn early_refusal(ctx: &Ctx<'_>, size_hint: u64) -> Option<(Status, u32)> {
     if size_hint > max {
         return Some((
             Status::TooLarge,
-            u32::try_from(max >> 20).unwrap_or(u32::MAX),
+            u32::try_from(size_hint.div_ceil(1 << 20)).unwrap_or(u32::MAX),
         ));
     }
     let room = ctx
@@ -453,6 +455,27 @@ impl State {
                 }
                 if last {
                     self.finish_store(ctx);
+                }
+            }
+            RequestEvent::OversizedChunk { len } => {
+                // The decoder skips the chunk's bytes (its header's checksum vouches
+                // for the length), so the connection stays in step; the STORE fails
+                // and is answered after its last chunk. A STORE already failing keeps
+                // its first error.
+                if let StoreState::Writing {
+                    request_id,
+                    write,
+                    started,
+                    ..
+                } = self.store
+                {
+                    ctx.store.abort(write);
+                    self.store = StoreState::Discarding {
+                        request_id,
+                        status: Status::TooLarge,
+                        detail: len,
+                        started,
+                    };
                 }
             }
         }

@@ -229,3 +229,40 @@ fn a_store_that_breaks_its_promises_is_refused_and_nothing_is_stored() {
     let aborts = node.stop().counters().aborts;
     assert_eq!(aborts, 6, "every refused write was aborted");
 }
+
+#[test]
+fn an_oversized_chunk_fails_its_store_and_the_connection_stays_in_step() {
+    let node = TestNode::start();
+    let mut s = node.tcp();
+    let big = vec![9u8; CHUNK_MAX as usize + 1];
+    let mut msg = store_message(1, &StoreIn::new(0, None, None), &[b"first", &big, b"last"]);
+    encode_request(&mut msg, Opcode::Null, 2, 0, &[]);
+    s.write_all(&msg).expect("send");
+    assert_eq!(next_status(&mut s), (1, Status::TooLarge, CHUNK_MAX + 1));
+    assert_eq!(
+        next_status(&mut s),
+        (2, Status::Success, 0),
+        "still in step"
+    );
+    // Already failing (unknown flags): the first error is the answer.
+    let mut odd = StoreIn::new(0, None, None);
+    odd.flags = 0x100.into();
+    s.write_all(&store_message(3, &odd, &[&big])).expect("send");
+    assert_eq!(next_status(&mut s), (3, Status::BadRequest, 0x100));
+
+    // An announced length over the object maximum: refused before any data, with the
+    // length in MiB (rounded up) as the detail, after the chunks were read.
+    for (announced, mib) in [
+        (StoreIn::new(OBJECT_MAX + 1, None, None), 9),
+        (StoreIn::new(0, Some(u64::MAX), None), u32::MAX),
+        (StoreIn::new(1, Some(OBJECT_MAX * 3), None), 24),
+    ] {
+        s.write_all(&store_message(4, &announced, &[b"abc"]))
+            .expect("send");
+        assert_eq!(next_status(&mut s), (4, Status::TooLarge, mib));
+    }
+    assert_eq!(objects(&node), 0);
+    let store = node.stop();
+    assert_eq!(store.counters().aborts, 1, "the oversized chunk's write");
+    assert_eq!(store.counters().stores, 0);
+}

@@ -756,6 +756,16 @@ pub enum WireError {
 }
 
 impl WireError {
+    /// The `detail` a node answers this error with: the offending length for
+    /// TOO_LARGE, the version received for BAD_VERSION, else 0.
+    pub fn detail(&self) -> u32 {
+        match self {
+            WireError::BodyTooLarge { len, .. } | WireError::ChunkTooLarge { len, .. } => *len,
+            WireError::BadVersion(v) => u32::from(*v),
+            _ => 0,
+        }
+    }
+
     /// The status a node answers this error with.
     pub fn status(&self) -> Status {
         match self {
@@ -849,6 +859,8 @@ mod tests {
         h.checksum = h.compute_checksum().into();
         assert_eq!(h.check(Kind::Request), Err(WireError::BadVersion(9)));
         assert_eq!(WireError::BadVersion(9).status(), Status::BadVersion);
+        assert_eq!(WireError::BadVersion(9).detail(), 9);
+        assert_eq!(WireError::HeaderChecksum.detail(), 0);
     }
 
     #[test]

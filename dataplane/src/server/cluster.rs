@@ -84,15 +84,48 @@ impl Cluster {
         if multicast && header.kind == Kind::Response as u8 && header.magic.get() == MAGIC {
             return;
         }
-        if let Err(e) = header.check(Kind::Request) {
+        let error = match header.check(Kind::Request) {
+            Err(e) => Some((e.status(), e.detail(), e.to_string())),
+            Ok(()) => {
+                let want = header.body_len.get() as usize;
+                (body.len() < want).then(|| {
+                    let text = format!("body of {} bytes, header says {want}", body.len());
+                    (Status::BadRequest, body.len() as u32, text)
+                })
+            }
+        };
+        if let Some((status, detail, why)) = error {
             NodeStats::inc(&ctx.stats.udp_bad);
-            tracing::debug!(%from, error = %e, "dropping malformed datagram");
+            // Answered only when the datagram is surely a DOSP request (the magic and
+            // the request kind) and was sent to this node alone: a node that answered
+            // any datagram would reflect traffic at whoever a sender claims to be, one
+            // that answered answers could bounce errors with another node forever, and
+            // on the group every node would answer.
+            let answer =
+                !multicast && header.magic.get() == MAGIC && header.kind == Kind::Request as u8;
+            tracing::debug!(%from, error = %why, answer, "malformed datagram");
+            if answer {
+                // Opcode and request id mean something only under a matching checksum.
+                let (opcode, id) = if header.checksum.get() == header.compute_checksum() {
+                    (header.opcode.get(), header.request_id.get())
+                } else {
+                    (Opcode::Null as u16, 0)
+                };
+                self.out.clear();
+                encode_response(
+                    &mut self.out,
+                    opcode,
+                    id,
+                    &[OutHead::new(status, detail).as_bytes()],
+                );
+                NodeStats::error(ctx.stats, status);
+                if let Err(e) = self.unicast.send_to(&self.out, from) {
+                    tracing::debug!(%from, error = %e, "unicast answer failed");
+                }
+            }
             return;
         }
-        let Some(body) = body.get(..header.body_len.get() as usize) else {
-            NodeStats::inc(&ctx.stats.udp_bad);
-            return;
-        };
+        let body = &body[..header.body_len.get() as usize];
         NodeStats::inc(&ctx.stats.udp_requests);
         let id = header.request_id.get();
         let Some(op) = header.opcode() else {

@@ -382,11 +382,7 @@ impl State {
                 } => (Opcode::Store as u16, request_id, Some(started)),
                 StoreState::None => (Opcode::Null as u16, 0, None),
             };
-        let detail = match &e {
-            WireError::ChunkTooLarge { len, .. } | WireError::BodyTooLarge { len, .. } => *len,
-            _ => 0,
-        };
-        self.reply_error(ctx, opcode, request_id, e.status(), detail);
+        self.reply_error(ctx, opcode, request_id, e.status(), e.detail());
         // An unfinished STORE got its (error) reply: it ends here.
         if let Some(started) = store_started {
             State::done(ctx, OpClass::Store, started);

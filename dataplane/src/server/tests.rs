@@ -2,7 +2,7 @@
 //! peer sees on the wire.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -76,6 +76,15 @@ impl TestNode {
         let s = TcpStream::connect(self.addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
+        s
+    }
+
+    /// A UDP socket connected to the node's unicast address.
+    fn udp(&self) -> UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.connect(self.addr).expect("connect");
         s
     }
 
@@ -265,4 +274,82 @@ fn an_oversized_chunk_fails_its_store_and_the_connection_stays_in_step() {
     let store = node.stop();
     assert_eq!(store.counters().aborts, 1, "the oversized chunk's write");
     assert_eq!(store.counters().stores, 0);
+}
+
+/// Sends one datagram and returns the (opcode, request id, status, detail) of the next
+/// datagram that comes back.
+fn ask_udp(udp: &UdpSocket, datagram: &[u8]) -> (u16, u64, Status, u32) {
+    udp.send(datagram).expect("send");
+    let mut buf = [0u8; 2048];
+    let n = udp.recv(&mut buf).expect("an answer");
+    let (h, body) = Header::read_from_prefix(&buf[..n]).expect("a header");
+    h.check(Kind::Response).expect("a valid response");
+    let (status, detail) = out_status(body).expect("status");
+    (h.opcode.get(), h.request_id.get(), status, detail)
+}
+
+#[test]
+fn udp_header_errors_are_answered_when_they_can_be_attributed() {
+    let node = TestNode::start();
+    let udp = node.udp();
+    let hb = Opcode::Heartbeat as u16;
+    let resign = |mut h: Header| {
+        h.checksum = h.compute_checksum().into();
+        h
+    };
+
+    let mut h = Header::new(Kind::Request, Opcode::Heartbeat, 41, 0, 0);
+    h.version = 9;
+    assert_eq!(
+        ask_udp(&udp, resign(h).as_bytes()),
+        (hb, 41, Status::BadVersion, 9)
+    );
+    // A checksum that does not match: nothing in the header is believed.
+    let mut h = Header::new(Kind::Request, Opcode::Heartbeat, 42, 0, 0);
+    h.request_id = 43.into();
+    assert_eq!(ask_udp(&udp, h.as_bytes()), (0, 0, Status::BadRequest, 0));
+    let h = Header::new(Kind::Request, Opcode::Heartbeat, 44, BODY_MAX + 1, 0);
+    assert_eq!(
+        ask_udp(&udp, h.as_bytes()),
+        (hb, 44, Status::TooLarge, BODY_MAX + 1)
+    );
+    // Fewer body bytes than body_len: BAD_REQUEST with the bytes present.
+    let locate = Opcode::Locate as u16;
+    let mut msg = Header::new(Kind::Request, Opcode::Locate, 45, 16, 0)
+        .as_bytes()
+        .to_vec();
+    msg.extend_from_slice(b"short");
+    assert_eq!(ask_udp(&udp, &msg), (locate, 45, Status::BadRequest, 5));
+    // A whole body of the wrong size for the opcode, as over TCP.
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::Locate, 46, 0, b"short");
+    assert_eq!(ask_udp(&udp, &msg), (locate, 46, Status::BadRequest, 5));
+
+    // No answer: too short, not DOSP, an answer, an answer in another version. The
+    // node handles datagrams in order, so the NULL sent after them is answered first.
+    let mut answer = Header::new(Kind::Response, Opcode::Heartbeat, 50, 0, 0);
+    let mut other_version = answer;
+    other_version.version = 2;
+    answer.checksum = answer.compute_checksum().into();
+    let mut garbage = [0x41u8; 40];
+    garbage[5] = 1;
+    for silent in [
+        &b"DOSP"[..],
+        &garbage[..],
+        answer.as_bytes(),
+        resign(other_version).as_bytes(),
+    ] {
+        udp.send(silent).expect("send");
+    }
+    let mut null = Vec::new();
+    encode_request(&mut null, Opcode::Null, 51, 0, &[]);
+    assert_eq!(ask_udp(&udp, &null), (0, 51, Status::Success, 0));
+
+    // Over TCP the same version error closes the connection, with the same detail.
+    let mut h = Header::new(Kind::Request, Opcode::Heartbeat, 52, 0, 0);
+    h.version = 9;
+    let mut s = node.tcp();
+    s.write_all(resign(h).as_bytes()).expect("send");
+    assert_eq!(next_status(&mut s), (0, Status::BadVersion, 9));
+    assert_eq!(s.read(&mut [0u8; 1]).expect("closed"), 0);
 }

@@ -201,7 +201,12 @@ fn disks_ping_and_load() {
     );
     let out = node.dosp(&["ping"]);
     assert!(out.status.success());
-    assert!(stdout(&out).contains("answered"));
+    assert!(
+        stdout(&out).contains("answered")
+            && stdout(&out).contains("limits: body 65536 chunk 4194304 object 68719476736 bytes"),
+        "{}",
+        stdout(&out)
+    );
     let mut c = node.client();
     c.store_bytes(b"x").unwrap();
     let load = c.load().unwrap();

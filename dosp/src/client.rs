@@ -96,6 +96,18 @@ pub struct Expect {
     pub md5: Option<Fingerprint>,
 }
 
+/// A node's answer to NULL: how quickly it came, and the limits the node has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pong {
+    pub rtt: Duration,
+    /// Largest In/Out body it accepts.
+    pub body_max: u32,
+    /// Largest STORE chunk it accepts.
+    pub chunk_max: u32,
+    /// Largest object it stores.
+    pub object_max: u64,
+}
+
 /// One holder's answer to LOCATE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Located {
@@ -315,12 +327,19 @@ impl Client {
             })
     }
 
-    /// NULL: checks the node is alive and speaks our version.
-    pub fn ping(&mut self) -> Result<Duration, ClientError> {
+    /// NULL: checks the node is alive and speaks our version, and learns its limits.
+    pub fn ping(&mut self) -> Result<Pong, ClientError> {
         let t = Instant::now();
         let id = self.send_request(Opcode::Null, &[])?;
-        self.response(Opcode::Null, id)?;
-        Ok(t.elapsed())
+        let body = self.response(Opcode::Null, id)?;
+        let rtt = t.elapsed();
+        let out: NullOut = self.parse(Opcode::Null, &body)?;
+        Ok(Pong {
+            rtt,
+            body_max: out.body_max.get(),
+            chunk_max: out.chunk_max.get(),
+            object_max: out.object_max.get(),
+        })
     }
 
     /// STOREs everything `input` yields, in chunks of up to 1 MiB, promising the node

@@ -422,8 +422,16 @@ macro_rules! wire_struct {
 
 wire_struct!(/// NULL request: nothing.
     NullIn {} = 0);
-wire_struct!(/// NULL reply: the node is alive and speaks this version.
-    NullOut { head: OutHead } = 8);
+wire_struct!(/// NULL reply: the node is alive, speaks this version, and has these limits.
+    NullOut {
+        head: OutHead,
+        /// Largest In/Out body the node accepts ([`BODY_MAX`]).
+        body_max: U32,
+        /// Largest STORE chunk the node accepts.
+        chunk_max: U32,
+        /// Largest object the node stores.
+        object_max: U64,
+    } = 24);
 /// StoreIn flag: `expect_md5` is the object's MD5; the node refuses any other object.
 pub const STORE_EXPECT_MD5: u32 = 1 << 0;
 /// StoreIn flag: `expect_len` is the object's exact length; the node refuses any other.

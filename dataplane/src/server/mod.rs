@@ -125,6 +125,7 @@ impl Server {
             epoch: cfg.epoch,
             addr: SocketAddrV4::new(ip, local.port()),
             started: Instant::now(),
+            chunk_max: cfg.chunk_max,
         };
         Ok(Server {
             poll,

@@ -19,6 +19,8 @@ pub struct NodeIdentity {
     /// The DOSP address other nodes and managers reach this node at.
     pub addr: SocketAddrV4,
     pub started: Instant,
+    /// Largest STORE chunk accepted, as reported by NULL.
+    pub chunk_max: u32,
 }
 
 /// What a handler needs from the node.
@@ -101,7 +103,13 @@ fn small_op_inner(
     match op {
         Opcode::Null => {
             parse_exact::<NullIn>(op, body).map_err(bad)?;
-            out.extend_from_slice(NullOut { head: ok() }.as_bytes());
+            let reply = NullOut {
+                head: ok(),
+                body_max: BODY_MAX.into(),
+                chunk_max: ctx.id.chunk_max.into(),
+                object_max: ctx.store.config().max_object_bytes.into(),
+            };
+            out.extend_from_slice(reply.as_bytes());
         }
         Opcode::Delete => {
             let fp = parse_exact::<DeleteIn>(op, body).map_err(bad)?.fingerprint;

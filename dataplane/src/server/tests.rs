@@ -353,3 +353,30 @@ fn udp_header_errors_are_answered_when_they_can_be_attributed() {
     assert_eq!(next_status(&mut s), (0, Status::BadVersion, 9));
     assert_eq!(s.read(&mut [0u8; 1]).expect("closed"), 0);
 }
+
+#[test]
+fn null_reports_the_node_limits_over_tcp_and_udp() {
+    let node = TestNode::start();
+    let pong = node.client().ping().expect("ping");
+    assert_eq!(
+        (pong.body_max, pong.chunk_max, pong.object_max),
+        (BODY_MAX, CHUNK_MAX, OBJECT_MAX)
+    );
+    let udp = node.udp();
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::Null, 3, 0, &[]);
+    udp.send(&msg).expect("send");
+    let mut buf = [0u8; 256];
+    let n = udp.recv(&mut buf).expect("answer");
+    let (h, body) = Header::read_from_prefix(&buf[..n]).expect("header");
+    assert_eq!(h.body_len.get(), 24);
+    let out = NullOut::read_from_bytes(body).expect("NullOut");
+    assert_eq!(
+        (
+            out.body_max.get(),
+            out.chunk_max.get(),
+            out.object_max.get()
+        ),
+        (BODY_MAX, CHUNK_MAX, OBJECT_MAX)
+    );
+}

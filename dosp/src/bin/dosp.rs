@@ -96,7 +96,8 @@ enum Cmd {
     },
     /// State and status of every disk of the node.
     Disks,
-    /// Check the node answers (DOSP NULL); prints the round-trip time.
+    /// Check the node answers (DOSP NULL); prints the round-trip time and the node's
+    /// limits (largest body, STORE chunk and object, in bytes).
     Ping,
 }
 
@@ -325,8 +326,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Ping => {
-            let rtt = connect()?.ping()?;
-            println!("{} answered in {:.3} ms", cli.node, rtt.as_secs_f64() * 1e3);
+            let pong = connect()?.ping()?;
+            println!(
+                "{} answered in {:.3} ms; limits: body {} chunk {} object {} bytes",
+                cli.node,
+                pong.rtt.as_secs_f64() * 1e3,
+                pong.body_max,
+                pong.chunk_max,
+                pong.object_max
+            );
         }
     }
     Ok(())

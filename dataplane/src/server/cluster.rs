@@ -77,7 +77,7 @@ impl Cluster {
 
     fn handle(&mut self, ctx: &mut Ctx<'_>, n: usize, from: SocketAddr, multicast: bool) {
         let Ok((header, body)) = Header::read_from_prefix(&self.buf[..n]) else {
-            NodeStats::inc(&ctx.stats.udp_bad);
+            dropped(ctx);
             return;
         };
         // Answers and heartbeats from other nodes share the group: only requests are ours.
@@ -95,7 +95,6 @@ impl Cluster {
             }
         };
         if let Some((status, detail, why)) = error {
-            NodeStats::inc(&ctx.stats.udp_bad);
             // Answered only when the datagram is surely a DOSP request (the magic and
             // the request kind) and was sent to this node alone: a node that answered
             // any datagram would reflect traffic at whoever a sender claims to be, one
@@ -104,7 +103,9 @@ impl Cluster {
             let answer =
                 !multicast && header.magic.get() == MAGIC && header.kind == Kind::Request as u8;
             tracing::debug!(%from, error = %why, answer, "malformed datagram");
-            if answer {
+            if !answer {
+                dropped(ctx);
+            } else {
                 // Opcode and request id mean something only under a matching checksum.
                 let (opcode, id) = if header.checksum.get() == header.compute_checksum() {
                     (header.opcode.get(), header.request_id.get())
@@ -118,7 +119,13 @@ impl Cluster {
                     id,
                     &[OutHead::new(status, detail).as_bytes()],
                 );
-                NodeStats::error(ctx.stats, status);
+                NodeStats::inc(&ctx.stats.udp_bad);
+                if status == Status::TooLarge {
+                    // A header error like BAD_REQUEST and BAD_VERSION, which
+                    // `NodeStats::error` counts as bad requests by their status.
+                    NodeStats::inc(&ctx.stats.bad_requests);
+                }
+                answered(ctx, status);
                 if let Err(e) = self.unicast.send_to(&self.out, from) {
                     tracing::debug!(%from, error = %e, "unicast answer failed");
                 }
@@ -139,7 +146,7 @@ impl Cluster {
                     &[OutHead::new(Status::UnknownOpcode, raw.into()).as_bytes()],
                 );
                 let _ = self.unicast.send_to(&self.out, from);
-                NodeStats::error(ctx.stats, Status::UnknownOpcode);
+                answered(ctx, Status::UnknownOpcode);
             }
             NodeStats::inc(&ctx.stats.unknown_opcodes);
             return;
@@ -150,6 +157,7 @@ impl Cluster {
             match op {
                 Opcode::Locate => {
                     let Ok(q) = parse_exact::<LocateIn>(op, body) else {
+                        dropped(ctx);
                         return;
                     };
                     let Some(answer) = locate_answer(ctx, &q.fingerprint) else {
@@ -159,10 +167,15 @@ impl Cluster {
                     NodeStats::inc(&ctx.stats.locate_answers);
                 }
                 Opcode::Heartbeat => {
+                    if parse_exact::<HeartbeatIn>(op, body).is_err() {
+                        dropped(ctx);
+                        return;
+                    }
                     encode_response(&mut self.out, op as u16, id, &[heartbeat(ctx).as_bytes()]);
                 }
                 _ => return,
             }
+            answered(ctx, Status::Success);
             if let Err(e) = self
                 .multicast
                 .send_to(&self.out, SocketAddr::V4(self.group))
@@ -172,7 +185,9 @@ impl Cluster {
             return;
         }
         self.body.clear();
+        // small_op counts the error of a non-SUCCESS answer itself.
         let status = small_op(ctx, op, body, &mut self.body);
+        NodeStats::inc(&ctx.stats.ops_total);
         encode_response(&mut self.out, op as u16, id, &[&self.body]);
         if op == Opcode::Locate && status == Status::Success {
             NodeStats::inc(&ctx.stats.locate_answers);
@@ -180,5 +195,19 @@ impl Cluster {
         if let Err(e) = self.unicast.send_to(&self.out, from) {
             tracing::debug!(%from, error = %e, "unicast answer failed");
         }
+    }
+}
+
+/// Counts a malformed datagram that gets no answer.
+fn dropped(ctx: &Ctx<'_>) {
+    NodeStats::inc(&ctx.stats.udp_bad);
+    NodeStats::inc(&ctx.stats.bad_requests);
+}
+
+/// Counts an answer sent: once as an operation, and once as an error unless SUCCESS.
+fn answered(ctx: &Ctx<'_>, status: Status) {
+    NodeStats::inc(&ctx.stats.ops_total);
+    if status != Status::Success {
+        NodeStats::error(ctx.stats, status);
     }
 }

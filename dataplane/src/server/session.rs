@@ -14,7 +14,7 @@
 //! recorded in the node's histograms when its reply is queued — a STORE after its last
 //! chunk, a stream with its final Out structure. A request abandoned by its client
 //! (connection closed mid-STORE) has no reply and so no latency: it counts as
-//! `stores_aborted` instead.
+//! `stores_aborted` instead (see `NodeStats` for how everything is counted).
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use dosp::codec::{encode_response, RequestDecoder, RequestEvent};
 use dosp::wire::*;
 use dosp::Fingerprint;
-use zerocopy::{FromZeros, IntoBytes};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use super::ops::{detail_of, small_op, status_of, Ctx};
 use crate::stats::{NodeStats, OpClass};
@@ -162,15 +162,32 @@ impl Session {
     }
 
     /// Releases what the session holds in the store (an unfinished STORE is aborted:
-    /// nothing half-written ever becomes visible).
+    /// nothing half-written ever becomes visible) and counts a STORE it ends.
     pub fn close(&mut self, ctx: &mut Ctx<'_>) {
-        if let StoreState::Writing { write, .. } =
-            std::mem::replace(&mut self.st.store, StoreState::None)
-        {
-            ctx.store.abort(write);
-            NodeStats::inc(&ctx.stats.stores_aborted);
+        match std::mem::replace(&mut self.st.store, StoreState::None) {
+            StoreState::Writing { write, .. } => {
+                ctx.store.abort(write);
+                NodeStats::inc(&ctx.stats.stores_aborted);
+            }
+            StoreState::Discarding { .. } => NodeStats::inc(&ctx.stats.stores_aborted),
+            StoreState::None => {
+                if self.store_unstarted() {
+                    NodeStats::inc(&ctx.stats.stores);
+                    NodeStats::inc(&ctx.stats.stores_aborted);
+                }
+            }
         }
         self.st.set_busy(ctx, false);
+    }
+
+    /// Whether the input not yet decoded starts with a STORE request whose StoreIn has
+    /// not all arrived: a STORE its client gave up before it could begin.
+    fn store_unstarted(&self) -> bool {
+        if self.decoder.failed() || self.decoder.in_store() {
+            return false;
+        }
+        Header::read_from_prefix(&self.rbuf[self.rstart..self.rend])
+            .is_ok_and(|(h, _)| h.check(Kind::Request).is_ok() && h.opcode() == Some(Opcode::Store))
     }
 
     /// Moves bytes until the socket blocks, the work runs out or the step bound is hit.
@@ -361,7 +378,10 @@ impl State {
     /// Bytes that cannot be framed: say why once, then close. An unfinished STORE is
     /// answered (and aborted) first so the client learns what happened to it.
     fn framing_error(&mut self, ctx: &mut Ctx<'_>, e: WireError, peer: SocketAddr) {
-        NodeStats::inc(&ctx.stats.bad_requests);
+        // BAD_REQUEST and BAD_VERSION count as bad requests with their reply.
+        if e.status() == Status::TooLarge {
+            NodeStats::inc(&ctx.stats.bad_requests);
+        }
         tracing::warn!(%peer, error = %e, "closing connection after malformed input");
         let (opcode, request_id, store_started) =
             match std::mem::replace(&mut self.store, StoreState::None) {
@@ -379,7 +399,10 @@ impl State {
                     request_id,
                     started,
                     ..
-                } => (Opcode::Store as u16, request_id, Some(started)),
+                } => {
+                    NodeStats::inc(&ctx.stats.stores_aborted);
+                    (Opcode::Store as u16, request_id, Some(started))
+                }
                 StoreState::None => (Opcode::Null as u16, 0, None),
             };
         self.reply_error(ctx, opcode, request_id, e.status(), e.detail());

@@ -1,12 +1,13 @@
 //! The server in-process on a memory disk, driven over real loopback sockets: what a
-//! peer sees on the wire.
+//! peer sees on the wire, and what the node counts for it (its [`NodeStats`], read
+//! directly rather than through the management core).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dosp::client::{Client, ClientError, Expect};
 use dosp::codec::{encode_chunk_header, encode_request};
@@ -16,6 +17,7 @@ use nvme::mem::MemDisk;
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::{Server, ServerConfig};
+use crate::stats::NodeStats;
 use crate::store::{Store, StoreConfig};
 
 const MIB: u64 = 1 << 20;
@@ -26,6 +28,7 @@ const OBJECT_MAX: u64 = 8 * MIB;
 /// A running node on one 64 MiB memory disk.
 struct TestNode {
     addr: SocketAddr,
+    stats: Arc<NodeStats>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<std::io::Result<Store>>>,
 }
@@ -38,7 +41,7 @@ impl TestNode {
             ..StoreConfig::default()
         };
         let store = Store::open(vec![Box::new(disk.device())], store_cfg, 7).expect("store");
-        let (_handle, end) = crate::handle::handle_pair();
+        let (handle, end) = crate::handle::handle_pair();
         let cfg = ServerConfig {
             listen: "127.0.0.1:0".parse().expect("address"),
             // Port 0: a group port of this test's own, so no other node is heard.
@@ -63,6 +66,7 @@ impl TestNode {
         });
         TestNode {
             addr,
+            stats: Arc::clone(&handle.stats),
             stop,
             thread: Some(thread),
         }
@@ -379,4 +383,239 @@ fn null_reports_the_node_limits_over_tcp_and_udp() {
         ),
         (BODY_MAX, CHUNK_MAX, OBJECT_MAX)
     );
+}
+
+/// The counters a request can move, at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts {
+    ops: u64,
+    errors: u64,
+    bad: u64,
+    udp_bad: u64,
+    stores: u64,
+    aborted: u64,
+}
+
+impl Counts {
+    fn of(s: &NodeStats) -> Counts {
+        let by_status: u64 = s.errors_by_status.iter().map(NodeStats::get).sum();
+        let errors = NodeStats::get(&s.errors_total);
+        assert_eq!(by_status, errors, "errors by status sum to the total");
+        Counts {
+            ops: NodeStats::get(&s.ops_total),
+            errors,
+            bad: NodeStats::get(&s.bad_requests),
+            udp_bad: NodeStats::get(&s.udp_bad),
+            stores: NodeStats::get(&s.stores),
+            aborted: NodeStats::get(&s.stores_aborted),
+        }
+    }
+
+    fn minus(self, o: Counts) -> Counts {
+        Counts {
+            ops: self.ops - o.ops,
+            errors: self.errors - o.errors,
+            bad: self.bad - o.bad,
+            udp_bad: self.udp_bad - o.udp_bad,
+            stores: self.stores - o.stores,
+            aborted: self.aborted - o.aborted,
+        }
+    }
+}
+
+/// Runs `act` and checks what it added to the counters: at once when `act` waits for
+/// its replies, else (a connection closed, whose end the node sees later) within a few
+/// seconds — and then that nothing more comes.
+fn counts(node: &TestNode, what: &str, want: Counts, act: impl FnOnce()) {
+    let before = Counts::of(&node.stats);
+    act();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut got = Counts::of(&node.stats).minus(before);
+    while got != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        got = Counts::of(&node.stats).minus(before);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let late = Counts::of(&node.stats).minus(before);
+    assert_eq!(got, want, "{what}");
+    assert_eq!(late, want, "{what}: counted again later");
+}
+
+#[test]
+fn every_reply_and_every_abort_is_counted_exactly_once() {
+    let node = TestNode::start();
+    let udp = node.udp();
+    let reply = Counts {
+        ops: 1,
+        ..Counts::default()
+    };
+    let error = Counts { errors: 1, ..reply };
+    let bad = Counts { bad: 1, ..error };
+    let store = Counts {
+        stores: 1,
+        ..Counts::default()
+    };
+    let store_in = StoreIn::new(0, None, None);
+    let object = vec![3u8; 3000];
+
+    // Bodies of the wrong size, over TCP (each kind of handler) and UDP.
+    let mut s = node.tcp();
+    for op in [Opcode::Retrieve, Opcode::Locate, Opcode::GetContents] {
+        counts(&node, op.name(), bad, || {
+            let mut msg = Vec::new();
+            encode_request(&mut msg, op, 1, 0, b"short");
+            s.write_all(&msg).expect("send");
+            assert_eq!(next_status(&mut s).1, Status::BadRequest);
+        });
+    }
+    counts(
+        &node,
+        "STORE with a short StoreIn",
+        Counts { stores: 1, ..bad },
+        || {
+            let mut msg = Vec::new();
+            encode_request(&mut msg, Opcode::Store, 2, 0, b"short");
+            encode_chunk_header(&mut msg, 3, true);
+            msg.extend_from_slice(b"abc");
+            s.write_all(&msg).expect("send");
+            assert_eq!(next_status(&mut s), (2, Status::BadRequest, 5));
+        },
+    );
+    counts(&node, "UDP body size", bad, || {
+        let mut msg = Vec::new();
+        encode_request(&mut msg, Opcode::Locate, 3, 0, b"short");
+        assert_eq!(ask_udp(&udp, &msg).2, Status::BadRequest);
+    });
+    // Header errors over UDP: answered, or dropped (then the NULL after is the reply).
+    let udp_bad = Counts { udp_bad: 1, ..bad };
+    counts(&node, "UDP checksum", udp_bad, || {
+        let mut h = Header::new(Kind::Request, Opcode::Null, 4, 0, 0);
+        h.request_id = 5.into();
+        assert_eq!(ask_udp(&udp, h.as_bytes()).2, Status::BadRequest);
+    });
+    counts(&node, "UDP body_len", udp_bad, || {
+        let h = Header::new(Kind::Request, Opcode::Null, 4, BODY_MAX + 1, 0);
+        assert_eq!(ask_udp(&udp, h.as_bytes()).2, Status::TooLarge);
+    });
+    counts(
+        &node,
+        "UDP garbage, then NULL",
+        Counts {
+            bad: 1,
+            udp_bad: 1,
+            ..reply
+        },
+        || {
+            udp.send(b"garbage").expect("send");
+            let mut null = Vec::new();
+            encode_request(&mut null, Opcode::Null, 6, 0, &[]);
+            assert_eq!(ask_udp(&udp, &null).2, Status::Success);
+        },
+    );
+    counts(&node, "UDP unknown opcode", error, || {
+        let h = Header::new_raw(Kind::Request, 999, 7, 0, 0);
+        assert_eq!(ask_udp(&udp, h.as_bytes()).2, Status::UnknownOpcode);
+    });
+    counts(&node, "UDP LOCATE not found", error, || {
+        let mut msg = Vec::new();
+        let q = LocateIn {
+            fingerprint: Fingerprint::ZERO,
+        };
+        encode_request(&mut msg, Opcode::Locate, 8, 0, q.as_bytes());
+        assert_eq!(ask_udp(&udp, &msg).2, Status::NotFound);
+    });
+
+    // STOREs: answered after the last chunk, or ended by their connection.
+    counts(&node, "a STORE", Counts { ops: 1, ..store }, || {
+        s.write_all(&store_message(9, &store_in, &[&object]))
+            .expect("send");
+        assert_eq!(next_status(&mut s).1, Status::Success);
+    });
+    counts(
+        &node,
+        "oversized chunk",
+        Counts { stores: 1, ..error },
+        || {
+            let big = vec![0u8; CHUNK_MAX as usize + 1];
+            s.write_all(&store_message(10, &store_in, &[&big]))
+                .expect("send");
+            assert_eq!(next_status(&mut s).1, Status::TooLarge);
+        },
+    );
+    counts(
+        &node,
+        "closed before its StoreIn",
+        Counts {
+            aborted: 1,
+            ..store
+        },
+        || {
+            let mut t = node.tcp();
+            let mut msg = Vec::new();
+            encode_request(&mut msg, Opcode::Store, 11, 0, store_in.as_bytes());
+            t.write_all(&msg[..Header::SIZE + 10]).expect("send");
+        },
+    );
+    counts(
+        &node,
+        "closed mid-chunk",
+        Counts {
+            aborted: 1,
+            ..store
+        },
+        || {
+            let mut t = node.tcp();
+            let msg = store_message(12, &store_in, &[&object]);
+            t.write_all(&msg[..msg.len() - 100]).expect("send");
+            // Wait until the node has begun the store, so the close finds it writing.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while NodeStats::get(&node.stats.ops_outstanding) == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        },
+    );
+    counts(
+        &node,
+        "refused STORE closed early",
+        Counts {
+            aborted: 1,
+            ..store
+        },
+        || {
+            let mut t = node.tcp();
+            let mut odd = store_in;
+            odd.flags = 0x40.into();
+            let msg = store_message(13, &odd, &[&object, &object]);
+            t.write_all(&msg[..msg.len() - 100]).expect("send");
+        },
+    );
+    counts(
+        &node,
+        "broken framing mid-STORE",
+        Counts {
+            stores: 1,
+            aborted: 1,
+            ..bad
+        },
+        || {
+            let mut t = node.tcp();
+            let mut msg = store_message(14, &store_in, &[&object, &object]);
+            let second = msg.len() - object.len() - ChunkHeader::SIZE;
+            msg[second] ^= 0xFF;
+            t.write_all(&msg).expect("send");
+            assert_eq!(
+                next_status(&mut t),
+                (14, Status::BadRequest, 0),
+                "answered as the STORE"
+            );
+        },
+    );
+    counts(&node, "header TOO_LARGE over TCP", bad, || {
+        let mut t = node.tcp();
+        let h = Header::new(Kind::Request, Opcode::Null, 15, BODY_MAX + 1, 0);
+        t.write_all(h.as_bytes()).expect("send");
+        assert_eq!(next_status(&mut t).1, Status::TooLarge);
+    });
+    let store = node.stop();
+    assert_eq!(store.counters().stores, 1);
 }

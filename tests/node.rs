@@ -718,6 +718,65 @@ fn a_stalled_store_times_out_and_is_aborted() {
 }
 
 #[test]
+fn a_node_named_by_its_operator_shows_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique_group();
+    let data_dir = dir.path().join("data");
+    let node = Node::start(&data_dir, &group, &["--node-id", "node-a"]);
+    // The documented mapping: the first 8 bytes of MD5("node-a"), little-endian.
+    let md5 = Fingerprint::of(b"node-a").0;
+    let want = u64::from_le_bytes(md5[..8].try_into().unwrap());
+    assert_eq!(node.node_id, format!("{want:016x}"));
+    assert_eq!(node.node_id, "5ce83ab35b8aec6c");
+
+    let (code, body) = http_get(&node, "/v1/node");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"node_name\":\"node-a\""), "{body}");
+    let mut c = node.client();
+    let hb = c.heartbeat().unwrap();
+    assert_eq!(hb.node_id.get(), want);
+    assert_eq!(NodeName::from_field(&hb.name).unwrap().as_str(), "node-a");
+    let fp = c
+        .store_bytes(b"held by node-a")
+        .unwrap()
+        .fingerprint
+        .to_hex();
+    let out = std::process::Command::new(dosp_bin())
+        .args(["locate", &fp, "--multicast", &group, "--wait-ms", "700"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with(&format!("node {want:016x} name node-a addr ")),
+        "{}",
+        stdout(&out)
+    );
+    drop(node);
+
+    // A number is a number, shown without a name; a bad name is refused at start-up.
+    let node = Node::start(&data_dir, &group, &["--node-id", "42"]);
+    assert_eq!(node.node_id, format!("{:016x}", 42));
+    let (_, body) = http_get(&node, "/v1/node");
+    assert!(body.contains("\"node_name\":null"), "{body}");
+    drop(node);
+    let out = std::process::Command::new(dosd_bin())
+        .args([
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--node-id",
+            "node a",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid node id") && stderr(&out).contains("without spaces"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn management_node_and_metrics() {
     let (_dir, node) = node();
     node.client().store_bytes(b"counted").unwrap();
@@ -784,7 +843,7 @@ fn config_file_flags_and_clear_start_up_errors() {
         (&["--disk-size", "1Q"][..], "invalid disk size"),
         (&["--disk-size", "1M"][..], "at least"),
         (&["--disks", "0"][..], "invalid disks"),
-        (&["--node-id", "xyz"][..], "invalid node id"),
+        (&["--node-id", "no spaces"][..], "invalid node id"),
         (&["--disk", "floppy:a"][..], "expected nvme:SERIAL"),
         (
             &["--disk", "nvme:NO-SUCH-SERIAL"][..],

@@ -109,9 +109,11 @@ pub struct Pong {
 }
 
 /// One holder's answer to LOCATE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Located {
     pub node_id: u64,
+    /// The holder's name, if it has one.
+    pub name: Option<NodeName>,
     pub addr: SocketAddrV4,
     pub disk: u16,
     pub object_len: u64,
@@ -121,6 +123,7 @@ impl Located {
     fn from_out(out: &LocateOut) -> Located {
         Located {
             node_id: out.node_id.get(),
+            name: NodeName::from_field(&out.name),
             addr: SocketAddrV4::new(Ipv4Addr::from(out.addr), out.port.get()),
             disk: out.disk.get(),
             object_len: out.object_len.get(),

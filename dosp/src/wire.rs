@@ -32,6 +32,82 @@ pub const ALL_DISKS: u16 = 0xFFFF;
 /// Most disks a node reports in one reply.
 pub const DISKS_MAX: usize = 256;
 
+/// Longest node name, in bytes: the size of the name field in LOCATE, HEARTBEAT and
+/// ANNOUNCE answers.
+pub const NODE_NAME_MAX: usize = 32;
+
+/// A node's name, given by its operator: 1 to [`NODE_NAME_MAX`] bytes of printable
+/// ASCII other than space (`!` to `~`), so it prints on one line as one word.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeName(String);
+
+/// Why a string is not a [`NodeName`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeNameError {
+    #[error("a node name may not be empty")]
+    Empty,
+    #[error("a node name is at most {NODE_NAME_MAX} bytes, not {0}")]
+    TooLong(usize),
+    #[error("a node name is printable ASCII without spaces ('!' to '~'), not {0:?}")]
+    BadChar(char),
+}
+
+impl NodeName {
+    pub fn new(name: &str) -> Result<NodeName, NodeNameError> {
+        if let Some(c) = name.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(NodeNameError::BadChar(c));
+        }
+        match name.len() {
+            0 => Err(NodeNameError::Empty),
+            n if n > NODE_NAME_MAX => Err(NodeNameError::TooLong(n)),
+            _ => Ok(NodeName(name.to_string())),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The 64-bit node id the name stands for on the wire: the first 8 bytes of the
+    /// MD5 of the name, read as a little-endian u64. Stable: the same name is the same
+    /// node id on every node, version and machine.
+    pub fn node_id(&self) -> u64 {
+        let md5 = Fingerprint::of(self.0.as_bytes()).0;
+        u64::from_le_bytes([
+            md5[0], md5[1], md5[2], md5[3], md5[4], md5[5], md5[6], md5[7],
+        ])
+    }
+
+    /// The name field of a node that has `name` (NUL-padded), or of one that has none
+    /// (all zero).
+    pub fn field(name: Option<&NodeName>) -> [u8; NODE_NAME_MAX] {
+        let mut field = [0u8; NODE_NAME_MAX];
+        if let Some(name) = name {
+            field[..name.0.len()].copy_from_slice(name.0.as_bytes());
+        }
+        field
+    }
+
+    /// Reads a name field. `None` for a node without a name (all zero) and for
+    /// anything that is not a valid name followed by NULs: a peer's bytes are never
+    /// trusted to print.
+    pub fn from_field(field: &[u8; NODE_NAME_MAX]) -> Option<NodeName> {
+        let end = field.iter().position(|&b| b == 0).unwrap_or(NODE_NAME_MAX);
+        if field[end..].iter().any(|&b| b != 0) {
+            return None;
+        }
+        std::str::from_utf8(&field[..end])
+            .ok()
+            .and_then(|s| NodeName::new(s).ok())
+    }
+}
+
+impl std::fmt::Display for NodeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// CRC-32C (Castagnoli), the checksum of every header.
 pub fn crc32c(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)
@@ -547,7 +623,9 @@ wire_struct!(/// LOCATE reply: this node holds it, on this disk, reachable at th
         port: U16,
         /// IPv4 address of the holder's DOSP endpoint, in network order.
         addr: [u8; 4],
-    } = 48);
+        /// The holder's name, NUL-padded; all zero if it has none ([`NodeName`]).
+        name: [u8; NODE_NAME_MAX],
+    } = 80);
 wire_struct!(/// HEARTBEAT request.
     HeartbeatIn {} = 0);
 wire_struct!(/// HEARTBEAT reply, also multicast periodically by every node.
@@ -569,10 +647,12 @@ wire_struct!(/// HEARTBEAT reply, also multicast periodically by every node.
         bytes_free: U64,
         bytes_total: U64,
         objects: U64,
-        /// Requests completed per second, over the last second.
+        /// Replies sent per second, over the last second.
         ops_per_sec: U32,
         reserved1: U32,
-    } = 80);
+        /// The node's name, NUL-padded; all zero if it has none ([`NodeName`]).
+        name: [u8; NODE_NAME_MAX],
+    } = 112);
 wire_struct!(/// GET_DISK_STATE / GET_DISK_STATUS request: one disk or ALL_DISKS.
     DiskQueryIn { disk: U16, reserved: U16, reserved1: U32 } = 8);
 wire_struct!(/// GET_DISK_STATE / GET_DISK_STATUS reply head: `count` DiskStateEntry or
@@ -622,11 +702,14 @@ wire_struct!(/// ANNOUNCE: an event, multicast by the node it happened on. Sent 
         disk: U16,
         /// Why, in UTF-8, NUL-padded.
         reason: [u8; 64],
-    } = 96);
+        /// The node's name, NUL-padded; all zero if it has none ([`NodeName`]).
+        name: [u8; NODE_NAME_MAX],
+    } = 128);
 
 impl AnnounceOut {
     pub fn new(
         node_id: u64,
+        name: Option<&NodeName>,
         epoch: u64,
         seq: u32,
         kind: AnnounceKind,
@@ -649,6 +732,7 @@ impl AnnounceOut {
             reserved: 0,
             disk: disk.into(),
             reason: text,
+            name: NodeName::field(name),
         }
     }
 
@@ -827,6 +911,7 @@ pub fn out_status(body: &[u8]) -> Result<(Status, u32), WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zerocopy::FromZeros;
 
     #[test]
     fn header_round_trip_and_checks() {
@@ -930,6 +1015,54 @@ mod tests {
         assert_eq!(odd.expect_md5(), None);
         assert_eq!(odd.expect_len(), Some(0x0102_0304_0506_0708));
         assert_eq!(odd.unknown_flags(), 0x10);
+    }
+
+    #[test]
+    fn node_names_are_checked_mapped_and_carried() {
+        let name = NodeName::new("node-a").unwrap();
+        // The documented mapping, pinned: MD5("node-a") = 6cec8a5bb33ae85c…, its first
+        // 8 bytes read little-endian.
+        assert_eq!(name.node_id(), 0x5ce8_3ab3_5b8a_ec6c);
+        let field = NodeName::field(Some(&name));
+        assert_eq!(&field[..6], b"node-a");
+        assert_eq!(field[6..], [0; 26]);
+        assert_eq!(NodeName::from_field(&field), Some(name));
+        assert_eq!(NodeName::field(None), [0; 32]);
+        assert_eq!(NodeName::from_field(&[0; 32]), None);
+        let longest = "x".repeat(32);
+        let field = NodeName::field(Some(&NodeName::new(&longest).unwrap()));
+        assert_eq!(NodeName::from_field(&field).unwrap().as_str(), longest);
+
+        assert_eq!(NodeName::new(""), Err(NodeNameError::Empty));
+        assert_eq!(
+            NodeName::new(&"x".repeat(33)),
+            Err(NodeNameError::TooLong(33))
+        );
+        for bad in ["node a", "tab\t", "é", "nul\0", "\x1b[2J"] {
+            assert!(NodeName::new(bad).is_err(), "{bad:?}");
+        }
+        // What a peer sends is never trusted: bytes after the NULs, or unprintable ones.
+        let mut field = [0u8; 32];
+        field[..2].copy_from_slice(b"ab");
+        field[5] = b'c';
+        assert_eq!(NodeName::from_field(&field), None);
+        field[5] = 0;
+        field[1] = 0x1b;
+        assert_eq!(NodeName::from_field(&field), None);
+    }
+
+    #[test]
+    fn name_fields_sit_where_the_document_says() {
+        let name = NodeName::new("n").unwrap();
+        let mut l = LocateOut::new_zeroed();
+        l.name = NodeName::field(Some(&name));
+        assert_eq!(l.as_bytes()[48], b'n');
+        let mut h = HeartbeatOut::new_zeroed();
+        h.name = NodeName::field(Some(&name));
+        assert_eq!(h.as_bytes()[80], b'n');
+        let a = AnnounceOut::new(1, Some(&name), 2, 3, AnnounceKind::DiskUp, 4, "why");
+        assert_eq!(a.as_bytes()[96], b'n');
+        assert_eq!(&a.as_bytes()[32..35], b"why");
     }
 
     #[test]

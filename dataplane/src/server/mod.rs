@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub multicast_group: SocketAddrV4,
     pub multicast_if: Ipv4Addr,
     pub node_id: u64,
+    /// The operator's name for the node, carried in LOCATE and HEARTBEAT answers.
+    pub node_name: Option<dosp::wire::NodeName>,
     pub epoch: u64,
     pub chunk_max: u32,
     pub connections_max: usize,
@@ -122,6 +124,7 @@ impl Server {
         };
         let id = NodeIdentity {
             node_id: cfg.node_id,
+            name: dosp::wire::NodeName::field(cfg.node_name.as_ref()),
             epoch: cfg.epoch,
             addr: SocketAddrV4::new(ip, local.port()),
             started: Instant::now(),

@@ -15,6 +15,8 @@ use crate::store::{DiskState, Mismatched, Store, StoreError};
 #[derive(Debug, Clone)]
 pub struct NodeIdentity {
     pub node_id: u64,
+    /// The node's name as its wire field (all zero: no name).
+    pub name: [u8; NODE_NAME_MAX],
     pub epoch: u64,
     /// The DOSP address other nodes and managers reach this node at.
     pub addr: SocketAddrV4,
@@ -220,6 +222,7 @@ pub fn locate_answer(ctx: &Ctx<'_>, fp: &Fingerprint) -> Option<LocateOut> {
         disk: meta.disk.0.into(),
         port: ctx.id.addr.port().into(),
         addr: ctx.id.addr.ip().octets(),
+        name: ctx.id.name,
     })
 }
 
@@ -259,5 +262,6 @@ pub fn heartbeat(ctx: &Ctx<'_>) -> HeartbeatOut {
         objects: disks.iter().map(|d| d.objects_used).sum::<u64>().into(),
         ops_per_sec: (NodeStats::get(&ctx.stats.ops_per_sec) as u32).into(),
         reserved1: 0.into(),
+        name: ctx.id.name,
     }
 }

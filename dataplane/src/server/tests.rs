@@ -48,6 +48,7 @@ impl TestNode {
             multicast_group: SocketAddrV4::new(Ipv4Addr::new(239, 255, 73, 251), 0),
             multicast_if: Ipv4Addr::LOCALHOST,
             node_id: 0x0123_4567_89ab_cdef,
+            node_name: Some(NodeName::new("test-node").expect("a valid name")),
             epoch: 1,
             chunk_max: CHUNK_MAX,
             connections_max: 16,
@@ -618,4 +619,32 @@ fn every_reply_and_every_abort_is_counted_exactly_once() {
     });
     let store = node.stop();
     assert_eq!(store.counters().stores, 1);
+}
+
+#[test]
+fn locate_and_heartbeat_answers_carry_the_node_name() {
+    let node = TestNode::start();
+    let mut c = node.client();
+    let fp = c.store_bytes(b"named").expect("store").fingerprint;
+    let located = c.locate(&fp).expect("locate");
+    assert_eq!(located.node_id, 0x0123_4567_89ab_cdef);
+    assert_eq!(
+        located.name.as_ref().map(NodeName::as_str),
+        Some("test-node")
+    );
+    let hb = c.heartbeat().expect("heartbeat");
+    assert_eq!(
+        NodeName::from_field(&hb.name).expect("named").as_str(),
+        "test-node"
+    );
+    // Over UDP too: the same structures.
+    let udp = node.udp();
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::Heartbeat, 1, 0, &[]);
+    udp.send(&msg).expect("send");
+    let mut buf = [0u8; 256];
+    let n = udp.recv(&mut buf).expect("answer");
+    let (_, body) = Header::read_from_prefix(&buf[..n]).expect("header");
+    let hb = HeartbeatOut::read_from_bytes(body).expect("HeartbeatOut");
+    assert_eq!(&hb.name[..10], b"test-node\0");
 }

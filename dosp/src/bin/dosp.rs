@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use dosp::client::{locate_multicast, watch, Client, ClientError, ClusterEvent, Expect};
+use dosp::wire::NodeName;
 use dosp::Fingerprint;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -65,7 +66,8 @@ enum Cmd {
     Delete { fingerprint: String },
     /// List every object the node holds: fingerprint and disk.
     Contents,
-    /// Ask the cluster (multicast) who holds an object.
+    /// Ask the cluster (multicast) who holds an object; prints a line per holder: node
+    /// id, name (`-` if it has none), address, disk and length.
     Locate {
         fingerprint: String,
         /// Multicast group (GROUP:PORT).
@@ -262,8 +264,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             for l in found {
                 println!(
-                    "node {:016x} addr {} disk {} len {}",
-                    l.node_id, l.addr, l.disk, l.object_len
+                    "node {:016x} name {} addr {} disk {} len {}",
+                    l.node_id,
+                    name_or_dash(l.name.as_ref()),
+                    l.addr,
+                    l.disk,
+                    l.object_len
                 );
             }
         }
@@ -380,6 +386,17 @@ fn with_output(
     Ok(())
 }
 
+/// A node's name for a line of output, `-` when it has none: every line keeps the same
+/// words in the same places for scripts.
+fn name_or_dash(name: Option<&NodeName>) -> String {
+    name.map_or_else(|| "-".to_string(), NodeName::to_string)
+}
+
+/// The name in a wire field, for a line of output.
+fn field_name(field: &[u8; dosp::wire::NODE_NAME_MAX]) -> String {
+    name_or_dash(NodeName::from_field(field).as_ref())
+}
+
 /// One line per cluster event, for `dosp watch`.
 fn describe(event: &ClusterEvent, from: std::net::SocketAddr) -> String {
     match event {
@@ -390,8 +407,9 @@ fn describe(event: &ClusterEvent, from: std::net::SocketAddr) -> String {
                 _ => "failing",
             };
             format!(
-                "heartbeat node {:016x} epoch {} addr {}:{} health {} disks {}/{} objects {} free {} total {} ops {} ops/s {} uptime {}s",
+                "heartbeat node {:016x} name {} epoch {} addr {}:{} health {} disks {}/{} objects {} free {} total {} ops {} ops/s {} uptime {}s",
                 h.node_id.get(),
+                field_name(&h.name),
                 h.epoch.get(),
                 Ipv4Addr::from(h.addr),
                 h.port.get(),
@@ -416,8 +434,9 @@ fn describe(event: &ClusterEvent, from: std::net::SocketAddr) -> String {
                 a.disk.get().to_string()
             };
             format!(
-                "announce node {:016x} epoch {} seq {} {} disk {} reason {:?} from {}",
+                "announce node {:016x} name {} epoch {} seq {} {} disk {} reason {:?} from {}",
                 a.node_id.get(),
+                field_name(&a.name),
                 a.epoch.get(),
                 a.seq.get(),
                 kind,
@@ -427,9 +446,10 @@ fn describe(event: &ClusterEvent, from: std::net::SocketAddr) -> String {
             )
         }
         ClusterEvent::Located(l) => format!(
-            "located {} node {:016x} addr {}:{} disk {} len {}",
+            "located {} node {:016x} name {} addr {}:{} disk {} len {}",
             l.fingerprint,
             l.node_id.get(),
+            field_name(&l.name),
             Ipv4Addr::from(l.addr),
             l.port.get(),
             l.disk.get(),

@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 
 use clap::Parser;
+use dosp::wire::NodeName;
 use serde::Deserialize;
 
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:7370";
@@ -89,8 +90,10 @@ pub struct Flags {
     /// off [default: 64M]
     #[arg(long)]
     pub cache_bytes: Option<String>,
-    /// Node id (hex or decimal) [default: generated once and kept in the data directory]
-    #[arg(long)]
+    /// Node id: a number (decimal, 0x-prefixed hex or 16 hex digits) or a name (1 to 32
+    /// printable ASCII characters, no spaces), whose wire id is the first 8 bytes of
+    /// its MD5 [default: generated once and kept in the data directory]
+    #[arg(long, value_name = "ID|NAME")]
     pub node_id: Option<String>,
     /// Heartbeat interval in milliseconds [default: 1000]
     #[arg(long)]
@@ -202,7 +205,7 @@ pub struct Config {
     pub disk_size: u64,
     /// Bytes of the hot-object cache (0: off).
     pub cache_bytes: u64,
-    pub node_id: Option<u64>,
+    pub node_id: Option<NodeId>,
     pub heartbeat_ms: u64,
     pub request_timeout_ms: u64,
     pub idle_timeout_ms: u64,
@@ -267,18 +270,41 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| "size overflows 64 bits".to_string())
 }
 
-fn parse_node_id(s: &str) -> Result<u64, String> {
+/// Who the node is: the 64-bit id it has on the wire and, if its operator named it,
+/// its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeId {
+    pub id: u64,
+    pub name: Option<NodeName>,
+}
+
+/// Parses a node id as `--node-id`, `node_id` and the data directory's `node-id` file
+/// spell it: `0x` and hex digits, exactly 16 hex digits, or decimal digits is a number;
+/// anything else is a name, whose id is [`NodeName::node_id`] (the first 8 bytes of its
+/// MD5, little-endian).
+pub fn parse_node_id(s: &str) -> Result<NodeId, String> {
     let t = s.trim();
-    let parsed = if let Some(h) = t.strip_prefix("0x") {
-        u64::from_str_radix(h, 16)
+    let number = if let Some(h) = t.strip_prefix("0x") {
+        Some(u64::from_str_radix(h, 16))
     } else if t.len() == 16 && t.chars().all(|c| c.is_ascii_hexdigit()) {
-        u64::from_str_radix(t, 16)
+        Some(u64::from_str_radix(t, 16))
+    } else if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()) {
+        Some(t.parse())
     } else {
-        t.parse()
+        None
     };
-    parsed.map_err(|_| {
-        "expected a 64-bit number: decimal, 0x-prefixed hex or 16 hex digits".to_string()
-    })
+    match number {
+        Some(Ok(id)) => Ok(NodeId { id, name: None }),
+        Some(Err(_)) => {
+            Err("a number must be 64-bit: decimal, 0x-prefixed hex or 16 hex digits".to_string())
+        }
+        None => NodeName::new(t)
+            .map(|name| NodeId {
+                id: name.node_id(),
+                name: Some(name),
+            })
+            .map_err(|e| format!("expected a 64-bit number or a name: {e}")),
+    }
 }
 
 fn value_str(v: &toml::Value) -> String {
@@ -506,11 +532,64 @@ mod tests {
     }
 
     #[test]
-    fn node_ids() {
-        assert_eq!(parse_node_id("0x10"), Ok(16));
-        assert_eq!(parse_node_id("00000000000000ff"), Ok(255));
-        assert_eq!(parse_node_id("42"), Ok(42));
-        assert!(parse_node_id("nope").is_err());
+    fn node_ids_are_numbers_or_names() {
+        let number = |id| Ok(NodeId { id, name: None });
+        assert_eq!(parse_node_id("0x10"), number(16));
+        assert_eq!(parse_node_id("00000000000000ff"), number(255));
+        assert_eq!(parse_node_id("42"), number(42));
+        assert_eq!(parse_node_id(" 42\n"), number(42));
+        let named = parse_node_id("node-a").unwrap();
+        assert_eq!(named.name.as_ref().map(NodeName::as_str), Some("node-a"));
+        assert_eq!(
+            named.id, 0x5ce8_3ab3_5b8a_ec6c,
+            "first 8 bytes of MD5, little-endian"
+        );
+        // Not all hex, or not 16 long: a name.
+        assert_eq!(
+            parse_node_id("deadbeef").unwrap().name.unwrap().as_str(),
+            "deadbeef"
+        );
+        assert_eq!(
+            parse_node_id(&"n".repeat(32))
+                .unwrap()
+                .name
+                .unwrap()
+                .as_str()
+                .len(),
+            32
+        );
+        for bad in [
+            "",
+            "0xZZ",
+            "99999999999999999999",
+            "node a",
+            "caf\u{e9}",
+            &"n".repeat(33),
+        ] {
+            assert!(parse_node_id(bad).is_err(), "{bad:?}");
+        }
+        let e = parse_node_id(&"n".repeat(33)).unwrap_err();
+        assert!(e.contains("at most 32"), "{e}");
+
+        let parse = |args: &[&str]| Flags::try_parse_from([&["dosd"], args].concat());
+        let c = Config::resolve(parse(&["--node-id", "node-a"]).unwrap()).unwrap();
+        assert_eq!(c.node_id, Some(named.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dosd.toml");
+        std::fs::write(&path, "node_id = \"node-a\"\n").unwrap();
+        let c = Config::resolve(Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(c.node_id, Some(named));
+        std::fs::write(&path, "node_id = 42\n").unwrap();
+        let c = Config::resolve(Flags {
+            config: Some(path),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(c.node_id.map(|n| n.id), Some(42));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The data directory: disk images, the node id and the start epoch.
 //!
-//! Layout: `disk0.img` … `diskN-1.img` (sparse files), `node-id` (16 hex digits,
-//! written once), `epoch` (decimal, +1 on every start). Small files are replaced
+//! Layout: `disk0.img` … `diskN-1.img` (sparse files), `node-id` (16 hex digits when
+//! generated, written once; an operator may write any `--node-id` value there instead,
+//! a name included), `epoch` (decimal, +1 on every start). Small files are replaced
 //! atomically (write to a temporary file, fsync, rename, fsync the directory).
 
 use std::fs;
@@ -9,6 +10,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+
+use crate::config::{parse_node_id, NodeId};
 
 #[derive(Debug)]
 pub struct DataDir {
@@ -24,13 +27,15 @@ impl DataDir {
         })
     }
 
-    /// The node id kept in the data directory, generated on first start.
-    pub fn node_id(&self) -> anyhow::Result<u64> {
+    /// The node id kept in the data directory, generated on first start. The file
+    /// holds a node id in `--node-id` syntax ([`parse_node_id`]); the one generated is
+    /// 16 hex digits.
+    pub fn node_id(&self) -> anyhow::Result<NodeId> {
         let file = self.path.join("node-id");
         match fs::read_to_string(&file) {
-            Ok(text) => u64::from_str_radix(text.trim(), 16).with_context(|| {
-                format!(
-                    "{} is corrupt: expected 16 hex digits, found {:?}",
+            Ok(text) => parse_node_id(&text).map_err(|why| {
+                anyhow::anyhow!(
+                    "{} is corrupt: {why}, found {:?}",
                     file.display(),
                     text.trim()
                 )
@@ -39,7 +44,7 @@ impl DataDir {
                 let id: u64 = rand::random::<u64>().max(1);
                 self.replace("node-id", format!("{id:016x}\n").as_bytes())?;
                 tracing::info!(node_id = %format!("{id:016x}"), "generated a new node id");
-                Ok(id)
+                Ok(NodeId { id, name: None })
             }
             Err(e) => Err(e).with_context(|| format!("cannot read {}", file.display())),
         }
@@ -100,5 +105,28 @@ impl DataDir {
             fs::File::open(&self.path)?.sync_all()
         };
         write().with_context(|| format!("cannot write {}", target.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_node_id_file_is_generated_once_and_may_hold_a_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::open(dir.path()).unwrap();
+        let first = d.node_id().unwrap();
+        assert_eq!(first.name, None);
+        let text = fs::read_to_string(dir.path().join("node-id")).unwrap();
+        assert_eq!(text, format!("{:016x}\n", first.id));
+        assert_eq!(d.node_id().unwrap(), first, "kept, not generated again");
+        fs::write(dir.path().join("node-id"), "rack3-b\n").unwrap();
+        let named = d.node_id().unwrap();
+        assert_eq!(named.name.as_ref().map(|n| n.as_str()), Some("rack3-b"));
+        assert_eq!(named.id, named.name.unwrap().node_id());
+        fs::write(dir.path().join("node-id"), "not a name\n").unwrap();
+        let e = d.node_id().unwrap_err().to_string();
+        assert!(e.contains("corrupt") && e.contains("not a name"), "{e}");
     }
 }

@@ -195,10 +195,12 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         }
     }
     let dir = datadir::DataDir::open(&cfg.data_dir)?;
-    let node_id = match cfg.node_id {
-        Some(id) => id,
+    let node = match cfg.node_id.clone() {
+        Some(node) => node,
         None => dir.node_id()?,
     };
+    let node_id = node.id;
+    let node_name = node.name;
     let epoch = dir.next_epoch()?;
     // `_controllers` keeps the NVMe controllers (and their vfio-pci bindings) until
     // the store, which holds their queues, is gone: it is declared before it.
@@ -259,6 +261,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         multicast_group: cfg.multicast,
         multicast_if: cfg.multicast_if,
         node_id,
+        node_name: node_name.clone(),
         epoch,
         chunk_max: dosp::wire::CHUNK_MAX_DEFAULT,
         connections_max: cfg.connections_max,
@@ -286,6 +289,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     let mgmt_cfg = mgmt::MgmtConfig {
         listen: cfg.mgmt_listen,
         node_id,
+        node_name: node_name.clone(),
         epoch,
         dosp: local,
         multicast_group: cfg.multicast,
@@ -303,6 +307,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         group: cfg.multicast,
         iface: cfg.multicast_if,
         node_id,
+        node_name: node_name.clone(),
         epoch,
         dosp: match local {
             std::net::SocketAddr::V4(a) if !a.ip().is_unspecified() => a,
@@ -326,6 +331,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     let test_signals = TestSignals::start(fault, stall_trigger)?;
     tracing::info!(
         node_id = %format!("{node_id:016x}"),
+        node_name = node_name.as_ref().map_or("-", |n| n.as_str()),
         epoch,
         dosp = %local,
         multicast = %cfg.multicast,
@@ -335,9 +341,13 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         "dosd ready"
     );
     // One machine-readable line on stdout for scripts and tests (the port is real even
-    // when --listen asked for port 0).
+    // when --listen asked for port 0); `name=` only for a named node.
+    let name_field = node_name
+        .as_ref()
+        .map(|n| format!(" name={n}"))
+        .unwrap_or_default();
     println!(
-        "listening dosp={local} mgmt={} node={node_id:016x}",
+        "listening dosp={local} mgmt={} node={node_id:016x}{name_field}",
         mgmt.local_addr()
     );
 

@@ -12,7 +12,7 @@ use common::*;
 fn watch_prints_heartbeats_and_snooped_locate_answers() {
     let dir = tempfile::tempdir().unwrap();
     let group = unique_group();
-    let a = Node::start(&dir.path().join("a"), &group, &[]);
+    let a = Node::start(&dir.path().join("a"), &group, &["--node-id", "watched-a"]);
     let b = Node::start(&dir.path().join("b"), &group, &[]);
     let fp = a.client().store_bytes(b"watched").unwrap().fingerprint;
 
@@ -49,8 +49,14 @@ fn watch_prints_heartbeats_and_snooped_locate_answers() {
     for line in lines.by_ref().take(200) {
         let line = line.unwrap();
         if line.starts_with("heartbeat") {
-            hb_a |= line.contains(&a.node_id);
-            hb_b |= line.contains(&b.node_id);
+            if line.contains(&a.node_id) {
+                assert!(line.contains(" name watched-a "), "{line}");
+                hb_a = true;
+            }
+            if line.contains(&b.node_id) {
+                assert!(line.contains(" name - "), "a node without a name: {line}");
+                hb_b = true;
+            }
             assert!(
                 line.contains("health ok") && line.contains("disks 2/2"),
                 "{line}"
@@ -58,7 +64,8 @@ fn watch_prints_heartbeats_and_snooped_locate_answers() {
         }
         if line.starts_with("located") {
             assert!(
-                line.contains(&fp.to_hex()) && line.contains(&a.node_id),
+                line.contains(&fp.to_hex())
+                    && line.contains(&format!("node {} name watched-a ", a.node_id)),
                 "{line}"
             );
             assert!(!line.contains(&b.node_id), "{line}");

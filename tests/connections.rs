@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use dosp::codec::encode_request;
 use dosp::wire::*;
+use dosp::Fingerprint;
 use zerocopy::{FromBytes, IntoBytes};
 
 /// How long any single wait on the node may take before the test fails.
@@ -408,6 +409,8 @@ fn a_store_trickled_below_the_minimum_rate_is_aborted() {
             size_hint: 0.into(),
             flags: 0.into(),
             reserved: 0.into(),
+            expect_md5: Fingerprint::ZERO,
+            expect_len: 0.into(),
         }
         .as_bytes(),
     );
@@ -446,6 +449,8 @@ fn start_store(s: &mut TcpStream, id: u64) {
             size_hint: 0.into(),
             flags: 0.into(),
             reserved: 0.into(),
+            expect_md5: Fingerprint::ZERO,
+            expect_len: 0.into(),
         }
         .as_bytes(),
     );

@@ -66,6 +66,34 @@ fn store_from_stdin() {
 }
 
 #[test]
+fn store_with_md5_is_checked_by_the_node() {
+    let (dir, node) = node();
+    let input = dir.path().join("obj");
+    std::fs::write(&input, data(17, 3 << 20)).unwrap();
+    let md5 = md5sum(&input);
+    let wrong = Fingerprint::of(b"something else").to_hex();
+    let out = node.dosp(&["store", input.to_str().unwrap(), "--md5", &wrong]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("stored nothing") && stderr(&out).contains("MD5"),
+        "{}",
+        stderr(&out)
+    );
+    let mut count = 0;
+    node.client().contents(&mut |_, _| count += 1).unwrap();
+    assert_eq!(count, 0, "nothing of the refused object is stored");
+    let out = node.dosp(&["store", input.to_str().unwrap(), "--md5", &md5]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), md5);
+    let out = node.dosp(&["store", input.to_str().unwrap(), "--md5", "xyz"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a malformed --md5 is a usage error"
+    );
+}
+
+#[test]
 fn range_reads_and_past_the_end() {
     let (dir, node) = node();
     let payload = data(7, 2_000_000);
@@ -207,7 +235,12 @@ fn disks_ping_and_load() {
     );
     let out = node.dosp(&["ping"]);
     assert!(out.status.success());
-    assert!(stdout(&out).contains("answered"));
+    assert!(
+        stdout(&out).contains("answered")
+            && stdout(&out).contains("limits: body 65536 chunk 4194304 object 68719476736 bytes"),
+        "{}",
+        stdout(&out)
+    );
     let mut c = node.client();
     c.store_bytes(b"x").unwrap();
     let load = c.load().unwrap();
@@ -431,12 +464,7 @@ fn bad_input_gets_a_status_and_loses_nothing() {
         Opcode::Store,
         20,
         0,
-        StoreIn {
-            size_hint: 0.into(),
-            flags: 0.into(),
-            reserved: 0.into(),
-        }
-        .as_bytes(),
+        StoreIn::new(0, None, None).as_bytes(),
     );
     encode_chunk_header(&mut msg, 10, false);
     msg.extend_from_slice(b"0123456789EXTRA-BYTES-HERE");
@@ -456,7 +484,8 @@ fn bad_input_gets_a_status_and_loses_nothing() {
         )
         .is_err());
 
-    // A chunk over the node's maximum: TOO_LARGE.
+    // A chunk over the node's maximum: TOO_LARGE with its length, the chunk skipped
+    // and the connection still in step.
     let mut s = raw(&node);
     let mut msg = Vec::new();
     encode_request(
@@ -464,18 +493,21 @@ fn bad_input_gets_a_status_and_loses_nothing() {
         Opcode::Store,
         21,
         0,
-        StoreIn {
-            size_hint: 0.into(),
-            flags: 0.into(),
-            reserved: 0.into(),
-        }
-        .as_bytes(),
+        StoreIn::new(0, None, None).as_bytes(),
     );
     encode_chunk_header(&mut msg, CHUNK_MAX_DEFAULT + 1, true);
+    msg.resize(msg.len() + CHUNK_MAX_DEFAULT as usize + 1, 0x5A);
+    encode_request(&mut msg, Opcode::Null, 23, 0, &[]);
     s.write_all(&msg).unwrap();
+    let (h, body) = read_response(&mut s);
     assert_eq!(
-        out_status(&read_response(&mut s).1).unwrap().0,
-        Status::TooLarge
+        (h.request_id.get(), out_status(&body).unwrap()),
+        (21, (Status::TooLarge, CHUNK_MAX_DEFAULT + 1))
+    );
+    let (h, body) = read_response(&mut s);
+    assert_eq!(
+        (h.request_id.get(), out_status(&body).unwrap().0),
+        (23, Status::Success)
     );
 
     // A connection that stops mid-store: the half object never appears.
@@ -487,12 +519,7 @@ fn bad_input_gets_a_status_and_loses_nothing() {
         Opcode::Store,
         22,
         0,
-        StoreIn {
-            size_hint: 0.into(),
-            flags: 0.into(),
-            reserved: 0.into(),
-        }
-        .as_bytes(),
+        StoreIn::new(0, None, None).as_bytes(),
     );
     encode_chunk_header(&mut msg, half.len() as u32, false);
     msg.extend_from_slice(&half);
@@ -698,12 +725,7 @@ fn a_stalled_store_times_out_and_is_aborted() {
         Opcode::Store,
         1,
         0,
-        StoreIn {
-            size_hint: 0.into(),
-            flags: 0.into(),
-            reserved: 0.into(),
-        }
-        .as_bytes(),
+        StoreIn::new(0, None, None).as_bytes(),
     );
     encode_chunk_header(&mut msg, 1000, true);
     msg.extend_from_slice(&[1u8; 400]);
@@ -724,6 +746,65 @@ fn a_stalled_store_times_out_and_is_aborted() {
     let mut count = 0;
     node.client().contents(&mut |_, _| count += 1).unwrap();
     assert_eq!(count, 0);
+}
+
+#[test]
+fn a_node_named_by_its_operator_shows_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique_group();
+    let data_dir = dir.path().join("data");
+    let node = Node::start(&data_dir, &group, &["--node-id", "node-a"]);
+    // The documented mapping: the first 8 bytes of MD5("node-a"), little-endian.
+    let md5 = Fingerprint::of(b"node-a").0;
+    let want = u64::from_le_bytes(md5[..8].try_into().unwrap());
+    assert_eq!(node.node_id, format!("{want:016x}"));
+    assert_eq!(node.node_id, "5ce83ab35b8aec6c");
+
+    let (code, body) = http_get(&node, "/v1/node");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"node_name\":\"node-a\""), "{body}");
+    let mut c = node.client();
+    let hb = c.heartbeat().unwrap();
+    assert_eq!(hb.node_id.get(), want);
+    assert_eq!(NodeName::from_field(&hb.name).unwrap().as_str(), "node-a");
+    let fp = c
+        .store_bytes(b"held by node-a")
+        .unwrap()
+        .fingerprint
+        .to_hex();
+    let out = std::process::Command::new(dosp_bin())
+        .args(["locate", &fp, "--multicast", &group, "--wait-ms", "700"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with(&format!("node {want:016x} name node-a addr ")),
+        "{}",
+        stdout(&out)
+    );
+    drop(node);
+
+    // A number is a number, shown without a name; a bad name is refused at start-up.
+    let node = Node::start(&data_dir, &group, &["--node-id", "42"]);
+    assert_eq!(node.node_id, format!("{:016x}", 42));
+    let (_, body) = http_get(&node, "/v1/node");
+    assert!(body.contains("\"node_name\":null"), "{body}");
+    drop(node);
+    let out = std::process::Command::new(dosd_bin())
+        .args([
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--node-id",
+            "node a",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid node id") && stderr(&out).contains("without spaces"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -793,7 +874,7 @@ fn config_file_flags_and_clear_start_up_errors() {
         (&["--disk-size", "1Q"][..], "invalid disk size"),
         (&["--disk-size", "1M"][..], "at least"),
         (&["--disks", "0"][..], "invalid disks"),
-        (&["--node-id", "xyz"][..], "invalid node id"),
+        (&["--node-id", "no spaces"][..], "invalid node id"),
         (&["--connections-max", "0"][..], "invalid connections_max"),
         (&["--connections-max", "70000"][..], "must be 1 to 65536"),
         (&["--disk", "floppy:a"][..], "expected nvme:SERIAL"),
@@ -845,15 +926,21 @@ fn full_disks_say_no_space_and_compaction_gives_the_space_back() {
     // Unannounced: fails part way, and nothing of it is visible.
     let fifth = data(7100, 28 << 20);
     let mut input = &fifth[..];
-    let err = c.store(&mut input, 0, &mut |_| {}).unwrap_err();
+    let err = c
+        .store(&mut input, Default::default(), &mut |_| {})
+        .unwrap_err();
     assert!(err.to_string().contains("NO_SPACE"), "{err}");
 
     // Deleting makes the space reclaimable; the idle node compacts it.
     assert_eq!(c.delete(&fps[0]).unwrap(), 0);
     let mut stored = None;
+    let expect = dosp::client::Expect {
+        len: Some(fifth.len() as u64),
+        md5: None,
+    };
     for _ in 0..100 {
         let mut input = &fifth[..];
-        match c.store(&mut input, fifth.len() as u64, &mut |_| {}) {
+        match c.store(&mut input, expect, &mut |_| {}) {
             Ok(s) => {
                 stored = Some(s);
                 break;
@@ -940,7 +1027,9 @@ fn a_full_disk_admits_what_it_reports_and_still_takes_duplicates() {
         let e = c.store_bytes(&bytes).unwrap_err();
         assert!(is_no_space(&e), "{len} bytes: {e}");
         let mut input = &bytes[..];
-        let e = c.store(&mut input, 0, &mut |_| {}).unwrap_err();
+        let e = c
+            .store(&mut input, dosp::client::Expect::default(), &mut |_| {})
+            .unwrap_err();
         assert!(is_no_space(&e), "{len} bytes, size unknown: {e}");
     }
     assert_eq!(objects(&mut c), count);
@@ -959,7 +1048,9 @@ fn a_full_disk_admits_what_it_reports_and_still_takes_duplicates() {
         "{s:?}"
     );
     let mut input = &big[..];
-    let s = c.store(&mut input, 0, &mut |_| {}).unwrap();
+    let s = c
+        .store(&mut input, dosp::client::Expect::default(), &mut |_| {})
+        .unwrap();
     assert!(
         s.deduplicated && s.fingerprint == big_fp && s.refcount == 2,
         "{s:?}"

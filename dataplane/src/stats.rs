@@ -133,6 +133,14 @@ impl ListenerState {
 }
 
 /// Node-wide counters. Every field is incremented somewhere in the dataplane.
+///
+/// How requests are counted, so that each reply and each abort counts exactly once:
+/// every reply sent, over TCP or UDP, raises `ops_total` once, and a reply whose status
+/// is not SUCCESS also raises `errors_total` and its `errors_by_status` slot once
+/// ([`NodeStats::error`]). A reply refusing malformed input also raises `bad_requests`
+/// once, as does a malformed datagram dropped without a reply. A STORE ends either with its last chunk (and its reply) or with its connection
+/// (`stores_aborted`). The one answer not counted as an operation is the BUSY sent to a
+/// connection refused at accept (`connections_refused`).
 #[derive(Debug, Default)]
 pub struct NodeStats {
     /// Connections open now.
@@ -148,7 +156,7 @@ pub struct NodeStats {
     pub accept_failures: AtomicU64,
     /// The DOSP listener's [`ListenerState`], as a gauge (its `u64` value).
     pub listener_state: AtomicU64,
-    /// Requests completed (any status).
+    /// Replies sent, over TCP and UDP (any status).
     pub ops_total: AtomicU64,
     /// Requests in progress now (streams, stores).
     pub ops_outstanding: AtomicU64,
@@ -163,10 +171,15 @@ pub struct NodeStats {
     /// Request latency by [`OpClass`] (indexed by it), from the request's arrival to
     /// its reply; see [`NodeStats::latency`].
     pub latency: [Histogram; OpClass::ALL.len()],
-    /// Malformed input: bad magic, checksum, version, sizes; the connection is closed.
+    /// Malformed input: every reply with BAD_REQUEST or BAD_VERSION (raised by
+    /// [`NodeStats::error`]: a body of the wrong size, bad StoreIn flags, a header or
+    /// chunk header that fails its checks, …), every TOO_LARGE for a header's
+    /// `body_len`, and every malformed datagram dropped without a reply.
     pub bad_requests: AtomicU64,
     pub unknown_opcodes: AtomicU64,
-    /// STOREs abandoned by their client mid-stream (connection closed or timed out).
+    /// STOREs ended by their connection (closed, timed out, or broken framing) before
+    /// their last chunk, with or without an error reply; also a STORE whose connection
+    /// ended before its StoreIn had all arrived (then counted in `stores` too).
     pub stores_aborted: AtomicU64,
     /// Connections closed because the peer went quiet past a timeout.
     pub sessions_timed_out: AtomicU64,
@@ -175,7 +188,10 @@ pub struct NodeStats {
     pub stores: AtomicU64,
     pub retrieves: AtomicU64,
     pub deletes: AtomicU64,
+    /// Datagrams whose header passed its checks.
     pub udp_requests: AtomicU64,
+    /// Malformed datagrams, answered (a header error that can be attributed) or
+    /// dropped; each is also a bad request.
     pub udp_bad: AtomicU64,
     pub locate_answers: AtomicU64,
     pub heartbeats_sent: AtomicU64,
@@ -221,12 +237,16 @@ impl NodeStats {
         gauge.store(v, Ordering::Relaxed);
     }
 
-    /// Counts a reply with a non-success status, in total and by status.
+    /// Counts a reply with a non-success status, in total and by status, and as a bad
+    /// request when the status says the request was malformed.
     pub fn error(stats: &NodeStats, status: Status) {
         debug_assert_ne!(status, Status::Success, "a success is not an error");
         NodeStats::inc(&stats.errors_total);
         if let Some(by_status) = stats.errors_by_status.get(status as usize) {
             NodeStats::inc(by_status);
+        }
+        if matches!(status, Status::BadRequest | Status::BadVersion) {
+            NodeStats::inc(&stats.bad_requests);
         }
     }
 
@@ -300,6 +320,10 @@ mod tests {
         );
         let sum: u64 = s.errors_by_status.iter().map(NodeStats::get).sum();
         assert_eq!(sum, NodeStats::get(&s.errors_total));
+        assert_eq!(NodeStats::get(&s.bad_requests), 0);
+        NodeStats::error(&s, Status::BadRequest);
+        NodeStats::error(&s, Status::BadVersion);
+        assert_eq!(NodeStats::get(&s.bad_requests), 2);
         assert_eq!(
             NodeStats::get(&s.errors_by_status[Status::Success as usize]),
             0

@@ -55,6 +55,13 @@ pub enum ClientError {
         object_len: u64,
         node: String,
     },
+    #[error("{node} stored nothing: the {sent} bytes sent do not match the announced {what}")]
+    NotAsAnnounced {
+        node: String,
+        /// `length` or `MD5`.
+        what: &'static str,
+        sent: u64,
+    },
     #[error("cannot read input: {0}")]
     Input(io::Error),
     #[error("cannot write output: {0}")]
@@ -79,10 +86,36 @@ pub struct Stored {
     pub refcount: u32,
 }
 
-/// One holder's answer to LOCATE.
+/// What a STORE promises the node about the object it sends (dosp/PROTOCOL.md, STORE).
+/// The node refuses an object that breaks a promise and stores nothing of it
+/// ([`ClientError::NotAsAnnounced`]), like S3 with Content-Length and Content-MD5.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expect {
+    /// The object's exact length. Without it, an object that fits in the first chunk
+    /// is still sent with its length: by then the client knows it.
+    pub len: Option<u64>,
+    /// The object's MD5, its fingerprint.
+    pub md5: Option<Fingerprint>,
+}
+
+/// A node's answer to NULL: how quickly it came, and the limits the node has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pong {
+    pub rtt: Duration,
+    /// Largest In/Out body it accepts.
+    pub body_max: u32,
+    /// Largest STORE chunk it accepts.
+    pub chunk_max: u32,
+    /// Largest object it stores.
+    pub object_max: u64,
+}
+
+/// One holder's answer to LOCATE.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Located {
     pub node_id: u64,
+    /// The holder's name, if it has one.
+    pub name: Option<NodeName>,
     pub addr: SocketAddrV4,
     pub disk: u16,
     pub object_len: u64,
@@ -92,6 +125,7 @@ impl Located {
     fn from_out(out: &LocateOut) -> Located {
         Located {
             node_id: out.node_id.get(),
+            name: NodeName::from_field(&out.name),
             addr: SocketAddrV4::new(Ipv4Addr::from(out.addr), out.port.get()),
             disk: out.disk.get(),
             object_len: out.object_len.get(),
@@ -310,38 +344,53 @@ impl Client {
             })
     }
 
-    /// NULL: checks the node is alive and speaks our version.
-    pub fn ping(&mut self) -> Result<Duration, ClientError> {
+    /// NULL: checks the node is alive and speaks our version, and learns its limits.
+    pub fn ping(&mut self) -> Result<Pong, ClientError> {
         let t = Instant::now();
         let id = self.send_request(Opcode::Null, &[])?;
-        self.response(Opcode::Null, id)?;
-        Ok(t.elapsed())
+        let body = self.response(Opcode::Null, id)?;
+        let rtt = t.elapsed();
+        let out: NullOut = self.parse(Opcode::Null, &body)?;
+        Ok(Pong {
+            rtt,
+            body_max: out.body_max.get(),
+            chunk_max: out.chunk_max.get(),
+            object_max: out.object_max.get(),
+        })
     }
 
-    /// STOREs everything `input` yields, in chunks of up to 1 MiB. `progress` is told
-    /// the bytes sent so far.
+    /// STOREs everything `input` yields, in chunks of up to 1 MiB, promising the node
+    /// what `expect` says (and the length of an object that fits in one chunk).
+    /// `progress` is told the bytes sent so far.
     pub fn store(
         &mut self,
         input: &mut dyn Read,
-        size_hint: u64,
+        expect: Expect,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Stored, ClientError> {
-        let body = StoreIn {
-            size_hint: size_hint.into(),
-            flags: 0.into(),
-            reserved: 0.into(),
-        };
         let id = self.next_id;
         self.next_id += 1;
-        // The request goes out with the first chunk, and each chunk header with its
-        // data, in one vectored write: a small object is one segment on the wire.
-        self.wbuf.clear();
-        encode_request(&mut self.wbuf, Opcode::Store, id, 0, body.as_bytes());
         let mut chunk = std::mem::take(&mut self.chunk);
-        let sent = self.send_chunks(input, &mut chunk, progress);
+        let sent = self.send_store(id, input, expect, &mut chunk, progress);
         self.chunk = chunk;
-        sent?;
-        let body = self.response(Opcode::Store, id)?;
+        let sent = sent?;
+        let body = self.response(Opcode::Store, id).map_err(|e| match e {
+            ClientError::Status {
+                status: Status::ChecksumMismatch,
+                detail: detail @ (MISMATCH_LEN | MISMATCH_MD5),
+                node,
+                ..
+            } => ClientError::NotAsAnnounced {
+                node,
+                what: if detail == MISMATCH_LEN {
+                    "length"
+                } else {
+                    "MD5"
+                },
+                sent,
+            },
+            e => e,
+        })?;
         let out: StoreOut = self.parse(Opcode::Store, &body)?;
         Ok(Stored {
             fingerprint: out.fingerprint,
@@ -352,31 +401,29 @@ impl Client {
         })
     }
 
-    /// Sends `input` as STORE chunks, after whatever `wbuf` already holds.
-    fn send_chunks(
+    /// Sends the STORE request and `input` as its chunks; returns the bytes sent.
+    fn send_store(
         &mut self,
+        id: u64,
         input: &mut dyn Read,
+        expect: Expect,
         chunk: &mut [u8],
         progress: &mut dyn FnMut(u64),
-    ) -> Result<(), ClientError> {
+    ) -> Result<u64, ClientError> {
         let mut sent = 0u64;
+        self.wbuf.clear();
+        let mut first = true;
         loop {
-            // Fill the chunk completely (or to EOF) so the last-chunk flag is known
-            // when the header is sent.
-            let mut filled = 0;
-            let mut eof = false;
-            while filled < chunk.len() {
-                match input.read(&mut chunk[filled..]) {
-                    Ok(0) => {
-                        eof = true;
-                        break;
-                    }
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    // The node is waiting for chunks; closing the connection makes it
-                    // abort the store, so nothing half-written becomes visible.
-                    Err(e) => return Err(ClientError::Input(e)),
-                }
+            // A full chunk (or the rest, to EOF), so the last-chunk flag is known when
+            // the header is sent.
+            let (filled, eof) = fill(input, chunk)?;
+            if std::mem::take(&mut first) {
+                // The request goes out with the first chunk, and each chunk header
+                // with its data, in one vectored write: a small object is one segment
+                // on the wire. By now the length of a small object is known too.
+                let len = expect.len.or(eof.then_some(filled as u64));
+                let body = StoreIn::new(0, len, expect.md5);
+                encode_request(&mut self.wbuf, Opcode::Store, id, 0, body.as_bytes());
             }
             encode_chunk_header(&mut self.wbuf, filled as u32, eof);
             write_both(&mut self.stream, &self.wbuf, &chunk[..filled])
@@ -385,15 +432,19 @@ impl Client {
             sent += filled as u64;
             progress(sent);
             if eof {
-                return Ok(());
+                return Ok(sent);
             }
         }
     }
 
-    /// STOREs a byte slice.
+    /// STOREs a byte slice, promising its length.
     pub fn store_bytes(&mut self, data: &[u8]) -> Result<Stored, ClientError> {
         let mut input = data;
-        self.store(&mut input, data.len() as u64, &mut |_| {})
+        let expect = Expect {
+            len: Some(data.len() as u64),
+            md5: None,
+        };
+        self.store(&mut input, expect, &mut |_| {})
     }
 
     /// RETRIEVEs a whole object into `output`, verifying it against its fingerprint.
@@ -921,6 +972,23 @@ pub fn watch(
     })
     .map_err(io_err)?;
     Ok(())
+}
+
+/// Reads from `input` until `buf` is full or the input ends; returns the bytes read and
+/// whether the input ended.
+fn fill(input: &mut dyn Read, buf: &mut [u8]) -> Result<(usize, bool), ClientError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => return Ok((filled, true)),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The node is waiting for chunks; closing the connection makes it abort
+            // the store, so nothing half-written becomes visible.
+            Err(e) => return Err(ClientError::Input(e)),
+        }
+    }
+    Ok((filled, false))
 }
 
 /// Writes `a` then `b` with as few system calls as the socket allows.

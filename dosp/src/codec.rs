@@ -7,7 +7,10 @@
 //! node copies STORE data exactly once, from its receive buffer into the disk buffer).
 //!
 //! A decoder that has returned an error stays failed: after garbage the stream cannot be
-//! re-framed, so the node answers once and closes.
+//! re-framed, so the node answers once and closes. A STORE chunk longer than the chunk
+//! maximum is not such an error: its header's checksum vouches for its length, so the
+//! decoder reports it ([`RequestEvent::OversizedChunk`]) and skips its bytes, and the
+//! stream stays in step.
 
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -28,18 +31,29 @@ pub enum RequestEvent<'a> {
     /// A piece of STORE chunk data, borrowed from the input. `chunk_end` is set on the
     /// piece that completes a chunk; `last` on the piece that completes the last chunk
     /// (then the next bytes are a new request). An empty last chunk yields one empty piece.
+    /// The bytes of an oversized chunk are skipped, never handed out: they come as
+    /// empty pieces (each consuming what it skipped).
     Chunk {
         data: &'a [u8],
         chunk_end: bool,
         last: bool,
     },
+    /// A STORE chunk header (valid in every other respect) announced `len` bytes, more
+    /// than the chunk maximum: the STORE must fail. The decoder skips the chunk's bytes
+    /// and goes on with the next chunk header, or the next request after a last chunk.
+    OversizedChunk { len: u32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RequestState {
     Header,
     ChunkHeader,
-    ChunkData { remaining: u32, last: bool },
+    /// `skip`: the chunk is oversized and its bytes are dropped, not handed out.
+    ChunkData {
+        remaining: u32,
+        last: bool,
+        skip: bool,
+    },
     Failed,
 }
 
@@ -125,9 +139,22 @@ impl RequestDecoder {
                     return Ok(None);
                 };
                 let chunk = ChunkHeader::read_from_bytes(head).map_err(|_| WireError::Truncated)?;
-                chunk.check(self.chunk_max)?;
+                // Magic, checksum and flags; the length is judged below, once the
+                // checksum has made it trustworthy.
+                chunk.check(u32::MAX)?;
                 let last = chunk.last();
                 let len = chunk.len.get();
+                if len > self.chunk_max {
+                    self.state = RequestState::ChunkData {
+                        remaining: len,
+                        last,
+                        skip: true,
+                    };
+                    return Ok(Some((
+                        RequestEvent::OversizedChunk { len },
+                        ChunkHeader::SIZE,
+                    )));
+                }
                 if len == 0 {
                     self.state = if last {
                         RequestState::Header
@@ -146,6 +173,7 @@ impl RequestDecoder {
                 self.state = RequestState::ChunkData {
                     remaining: len,
                     last,
+                    skip: false,
                 };
                 Ok(Some((
                     RequestEvent::Chunk {
@@ -156,7 +184,11 @@ impl RequestDecoder {
                     ChunkHeader::SIZE,
                 )))
             }
-            RequestState::ChunkData { remaining, last } => {
+            RequestState::ChunkData {
+                remaining,
+                last,
+                skip,
+            } => {
                 if input.is_empty() {
                     return Ok(None);
                 }
@@ -167,13 +199,14 @@ impl RequestDecoder {
                     (false, _) => RequestState::ChunkData {
                         remaining: rest,
                         last,
+                        skip,
                     },
                     (true, true) => RequestState::Header,
                     (true, false) => RequestState::ChunkHeader,
                 };
                 Ok(Some((
                     RequestEvent::Chunk {
-                        data: &input[..n],
+                        data: if skip { &[] } else { &input[..n] },
                         chunk_end,
                         last: chunk_end && last,
                     },
@@ -366,11 +399,7 @@ mod tests {
 
     fn store_message(id: u64, chunks: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
-        let body = StoreIn {
-            size_hint: 0.into(),
-            flags: 0.into(),
-            reserved: 0.into(),
-        };
+        let body = StoreIn::new(0, None, None);
         encode_request(&mut out, Opcode::Store, id, 0, body.as_bytes());
         for (i, c) in chunks.iter().enumerate() {
             encode_chunk_header(&mut out, c.len() as u32, i + 1 == chunks.len());
@@ -404,6 +433,7 @@ mod tests {
                                 stores.push(std::mem::take(&mut cur));
                             }
                         }
+                        RequestEvent::OversizedChunk { .. } => {}
                     }
                     buf.drain(..n);
                 }
@@ -499,7 +529,7 @@ mod tests {
     }
 
     #[test]
-    fn oversized_chunk_is_refused() {
+    fn oversized_chunk_is_reported_and_skipped_in_step() {
         let mut msg = Vec::new();
         encode_request(
             &mut msg,
@@ -508,14 +538,60 @@ mod tests {
             0,
             StoreIn::new_zeroed().as_bytes(),
         );
-        encode_chunk_header(&mut msg, (1 << 20) + 1, true);
-        assert_eq!(
-            drive(&msg, 64).unwrap_err(),
-            WireError::ChunkTooLarge {
-                len: (1 << 20) + 1,
-                max: 1 << 20
+        encode_chunk_header(&mut msg, 5, false);
+        msg.extend_from_slice(b"hello");
+        encode_chunk_header(&mut msg, 40, false);
+        msg.extend_from_slice(&[0xEE; 40]);
+        encode_chunk_header(&mut msg, 3, true);
+        msg.extend_from_slice(b"end");
+        encode_request(&mut msg, Opcode::Null, 2, 0, &[]);
+        for step in [1, 7, 16, 1000] {
+            let mut dec = RequestDecoder::new(32);
+            let mut buf: Vec<u8> = Vec::new();
+            let (mut fed, mut data, mut oversized, mut reqs) = (0, Vec::new(), Vec::new(), 0);
+            loop {
+                match dec.decode(&buf).unwrap() {
+                    Some((ev, n)) => {
+                        assert!(n > 0);
+                        match ev {
+                            RequestEvent::Request { .. } => reqs += 1,
+                            RequestEvent::Chunk { data: d, .. } => data.extend_from_slice(d),
+                            RequestEvent::OversizedChunk { len } => oversized.push(len),
+                        }
+                        buf.drain(..n);
+                    }
+                    None if fed == msg.len() => break,
+                    None => {
+                        let end = (fed + step).min(msg.len());
+                        buf.extend_from_slice(&msg[fed..end]);
+                        fed = end;
+                    }
+                }
             }
+            assert_eq!(oversized, vec![40], "step {step}");
+            assert_eq!(
+                data, b"helloend",
+                "the oversized bytes are never handed out"
+            );
+            assert_eq!(reqs, 2, "the NULL after the STORE is still found");
+            assert!(buf.is_empty() && !dec.failed());
+        }
+        // Its length is trusted only through the checksum: a corrupt header still fails.
+        let mut bad = ChunkHeader::new(1 << 30, true);
+        bad.len = (1 << 31).into();
+        let mut dec = RequestDecoder::new(32);
+        let mut msg = Vec::new();
+        encode_request(
+            &mut msg,
+            Opcode::Store,
+            1,
+            0,
+            StoreIn::new_zeroed().as_bytes(),
         );
+        let n = msg.len();
+        msg.extend_from_slice(bad.as_bytes());
+        dec.decode(&msg).unwrap().unwrap();
+        assert_eq!(dec.decode(&msg[n..]), Err(WireError::HeaderChecksum));
     }
 
     #[test]

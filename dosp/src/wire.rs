@@ -32,6 +32,82 @@ pub const ALL_DISKS: u16 = 0xFFFF;
 /// Most disks a node reports in one reply.
 pub const DISKS_MAX: usize = 256;
 
+/// Longest node name, in bytes: the size of the name field in LOCATE, HEARTBEAT and
+/// ANNOUNCE answers.
+pub const NODE_NAME_MAX: usize = 32;
+
+/// A node's name, given by its operator: 1 to [`NODE_NAME_MAX`] bytes of printable
+/// ASCII other than space (`!` to `~`), so it prints on one line as one word.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeName(String);
+
+/// Why a string is not a [`NodeName`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeNameError {
+    #[error("a node name may not be empty")]
+    Empty,
+    #[error("a node name is at most {NODE_NAME_MAX} bytes, not {0}")]
+    TooLong(usize),
+    #[error("a node name is printable ASCII without spaces ('!' to '~'), not {0:?}")]
+    BadChar(char),
+}
+
+impl NodeName {
+    pub fn new(name: &str) -> Result<NodeName, NodeNameError> {
+        if let Some(c) = name.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(NodeNameError::BadChar(c));
+        }
+        match name.len() {
+            0 => Err(NodeNameError::Empty),
+            n if n > NODE_NAME_MAX => Err(NodeNameError::TooLong(n)),
+            _ => Ok(NodeName(name.to_string())),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The 64-bit node id the name stands for on the wire: the first 8 bytes of the
+    /// MD5 of the name, read as a little-endian u64. Stable: the same name is the same
+    /// node id on every node, version and machine.
+    pub fn node_id(&self) -> u64 {
+        let md5 = Fingerprint::of(self.0.as_bytes()).0;
+        u64::from_le_bytes([
+            md5[0], md5[1], md5[2], md5[3], md5[4], md5[5], md5[6], md5[7],
+        ])
+    }
+
+    /// The name field of a node that has `name` (NUL-padded), or of one that has none
+    /// (all zero).
+    pub fn field(name: Option<&NodeName>) -> [u8; NODE_NAME_MAX] {
+        let mut field = [0u8; NODE_NAME_MAX];
+        if let Some(name) = name {
+            field[..name.0.len()].copy_from_slice(name.0.as_bytes());
+        }
+        field
+    }
+
+    /// Reads a name field. `None` for a node without a name (all zero) and for
+    /// anything that is not a valid name followed by NULs: a peer's bytes are never
+    /// trusted to print.
+    pub fn from_field(field: &[u8; NODE_NAME_MAX]) -> Option<NodeName> {
+        let end = field.iter().position(|&b| b == 0).unwrap_or(NODE_NAME_MAX);
+        if field[end..].iter().any(|&b| b != 0) {
+            return None;
+        }
+        std::str::from_utf8(&field[..end])
+            .ok()
+            .and_then(|s| NodeName::new(s).ok())
+    }
+}
+
+impl std::fmt::Display for NodeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// CRC-32C (Castagnoli), the checksum of every header.
 pub fn crc32c(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)
@@ -422,16 +498,86 @@ macro_rules! wire_struct {
 
 wire_struct!(/// NULL request: nothing.
     NullIn {} = 0);
-wire_struct!(/// NULL reply: the node is alive and speaks this version.
-    NullOut { head: OutHead } = 8);
+wire_struct!(/// NULL reply: the node is alive, speaks this version, and has these limits.
+    NullOut {
+        head: OutHead,
+        /// Largest In/Out body the node accepts ([`BODY_MAX`]).
+        body_max: U32,
+        /// Largest STORE chunk the node accepts.
+        chunk_max: U32,
+        /// Largest object the node stores.
+        object_max: U64,
+    } = 24);
+/// StoreIn flag: `expect_md5` is the object's MD5; the node refuses any other object.
+pub const STORE_EXPECT_MD5: u32 = 1 << 0;
+/// StoreIn flag: `expect_len` is the object's exact length; the node refuses any other.
+pub const STORE_EXPECT_LEN: u32 = 1 << 1;
+/// Every StoreIn flag this version defines; a request with any other bit set is refused.
+pub const STORE_FLAGS_KNOWN: u32 = STORE_EXPECT_MD5 | STORE_EXPECT_LEN;
+
+/// CHECKSUM_MISMATCH detail of a STORE whose data is not as long as `expect_len` said.
+pub const MISMATCH_LEN: u32 = 1;
+/// CHECKSUM_MISMATCH detail of a STORE whose data does not hash to `expect_md5`.
+pub const MISMATCH_MD5: u32 = 2;
+
 wire_struct!(/// STORE request; chunks follow.
     StoreIn {
-        /// Total object size if the client knows it (0 = unknown). Advisory: the node
-        /// rejects early with TOO_LARGE/NO_SPACE when it cannot hold that many bytes.
+        /// Total object size if the client knows it (0 = unknown), for the node's early
+        /// refusal (TOO_LARGE, NO_SPACE) before any data. Not checked against the data.
         size_hint: U64,
+        /// STORE_EXPECT_MD5 | STORE_EXPECT_LEN; other bits zero.
         flags: U32,
         reserved: U32,
-    } = 16);
+        /// With STORE_EXPECT_MD5: the object's MD5 (zero otherwise).
+        expect_md5: Fingerprint,
+        /// With STORE_EXPECT_LEN: the object's exact length (zero otherwise).
+        expect_len: U64,
+    } = 40);
+
+impl StoreIn {
+    /// A request announcing `size_hint` and promising whatever of the length and MD5 is
+    /// given. A known length is also sent as the hint.
+    pub fn new(
+        size_hint: u64,
+        expect_len: Option<u64>,
+        expect_md5: Option<Fingerprint>,
+    ) -> StoreIn {
+        let mut flags = 0;
+        if expect_len.is_some() {
+            flags |= STORE_EXPECT_LEN;
+        }
+        if expect_md5.is_some() {
+            flags |= STORE_EXPECT_MD5;
+        }
+        StoreIn {
+            size_hint: expect_len.unwrap_or(size_hint).into(),
+            flags: flags.into(),
+            reserved: 0.into(),
+            expect_md5: expect_md5.unwrap_or(Fingerprint::ZERO),
+            expect_len: expect_len.unwrap_or(0).into(),
+        }
+    }
+
+    /// The promised length, if the flag says there is one.
+    pub fn expect_len(&self) -> Option<u64> {
+        (self.flags.get() & STORE_EXPECT_LEN != 0).then(|| self.expect_len.get())
+    }
+
+    /// The promised MD5, if the flag says there is one.
+    pub fn expect_md5(&self) -> Option<Fingerprint> {
+        (self.flags.get() & STORE_EXPECT_MD5 != 0).then_some(self.expect_md5)
+    }
+
+    /// Flag bits this version does not define (0 for a valid request).
+    pub fn unknown_flags(&self) -> u32 {
+        self.flags.get() & !STORE_FLAGS_KNOWN
+    }
+
+    /// The size the node plans for: the promised length, else the hint (0: unknown).
+    pub fn announced_len(&self) -> u64 {
+        self.expect_len().unwrap_or(self.size_hint.get())
+    }
+}
 wire_struct!(/// STORE reply.
     StoreOut {
         head: OutHead,
@@ -477,7 +623,9 @@ wire_struct!(/// LOCATE reply: this node holds it, on this disk, reachable at th
         port: U16,
         /// IPv4 address of the holder's DOSP endpoint, in network order.
         addr: [u8; 4],
-    } = 48);
+        /// The holder's name, NUL-padded; all zero if it has none ([`NodeName`]).
+        name: [u8; NODE_NAME_MAX],
+    } = 80);
 wire_struct!(/// HEARTBEAT request.
     HeartbeatIn {} = 0);
 wire_struct!(/// HEARTBEAT reply, also multicast periodically by every node.
@@ -499,10 +647,12 @@ wire_struct!(/// HEARTBEAT reply, also multicast periodically by every node.
         bytes_free: U64,
         bytes_total: U64,
         objects: U64,
-        /// Requests completed per second, over the last second.
+        /// Replies sent per second, over the last second.
         ops_per_sec: U32,
         reserved1: U32,
-    } = 80);
+        /// The node's name, NUL-padded; all zero if it has none ([`NodeName`]).
+        name: [u8; NODE_NAME_MAX],
+    } = 112);
 wire_struct!(/// GET_DISK_STATE / GET_DISK_STATUS request: one disk or ALL_DISKS.
     DiskQueryIn { disk: U16, reserved: U16, reserved1: U32 } = 8);
 wire_struct!(/// GET_DISK_STATE / GET_DISK_STATUS reply head: `count` DiskStateEntry or
@@ -552,11 +702,14 @@ wire_struct!(/// ANNOUNCE: an event, multicast by the node it happened on. Sent 
         disk: U16,
         /// Why, in UTF-8, NUL-padded.
         reason: [u8; 64],
-    } = 96);
+        /// The node's name, NUL-padded; all zero if it has none ([`NodeName`]).
+        name: [u8; NODE_NAME_MAX],
+    } = 128);
 
 impl AnnounceOut {
     pub fn new(
         node_id: u64,
+        name: Option<&NodeName>,
         epoch: u64,
         seq: u32,
         kind: AnnounceKind,
@@ -579,6 +732,7 @@ impl AnnounceOut {
             reserved: 0,
             disk: disk.into(),
             reason: text,
+            name: NodeName::field(name),
         }
     }
 
@@ -694,6 +848,16 @@ pub enum WireError {
 }
 
 impl WireError {
+    /// The `detail` a node answers this error with: the offending length for
+    /// TOO_LARGE, the version received for BAD_VERSION, else 0.
+    pub fn detail(&self) -> u32 {
+        match self {
+            WireError::BodyTooLarge { len, .. } | WireError::ChunkTooLarge { len, .. } => *len,
+            WireError::BadVersion(v) => u32::from(*v),
+            _ => 0,
+        }
+    }
+
     /// The status a node answers this error with.
     pub fn status(&self) -> Status {
         match self {
@@ -747,6 +911,7 @@ pub fn out_status(body: &[u8]) -> Result<(Status, u32), WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zerocopy::FromZeros;
 
     #[test]
     fn header_round_trip_and_checks() {
@@ -787,6 +952,8 @@ mod tests {
         h.checksum = h.compute_checksum().into();
         assert_eq!(h.check(Kind::Request), Err(WireError::BadVersion(9)));
         assert_eq!(WireError::BadVersion(9).status(), Status::BadVersion);
+        assert_eq!(WireError::BadVersion(9).detail(), 9);
+        assert_eq!(WireError::HeaderChecksum.detail(), 0);
     }
 
     #[test]
@@ -814,6 +981,88 @@ mod tests {
         bad.flags = 4.into();
         bad.checksum = crc32c(&bad.as_bytes()[..12]).into();
         assert_eq!(bad.check(10), Err(WireError::BadFlags(4)));
+    }
+
+    #[test]
+    fn store_in_layout_is_the_documented_one() {
+        let fp = Fingerprint([0xAB; 16]);
+        let req = StoreIn::new(5, Some(0x0102_0304_0506_0708), Some(fp));
+        let b = req.as_bytes();
+        assert_eq!(b.len(), 40);
+        assert_eq!(
+            &b[0..8],
+            &0x0102_0304_0506_0708u64.to_le_bytes(),
+            "known length is the hint"
+        );
+        assert_eq!(&b[8..12], &3u32.to_le_bytes(), "EXPECT_MD5 | EXPECT_LEN");
+        assert_eq!(&b[12..16], &[0; 4]);
+        assert_eq!(&b[16..32], &[0xAB; 16]);
+        assert_eq!(&b[32..40], &0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(req.announced_len(), 0x0102_0304_0506_0708);
+        assert_eq!((req.expect_md5(), req.unknown_flags()), (Some(fp), 0));
+
+        let hint_only = StoreIn::new(77, None, None);
+        assert_eq!(hint_only.as_bytes()[8..], [0; 32]);
+        assert_eq!(
+            (hint_only.expect_len(), hint_only.expect_md5()),
+            (None, None)
+        );
+        assert_eq!(hint_only.announced_len(), 77);
+
+        // A field whose flag is clear is ignored, whatever it holds.
+        let mut odd = StoreIn::read_from_bytes(b).unwrap();
+        odd.flags = (STORE_EXPECT_LEN | 0x10).into();
+        assert_eq!(odd.expect_md5(), None);
+        assert_eq!(odd.expect_len(), Some(0x0102_0304_0506_0708));
+        assert_eq!(odd.unknown_flags(), 0x10);
+    }
+
+    #[test]
+    fn node_names_are_checked_mapped_and_carried() {
+        let name = NodeName::new("node-a").unwrap();
+        // The documented mapping, pinned: MD5("node-a") = 6cec8a5bb33ae85c…, its first
+        // 8 bytes read little-endian.
+        assert_eq!(name.node_id(), 0x5ce8_3ab3_5b8a_ec6c);
+        let field = NodeName::field(Some(&name));
+        assert_eq!(&field[..6], b"node-a");
+        assert_eq!(field[6..], [0; 26]);
+        assert_eq!(NodeName::from_field(&field), Some(name));
+        assert_eq!(NodeName::field(None), [0; 32]);
+        assert_eq!(NodeName::from_field(&[0; 32]), None);
+        let longest = "x".repeat(32);
+        let field = NodeName::field(Some(&NodeName::new(&longest).unwrap()));
+        assert_eq!(NodeName::from_field(&field).unwrap().as_str(), longest);
+
+        assert_eq!(NodeName::new(""), Err(NodeNameError::Empty));
+        assert_eq!(
+            NodeName::new(&"x".repeat(33)),
+            Err(NodeNameError::TooLong(33))
+        );
+        for bad in ["node a", "tab\t", "é", "nul\0", "\x1b[2J"] {
+            assert!(NodeName::new(bad).is_err(), "{bad:?}");
+        }
+        // What a peer sends is never trusted: bytes after the NULs, or unprintable ones.
+        let mut field = [0u8; 32];
+        field[..2].copy_from_slice(b"ab");
+        field[5] = b'c';
+        assert_eq!(NodeName::from_field(&field), None);
+        field[5] = 0;
+        field[1] = 0x1b;
+        assert_eq!(NodeName::from_field(&field), None);
+    }
+
+    #[test]
+    fn name_fields_sit_where_the_document_says() {
+        let name = NodeName::new("n").unwrap();
+        let mut l = LocateOut::new_zeroed();
+        l.name = NodeName::field(Some(&name));
+        assert_eq!(l.as_bytes()[48], b'n');
+        let mut h = HeartbeatOut::new_zeroed();
+        h.name = NodeName::field(Some(&name));
+        assert_eq!(h.as_bytes()[80], b'n');
+        let a = AnnounceOut::new(1, Some(&name), 2, 3, AnnounceKind::DiskUp, 4, "why");
+        assert_eq!(a.as_bytes()[96], b'n');
+        assert_eq!(&a.as_bytes()[32..35], b"why");
     }
 
     #[test]

@@ -211,8 +211,13 @@ pub enum Role {
 /// Who the node is.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct NodeView {
-    /// 16 hex digits.
+    /// 16 hex digits: the 64-bit id the node has on the wire (for a named node, the
+    /// first 8 bytes of the MD5 of its name, little-endian).
     pub node_id: String,
+    /// The name the operator gave the node (1 to 32 printable ASCII characters, no
+    /// spaces), or null if it was given a number or none.
+    #[schema(required = true)]
+    pub node_name: Option<String>,
     /// Increments on each start.
     pub epoch: u64,
     pub version: String,
@@ -316,6 +321,7 @@ async fn node(State(s): State<Arc<Shared>>) -> Json<NodeView> {
     disk_backends.dedup();
     Json(NodeView {
         node_id: format!("{:016x}", s.cfg.node_id),
+        node_name: s.cfg.node_name.as_ref().map(ToString::to_string),
         epoch: s.cfg.epoch,
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_ms: u64::try_from(s.started.elapsed().as_millis()).unwrap_or(u64::MAX),

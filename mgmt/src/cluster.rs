@@ -20,7 +20,9 @@ use dataplane::store::{DiskReport, DiskState};
 
 use crate::health::{assess, Status as Health, Thresholds};
 use dosp::codec::encode_response;
-use dosp::wire::{AnnounceKind, AnnounceOut, HeartbeatOut, Opcode, OutHead, Status, ALL_DISKS};
+use dosp::wire::{
+    AnnounceKind, AnnounceOut, HeartbeatOut, NodeName, Opcode, OutHead, Status, ALL_DISKS,
+};
 use zerocopy::IntoBytes;
 
 /// How often the announcer looks at the dataplane's state.
@@ -32,6 +34,8 @@ pub struct AnnouncerConfig {
     pub group: SocketAddrV4,
     pub iface: Ipv4Addr,
     pub node_id: u64,
+    /// Carried in heartbeats and announcements when the node has one.
+    pub node_name: Option<NodeName>,
     pub epoch: u64,
     /// The node's DOSP address, carried in heartbeats.
     pub dosp: SocketAddrV4,
@@ -216,6 +220,7 @@ impl Speaker {
         self.seq = self.seq.wrapping_add(1);
         let out = AnnounceOut::new(
             self.cfg.node_id,
+            self.cfg.node_name.as_ref(),
             self.cfg.epoch,
             self.seq,
             kind,
@@ -254,6 +259,7 @@ impl Speaker {
             objects: disks.iter().map(|d| d.objects_used).sum::<u64>().into(),
             ops_per_sec: (NodeStats::get(&self.handle.stats.ops_per_sec) as u32).into(),
             reserved1: 0.into(),
+            name: NodeName::field(self.cfg.node_name.as_ref()),
         };
         let mut message = Vec::new();
         encode_response(&mut message, Opcode::Heartbeat as u16, 0, &[out.as_bytes()]);
@@ -302,6 +308,7 @@ mod tests {
             group: target,
             iface: Ipv4Addr::LOCALHOST,
             node_id: 7,
+            node_name: Some(NodeName::new("seven").unwrap()),
             epoch: 3,
             dosp: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7370),
             heartbeat_interval: Duration::from_secs(3600),
@@ -327,6 +334,7 @@ mod tests {
                 (7, 3, 1, 2)
             );
             assert_eq!(a.reason(), "test");
+            assert_eq!(NodeName::from_field(&a.name).unwrap().as_str(), "seven");
             copies += 1;
             if copies == 3 {
                 break;

@@ -33,6 +33,8 @@ pub struct MgmtConfig {
     /// Where the REST API listens.
     pub listen: SocketAddr,
     pub node_id: u64,
+    /// The operator's name for the node, if it was given one.
+    pub node_name: Option<dosp::wire::NodeName>,
     pub epoch: u64,
     /// The DOSP address actually bound.
     pub dosp: SocketAddr,

@@ -85,22 +85,62 @@ impl Cluster {
 
     fn handle(&mut self, ctx: &mut Ctx<'_>, n: usize, from: SocketAddr, multicast: bool) {
         let Ok((header, body)) = Header::read_from_prefix(&self.buf[..n]) else {
-            NodeStats::inc(&ctx.stats.udp_bad);
+            dropped(ctx);
             return;
         };
         // Answers and heartbeats from other nodes share the group: only requests are ours.
         if multicast && header.kind == Kind::Response as u8 && header.magic.get() == MAGIC {
             return;
         }
-        if let Err(e) = header.check(Kind::Request) {
-            NodeStats::inc(&ctx.stats.udp_bad);
-            tracing::debug!(%from, error = %e, "dropping malformed datagram");
+        let error = match header.check(Kind::Request) {
+            Err(e) => Some((e.status(), e.detail(), e.to_string())),
+            Ok(()) => {
+                let want = header.body_len.get() as usize;
+                (body.len() < want).then(|| {
+                    let text = format!("body of {} bytes, header says {want}", body.len());
+                    (Status::BadRequest, body.len() as u32, text)
+                })
+            }
+        };
+        if let Some((status, detail, why)) = error {
+            // Answered only when the datagram is surely a DOSP request (the magic and
+            // the request kind) and was sent to this node alone: a node that answered
+            // any datagram would reflect traffic at whoever a sender claims to be, one
+            // that answered answers could bounce errors with another node forever, and
+            // on the group every node would answer.
+            let answer =
+                !multicast && header.magic.get() == MAGIC && header.kind == Kind::Request as u8;
+            tracing::debug!(%from, error = %why, answer, "malformed datagram");
+            if !answer {
+                dropped(ctx);
+            } else {
+                // Opcode and request id mean something only under a matching checksum.
+                let (opcode, id) = if header.checksum.get() == header.compute_checksum() {
+                    (header.opcode.get(), header.request_id.get())
+                } else {
+                    (Opcode::Null as u16, 0)
+                };
+                self.out.clear();
+                encode_response(
+                    &mut self.out,
+                    opcode,
+                    id,
+                    &[OutHead::new(status, detail).as_bytes()],
+                );
+                NodeStats::inc(&ctx.stats.udp_bad);
+                if status == Status::TooLarge {
+                    // A header error like BAD_REQUEST and BAD_VERSION, which
+                    // `NodeStats::error` counts as bad requests by their status.
+                    NodeStats::inc(&ctx.stats.bad_requests);
+                }
+                answered(ctx, status);
+                if let Err(e) = self.unicast.send_to(&self.out, from) {
+                    tracing::debug!(%from, error = %e, "unicast answer failed");
+                }
+            }
             return;
         }
-        let Some(body) = body.get(..header.body_len.get() as usize) else {
-            NodeStats::inc(&ctx.stats.udp_bad);
-            return;
-        };
+        let body = &body[..header.body_len.get() as usize];
         NodeStats::inc(&ctx.stats.udp_requests);
         let id = header.request_id.get();
         let Some(op) = header.opcode() else {
@@ -114,7 +154,7 @@ impl Cluster {
                     &[OutHead::new(Status::UnknownOpcode, raw.into()).as_bytes()],
                 );
                 let _ = self.unicast.send_to(&self.out, from);
-                NodeStats::error(ctx.stats, Status::UnknownOpcode);
+                answered(ctx, Status::UnknownOpcode);
             }
             NodeStats::inc(&ctx.stats.unknown_opcodes);
             return;
@@ -125,6 +165,7 @@ impl Cluster {
             match op {
                 Opcode::Locate => {
                     let Ok(q) = parse_exact::<LocateIn>(op, body) else {
+                        dropped(ctx);
                         return;
                     };
                     let Some(answer) = locate_answer(ctx, &q.fingerprint) else {
@@ -134,10 +175,15 @@ impl Cluster {
                     NodeStats::inc(&ctx.stats.locate_answers);
                 }
                 Opcode::Heartbeat => {
+                    if parse_exact::<HeartbeatIn>(op, body).is_err() {
+                        dropped(ctx);
+                        return;
+                    }
                     encode_response(&mut self.out, op as u16, id, &[heartbeat(ctx).as_bytes()]);
                 }
                 _ => return,
             }
+            answered(ctx, Status::Success);
             if let Err(e) = self
                 .multicast
                 .send_to(&self.out, SocketAddr::V4(self.group))
@@ -147,7 +193,9 @@ impl Cluster {
             return;
         }
         self.body.clear();
+        // small_op counts the error of a non-SUCCESS answer itself.
         let status = small_op(ctx, op, body, &mut self.body);
+        NodeStats::inc(&ctx.stats.ops_total);
         encode_response(&mut self.out, op as u16, id, &[&self.body]);
         // `n` is the whole datagram as received, padding included. The replacement
         // (header + OutHead, 40 bytes) always fits: a request is at least 32.
@@ -164,5 +212,19 @@ impl Cluster {
         if let Err(e) = self.unicast.send_to(&self.out, from) {
             tracing::debug!(%from, error = %e, "unicast answer failed");
         }
+    }
+}
+
+/// Counts a malformed datagram that gets no answer.
+fn dropped(ctx: &Ctx<'_>) {
+    NodeStats::inc(&ctx.stats.udp_bad);
+    NodeStats::inc(&ctx.stats.bad_requests);
+}
+
+/// Counts an answer sent: once as an operation, and once as an error unless SUCCESS.
+fn answered(ctx: &Ctx<'_>, status: Status) {
+    NodeStats::inc(&ctx.stats.ops_total);
+    if status != Status::Success {
+        NodeStats::error(ctx.stats, status);
     }
 }

@@ -15,6 +15,8 @@ pub mod accept;
 pub mod cluster;
 pub mod ops;
 pub mod session;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::io;
@@ -60,6 +62,8 @@ pub struct ServerConfig {
     pub multicast_group: SocketAddrV4,
     pub multicast_if: Ipv4Addr,
     pub node_id: u64,
+    /// The operator's name for the node, carried in LOCATE and HEARTBEAT answers.
+    pub node_name: Option<dosp::wire::NodeName>,
     pub epoch: u64,
     pub chunk_max: u32,
     pub connections_max: usize,
@@ -145,9 +149,11 @@ impl Server {
         };
         let id = NodeIdentity {
             node_id: cfg.node_id,
+            name: dosp::wire::NodeName::field(cfg.node_name.as_ref()),
             epoch: cfg.epoch,
             addr: SocketAddrV4::new(ip, local.port()),
             started: Instant::now(),
+            chunk_max: cfg.chunk_max,
         };
         // The first reports go out now, not when the loop starts on its thread: the
         // node says it is ready once bound, and the management core must know its

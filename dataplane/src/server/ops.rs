@@ -9,16 +9,20 @@ use dosp::Fingerprint;
 use zerocopy::IntoBytes;
 
 use crate::stats::NodeStats;
-use crate::store::{DiskState, Store, StoreError};
+use crate::store::{DiskState, Mismatched, Store, StoreError};
 
 /// Who this node is, as reported in LOCATE and HEARTBEAT answers.
 #[derive(Debug, Clone)]
 pub struct NodeIdentity {
     pub node_id: u64,
+    /// The node's name as its wire field (all zero: no name).
+    pub name: [u8; NODE_NAME_MAX],
     pub epoch: u64,
     /// The DOSP address other nodes and managers reach this node at.
     pub addr: SocketAddrV4,
     pub started: Instant,
+    /// Largest STORE chunk accepted, as reported by NULL.
+    pub chunk_max: u32,
 }
 
 /// What a handler needs from the node.
@@ -39,7 +43,24 @@ pub fn status_of(e: &StoreError) -> Status {
         StoreError::DiskOffline(_) => Status::DiskOffline,
         StoreError::Corrupt { .. } => Status::ChecksumMismatch,
         StoreError::OutOfRange { .. } => Status::OutOfRange,
+        StoreError::Mismatch { .. } => Status::ChecksumMismatch,
         _ => Status::Internal,
+    }
+}
+
+/// The `detail` that goes with [`status_of`]: which promise a refused STORE broke
+/// (dosp/PROTOCOL.md, STORE); 0 for every other error.
+pub fn detail_of(e: &StoreError) -> u32 {
+    match e {
+        StoreError::Mismatch {
+            what: Mismatched::Len,
+            ..
+        } => MISMATCH_LEN,
+        StoreError::Mismatch {
+            what: Mismatched::Md5,
+            ..
+        } => MISMATCH_MD5,
+        _ => 0,
     }
 }
 
@@ -85,7 +106,13 @@ fn small_op_inner(
     match op {
         Opcode::Null => {
             parse_exact::<NullIn>(op, body).map_err(bad)?;
-            out.extend_from_slice(NullOut { head: ok() }.as_bytes());
+            let reply = NullOut {
+                head: ok(),
+                body_max: BODY_MAX.into(),
+                chunk_max: ctx.id.chunk_max.into(),
+                object_max: ctx.store.config().max_object_bytes.into(),
+            };
+            out.extend_from_slice(reply.as_bytes());
         }
         Opcode::Locate => {
             let fp = parse_exact::<LocateIn>(op, body).map_err(bad)?.fingerprint;
@@ -191,6 +218,7 @@ pub fn locate_answer(ctx: &Ctx<'_>, fp: &Fingerprint) -> Option<LocateOut> {
         disk: meta.disk.0.into(),
         port: ctx.id.addr.port().into(),
         addr: ctx.id.addr.ip().octets(),
+        name: ctx.id.name,
     })
 }
 
@@ -230,5 +258,6 @@ pub fn heartbeat(ctx: &Ctx<'_>) -> HeartbeatOut {
         objects: disks.iter().map(|d| d.objects_used).sum::<u64>().into(),
         ops_per_sec: (NodeStats::get(&ctx.stats.ops_per_sec) as u32).into(),
         reserved1: 0.into(),
+        name: ctx.id.name,
     }
 }

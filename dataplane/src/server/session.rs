@@ -21,7 +21,7 @@
 //! recorded in the node's histograms when its reply is queued — a STORE after its last
 //! chunk, a stream with its final Out structure. A request abandoned by its client
 //! (connection closed mid-STORE) has no reply and so no latency: it counts as
-//! `stores_aborted` instead.
+//! `stores_aborted` instead (see `NodeStats` for how everything is counted).
 //!
 //! Deadlines ([`Deadlines`], checked by the loop every 100 ms): a connection may not
 //! hold its slot by trickling. A request's header and In structure must arrive within
@@ -37,11 +37,11 @@ use std::time::{Duration, Instant};
 use dosp::codec::{encode_response, RequestDecoder, RequestEvent};
 use dosp::wire::*;
 use dosp::Fingerprint;
-use zerocopy::{FromZeros, IntoBytes};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
-use super::ops::{small_op, status_of, Ctx};
+use super::ops::{detail_of, small_op, status_of, Ctx};
 use crate::stats::{NodeStats, OpClass};
-use crate::store::{DiskId, ReadId, ReadStart, StoreError, StoreEvent, WriteId};
+use crate::store::{DiskId, Expect, ReadId, ReadStart, StoreError, StoreEvent, WriteId};
 
 /// Receive buffer: a header plus the largest body, with room for STORE data to flow.
 const RBUF_BYTES: usize = 256 * 1024;
@@ -160,6 +160,8 @@ enum StoreState {
         request_id: u64,
         write: WriteId,
         started: Instant,
+        /// What the client promised about the object, checked at commit.
+        expect: Expect,
     },
     /// The STORE failed (or was refused) but its chunks must still be read to keep the
     /// connection in step; the reply goes out after the last chunk.
@@ -175,6 +177,7 @@ enum StoreState {
         request_id: u64,
         size_hint: u64,
         started: Instant,
+        expect: Expect,
     },
 }
 
@@ -385,18 +388,37 @@ impl Session {
     }
 
     /// Releases what the session holds in the store (an unfinished STORE is aborted:
-    /// nothing half-written ever becomes visible).
+    /// nothing half-written ever becomes visible) and counts a STORE it ends.
     pub fn close(&mut self, ctx: &mut Ctx<'_>) {
-        if let StoreState::Writing { write, .. } =
-            std::mem::replace(&mut self.st.store, StoreState::None)
-        {
-            ctx.store.abort(write);
-            NodeStats::inc(&ctx.stats.stores_aborted);
+        match std::mem::replace(&mut self.st.store, StoreState::None) {
+            StoreState::Writing { write, .. } => {
+                ctx.store.abort(write);
+                NodeStats::inc(&ctx.stats.stores_aborted);
+            }
+            StoreState::Discarding { .. } | StoreState::AwaitingRoom { .. } => {
+                NodeStats::inc(&ctx.stats.stores_aborted)
+            }
+            StoreState::None => {
+                if self.store_unstarted() {
+                    NodeStats::inc(&ctx.stats.stores);
+                    NodeStats::inc(&ctx.stats.stores_aborted);
+                }
+            }
         }
         // A read in flight finishes on the device anyway; the loop releases it when
         // its event finds no session. A commit or delete in flight completes durably
         // without anyone to tell.
         self.st.set_busy(ctx, false);
+    }
+
+    /// Whether the input not yet decoded starts with a STORE request whose StoreIn has
+    /// not all arrived: a STORE its client gave up before it could begin.
+    fn store_unstarted(&self) -> bool {
+        if self.decoder.failed() || self.decoder.in_store() {
+            return false;
+        }
+        Header::read_from_prefix(&self.rbuf[self.rstart..self.rend])
+            .is_ok_and(|(h, _)| h.check(Kind::Request).is_ok() && h.opcode() == Some(Opcode::Store))
     }
 
     /// Moves bytes until the socket blocks, the work runs out or the step bound is hit.
@@ -530,7 +552,8 @@ impl Session {
 }
 
 /// Refuses a STORE up front when its announced size is over the object size limit
-/// (TOO_LARGE, detail = the limit in MiB). The chunks are still read, and the reply
+/// (TOO_LARGE, detail = the announced size in MiB, rounded up, saturated at u32::MAX:
+/// a byte count need not fit in the detail). The chunks are still read, and the reply
 /// follows the last. Room is not judged here: a STORE no disk has room for is still
 /// read and hashed (`Store::begin_for`), so that an object the node holds already gets
 /// a reference; any other gets NO_SPACE after its last chunk.
@@ -539,7 +562,7 @@ fn early_refusal(ctx: &Ctx<'_>, size_hint: u64) -> Option<(Status, u32)> {
     (size_hint > max).then(|| {
         (
             Status::TooLarge,
-            u32::try_from(max >> 20).unwrap_or(u32::MAX),
+            u32::try_from(size_hint.div_ceil(1 << 20)).unwrap_or(u32::MAX),
         )
     })
 }
@@ -586,7 +609,10 @@ impl State {
     /// Bytes that cannot be framed: say why once, then close. An unfinished STORE is
     /// answered (and aborted) first so the client learns what happened to it.
     fn framing_error(&mut self, ctx: &mut Ctx<'_>, e: WireError, peer: SocketAddr) {
-        NodeStats::inc(&ctx.stats.bad_requests);
+        // BAD_REQUEST and BAD_VERSION count as bad requests with their reply.
+        if e.status() == Status::TooLarge {
+            NodeStats::inc(&ctx.stats.bad_requests);
+        }
         tracing::warn!(%peer, error = %e, "closing connection after malformed input");
         let (opcode, request_id, store_started) =
             match std::mem::replace(&mut self.store, StoreState::None) {
@@ -594,6 +620,7 @@ impl State {
                     request_id,
                     write,
                     started,
+                    ..
                 } => {
                     ctx.store.abort(write);
                     NodeStats::inc(&ctx.stats.stores_aborted);
@@ -603,19 +630,21 @@ impl State {
                     request_id,
                     started,
                     ..
-                } => (Opcode::Store as u16, request_id, Some(started)),
+                } => {
+                    NodeStats::inc(&ctx.stats.stores_aborted);
+                    (Opcode::Store as u16, request_id, Some(started))
+                }
                 StoreState::AwaitingRoom {
                     request_id,
                     started,
                     ..
-                } => (Opcode::Store as u16, request_id, Some(started)),
+                } => {
+                    NodeStats::inc(&ctx.stats.stores_aborted);
+                    (Opcode::Store as u16, request_id, Some(started))
+                }
                 StoreState::None => (Opcode::Null as u16, 0, None),
             };
-        let detail = match &e {
-            WireError::ChunkTooLarge { len, .. } | WireError::BodyTooLarge { len, .. } => *len,
-            _ => 0,
-        };
-        self.reply_error(ctx, opcode, request_id, e.status(), detail);
+        self.reply_error(ctx, opcode, request_id, e.status(), e.detail());
         // An unfinished STORE got its (error) reply: it ends here.
         if let Some(started) = store_started {
             State::done(ctx, OpClass::Store, started);
@@ -663,6 +692,7 @@ impl State {
                     request_id,
                     write,
                     started,
+                    ..
                 } = self.store
                 {
                     if let Err(e) = ctx.store.append(write, data) {
@@ -681,6 +711,27 @@ impl State {
                     self.finish_store(ctx);
                 }
             }
+            RequestEvent::OversizedChunk { len } => {
+                // The decoder skips the chunk's bytes (its header's checksum vouches
+                // for the length), so the connection stays in step; the STORE fails
+                // and is answered after its last chunk. A STORE already failing keeps
+                // its first error.
+                if let StoreState::Writing {
+                    request_id,
+                    write,
+                    started,
+                    ..
+                } = self.store
+                {
+                    ctx.store.abort(write);
+                    self.store = StoreState::Discarding {
+                        request_id,
+                        status: Status::TooLarge,
+                        detail: len,
+                        started,
+                    };
+                }
+            }
         }
     }
 
@@ -694,7 +745,13 @@ impl State {
                 detail: body.len() as u32,
                 started,
             },
-            Ok(req) => match early_refusal(ctx, req.size_hint.get()) {
+            Ok(req) if req.unknown_flags() != 0 => StoreState::Discarding {
+                request_id,
+                status: Status::BadRequest,
+                detail: req.flags.get(),
+                started,
+            },
+            Ok(req) => match early_refusal(ctx, req.announced_len()) {
                 Some((status, detail)) => StoreState::Discarding {
                     request_id,
                     status,
@@ -702,17 +759,22 @@ impl State {
                     started,
                 },
                 None => {
-                    let hint = req.size_hint.get();
+                    let hint = req.announced_len();
+                    let expect = Expect {
+                        md5: req.expect_md5(),
+                        len: req.expect_len(),
+                    };
                     if let crate::store::Room::AfterCompacting(disk) = ctx.store.room_for(hint) {
                         ctx.store.compact_soon(disk);
                         self.store = StoreState::AwaitingRoom {
                             request_id,
                             size_hint: hint,
                             started,
+                            expect,
                         };
                         return;
                     }
-                    self.begin(ctx, request_id, hint, started)
+                    self.begin(ctx, request_id, hint, expect, started)
                 }
             },
         };
@@ -723,6 +785,7 @@ impl State {
         ctx: &mut Ctx<'_>,
         request_id: u64,
         hint: u64,
+        expect: Expect,
         started: Instant,
     ) -> StoreState {
         match ctx.store.begin_for(hint) {
@@ -730,6 +793,7 @@ impl State {
                 request_id,
                 write,
                 started,
+                expect,
             },
             Err(e) => StoreState::Discarding {
                 request_id,
@@ -748,6 +812,7 @@ impl State {
             request_id,
             size_hint,
             started,
+            expect,
         } = self.store
         else {
             return;
@@ -757,7 +822,7 @@ impl State {
             crate::store::Room::AfterCompacting(_)
         ) && ctx.store.compacting();
         if !waiting {
-            self.store = self.begin(ctx, request_id, size_hint, started);
+            self.store = self.begin(ctx, request_id, size_hint, expect, started);
         }
     }
 
@@ -768,7 +833,8 @@ impl State {
                     request_id,
                     write,
                     started,
-                } => match ctx.store.commit_start(write, self.user) {
+                    expect,
+                } => match ctx.store.commit_start(write, &expect, self.user) {
                     // The answer comes with the store's event, once durable.
                     Ok(()) => {
                         self.waiting = Waiting::Commit {
@@ -777,7 +843,7 @@ impl State {
                         };
                         return;
                     }
-                    Err(e) => (request_id, Err((status_of(&e), 0)), started),
+                    Err(e) => (request_id, Err((status_of(&e), detail_of(&e))), started),
                 },
                 StoreState::Discarding {
                     request_id,
@@ -832,7 +898,6 @@ impl State {
         let fp = match parse_exact::<DeleteIn>(Opcode::Delete, body) {
             Ok(req) => req.fingerprint,
             Err(_) => {
-                NodeStats::inc(&ctx.stats.bad_requests);
                 self.reply_error(
                     ctx,
                     Opcode::Delete as u16,

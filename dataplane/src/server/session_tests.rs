@@ -40,6 +40,8 @@ fn enter_store(s: &mut Session) {
         size_hint: 0.into(),
         flags: 0.into(),
         reserved: 0.into(),
+        expect_md5: dosp::Fingerprint([0; 16]),
+        expect_len: 0.into(),
     };
     encode_request(&mut msg, Opcode::Store, 1, 0, body.as_bytes());
     assert!(s.decoder.decode(&msg).unwrap().is_some());

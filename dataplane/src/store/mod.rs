@@ -224,6 +224,59 @@ pub struct StoreCounters {
     pub bytes_reclaimed: u64,
 }
 
+/// What a STORE's client promised about the object before sending it (DOSP STORE's
+/// expected length and MD5, like S3's Content-Length and Content-MD5). Checked by
+/// [`Store::commit_expect`] once the MD5 is final and before anything is committed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expect {
+    pub md5: Option<Fingerprint>,
+    pub len: Option<u64>,
+}
+
+impl Expect {
+    /// Nothing promised: every object is accepted.
+    pub const NONE: Expect = Expect {
+        md5: None,
+        len: None,
+    };
+
+    /// The first promise `fingerprint` and `len` break, length first (a short or long
+    /// object also has another MD5, and the length is the more telling of the two).
+    pub fn check(&self, fingerprint: Fingerprint, len: u64) -> Result<(), StoreError> {
+        let what = if self.len.is_some_and(|want| want != len) {
+            Mismatched::Len
+        } else if self.md5.is_some_and(|want| want != fingerprint) {
+            Mismatched::Md5
+        } else {
+            return Ok(());
+        };
+        Err(StoreError::Mismatch {
+            what,
+            len,
+            fingerprint,
+            expect: *self,
+        })
+    }
+}
+
+impl std::fmt::Display for Expect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.len, self.md5) {
+            (None, None) => f.write_str("nothing"),
+            (Some(len), None) => write!(f, "{len} bytes"),
+            (None, Some(md5)) => write!(f, "MD5 {md5}"),
+            (Some(len), Some(md5)) => write!(f, "{len} bytes, MD5 {md5}"),
+        }
+    }
+}
+
+/// Which promise of an [`Expect`] the object broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mismatched {
+    Len,
+    Md5,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("object {0} not found")]
@@ -252,6 +305,13 @@ pub enum StoreError {
     NoUsableDisk,
     #[error("{0}")]
     Format(String),
+    #[error("object received ({len} bytes, MD5 {fingerprint}) is not the one announced ({expect}); nothing stored")]
+    Mismatch {
+        what: Mismatched,
+        len: u64,
+        fingerprint: Fingerprint,
+        expect: Expect,
+    },
 }
 
 /// Where one segment's payload lives: the physical offset of its record header and
@@ -771,7 +831,15 @@ impl Store {
     /// Finishes a write, blocking until it is durable: [`Store::commit_start`] and a
     /// wait for its event. For tests, tools and start-up; a loop uses `commit_start`.
     pub fn commit(&mut self, id: WriteId) -> Result<Committed, StoreError> {
-        self.commit_start(id, SYNC_USER)?;
+        self.commit_expect(id, &Expect::NONE)
+    }
+
+    /// [`Store::commit`], unless the object is not what `expect` says: then the write
+    /// is aborted (counted as an abort) and [`StoreError::Mismatch`] returned. The
+    /// check runs once the MD5 is final and before anything is written, so nothing of
+    /// a refused object is committed, deduplicated or referenced.
+    pub fn commit_expect(&mut self, id: WriteId, expect: &Expect) -> Result<Committed, StoreError> {
+        self.commit_start(id, expect, SYNC_USER)?;
         match self.wait_for(SYNC_USER) {
             StoreEvent::Committed { result, .. } => result,
             other => Err(StoreError::Format(format!("unexpected event {other:?}"))),
@@ -781,13 +849,22 @@ impl Store {
     /// Finishes a write: appends its last record (or, for a fingerprint already
     /// stored, a reference +1) and returns. [`StoreEvent::Committed`] with `user`
     /// follows once a flush has made it durable; from then on the object survives
-    /// power loss. Errors here mean nothing was committed.
-    pub fn commit_start(&mut self, id: WriteId, user: u64) -> Result<(), StoreError> {
+    /// power loss. Errors here mean nothing was committed: among them
+    /// [`StoreError::Mismatch`] when the object is not what `expect` says, checked
+    /// once the MD5 is final and before anything is written (the write is aborted).
+    pub fn commit_start(
+        &mut self,
+        id: WriteId,
+        expect: &Expect,
+        user: u64,
+    ) -> Result<(), StoreError> {
         let Some(mut w) = self.writes.remove(&id) else {
             return Err(StoreError::UnknownWrite);
         };
         let fp = Fingerprint(std::mem::take(&mut w.md5).finalize().into());
-        let result = self.commit_submit(&mut w, fp, user);
+        let result = expect
+            .check(fp, w.total)
+            .and_then(|()| self.commit_submit(&mut w, fp, user));
         self.release(w);
         if result.is_err() {
             self.counters.aborts += 1;

@@ -315,6 +315,111 @@ fn abort_leaves_nothing() {
     assert_eq!(s.disks()[0].objects_used, 0);
 }
 
+#[test]
+fn an_object_that_breaks_its_expectations_is_refused_before_any_write() {
+    let disk = MemDisk::new(4 * MIB, 8);
+    let c = cfg(64 * KIB);
+    let mut s = open(std::slice::from_ref(&disk), &c);
+    let bytes = data(3, 10_000);
+    let fp = Fingerprint::of(&bytes);
+    let stage = |s: &mut Store, bytes: &[u8]| {
+        let id = s.begin().unwrap();
+        s.append(id, bytes).unwrap();
+        id
+    };
+    let refused = [
+        // The client said 10 000 bytes and sent 4 000 (LAST came early).
+        (
+            Expect {
+                md5: None,
+                len: Some(10_000),
+            },
+            &bytes[..4000],
+            Mismatched::Len,
+        ),
+        (
+            Expect {
+                md5: Some(fp),
+                len: None,
+            },
+            &bytes[..4000],
+            Mismatched::Md5,
+        ),
+        // Both promised: the length is reported, and a right length with a wrong MD5.
+        (
+            Expect {
+                md5: Some(fp),
+                len: Some(10_000),
+            },
+            &bytes[..9999],
+            Mismatched::Len,
+        ),
+        (
+            Expect {
+                md5: Some(Fingerprint::ZERO),
+                len: Some(10_000),
+            },
+            &bytes[..],
+            Mismatched::Md5,
+        ),
+    ];
+    for (expect, sent, want) in refused {
+        let aborts = s.counters().aborts;
+        let writes = disk.stats().writes;
+        let id = stage(&mut s, sent);
+        match s.commit_expect(id, &expect) {
+            Err(StoreError::Mismatch {
+                what,
+                len,
+                fingerprint,
+                ..
+            }) => {
+                assert_eq!(what, want);
+                assert_eq!(len, sent.len() as u64);
+                assert_eq!(fingerprint, Fingerprint::of(sent));
+            }
+            other => panic!("{expect:?}: {other:?}"),
+        }
+        assert_eq!(
+            disk.stats().writes,
+            writes,
+            "nothing written for {expect:?}"
+        );
+        assert_eq!(s.counters().aborts, aborts + 1);
+        assert!(s.contents().is_empty());
+        assert!(matches!(s.commit(id), Err(StoreError::UnknownWrite)));
+    }
+    // Kept promises commit as usual; a refused copy of a stored object adds no reference.
+    let id = stage(&mut s, &bytes);
+    let done = s
+        .commit_expect(
+            id,
+            &Expect {
+                md5: Some(fp),
+                len: Some(10_000),
+            },
+        )
+        .unwrap();
+    assert_eq!((done.fingerprint, done.len, done.refcount), (fp, 10_000, 1));
+    let id = stage(&mut s, &bytes);
+    let wrong = Expect {
+        md5: None,
+        len: Some(1),
+    };
+    assert!(matches!(
+        s.commit_expect(id, &wrong),
+        Err(StoreError::Mismatch { .. })
+    ));
+    assert_eq!(s.get(&fp).unwrap().refcount, 1);
+    let id = stage(&mut s, &bytes);
+    assert!(s.commit_expect(id, &Expect::NONE).unwrap().deduplicated);
+    check_accounting(&s);
+    drop(s);
+    let s = open(&[disk], &c);
+    assert_eq!(s.contents().len(), 1);
+    assert_eq!(s.get(&fp).unwrap().refcount, 2);
+}
+
 /// Blocks of a checkpoint body holding `objects` objects with `extents` extents.
 pub(super) fn ckpt_body_blocks(objects: u64, extents: u64) -> u64 {
     (objects * 32 + extents * 12).div_ceil(4096)

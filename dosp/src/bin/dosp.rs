@@ -12,7 +12,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dosp::client::{locate_multicast, watch, Client, ClientError, ClusterEvent};
+use dosp::client::{locate_multicast, watch, Client, ClientError, ClusterEvent, Expect};
+use dosp::wire::NodeName;
 use dosp::Fingerprint;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -38,8 +39,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Store FILE (or stdin with `-`); prints the fingerprint.
-    Store { file: PathBuf },
+    /// Store FILE (or stdin with `-`); prints the fingerprint. The node is told the
+    /// file's length, and refuses (storing nothing) data that does not match it.
+    Store {
+        file: PathBuf,
+        /// The object's MD5 (32 hex digits): the node refuses, and stores nothing of,
+        /// data with another
+        #[arg(long, value_name = "HEX")]
+        md5: Option<String>,
+    },
     /// Fetch an object (verified against its fingerprint) to stdout or -o FILE.
     Fetch {
         fingerprint: String,
@@ -58,7 +66,8 @@ enum Cmd {
     Delete { fingerprint: String },
     /// List every object the node holds: fingerprint and disk.
     Contents,
-    /// Ask the cluster (multicast) who holds an object.
+    /// Ask the cluster (multicast) who holds an object; prints a line per holder: node
+    /// id, name (`-` if it has none), address, disk and length.
     Locate {
         fingerprint: String,
         /// Multicast group (GROUP:PORT).
@@ -89,7 +98,8 @@ enum Cmd {
     },
     /// State and status of every disk of the node.
     Disks,
-    /// Check the node answers (DOSP NULL); prints the round-trip time.
+    /// Check the node answers (DOSP NULL); prints the round-trip time and the node's
+    /// limits (largest body, STORE chunk and object, in bytes).
     Ping,
 }
 
@@ -154,18 +164,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let timeout = Duration::from_secs(cli.timeout.max(1));
     let connect = || Client::connect(&cli.node, timeout);
     match cli.cmd {
-        Cmd::Store { file } => {
-            let (mut input, size): (Box<dyn Read>, u64) = if file.as_os_str() == "-" {
-                (Box::new(io::stdin().lock()), 0)
+        Cmd::Store { file, md5 } => {
+            let md5 = md5.as_deref().map(parse_fp).transpose()?;
+            let (mut input, len): (Box<dyn Read>, Option<u64>) = if file.as_os_str() == "-" {
+                (Box::new(io::stdin().lock()), None)
             } else {
                 let f = File::open(&file)
                     .map_err(|e| fail(format!("cannot open {}: {e}", file.display())))?;
-                let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-                (Box::new(f), size)
+                // Only a regular file's size is its length (a device or /proc file
+                // says 0 or anything).
+                let len = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
+                (Box::new(f), len)
             };
             let mut client = connect()?;
-            let pb = bar(size);
-            let stored = client.store(&mut input, size, &mut |sent| {
+            let pb = bar(len.unwrap_or(0));
+            let stored = client.store(&mut input, Expect { len, md5 }, &mut |sent| {
                 if let Some(pb) = &pb {
                     pb.set_position(sent);
                 }
@@ -251,8 +264,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             for l in found {
                 println!(
-                    "node {:016x} addr {} disk {} len {}",
-                    l.node_id, l.addr, l.disk, l.object_len
+                    "node {:016x} name {} addr {} disk {} len {}",
+                    l.node_id,
+                    name_or_dash(l.name.as_ref()),
+                    l.addr,
+                    l.disk,
+                    l.object_len
                 );
             }
         }
@@ -315,8 +332,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Ping => {
-            let rtt = connect()?.ping()?;
-            println!("{} answered in {:.3} ms", cli.node, rtt.as_secs_f64() * 1e3);
+            let pong = connect()?.ping()?;
+            println!(
+                "{} answered in {:.3} ms; limits: body {} chunk {} object {} bytes",
+                cli.node,
+                pong.rtt.as_secs_f64() * 1e3,
+                pong.body_max,
+                pong.chunk_max,
+                pong.object_max
+            );
         }
     }
     Ok(())
@@ -362,6 +386,17 @@ fn with_output(
     Ok(())
 }
 
+/// A node's name for a line of output, `-` when it has none: every line keeps the same
+/// words in the same places for scripts.
+fn name_or_dash(name: Option<&NodeName>) -> String {
+    name.map_or_else(|| "-".to_string(), NodeName::to_string)
+}
+
+/// The name in a wire field, for a line of output.
+fn field_name(field: &[u8; dosp::wire::NODE_NAME_MAX]) -> String {
+    name_or_dash(NodeName::from_field(field).as_ref())
+}
+
 /// One line per cluster event, for `dosp watch`.
 fn describe(event: &ClusterEvent, from: std::net::SocketAddr) -> String {
     match event {
@@ -372,8 +407,9 @@ fn describe(event: &ClusterEvent, from: std::net::SocketAddr) -> String {
                 _ => "failing",
             };
             format!(
-                "heartbeat node {:016x} epoch {} addr {}:{} health {} disks {}/{} objects {} free {} total {} ops {} ops/s {} uptime {}s",
+                "heartbeat node {:016x} name {} epoch {} addr {}:{} health {} disks {}/{} objects {} free {} total {} ops {} ops/s {} uptime {}s",
                 h.node_id.get(),
+                field_name(&h.name),
                 h.epoch.get(),
                 Ipv4Addr::from(h.addr),
                 h.port.get(),
@@ -398,8 +434,9 @@ fn describe(event: &ClusterEvent, from: std::net::SocketAddr) -> String {
                 a.disk.get().to_string()
             };
             format!(
-                "announce node {:016x} epoch {} seq {} {} disk {} reason {:?} from {}",
+                "announce node {:016x} name {} epoch {} seq {} {} disk {} reason {:?} from {}",
                 a.node_id.get(),
+                field_name(&a.name),
                 a.epoch.get(),
                 a.seq.get(),
                 kind,
@@ -409,9 +446,10 @@ fn describe(event: &ClusterEvent, from: std::net::SocketAddr) -> String {
             )
         }
         ClusterEvent::Located(l) => format!(
-            "located {} node {:016x} addr {}:{} disk {} len {}",
+            "located {} node {:016x} name {} addr {}:{} disk {} len {}",
             l.fingerprint,
             l.node_id.get(),
+            field_name(&l.name),
             Ipv4Addr::from(l.addr),
             l.port.get(),
             l.disk.get(),

@@ -1,0 +1,654 @@
+//! The server in-process on a memory disk, driven over real loopback sockets: what a
+//! peer sees on the wire, and what the node counts for it (its [`NodeStats`], read
+//! directly rather than through the management core).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dosp::client::{Client, ClientError, Expect};
+use dosp::codec::{encode_chunk_header, encode_request};
+use dosp::wire::*;
+use dosp::Fingerprint;
+use nvme::mem::MemDisk;
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::{Server, ServerConfig};
+use crate::stats::NodeStats;
+use crate::store::{Store, StoreConfig};
+
+const MIB: u64 = 1 << 20;
+/// A small chunk maximum, so that an oversized chunk is cheap to send.
+const CHUNK_MAX: u32 = 64 * 1024;
+const OBJECT_MAX: u64 = 8 * MIB;
+
+/// A running node on one 64 MiB memory disk.
+struct TestNode {
+    addr: SocketAddr,
+    stats: Arc<NodeStats>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<std::io::Result<Store>>>,
+}
+
+impl TestNode {
+    fn start() -> TestNode {
+        let disk = MemDisk::new(64 * MIB, 1);
+        let store_cfg = StoreConfig {
+            max_object_bytes: OBJECT_MAX,
+            ..StoreConfig::default()
+        };
+        let store = Store::open(vec![Box::new(disk.device())], store_cfg, 7).expect("store");
+        let (handle, end) = crate::handle::handle_pair();
+        let cfg = ServerConfig {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            // Port 0: a group port of this test's own, so no other node is heard.
+            multicast_group: SocketAddrV4::new(Ipv4Addr::new(239, 255, 73, 251), 0),
+            multicast_if: Ipv4Addr::LOCALHOST,
+            node_id: 0x0123_4567_89ab_cdef,
+            node_name: Some(NodeName::new("test-node").expect("a valid name")),
+            epoch: 1,
+            chunk_max: CHUNK_MAX,
+            connections_max: 16,
+            idle_sleep: Duration::from_millis(10),
+            checkpoint_interval: Duration::from_secs(3600),
+            request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
+            transfer_rate_min: 0,
+            test_stall: None,
+        };
+        let server = Server::bind(cfg, store, end).expect("bind");
+        let addr = server.local_addr().expect("local address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || server.run(&stop)
+        });
+        TestNode {
+            addr,
+            stats: Arc::clone(&handle.stats),
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.addr.to_string(), Duration::from_secs(10)).expect("connect")
+    }
+
+    fn tcp(&self) -> TcpStream {
+        let s = TcpStream::connect(self.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s
+    }
+
+    /// A UDP socket connected to the node's unicast address.
+    fn udp(&self) -> UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.connect(self.addr).expect("connect");
+        s
+    }
+
+    /// Stops the node and hands back its store.
+    fn stop(mut self) -> Store {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread.take().expect("running");
+        thread.join().expect("no panic").expect("clean stop")
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Reads one response (header + body) from a raw connection.
+fn read_response(s: &mut TcpStream) -> (Header, Vec<u8>) {
+    let mut h = [0u8; Header::SIZE];
+    s.read_exact(&mut h).expect("response header");
+    let header = Header::read_from_bytes(&h).expect("32 bytes");
+    header.check(Kind::Response).expect("valid header");
+    let mut body = vec![0u8; header.body_len.get() as usize];
+    s.read_exact(&mut body).expect("response body");
+    (header, body)
+}
+
+/// (request id, status, detail) of the next response.
+fn next_status(s: &mut TcpStream) -> (u64, Status, u32) {
+    let (h, body) = read_response(s);
+    let (status, detail) = out_status(&body).expect("status");
+    (h.request_id.get(), status, detail)
+}
+
+/// A STORE request with `store_in`, then `chunks` (the last one flagged LAST).
+fn store_message(id: u64, store_in: &StoreIn, chunks: &[&[u8]]) -> Vec<u8> {
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::Store, id, 0, store_in.as_bytes());
+    for (i, c) in chunks.iter().enumerate() {
+        encode_chunk_header(&mut msg, c.len() as u32, i + 1 == chunks.len());
+        msg.extend_from_slice(c);
+    }
+    msg
+}
+
+fn objects(node: &TestNode) -> usize {
+    let mut n = 0;
+    node.client()
+        .contents(&mut |_, _| n += 1)
+        .expect("contents");
+    n
+}
+
+#[test]
+fn a_store_that_breaks_its_promises_is_refused_and_nothing_is_stored() {
+    let node = TestNode::start();
+    let object = vec![7u8; 10_000];
+    let fp = Fingerprint::of(&object);
+    let mut s = node.tcp();
+    // The defect this guards against: LAST set early commits the first part with
+    // SUCCESS. With the length promised, the truncated object is refused.
+    let short = StoreIn::new(0, Some(10_000), None);
+    s.write_all(&store_message(1, &short, &[&object[..4000]]))
+        .expect("send");
+    assert_eq!(
+        next_status(&mut s),
+        (1, Status::ChecksumMismatch, MISMATCH_LEN)
+    );
+    let long = StoreIn::new(0, Some(10_000), None);
+    s.write_all(&store_message(2, &long, &[&object, b"x"]))
+        .expect("send");
+    assert_eq!(
+        next_status(&mut s),
+        (2, Status::ChecksumMismatch, MISMATCH_LEN)
+    );
+    let wrong_md5 = StoreIn::new(0, Some(10_000), Some(Fingerprint::of(b"other")));
+    s.write_all(&store_message(3, &wrong_md5, &[&object]))
+        .expect("send");
+    assert_eq!(
+        next_status(&mut s),
+        (3, Status::ChecksumMismatch, MISMATCH_MD5)
+    );
+    // Unknown flags: BAD_REQUEST, detail the flags, and the connection stays in step.
+    let mut odd = StoreIn::new(0, None, None);
+    odd.flags = 0x84.into();
+    s.write_all(&store_message(4, &odd, &[&object]))
+        .expect("send");
+    assert_eq!(next_status(&mut s), (4, Status::BadRequest, 0x84));
+    assert_eq!(objects(&node), 0);
+
+    // Promises kept: stored; the same connection carried on throughout.
+    let right = StoreIn::new(0, Some(10_000), Some(fp));
+    s.write_all(&store_message(
+        5,
+        &right,
+        &[&object[..5000], &object[5000..]],
+    ))
+    .expect("send");
+    let (h, body) = read_response(&mut s);
+    assert_eq!(h.request_id.get(), 5);
+    let out = StoreOut::read_from_bytes(&body).expect("StoreOut");
+    assert_eq!((out.fingerprint, out.len.get()), (fp, 10_000));
+    // A refused copy of a stored object adds no reference.
+    s.write_all(&store_message(6, &wrong_md5, &[&object]))
+        .expect("send");
+    assert_eq!(next_status(&mut s).1, Status::ChecksumMismatch);
+    let mut c = node.client();
+    assert_eq!(c.locate(&fp).expect("stored").object_len, 10_000);
+    assert_eq!(c.delete(&fp).expect("delete"), 0, "one reference only");
+
+    // The client library: a known length is always promised, an MD5 when given.
+    let mut input = &object[..];
+    let err = c
+        .store(
+            &mut input,
+            Expect {
+                len: Some(20_000),
+                md5: None,
+            },
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::NotAsAnnounced {
+                what: "length",
+                sent: 10_000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut input = &object[..];
+    let err = c
+        .store(
+            &mut input,
+            Expect {
+                len: None,
+                md5: Some(Fingerprint::ZERO),
+            },
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::NotAsAnnounced { what: "MD5", .. }),
+        "{err}"
+    );
+    assert_eq!(objects(&node), 0);
+    let aborts = node.stop().counters().aborts;
+    assert_eq!(aborts, 6, "every refused write was aborted");
+}
+
+#[test]
+fn an_oversized_chunk_fails_its_store_and_the_connection_stays_in_step() {
+    let node = TestNode::start();
+    let mut s = node.tcp();
+    let big = vec![9u8; CHUNK_MAX as usize + 1];
+    let mut msg = store_message(1, &StoreIn::new(0, None, None), &[b"first", &big, b"last"]);
+    encode_request(&mut msg, Opcode::Null, 2, 0, &[]);
+    s.write_all(&msg).expect("send");
+    assert_eq!(next_status(&mut s), (1, Status::TooLarge, CHUNK_MAX + 1));
+    assert_eq!(
+        next_status(&mut s),
+        (2, Status::Success, 0),
+        "still in step"
+    );
+    // Already failing (unknown flags): the first error is the answer.
+    let mut odd = StoreIn::new(0, None, None);
+    odd.flags = 0x100.into();
+    s.write_all(&store_message(3, &odd, &[&big])).expect("send");
+    assert_eq!(next_status(&mut s), (3, Status::BadRequest, 0x100));
+
+    // An announced length over the object maximum: refused before any data, with the
+    // length in MiB (rounded up) as the detail, after the chunks were read.
+    for (announced, mib) in [
+        (StoreIn::new(OBJECT_MAX + 1, None, None), 9),
+        (StoreIn::new(0, Some(u64::MAX), None), u32::MAX),
+        (StoreIn::new(1, Some(OBJECT_MAX * 3), None), 24),
+    ] {
+        s.write_all(&store_message(4, &announced, &[b"abc"]))
+            .expect("send");
+        assert_eq!(next_status(&mut s), (4, Status::TooLarge, mib));
+    }
+    assert_eq!(objects(&node), 0);
+    let store = node.stop();
+    assert_eq!(store.counters().aborts, 1, "the oversized chunk's write");
+    assert_eq!(store.counters().stores, 0);
+}
+
+/// Sends one datagram and returns the (opcode, request id, status, detail) of the next
+/// datagram that comes back.
+fn ask_udp(udp: &UdpSocket, datagram: &[u8]) -> (u16, u64, Status, u32) {
+    udp.send(datagram).expect("send");
+    let mut buf = [0u8; 2048];
+    let n = udp.recv(&mut buf).expect("an answer");
+    let (h, body) = Header::read_from_prefix(&buf[..n]).expect("a header");
+    h.check(Kind::Response).expect("a valid response");
+    let (status, detail) = out_status(body).expect("status");
+    (h.opcode.get(), h.request_id.get(), status, detail)
+}
+
+#[test]
+fn udp_header_errors_are_answered_when_they_can_be_attributed() {
+    let node = TestNode::start();
+    let udp = node.udp();
+    let hb = Opcode::Heartbeat as u16;
+    let resign = |mut h: Header| {
+        h.checksum = h.compute_checksum().into();
+        h
+    };
+
+    let mut h = Header::new(Kind::Request, Opcode::Heartbeat, 41, 0, 0);
+    h.version = 9;
+    assert_eq!(
+        ask_udp(&udp, resign(h).as_bytes()),
+        (hb, 41, Status::BadVersion, 9)
+    );
+    // A checksum that does not match: nothing in the header is believed.
+    let mut h = Header::new(Kind::Request, Opcode::Heartbeat, 42, 0, 0);
+    h.request_id = 43.into();
+    assert_eq!(ask_udp(&udp, h.as_bytes()), (0, 0, Status::BadRequest, 0));
+    let h = Header::new(Kind::Request, Opcode::Heartbeat, 44, BODY_MAX + 1, 0);
+    assert_eq!(
+        ask_udp(&udp, h.as_bytes()),
+        (hb, 44, Status::TooLarge, BODY_MAX + 1)
+    );
+    // Fewer body bytes than body_len: BAD_REQUEST with the bytes present.
+    let locate = Opcode::Locate as u16;
+    let mut msg = Header::new(Kind::Request, Opcode::Locate, 45, 16, 0)
+        .as_bytes()
+        .to_vec();
+    msg.extend_from_slice(b"short");
+    assert_eq!(ask_udp(&udp, &msg), (locate, 45, Status::BadRequest, 5));
+    // A whole body of the wrong size for the opcode, as over TCP.
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::Locate, 46, 0, b"short");
+    assert_eq!(ask_udp(&udp, &msg), (locate, 46, Status::BadRequest, 5));
+
+    // No answer: too short, not DOSP, an answer, an answer in another version. The
+    // node handles datagrams in order, so the NULL sent after them is answered first.
+    let mut answer = Header::new(Kind::Response, Opcode::Heartbeat, 50, 0, 0);
+    let mut other_version = answer;
+    other_version.version = 2;
+    answer.checksum = answer.compute_checksum().into();
+    let mut garbage = [0x41u8; 40];
+    garbage[5] = 1;
+    for silent in [
+        &b"DOSP"[..],
+        &garbage[..],
+        answer.as_bytes(),
+        resign(other_version).as_bytes(),
+    ] {
+        udp.send(silent).expect("send");
+    }
+    let mut null = Vec::new();
+    encode_request(&mut null, Opcode::Null, 51, 0, &[]);
+    assert_eq!(ask_udp(&udp, &null), (0, 51, Status::Success, 0));
+
+    // Over TCP the same version error closes the connection, with the same detail.
+    let mut h = Header::new(Kind::Request, Opcode::Heartbeat, 52, 0, 0);
+    h.version = 9;
+    let mut s = node.tcp();
+    s.write_all(resign(h).as_bytes()).expect("send");
+    assert_eq!(next_status(&mut s), (0, Status::BadVersion, 9));
+    assert_eq!(s.read(&mut [0u8; 1]).expect("closed"), 0);
+}
+
+#[test]
+fn null_reports_the_node_limits_over_tcp_and_udp() {
+    let node = TestNode::start();
+    let pong = node.client().ping().expect("ping");
+    assert_eq!(
+        (pong.body_max, pong.chunk_max, pong.object_max),
+        (BODY_MAX, CHUNK_MAX, OBJECT_MAX)
+    );
+    let udp = node.udp();
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::Null, 3, 0, &[]);
+    udp.send(&msg).expect("send");
+    let mut buf = [0u8; 256];
+    let n = udp.recv(&mut buf).expect("answer");
+    let (h, body) = Header::read_from_prefix(&buf[..n]).expect("header");
+    assert_eq!(h.body_len.get(), 24);
+    let out = NullOut::read_from_bytes(body).expect("NullOut");
+    assert_eq!(
+        (
+            out.body_max.get(),
+            out.chunk_max.get(),
+            out.object_max.get()
+        ),
+        (BODY_MAX, CHUNK_MAX, OBJECT_MAX)
+    );
+}
+
+/// The counters a request can move, at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts {
+    ops: u64,
+    errors: u64,
+    bad: u64,
+    udp_bad: u64,
+    stores: u64,
+    aborted: u64,
+}
+
+impl Counts {
+    fn of(s: &NodeStats) -> Counts {
+        let by_status: u64 = s.errors_by_status.iter().map(NodeStats::get).sum();
+        let errors = NodeStats::get(&s.errors_total);
+        assert_eq!(by_status, errors, "errors by status sum to the total");
+        Counts {
+            ops: NodeStats::get(&s.ops_total),
+            errors,
+            bad: NodeStats::get(&s.bad_requests),
+            udp_bad: NodeStats::get(&s.udp_bad),
+            stores: NodeStats::get(&s.stores),
+            aborted: NodeStats::get(&s.stores_aborted),
+        }
+    }
+
+    fn minus(self, o: Counts) -> Counts {
+        Counts {
+            ops: self.ops - o.ops,
+            errors: self.errors - o.errors,
+            bad: self.bad - o.bad,
+            udp_bad: self.udp_bad - o.udp_bad,
+            stores: self.stores - o.stores,
+            aborted: self.aborted - o.aborted,
+        }
+    }
+}
+
+/// Runs `act` and checks what it added to the counters: at once when `act` waits for
+/// its replies, else (a connection closed, whose end the node sees later) within a few
+/// seconds — and then that nothing more comes.
+fn counts(node: &TestNode, what: &str, want: Counts, act: impl FnOnce()) {
+    let before = Counts::of(&node.stats);
+    act();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut got = Counts::of(&node.stats).minus(before);
+    while got != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        got = Counts::of(&node.stats).minus(before);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let late = Counts::of(&node.stats).minus(before);
+    assert_eq!(got, want, "{what}");
+    assert_eq!(late, want, "{what}: counted again later");
+}
+
+#[test]
+fn every_reply_and_every_abort_is_counted_exactly_once() {
+    let node = TestNode::start();
+    let udp = node.udp();
+    let reply = Counts {
+        ops: 1,
+        ..Counts::default()
+    };
+    let error = Counts { errors: 1, ..reply };
+    let bad = Counts { bad: 1, ..error };
+    let store = Counts {
+        stores: 1,
+        ..Counts::default()
+    };
+    let store_in = StoreIn::new(0, None, None);
+    let object = vec![3u8; 3000];
+
+    // Bodies of the wrong size, over TCP (each kind of handler) and UDP.
+    let mut s = node.tcp();
+    for op in [Opcode::Retrieve, Opcode::Locate, Opcode::GetContents] {
+        counts(&node, op.name(), bad, || {
+            let mut msg = Vec::new();
+            encode_request(&mut msg, op, 1, 0, b"short");
+            s.write_all(&msg).expect("send");
+            assert_eq!(next_status(&mut s).1, Status::BadRequest);
+        });
+    }
+    counts(
+        &node,
+        "STORE with a short StoreIn",
+        Counts { stores: 1, ..bad },
+        || {
+            let mut msg = Vec::new();
+            encode_request(&mut msg, Opcode::Store, 2, 0, b"short");
+            encode_chunk_header(&mut msg, 3, true);
+            msg.extend_from_slice(b"abc");
+            s.write_all(&msg).expect("send");
+            assert_eq!(next_status(&mut s), (2, Status::BadRequest, 5));
+        },
+    );
+    counts(&node, "UDP body size", bad, || {
+        let mut msg = Vec::new();
+        encode_request(&mut msg, Opcode::Locate, 3, 0, b"short");
+        assert_eq!(ask_udp(&udp, &msg).2, Status::BadRequest);
+    });
+    // Header errors over UDP: answered, or dropped (then the NULL after is the reply).
+    let udp_bad = Counts { udp_bad: 1, ..bad };
+    counts(&node, "UDP checksum", udp_bad, || {
+        let mut h = Header::new(Kind::Request, Opcode::Null, 4, 0, 0);
+        h.request_id = 5.into();
+        assert_eq!(ask_udp(&udp, h.as_bytes()).2, Status::BadRequest);
+    });
+    counts(&node, "UDP body_len", udp_bad, || {
+        let h = Header::new(Kind::Request, Opcode::Null, 4, BODY_MAX + 1, 0);
+        assert_eq!(ask_udp(&udp, h.as_bytes()).2, Status::TooLarge);
+    });
+    counts(
+        &node,
+        "UDP garbage, then NULL",
+        Counts {
+            bad: 1,
+            udp_bad: 1,
+            ..reply
+        },
+        || {
+            udp.send(b"garbage").expect("send");
+            let mut null = Vec::new();
+            encode_request(&mut null, Opcode::Null, 6, 0, &[]);
+            assert_eq!(ask_udp(&udp, &null).2, Status::Success);
+        },
+    );
+    counts(&node, "UDP unknown opcode", error, || {
+        let h = Header::new_raw(Kind::Request, 999, 7, 0, 0);
+        assert_eq!(ask_udp(&udp, h.as_bytes()).2, Status::UnknownOpcode);
+    });
+    counts(&node, "UDP LOCATE not found", error, || {
+        let mut msg = Vec::new();
+        let q = LocateIn {
+            fingerprint: Fingerprint::ZERO,
+        };
+        encode_request(&mut msg, Opcode::Locate, 8, 0, q.as_bytes());
+        assert_eq!(ask_udp(&udp, &msg).2, Status::NotFound);
+    });
+
+    // STOREs: answered after the last chunk, or ended by their connection.
+    counts(&node, "a STORE", Counts { ops: 1, ..store }, || {
+        s.write_all(&store_message(9, &store_in, &[&object]))
+            .expect("send");
+        assert_eq!(next_status(&mut s).1, Status::Success);
+    });
+    counts(
+        &node,
+        "oversized chunk",
+        Counts { stores: 1, ..error },
+        || {
+            let big = vec![0u8; CHUNK_MAX as usize + 1];
+            s.write_all(&store_message(10, &store_in, &[&big]))
+                .expect("send");
+            assert_eq!(next_status(&mut s).1, Status::TooLarge);
+        },
+    );
+    counts(
+        &node,
+        "closed before its StoreIn",
+        Counts {
+            aborted: 1,
+            ..store
+        },
+        || {
+            let mut t = node.tcp();
+            let mut msg = Vec::new();
+            encode_request(&mut msg, Opcode::Store, 11, 0, store_in.as_bytes());
+            t.write_all(&msg[..Header::SIZE + 10]).expect("send");
+        },
+    );
+    counts(
+        &node,
+        "closed mid-chunk",
+        Counts {
+            aborted: 1,
+            ..store
+        },
+        || {
+            let mut t = node.tcp();
+            let msg = store_message(12, &store_in, &[&object]);
+            t.write_all(&msg[..msg.len() - 100]).expect("send");
+            // Wait until the node has begun the store, so the close finds it writing.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while NodeStats::get(&node.stats.ops_outstanding) == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        },
+    );
+    counts(
+        &node,
+        "refused STORE closed early",
+        Counts {
+            aborted: 1,
+            ..store
+        },
+        || {
+            let mut t = node.tcp();
+            let mut odd = store_in;
+            odd.flags = 0x40.into();
+            let msg = store_message(13, &odd, &[&object, &object]);
+            t.write_all(&msg[..msg.len() - 100]).expect("send");
+        },
+    );
+    counts(
+        &node,
+        "broken framing mid-STORE",
+        Counts {
+            stores: 1,
+            aborted: 1,
+            ..bad
+        },
+        || {
+            let mut t = node.tcp();
+            let mut msg = store_message(14, &store_in, &[&object, &object]);
+            let second = msg.len() - object.len() - ChunkHeader::SIZE;
+            msg[second] ^= 0xFF;
+            t.write_all(&msg).expect("send");
+            assert_eq!(
+                next_status(&mut t),
+                (14, Status::BadRequest, 0),
+                "answered as the STORE"
+            );
+        },
+    );
+    counts(&node, "header TOO_LARGE over TCP", bad, || {
+        let mut t = node.tcp();
+        let h = Header::new(Kind::Request, Opcode::Null, 15, BODY_MAX + 1, 0);
+        t.write_all(h.as_bytes()).expect("send");
+        assert_eq!(next_status(&mut t).1, Status::TooLarge);
+    });
+    let store = node.stop();
+    assert_eq!(store.counters().stores, 1);
+}
+
+#[test]
+fn locate_and_heartbeat_answers_carry_the_node_name() {
+    let node = TestNode::start();
+    let mut c = node.client();
+    let fp = c.store_bytes(b"named").expect("store").fingerprint;
+    let located = c.locate(&fp).expect("locate");
+    assert_eq!(located.node_id, 0x0123_4567_89ab_cdef);
+    assert_eq!(
+        located.name.as_ref().map(NodeName::as_str),
+        Some("test-node")
+    );
+    let hb = c.heartbeat().expect("heartbeat");
+    assert_eq!(
+        NodeName::from_field(&hb.name).expect("named").as_str(),
+        "test-node"
+    );
+    // Over UDP too: the same structures.
+    let udp = node.udp();
+    let mut msg = Vec::new();
+    encode_request(&mut msg, Opcode::Heartbeat, 1, 0, &[]);
+    // Padded to a third of the 144-byte reply (the UDP reply-size rule, §5).
+    msg.resize(48, 0);
+    udp.send(&msg).expect("send");
+    let mut buf = [0u8; 256];
+    let n = udp.recv(&mut buf).expect("answer");
+    let (_, body) = Header::read_from_prefix(&buf[..n]).expect("header");
+    let hb = HeartbeatOut::read_from_bytes(body).expect("HeartbeatOut");
+    assert_eq!(&hb.name[..10], b"test-node\0");
+}

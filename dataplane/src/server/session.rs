@@ -96,7 +96,7 @@ impl Timeout {
 /// per allowed connection at start-up, a new session takes a pair and a closed one
 /// gives it back, so accepting and closing connections never allocates.
 ///
-/// Memory: `connections_max` × ([`RBUF_BYTES`] + [`OUT_BYTES`]) = 1 MiB per
+/// Memory: `connections_max` × (`RBUF_BYTES` + [`OUT_BYTES`]) = 1 MiB per
 /// connection at most (1 GiB at the default 1024). The pages of a pair are touched
 /// only as far as its connections have used them: a node whose connections send small
 /// requests and fetch small objects keeps a few KiB of each pair resident.

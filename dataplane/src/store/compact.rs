@@ -124,7 +124,7 @@ impl Store {
         self.urgent.is_some()
     }
 
-    /// One bounded step ([`COMPACT_STEP_BYTES`]) of the compaction asked for, if any;
+    /// One bounded step (`COMPACT_STEP_BYTES`, 8 MiB of log) of the compaction asked for, if any;
     /// the loop calls it every turn while one is under way.
     pub fn compact_tick(&mut self) -> Option<Result<CompactReport, StoreError>> {
         let (disk, stop) = self.urgent?;

@@ -1350,3 +1350,68 @@ fn index_bytes_per_small_object() {
     );
     assert!(per <= 256, "{per} B per object");
 }
+
+/// The hot-object cache: a second read of a small object is served from memory (no
+/// device read) with the same bytes; a deleted object is never served from it; an
+/// object whose bytes rotted on disk is never cached, and a cached object read whole
+/// from memory is the one its fingerprint names.
+#[test]
+fn the_cache_serves_verified_bytes_and_forgets_deleted_objects() {
+    let disk = MemDisk::new(4 * MIB, 21);
+    let c = StoreConfig {
+        cache_bytes: 1 << 20,
+        ..cfg(16 * KIB)
+    };
+    let mut s = open(std::slice::from_ref(&disk), &c);
+    let small = data(30, 3000);
+    let fp = put(&mut s, &small, 4096).unwrap().fingerprint;
+    assert_eq!(get_all(&mut s, &fp).unwrap(), small);
+    let reads = disk.stats().reads;
+    // Hits: whole and in part, and no device read.
+    assert_eq!(get_all(&mut s, &fp).unwrap(), small);
+    let mut part = [0u8; 10];
+    assert_eq!(s.read(&fp, 100, &mut part).unwrap(), 10);
+    assert_eq!(&part[..], &small[100..110]);
+    assert_eq!(disk.stats().reads, reads, "served from the cache");
+    assert!(s.cache_stats().hits >= 2 && s.cache_stats().objects == 1);
+
+    // Deleted: gone from the cache at once, and a fresh store of the same bytes is
+    // read from its new record.
+    assert_eq!(s.delete(&fp).unwrap(), 0);
+    assert!(matches!(
+        s.read(&fp, 0, &mut part),
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(s.cache_stats().objects, 0);
+
+    // Rot on disk before the first read: the read fails, nothing is cached, and the
+    // next read goes to the disk and fails again.
+    let other = data(31, 2000);
+    let fp2 = put(&mut s, &other, 4096).unwrap().fingerprint;
+    let hdr = s.index[&fp2].extents[0].hdr;
+    disk.corrupt(hdr + 4096 + 5, 1);
+    let mut out = vec![0u8; other.len()];
+    assert!(matches!(
+        s.read(&fp2, 0, &mut out),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(s.cache_stats().objects, 0, "rotten bytes were cached");
+    assert!(matches!(
+        s.read(&fp2, 0, &mut out),
+        Err(StoreError::Corrupt { .. })
+    ));
+
+    // A cache of 0 bytes holds nothing.
+    let c0 = StoreConfig {
+        cache_bytes: 0,
+        ..cfg(16 * KIB)
+    };
+    drop(s);
+    let disk0 = MemDisk::new(4 * MIB, 22);
+    let mut s = open(std::slice::from_ref(&disk0), &c0);
+    let fp3 = put(&mut s, &small, 4096).unwrap().fingerprint;
+    get_all(&mut s, &fp3).unwrap();
+    let reads = disk0.stats().reads;
+    get_all(&mut s, &fp3).unwrap();
+    assert!(disk0.stats().reads > reads);
+}

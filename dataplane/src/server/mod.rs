@@ -113,7 +113,7 @@ pub struct Server {
     listener_state: ListenerState,
     cluster: Cluster,
     sessions: HashMap<Token, Session>,
-    /// Buffers for `connections_max` sessions, made at start-up.
+    /// Buffers for at most `connections_max` sessions, reused as sessions close.
     bufs: session::BufPool,
     next_token: usize,
     store: Store,
@@ -521,7 +521,7 @@ impl Server {
                 }
             }
         }
-        // One pair of buffers per allowed connection was made at start-up, and a
+        // The pool holds (or may still make) one pair of buffers per allowed connection, and a
         // session gives its pair back when it closes: with the table below its
         // maximum there is always one.
         let Some(bufs) = self.bufs.take() else {

@@ -92,9 +92,9 @@ impl Timeout {
     }
 }
 
-/// The two buffers of a session, pooled by the loop: [`BufPool::new`] makes one pair
-/// per allowed connection at start-up, a new session takes a pair and a closed one
-/// gives it back, so accepting and closing connections never allocates.
+/// The two buffers of a session, pooled by the loop: [`BufPool`] holds at most one
+/// pair per allowed connection, a new session takes a pair and a closed one gives it
+/// back, so a warm node accepts and closes connections without allocating.
 ///
 /// Memory: `connections_max` × (`RBUF_BYTES` + [`OUT_BYTES`]) = 1 MiB per
 /// connection at most (1 GiB at the default 1024). The pages of a pair are touched
@@ -109,36 +109,42 @@ pub struct SessionBufs {
 /// Output buffer capacity: the high mark, a stream piece and a reply.
 pub const OUT_BYTES: usize = OUT_HIGH + PIECE_BYTES + 1024;
 
-/// Session buffers for every allowed connection.
+/// Session buffers for every allowed connection: at most `connections_max` pairs,
+/// each made the first time it is needed (so a node configured for 65536 connections
+/// does not map 64 GiB at start-up) and reused from then on.
 #[derive(Debug)]
 pub struct BufPool {
     free: Vec<SessionBufs>,
+    /// Pairs that may still be made.
+    unmade: usize,
 }
 
 impl BufPool {
     pub fn new(connections_max: usize) -> BufPool {
         BufPool {
-            free: (0..connections_max)
-                .map(|_| SessionBufs {
-                    rbuf: vec![0u8; RBUF_BYTES].into_boxed_slice(),
-                    out: Vec::with_capacity(OUT_BYTES),
-                })
-                .collect(),
+            free: Vec::with_capacity(connections_max),
+            unmade: connections_max,
         }
     }
 
     /// A pair for a new session; `None` when every allowed connection has one.
     pub fn take(&mut self) -> Option<SessionBufs> {
-        self.free.pop()
+        if let Some(b) = self.free.pop() {
+            return Some(b);
+        }
+        if self.unmade == 0 {
+            return None;
+        }
+        self.unmade -= 1;
+        Some(SessionBufs {
+            rbuf: vec![0u8; RBUF_BYTES].into_boxed_slice(),
+            out: Vec::with_capacity(OUT_BYTES),
+        })
     }
 
     pub fn give(&mut self, mut bufs: SessionBufs) {
         bufs.out.clear();
         self.free.push(bufs);
-    }
-
-    pub fn available(&self) -> usize {
-        self.free.len()
     }
 }
 

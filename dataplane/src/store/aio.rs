@@ -197,7 +197,8 @@ impl Store {
             self.counters.reads += 1;
             return Ok(ReadStart::Ready(0));
         }
-        if let Some(data) = self.cache.get(fp) {
+        // Only objects the cache would hold count as its hits or misses.
+        if let Some(data) = self.cache.wants(len).then(|| self.cache.get(fp)).flatten() {
             let at = offset as usize;
             out[..n].copy_from_slice(&data[at..at + n]);
             self.counters.reads += 1;

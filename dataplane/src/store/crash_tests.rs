@@ -10,6 +10,10 @@
 //!   writes vanish); an operation that *failed* (device fault) is in doubt: it may or
 //!   may not have taken effect, and the model allows both;
 //! - nothing is ever read back with bytes that do not match its fingerprint.
+//!
+//! The disks complete operations late and out of order (the memory disk's default
+//! latency model), so every test here runs the asynchronous store; the last one cuts
+//! the power after every poll of one group commit of several operations in flight.
 
 use std::collections::HashMap;
 

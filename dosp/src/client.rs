@@ -602,11 +602,12 @@ impl Client {
     }
 
     /// GET_CONTENTS: calls `each` for every (fingerprint, disk) the node holds, as they
-    /// stream in. Returns the count the node reported.
+    /// stream in (padding entries skipped). Returns how many it was called for.
     pub fn contents(&mut self, each: &mut dyn FnMut(Fingerprint, u16)) -> Result<u64, ClientError> {
         let id = self.send_request(Opcode::GetContents, ContentsIn::new_zeroed().as_bytes())?;
         let mut pending: Vec<u8> = Vec::with_capacity(size_of::<ContentsEntry>());
         let mut seen = 0u64;
+        let mut padded = 0u64;
         loop {
             match self.next_step()? {
                 Step::StreamStart(len) => {
@@ -631,7 +632,15 @@ impl Client {
                         data = &data[take..];
                         if pending.len() == size_of::<ContentsEntry>() {
                             if let Ok(e) = ContentsEntry::read_from_bytes(&pending) {
-                                each(e.fingerprint, e.disk.get());
+                                // Padding (objects deleted while the node walked its
+                                // index) counts in the total but names nothing.
+                                let padding = e.fingerprint == Fingerprint::ZERO
+                                    && e.disk.get() == CONTENTS_PADDING_DISK;
+                                if padding {
+                                    padded += 1;
+                                } else {
+                                    each(e.fingerprint, e.disk.get());
+                                }
                                 seen += 1;
                             }
                             pending.clear();
@@ -647,7 +656,7 @@ impl Client {
                             source: WireError::Truncated,
                         });
                     }
-                    return Ok(seen);
+                    return Ok(seen - padded);
                 }
             }
         }

@@ -29,6 +29,10 @@ pub const BODY_MAX: u32 = 64 * 1024;
 pub const CHUNK_MAX_DEFAULT: u32 = 4 * 1024 * 1024;
 /// Disk selector meaning "every disk" in GET_DISK_STATE / GET_DISK_STATUS.
 pub const ALL_DISKS: u16 = 0xFFFF;
+/// The `disk` of a GET_CONTENTS padding entry (with an all-zero fingerprint): the
+/// stream keeps the length promised at its start although objects were deleted while
+/// it was walked. Receivers skip such entries.
+pub const CONTENTS_PADDING_DISK: u16 = 0xFFFF;
 /// Most disks a node reports in one reply.
 pub const DISKS_MAX: usize = 256;
 

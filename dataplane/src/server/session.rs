@@ -41,7 +41,7 @@ use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use super::ops::{detail_of, small_op, status_of, Ctx};
 use crate::stats::{NodeStats, OpClass};
-use crate::store::{DiskId, Expect, ReadId, ReadStart, StoreError, StoreEvent, WriteId};
+use crate::store::{Expect, ReadId, ReadStart, StoreError, StoreEvent, WriteId};
 
 /// Receive buffer: a header plus the largest body, with room for STORE data to flow.
 const RBUF_BYTES: usize = 256 * 1024;
@@ -220,10 +220,15 @@ enum Outgoing {
         /// stream header first, for the first piece) and its length.
         inflight: Option<(ReadId, usize, usize)>,
     },
+    /// A walk over the index by cursor, a piece per turn: `promised` entries were
+    /// announced in the stream header (the objects at the start), `sent` so far,
+    /// `cursor` the last fingerprint sent, `done` once the walk found no more.
     Contents {
         request_id: u64,
-        entries: Vec<(Fingerprint, DiskId)>,
-        next: usize,
+        promised: u64,
+        sent: u64,
+        cursor: Option<Fingerprint>,
+        done: bool,
         started: Instant,
     },
 }
@@ -1204,14 +1209,18 @@ impl State {
             );
             return State::done(ctx, OpClass::Other, started);
         }
-        let entries = ctx.store.contents();
-        let len = (entries.len() * size_of::<ContentsEntry>()) as u64;
+        // Nothing is copied: the count is promised now, and the index walked a piece
+        // at a time as the socket drains (dosp/PROTOCOL.md, GET_CONTENTS).
+        let promised = ctx.store.objects();
+        let len = promised * size_of::<ContentsEntry>() as u64;
         dosp::codec::encode_stream_header(&mut self.out, request_id, len);
         self.set_busy(ctx, true);
         self.outgoing = Some(Outgoing::Contents {
             request_id,
-            entries,
-            next: 0,
+            promised,
+            sent: 0,
+            cursor: None,
+            done: false,
             started,
         });
     }
@@ -1257,24 +1266,57 @@ impl State {
             }
             Outgoing::Contents {
                 request_id,
-                entries,
-                next,
+                promised,
+                sent,
+                cursor,
+                done,
                 started,
             } => {
-                let take = (PIECE_BYTES / size_of::<ContentsEntry>()).min(entries.len() - *next);
-                for (fp, disk) in &entries[*next..*next + take] {
+                let room = *promised - *sent;
+                let take = ((PIECE_BYTES / size_of::<ContentsEntry>()) as u64).min(room);
+                let mut n = 0u64;
+                if !*done && take > 0 {
+                    let out = &mut self.out;
+                    let last = ctx
+                        .store
+                        .contents_after(*cursor, take as usize, |fp, disk| {
+                            let e = ContentsEntry {
+                                fingerprint: fp,
+                                disk: disk.0.into(),
+                                reserved: 0.into(),
+                            };
+                            out.extend_from_slice(e.as_bytes());
+                            n += 1;
+                        });
+                    match last {
+                        Some(fp) => *cursor = Some(fp),
+                        None => *done = true,
+                    }
+                    if n < take {
+                        *done = true;
+                    }
+                }
+                *sent += n;
+                if *done && *sent < *promised {
+                    // Objects deleted while the walk went on: the promised length is
+                    // made up with padding entries (all-zero fingerprint, disk 0xFFFF),
+                    // which receivers skip.
+                    let pad =
+                        ((PIECE_BYTES / size_of::<ContentsEntry>()) as u64).min(*promised - *sent);
                     let e = ContentsEntry {
-                        fingerprint: *fp,
-                        disk: disk.0.into(),
+                        fingerprint: Fingerprint::ZERO,
+                        disk: CONTENTS_PADDING_DISK.into(),
                         reserved: 0.into(),
                     };
-                    self.out.extend_from_slice(e.as_bytes());
+                    for _ in 0..pad {
+                        self.out.extend_from_slice(e.as_bytes());
+                    }
+                    *sent += pad;
                 }
-                *next += take;
-                if *next == entries.len() {
+                if *sent == *promised {
                     let out = ContentsOut {
                         head: OutHead::new(Status::Success, 0),
-                        count: (entries.len() as u64).into(),
+                        count: (*promised).into(),
                     };
                     let (id, started) = (*request_id, *started);
                     self.outgoing = None;

@@ -60,7 +60,7 @@ mod prop_tests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use md5::{Digest, Md5};
 use nvme::{AlignedBuf, BlockDevice};
@@ -423,7 +423,9 @@ const SYNC_USER: u64 = u64::MAX;
 pub struct Store {
     cfg: StoreConfig,
     vols: Vec<Volume>,
-    index: HashMap<Fingerprint, Entry>,
+    /// Ordered by fingerprint, so that GET_CONTENTS can walk it with a cursor a piece
+    /// at a time while stores and deletes go on (a hash map cannot resume a walk).
+    index: BTreeMap<Fingerprint, Entry>,
     writes: HashMap<WriteId, OpenWrite>,
     next_write: u64,
     pool: Vec<Staging>,
@@ -545,15 +547,15 @@ impl Store {
         for vol in vols.iter_mut().filter(|v| v.state == DiskState::Online) {
             vol.refresh_health();
         }
-        let mut index = HashMap::new();
+        let mut index = BTreeMap::new();
         let mut duplicates = Vec::new();
         for local in locals {
             for (fp, entry) in local {
                 match index.entry(fp) {
-                    std::collections::hash_map::Entry::Vacant(v) => {
+                    std::collections::btree_map::Entry::Vacant(v) => {
                         v.insert(entry);
                     }
-                    std::collections::hash_map::Entry::Occupied(_) => duplicates.push((fp, entry)),
+                    std::collections::btree_map::Entry::Occupied(_) => duplicates.push((fp, entry)),
                 }
             }
         }
@@ -1065,16 +1067,48 @@ impl Store {
         Ok(())
     }
 
-    /// Every object and the disk holding it, sorted by fingerprint.
+    /// Every object and the disk holding it, sorted by fingerprint. A copy of the
+    /// whole index: for tests and tools; the server walks it with
+    /// [`Store::contents_after`].
     pub fn contents(&self) -> Vec<(Fingerprint, DiskId)> {
-        let mut all: Vec<_> = self
-            .index
+        self.index
             .iter()
             .filter(|(fp, _)| !self.unacked.contains(*fp))
             .map(|(fp, e)| (*fp, e.disk))
-            .collect();
-        all.sort_unstable();
-        all
+            .collect()
+    }
+
+    /// Objects a reader may see now.
+    pub fn objects(&self) -> u64 {
+        (self.index.len() - self.unacked.len()) as u64
+    }
+
+    /// Up to `max` objects after `after` (from the first when `None`), in fingerprint
+    /// order, each handed to `each`: one bounded piece of a walk over the index that
+    /// stores and deletes may interleave with. Returns the last fingerprint handed out
+    /// (the cursor for the next piece), `None` when there was nothing after `after`.
+    pub fn contents_after(
+        &self,
+        after: Option<Fingerprint>,
+        max: usize,
+        mut each: impl FnMut(Fingerprint, DiskId),
+    ) -> Option<Fingerprint> {
+        use std::ops::Bound;
+        let from = match after {
+            Some(fp) => Bound::Excluded(fp),
+            None => Bound::Unbounded,
+        };
+        let mut last = None;
+        for (fp, e) in self
+            .index
+            .range((from, Bound::Unbounded))
+            .filter(|(fp, _)| !self.unacked.contains(*fp))
+            .take(max)
+        {
+            each(*fp, e.disk);
+            last = Some(*fp);
+        }
+        last
     }
 
     pub fn disks(&self) -> Vec<DiskReport> {
@@ -1147,20 +1181,21 @@ impl Store {
         down
     }
 
-    /// Objects in the index and an estimate of the memory it takes: every slot of the
-    /// hash table (key, entry, one control byte) whether used or not, plus each
-    /// entry's extent list. What `/metrics` reports as `dosd_index_bytes`.
+    /// Objects in the index and an estimate of the memory it takes: the B-tree's nodes
+    /// (a leaf holds up to 11 entries and is, on average, about two-thirds full under
+    /// random fingerprints; inner nodes add about a tenth) plus each entry's extent
+    /// list. What `/metrics` reports as `dosd_index_bytes`.
     pub fn index_footprint(&self) -> (u64, u64) {
-        let slot = size_of::<(Fingerprint, Entry)>() + 1;
+        const LEAF_ENTRIES: usize = 11;
+        let leaf = LEAF_ENTRIES * size_of::<(Fingerprint, Entry)>() + 16;
+        let leaves = (self.index.len() * 3).div_ceil(2 * LEAF_ENTRIES);
+        let nodes = leaves + leaves / 10;
         let extents: usize = self
             .index
             .values()
             .map(|e| e.extents.capacity() * size_of::<Extent>())
             .sum();
-        (
-            self.index.len() as u64,
-            (self.index.capacity() * slot + extents) as u64,
-        )
+        (self.index.len() as u64, (nodes * leaf + extents) as u64)
     }
 
     pub fn counters(&self) -> &StoreCounters {

@@ -96,6 +96,8 @@ pub struct FileDevice {
     in_kernel: usize,
     /// Finished operations not yet handed out by `poll`.
     ready: VecDeque<Completion>,
+    /// Completion entries copied out of the ring, reused every poll.
+    cqes: Vec<(u64, i32)>,
 }
 
 impl std::fmt::Debug for FileDevice {
@@ -199,6 +201,7 @@ impl FileDevice {
             backlog: VecDeque::new(),
             in_kernel: 0,
             ready: VecDeque::new(),
+            cqes: Vec::with_capacity(2 * RING_ENTRIES as usize),
         };
 
         // Some filesystems (FUSE, some network filesystems, older tmpfs via open)
@@ -366,11 +369,12 @@ impl FileDevice {
         let Engine::Uring(ring) = &mut self.engine else {
             return;
         };
-        let mut cqes: Vec<(u64, i32)> = Vec::new();
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
         for cqe in ring.completion() {
             cqes.push((cqe.user_data(), cqe.result()));
         }
-        for (user_data, res) in cqes {
+        for &(user_data, res) in &cqes {
             self.in_kernel = self.in_kernel.saturating_sub(1);
             let i = user_data as u32;
             let Some(s) = self.slots.get_mut(i as usize).and_then(|s| s.as_mut()) else {
@@ -420,6 +424,7 @@ impl FileDevice {
                 self.finish(i, Ok(()));
             }
         }
+        self.cqes = cqes;
     }
 }
 

@@ -220,7 +220,7 @@ impl Store {
             offset,
             n,
             obj_len: len,
-            subs: Vec::new(),
+            subs: self.spare_subs.pop().unwrap_or_default(),
             pending: 0,
             err: None,
         };
@@ -319,11 +319,7 @@ impl Store {
             None if op.pending > 0 => Err(StoreError::Format("read finished early".into())),
             None => self.verify_copy(&op, out),
         };
-        for s in op.subs.drain(..) {
-            if let Some(b) = s.buf {
-                self.read_bufs.give(b);
-            }
-        }
+        self.recycle_subs(&mut op.subs);
         match &result {
             Ok(n) => {
                 self.counters.bytes_read += *n as u64;
@@ -347,11 +343,19 @@ impl Store {
     pub fn read_release(&mut self, id: ReadId) {
         if let Some(mut op) = self.reads.get_mut(id.0 as usize).and_then(|o| o.take()) {
             self.free_reads.push(id.0);
-            for s in op.subs.drain(..) {
-                if let Some(b) = s.buf {
-                    self.read_bufs.give(b);
-                }
+            self.recycle_subs(&mut op.subs);
+        }
+    }
+
+    /// A finished read's buffers and its list of device reads go back to their pools.
+    fn recycle_subs(&mut self, subs: &mut Vec<Sub>) {
+        for s in subs.drain(..) {
+            if let Some(b) = s.buf {
+                self.read_bufs.give(b);
             }
+        }
+        if self.spare_subs.len() < 1024 {
+            self.spare_subs.push(std::mem::take(subs));
         }
     }
 

@@ -441,6 +441,8 @@ pub struct Store {
     /// Reads in flight, by [`ReadId`].
     reads: Vec<Option<aio::ReadOp>>,
     free_reads: Vec<u32>,
+    /// Lists of device reads of finished reads, reused.
+    spare_subs: Vec<Vec<aio::Sub>>,
     read_bufs: aio::BufPool,
     read_scratch: Vec<nvme::Completion>,
     /// Per disk: commits, deletes and references waiting for a flush, in seq order.
@@ -574,6 +576,7 @@ impl Store {
             ckpt_bufs,
             reads: Vec::new(),
             free_reads: Vec::new(),
+            spare_subs: Vec::new(),
             read_bufs: aio::BufPool::default(),
             read_scratch: Vec::new(),
             waiters: (0..nvols).map(|_| aio::Waiters::new()).collect(),

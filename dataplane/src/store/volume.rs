@@ -131,6 +131,8 @@ pub(crate) struct Volume {
     pub done_bufs: Vec<AlignedBuf>,
     /// Read completions that arrived during a blocking wait, for the next `poll`.
     parked: Vec<Completion>,
+    /// Completions of one poll, reused.
+    got: Vec<Completion>,
 }
 
 /// Tags of a volume's asynchronous operations: the class in the top byte.
@@ -263,6 +265,7 @@ impl Volume {
             flushing: None,
             done_bufs: Vec::new(),
             parked: Vec::new(),
+            got: Vec::with_capacity(POLL_MAX),
         };
         match vol.open_inner(node_id, rng, ckpt_buf) {
             Ok(index) => {
@@ -1003,13 +1006,14 @@ impl Volume {
     /// (a failure takes the disk down), read completions go to `reads`. Bounded.
     pub fn poll(&mut self, reads: &mut Vec<Completion>) {
         reads.append(&mut self.parked);
-        let mut got = Vec::new();
+        let mut got = std::mem::take(&mut self.got);
         self.dev.poll(POLL_MAX, &mut got);
-        for c in got {
+        for c in got.drain(..) {
             if let Some(r) = self.settle(c) {
                 reads.push(r);
             }
         }
+        self.got = got;
     }
 
     /// Settles a record write or flush completion; hands back anything else.

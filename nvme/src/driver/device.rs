@@ -38,6 +38,8 @@ pub struct NvmeDevice {
     backlog: VecDeque<u32>,
     /// Finished operations not yet handed out by `poll`.
     ready: VecDeque<Completion>,
+    /// Operations a poll's completions touched, reused every poll.
+    touched: Vec<u32>,
 }
 
 /// One submitted operation, split into commands.
@@ -82,6 +84,7 @@ impl NvmeDevice {
             free_ops: Vec::new(),
             backlog: VecDeque::new(),
             ready: VecDeque::new(),
+            touched: Vec::with_capacity(usize::from(opts.entries)),
         })
     }
 
@@ -225,7 +228,8 @@ impl NvmeDevice {
         self.done.clear();
         q.poll(usize::MAX, &mut self.done);
         let piece = q.buffer_bytes();
-        let mut touched: Vec<u32> = Vec::new();
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.clear();
         for d in self.done.drain(..) {
             let i = (d.tag >> 32) as u32;
             let at = (d.tag & 0xffff_ffff) as usize * crate::BLOCK_SIZE;
@@ -254,9 +258,10 @@ impl NvmeDevice {
             }
             touched.push(i);
         }
-        for i in touched {
+        for &i in &touched {
             self.settle(i);
         }
+        self.touched = touched;
         // A removed or failed controller fails every outstanding command through
         // `poll`; its state says why, and the queue is released at once.
         if let Some(e) = self

@@ -206,6 +206,19 @@ impl BlockDevice for FaultyDevice {
     fn health(&mut self) -> Option<Result<crate::driver::SmartLog, DevError>> {
         self.inner.health()
     }
+
+    fn notify_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.notify_fd()
+    }
+
+    /// Refused operations and held-back completions signal nothing: poll for them.
+    fn quiescent(&self) -> bool {
+        self.refused.is_empty() && self.delayed.is_empty() && self.inner.quiescent()
+    }
+
+    fn drain_notify(&mut self) {
+        self.inner.drain_notify()
+    }
 }
 
 #[cfg(test)]

@@ -170,6 +170,20 @@ pub trait BlockDevice: Send {
     fn health(&mut self) -> Option<Result<driver::SmartLog, DevError>> {
         None
     }
+    /// A descriptor that becomes readable when an operation completes, so that a loop
+    /// with nothing else to do may sleep in epoll instead of polling; `None` for a
+    /// device that must be polled (NVMe, memory).
+    fn notify_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Whether every operation in flight will signal [`BlockDevice::notify_fd`] when it
+    /// completes: none waits in the device for a poll to start it, and no finished one
+    /// waits to be handed out. Only then may its owner sleep.
+    fn quiescent(&self) -> bool {
+        false
+    }
+    /// Empties [`BlockDevice::notify_fd`] after a wake-up.
+    fn drain_notify(&mut self) {}
 
     /// Reads into `buf`, blocking ([`run_blocking`] with a copy): for tools and tests.
     /// The same contract as a submitted read: `buf` aligned, whole blocks, in range.
@@ -227,6 +241,15 @@ impl<D: BlockDevice + ?Sized> BlockDevice for Box<D> {
     }
     fn health(&mut self) -> Option<Result<driver::SmartLog, DevError>> {
         (**self).health()
+    }
+    fn notify_fd(&self) -> Option<std::os::fd::RawFd> {
+        (**self).notify_fd()
+    }
+    fn quiescent(&self) -> bool {
+        (**self).quiescent()
+    }
+    fn drain_notify(&mut self) {
+        (**self).drain_notify()
     }
 }
 

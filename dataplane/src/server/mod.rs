@@ -40,6 +40,9 @@ const LISTENER: Token = Token(0);
 const UDP_UNICAST: Token = Token(1);
 const UDP_MULTICAST: Token = Token(2);
 const FIRST_SESSION: usize = 16;
+/// Tokens of the disks' completion descriptors: `NOTIFY_BASE + disk`, far above any
+/// session's token (those count up from FIRST_SESSION).
+const NOTIFY_BASE: usize = usize::MAX / 2;
 /// Idle sessions looked at, when the table is full, before a newcomer is refused.
 const EVICT_TRIES: usize = 8;
 /// Events handled per epoll wait.
@@ -143,6 +146,13 @@ impl Server {
             .register(&mut cluster.unicast, UDP_UNICAST, Interest::READABLE)?;
         poll.registry()
             .register(&mut cluster.multicast, UDP_MULTICAST, Interest::READABLE)?;
+        for (disk, fd) in store.notify_fds() {
+            poll.registry().register(
+                &mut mio::unix::SourceFd(&fd),
+                Token(NOTIFY_BASE + usize::from(disk.0)),
+                Interest::READABLE,
+            )?;
+        }
         let ip = match local {
             SocketAddr::V4(a) if !a.ip().is_unspecified() => *a.ip(),
             _ => cfg.multicast_if,
@@ -217,9 +227,10 @@ impl Server {
                 }
             }
             NodeStats::inc(&self.stats.loop_turns);
-            // With device operations in flight the loop polls without sleeping: their
-            // completions are what it waits for.
-            let timeout = if more.is_empty() && !self.store.busy() {
+            // With device operations in flight the loop polls without sleeping, unless
+            // every one of them will wake it through its disk's completion descriptor
+            // (io_uring's eventfd, registered with epoll).
+            let timeout = if more.is_empty() && self.store.can_sleep() {
                 match self.accept_at {
                     Some(at) => at
                         .saturating_duration_since(Instant::now())
@@ -267,6 +278,10 @@ impl Server {
             let mut accepted = false;
             for ev in events.iter() {
                 match ev.token() {
+                    Token(t) if t >= NOTIFY_BASE => {
+                        self.store
+                            .drain_notify(crate::store::DiskId((t - NOTIFY_BASE) as u16));
+                    }
                     LISTENER => {
                         accepted = true;
                         self.accept(&mut more);

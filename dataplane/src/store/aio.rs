@@ -447,6 +447,31 @@ impl Store {
         self.cache.stats()
     }
 
+    /// The completion descriptors of the disks that have one (io_uring's eventfd),
+    /// by disk, for the loop to sleep on.
+    pub fn notify_fds(&self) -> Vec<(DiskId, std::os::fd::RawFd)> {
+        self.vols
+            .iter()
+            .filter_map(|v| v.notify_fd().map(|fd| (v.id, fd)))
+            .collect()
+    }
+
+    /// Empties a disk's completion descriptor after it woke the loop.
+    pub fn drain_notify(&mut self, disk: DiskId) {
+        if let Some(v) = self.vols.get_mut(usize::from(disk.0)) {
+            v.drain_notify();
+        }
+    }
+
+    /// Whether the loop may sleep in epoll now: nothing waits for a poll to start or
+    /// to be handed out, and every device operation in flight will signal its disk's
+    /// completion descriptor. Otherwise the loop polls without sleeping.
+    pub fn can_sleep(&self) -> bool {
+        self.urgent.is_none()
+            && self.parked_events.is_empty()
+            && self.vols.iter().all(|v| v.quiescent())
+    }
+
     /// Whether anything is in flight (the loop keeps polling rather than sleeping).
     pub fn busy(&self) -> bool {
         self.urgent.is_some()

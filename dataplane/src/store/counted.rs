@@ -155,6 +155,19 @@ impl Counted {
         self.dev.in_flight() + self.stash.len()
     }
 
+    pub fn notify_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.dev.notify_fd()
+    }
+
+    /// Nothing in flight, or all of it will signal the notify descriptor.
+    pub fn quiescent(&self) -> bool {
+        self.stash.is_empty() && (self.dev.in_flight() == 0 || self.dev.quiescent())
+    }
+
+    pub fn drain_notify(&mut self) {
+        self.dev.drain_notify()
+    }
+
     /// Blocks until the device has finished something (start-up and blocking paths).
     pub fn wait(&mut self) {
         if self.stash.is_empty() {

@@ -1044,6 +1044,21 @@ impl Volume {
         }
     }
 
+    /// The device's completion descriptor, if it has one.
+    pub fn notify_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.dev.notify_fd()
+    }
+
+    /// Whether this disk's loop may sleep: nothing held here for the next poll, and
+    /// everything in flight will wake it.
+    pub fn quiescent(&self) -> bool {
+        self.parked.is_empty() && self.done_bufs.is_empty() && self.dev.quiescent()
+    }
+
+    pub fn drain_notify(&mut self) {
+        self.dev.drain_notify()
+    }
+
     /// Blocks until the device finishes something (blocking paths only).
     pub fn wait_device(&mut self) {
         if self.parked.is_empty() {

@@ -116,7 +116,9 @@ pub struct Completion {
 }
 
 impl IoOp {
-    fn parts(self) -> (IoKind, u64, AlignedBuf) {
+    /// What, where, and the buffer (empty for a flush): how a backend takes an
+    /// operation apart to carry it out.
+    pub fn into_parts(self) -> (IoKind, u64, AlignedBuf) {
         match self {
             IoOp::Read { offset, buf } => (IoKind::Read, offset, buf),
             IoOp::Write { offset, buf } => (IoKind::Write, offset, buf),
@@ -127,7 +129,7 @@ impl IoOp {
     /// The completion of this operation with `result`, for backends that finish an
     /// operation without handing it to the device (a contract error, a dead device).
     pub fn complete(self, tag: IoTag, result: Result<(), DevError>) -> Completion {
-        let (kind, offset, buf) = self.parts();
+        let (kind, offset, buf) = self.into_parts();
         Completion {
             tag,
             kind,

@@ -20,8 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::{
-    check_transfer, AlignedBuf, BlockDevice, Completion, DevError, DeviceInfo, IoKind, IoOp, IoTag,
-    BLOCK_SIZE,
+    check_transfer, BlockDevice, Completion, DevError, DeviceInfo, IoKind, IoOp, IoTag, BLOCK_SIZE,
 };
 
 /// The atomic unit of a write on real media: a power cut can leave a block with some
@@ -375,11 +374,7 @@ impl MemDevice {
         let Queued {
             tag, op, covers, ..
         } = q;
-        let (kind, offset, mut buf) = match op {
-            IoOp::Read { offset, buf } => (IoKind::Read, offset, buf),
-            IoOp::Write { offset, buf } => (IoKind::Write, offset, buf),
-            IoOp::Flush => (IoKind::Flush, 0, AlignedBuf::new(0)),
-        };
+        let (kind, offset, mut buf) = op.into_parts();
         let result = self.execute_inner(kind, offset, &mut buf, covers);
         Completion {
             tag,

@@ -315,11 +315,7 @@ impl BlockDevice for NvmeDevice {
             self.ready.push_back(op.complete(tag, Err(e)));
             return;
         }
-        let (kind, offset, buf) = match op {
-            IoOp::Read { offset, buf } => (IoKind::Read, offset, buf),
-            IoOp::Write { offset, buf } => (IoKind::Write, offset, buf),
-            IoOp::Flush => (IoKind::Flush, 0, AlignedBuf::new(0)),
-        };
+        let (kind, offset, buf) = op.into_parts();
         let op = Op {
             tag,
             kind,

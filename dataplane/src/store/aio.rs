@@ -472,18 +472,6 @@ impl Store {
             && self.vols.iter().all(|v| v.quiescent())
     }
 
-    /// Whether anything is in flight (the loop keeps polling rather than sleeping).
-    pub fn busy(&self) -> bool {
-        self.urgent.is_some()
-            || !self.parked_events.is_empty()
-            || self.reads.len() > self.free_reads.len()
-            || self.waiters.iter().any(|w| !w.is_empty())
-            || self
-                .vols
-                .iter()
-                .any(|v| !v.inflight.is_empty() || v.flushing.is_some())
-    }
-
     fn read_done(&mut self, c: Completion, events: &mut Vec<StoreEvent>) {
         let id = (c.tag.0 & !TAG_READ) as u32;
         let Some(op) = self.reads.get_mut(id as usize).and_then(|o| o.as_mut()) else {
@@ -499,7 +487,6 @@ impl Store {
                     s.hdr_phys + BLOCK_U64 * (1 + s.b0) == c.offset
                 })
         });
-        let failed = c.result.is_err();
         match slot {
             Some(s) => {
                 s.done = true;
@@ -514,7 +501,6 @@ impl Store {
                 op.err.get_or_insert(err);
             }
         }
-        let _ = failed;
         if let Some(op) = self.reads[id as usize].as_ref() {
             if op.pending == 0 {
                 events.push(StoreEvent::Read {

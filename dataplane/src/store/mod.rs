@@ -429,7 +429,7 @@ pub struct Store {
     writes: HashMap<WriteId, OpenWrite>,
     next_write: u64,
     pool: Vec<Staging>,
-    /// Aligned bounce buffer for reads (out buffers have any length and alignment).
+    /// One block for the disk probe's reads.
     bounce: AlignedBuf,
     /// One block for REF records.
     meta: AlignedBuf,
@@ -561,7 +561,6 @@ impl Store {
                 }
             }
         }
-        let bounce_len = seg.max(64 * BLOCK);
         let nvols = vols.len();
         let mut store = Store {
             vols,
@@ -569,7 +568,7 @@ impl Store {
             writes: HashMap::new(),
             next_write: 1,
             pool: Vec::new(),
-            bounce: AlignedBuf::new(bounce_len),
+            bounce: AlignedBuf::new(BLOCK),
             meta: AlignedBuf::new(BLOCK),
             hdr_cache: HeaderCache::new(64),
             counters: StoreCounters::default(),
@@ -717,10 +716,7 @@ impl Store {
         let st = match self.pool.pop() {
             Some(st) => st,
             None => Staging {
-                buf: self
-                    .spare_staging
-                    .pop()
-                    .unwrap_or_else(|| AlignedBuf::new(BLOCK + seg)),
+                buf: self.spare_staging_buf(),
                 crcs: Vec::with_capacity(seg / BLOCK),
                 extents: Vec::new(),
             },
@@ -904,7 +900,7 @@ impl Store {
         if w.unstored {
             return Err(StoreError::NoSpace);
         }
-        let spare = self.meta_or_spare();
+        let spare = self.spare_staging_buf();
         let vol = &mut self.vols[usize::from(w.disk.0)];
         vol.check_online()?;
         write_segment(vol, w, Some(&fp), &mut self.counters, spare)?;
@@ -945,7 +941,7 @@ impl Store {
     }
 
     /// A staging buffer for the write that will reuse this one's `Staging`.
-    fn meta_or_spare(&mut self) -> AlignedBuf {
+    fn spare_staging_buf(&mut self) -> AlignedBuf {
         let seg = self.cfg.segment_bytes;
         self.spare_staging
             .pop()

@@ -35,6 +35,8 @@ pub const TRANSFER_RATE_MIN_DEFAULT: u64 = 64 << 10;
 /// Connections the dataplane serves at once. Each holds a file descriptor and up to
 /// about 1 MiB of buffers (256 KiB in, up to 768 KiB out), touched only as used.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
+/// Most dataplane loops (the most regions a disk is carved into).
+pub const DATAPLANE_CORES_MAX: u16 = 64;
 /// A bound on `connections_max`, so a typo cannot ask for millions of descriptors.
 pub const CONNECTIONS_MAX_LIMIT: usize = 65_536;
 /// One disk down degrades the node; two make it failing.
@@ -117,6 +119,13 @@ pub struct Flags {
     /// longest is closed to admit a new one [default: 1024]
     #[arg(long)]
     pub connections_max: Option<usize>,
+    /// Dataplane loops, each a thread pinned to its own core with its own shard of
+    /// the index, log space on every disk and connections, 1 to 64. Disks are carved
+    /// for this number when first used and keep it [default: the number the disks
+    /// were carved for; on blank disks, every core but the management core's, at
+    /// least 1]
+    #[arg(long)]
+    pub dataplane_cores: Option<u16>,
     /// Bearer token for the REST endpoints that change things (disk offline/online);
     /// without one they are disabled
     #[arg(long, env = "DOSD_MGMT_TOKEN", hide_env_values = true)]
@@ -167,6 +176,7 @@ pub struct FileConfig {
     pub header_timeout_ms: Option<u64>,
     pub transfer_rate_min: Option<toml::Value>,
     pub connections_max: Option<usize>,
+    pub dataplane_cores: Option<u16>,
     pub mgmt_token: Option<String>,
     pub disks_down_max: Option<u16>,
     pub dataplane_stall_ms: Option<u64>,
@@ -213,6 +223,8 @@ pub struct Config {
     /// Bytes per second; 0: no minimum.
     pub transfer_rate_min: u64,
     pub connections_max: usize,
+    /// Dataplane loops asked for; `None`: as the disks are carved, or the default.
+    pub dataplane_cores: Option<u16>,
     /// `None`: the REST endpoints that change things are disabled.
     pub mgmt_token: Option<String>,
     pub disks_down_max: u16,
@@ -460,6 +472,16 @@ impl Config {
                 format!("must be 1 to {CONNECTIONS_MAX_LIMIT}"),
             ));
         }
+        let dataplane_cores = flags.dataplane_cores.or(file.dataplane_cores);
+        if let Some(n) = dataplane_cores {
+            if !(1..=DATAPLANE_CORES_MAX).contains(&n) {
+                return Err(invalid(
+                    "dataplane_cores",
+                    &n.to_string(),
+                    format!("must be 1 to {DATAPLANE_CORES_MAX}"),
+                ));
+            }
+        }
         let test_stall_ms = flags
             .test_hooks
             .then(|| flags.test_stall_ms.unwrap_or(TEST_STALL_MS_DEFAULT));
@@ -512,6 +534,7 @@ impl Config {
             header_timeout_ms,
             transfer_rate_min,
             connections_max,
+            dataplane_cores,
         })
     }
 }

@@ -55,8 +55,9 @@ type Devices = (Vec<Box<dyn nvme::BlockDevice>>, Vec<nvme::driver::Opened>);
 
 /// The node's disks: the explicit `--disk` list, or the data directory's images.
 /// Returns the NVMe controllers opened, to be dropped after the store (dropping one
-/// shuts it down cleanly and gives it back to the kernel's driver).
-fn open_devices(cfg: &Config, dir: &datadir::DataDir) -> anyhow::Result<Devices> {
+/// shuts it down cleanly and gives it back to the kernel's driver). `queues`: I/O
+/// queue pairs to create on each NVMe controller, one per dataplane loop.
+fn open_devices(cfg: &Config, dir: &datadir::DataDir, queues: u16) -> anyhow::Result<Devices> {
     if cfg.disk_specs.is_empty() {
         return Ok((dir.open_disks(cfg.disks, cfg.disk_size)?, Vec::new()));
     }
@@ -71,7 +72,7 @@ fn open_devices(cfg: &Config, dir: &datadir::DataDir) -> anyhow::Result<Devices>
             }
             DiskSpec::Nvme(name) => {
                 let opts = nvme::driver::CtrlOptions {
-                    io_queues: 2,
+                    io_queues: queues.max(2),
                     ..Default::default()
                 };
                 let opened = nvme::driver::open(name, &opts)
@@ -87,34 +88,111 @@ fn open_devices(cfg: &Config, dir: &datadir::DataDir) -> anyhow::Result<Devices>
     Ok((devices, controllers))
 }
 
-/// TEST ONLY (`--fault-inject-disk N`): puts disk `disk` behind a fault injector and
-/// returns its switch. The store sees the same device, so the disk opens, serves and
+/// Another handle on each disk for one more dataplane loop: its own io_uring on a
+/// file, its own queue pair on an NVMe controller.
+fn reopen_devices(
+    cfg: &Config,
+    dir: &datadir::DataDir,
+    controllers: &[nvme::driver::Opened],
+) -> anyhow::Result<Vec<Box<dyn nvme::BlockDevice>>> {
+    if cfg.disk_specs.is_empty() {
+        return dir.open_disks(cfg.disks, cfg.disk_size);
+    }
+    let mut ctrls = controllers.iter();
+    let mut devices: Vec<Box<dyn nvme::BlockDevice>> = Vec::new();
+    for (i, spec) in cfg.disk_specs.iter().enumerate() {
+        match spec {
+            DiskSpec::File(path) => {
+                let dev = nvme::file::FileDevice::open(path, cfg.disk_size)
+                    .with_context(|| format!("cannot open disk {i} (file:{})", path.display()))?;
+                devices.push(Box::new(dev));
+            }
+            DiskSpec::Nvme(name) => {
+                let opened = ctrls
+                    .next()
+                    .with_context(|| format!("disk {i} (nvme:{name}) was not opened"))?;
+                let dev = nvme::driver::NvmeDevice::new(&opened.ctrl, Default::default())
+                    .with_context(|| {
+                        format!("cannot create another queue pair on disk {i} (nvme:{name})")
+                    })?;
+                devices.push(Box::new(dev));
+            }
+        }
+    }
+    Ok(devices)
+}
+
+/// How many dataplane loops to run: as asked, else as the disks are carved, else
+/// every core but the management core's (at least one).
+fn loops_for(
+    asked: Option<u16>,
+    devices: &mut [Box<dyn nvme::BlockDevice>],
+) -> anyhow::Result<u16> {
+    use dataplane::store::label;
+    if let Some(n) = asked {
+        return Ok(n);
+    }
+    for (i, dev) in devices.iter_mut().enumerate() {
+        let mut block = nvme::AlignedBuf::new(nvme::BLOCK_SIZE);
+        <Box<dyn nvme::BlockDevice> as nvme::BlockDevice>::read_at(dev, 0, &mut block)
+            .with_context(|| format!("cannot read the label of disk {i}"))?;
+        if let label::Found::Label(l) = label::decode(&block, dev.info().size_bytes) {
+            return Ok(l.shards);
+        }
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(u16::try_from(cores.saturating_sub(1).max(1))
+        .unwrap_or(1)
+        .min(dataplane::store::label::SHARDS_MAX))
+}
+
+/// Each loop's regions: `handles[loop][disk]` windowed onto the region the disk's
+/// label gives that loop.
+fn carve(
+    handles: Vec<Vec<Box<dyn nvme::BlockDevice>>>,
+    labels: &[dataplane::store::label::Label],
+) -> anyhow::Result<Vec<Vec<Box<dyn nvme::BlockDevice>>>> {
+    handles
+        .into_iter()
+        .enumerate()
+        .map(|(k, disks)| {
+            disks
+                .into_iter()
+                .zip(labels)
+                .enumerate()
+                .map(
+                    |(d, (dev, l))| -> anyhow::Result<Box<dyn nvme::BlockDevice>> {
+                        let (base, len) = l.region(k as u16);
+                        Ok(Box::new(nvme::Region::new(dev, base, len).with_context(
+                            || format!("disk {d}: region {k} does not fit the disk"),
+                        )?))
+                    },
+                )
+                .collect()
+        })
+        .collect()
+}
+
+/// TEST ONLY (`--fault-inject-disk N`): puts disk `disk` behind the fault injector
+/// `switch`. The store sees the same device, so the disk opens, serves and
 /// fails exactly as a plain one would; only SIGUSR1 (see [`TestSignals`]) throws the
 /// switch.
 fn wrap_faulty(
     devices: Vec<Box<dyn nvme::BlockDevice>>,
     disk: u16,
-) -> (
-    Vec<Box<dyn nvme::BlockDevice>>,
-    Arc<nvme::faulty::FaultSwitch>,
-) {
-    let switch = nvme::faulty::FaultSwitch::new();
-    let devices = devices
+    switch: &Arc<nvme::faulty::FaultSwitch>,
+) -> Vec<Box<dyn nvme::BlockDevice>> {
+    devices
         .into_iter()
         .enumerate()
         .map(|(i, dev)| -> Box<dyn nvme::BlockDevice> {
             if i == usize::from(disk) {
-                Box::new(nvme::faulty::FaultyDevice::new(dev, Arc::clone(&switch)))
+                Box::new(nvme::faulty::FaultyDevice::new(dev, Arc::clone(switch)))
             } else {
                 dev
             }
         })
-        .collect();
-    tracing::warn!(
-        disk,
-        "TEST HOOK ARMED (--fault-inject-disk): SIGUSR1 makes every I/O on this disk fail; never use this in production"
-    );
-    (devices, switch)
+        .collect()
 }
 
 /// TEST ONLY: the signals that drive the test hooks, handled on their own thread so
@@ -204,11 +282,36 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     let epoch = dir.next_epoch()?;
     // `_controllers` keeps the NVMe controllers (and their vfio-pci bindings) until
     // the store, which holds their queues, is gone: it is declared before it.
-    let (mut devices, _controllers) = open_devices(&cfg, &dir)?;
+    let asked = cfg.dataplane_cores;
+    let (mut first, _controllers) = open_devices(&cfg, &dir, asked.unwrap_or(2).max(2))?;
+    let loops = loops_for(asked, &mut first)?;
+    let mut labels = Vec::with_capacity(first.len());
+    {
+        let mut rng = rand::thread_rng();
+        for (i, dev) in first.iter_mut().enumerate() {
+            let l = dataplane::store::label::open_or_label(dev.as_mut(), Some(loops), &mut rng)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("disk {i} ({})", dev.info().location))?;
+            labels.push(l);
+        }
+    }
+    let mut handles = vec![first];
+    for _ in 1..loops {
+        handles.push(reopen_devices(&cfg, &dir, &_controllers)?);
+    }
     let mut fault = None;
     if let Some(disk) = cfg.fault_inject_disk {
-        // The configuration checked that `disk` is one of the node's disks.
-        let (wrapped, switch) = wrap_faulty(devices, disk);
+        // The configuration checked that `disk` is one of the node's disks. Every
+        // loop's handle on it goes behind the same switch.
+        let switch = nvme::faulty::FaultSwitch::new();
+        for h in handles.iter_mut() {
+            let devs = std::mem::take(h);
+            *h = wrap_faulty(devs, disk, &switch);
+        }
+        tracing::warn!(
+            disk,
+            "TEST HOOK ARMED (--fault-inject-disk): SIGUSR1 makes every I/O on this disk fail; never use this in production"
+        );
         if let Some(ms) = cfg.test_disk_latency_ms {
             tracing::warn!(
                 disk,
@@ -217,9 +320,9 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             );
             switch.set_latency(std::time::Duration::from_millis(ms));
         }
-        devices = wrapped;
         fault = Some((disk, switch));
     }
+    let regions = carve(handles, &labels)?;
     let stall_trigger = cfg.test_stall_ms.map(|ms| {
         tracing::warn!(
             stall_ms = ms,
@@ -234,16 +337,18 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             .context("cannot install signal handler")?;
     }
 
-    let store = dataplane::store::Store::open(
-        devices,
-        dataplane::store::StoreConfig {
-            cache_bytes: usize::try_from(cfg.cache_bytes).unwrap_or(usize::MAX),
-            ..dataplane::store::StoreConfig::default()
-        },
-        node_id,
-    )
-    .context("cannot open the object store")?;
-    for d in store.disks() {
+    let store_cfg = dataplane::store::StoreConfig {
+        cache_bytes: usize::try_from(cfg.cache_bytes).unwrap_or(usize::MAX) / usize::from(loops),
+        ..dataplane::store::StoreConfig::default()
+    };
+    let mut stores = Vec::with_capacity(usize::from(loops));
+    for (k, devs) in regions.into_iter().enumerate() {
+        let store = dataplane::store::Store::open(devs, store_cfg.clone(), node_id)
+            .with_context(|| format!("cannot open shard {k} of the object store"))?;
+        stores.push(store);
+    }
+    for d in dataplane::handle::merge_reports(&stores.iter().map(|s| s.disks()).collect::<Vec<_>>())
+    {
         tracing::info!(
             disk = d.id.0,
             identity = %hex::encode(d.identity),
@@ -255,36 +360,66 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             "disk"
         );
     }
-    let (handle, end) = dataplane::handle::handle_pair();
-    let server_cfg = dataplane::server::ServerConfig {
-        listen: cfg.listen,
-        multicast_group: cfg.multicast,
-        multicast_if: cfg.multicast_if,
-        node_id,
-        node_name: node_name.clone(),
-        epoch,
-        chunk_max: dosp::wire::CHUNK_MAX_DEFAULT,
-        connections_max: cfg.connections_max,
-        idle_sleep: Duration::from_millis(100),
-        checkpoint_interval: Duration::from_secs(5),
-        request_timeout: Duration::from_millis(cfg.request_timeout_ms),
-        idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
-        header_timeout: Duration::from_millis(cfg.header_timeout_ms),
-        transfer_rate_min: cfg.transfer_rate_min,
-        test_stall: stall_trigger
-            .as_ref()
-            .zip(cfg.test_stall_ms)
-            .map(|(trigger, ms)| dataplane::server::TestStall {
-                trigger: Arc::clone(trigger),
-                duration: Duration::from_millis(ms),
-            }),
+    let mut meshes: Vec<Option<dataplane::server::mesh::MeshEnd>> = if loops > 1 {
+        dataplane::server::mesh::mesh(loops)
+            .into_iter()
+            .map(Some)
+            .collect()
+    } else {
+        vec![None]
     };
-    let server = dataplane::server::Server::bind(server_cfg, store, end).with_context(|| {
-        format!(
-            "cannot bind DOSP on {} / multicast {}",
-            cfg.listen, cfg.multicast
-        )
-    })?;
+    let mut shards: Vec<dataplane::server::shards::Shards> = stores
+        .into_iter()
+        .zip(meshes.iter_mut())
+        .map(|(store, mesh)| dataplane::server::shards::Shards::new(store, mesh.take()))
+        .collect();
+    let dups = dataplane::server::shards::build_directories(&mut shards);
+    if dups > 0 {
+        tracing::error!(dups, "objects found held by two shards");
+    }
+    tracing::info!(loops, "dataplane loops (one shard each)");
+    let (handle, ends) = dataplane::handle::handle_for(loops);
+    let listeners =
+        dataplane::server::accept::bind_group(cfg.listen, cfg.connections_max, usize::from(loops))
+            .with_context(|| format!("cannot bind DOSP on {}", cfg.listen))?;
+    let mut servers = Vec::with_capacity(usize::from(loops));
+    for (k, ((shard, end), listener)) in shards.into_iter().zip(ends).zip(listeners).enumerate() {
+        let server_cfg = dataplane::server::ServerConfig {
+            listen: cfg.listen,
+            multicast_group: cfg.multicast,
+            multicast_if: cfg.multicast_if,
+            node_id,
+            node_name: node_name.clone(),
+            epoch,
+            chunk_max: dosp::wire::CHUNK_MAX_DEFAULT,
+            // The kernel spreads connections over the loops; each admits its share.
+            connections_max: cfg.connections_max.div_ceil(usize::from(loops)),
+            idle_sleep: Duration::from_millis(100),
+            checkpoint_interval: Duration::from_secs(5),
+            request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+            idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+            header_timeout: Duration::from_millis(cfg.header_timeout_ms),
+            transfer_rate_min: cfg.transfer_rate_min,
+            cluster: k == 0,
+            test_stall: stall_trigger
+                .as_ref()
+                .zip(cfg.test_stall_ms)
+                .filter(|_| k == 0)
+                .map(|(trigger, ms)| dataplane::server::TestStall {
+                    trigger: Arc::clone(trigger),
+                    duration: Duration::from_millis(ms),
+                }),
+        };
+        let server = dataplane::server::Server::bind_with(server_cfg, listener, shard, end)
+            .with_context(|| {
+                format!(
+                    "cannot bind DOSP on {} / multicast {}",
+                    cfg.listen, cfg.multicast
+                )
+            })?;
+        servers.push(server);
+    }
+    let server = &servers[0];
     let local = server.local_addr()?;
     let mgmt_cfg = mgmt::MgmtConfig {
         listen: cfg.mgmt_listen,
@@ -351,31 +486,44 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         mgmt.local_addr()
     );
 
-    // The dataplane runs on its own thread, pinned to the last core when the machine
-    // has more than one (core 0 stays with the management core and the kernel's
-    // housekeeping, DESIGN.md §3); this thread waits for it.
+    // Each dataplane loop runs on its own thread `dataplane-K`, pinned to its own core
+    // when the machine has more than one: core 0 stays with the management core and
+    // the kernel's housekeeping (DESIGN.md §3), the loops take cores 1, 2, … and wrap
+    // around when there are more loops than cores. This thread waits for them.
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let pin = (cores.len() > 1).then(|| cores[cores.len() - 1]);
-    let dataplane = std::thread::Builder::new()
-        .name("dataplane-1".into())
-        .spawn({
-            let stop = Arc::clone(&stop);
-            move || {
-                match pin {
-                    Some(core) if core_affinity::set_for_current(core) => {
-                        tracing::info!(core = core.id, "dataplane pinned");
+    let mut threads = Vec::with_capacity(servers.len());
+    for (k, server) in servers.into_iter().enumerate() {
+        let pin = (cores.len() > 1).then(|| cores[(1 + k) % cores.len()]);
+        let t = std::thread::Builder::new()
+            .name(format!("dataplane-{k}"))
+            .spawn({
+                let stop = Arc::clone(&stop);
+                move || {
+                    match pin {
+                        Some(core) if core_affinity::set_for_current(core) => {
+                            tracing::info!(core = core.id, "dataplane pinned");
+                        }
+                        Some(core) => tracing::warn!(
+                            core = core.id,
+                            "could not pin the dataplane; running unpinned"
+                        ),
+                        None => tracing::info!("one core: dataplane unpinned"),
                     }
-                    Some(core) => tracing::warn!(
-                        core = core.id,
-                        "could not pin the dataplane; running unpinned"
-                    ),
-                    None => tracing::info!("one core: dataplane unpinned"),
+                    server.run(&stop)
                 }
-                server.run(&stop)
-            }
-        })
-        .context("cannot start the dataplane thread")?;
-    let result = dataplane.join();
+            })
+            .context("cannot start a dataplane thread")?;
+        threads.push(t);
+    }
+    // Any loop ending ends the node: the others are told to stop too.
+    let mut result = Ok(Ok(()));
+    for t in threads {
+        let r = t.join();
+        stop.store(true, Ordering::Relaxed);
+        if result.as_ref().is_ok_and(|r| r.is_ok()) {
+            result = r.map(|r| r.map(|_| ()));
+        }
+    }
     if let Some(t) = test_signals {
         t.stop();
     }
@@ -383,7 +531,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     announcer.stop();
     mgmt.stop();
     match result {
-        Ok(Ok(_store)) => {
+        Ok(Ok(())) => {
             tracing::info!("dosd stopped cleanly");
             Ok(())
         }

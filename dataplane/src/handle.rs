@@ -45,22 +45,104 @@ pub const COMMAND_QUEUE: usize = 16;
 /// Commands the dataplane takes per loop turn.
 pub const COMMANDS_PER_TURN: usize = 4;
 
-/// The latest disk reports, published by the dataplane.
+/// The latest disk reports, published by the dataplane loops.
+///
+/// Each loop publishes the reports of its own regions (its shard's log space on every
+/// disk); readers see one report per disk, merged: sizes, objects and counters summed,
+/// the worst state, the most recent error.
 #[derive(Debug, Default)]
 pub struct DiskBoard {
-    reports: Mutex<Arc<Vec<DiskReport>>>,
+    inner: Mutex<Board>,
+}
+
+#[derive(Debug, Default)]
+struct Board {
+    per_loop: Vec<Vec<DiskReport>>,
+    merged: Arc<Vec<DiskReport>>,
 }
 
 impl DiskBoard {
     /// The latest snapshot (cheap: an `Arc` clone).
     pub fn snapshot(&self) -> Arc<Vec<DiskReport>> {
-        Arc::clone(&self.reports.lock().unwrap_or_else(PoisonError::into_inner))
+        Arc::clone(
+            &self
+                .inner
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .merged,
+        )
     }
 
-    /// Replaces the snapshot. The lock is held only for a pointer swap.
+    /// Replaces loop 0's reports (the only loop's, with one).
     pub fn publish(&self, reports: Vec<DiskReport>) {
-        let fresh = Arc::new(reports);
-        *self.reports.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
+        self.publish_from(0, reports)
+    }
+
+    /// Replaces loop `from`'s reports. The lock is held for the merge: a few disks,
+    /// a few times a second per loop.
+    pub fn publish_from(&self, from: u16, reports: Vec<DiskReport>) {
+        let mut b = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let from = usize::from(from);
+        if b.per_loop.len() <= from {
+            b.per_loop.resize_with(from + 1, Vec::new);
+        }
+        b.per_loop[from] = reports;
+        let merged = merge_reports(&b.per_loop);
+        b.merged = Arc::new(merged);
+    }
+}
+
+/// One report per disk from each loop's reports of its region of it.
+pub fn merge_reports(per_loop: &[Vec<DiskReport>]) -> Vec<DiskReport> {
+    let mut out: Vec<DiskReport> = Vec::new();
+    for reports in per_loop {
+        for r in reports {
+            match out.iter_mut().find(|m| m.id == r.id) {
+                None => out.push(r.clone()),
+                Some(m) => {
+                    m.state = worst(m.state, r.state);
+                    m.bytes_total += r.bytes_total;
+                    m.bytes_free += r.bytes_free;
+                    m.bytes_available += r.bytes_available;
+                    m.objects_used += r.objects_used;
+                    m.objects_available += r.objects_available;
+                    m.outstanding_ops += r.outstanding_ops;
+                    m.bytes_dead += r.bytes_dead;
+                    m.errors += r.errors;
+                    m.io.read_ops += r.io.read_ops;
+                    m.io.read_bytes += r.io.read_bytes;
+                    m.io.write_ops += r.io.write_ops;
+                    m.io.write_bytes += r.io.write_bytes;
+                    m.io.flushes += r.io.flushes;
+                    m.corrupt_objects += r.corrupt_objects;
+                    m.corrupt_blocks += r.corrupt_blocks;
+                    if r.last_error.as_ref().map(|e| e.at_unix_ms)
+                        > m.last_error.as_ref().map(|e| e.at_unix_ms)
+                    {
+                        m.last_error = r.last_error.clone();
+                    }
+                    if m.health.is_none() {
+                        m.health = r.health;
+                    }
+                }
+            }
+        }
+    }
+    out.sort_by_key(|r| r.id);
+    out
+}
+
+/// The state a disk shows when its regions disagree: any region down makes it down.
+fn worst(a: DiskState, b: DiskState) -> DiskState {
+    let rank = |s: DiskState| match s {
+        DiskState::Online => 0,
+        DiskState::Offline => 1,
+        DiskState::Down => 2,
+    };
+    if rank(b) > rank(a) {
+        b
+    } else {
+        a
     }
 }
 
@@ -69,56 +151,89 @@ impl DiskBoard {
 pub struct DataplaneHandle {
     pub stats: Arc<NodeStats>,
     pub disks: Arc<DiskBoard>,
-    commands: Sender<Command>,
+    /// One command queue per dataplane loop.
+    commands: Vec<Sender<Command>>,
 }
 
-/// The dataplane's end of the handle.
+/// A dataplane loop's end of the handle.
 #[derive(Debug)]
 pub struct DataplaneEnd {
+    /// Which loop this end belongs to.
+    pub loop_index: u16,
     pub stats: Arc<NodeStats>,
     pub disks: Arc<DiskBoard>,
     pub commands: Receiver<Command>,
 }
 
-/// Creates both ends.
+/// Creates both ends for one dataplane loop.
 pub fn handle_pair() -> (DataplaneHandle, DataplaneEnd) {
+    let (h, mut ends) = handle_for(1);
+    (h, ends.remove(0))
+}
+
+/// Creates the management core's handle and one end per dataplane loop.
+pub fn handle_for(loops: u16) -> (DataplaneHandle, Vec<DataplaneEnd>) {
     let stats = Arc::new(NodeStats::default());
     let disks = Arc::new(DiskBoard::default());
-    let (tx, rx) = bounded(COMMAND_QUEUE);
-    (
-        DataplaneHandle {
+    let mut commands = Vec::new();
+    let mut ends = Vec::new();
+    for i in 0..loops.max(1) {
+        let (tx, rx) = bounded(COMMAND_QUEUE);
+        commands.push(tx);
+        ends.push(DataplaneEnd {
+            loop_index: i,
             stats: Arc::clone(&stats),
             disks: Arc::clone(&disks),
-            commands: tx,
-        },
-        DataplaneEnd {
+            commands: rx,
+        });
+    }
+    (
+        DataplaneHandle {
             stats,
             disks,
-            commands: rx,
+            commands,
         },
+        ends,
     )
 }
 
 impl DataplaneHandle {
-    /// Asks the dataplane to change a disk's state and waits (bounded) for the result.
+    /// Asks every dataplane loop to change a disk's state (each its own region of the
+    /// disk) and waits (bounded) for all of them; the answer is the merged report.
     pub fn set_disk_state(
         &self,
         disk: DiskId,
         state: DiskState,
         wait: Duration,
     ) -> Result<DiskReport, CommandError> {
-        let (reply, answer) = bounded(1);
-        self.commands
-            .try_send(Command::SetDiskState { disk, state, reply })
-            .map_err(|e| match e {
-                crossbeam_channel::TrySendError::Full(_) => CommandError::Busy,
-                crossbeam_channel::TrySendError::Disconnected(_) => CommandError::Stopped,
-            })?;
-        match answer.recv_timeout(wait) {
-            Ok(result) => result,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(CommandError::Timeout(wait)),
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(CommandError::Stopped),
+        let deadline = std::time::Instant::now() + wait;
+        let mut answers = Vec::with_capacity(self.commands.len());
+        for tx in &self.commands {
+            let (reply, answer) = bounded(1);
+            tx.try_send(Command::SetDiskState { disk, state, reply })
+                .map_err(|e| match e {
+                    crossbeam_channel::TrySendError::Full(_) => CommandError::Busy,
+                    crossbeam_channel::TrySendError::Disconnected(_) => CommandError::Stopped,
+                })?;
+            answers.push(answer);
         }
+        let mut reports = Vec::with_capacity(answers.len());
+        for answer in answers {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match answer.recv_timeout(left) {
+                Ok(result) => reports.push(vec![result?]),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    return Err(CommandError::Timeout(wait))
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(CommandError::Stopped)
+                }
+            }
+        }
+        merge_reports(&reports)
+            .into_iter()
+            .next()
+            .ok_or(CommandError::NoSuchDisk(disk.0))
     }
 }
 
@@ -140,8 +255,7 @@ mod tests {
         // Nobody drains the queue now: it fills, then answers Busy at once.
         for _ in 0..COMMAND_QUEUE {
             let (reply, _keep) = bounded(1);
-            handle
-                .commands
+            handle.commands[0]
                 .try_send(Command::SetDiskState {
                     disk: DiskId(0),
                     state: DiskState::Online,

@@ -16,8 +16,10 @@ pub mod driver;
 pub mod faulty;
 pub mod file;
 pub mod mem;
+pub mod region;
 
 pub use buf::AlignedBuf;
+pub use region::Region;
 
 /// Every transfer is a whole number of blocks of this size, at an offset that is a
 /// multiple of it, from a buffer aligned to it. 4 KiB satisfies O_DIRECT on every

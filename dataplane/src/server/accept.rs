@@ -57,14 +57,45 @@ fn somaxconn() -> Option<u32> {
 /// Binds a non-blocking listener on `addr` with the backlog for `connections_max`.
 /// (std's `TcpListener::bind` always asks for 128.) Returns it with the backlog used.
 pub fn bind(addr: SocketAddr, connections_max: usize) -> io::Result<(TcpListener, u32)> {
+    let mut group = bind_group(addr, connections_max, 1)?;
+    group
+        .pop()
+        .ok_or_else(|| io::Error::other("no listener bound"))
+}
+
+/// `n` listeners on one address, one per dataplane loop, sharing it with SO_REUSEPORT:
+/// the kernel spreads new connections over them by flow hash. The address is first
+/// bound once *without* SO_REUSEPORT and released, so a second node started on the
+/// same address fails with "address in use" instead of silently splitting the
+/// connections with the first. A port of 0 is chosen by the first listener and
+/// shared by the others.
+pub fn bind_group(
+    addr: SocketAddr,
+    connections_max: usize,
+    n: usize,
+) -> io::Result<Vec<(TcpListener, u32)>> {
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())?;
+        drop(probe);
+    }
     let backlog = backlog_for(connections_max, somaxconn());
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    // As std does: a restarted node can bind while old connections sit in TIME_WAIT.
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
-    Ok((TcpListener::from_std(socket.into()), backlog))
+    let mut at = addr;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let socket = Socket::new(Domain::for_address(at), Type::STREAM, None)?;
+        // As std does: a restarted node can bind while old connections sit in TIME_WAIT.
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&at.into())?;
+        socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+        let l = TcpListener::from_std(socket.into());
+        at = l.local_addr()?;
+        out.push((l, backlog));
+    }
+    Ok(out)
 }
 
 /// One step of taking connections off the listener.

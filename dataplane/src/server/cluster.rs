@@ -20,10 +20,30 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use dosp::codec::{encode_response, udp_reply_allowed};
 use dosp::wire::*;
+use dosp::Fingerprint;
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::ops::{heartbeat, locate_answer, small_op, Ctx};
+use super::shards::{Event, Locate};
 use crate::stats::NodeStats;
+
+/// Store users naming a LOCATE datagram waiting for another loop's answer:
+/// `CLUSTER_USER | slot`, far from any session's token.
+pub const CLUSTER_USER: u64 = 1 << 61;
+/// LOCATE datagrams waiting for another loop at most; more are dropped (counted),
+/// as a full socket buffer would drop them.
+const LOCATES_WAITING_MAX: usize = 1024;
+
+/// A LOCATE datagram waiting for the answer of the loop that knows the object.
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    fp: Fingerprint,
+    from: SocketAddr,
+    id: u64,
+    multicast: bool,
+    /// Size of the request datagram (bounds a unicast answer).
+    n: usize,
+}
 
 /// Largest datagram we accept or send. Replies are small fixed structures; the largest
 /// (GET_DISK_STATUS for every disk) is bounded by DISKS_MAX.
@@ -40,6 +60,8 @@ pub struct Cluster {
     out: Vec<u8>,
     /// Out body being built, before its header is known.
     body: Vec<u8>,
+    waiting: Vec<Option<Waiting>>,
+    free: Vec<usize>,
 }
 
 impl Cluster {
@@ -55,7 +77,92 @@ impl Cluster {
             buf: vec![0u8; DGRAM_MAX].into_boxed_slice(),
             out: Vec::with_capacity(DGRAM_MAX),
             body: Vec::with_capacity(DGRAM_MAX),
+            waiting: Vec::new(),
+            free: Vec::new(),
         })
+    }
+
+    /// Looks `fp` up for a LOCATE datagram; the answer goes out now, or when the
+    /// loop that knows the object has answered ([`Cluster::on_event`]).
+    fn locate(&mut self, ctx: &mut Ctx<'_>, w: Waiting) {
+        let fp = &w.fp.clone();
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None if self.waiting.len() < LOCATES_WAITING_MAX => {
+                self.waiting.push(None);
+                self.waiting.len() - 1
+            }
+            None => {
+                dropped(ctx);
+                return;
+            }
+        };
+        match ctx.store.locate(fp, CLUSTER_USER | slot as u64) {
+            Locate::Now(found) => {
+                self.free.push(slot);
+                self.answer_locate(ctx, fp, found.map(|(_, m)| m), w);
+            }
+            Locate::Later => self.waiting[slot] = Some(w),
+        }
+    }
+
+    /// A lookup for a waiting LOCATE came back.
+    pub fn on_event(&mut self, ctx: &mut Ctx<'_>, ev: Event) {
+        let Event::Located { user, found } = ev else {
+            return;
+        };
+        let slot = (user & !CLUSTER_USER) as usize;
+        let Some(w) = self.waiting.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(slot);
+        self.answer_locate(ctx, &w.fp.clone(), found.map(|(_, m)| m), w);
+    }
+
+    fn answer_locate(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        fp: &Fingerprint,
+        meta: Option<crate::store::ObjectMeta>,
+        w: Waiting,
+    ) {
+        self.out.clear();
+        match meta {
+            Some(m) => {
+                let answer = locate_answer(ctx, fp, &m);
+                encode_response(
+                    &mut self.out,
+                    Opcode::Locate as u16,
+                    w.id,
+                    &[answer.as_bytes()],
+                );
+                NodeStats::inc(&ctx.stats.locate_answers);
+                answered(ctx, Status::Success);
+            }
+            // To the group, a node speaks only when it has something to say.
+            None if w.multicast => return,
+            None => {
+                let head = OutHead::new(Status::NotFound, 0);
+                encode_response(
+                    &mut self.out,
+                    Opcode::Locate as u16,
+                    w.id,
+                    &[head.as_bytes()],
+                );
+                answered(ctx, Status::NotFound);
+            }
+        }
+        let (sock, to) = if w.multicast {
+            (&self.multicast, SocketAddr::V4(self.group))
+        } else {
+            (&self.unicast, w.from)
+        };
+        if !w.multicast && !udp_reply_allowed(w.n, self.out.len()) {
+            return;
+        }
+        if let Err(e) = sock.send_to(&self.out, to) {
+            tracing::debug!(%to, error = %e, "LOCATE answer failed");
+        }
     }
 
     /// Handles up to DGRAM_BURST datagrams from each socket. Returns whether any came.
@@ -168,11 +275,14 @@ impl Cluster {
                         dropped(ctx);
                         return;
                     };
-                    let Some(answer) = locate_answer(ctx, &q.fingerprint) else {
-                        return;
+                    let w = Waiting {
+                        fp: q.fingerprint,
+                        from,
+                        id,
+                        multicast: true,
+                        n,
                     };
-                    encode_response(&mut self.out, op as u16, id, &[answer.as_bytes()]);
-                    NodeStats::inc(&ctx.stats.locate_answers);
+                    return self.locate(ctx, w);
                 }
                 Opcode::Heartbeat => {
                     if parse_exact::<HeartbeatIn>(op, body).is_err() {
@@ -191,6 +301,18 @@ impl Cluster {
                 tracing::debug!(error = %e, "multicast answer failed");
             }
             return;
+        }
+        if op == Opcode::Locate {
+            if let Ok(q) = parse_exact::<LocateIn>(op, body) {
+                let w = Waiting {
+                    fp: q.fingerprint,
+                    from,
+                    id,
+                    multicast: false,
+                    n,
+                };
+                return self.locate(ctx, w);
+            }
         }
         self.body.clear();
         // small_op counts the error of a non-SUCCESS answer itself.

@@ -13,8 +13,10 @@
 
 pub mod accept;
 pub mod cluster;
+pub mod mesh;
 pub mod ops;
 pub mod session;
+pub mod shards;
 #[cfg(test)]
 mod tests;
 
@@ -32,13 +34,15 @@ use self::accept::{Pass, Reserve, Shed, Step, ACCEPT_BURST, ACCEPT_RETRY};
 use self::cluster::Cluster;
 use self::ops::{Ctx, NodeIdentity};
 use self::session::{Deadlines, Drive, Session};
+use self::shards::{Event, Shards};
 use crate::handle::{Command, CommandError, DataplaneEnd, COMMANDS_PER_TURN};
 use crate::stats::{ListenerState, NodeStats};
-use crate::store::Store;
 
 const LISTENER: Token = Token(0);
 const UDP_UNICAST: Token = Token(1);
 const UDP_MULTICAST: Token = Token(2);
+/// The waker other loops poke when they queue a message for this one.
+const MESH_WAKE: Token = Token(3);
 const FIRST_SESSION: usize = 16;
 /// Tokens of the disks' completion descriptors: `NOTIFY_BASE + disk`, far above any
 /// session's token (those count up from FIRST_SESSION).
@@ -84,6 +88,9 @@ pub struct ServerConfig {
     /// Bytes per second a connection must move while the node waits on it mid-request
     /// (STORE chunks in, a reply out); 0: no minimum.
     pub transfer_rate_min: u64,
+    /// Whether this loop serves the UDP side (unicast queries on the DOSP port and
+    /// the multicast group): exactly one loop does.
+    pub cluster: bool,
     /// Test-only: `None` in production. See [`TestStall`].
     pub test_stall: Option<TestStall>,
 }
@@ -114,12 +121,13 @@ pub struct Server {
     reserve: Reserve,
     /// What the listener last saw, as published in `stats.listener_state`.
     listener_state: ListenerState,
-    cluster: Cluster,
+    /// The UDP side, on the one loop that serves it.
+    cluster: Option<Cluster>,
     sessions: HashMap<Token, Session>,
     /// Buffers for at most `connections_max` sessions, reused as sessions close.
     bufs: session::BufPool,
     next_token: usize,
-    store: Store,
+    store: Shards,
     stats: Arc<NodeStats>,
     end: DataplaneEnd,
     id: NodeIdentity,
@@ -128,10 +136,27 @@ pub struct Server {
 
 impl Server {
     /// Binds every socket. Errors here are start-up errors (address in use, …).
-    pub fn bind(cfg: ServerConfig, store: Store, end: DataplaneEnd) -> io::Result<Server> {
+    pub fn bind(cfg: ServerConfig, store: Shards, end: DataplaneEnd) -> io::Result<Server> {
+        let listener = accept::bind(cfg.listen, cfg.connections_max)?;
+        Server::bind_with(cfg, listener, store, end)
+    }
+
+    /// [`Server::bind`] on a listener bound already (one of a group sharing the
+    /// address with SO_REUSEPORT, one per loop; see [`accept::bind_group`]).
+    pub fn bind_with(
+        cfg: ServerConfig,
+        listener: (TcpListener, u32),
+        store: Shards,
+        end: DataplaneEnd,
+    ) -> io::Result<Server> {
         let stats = Arc::clone(&end.stats);
         let poll = Poll::new()?;
-        let (mut listener, backlog) = accept::bind(cfg.listen, cfg.connections_max)?;
+        let (mut listener, backlog) = listener;
+        let mut store = store;
+        if let Some(mesh) = store.mesh() {
+            mesh.set_waker(mio::Waker::new(poll.registry(), MESH_WAKE)?);
+        }
+        store.set_board(Arc::clone(&end.disks));
         let local = listener.local_addr()?;
         tracing::info!(
             %local,
@@ -139,13 +164,18 @@ impl Server {
             connections_max = cfg.connections_max,
             "DOSP listener bound"
         );
-        let mut cluster = Cluster::bind(local, cfg.multicast_group, cfg.multicast_if)?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        poll.registry()
-            .register(&mut cluster.unicast, UDP_UNICAST, Interest::READABLE)?;
-        poll.registry()
-            .register(&mut cluster.multicast, UDP_MULTICAST, Interest::READABLE)?;
+        let cluster = if cfg.cluster {
+            let mut c = Cluster::bind(local, cfg.multicast_group, cfg.multicast_if)?;
+            poll.registry()
+                .register(&mut c.unicast, UDP_UNICAST, Interest::READABLE)?;
+            poll.registry()
+                .register(&mut c.multicast, UDP_MULTICAST, Interest::READABLE)?;
+            Some(c)
+        } else {
+            None
+        };
         for (disk, fd) in store.notify_fds() {
             poll.registry().register(
                 &mut mio::unix::SourceFd(&fd),
@@ -168,7 +198,7 @@ impl Server {
         // The first reports go out now, not when the loop starts on its thread: the
         // node says it is ready once bound, and the management core must know its
         // disks from then on (not answer 404 for each, nor "no disk reports yet").
-        end.disks.publish(store.disks());
+        end.disks.publish_from(end.loop_index, store.disks());
         Ok(Server {
             poll,
             listener,
@@ -192,7 +222,7 @@ impl Server {
     }
 
     /// Runs until `stop` is set, then checkpoints the store and returns it.
-    pub fn run(mut self, stop: &AtomicBool) -> io::Result<Store> {
+    pub fn run(mut self, stop: &AtomicBool) -> io::Result<Shards> {
         let mut events = Events::with_capacity(EVENTS_MAX);
         let mut store_events = Vec::new();
         let mut more: Vec<Token> = Vec::new();
@@ -204,7 +234,9 @@ impl Server {
         self.publish_index_figures();
         let mut last_index_figures = Instant::now();
         let mut last_rate = (Instant::now(), NodeStats::get(&self.stats.ops_total));
-        self.end.disks.publish(self.store.disks());
+        self.end
+            .disks
+            .publish_from(self.end.loop_index, self.store.disks());
         let mut dirty_since_checkpoint = false;
         let ops_at_checkpoint =
             NodeStats::get(&self.stats.stores) + NodeStats::get(&self.stats.deletes);
@@ -230,7 +262,10 @@ impl Server {
             // With device operations in flight the loop polls without sleeping, unless
             // every one of them will wake it through its disk's completion descriptor
             // (io_uring's eventfd, registered with epoll).
-            let timeout = if more.is_empty() && self.store.can_sleep() {
+            let timeout = if more.is_empty()
+                && self.store.can_sleep()
+                && self.store.mesh().is_none_or(|m| m.may_sleep())
+            {
                 match self.accept_at {
                     Some(at) => at
                         .saturating_duration_since(Instant::now())
@@ -240,7 +275,11 @@ impl Server {
             } else {
                 Duration::ZERO
             };
-            match self.poll.poll(&mut events, Some(timeout)) {
+            let polled = self.poll.poll(&mut events, Some(timeout));
+            if let Some(m) = self.store.mesh() {
+                m.awake();
+            }
+            match polled {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -258,6 +297,17 @@ impl Server {
             self.store.poll(&mut store_events);
             for ev in store_events.drain(..) {
                 let token = Token(ev.user() as usize);
+                if ev.user() & cluster::CLUSTER_USER != 0 && ev.user() != u64::MAX {
+                    let mut ctx = Ctx {
+                        store: &mut self.store,
+                        stats: &self.stats,
+                        id: &self.id,
+                    };
+                    if let Some(c) = self.cluster.as_mut() {
+                        c.on_event(&mut ctx, ev);
+                    }
+                    continue;
+                }
                 match self.sessions.get_mut(&token) {
                     Some(session) => {
                         let mut ctx = Ctx {
@@ -269,7 +319,7 @@ impl Server {
                         ready.push(token);
                     }
                     None => {
-                        if let crate::store::StoreEvent::Read { id, .. } = ev {
+                        if let Event::Store(crate::store::StoreEvent::Read { id, .. }) = ev {
                             self.store.read_release(id);
                         }
                     }
@@ -278,6 +328,7 @@ impl Server {
             let mut accepted = false;
             for ev in events.iter() {
                 match ev.token() {
+                    MESH_WAKE => {}
                     Token(t) if t >= NOTIFY_BASE => {
                         self.store
                             .drain_notify(crate::store::DiskId((t - NOTIFY_BASE) as u16));
@@ -293,7 +344,7 @@ impl Server {
                             id: &self.id,
                         };
                         // A burst left data queued: come back next turn.
-                        if self.cluster.poll(&mut ctx) {
+                        if self.cluster.as_mut().is_some_and(|c| c.poll(&mut ctx)) {
                             more.push(ev.token());
                         }
                     }
@@ -307,7 +358,7 @@ impl Server {
                         stats: &self.stats,
                         id: &self.id,
                     };
-                    if self.cluster.poll(&mut ctx) {
+                    if self.cluster.as_mut().is_some_and(|c| c.poll(&mut ctx)) {
                         more.push(t);
                     }
                     continue;
@@ -346,7 +397,9 @@ impl Server {
             changed |= self.serve_commands();
             if changed || now.duration_since(last_publish) >= PUBLISH_INTERVAL {
                 last_publish = now;
-                self.end.disks.publish(self.store.disks());
+                self.end
+                    .disks
+                    .publish_from(self.end.loop_index, self.store.disks());
                 self.publish_store_figures();
                 if now.duration_since(last_index_figures) >= INDEX_FIGURES_INTERVAL {
                     last_index_figures = now;

@@ -8,8 +8,9 @@ use dosp::wire::*;
 use dosp::Fingerprint;
 use zerocopy::IntoBytes;
 
+use super::shards::Shards;
 use crate::stats::NodeStats;
-use crate::store::{DiskState, Mismatched, Store, StoreError};
+use crate::store::{DiskState, Mismatched, ObjectMeta, StoreError};
 
 /// Who this node is, as reported in LOCATE and HEARTBEAT answers.
 #[derive(Debug, Clone)]
@@ -27,7 +28,7 @@ pub struct NodeIdentity {
 
 /// What a handler needs from the node.
 pub struct Ctx<'a> {
-    pub store: &'a mut Store,
+    pub store: &'a mut Shards,
     pub stats: &'a NodeStats,
     pub id: &'a NodeIdentity,
 }
@@ -114,13 +115,11 @@ fn small_op_inner(
             };
             out.extend_from_slice(reply.as_bytes());
         }
+        // LOCATE may need another loop's shard: its callers answer it through
+        // `Shards::locate` and `locate_answer`, never through here.
         Opcode::Locate => {
-            let fp = parse_exact::<LocateIn>(op, body).map_err(bad)?.fingerprint;
-            out.extend_from_slice(
-                locate_answer(ctx, &fp)
-                    .ok_or((Status::NotFound, 0))?
-                    .as_bytes(),
-            );
+            parse_exact::<LocateIn>(op, body).map_err(bad)?;
+            return Err((Status::Internal, op as u32));
         }
         Opcode::Heartbeat => {
             parse_exact::<HeartbeatIn>(op, body).map_err(bad)?;
@@ -133,7 +132,7 @@ fn small_op_inner(
                 .get();
             let disks: Vec<_> = ctx
                 .store
-                .disks()
+                .node_disks()
                 .into_iter()
                 .filter(|d| want == ALL_DISKS || d.id.0 == want)
                 .take(DISKS_MAX)
@@ -207,10 +206,9 @@ fn small_op_inner(
     Ok(())
 }
 
-/// The LOCATE answer for `fp`, if this node holds it on a disk that can serve it.
-pub fn locate_answer(ctx: &Ctx<'_>, fp: &Fingerprint) -> Option<LocateOut> {
-    let meta = ctx.store.get(fp)?;
-    Some(LocateOut {
+/// The LOCATE answer for `fp`, which this node holds as `meta` says.
+pub fn locate_answer(ctx: &Ctx<'_>, fp: &Fingerprint, meta: &ObjectMeta) -> LocateOut {
+    LocateOut {
         head: OutHead::new(Status::Success, 0),
         fingerprint: *fp,
         node_id: ctx.id.node_id.into(),
@@ -219,12 +217,12 @@ pub fn locate_answer(ctx: &Ctx<'_>, fp: &Fingerprint) -> Option<LocateOut> {
         port: ctx.id.addr.port().into(),
         addr: ctx.id.addr.ip().octets(),
         name: ctx.id.name,
-    })
+    }
 }
 
 /// This node's heartbeat: identity, epoch, health, load and capacity.
 pub fn heartbeat(ctx: &Ctx<'_>) -> HeartbeatOut {
-    let disks = ctx.store.disks();
+    let disks = ctx.store.node_disks();
     let online = disks
         .iter()
         .filter(|d| d.state == DiskState::Online)

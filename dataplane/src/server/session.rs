@@ -39,9 +39,10 @@ use dosp::wire::*;
 use dosp::Fingerprint;
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
-use super::ops::{detail_of, small_op, status_of, Ctx};
+use super::ops::{detail_of, locate_answer, small_op, status_of, Ctx};
+use super::shards::{Event, Locate, PageStart};
 use crate::stats::{NodeStats, OpClass};
-use crate::store::{Expect, ReadId, ReadStart, StoreError, StoreEvent, WriteId};
+use crate::store::{Expect, ObjectMeta, ReadId, ReadStart, StoreError, StoreEvent, WriteId};
 
 /// Receive buffer: a header plus the largest body, with room for STORE data to flow.
 const RBUF_BYTES: usize = 256 * 1024;
@@ -200,6 +201,20 @@ enum Waiting {
         fp: Fingerprint,
         started: Instant,
     },
+    /// A RETRIEVE or RANGE asked another loop where its object is.
+    Lookup {
+        request_id: u64,
+        opcode: Opcode,
+        fp: Fingerprint,
+        range: Option<(u64, u64)>,
+        started: Instant,
+    },
+    /// A LOCATE asked another loop.
+    Locate {
+        request_id: u64,
+        fp: Fingerprint,
+        started: Instant,
+    },
 }
 
 #[derive(Debug)]
@@ -211,6 +226,8 @@ enum Outgoing {
         next: u64,
         end: u64,
         object_len: u64,
+        /// The loop whose shard holds the object.
+        holder: u16,
         failed: Option<Status>,
         started: Instant,
         /// The stream header is not sent yet: the first piece decides between a
@@ -222,12 +239,16 @@ enum Outgoing {
     },
     /// A walk over the index by cursor, a piece per turn: `promised` entries were
     /// announced in the stream header (the objects at the start), `sent` so far,
-    /// `cursor` the last fingerprint sent, `done` once the walk found no more.
+    /// `cursor` the last fingerprint sent in shard `shard` (the shards' ranges in
+    /// turn, which is fingerprint order), `done` once the walk found no more.
     Contents {
         request_id: u64,
         promised: u64,
         sent: u64,
+        shard: u16,
         cursor: Option<Fingerprint>,
+        /// A page was asked of another loop and has not come.
+        asked: bool,
         done: bool,
         started: Instant,
     },
@@ -557,8 +578,12 @@ impl Session {
     }
 
     /// Hands the session what the store finished for it; the loop drives it next.
-    pub fn on_store_event(&mut self, ctx: &mut Ctx<'_>, ev: StoreEvent) {
-        self.st.on_store_event(ctx, ev);
+    pub fn on_store_event(&mut self, ctx: &mut Ctx<'_>, ev: Event) {
+        match ev {
+            Event::Store(ev) => self.st.on_store_event(ctx, ev),
+            Event::Located { found, .. } => self.st.on_located(ctx, found),
+            Event::Page { page, end, .. } => self.st.on_page(ctx, &page, end),
+        }
     }
 }
 
@@ -686,6 +711,7 @@ impl State {
                     }
                     Ok(Opcode::GetContents) => self.start_contents(ctx, id, body, started),
                     Ok(Opcode::Delete) => self.start_delete(ctx, id, body, started),
+                    Ok(Opcode::Locate) => self.start_locate(ctx, id, body, started),
                     Ok(op) => {
                         let at = self.out.len();
                         self.out.extend_from_slice(Header::new_zeroed().as_bytes());
@@ -967,13 +993,15 @@ impl State {
             || matches!(self.store, StoreState::AwaitingRoom { .. })
     }
 
+    /// Whether the streaming response waits for a piece being read (or a page of
+    /// the index asked of another loop).
     fn reading(&self) -> bool {
         matches!(
             self.outgoing,
             Some(Outgoing::Object {
                 inflight: Some(_),
                 ..
-            })
+            }) | Some(Outgoing::Contents { asked: true, .. })
         )
     }
 
@@ -1027,6 +1055,71 @@ impl State {
         }
     }
 
+    /// LOCATE over TCP: answered at once when this loop knows, else when the loop
+    /// that does has answered.
+    fn start_locate(&mut self, ctx: &mut Ctx<'_>, request_id: u64, body: &[u8], started: Instant) {
+        let Ok(q) = parse_exact::<LocateIn>(Opcode::Locate, body) else {
+            self.reply_error(
+                ctx,
+                Opcode::Locate as u16,
+                request_id,
+                Status::BadRequest,
+                body.len() as u32,
+            );
+            return State::done(ctx, OpClass::Other, started);
+        };
+        let fp = q.fingerprint;
+        match ctx.store.locate(&fp, self.user) {
+            Locate::Now(found) => self.answer_locate(ctx, request_id, fp, found, started),
+            Locate::Later => {
+                self.set_busy(ctx, true);
+                self.waiting = Waiting::Locate {
+                    request_id,
+                    fp,
+                    started,
+                };
+            }
+        }
+    }
+
+    fn answer_locate(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        request_id: u64,
+        fp: Fingerprint,
+        found: Option<(u16, ObjectMeta)>,
+        started: Instant,
+    ) {
+        match found {
+            Some((_, meta)) => {
+                let answer = locate_answer(ctx, &fp, &meta);
+                self.reply(ctx, Opcode::Locate as u16, request_id, answer.as_bytes());
+            }
+            None => self.reply_error(ctx, Opcode::Locate as u16, request_id, Status::NotFound, 0),
+        }
+        State::done(ctx, OpClass::Other, started);
+        self.set_busy(ctx, false);
+    }
+
+    /// Another loop answered a lookup.
+    fn on_located(&mut self, ctx: &mut Ctx<'_>, found: Option<(u16, ObjectMeta)>) {
+        match std::mem::replace(&mut self.waiting, Waiting::None) {
+            Waiting::Lookup {
+                request_id,
+                opcode,
+                fp,
+                range,
+                started,
+            } => self.retrieve_located(ctx, opcode, request_id, fp, range, started, found),
+            Waiting::Locate {
+                request_id,
+                fp,
+                started,
+            } => self.answer_locate(ctx, request_id, fp, found, started),
+            other => self.waiting = other,
+        }
+    }
+
     fn start_retrieve(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -1052,7 +1145,43 @@ impl State {
             let head = OutHead::new(Status::BadRequest, body.len() as u32);
             return early(self, ctx, Status::BadRequest, head.as_bytes());
         };
-        let Some(meta) = ctx.store.get(&fp) else {
+        let found = match ctx.store.locate(&fp, self.user) {
+            Locate::Now(found) => found,
+            Locate::Later => {
+                self.set_busy(ctx, true);
+                self.waiting = Waiting::Lookup {
+                    request_id,
+                    opcode: op,
+                    fp,
+                    range,
+                    started,
+                };
+                return;
+            }
+        };
+        self.retrieve_located(ctx, op, request_id, fp, range, started, found);
+    }
+
+    /// A RETRIEVE or RANGE whose object was looked up: stream it from its holder, or
+    /// answer why not.
+    #[allow(clippy::too_many_arguments)]
+    fn retrieve_located(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        op: Opcode,
+        request_id: u64,
+        fp: Fingerprint,
+        range: Option<(u64, u64)>,
+        started: Instant,
+        found: Option<(u16, ObjectMeta)>,
+    ) {
+        let early = |st: &mut State, ctx: &Ctx<'_>, status: Status, body: &[u8]| {
+            NodeStats::error(ctx.stats, status);
+            st.reply(ctx, op as u16, request_id, body);
+            State::done(ctx, OpClass::Retrieve, started);
+            st.set_busy(ctx, false);
+        };
+        let Some((holder, meta)) = found else {
             let out = RetrieveOut {
                 head: OutHead::new(Status::NotFound, 0),
                 fingerprint: fp,
@@ -1085,6 +1214,7 @@ impl State {
             next,
             end,
             object_len: meta.len,
+            holder,
             failed: None,
             started,
             first: true,
@@ -1103,12 +1233,14 @@ impl State {
             end,
             first,
             failed,
+            holder,
             ..
         }) = &self.outgoing
         else {
             return;
         };
-        let (fp, next, end, first, failed) = (*fp, *next, *end, *first, failed.is_some());
+        let (fp, next, end, first, failed, holder) =
+            (*fp, *next, *end, *first, failed.is_some(), *holder);
         let n = PIECE_BYTES.min((end - next) as usize);
         let at = self.out.len();
         let data_at = if first { at + StreamHeader::SIZE } else { at };
@@ -1121,7 +1253,7 @@ impl State {
         let user = self.user;
         match ctx
             .store
-            .read_start(&fp, next, &mut self.out[data_at..data_at + n], user)
+            .read_start(holder, &fp, next, &mut self.out[data_at..data_at + n], user)
         {
             Ok(ReadStart::Ready(_)) => self.piece_done(ctx, at, n, Ok(())),
             Ok(ReadStart::Pending(id)) => {
@@ -1192,6 +1324,48 @@ impl State {
         }
     }
 
+    /// A page of the index walk came from another loop.
+    fn on_page(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        page: &[(Fingerprint, crate::store::DiskId)],
+        end: bool,
+    ) {
+        let Some(Outgoing::Contents {
+            promised,
+            sent,
+            shard,
+            cursor,
+            asked,
+            done,
+            ..
+        }) = &mut self.outgoing
+        else {
+            return;
+        };
+        if !*asked {
+            return;
+        }
+        *asked = false;
+        let room = (*promised - *sent) as usize;
+        for (fp, disk) in page.iter().take(room) {
+            let e = ContentsEntry {
+                fingerprint: *fp,
+                disk: disk.0.into(),
+                reserved: 0.into(),
+            };
+            self.out.extend_from_slice(e.as_bytes());
+            *cursor = Some(*fp);
+        }
+        *sent += page.len().min(room) as u64;
+        if end {
+            *shard += 1;
+            *cursor = None;
+            *done = *shard >= ctx.store.loops();
+        }
+        self.produce(ctx);
+    }
+
     fn start_contents(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -1219,7 +1393,9 @@ impl State {
             request_id,
             promised,
             sent: 0,
+            shard: 0,
             cursor: None,
+            asked: false,
             done: false,
             started,
         });
@@ -1268,32 +1444,52 @@ impl State {
                 request_id,
                 promised,
                 sent,
+                shard,
                 cursor,
+                asked,
                 done,
                 started,
             } => {
+                if *asked {
+                    return;
+                }
                 let room = *promised - *sent;
                 let take = ((PIECE_BYTES / size_of::<ContentsEntry>()) as u64).min(room);
                 let mut n = 0u64;
                 if !*done && take > 0 {
                     let out = &mut self.out;
-                    let last = ctx
-                        .store
-                        .contents_after(*cursor, take as usize, |fp, disk| {
+                    let mut last = None;
+                    let page = ctx.store.contents_page(
+                        *shard,
+                        *cursor,
+                        take as usize,
+                        self.user,
+                        |fp, disk| {
                             let e = ContentsEntry {
                                 fingerprint: fp,
                                 disk: disk.0.into(),
                                 reserved: 0.into(),
                             };
                             out.extend_from_slice(e.as_bytes());
+                            last = Some(fp);
                             n += 1;
-                        });
-                    match last {
-                        Some(fp) => *cursor = Some(fp),
-                        None => *done = true,
-                    }
-                    if n < take {
-                        *done = true;
+                        },
+                    );
+                    match page {
+                        PageStart::Later => {
+                            *asked = true;
+                            return;
+                        }
+                        PageStart::Now { end } => {
+                            if last.is_some() {
+                                *cursor = last;
+                            }
+                            if end {
+                                *shard += 1;
+                                *cursor = None;
+                                *done = *shard >= ctx.store.loops();
+                            }
+                        }
                     }
                 }
                 *sent += n;

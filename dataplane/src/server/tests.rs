@@ -16,6 +16,10 @@ use dosp::Fingerprint;
 use nvme::mem::MemDisk;
 use zerocopy::{FromBytes, IntoBytes};
 
+use rand::SeedableRng;
+
+use super::mesh::{mesh, MeshEnd};
+use super::shards::{build_directories, Shards};
 use super::{Server, ServerConfig};
 use crate::stats::NodeStats;
 use crate::store::{Store, StoreConfig};
@@ -25,53 +29,89 @@ const MIB: u64 = 1 << 20;
 const CHUNK_MAX: u32 = 64 * 1024;
 const OBJECT_MAX: u64 = 8 * MIB;
 
-/// A running node on one 64 MiB memory disk.
+/// A running node on one 64 MiB memory disk, with one dataplane loop or several
+/// (each loop its own region of the disk, as `dosd --dataplane-cores N` carves it).
 struct TestNode {
     addr: SocketAddr,
     stats: Arc<NodeStats>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<std::io::Result<Store>>>,
+    threads: Vec<JoinHandle<std::io::Result<Shards>>>,
 }
 
 impl TestNode {
     fn start() -> TestNode {
-        let disk = MemDisk::new(64 * MIB, 1);
+        TestNode::start_loops(1)
+    }
+
+    fn start_loops(loops: u16) -> TestNode {
+        let disk = MemDisk::new(64 * MIB * u64::from(loops) + MIB, 1);
+        TestNode::start_on(&disk, loops)
+    }
+
+    /// A node on `disk` (labelled for `loops` if blank, as dosd does at start-up).
+    fn start_on(disk: &MemDisk, loops: u16) -> TestNode {
         let store_cfg = StoreConfig {
             max_object_bytes: OBJECT_MAX,
             ..StoreConfig::default()
         };
-        let store = Store::open(vec![Box::new(disk.device())], store_cfg, 7).expect("store");
-        let (handle, end) = crate::handle::handle_pair();
-        let cfg = ServerConfig {
-            listen: "127.0.0.1:0".parse().expect("address"),
-            // Port 0: a group port of this test's own, so no other node is heard.
-            multicast_group: SocketAddrV4::new(Ipv4Addr::new(239, 255, 73, 251), 0),
-            multicast_if: Ipv4Addr::LOCALHOST,
-            node_id: 0x0123_4567_89ab_cdef,
-            node_name: Some(NodeName::new("test-node").expect("a valid name")),
-            epoch: 1,
-            chunk_max: CHUNK_MAX,
-            connections_max: 16,
-            idle_sleep: Duration::from_millis(10),
-            checkpoint_interval: Duration::from_secs(3600),
-            request_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(60),
-            header_timeout: Duration::from_secs(10),
-            transfer_rate_min: 0,
-            test_stall: None,
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let l = crate::store::label::open_or_label(&mut disk.device(), Some(loops), &mut rng)
+            .expect("label");
+        let mut meshes: Vec<Option<MeshEnd>> = if loops > 1 {
+            mesh(loops).into_iter().map(Some).collect()
+        } else {
+            vec![None]
         };
-        let server = Server::bind(cfg, store, end).expect("bind");
-        let addr = server.local_addr().expect("local address");
+        let mut shards: Vec<Shards> = (0..loops)
+            .map(|k| {
+                let (base, len) = l.region(k);
+                let region = nvme::Region::new(disk.device(), base, len).expect("region");
+                let store =
+                    Store::open(vec![Box::new(region)], store_cfg.clone(), 7).expect("store");
+                Shards::new(store, meshes[usize::from(k)].take())
+            })
+            .collect();
+        build_directories(&mut shards);
+        let (handle, ends) = crate::handle::handle_for(loops);
+        let listeners =
+            super::accept::bind_group("127.0.0.1:0".parse().expect("address"), 16, loops.into())
+                .expect("bind");
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::spawn({
-            let stop = Arc::clone(&stop);
-            move || server.run(&stop)
-        });
+        let mut addr = None;
+        let mut threads = Vec::new();
+        for (k, ((shard, end), listener)) in shards.into_iter().zip(ends).zip(listeners).enumerate()
+        {
+            let cfg = ServerConfig {
+                listen: "127.0.0.1:0".parse().expect("address"),
+                // Port 0: a group port of this test's own, so no other node is heard.
+                multicast_group: SocketAddrV4::new(Ipv4Addr::new(239, 255, 73, 251), 0),
+                multicast_if: Ipv4Addr::LOCALHOST,
+                node_id: 0x0123_4567_89ab_cdef,
+                node_name: Some(NodeName::new("test-node").expect("a valid name")),
+                epoch: 1,
+                chunk_max: CHUNK_MAX,
+                connections_max: 16,
+                idle_sleep: Duration::from_millis(10),
+                checkpoint_interval: Duration::from_secs(3600),
+                request_timeout: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(60),
+                header_timeout: Duration::from_secs(10),
+                transfer_rate_min: 0,
+                cluster: k == 0,
+                test_stall: None,
+            };
+            let server = Server::bind_with(cfg, listener, shard, end).expect("bind");
+            addr.get_or_insert(server.local_addr().expect("local address"));
+            threads.push(std::thread::spawn({
+                let stop = Arc::clone(&stop);
+                move || server.run(&stop)
+            }));
+        }
         TestNode {
-            addr,
+            addr: addr.expect("a loop"),
             stats: Arc::clone(&handle.stats),
             stop,
-            thread: Some(thread),
+            threads,
         }
     }
 
@@ -95,11 +135,18 @@ impl TestNode {
         s
     }
 
-    /// Stops the node and hands back its store.
-    fn stop(mut self) -> Store {
+    /// Stops the node and hands back loop 0's store.
+    fn stop(self) -> Store {
+        self.stop_all().swap_remove(0).store
+    }
+
+    /// Stops the node and hands back every loop's shard.
+    fn stop_all(mut self) -> Vec<Shards> {
         self.stop.store(true, Ordering::Relaxed);
-        let thread = self.thread.take().expect("running");
-        thread.join().expect("no panic").expect("clean stop")
+        std::mem::take(&mut self.threads)
+            .into_iter()
+            .map(|t| t.join().expect("no panic").expect("clean stop"))
+            .collect()
     }
 }
 
@@ -651,4 +698,147 @@ fn locate_and_heartbeat_answers_carry_the_node_name() {
     let (_, body) = Header::read_from_prefix(&buf[..n]).expect("header");
     let hb = HeartbeatOut::read_from_bytes(body).expect("HeartbeatOut");
     assert_eq!(&hb.name[..10], b"test-node\0");
+}
+
+/// Distinct objects whose fingerprints land on every shard of a few loops.
+fn distinct(n: usize, seed: u8) -> Vec<(Fingerprint, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let data: Vec<u8> = (0..(1000 + i * 37))
+                .map(|j| (j as u8) ^ (i as u8) ^ seed)
+                .collect();
+            (Fingerprint::of(&data), data)
+        })
+        .collect()
+}
+
+#[test]
+fn two_loops_serve_every_operation_whichever_loop_a_connection_lands_on() {
+    let node = TestNode::start_loops(2);
+    let objs = distinct(40, 1);
+    assert!(objs.iter().any(|(fp, _)| fp.0[0] < 128) && objs.iter().any(|(fp, _)| fp.0[0] >= 128));
+    // One connection per object: the kernel spreads them over both loops, so both
+    // loops store objects of both shards.
+    for (fp, data) in &objs {
+        let stored = node.client().store_bytes(data).expect("store");
+        assert_eq!((stored.fingerprint, stored.refcount), (*fp, 1));
+    }
+    for (fp, data) in &objs {
+        let mut c = node.client();
+        let mut got = Vec::new();
+        c.retrieve(fp, &mut got, &mut |_, _| {}).expect("retrieve");
+        assert_eq!(&got, data);
+        let mut part = Vec::new();
+        c.retrieve_range(fp, 100, 200, &mut part).expect("range");
+        assert_eq!(part, data[100..300]);
+        let located = c.locate(fp).expect("locate");
+        assert_eq!(located.object_len, data.len() as u64);
+    }
+    // UDP LOCATE goes to loop 0, which asks the authority for objects it lacks.
+    let udp = node.udp();
+    for (i, (fp, data)) in objs.iter().enumerate() {
+        let mut msg = Vec::new();
+        encode_request(
+            &mut msg,
+            Opcode::Locate,
+            900 + i as u64,
+            0,
+            LocateIn { fingerprint: *fp }.as_bytes(),
+        );
+        udp.send(&msg).expect("send");
+        let mut buf = [0u8; 2048];
+        let n = udp.recv(&mut buf).expect("an answer");
+        let (h, body) = Header::read_from_prefix(&buf[..n]).expect("a header");
+        assert_eq!(h.request_id.get(), 900 + i as u64);
+        let out = LocateOut::read_from_prefix(body).expect("a LocateOut").0;
+        assert_eq!(out.head.status.get(), Status::Success as u16);
+        assert_eq!(out.object_len.get(), data.len() as u64);
+    }
+    // The index walk crosses both shards, in fingerprint order, each object once.
+    let mut listed = Vec::new();
+    node.client()
+        .contents(&mut |fp, _| listed.push(fp))
+        .expect("contents");
+    let mut want: Vec<Fingerprint> = objs.iter().map(|(fp, _)| *fp).collect();
+    want.sort();
+    assert_eq!(listed, want);
+    // Deletes from fresh connections find every object wherever it is held.
+    for (fp, _) in &objs {
+        assert_eq!(node.client().delete(fp).expect("delete"), 0);
+        match node.client().retrieve(fp, &mut Vec::new(), &mut |_, _| {}) {
+            Err(ClientError::NotFound { .. }) => {}
+            other => panic!("deleted object still served: {other:?}"),
+        }
+    }
+    let mut n = 0;
+    node.client()
+        .contents(&mut |_, _| n += 1)
+        .expect("contents");
+    assert_eq!(n, 0);
+    let shards = node.stop_all();
+    assert!(shards.iter().all(|s| s.directory_len() == 0));
+    assert!(shards.iter().map(|s| s.counters().remote_ops).sum::<u64>() > 0);
+}
+
+#[test]
+fn the_same_bytes_stored_through_several_loops_at_once_are_one_object() {
+    let node = TestNode::start_loops(2);
+    for (round, (fp, data)) in distinct(6, 9).into_iter().enumerate() {
+        let writers: Vec<_> = (0..8)
+            .map(|_| {
+                let mut c = node.client();
+                let data = data.clone();
+                std::thread::spawn(move || c.store_bytes(&data).expect("store"))
+            })
+            .collect();
+        let mut refs: Vec<u32> = writers
+            .into_iter()
+            .map(|w| w.join().expect("writer"))
+            .map(|s| {
+                assert_eq!(s.fingerprint, fp);
+                s.refcount
+            })
+            .collect();
+        refs.sort();
+        assert_eq!(
+            refs,
+            (1..=8).collect::<Vec<_>>(),
+            "round {round}: each STORE one reference"
+        );
+        let mut listed = 0;
+        node.client()
+            .contents(&mut |got, _| listed += u32::from(got == fp))
+            .expect("contents");
+        assert_eq!(listed, 1, "one object");
+        for left in (0..8).rev() {
+            assert_eq!(node.client().delete(&fp).expect("delete"), left);
+        }
+    }
+}
+
+#[test]
+fn a_restarted_multi_loop_node_finds_every_object_wherever_it_landed() {
+    let disk = MemDisk::new(64 * MIB * 2 + MIB, 1);
+    let objs = distinct(30, 4);
+    let node = TestNode::start_on(&disk, 2);
+    for (_, data) in &objs {
+        node.client().store_bytes(data).expect("store");
+    }
+    // Twice more for one of them: a refcount that lives in some loop's log.
+    node.client().store_bytes(&objs[0].1).expect("store");
+    node.stop_all();
+    let node = TestNode::start_on(&disk, 2);
+    for (fp, data) in &objs {
+        let mut got = Vec::new();
+        node.client()
+            .retrieve(fp, &mut got, &mut |_, _| {})
+            .expect("retrieve after restart");
+        assert_eq!(&got, data);
+    }
+    assert_eq!(node.client().delete(&objs[0].0).expect("delete"), 1);
+    let mut n = 0;
+    node.client()
+        .contents(&mut |_, _| n += 1)
+        .expect("contents");
+    assert_eq!(n, objs.len());
 }

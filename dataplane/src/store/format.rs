@@ -26,7 +26,7 @@
 //! | offset | size | field |
 //! | --- | --- | --- |
 //! | 0 | 8 | magic `b"DOSDDISK"` |
-//! | 8 | 4 | format_version = 2 |
+//! | 8 | 4 | format_version = 3 |
 //! | 12 | 4 | block_size = 4096 |
 //! | 16 | 16 | disk identity (random at format; the disk's serial number) |
 //! | 32 | 8 | node_id of the node that formatted the disk |
@@ -47,8 +47,10 @@
 //! formatted. Format writes copy B (generation 1), flushes, then copy A (generation 2),
 //! so a crash during format leaves either a blank disk or a valid copy.
 //!
-//! Version 1 (no checkpoint area, log at block 2) is refused like any unknown version:
-//! no version-1 disk was ever deployed.
+//! This layout is that of one *region* (from version 3 a disk is carved into one
+//! region per shard by a label in its block 0; see `label`), with offsets relative to
+//! the region's start. Versions 1 (no checkpoint area) and 2 (one log over the whole
+//! disk) are refused like any unknown version: none was ever deployed.
 //!
 //! ## Log records
 //!
@@ -193,8 +195,9 @@ use dosp::Fingerprint;
 pub const BLOCK: usize = nvme::BLOCK_SIZE;
 /// [`BLOCK`] as a byte offset.
 pub const BLOCK_U64: u64 = BLOCK as u64;
-/// Current format version (2: the checkpoint area; 1 had none and is refused).
-pub const FORMAT_VERSION: u32 = 2;
+/// Current format version (3: disks carved into one region per shard by a label in
+/// block 0, see `label`; 2 had one log over the whole disk, 1 no checkpoint area).
+pub const FORMAT_VERSION: u32 = 3;
 /// Superblock magic.
 pub const SB_MAGIC: [u8; 8] = *b"DOSDDISK";
 /// Record header magic.
@@ -700,8 +703,10 @@ mod tests {
         sb().encode(&mut block);
         block[8] = 1;
         assert_eq!(Superblock::decode(&block), SbSlot::UnknownVersion(1));
-        block[8] = 3;
-        assert_eq!(Superblock::decode(&block), SbSlot::UnknownVersion(3));
+        block[8] = 2;
+        assert_eq!(Superblock::decode(&block), SbSlot::UnknownVersion(2));
+        block[8] = 4;
+        assert_eq!(Superblock::decode(&block), SbSlot::UnknownVersion(4));
         assert_eq!(Superblock::decode(&block[..10]), SbSlot::Invalid);
     }
 

@@ -48,6 +48,7 @@ mod compact;
 pub mod conformance;
 mod counted;
 mod format;
+pub mod label;
 mod room;
 mod volume;
 
@@ -364,6 +365,8 @@ struct OpenWrite {
     /// No room for it: its bytes are only hashed, and commit adds a reference to the
     /// object if it is stored already or fails with NoSpace (see `room`).
     unstored: bool,
+    /// Its fingerprint, once [`Store::commit_prepare`] has finished the MD5.
+    fp: Option<Fingerprint>,
 }
 
 /// Disk, header offset and write id of a cached header.
@@ -737,6 +740,7 @@ impl Store {
                 first_lp: None,
                 bytes: 0,
                 unstored: !stored,
+                fp: None,
             },
         );
         Ok(id)
@@ -859,18 +863,92 @@ impl Store {
         expect: &Expect,
         user: u64,
     ) -> Result<(), StoreError> {
+        self.commit_prepare(id, expect)?;
+        self.commit_finish(id, user)
+    }
+
+    /// The first half of [`Store::commit_start`]: finishes the MD5 and checks `expect`
+    /// (on a mismatch the write is aborted and [`StoreError::Mismatch`] returned), and
+    /// returns the fingerprint. The write stays open, nothing is written: a shard that
+    /// does not own the fingerprint asks its owner whether to commit it
+    /// ([`Store::commit_finish`]) or to add a reference to the copy stored elsewhere
+    /// ([`Store::drop_write`]). Preparing twice returns the same fingerprint.
+    pub fn commit_prepare(
+        &mut self,
+        id: WriteId,
+        expect: &Expect,
+    ) -> Result<Fingerprint, StoreError> {
+        let Some(w) = self.writes.get_mut(&id) else {
+            return Err(StoreError::UnknownWrite);
+        };
+        if let Some(fp) = w.fp {
+            return Ok(fp);
+        }
+        let fp = Fingerprint(std::mem::take(&mut w.md5).finalize().into());
+        if let Err(e) = expect.check(fp, w.total) {
+            self.abort(id);
+            return Err(e);
+        }
+        w.fp = Some(fp);
+        Ok(fp)
+    }
+
+    /// The second half of [`Store::commit_start`], for a prepared write: appends its
+    /// last record (or, for a fingerprint this store holds already, a reference +1);
+    /// [`StoreEvent::Committed`] with `user` follows once durable.
+    pub fn commit_finish(&mut self, id: WriteId, user: u64) -> Result<(), StoreError> {
         let Some(mut w) = self.writes.remove(&id) else {
             return Err(StoreError::UnknownWrite);
         };
-        let fp = Fingerprint(std::mem::take(&mut w.md5).finalize().into());
-        let result = expect
-            .check(fp, w.total)
-            .and_then(|()| self.commit_submit(&mut w, fp, user));
+        let Some(fp) = w.fp else {
+            self.writes.insert(id, w);
+            return Err(StoreError::Format(
+                "commit_finish of an unprepared write".into(),
+            ));
+        };
+        let result = self.commit_submit(&mut w, fp, user);
         self.release(w);
         if result.is_err() {
             self.counters.aborts += 1;
         }
         result
+    }
+
+    /// Ends a prepared write whose object another shard already holds (it got a
+    /// reference there instead): nothing becomes visible, what it wrote is dead space.
+    /// Not counted as an abort: the STORE succeeded, as a deduplicated one.
+    pub fn drop_write(&mut self, id: WriteId) {
+        if let Some(w) = self.writes.remove(&id) {
+            self.release(w);
+        }
+    }
+
+    /// Adds a reference to an object this store holds, as a deduplicated STORE does:
+    /// [`StoreEvent::Committed`] (with `deduplicated`) follows once the REF record is
+    /// durable. For a STORE that arrived through another shard.
+    pub fn ref_start(&mut self, fp: &Fingerprint, user: u64) -> Result<(), StoreError> {
+        let disk = self.index.get(fp).ok_or(StoreError::NotFound(*fp))?.disk;
+        let seq = self.append_ref_making_room(disk, fp, 1)?;
+        let e = self.index.get_mut(fp).ok_or(StoreError::NotFound(*fp))?;
+        e.refcount = e.refcount.saturating_add(1);
+        let c = Committed {
+            fingerprint: *fp,
+            len: e.len,
+            disk,
+            deduplicated: true,
+            refcount: e.refcount,
+        };
+        self.waiters[usize::from(disk.0)].push_back(aio::Waiter {
+            seq,
+            user,
+            kind: aio::WaitKind::Dedup { c },
+        });
+        Ok(())
+    }
+
+    /// Whether this store holds `fp`, acknowledged or still committing.
+    pub fn holds(&self, fp: &Fingerprint) -> bool {
+        self.index.contains_key(fp)
     }
 
     fn commit_submit(
@@ -879,23 +957,8 @@ impl Store {
         fp: Fingerprint,
         user: u64,
     ) -> Result<(), StoreError> {
-        if let Some(disk) = self.index.get(&fp).map(|e| e.disk) {
-            let seq = self.append_ref_making_room(disk, &fp, 1)?;
-            let e = self.index.get_mut(&fp).ok_or(StoreError::NotFound(fp))?;
-            e.refcount = e.refcount.saturating_add(1);
-            let c = Committed {
-                fingerprint: fp,
-                len: e.len,
-                disk,
-                deduplicated: true,
-                refcount: e.refcount,
-            };
-            self.waiters[usize::from(disk.0)].push_back(aio::Waiter {
-                seq,
-                user,
-                kind: aio::WaitKind::Dedup { c },
-            });
-            return Ok(());
+        if self.index.contains_key(&fp) {
+            return self.ref_start(&fp, user);
         }
         if w.unstored {
             return Err(StoreError::NoSpace);
@@ -1090,6 +1153,18 @@ impl Store {
         &self,
         after: Option<Fingerprint>,
         max: usize,
+        each: impl FnMut(Fingerprint, DiskId),
+    ) -> Option<Fingerprint> {
+        self.contents_between(after, None, max, each)
+    }
+
+    /// [`Store::contents_after`] that stops before `below` (a shard lists only the
+    /// fingerprints it owns).
+    pub fn contents_between(
+        &self,
+        after: Option<Fingerprint>,
+        below: Option<Fingerprint>,
+        max: usize,
         mut each: impl FnMut(Fingerprint, DiskId),
     ) -> Option<Fingerprint> {
         use std::ops::Bound;
@@ -1097,10 +1172,17 @@ impl Store {
             Some(fp) => Bound::Excluded(fp),
             None => Bound::Unbounded,
         };
+        let to = match below {
+            Some(fp) => Bound::Excluded(fp),
+            None => Bound::Unbounded,
+        };
+        if matches!((after, below), (Some(a), Some(b)) if a >= b) {
+            return None;
+        }
         let mut last = None;
         for (fp, e) in self
             .index
-            .range((from, Bound::Unbounded))
+            .range((from, to))
             .filter(|(fp, _)| !self.unacked.contains(*fp))
             .take(max)
         {
@@ -1108,6 +1190,33 @@ impl Store {
             last = Some(*fp);
         }
         last
+    }
+
+    /// Objects a reader may see with fingerprints in `(from, to)`, in order.
+    pub fn objects_between(
+        &self,
+        from: std::ops::Bound<Fingerprint>,
+        to: std::ops::Bound<Fingerprint>,
+    ) -> impl Iterator<Item = (Fingerprint, DiskId)> + '_ {
+        self.index
+            .range((from, to))
+            .filter(|(fp, _)| !self.unacked.contains(*fp))
+            .map(|(fp, e)| (*fp, e.disk))
+    }
+
+    /// Every object this store holds (acknowledged or not) with its metadata, in
+    /// fingerprint order: how the shards learn at start-up where each object lives.
+    pub fn each_object(&self, mut each: impl FnMut(Fingerprint, ObjectMeta)) {
+        for (fp, e) in &self.index {
+            each(
+                *fp,
+                ObjectMeta {
+                    len: e.len,
+                    disk: e.disk,
+                    refcount: e.refcount,
+                },
+            );
+        }
     }
 
     pub fn disks(&self) -> Vec<DiskReport> {

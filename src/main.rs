@@ -255,14 +255,15 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             "disk"
         );
     }
-    let (handle, end) = dataplane::handle::handle_pair();
+    // One dataplane loop (thread `dataplane-0`), whose number indexes its counters,
+    // its beats and the stall hook.
+    let loops = 1;
+    let (handle, end) = dataplane::handle::handle_pair(loops);
     let server_cfg = dataplane::server::ServerConfig {
         listen: cfg.listen,
         multicast_group: cfg.multicast,
         multicast_if: cfg.multicast_if,
-        node_id,
-        node_name: node_name.clone(),
-        epoch,
+        loop_index: 0,
         chunk_max: dosp::wire::CHUNK_MAX_DEFAULT,
         connections_max: cfg.connections_max,
         idle_sleep: Duration::from_millis(100),
@@ -277,6 +278,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             .map(|(trigger, ms)| dataplane::server::TestStall {
                 trigger: Arc::clone(trigger),
                 duration: Duration::from_millis(ms),
+                loop_index: 0,
             }),
     };
     let server = dataplane::server::Server::bind(server_cfg, store, end).with_context(|| {
@@ -286,14 +288,23 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         )
     })?;
     let local = server.local_addr()?;
+    // The node's state, owned and published by the management core from here on.
+    let node_state = dataplane::node::NodeState::new(
+        node_id,
+        node_name.clone(),
+        epoch,
+        dataplane::node::Addresses {
+            dosp: match local {
+                std::net::SocketAddr::V4(a) if !a.ip().is_unspecified() => a,
+                _ => std::net::SocketAddrV4::new(cfg.multicast_if, local.port()),
+            },
+            multicast_group: cfg.multicast,
+            multicast_if: cfg.multicast_if,
+            mgmt: None,
+        },
+    );
     let mgmt_cfg = mgmt::MgmtConfig {
         listen: cfg.mgmt_listen,
-        node_id,
-        node_name: node_name.clone(),
-        epoch,
-        dosp: local,
-        multicast_group: cfg.multicast,
-        multicast_if: cfg.multicast_if,
         network_backend: "kernel".into(),
         token: cfg.mgmt_token.clone(),
         thresholds: mgmt::Thresholds {
@@ -302,31 +313,20 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         },
         command_wait: Duration::from_secs(5),
     };
-    let thresholds = mgmt_cfg.thresholds;
+    let mgmt = mgmt::Mgmt::start(mgmt_cfg, handle.clone(), node_state)
+        .with_context(|| format!("cannot start the management core on {}", cfg.mgmt_listen))?;
     let announcer_cfg = mgmt::cluster::AnnouncerConfig {
-        group: cfg.multicast,
-        iface: cfg.multicast_if,
-        node_id,
-        node_name: node_name.clone(),
-        epoch,
-        dosp: match local {
-            std::net::SocketAddr::V4(a) if !a.ip().is_unspecified() => a,
-            _ => std::net::SocketAddrV4::new(cfg.multicast_if, local.port()),
-        },
         heartbeat_interval: Duration::from_millis(cfg.heartbeat_ms),
         repeat: 3,
         repeat_gap: Duration::from_millis(100),
-        thresholds,
     };
-    let announcer =
-        mgmt::cluster::Announcer::start(announcer_cfg, handle.clone()).with_context(|| {
+    let announcer = mgmt::cluster::Announcer::start(announcer_cfg, handle, mgmt.monitor())
+        .with_context(|| {
             format!(
                 "cannot start heartbeats on {} via {}",
                 cfg.multicast, cfg.multicast_if
             )
         })?;
-    let mgmt = mgmt::Mgmt::start(mgmt_cfg, handle)
-        .with_context(|| format!("cannot start the management core on {}", cfg.mgmt_listen))?;
     // Before the ready line, so a test may signal as soon as it reads that line.
     let test_signals = TestSignals::start(fault, stall_trigger)?;
     tracing::info!(
@@ -357,7 +357,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let pin = (cores.len() > 1).then(|| cores[cores.len() - 1]);
     let dataplane = std::thread::Builder::new()
-        .name("dataplane-1".into())
+        .name("dataplane-0".into())
         .spawn({
             let stop = Arc::clone(&stop);
             move || {

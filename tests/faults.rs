@@ -407,14 +407,15 @@ fn a_stalled_dataplane_makes_the_node_failing_until_it_resumes() {
         reasons.iter().any(|r| r["kind"] == "dataplane_stalled"
             && r["status"] == "failing"
             && r["core"] == 1
-            && r["message"].as_str().unwrap().contains("dataplane")),
-        "a reason names the stalled dataplane core: {h}"
+            && r["loop"] == 0
+            && r["message"].as_str().unwrap().contains("dataplane-0 ")),
+        "a reason names the stalled dataplane loop: {h}"
     );
     assert!(h["dataplane_quiet_ms"].as_u64().unwrap() > 500, "{h}");
     let line = watcher.wait_for("a node-failing announcement", |l| {
         l.starts_with("announce") && l.contains(&node.node_id) && l.contains("node-failing")
     });
-    assert!(line.contains("dataplane"), "the reason is given: {line}");
+    assert!(line.contains("dataplane-0"), "the reason is given: {line}");
 
     // The loop resumes by itself; the node is ok again and serves.
     let h = poll_json(&node, "/v1/health", "health ok again", |h| {

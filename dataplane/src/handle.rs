@@ -1,17 +1,22 @@
 //! The management core's handle on the dataplane.
 //!
 //! The management core never touches a disk or a data-path socket. It reads what the
-//! dataplane publishes — atomic counters ([`NodeStats`]) and a snapshot of every disk's
-//! report, refreshed by the dataplane a few times a second and after every change — and
-//! asks for changes with typed [`Command`]s over a bounded channel, which the dataplane
-//! drains a few at a time each loop turn and answers on a reply channel.
+//! dataplane publishes — atomic counters (a [`NodeStats`] per loop, in a [`StatsSet`]),
+//! each loop's turn counter ([`LoopBeats`]) and a snapshot of every disk's report,
+//! refreshed by the dataplane a few times a second and after every change — and asks
+//! for changes with typed [`Command`]s over a bounded channel, which the dataplane
+//! drains a few at a time each loop turn and answers on a reply channel. The other way,
+//! the management core publishes the node's state ([`NodeBoard`]) for the loops to read.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use crate::node::NodeBoard;
+#[cfg(doc)]
 use crate::stats::NodeStats;
+use crate::stats::{LoopBeats, StatsSet};
 use crate::store::{DiskId, DiskReport, DiskState};
 
 /// Commands the management core may send. Each carries where to send the answer.
@@ -67,33 +72,46 @@ impl DiskBoard {
 /// What the management core holds.
 #[derive(Debug, Clone)]
 pub struct DataplaneHandle {
-    pub stats: Arc<NodeStats>,
+    pub stats: Arc<StatsSet>,
+    pub beats: Arc<LoopBeats>,
     pub disks: Arc<DiskBoard>,
+    /// The node's state: the management core publishes it here.
+    pub node: Arc<NodeBoard>,
     commands: Sender<Command>,
 }
 
-/// The dataplane's end of the handle.
+/// The dataplane's end of the handle. Every loop takes its own counters
+/// (`stats.of_loop(i)`) and beats `beats` with its own index.
 #[derive(Debug)]
 pub struct DataplaneEnd {
-    pub stats: Arc<NodeStats>,
+    pub stats: Arc<StatsSet>,
+    pub beats: Arc<LoopBeats>,
     pub disks: Arc<DiskBoard>,
+    /// The node's state, read by the loops (see [`crate::node::NodeCache`]).
+    pub node: Arc<NodeBoard>,
     pub commands: Receiver<Command>,
 }
 
-/// Creates both ends.
-pub fn handle_pair() -> (DataplaneHandle, DataplaneEnd) {
-    let stats = Arc::new(NodeStats::default());
+/// Creates both ends, with counters and beats for `loops` dataplane loops.
+pub fn handle_pair(loops: usize) -> (DataplaneHandle, DataplaneEnd) {
+    let stats = Arc::new(StatsSet::new(loops));
+    let beats = Arc::new(LoopBeats::new(loops));
     let disks = Arc::new(DiskBoard::default());
+    let node = Arc::new(NodeBoard::default());
     let (tx, rx) = bounded(COMMAND_QUEUE);
     (
         DataplaneHandle {
             stats: Arc::clone(&stats),
+            beats: Arc::clone(&beats),
             disks: Arc::clone(&disks),
+            node: Arc::clone(&node),
             commands: tx,
         },
         DataplaneEnd {
             stats,
+            beats,
             disks,
+            node,
             commands: rx,
         },
     )
@@ -128,7 +146,7 @@ mod tests {
 
     #[test]
     fn commands_travel_and_a_full_queue_says_busy() {
-        let (handle, end) = handle_pair();
+        let (handle, end) = handle_pair(1);
         let worker = std::thread::spawn(move || {
             let Command::SetDiskState { disk, reply, .. } = end.commands.recv().unwrap();
             reply.send(Err(CommandError::NoSuchDisk(disk.0))).unwrap();
@@ -152,7 +170,7 @@ mod tests {
         let r = handle.set_disk_state(DiskId(0), DiskState::Online, Duration::from_millis(10));
         assert_eq!(r, Err(CommandError::Busy));
         drop(end);
-        let (handle2, end2) = handle_pair();
+        let (handle2, end2) = handle_pair(1);
         drop(end2);
         assert_eq!(
             handle2.set_disk_state(DiskId(0), DiskState::Online, Duration::from_millis(10)),

@@ -17,6 +17,7 @@ use nvme::mem::MemDisk;
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::{Server, ServerConfig};
+use crate::node::{Addresses, NodeState};
 use crate::stats::NodeStats;
 use crate::store::{Store, StoreConfig};
 
@@ -24,6 +25,11 @@ const MIB: u64 = 1 << 20;
 /// A small chunk maximum, so that an oversized chunk is cheap to send.
 const CHUNK_MAX: u32 = 64 * 1024;
 const OBJECT_MAX: u64 = 8 * MIB;
+
+/// Port 0: a group port of this test's own, so no other node is heard.
+fn cfg_group() -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(239, 255, 73, 251), 0)
+}
 
 /// A running node on one 64 MiB memory disk.
 struct TestNode {
@@ -41,15 +47,12 @@ impl TestNode {
             ..StoreConfig::default()
         };
         let store = Store::open(vec![Box::new(disk.device())], store_cfg, 7).expect("store");
-        let (handle, end) = crate::handle::handle_pair();
+        let (handle, end) = crate::handle::handle_pair(1);
         let cfg = ServerConfig {
             listen: "127.0.0.1:0".parse().expect("address"),
-            // Port 0: a group port of this test's own, so no other node is heard.
-            multicast_group: SocketAddrV4::new(Ipv4Addr::new(239, 255, 73, 251), 0),
+            multicast_group: cfg_group(),
             multicast_if: Ipv4Addr::LOCALHOST,
-            node_id: 0x0123_4567_89ab_cdef,
-            node_name: Some(NodeName::new("test-node").expect("a valid name")),
-            epoch: 1,
+            loop_index: 0,
             chunk_max: CHUNK_MAX,
             connections_max: 16,
             idle_sleep: Duration::from_millis(10),
@@ -62,6 +65,21 @@ impl TestNode {
         };
         let server = Server::bind(cfg, store, end).expect("bind");
         let addr = server.local_addr().expect("local address");
+        // The management core's part: publish who the node is before the loop runs.
+        let SocketAddr::V4(dosp) = addr else {
+            panic!("an IPv4 listener")
+        };
+        handle.node.publish(NodeState::new(
+            0x0123_4567_89ab_cdef,
+            Some(NodeName::new("test-node").expect("a valid name")),
+            1,
+            Addresses {
+                dosp,
+                multicast_group: cfg_group(),
+                multicast_if: Ipv4Addr::LOCALHOST,
+                mgmt: None,
+            },
+        ));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::spawn({
             let stop = Arc::clone(&stop);
@@ -69,7 +87,7 @@ impl TestNode {
         });
         TestNode {
             addr,
-            stats: Arc::clone(&handle.stats),
+            stats: Arc::clone(handle.stats.of_loop(0).expect("loop 0")),
             stop,
             thread: Some(thread),
         }

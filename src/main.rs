@@ -123,7 +123,8 @@ fn wrap_faulty(
 /// unless a test flag is set: a production node leaves SIGUSR1/SIGUSR2 alone.
 ///
 /// - SIGUSR1 with `--fault-inject-disk N`: disk N fails every I/O from now on.
-/// - SIGUSR2 with `--test-hooks`: the dataplane loop blocks once for `--test-stall-ms`.
+/// - SIGUSR2 with `--test-hooks`: dataplane loop `--test-stall-loop` (default 0) blocks
+///   once for `--test-stall-ms`.
 struct TestSignals {
     handle: signal_hook::iterator::Handle,
     thread: std::thread::JoinHandle<()>,
@@ -258,6 +259,12 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     // One dataplane loop (thread `dataplane-0`), whose number indexes its counters,
     // its beats and the stall hook.
     let loops = 1;
+    anyhow::ensure!(
+        cfg.test_stall_ms.is_none() || cfg.test_stall_loop < loops,
+        "--test-stall-loop {}: the node runs dataplane loops 0 to {}",
+        cfg.test_stall_loop,
+        loops - 1
+    );
     let (handle, end) = dataplane::handle::handle_pair(loops);
     let server_cfg = dataplane::server::ServerConfig {
         listen: cfg.listen,
@@ -278,7 +285,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             .map(|(trigger, ms)| dataplane::server::TestStall {
                 trigger: Arc::clone(trigger),
                 duration: Duration::from_millis(ms),
-                loop_index: 0,
+                loop_index: cfg.test_stall_loop,
             }),
     };
     let server = dataplane::server::Server::bind(server_cfg, store, end).with_context(|| {

@@ -696,3 +696,32 @@ fn a_slow_disk_slows_only_the_requests_that_touch_it() {
         "fetches from the fast disk waited for the slow one: median {f:?} against {s:?}"
     );
 }
+
+#[test]
+fn a_stall_hook_for_a_loop_the_node_does_not_run_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--disks",
+        "1",
+        "--disk-size",
+        "32M",
+        "--test-hooks",
+        "--test-stall-loop",
+        "4096",
+    ];
+    let log = match Node::try_start_under(&[], &dir.path().join("data"), &unique_group(), &args) {
+        Ok(mut node) => {
+            node.terminate();
+            panic!(
+                "dosd started with a stall hook for loop 4096:\n{}",
+                node.log()
+            );
+        }
+        Err(log) => log,
+    };
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line:\n{log}"));
+    assert!(line.contains("--test-stall-loop 4096"), "{line}");
+}

@@ -322,6 +322,16 @@ impl StatsSet {
         total
     }
 
+    /// The worst state any loop saw of its DOSP listener.
+    pub fn listener_state(&self) -> ListenerState {
+        let worst = self
+            .all()
+            .map(|s| NodeStats::get(&s.listener_state))
+            .max()
+            .unwrap_or(0);
+        ListenerState::from_gauge(worst)
+    }
+
     /// What GET_LOAD and HEARTBEAT report, summed without building a whole
     /// [`NodeStats`] (this runs on a dataplane loop, per request).
     pub fn load(&self) -> Load {
@@ -574,6 +584,7 @@ mod tests {
             ListenerState::Shedding,
             "the worst listener, not a sum"
         );
+        assert_eq!(set.listener_state(), ListenerState::Shedding);
         let l = set.load();
         assert_eq!((l.ops_total, l.connections, l.errors_total), (7, 1, 2));
     }

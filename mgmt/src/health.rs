@@ -391,12 +391,10 @@ impl Monitor {
     /// Assesses the node now and publishes the verdict if it changed.
     pub fn assess(&self, now: Instant) -> Health {
         self.observe(now);
-        let listener =
-            ListenerState::from_gauge(NodeStats::get(&self.handle.stats.sum().listener_state));
         let health = assess(
             &self.handle.disks.snapshot(),
             &self.liveness.quiet(now),
-            listener,
+            self.handle.stats.listener_state(),
             &self.thresholds,
         );
         let key: VerdictKey = (

@@ -35,6 +35,8 @@ fn cfg_group() -> SocketAddrV4 {
 struct TestNode {
     addr: SocketAddr,
     stats: Arc<NodeStats>,
+    /// Where the test, as the management core, publishes the node's state.
+    board: Arc<crate::node::NodeBoard>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<std::io::Result<Store>>>,
 }
@@ -88,6 +90,7 @@ impl TestNode {
         TestNode {
             addr,
             stats: Arc::clone(handle.stats.of_loop(0).expect("loop 0")),
+            board: Arc::clone(&handle.node),
             stop,
             thread: Some(thread),
         }
@@ -669,4 +672,47 @@ fn locate_and_heartbeat_answers_carry_the_node_name() {
     let (_, body) = Header::read_from_prefix(&buf[..n]).expect("header");
     let hb = HeartbeatOut::read_from_bytes(body).expect("HeartbeatOut");
     assert_eq!(&hb.name[..10], b"test-node\0");
+}
+
+#[test]
+fn heartbeat_answers_follow_the_published_health_verdict() {
+    use crate::node::{NodeHealth, Verdict};
+    let node = TestNode::start();
+    let mut c = node.client();
+    let hb = c.heartbeat().expect("heartbeat");
+    assert_eq!(
+        (hb.health, hb.role),
+        (0, 0),
+        "not assessed, every disk online"
+    );
+    assert_eq!(hb.epoch, 1);
+    node.board.update(|s| {
+        s.health = Some(NodeHealth {
+            verdict: Verdict::Failing,
+            reasons: vec!["dataplane-0 has not turned".into()],
+        })
+    });
+    // The loop re-reads the board at the top of its next turn, which the next request
+    // nearly always starts (it may be read in the turn that answered the last one).
+    let mut health_becomes = |want: u8| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = c.heartbeat().expect("heartbeat").health;
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "health {got}, want {want}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    health_becomes(2);
+    node.board.update(|s| {
+        s.health = Some(NodeHealth {
+            verdict: Verdict::Ok,
+            reasons: Vec::new(),
+        })
+    });
+    health_becomes(0);
+    drop(c);
+    node.stop();
 }

@@ -154,6 +154,10 @@ pub struct Flags {
     /// TEST ONLY: how long the --test-hooks stall lasts [default: 3000]
     #[arg(long, hide = true, requires = "test_hooks")]
     pub test_stall_ms: Option<u64>,
+    /// TEST ONLY: which dataplane loop (thread dataplane-N) the --test-hooks stall
+    /// blocks [default: 0]
+    #[arg(long, hide = true, value_name = "N", requires = "test_hooks")]
+    pub test_stall_loop: Option<usize>,
 }
 
 /// The same keys, from the TOML file.
@@ -236,6 +240,8 @@ pub struct Config {
     /// Test only: how long SIGUSR2 stalls the dataplane loop; `None` without
     /// `--test-hooks`.
     pub test_stall_ms: Option<u64>,
+    /// Test only: which loop the stall blocks (0 unless `--test-stall-loop`).
+    pub test_stall_loop: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -489,6 +495,7 @@ impl Config {
             fault_inject_disk: flags.fault_inject_disk,
             test_disk_latency_ms: flags.test_disk_latency_ms,
             test_stall_ms,
+            test_stall_loop: flags.test_stall_loop.unwrap_or(0),
             mgmt_token,
             disks_down_max: flags
                 .disks_down_max
@@ -765,7 +772,14 @@ mod tests {
         assert_eq!(c.fault_inject_disk, Some(1));
         assert_eq!(c.test_stall_ms, Some(TEST_STALL_MS_DEFAULT));
         let c = Config::resolve(parse(&["--test-hooks", "--test-stall-ms", "700"]).unwrap());
-        assert_eq!(c.unwrap().test_stall_ms, Some(700));
+        let c = c.unwrap();
+        assert_eq!((c.test_stall_ms, c.test_stall_loop), (Some(700), 0));
+        let c = Config::resolve(parse(&["--test-hooks", "--test-stall-loop", "1"]).unwrap());
+        assert_eq!(c.unwrap().test_stall_loop, 1);
+        assert!(
+            parse(&["--test-stall-loop", "1"]).is_err(),
+            "a stalled loop without --test-hooks is a mistake"
+        );
         let err = Config::resolve(parse(&["--disks", "2", "--fault-inject-disk", "2"]).unwrap());
         assert!(err.unwrap_err().to_string().contains("disks 0 to 1"));
         assert!(

@@ -201,7 +201,8 @@ fn wrap_faulty(
 /// unless a test flag is set: a production node leaves SIGUSR1/SIGUSR2 alone.
 ///
 /// - SIGUSR1 with `--fault-inject-disk N`: disk N fails every I/O from now on.
-/// - SIGUSR2 with `--test-hooks`: the dataplane loop blocks once for `--test-stall-ms`.
+/// - SIGUSR2 with `--test-hooks`: dataplane loop `--test-stall-loop` (default 0) blocks
+///   once for `--test-stall-ms`.
 struct TestSignals {
     handle: signal_hook::iterator::Handle,
     thread: std::thread::JoinHandle<()>,
@@ -378,6 +379,12 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         tracing::error!(dups, "objects found held by two shards");
     }
     tracing::info!(loops, "dataplane loops (one shard each)");
+    anyhow::ensure!(
+        cfg.test_stall_ms.is_none() || cfg.test_stall_loop < usize::from(loops),
+        "--test-stall-loop {}: the node runs dataplane loops 0 to {}",
+        cfg.test_stall_loop,
+        loops - 1
+    );
     let (handle, ends) = dataplane::handle::handle_for(loops);
     let listeners =
         dataplane::server::accept::bind_group(cfg.listen, cfg.connections_max, usize::from(loops))
@@ -388,9 +395,6 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             listen: cfg.listen,
             multicast_group: cfg.multicast,
             multicast_if: cfg.multicast_if,
-            node_id,
-            node_name: node_name.clone(),
-            epoch,
             chunk_max: dosp::wire::CHUNK_MAX_DEFAULT,
             // The kernel spreads connections over the loops; each admits its share.
             connections_max: cfg.connections_max.div_ceil(usize::from(loops)),
@@ -404,10 +408,10 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             test_stall: stall_trigger
                 .as_ref()
                 .zip(cfg.test_stall_ms)
-                .filter(|_| k == 0)
                 .map(|(trigger, ms)| dataplane::server::TestStall {
                     trigger: Arc::clone(trigger),
                     duration: Duration::from_millis(ms),
+                    loop_index: cfg.test_stall_loop,
                 }),
         };
         let server = dataplane::server::Server::bind_with(server_cfg, listener, shard, end)
@@ -421,14 +425,23 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     }
     let server = &servers[0];
     let local = server.local_addr()?;
+    // The node's state, owned and published by the management core from here on.
+    let node_state = dataplane::node::NodeState::new(
+        node_id,
+        node_name.clone(),
+        epoch,
+        dataplane::node::Addresses {
+            dosp: match local {
+                std::net::SocketAddr::V4(a) if !a.ip().is_unspecified() => a,
+                _ => std::net::SocketAddrV4::new(cfg.multicast_if, local.port()),
+            },
+            multicast_group: cfg.multicast,
+            multicast_if: cfg.multicast_if,
+            mgmt: None,
+        },
+    );
     let mgmt_cfg = mgmt::MgmtConfig {
         listen: cfg.mgmt_listen,
-        node_id,
-        node_name: node_name.clone(),
-        epoch,
-        dosp: local,
-        multicast_group: cfg.multicast,
-        multicast_if: cfg.multicast_if,
         network_backend: "kernel".into(),
         token: cfg.mgmt_token.clone(),
         thresholds: mgmt::Thresholds {
@@ -437,31 +450,20 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         },
         command_wait: Duration::from_secs(5),
     };
-    let thresholds = mgmt_cfg.thresholds;
+    let mgmt = mgmt::Mgmt::start(mgmt_cfg, handle.clone(), node_state)
+        .with_context(|| format!("cannot start the management core on {}", cfg.mgmt_listen))?;
     let announcer_cfg = mgmt::cluster::AnnouncerConfig {
-        group: cfg.multicast,
-        iface: cfg.multicast_if,
-        node_id,
-        node_name: node_name.clone(),
-        epoch,
-        dosp: match local {
-            std::net::SocketAddr::V4(a) if !a.ip().is_unspecified() => a,
-            _ => std::net::SocketAddrV4::new(cfg.multicast_if, local.port()),
-        },
         heartbeat_interval: Duration::from_millis(cfg.heartbeat_ms),
         repeat: 3,
         repeat_gap: Duration::from_millis(100),
-        thresholds,
     };
-    let announcer =
-        mgmt::cluster::Announcer::start(announcer_cfg, handle.clone()).with_context(|| {
+    let announcer = mgmt::cluster::Announcer::start(announcer_cfg, handle, mgmt.monitor())
+        .with_context(|| {
             format!(
                 "cannot start heartbeats on {} via {}",
                 cfg.multicast, cfg.multicast_if
             )
         })?;
-    let mgmt = mgmt::Mgmt::start(mgmt_cfg, handle)
-        .with_context(|| format!("cannot start the management core on {}", cfg.mgmt_listen))?;
     // Before the ready line, so a test may signal as soon as it reads that line.
     let test_signals = TestSignals::start(fault, stall_trigger)?;
     tracing::info!(

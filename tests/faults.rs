@@ -407,14 +407,15 @@ fn a_stalled_dataplane_makes_the_node_failing_until_it_resumes() {
         reasons.iter().any(|r| r["kind"] == "dataplane_stalled"
             && r["status"] == "failing"
             && r["core"] == 1
-            && r["message"].as_str().unwrap().contains("dataplane")),
-        "a reason names the stalled dataplane core: {h}"
+            && r["loop"] == 0
+            && r["message"].as_str().unwrap().contains("dataplane-0 ")),
+        "a reason names the stalled dataplane loop: {h}"
     );
     assert!(h["dataplane_quiet_ms"].as_u64().unwrap() > 500, "{h}");
     let line = watcher.wait_for("a node-failing announcement", |l| {
         l.starts_with("announce") && l.contains(&node.node_id) && l.contains("node-failing")
     });
-    assert!(line.contains("dataplane"), "the reason is given: {line}");
+    assert!(line.contains("dataplane-0"), "the reason is given: {line}");
 
     // The loop resumes by itself; the node is ok again and serves.
     let h = poll_json(&node, "/v1/health", "health ok again", |h| {
@@ -694,4 +695,33 @@ fn a_slow_disk_slows_only_the_requests_that_touch_it() {
         f * 4 < s,
         "fetches from the fast disk waited for the slow one: median {f:?} against {s:?}"
     );
+}
+
+#[test]
+fn a_stall_hook_for_a_loop_the_node_does_not_run_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--disks",
+        "1",
+        "--disk-size",
+        "32M",
+        "--test-hooks",
+        "--test-stall-loop",
+        "4096",
+    ];
+    let log = match Node::try_start_under(&[], &dir.path().join("data"), &unique_group(), &args) {
+        Ok(mut node) => {
+            node.terminate();
+            panic!(
+                "dosd started with a stall hook for loop 4096:\n{}",
+                node.log()
+            );
+        }
+        Err(log) => log,
+    };
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line:\n{log}"));
+    assert!(line.contains("--test-stall-loop 4096"), "{line}");
 }

@@ -1,17 +1,22 @@
 //! The management core's handle on the dataplane.
 //!
 //! The management core never touches a disk or a data-path socket. It reads what the
-//! dataplane publishes — atomic counters ([`NodeStats`]) and a snapshot of every disk's
-//! report, refreshed by the dataplane a few times a second and after every change — and
-//! asks for changes with typed [`Command`]s over a bounded channel, which the dataplane
-//! drains a few at a time each loop turn and answers on a reply channel.
+//! dataplane publishes — atomic counters (a [`NodeStats`] per loop, in a [`StatsSet`]),
+//! each loop's turn counter ([`LoopBeats`]) and a snapshot of every disk's report,
+//! refreshed by the dataplane a few times a second and after every change — and asks
+//! for changes with typed [`Command`]s over a bounded channel, which the dataplane
+//! drains a few at a time each loop turn and answers on a reply channel. The other way,
+//! the management core publishes the node's state ([`NodeBoard`]) for the loops to read.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use crate::node::NodeBoard;
+#[cfg(doc)]
 use crate::stats::NodeStats;
+use crate::stats::{LoopBeats, StatsSet};
 use crate::store::{DiskId, DiskReport, DiskState};
 
 /// Commands the management core may send. Each carries where to send the answer.
@@ -149,19 +154,26 @@ fn worst(a: DiskState, b: DiskState) -> DiskState {
 /// What the management core holds.
 #[derive(Debug, Clone)]
 pub struct DataplaneHandle {
-    pub stats: Arc<NodeStats>,
+    pub stats: Arc<StatsSet>,
+    pub beats: Arc<LoopBeats>,
     pub disks: Arc<DiskBoard>,
+    /// The node's state: the management core publishes it here.
+    pub node: Arc<NodeBoard>,
     /// One command queue per dataplane loop.
     commands: Vec<Sender<Command>>,
 }
 
-/// A dataplane loop's end of the handle.
+/// A dataplane loop's end of the handle. Every loop takes its own counters
+/// (`stats.of_loop(loop_index)`) and beats `beats` with its own index.
 #[derive(Debug)]
 pub struct DataplaneEnd {
     /// Which loop this end belongs to.
     pub loop_index: u16,
-    pub stats: Arc<NodeStats>,
+    pub stats: Arc<StatsSet>,
+    pub beats: Arc<LoopBeats>,
     pub disks: Arc<DiskBoard>,
+    /// The node's state, read by the loops (see [`crate::node::NodeCache`]).
+    pub node: Arc<NodeBoard>,
     pub commands: Receiver<Command>,
 }
 
@@ -171,26 +183,34 @@ pub fn handle_pair() -> (DataplaneHandle, DataplaneEnd) {
     (h, ends.remove(0))
 }
 
-/// Creates the management core's handle and one end per dataplane loop.
+/// Creates the management core's handle and one end per dataplane loop, with
+/// counters and beats for each.
 pub fn handle_for(loops: u16) -> (DataplaneHandle, Vec<DataplaneEnd>) {
-    let stats = Arc::new(NodeStats::default());
+    let loops = loops.max(1);
+    let stats = Arc::new(StatsSet::new(usize::from(loops)));
+    let beats = Arc::new(LoopBeats::new(usize::from(loops)));
     let disks = Arc::new(DiskBoard::default());
+    let node = Arc::new(NodeBoard::default());
     let mut commands = Vec::new();
     let mut ends = Vec::new();
-    for i in 0..loops.max(1) {
+    for i in 0..loops {
         let (tx, rx) = bounded(COMMAND_QUEUE);
         commands.push(tx);
         ends.push(DataplaneEnd {
             loop_index: i,
             stats: Arc::clone(&stats),
+            beats: Arc::clone(&beats),
             disks: Arc::clone(&disks),
+            node: Arc::clone(&node),
             commands: rx,
         });
     }
     (
         DataplaneHandle {
             stats,
+            beats,
             disks,
+            node,
             commands,
         },
         ends,

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod handle;
+pub mod node;
 pub mod server;
 pub mod stats;
 pub mod store;

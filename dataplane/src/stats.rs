@@ -5,6 +5,7 @@
 //! nothing allocates after start-up: the histograms are fixed arrays of counters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dosp::wire::Status;
@@ -195,12 +196,14 @@ pub struct NodeStats {
     pub udp_bad: AtomicU64,
     pub locate_answers: AtomicU64,
     pub heartbeats_sent: AtomicU64,
-    /// Loop turns of the dataplane core (liveness).
+    /// Loop turns (the management core judges liveness per loop from
+    /// [`LoopBeats`], which each loop beats alongside).
     pub loop_turns: AtomicU64,
     /// Requests completed in the last whole second (a gauge, set once a second).
     pub ops_per_sec: AtomicU64,
     /// The node's health as the management core last assessed it: 0 ok, 1 degraded,
-    /// 2 failing (a gauge; the dataplane reports it in HEARTBEAT answers).
+    /// 2 failing (a gauge for `/metrics`, set on [`StatsSet::mgmt`]; HEARTBEAT answers
+    /// read the verdict from the node's state, [`crate::node::NodeState`]).
     pub health: AtomicU64,
     /// Hot-object cache: reads served from memory, reads that went to a disk, objects
     /// and bytes held, and its capacity (set by the loop when it publishes reports).
@@ -253,6 +256,226 @@ impl NodeStats {
     /// The latency histogram of one class of operation.
     pub fn latency(&self, op: OpClass) -> &Histogram {
         &self.latency[op as usize]
+    }
+}
+
+/// The load figures that GET_LOAD and HEARTBEAT report, summed over every loop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Load {
+    pub connections: u64,
+    pub ops_outstanding: u64,
+    pub ops_total: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub errors_total: u64,
+    pub ops_per_sec: u64,
+}
+
+/// The counters of every dataplane loop (index = loop number), and one more set for
+/// the counters the management core raises itself (heartbeats sent, the health gauge).
+///
+/// Each loop increments only its own [`NodeStats`], so no cache line is shared between
+/// loops on the data path; readers sum them ([`StatsSet::sum`], [`StatsSet::load`]).
+#[derive(Debug)]
+pub struct StatsSet {
+    loops: Box<[Arc<NodeStats>]>,
+    mgmt: Arc<NodeStats>,
+}
+
+impl StatsSet {
+    /// Counters for `loops` loops (at least one).
+    pub fn new(loops: usize) -> StatsSet {
+        StatsSet {
+            loops: (0..loops.max(1)).map(|_| Arc::default()).collect(),
+            mgmt: Arc::default(),
+        }
+    }
+
+    /// Loop `index`'s own counters; `None` past the last loop.
+    pub fn of_loop(&self, index: usize) -> Option<&Arc<NodeStats>> {
+        self.loops.get(index)
+    }
+
+    /// The management core's own counters.
+    pub fn mgmt(&self) -> &NodeStats {
+        &self.mgmt
+    }
+
+    pub fn loops(&self) -> usize {
+        self.loops.len()
+    }
+
+    fn all(&self) -> impl Iterator<Item = &NodeStats> {
+        self.loops
+            .iter()
+            .map(|s| &**s)
+            .chain(std::iter::once(&*self.mgmt))
+    }
+
+    /// Every counter summed into one [`NodeStats`] (for `/metrics`): counters and
+    /// gauges add up, except the listener's state, which is the worst any loop saw.
+    pub fn sum(&self) -> NodeStats {
+        let total = NodeStats::default();
+        for s in self.all() {
+            total.absorb(s);
+        }
+        total
+    }
+
+    /// The worst state any loop saw of its DOSP listener.
+    pub fn listener_state(&self) -> ListenerState {
+        let worst = self
+            .all()
+            .map(|s| NodeStats::get(&s.listener_state))
+            .max()
+            .unwrap_or(0);
+        ListenerState::from_gauge(worst)
+    }
+
+    /// What GET_LOAD and HEARTBEAT report, summed without building a whole
+    /// [`NodeStats`] (this runs on a dataplane loop, per request).
+    pub fn load(&self) -> Load {
+        let mut l = Load::default();
+        for s in self.all() {
+            l.connections += NodeStats::get(&s.connections);
+            l.ops_outstanding += NodeStats::get(&s.ops_outstanding);
+            l.ops_total += NodeStats::get(&s.ops_total);
+            l.bytes_in += NodeStats::get(&s.bytes_in);
+            l.bytes_out += NodeStats::get(&s.bytes_out);
+            l.errors_total += NodeStats::get(&s.errors_total);
+            l.ops_per_sec += NodeStats::get(&s.ops_per_sec);
+        }
+        l
+    }
+}
+
+impl NodeStats {
+    /// Adds `other`'s values into these (see [`StatsSet::sum`]). The destructuring
+    /// names every field, so a new counter cannot be left out of the sums.
+    fn absorb(&self, other: &NodeStats) {
+        let NodeStats {
+            connections,
+            connections_total,
+            connections_refused,
+            connections_evicted,
+            accept_failures,
+            listener_state,
+            ops_total,
+            ops_outstanding,
+            bytes_in,
+            bytes_out,
+            errors_total,
+            errors_by_status,
+            latency,
+            bad_requests,
+            unknown_opcodes,
+            stores_aborted,
+            sessions_timed_out,
+            checksum_mismatches,
+            stores,
+            retrieves,
+            deletes,
+            udp_requests,
+            udp_bad,
+            locate_answers,
+            heartbeats_sent,
+            loop_turns,
+            ops_per_sec,
+            health,
+            cache_hits,
+            cache_misses,
+            cache_objects,
+            cache_bytes,
+            cache_capacity_bytes,
+            index_objects,
+            index_bytes,
+        } = other;
+        let add = |into: &AtomicU64, from: &AtomicU64| {
+            into.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        };
+        for (into, from) in [
+            (&self.connections, connections),
+            (&self.connections_total, connections_total),
+            (&self.connections_refused, connections_refused),
+            (&self.connections_evicted, connections_evicted),
+            (&self.accept_failures, accept_failures),
+            (&self.ops_total, ops_total),
+            (&self.ops_outstanding, ops_outstanding),
+            (&self.bytes_in, bytes_in),
+            (&self.bytes_out, bytes_out),
+            (&self.errors_total, errors_total),
+            (&self.bad_requests, bad_requests),
+            (&self.unknown_opcodes, unknown_opcodes),
+            (&self.stores_aborted, stores_aborted),
+            (&self.sessions_timed_out, sessions_timed_out),
+            (&self.checksum_mismatches, checksum_mismatches),
+            (&self.stores, stores),
+            (&self.retrieves, retrieves),
+            (&self.deletes, deletes),
+            (&self.udp_requests, udp_requests),
+            (&self.udp_bad, udp_bad),
+            (&self.locate_answers, locate_answers),
+            (&self.heartbeats_sent, heartbeats_sent),
+            (&self.loop_turns, loop_turns),
+            (&self.ops_per_sec, ops_per_sec),
+            (&self.health, health),
+            (&self.cache_hits, cache_hits),
+            (&self.cache_misses, cache_misses),
+            (&self.cache_objects, cache_objects),
+            (&self.cache_bytes, cache_bytes),
+            (&self.cache_capacity_bytes, cache_capacity_bytes),
+            (&self.index_objects, index_objects),
+            (&self.index_bytes, index_bytes),
+        ] {
+            add(into, from);
+        }
+        self.listener_state
+            .fetch_max(listener_state.load(Ordering::Relaxed), Ordering::Relaxed);
+        for (into, from) in self.errors_by_status.iter().zip(errors_by_status) {
+            add(into, from);
+        }
+        for (into, from) in self.latency.iter().zip(latency) {
+            for (b, f) in into.buckets.iter().zip(&from.buckets) {
+                add(b, f);
+            }
+            add(&into.sum_us, &from.sum_us);
+        }
+    }
+}
+
+/// Liveness of the dataplane loops: one turn counter per loop, index = loop number,
+/// sized at start-up from the number of loops. Each loop calls [`LoopBeats::beat`]
+/// once per turn with its own index; the management core samples
+/// [`LoopBeats::turns`] and calls a loop stalled when its counter stops moving.
+#[derive(Debug)]
+pub struct LoopBeats {
+    turns: Box<[AtomicU64]>,
+}
+
+impl LoopBeats {
+    /// Counters for `loops` loops (at least one).
+    pub fn new(loops: usize) -> LoopBeats {
+        LoopBeats {
+            turns: (0..loops.max(1)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// One turn of loop `index` (an index past the last loop is a programmer error,
+    /// caught at start-up by [`LoopBeats::loops`]; here it is ignored).
+    pub fn beat(&self, index: usize) {
+        if let Some(t) = self.turns.get(index) {
+            t.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn loops(&self) -> usize {
+        self.turns.len()
+    }
+
+    /// Turns of every loop so far, by loop number, into `out` (cleared first).
+    pub fn turns(&self, out: &mut Vec<u64>) {
+        out.clear();
+        out.extend(self.turns.iter().map(|t| t.load(Ordering::Relaxed)));
     }
 }
 
@@ -328,5 +551,54 @@ mod tests {
             NodeStats::get(&s.errors_by_status[Status::Success as usize]),
             0
         );
+    }
+    #[test]
+    fn a_set_sums_every_loop_and_the_mgmt_counters() {
+        let set = StatsSet::new(2);
+        assert_eq!(set.loops(), 2);
+        assert!(set.of_loop(2).is_none());
+        let (a, b) = (set.of_loop(0).unwrap(), set.of_loop(1).unwrap());
+        NodeStats::add(&a.ops_total, 3);
+        NodeStats::add(&b.ops_total, 4);
+        NodeStats::inc(&b.connections);
+        NodeStats::error(a, Status::NotFound);
+        NodeStats::error(b, Status::NotFound);
+        a.latency(OpClass::Store).record(Duration::from_micros(3));
+        b.latency(OpClass::Store).record(Duration::from_micros(3));
+        NodeStats::set(&a.listener_state, ListenerState::Shedding as u64);
+        NodeStats::set(&b.listener_state, ListenerState::Accepting as u64);
+        NodeStats::inc(&set.mgmt().heartbeats_sent);
+        let s = set.sum();
+        assert_eq!(NodeStats::get(&s.ops_total), 7);
+        assert_eq!(NodeStats::get(&s.connections), 1);
+        assert_eq!(NodeStats::get(&s.heartbeats_sent), 1);
+        assert_eq!(NodeStats::get(&s.errors_total), 2);
+        assert_eq!(
+            NodeStats::get(&s.errors_by_status[Status::NotFound as usize]),
+            2
+        );
+        let h = s.latency(OpClass::Store).snapshot();
+        assert_eq!((h.count(), h.sum_us), (2, 6));
+        assert_eq!(
+            ListenerState::from_gauge(NodeStats::get(&s.listener_state)),
+            ListenerState::Shedding,
+            "the worst listener, not a sum"
+        );
+        assert_eq!(set.listener_state(), ListenerState::Shedding);
+        let l = set.load();
+        assert_eq!((l.ops_total, l.connections, l.errors_total), (7, 1, 2));
+    }
+
+    #[test]
+    fn beats_count_per_loop() {
+        let beats = LoopBeats::new(3);
+        beats.beat(1);
+        beats.beat(1);
+        beats.beat(2);
+        beats.beat(7); // past the last loop: ignored
+        let mut t = vec![99];
+        beats.turns(&mut t);
+        assert_eq!(t, [0, 2, 1]);
+        assert_eq!(LoopBeats::new(0).loops(), 1);
     }
 }

@@ -13,7 +13,6 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use dataplane::stats::{ListenerState, NodeStats};
 use dataplane::store::{DiskId, DiskReport, DiskState};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -208,6 +207,16 @@ pub enum Role {
     Passive,
 }
 
+impl From<dataplane::node::Role> for Role {
+    fn from(r: dataplane::node::Role) -> Role {
+        match r {
+            dataplane::node::Role::Standalone => Role::Standalone,
+            dataplane::node::Role::Active => Role::Active,
+            dataplane::node::Role::Passive => Role::Passive,
+        }
+    }
+}
+
 /// Who the node is.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct NodeView {
@@ -319,18 +328,19 @@ async fn node(State(s): State<Arc<Shared>>) -> Json<NodeView> {
         .collect();
     disk_backends.sort_unstable();
     disk_backends.dedup();
+    let node = s.handle.node.snapshot();
     Json(NodeView {
-        node_id: format!("{:016x}", s.cfg.node_id),
-        node_name: s.cfg.node_name.as_ref().map(ToString::to_string),
-        epoch: s.cfg.epoch,
+        node_id: format!("{:016x}", node.node_id),
+        node_name: node.name.as_ref().map(ToString::to_string),
+        epoch: node.epoch,
         version: env!("CARGO_PKG_VERSION").to_string(),
-        uptime_ms: u64::try_from(s.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        role: Role::Standalone,
+        uptime_ms: node.uptime_ms(Instant::now()),
+        role: node.role.into(),
         addresses: Addresses {
-            dosp: s.cfg.dosp.to_string(),
-            multicast_group: s.cfg.multicast_group.to_string(),
-            multicast_if: s.cfg.multicast_if.to_string(),
-            mgmt: s.local.to_string(),
+            dosp: node.addrs.dosp.to_string(),
+            multicast_group: node.addrs.multicast_group.to_string(),
+            multicast_if: node.addrs.multicast_if.to_string(),
+            mgmt: node.addrs.mgmt.unwrap_or(s.local).to_string(),
         },
         backends: Backends {
             network: s.cfg.network_backend.clone(),
@@ -489,15 +499,7 @@ async fn change_state(
 /// Overall health with its reasons and the thresholds in force.
 #[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health)))]
 async fn health_get(State(s): State<Arc<Shared>>) -> Json<Health> {
-    let now = Instant::now();
-    s.liveness
-        .observe(NodeStats::get(&s.handle.stats.loop_turns), now);
-    Json(health::assess(
-        &s.handle.disks.snapshot(),
-        s.liveness.quiet(now),
-        ListenerState::from_gauge(NodeStats::get(&s.handle.stats.listener_state)),
-        &s.cfg.thresholds,
-    ))
+    Json(s.monitor.assess(Instant::now()))
 }
 
 /// Prometheus text format.
@@ -507,7 +509,7 @@ async fn health_get(State(s): State<Arc<Shared>>) -> Json<Health> {
     responses((status = 200, description = "Prometheus exposition format 0.0.4", body = String, content_type = "text/plain"))
 )]
 async fn metrics_get(State(s): State<Arc<Shared>>) -> Response {
-    let text = metrics::render(&s.handle.stats, &s.handle.disks.snapshot());
+    let text = metrics::render(&s.handle.stats.sum(), &s.handle.disks.snapshot());
     (
         StatusCode::OK,
         [(

@@ -1,9 +1,9 @@
 //! The management core's voice on the cluster group: periodic heartbeats and
 //! announcements of events (disk down/up, node failing, node leaving).
 //!
-//! It runs on its own thread and learns everything from the dataplane handle: the disk
-//! snapshot the dataplane publishes and the loop-turn counter that proves the dataplane
-//! is alive. It compares each snapshot with the previous one, so an event is announced
+//! It runs on its own thread and learns everything from the dataplane handle and the
+//! health [`Monitor`]: the node's state (who it is, where it speaks), the disk snapshot
+//! the dataplane publishes, and the health verdict. It compares each snapshot with the previous one, so an event is announced
 //! once when it happens (then repeated a bounded number of times with the same seq,
 //! because multicast is unreliable). It never touches a disk or the data path.
 
@@ -15,45 +15,25 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dataplane::handle::DataplaneHandle;
-use dataplane::stats::{ListenerState, NodeStats};
+use dataplane::stats::NodeStats;
 use dataplane::store::{DiskReport, DiskState};
 
-use crate::health::{assess, Status as Health, Thresholds};
+use crate::health::{Monitor, Status as Health};
 use dosp::codec::encode_response;
-use dosp::wire::{
-    AnnounceKind, AnnounceOut, HeartbeatOut, NodeName, Opcode, OutHead, Status, ALL_DISKS,
-};
+use dosp::wire::{AnnounceKind, Opcode, ALL_DISKS};
 use zerocopy::IntoBytes;
 
 /// How often the announcer looks at the dataplane's state.
 const TICK: Duration = Duration::from_millis(50);
 
-/// Who is speaking and where.
+/// How often the announcer speaks (who is speaking, and to which group from which
+/// interface, is the node's published state).
 #[derive(Debug, Clone)]
 pub struct AnnouncerConfig {
-    pub group: SocketAddrV4,
-    pub iface: Ipv4Addr,
-    pub node_id: u64,
-    /// Carried in heartbeats and announcements when the node has one.
-    pub node_name: Option<NodeName>,
-    pub epoch: u64,
-    /// The node's DOSP address, carried in heartbeats.
-    pub dosp: SocketAddrV4,
     pub heartbeat_interval: Duration,
     /// Copies of each announcement (the first included).
     pub repeat: u32,
     pub repeat_gap: Duration,
-    /// The node health rule's thresholds (shared with `/v1/health`).
-    pub thresholds: Thresholds,
-}
-
-/// Health as carried on the wire: 0 ok, 1 degraded, 2 failing.
-fn health_byte(h: Health) -> u8 {
-    match h {
-        Health::Ok => 0,
-        Health::Degraded => 1,
-        Health::Failing => 2,
-    }
 }
 
 /// The running announcer.
@@ -64,12 +44,19 @@ pub struct Announcer {
 }
 
 impl Announcer {
-    pub fn start(cfg: AnnouncerConfig, handle: DataplaneHandle) -> io::Result<Announcer> {
+    /// Starts speaking for the node whose state the management core published on
+    /// `handle.node` (it must be published first: its interface is bound here).
+    pub fn start(
+        cfg: AnnouncerConfig,
+        handle: DataplaneHandle,
+        monitor: Arc<Monitor>,
+    ) -> io::Result<Announcer> {
+        let iface: Ipv4Addr = handle.node.snapshot().addrs.multicast_if;
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-        sock.bind(&SocketAddr::V4(SocketAddrV4::new(cfg.iface, 0)).into())?;
+        sock.bind(&SocketAddr::V4(SocketAddrV4::new(iface, 0)).into())?;
         // Out of the configured interface only, looped back to listeners on this
         // machine, one hop at most: cluster chatter never leaves the segment.
-        sock.set_multicast_if_v4(&cfg.iface)?;
+        sock.set_multicast_if_v4(&iface)?;
         sock.set_multicast_loop_v4(true)?;
         sock.set_multicast_ttl_v4(1)?;
         let sock: UdpSocket = sock.into();
@@ -78,7 +65,7 @@ impl Announcer {
             .name("mgmt-announce".into())
             .spawn({
                 let stop = Arc::clone(&stop);
-                move || Speaker::new(cfg, handle, sock).run(&stop)
+                move || Speaker::new(cfg, handle, monitor, sock).run(&stop)
             })?;
         Ok(Announcer {
             stop,
@@ -110,31 +97,31 @@ struct Pending {
 struct Speaker {
     cfg: AnnouncerConfig,
     handle: DataplaneHandle,
+    monitor: Arc<Monitor>,
     sock: UdpSocket,
     seq: u32,
     pending: Vec<Pending>,
     last_states: Vec<DiskState>,
     last_health: Health,
-    turns: u64,
-    turns_seen_at: Instant,
-    started: Instant,
 }
 
 impl Speaker {
-    fn new(cfg: AnnouncerConfig, handle: DataplaneHandle, sock: UdpSocket) -> Speaker {
+    fn new(
+        cfg: AnnouncerConfig,
+        handle: DataplaneHandle,
+        monitor: Arc<Monitor>,
+        sock: UdpSocket,
+    ) -> Speaker {
         let last_states = handle.disks.snapshot().iter().map(|d| d.state).collect();
-        let turns = NodeStats::get(&handle.stats.loop_turns);
         Speaker {
             cfg,
             handle,
+            monitor,
             sock,
             seq: 0,
             pending: Vec::new(),
             last_states,
             last_health: Health::Ok,
-            turns,
-            turns_seen_at: Instant::now(),
-            started: Instant::now(),
         }
     }
 
@@ -143,13 +130,10 @@ impl Speaker {
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             let disks = self.handle.disks.snapshot();
-            let quiet = self.quiet(now);
             self.disk_events(&disks);
-            let listener =
-                ListenerState::from_gauge(NodeStats::get(&self.handle.stats.listener_state));
-            let assessed = assess(&disks, quiet, listener, &self.cfg.thresholds);
+            // Publishes the verdict in the node's state, which the heartbeat reads.
+            let assessed = self.monitor.assess(now);
             let health = assessed.status;
-            NodeStats::set(&self.handle.stats.health, health_byte(health).into());
             if health == Health::Failing && self.last_health != Health::Failing {
                 let reason = assessed
                     .reasons
@@ -161,7 +145,7 @@ impl Speaker {
             }
             self.last_health = health;
             if now >= next_heartbeat {
-                self.heartbeat(&disks, health);
+                self.heartbeat(&disks);
                 next_heartbeat = now + self.cfg.heartbeat_interval;
             }
             self.flush(now);
@@ -175,16 +159,6 @@ impl Speaker {
             self.flush(Instant::now());
             std::thread::sleep(self.cfg.repeat_gap.min(TICK));
         }
-    }
-
-    /// How long the dataplane loop has gone without a turn.
-    fn quiet(&mut self, now: Instant) -> Duration {
-        let turns = NodeStats::get(&self.handle.stats.loop_turns);
-        if turns != self.turns {
-            self.turns = turns;
-            self.turns_seen_at = now;
-        }
-        now.saturating_duration_since(self.turns_seen_at)
     }
 
     fn disk_events(&mut self, disks: &[DiskReport]) {
@@ -218,10 +192,8 @@ impl Speaker {
 
     fn announce(&mut self, kind: AnnounceKind, disk: u16, reason: &str) {
         self.seq = self.seq.wrapping_add(1);
-        let out = AnnounceOut::new(
-            self.cfg.node_id,
-            self.cfg.node_name.as_ref(),
-            self.cfg.epoch,
+        let out = dataplane::node::announcement(
+            &self.handle.node.snapshot(),
             self.seq,
             kind,
             disk,
@@ -237,39 +209,23 @@ impl Speaker {
         });
     }
 
-    fn heartbeat(&mut self, disks: &[DiskReport], health: Health) {
-        let online: Vec<&DiskReport> = disks
-            .iter()
-            .filter(|d| d.state == DiskState::Online)
-            .collect();
-        let out = HeartbeatOut {
-            head: OutHead::new(Status::Success, 0),
-            node_id: self.cfg.node_id.into(),
-            epoch: self.cfg.epoch.into(),
-            uptime_ms: (self.started.elapsed().as_millis() as u64).into(),
-            role: 0,
-            health: health_byte(health),
-            disks_online: (online.len() as u16).into(),
-            disks_total: (disks.len() as u16).into(),
-            port: self.cfg.dosp.port().into(),
-            addr: self.cfg.dosp.ip().octets(),
-            ops_outstanding: (NodeStats::get(&self.handle.stats.ops_outstanding) as u32).into(),
-            bytes_free: online.iter().map(|d| d.bytes_available).sum::<u64>().into(),
-            bytes_total: disks.iter().map(|d| d.bytes_total).sum::<u64>().into(),
-            objects: disks.iter().map(|d| d.objects_used).sum::<u64>().into(),
-            ops_per_sec: (NodeStats::get(&self.handle.stats.ops_per_sec) as u32).into(),
-            reserved1: 0.into(),
-            name: NodeName::field(self.cfg.node_name.as_ref()),
-        };
+    fn heartbeat(&mut self, disks: &[DiskReport]) {
+        let out = dataplane::node::heartbeat(
+            &self.handle.node.snapshot(),
+            disks,
+            &self.handle.stats.load(),
+            Instant::now(),
+        );
         let mut message = Vec::new();
         encode_response(&mut message, Opcode::Heartbeat as u16, 0, &[out.as_bytes()]);
         self.send(&message);
-        NodeStats::inc(&self.handle.stats.heartbeats_sent);
+        let stats = self.handle.stats.mgmt();
+        NodeStats::inc(&stats.heartbeats_sent);
     }
 
     /// Sends every repetition that is due.
     fn flush(&mut self, now: Instant) {
-        let group = SocketAddr::V4(self.cfg.group);
+        let group = SocketAddr::V4(self.handle.node.snapshot().addrs.multicast_group);
         let gap = self.cfg.repeat_gap;
         for p in self.pending.iter_mut().filter(|p| p.next_at <= now) {
             if let Err(e) = self.sock.send_to(&p.message, group) {
@@ -282,7 +238,8 @@ impl Speaker {
     }
 
     fn send(&self, message: &[u8]) {
-        if let Err(e) = self.sock.send_to(message, SocketAddr::V4(self.cfg.group)) {
+        let group = SocketAddr::V4(self.handle.node.snapshot().addrs.multicast_group);
+        if let Err(e) = self.sock.send_to(message, group) {
             tracing::debug!(error = %e, "heartbeat send failed");
         }
     }
@@ -291,6 +248,8 @@ impl Speaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dataplane::node::{Addresses, NodeState};
+    use dosp::wire::{AnnounceOut, NodeName};
     use zerocopy::FromBytes;
 
     #[test]
@@ -304,20 +263,29 @@ mod tests {
             unreachable!()
         };
         // Unicast target instead of a group: the sending path is the same.
+        handle.node.publish(NodeState::new(
+            7,
+            Some(NodeName::new("seven").unwrap()),
+            3,
+            Addresses {
+                dosp: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7370),
+                multicast_group: target,
+                multicast_if: Ipv4Addr::LOCALHOST,
+                mgmt: None,
+            },
+        ));
         let cfg = AnnouncerConfig {
-            group: target,
-            iface: Ipv4Addr::LOCALHOST,
-            node_id: 7,
-            node_name: Some(NodeName::new("seven").unwrap()),
-            epoch: 3,
-            dosp: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7370),
             heartbeat_interval: Duration::from_secs(3600),
             repeat: 3,
             repeat_gap: Duration::from_millis(10),
-            thresholds: Thresholds::default(),
         };
+        let monitor = Arc::new(Monitor::new(
+            handle.clone(),
+            crate::Thresholds::default(),
+            Instant::now(),
+        ));
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut speaker = Speaker::new(cfg, handle, sock);
+        let mut speaker = Speaker::new(cfg, handle, monitor, sock);
         speaker.announce(AnnounceKind::DiskDown, 2, "test");
         let t0 = Instant::now();
         for i in 0..10 {

@@ -3,8 +3,10 @@
 //! It runs on its own thread (core 0, DESIGN.md §3) with a tokio current-thread runtime
 //! serving a REST API with axum (see [`api`] for the endpoints, `/openapi.json` for the
 //! document). It reads only what the dataplane publishes through the
-//! [`DataplaneHandle`] — atomic counters and disk reports — and changes disk state by
-//! sending the dataplane a bounded command. What it must never do: touch a disk or a
+//! [`DataplaneHandle`] — atomic counters, loop beats and disk reports — and changes
+//! disk state by sending the dataplane a bounded command. It owns the node's state
+//! ([`dataplane::node::NodeState`]): it publishes it at start and whenever the health
+//! verdict changes ([`health::Monitor`]). What it must never do: touch a disk or a
 //! data-path socket, or block the dataplane.
 #![deny(unsafe_code)]
 
@@ -15,31 +17,23 @@ pub mod error;
 pub mod health;
 pub mod metrics;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dataplane::handle::DataplaneHandle;
-use dataplane::stats::NodeStats;
+use dataplane::node::NodeState;
 use tokio::sync::watch;
 use utoipa::OpenApi;
 
 pub use health::Thresholds;
 
-/// What the management core needs to know about the node.
+/// How the management core runs (who the node is comes in its [`NodeState`]).
 #[derive(Debug, Clone)]
 pub struct MgmtConfig {
     /// Where the REST API listens.
     pub listen: SocketAddr,
-    pub node_id: u64,
-    /// The operator's name for the node, if it was given one.
-    pub node_name: Option<dosp::wire::NodeName>,
-    pub epoch: u64,
-    /// The DOSP address actually bound.
-    pub dosp: SocketAddr,
-    pub multicast_group: SocketAddrV4,
-    pub multicast_if: Ipv4Addr,
     /// Network backend name reported by `/v1/node` (`kernel` or `dpdk`).
     pub network_backend: String,
     /// Bearer token for the mutating endpoints; `None` disables them.
@@ -68,13 +62,12 @@ pub struct Shared {
     pub(crate) handle: DataplaneHandle,
     pub(crate) cfg: MgmtConfig,
     pub(crate) local: SocketAddr,
-    pub(crate) started: Instant,
-    pub(crate) liveness: health::Liveness,
+    pub(crate) monitor: Arc<health::Monitor>,
     /// Rendered once at start: it never changes while the node runs.
     pub(crate) openapi: String,
 }
 
-/// How often the dataplane's loop counter is sampled for the stall rule. Well under
+/// How often the dataplane loops' turn counters are sampled for the stall rule. Well under
 /// the stall threshold, so a stall is measured to within this much.
 const LIVENESS_SAMPLE: Duration = Duration::from_millis(100);
 /// How long a stop waits for requests in flight before dropping them.
@@ -88,12 +81,18 @@ pub struct Mgmt {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
+    monitor: Arc<health::Monitor>,
 }
 
 impl Mgmt {
     /// Binds the REST address (so errors surface here, before the node says it is
-    /// ready) and starts serving on a thread of its own.
-    pub fn start(cfg: MgmtConfig, handle: DataplaneHandle) -> Result<Mgmt, MgmtError> {
+    /// ready), publishes the node's state with that address in it, and starts serving
+    /// on a thread of its own.
+    pub fn start(
+        cfg: MgmtConfig,
+        handle: DataplaneHandle,
+        mut node: NodeState,
+    ) -> Result<Mgmt, MgmtError> {
         let listen_err = |source| MgmtError::Listen {
             addr: cfg.listen,
             source,
@@ -110,13 +109,18 @@ impl Mgmt {
         let openapi = api::ApiDoc::openapi()
             .to_json()
             .map_err(|e| MgmtError::OpenApi(e.to_string()))?;
-        let now = Instant::now();
+        node.addrs.mgmt = Some(local);
+        handle.node.publish(node);
+        let monitor = Arc::new(health::Monitor::new(
+            handle.clone(),
+            cfg.thresholds,
+            Instant::now(),
+        ));
         let shared = Arc::new(Shared {
-            liveness: health::Liveness::new(NodeStats::get(&handle.stats.loop_turns), now),
             handle,
             cfg,
             local,
-            started: now,
+            monitor: Arc::clone(&monitor),
             openapi,
         });
         let (stop, stopped) = watch::channel(false);
@@ -135,11 +139,17 @@ impl Mgmt {
             addr: local,
             stop,
             thread: Some(thread),
+            monitor,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The node's health monitor, for the announcer's heartbeats.
+    pub fn monitor(&self) -> Arc<health::Monitor> {
+        Arc::clone(&self.monitor)
     }
 
     /// Stops serving: requests in flight get `SHUTDOWN_GRACE` to finish.
@@ -159,7 +169,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, stopped: watch::Recei
             return;
         }
     };
-    // Sample the loop counter on a timer, so a stall is measured even when nobody
+    // Sample the loops' counters on a timer, so a stall is measured even when nobody
     // asks for /v1/health in the meantime.
     let sampler = tokio::spawn({
         let shared = Arc::clone(&shared);
@@ -167,10 +177,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, stopped: watch::Recei
             let mut tick = tokio::time::interval(LIVENESS_SAMPLE);
             loop {
                 tick.tick().await;
-                shared.liveness.observe(
-                    NodeStats::get(&shared.handle.stats.loop_turns),
-                    Instant::now(),
-                );
+                shared.monitor.observe(Instant::now());
             }
         }
     });

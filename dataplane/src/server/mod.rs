@@ -32,7 +32,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use self::accept::{Pass, Reserve, Shed, Step, ACCEPT_BURST, ACCEPT_RETRY};
 use self::cluster::Cluster;
-use self::ops::{Ctx, NodeIdentity};
+use self::ops::{Ctx, NodeView};
 use self::session::{Deadlines, Drive, Session};
 use self::shards::{Event, Shards};
 use crate::handle::{Command, CommandError, DataplaneEnd, COMMANDS_PER_TURN};
@@ -68,10 +68,6 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub multicast_group: SocketAddrV4,
     pub multicast_if: Ipv4Addr,
-    pub node_id: u64,
-    /// The operator's name for the node, carried in LOCATE and HEARTBEAT answers.
-    pub node_name: Option<dosp::wire::NodeName>,
-    pub epoch: u64,
     pub chunk_max: u32,
     pub connections_max: usize,
     /// Longest the loop sleeps in epoll when idle.
@@ -102,10 +98,13 @@ pub struct ServerConfig {
 /// Whoever holds `trigger` sets it; the loop clears it at the top of its next turn and
 /// then sleeps `duration` once, serving nothing meanwhile, exactly as a core stuck in
 /// a bad device or a livelock would look from outside.
+///
+/// Only the loop numbered `loop_index` stalls (every loop may hold the same hook).
 #[derive(Debug, Clone)]
 pub struct TestStall {
     pub trigger: Arc<AtomicBool>,
     pub duration: Duration,
+    pub loop_index: usize,
 }
 
 /// A bound, ready-to-run dataplane.
@@ -130,7 +129,7 @@ pub struct Server {
     store: Shards,
     stats: Arc<NodeStats>,
     end: DataplaneEnd,
-    id: NodeIdentity,
+    id: NodeView,
     cfg: ServerConfig,
 }
 
@@ -149,7 +148,16 @@ impl Server {
         store: Shards,
         end: DataplaneEnd,
     ) -> io::Result<Server> {
-        let stats = Arc::clone(&end.stats);
+        let stats = end
+            .stats
+            .of_loop(usize::from(end.loop_index))
+            .cloned()
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("no dataplane loop {} in the handle", end.loop_index),
+                )
+            })?;
         let poll = Poll::new()?;
         let (mut listener, backlog) = listener;
         let mut store = store;
@@ -183,16 +191,9 @@ impl Server {
                 Interest::READABLE,
             )?;
         }
-        let ip = match local {
-            SocketAddr::V4(a) if !a.ip().is_unspecified() => *a.ip(),
-            _ => cfg.multicast_if,
-        };
-        let id = NodeIdentity {
-            node_id: cfg.node_id,
-            name: dosp::wire::NodeName::field(cfg.node_name.as_ref()),
-            epoch: cfg.epoch,
-            addr: SocketAddrV4::new(ip, local.port()),
-            started: Instant::now(),
+        let id = NodeView {
+            node: crate::node::NodeCache::new(Arc::clone(&end.node)),
+            all: Arc::clone(&end.stats),
             chunk_max: cfg.chunk_max,
         };
         // The first reports go out now, not when the loop starts on its thread: the
@@ -244,7 +245,12 @@ impl Server {
         NodeStats::inc(&self.stats.loop_turns);
 
         while !stop.load(Ordering::Relaxed) {
-            if let Some(stall) = &self.cfg.test_stall {
+            if let Some(stall) = self
+                .cfg
+                .test_stall
+                .as_ref()
+                .filter(|s| s.loop_index == usize::from(self.end.loop_index))
+            {
                 // A plain load per turn while armed (the swap only once it fires);
                 // nothing at all in production, where the hook is `None`.
                 if stall.trigger.load(Ordering::Relaxed)
@@ -252,6 +258,7 @@ impl Server {
                 {
                     tracing::warn!(
                         ms = stall.duration.as_millis() as u64,
+                        loop_index = stall.loop_index,
                         "test hook: stalling the dataplane loop"
                     );
                     std::thread::sleep(stall.duration);
@@ -259,6 +266,8 @@ impl Server {
                 }
             }
             NodeStats::inc(&self.stats.loop_turns);
+            self.end.beats.beat(usize::from(self.end.loop_index));
+            self.id.node.refresh();
             // With device operations in flight the loop polls without sleeping, unless
             // every one of them will wake it through its disk's completion descriptor
             // (io_uring's eventfd, registered with epoll).

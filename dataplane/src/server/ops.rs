@@ -1,7 +1,7 @@
 //! Request handlers that answer with a single Out structure (no stream), shared by the
 //! TCP sessions and the UDP (unicast and multicast) cluster services.
 
-use std::net::SocketAddrV4;
+use std::sync::Arc;
 use std::time::Instant;
 
 use dosp::wire::*;
@@ -9,19 +9,17 @@ use dosp::Fingerprint;
 use zerocopy::IntoBytes;
 
 use super::shards::Shards;
-use crate::stats::NodeStats;
+use crate::node::NodeCache;
+use crate::stats::{NodeStats, StatsSet};
 use crate::store::{DiskState, Mismatched, ObjectMeta, StoreError};
 
-/// Who this node is, as reported in LOCATE and HEARTBEAT answers.
-#[derive(Debug, Clone)]
-pub struct NodeIdentity {
-    pub node_id: u64,
-    /// The node's name as its wire field (all zero: no name).
-    pub name: [u8; NODE_NAME_MAX],
-    pub epoch: u64,
-    /// The DOSP address other nodes and managers reach this node at.
-    pub addr: SocketAddrV4,
-    pub started: Instant,
+/// What a loop's handlers know beyond their own loop: the node's published state
+/// (refreshed once per turn, see [`NodeCache`]) and every loop's counters, summed for
+/// GET_LOAD and HEARTBEAT.
+#[derive(Debug)]
+pub struct NodeView {
+    pub node: NodeCache,
+    pub all: Arc<StatsSet>,
     /// Largest STORE chunk accepted, as reported by NULL.
     pub chunk_max: u32,
 }
@@ -30,7 +28,7 @@ pub struct NodeIdentity {
 pub struct Ctx<'a> {
     pub store: &'a mut Shards,
     pub stats: &'a NodeStats,
-    pub id: &'a NodeIdentity,
+    pub id: &'a NodeView,
 }
 
 /// Maps a store error to the status the peer sees.
@@ -176,16 +174,16 @@ fn small_op_inner(
         }
         Opcode::GetLoad => {
             parse_exact::<LoadIn>(op, body).map_err(bad)?;
-            let s = ctx.stats;
+            let load = ctx.id.all.load();
             let reply = LoadOut {
                 head: ok(),
-                connections: (NodeStats::get(&s.connections) as u32).into(),
-                ops_outstanding: (NodeStats::get(&s.ops_outstanding) as u32).into(),
-                ops_total: NodeStats::get(&s.ops_total).into(),
-                bytes_in: NodeStats::get(&s.bytes_in).into(),
-                bytes_out: NodeStats::get(&s.bytes_out).into(),
-                uptime_ms: (ctx.id.started.elapsed().as_millis() as u64).into(),
-                errors_total: NodeStats::get(&s.errors_total).into(),
+                connections: (load.connections as u32).into(),
+                ops_outstanding: (load.ops_outstanding as u32).into(),
+                ops_total: load.ops_total.into(),
+                bytes_in: load.bytes_in.into(),
+                bytes_out: load.bytes_out.into(),
+                uptime_ms: ctx.id.node.get().uptime_ms(Instant::now()).into(),
+                errors_total: load.errors_total.into(),
             };
             out.extend_from_slice(reply.as_bytes());
         }
@@ -208,54 +206,25 @@ fn small_op_inner(
 
 /// The LOCATE answer for `fp`, which this node holds as `meta` says.
 pub fn locate_answer(ctx: &Ctx<'_>, fp: &Fingerprint, meta: &ObjectMeta) -> LocateOut {
+    let node = ctx.id.node.get();
     LocateOut {
         head: OutHead::new(Status::Success, 0),
         fingerprint: *fp,
-        node_id: ctx.id.node_id.into(),
+        node_id: node.node_id.into(),
         object_len: meta.len.into(),
         disk: meta.disk.0.into(),
-        port: ctx.id.addr.port().into(),
-        addr: ctx.id.addr.ip().octets(),
-        name: ctx.id.name,
+        port: node.addrs.dosp.port().into(),
+        addr: node.addrs.dosp.ip().octets(),
+        name: node.name_field(),
     }
 }
 
-/// This node's heartbeat: identity, epoch, health, load and capacity.
+/// This node's heartbeat (built by the one builder, [`crate::node::heartbeat`]).
 pub fn heartbeat(ctx: &Ctx<'_>) -> HeartbeatOut {
-    let disks = ctx.store.node_disks();
-    let online = disks
-        .iter()
-        .filter(|d| d.state == DiskState::Online)
-        .count();
-    // The management core owns the health rule and publishes its verdict; a node
-    // whose management core has not assessed yet says what its disks say.
-    let health = match NodeStats::get(&ctx.stats.health) {
-        h @ 1..=2 => h as u8,
-        _ if online < disks.len() => 1,
-        _ => 0,
-    };
-    HeartbeatOut {
-        head: OutHead::new(Status::Success, 0),
-        node_id: ctx.id.node_id.into(),
-        epoch: ctx.id.epoch.into(),
-        uptime_ms: (ctx.id.started.elapsed().as_millis() as u64).into(),
-        role: 0,
-        health,
-        disks_online: (online as u16).into(),
-        disks_total: (disks.len() as u16).into(),
-        port: ctx.id.addr.port().into(),
-        addr: ctx.id.addr.ip().octets(),
-        ops_outstanding: (NodeStats::get(&ctx.stats.ops_outstanding) as u32).into(),
-        bytes_free: disks
-            .iter()
-            .filter(|d| d.state == DiskState::Online)
-            .map(|d| d.bytes_available)
-            .sum::<u64>()
-            .into(),
-        bytes_total: disks.iter().map(|d| d.bytes_total).sum::<u64>().into(),
-        objects: disks.iter().map(|d| d.objects_used).sum::<u64>().into(),
-        ops_per_sec: (NodeStats::get(&ctx.stats.ops_per_sec) as u32).into(),
-        reserved1: 0.into(),
-        name: ctx.id.name,
-    }
+    crate::node::heartbeat(
+        ctx.id.node.get(),
+        &ctx.store.node_disks(),
+        &ctx.id.all.load(),
+        Instant::now(),
+    )
 }

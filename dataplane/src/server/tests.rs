@@ -21,6 +21,7 @@ use rand::SeedableRng;
 use super::mesh::{mesh, MeshEnd};
 use super::shards::{build_directories, Shards};
 use super::{Server, ServerConfig};
+use crate::node::{Addresses, NodeState};
 use crate::stats::NodeStats;
 use crate::store::{Store, StoreConfig};
 
@@ -29,11 +30,18 @@ const MIB: u64 = 1 << 20;
 const CHUNK_MAX: u32 = 64 * 1024;
 const OBJECT_MAX: u64 = 8 * MIB;
 
+/// Port 0: a group port of this test's own, so no other node is heard.
+fn cfg_group() -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(239, 255, 73, 251), 0)
+}
+
 /// A running node on one 64 MiB memory disk, with one dataplane loop or several
 /// (each loop its own region of the disk, as `dosd --dataplane-cores N` carves it).
 struct TestNode {
     addr: SocketAddr,
     stats: Arc<NodeStats>,
+    /// Where the test, as the management core, publishes the node's state.
+    board: Arc<crate::node::NodeBoard>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<std::io::Result<Shards>>>,
 }
@@ -83,12 +91,8 @@ impl TestNode {
         {
             let cfg = ServerConfig {
                 listen: "127.0.0.1:0".parse().expect("address"),
-                // Port 0: a group port of this test's own, so no other node is heard.
-                multicast_group: SocketAddrV4::new(Ipv4Addr::new(239, 255, 73, 251), 0),
+                multicast_group: cfg_group(),
                 multicast_if: Ipv4Addr::LOCALHOST,
-                node_id: 0x0123_4567_89ab_cdef,
-                node_name: Some(NodeName::new("test-node").expect("a valid name")),
-                epoch: 1,
                 chunk_max: CHUNK_MAX,
                 connections_max: 16,
                 idle_sleep: Duration::from_millis(10),
@@ -101,7 +105,25 @@ impl TestNode {
                 test_stall: None,
             };
             let server = Server::bind_with(cfg, listener, shard, end).expect("bind");
-            addr.get_or_insert(server.local_addr().expect("local address"));
+            let local = server.local_addr().expect("local address");
+            if addr.is_none() {
+                // The management core's part: publish who the node is before the loops run.
+                let SocketAddr::V4(dosp) = local else {
+                    panic!("an IPv4 listener")
+                };
+                handle.node.publish(NodeState::new(
+                    0x0123_4567_89ab_cdef,
+                    Some(NodeName::new("test-node").expect("a valid name")),
+                    1,
+                    Addresses {
+                        dosp,
+                        multicast_group: cfg_group(),
+                        multicast_if: Ipv4Addr::LOCALHOST,
+                        mgmt: None,
+                    },
+                ));
+                addr = Some(local);
+            }
             threads.push(std::thread::spawn({
                 let stop = Arc::clone(&stop);
                 move || server.run(&stop)
@@ -109,7 +131,8 @@ impl TestNode {
         }
         TestNode {
             addr: addr.expect("a loop"),
-            stats: Arc::clone(&handle.stats),
+            stats: Arc::clone(handle.stats.of_loop(0).expect("loop 0")),
+            board: Arc::clone(&handle.node),
             stop,
             threads,
         }
@@ -841,4 +864,47 @@ fn a_restarted_multi_loop_node_finds_every_object_wherever_it_landed() {
         .contents(&mut |_, _| n += 1)
         .expect("contents");
     assert_eq!(n, objs.len());
+}
+
+#[test]
+fn heartbeat_answers_follow_the_published_health_verdict() {
+    use crate::node::{NodeHealth, Verdict};
+    let node = TestNode::start();
+    let mut c = node.client();
+    let hb = c.heartbeat().expect("heartbeat");
+    assert_eq!(
+        (hb.health, hb.role),
+        (0, 0),
+        "not assessed, every disk online"
+    );
+    assert_eq!(hb.epoch, 1);
+    node.board.update(|s| {
+        s.health = Some(NodeHealth {
+            verdict: Verdict::Failing,
+            reasons: vec!["dataplane-0 has not turned".into()],
+        })
+    });
+    // The loop re-reads the board at the top of its next turn, which the next request
+    // nearly always starts (it may be read in the turn that answered the last one).
+    let mut health_becomes = |want: u8| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = c.heartbeat().expect("heartbeat").health;
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "health {got}, want {want}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    health_becomes(2);
+    node.board.update(|s| {
+        s.health = Some(NodeHealth {
+            verdict: Verdict::Ok,
+            reasons: Vec::new(),
+        })
+    });
+    health_becomes(0);
+    drop(c);
+    node.stop();
 }

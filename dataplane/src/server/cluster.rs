@@ -1,6 +1,7 @@
 //! Cluster services over UDP: unicast queries, multicast LOCATE and heartbeats.
 //!
-//! Two sockets. The unicast one is bound to the node's DOSP address (same port number
+//! Two endpoints of the loop's [`NetPort`] (only one loop per node serves them). The
+//! unicast one is bound to the node's DOSP address (same port number
 //! as TCP), so a manager can ask one node with the same In/Out structures it would use
 //! over TCP. The multicast one is joined to the cluster group: a LOCATE sent to the
 //! group is answered — by multicast, so every manager snooping the group learns the
@@ -15,14 +16,14 @@
 //! the requester can pad its request or ask over TCP. Multicast answers go to the
 //! group, never to the claimed source, and are left alone.
 
-use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4};
 
 use dosp::codec::{encode_response, udp_reply_allowed};
 use dosp::wire::*;
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::ops::{heartbeat, locate_answer, small_op, Ctx};
+use super::port::{Dgram, NetPort};
 use crate::stats::NodeStats;
 
 /// Largest datagram we accept or send. Replies are small fixed structures; the largest
@@ -33,8 +34,6 @@ pub const DGRAM_BURST: usize = 32;
 
 #[derive(Debug)]
 pub struct Cluster {
-    pub unicast: mio::net::UdpSocket,
-    pub multicast: mio::net::UdpSocket,
     group: SocketAddrV4,
     buf: Box<[u8]>,
     out: Vec<u8>,
@@ -43,47 +42,49 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn bind(listen: SocketAddr, group: SocketAddrV4, iface: Ipv4Addr) -> io::Result<Cluster> {
-        let unicast = std::net::UdpSocket::bind(listen)?;
-        unicast.set_nonblocking(true)?;
-        let multicast = dosp::client::join_group(group, iface)?;
-        multicast.set_nonblocking(true)?;
-        Ok(Cluster {
-            unicast: mio::net::UdpSocket::from_std(unicast),
-            multicast: mio::net::UdpSocket::from_std(multicast),
+    /// Buffers for answering on `group` (the multicast group the port joined).
+    pub fn new(group: SocketAddrV4) -> Cluster {
+        Cluster {
             group,
             buf: vec![0u8; DGRAM_MAX].into_boxed_slice(),
             out: Vec::with_capacity(DGRAM_MAX),
             body: Vec::with_capacity(DGRAM_MAX),
-        })
+        }
     }
 
-    /// Handles up to DGRAM_BURST datagrams from each socket. Returns whether any came.
-    pub fn poll(&mut self, ctx: &mut Ctx<'_>) -> bool {
+    /// Handles up to DGRAM_BURST datagrams from each endpoint. Returns whether any came.
+    pub fn poll<P: NetPort>(&mut self, port: &mut P, ctx: &mut Ctx<'_>) -> bool {
         let mut any = false;
         for multicast in [false, true] {
+            let via = if multicast {
+                Dgram::Multicast
+            } else {
+                Dgram::Unicast
+            };
             for _ in 0..DGRAM_BURST {
-                let sock = if multicast {
-                    &self.multicast
-                } else {
-                    &self.unicast
-                };
-                let (n, from) = match sock.recv_from(&mut self.buf) {
-                    Ok(r) => r,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                let (n, from) = match port.recv_datagram(via, &mut self.buf) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
                     Err(e) => {
                         tracing::debug!(error = %e, "udp receive failed");
                         break;
                     }
                 };
                 any = true;
-                self.handle(ctx, n, from, multicast);
+                self.handle(port, ctx, n, from, multicast);
             }
         }
         any
     }
 
-    fn handle(&mut self, ctx: &mut Ctx<'_>, n: usize, from: SocketAddr, multicast: bool) {
+    fn handle<P: NetPort>(
+        &mut self,
+        port: &mut P,
+        ctx: &mut Ctx<'_>,
+        n: usize,
+        from: SocketAddr,
+        multicast: bool,
+    ) {
         let Ok((header, body)) = Header::read_from_prefix(&self.buf[..n]) else {
             dropped(ctx);
             return;
@@ -134,7 +135,7 @@ impl Cluster {
                     NodeStats::inc(&ctx.stats.bad_requests);
                 }
                 answered(ctx, status);
-                if let Err(e) = self.unicast.send_to(&self.out, from) {
+                if let Err(e) = port.send_datagram(Dgram::Unicast, &self.out, from) {
                     tracing::debug!(%from, error = %e, "unicast answer failed");
                 }
             }
@@ -153,7 +154,7 @@ impl Cluster {
                     id,
                     &[OutHead::new(Status::UnknownOpcode, raw.into()).as_bytes()],
                 );
-                let _ = self.unicast.send_to(&self.out, from);
+                let _ = port.send_datagram(Dgram::Unicast, &self.out, from);
                 answered(ctx, Status::UnknownOpcode);
             }
             NodeStats::inc(&ctx.stats.unknown_opcodes);
@@ -184,9 +185,8 @@ impl Cluster {
                 _ => return,
             }
             answered(ctx, Status::Success);
-            if let Err(e) = self
-                .multicast
-                .send_to(&self.out, SocketAddr::V4(self.group))
+            if let Err(e) =
+                port.send_datagram(Dgram::Multicast, &self.out, SocketAddr::V4(self.group))
             {
                 tracing::debug!(error = %e, "multicast answer failed");
             }
@@ -209,7 +209,7 @@ impl Cluster {
         } else if op == Opcode::Locate && status == Status::Success {
             NodeStats::inc(&ctx.stats.locate_answers);
         }
-        if let Err(e) = self.unicast.send_to(&self.out, from) {
+        if let Err(e) = port.send_datagram(Dgram::Unicast, &self.out, from) {
             tracing::debug!(%from, error = %e, "unicast answer failed");
         }
     }

@@ -18,6 +18,10 @@ pub mod ops;
 pub mod port;
 pub mod session;
 #[cfg(test)]
+mod sim_tests;
+#[cfg(test)]
+mod simnet;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;

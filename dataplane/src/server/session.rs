@@ -55,9 +55,9 @@ const PIECE_BYTES: usize = 256 * 1024;
 /// Stop decoding new requests while this much output is waiting.
 const OUT_HIGH: usize = 512 * 1024;
 /// Steps of work per `drive` call, so one busy connection cannot starve the others.
+/// A step is a pass that sends and produces output, a read that brought bytes, or a
+/// decoded event (a request, a piece of STORE data).
 const STEPS_MAX: usize = 64;
-/// Events decoded per [`Session::on_recv`] call at most.
-const EVENTS_PER_RECV: usize = 64;
 
 /// The time limits a session is held to (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,6 +249,9 @@ pub struct Session {
     /// The last `on_recv` stopped because it needed more bytes (not at a bound, not
     /// backpressured): a FIN now ends the connection.
     needs_bytes: bool,
+    /// Steps left in this `drive`: each decoded event after the first of an
+    /// `on_recv` takes one.
+    steps_left: usize,
     decoder: RequestDecoder,
     st: State,
     /// When bytes last moved in either direction, for the timeouts.
@@ -304,6 +307,7 @@ impl Session {
             unconsumed: 0,
             unconsumed_store: false,
             needs_bytes: true,
+            steps_left: 0,
             decoder: RequestDecoder::new(chunk_max),
             st: State {
                 user,
@@ -509,13 +513,20 @@ impl Session {
 
     /// Decodes and handles requests (and STORE data) from the front of `data`, the
     /// bytes received and not consumed yet, for as long as [`Session::wants_input`]
-    /// and a bound allow. Returns how many bytes it consumed; the port keeps the rest
-    /// and lends them again.
+    /// and the step bound allow (one event, and one more per step left in the
+    /// current [`Session::drive`]). Returns how many bytes it consumed; the port keeps
+    /// the rest and lends them again.
     pub fn on_recv(&mut self, ctx: &mut Ctx<'_>, now: Instant, data: &[u8]) -> usize {
         self.st.now = now;
         self.needs_bytes = false;
         let mut at = 0;
-        for _ in 0..EVENTS_PER_RECV {
+        for event in 0.. {
+            if event > 0 {
+                if self.steps_left == 0 {
+                    break;
+                }
+                self.steps_left -= 1;
+            }
             if !self.wants_input() || self.gate(ctx) {
                 break;
             }
@@ -571,7 +582,9 @@ impl Session {
         now: Instant,
     ) -> Drive {
         let mut blocked = false;
-        for _ in 0..STEPS_MAX {
+        self.steps_left = STEPS_MAX;
+        while self.steps_left > 0 {
+            self.steps_left -= 1;
             let mut progress = false;
 
             // 1. Send what is queued.
@@ -602,6 +615,9 @@ impl Session {
                 }) {
                     Ok(got) => {
                         self.on_arrived(ctx, now, got.arrived);
+                        if got.arrived > 0 {
+                            self.steps_left = self.steps_left.saturating_sub(1);
+                        }
                         progress |= got.arrived > 0 || consumed > 0;
                         if got.peer_closed && !self.st.read_closed {
                             self.on_peer_closed();

@@ -568,3 +568,80 @@ impl NetPort for KernelPort {
         self.local
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(listen: SocketAddr, udp: bool) -> KernelPortOptions {
+        KernelPortOptions {
+            listen,
+            connections_max: 4,
+            udp_unicast: udp,
+            multicast: None,
+        }
+    }
+
+    #[test]
+    fn several_ports_listen_on_one_address_and_one_serves_udp() {
+        let stats = Arc::new(NodeStats::default());
+        let first = KernelPort::bind(&opts("127.0.0.1:0".parse().unwrap(), true), stats.clone())
+            .expect("first port");
+        let addr = first.local_addr();
+        // SO_REUSEPORT: a second loop's listener binds the same address; it leaves the
+        // UDP socket (which has no SO_REUSEPORT) to the first.
+        let mut second = KernelPort::bind(&opts(addr, false), stats).expect("second port");
+        assert_eq!(second.local_addr(), addr);
+        let mut buf = [0u8; 64];
+        assert!(second
+            .recv_datagram(Dgram::Unicast, &mut buf)
+            .unwrap()
+            .is_none());
+        assert!(second.send_datagram(Dgram::Unicast, b"x", addr).is_err());
+    }
+
+    #[test]
+    fn received_bytes_stay_lent_until_consumed() {
+        let stats = Arc::new(NodeStats::default());
+        let mut port =
+            KernelPort::bind(&opts("127.0.0.1:0".parse().unwrap(), false), stats).unwrap();
+        let mut client = std::net::TcpStream::connect(port.local_addr()).unwrap();
+        client.write_all(b"hello world").unwrap();
+        let mut new = Vec::new();
+        let mut ready = Vec::new();
+        while new.is_empty() {
+            port.wait(Duration::from_millis(100), &mut ready).unwrap();
+            port.accept(&mut new);
+        }
+        let conn = new[0].0;
+        let mut seen = Vec::new();
+        // Consume five bytes at a time; the rest is lent again, newer bytes after it.
+        while seen.len() < 11 {
+            port.wait(Duration::from_millis(10), &mut ready).unwrap();
+            port.recv(conn, |b| {
+                let n = b.len().min(5);
+                seen.extend_from_slice(&b[..n]);
+                n
+            })
+            .unwrap();
+        }
+        assert_eq!(seen, b"hello world");
+        assert_eq!(port.send(conn, b"bye").unwrap(), 3);
+        // Read before closing: a close with unread input would be a reset.
+        let mut bye = [0u8; 3];
+        client.read_exact(&mut bye).unwrap();
+        assert_eq!(&bye, b"bye");
+        drop(client);
+        let mut closed = false;
+        for _ in 0..100 {
+            port.wait(Duration::from_millis(10), &mut ready).unwrap();
+            if port.recv(conn, |b| b.len()).unwrap().peer_closed {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "the FIN is reported");
+        port.close(conn);
+        assert!(port.recv(conn, |b| b.len()).is_err());
+    }
+}

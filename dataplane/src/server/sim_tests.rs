@@ -797,3 +797,68 @@ fn sim_a_seed_replays_exactly() {
     let b = run_seed(7, 3, 15);
     assert_eq!(a, b, "the same seed took a different course");
 }
+
+/// Deadlines run on the port's clock: a STORE whose client goes quiet halfway is
+/// closed after `request_timeout` of virtual time and leaves nothing, while an idle
+/// connection next to it lives until `idle_timeout`.
+#[test]
+fn sim_a_store_left_halfway_times_out_on_the_virtual_clock() {
+    for seed in seeds(100, 4) {
+        let disk = MemDisk::new(32 * MIB, seed);
+        let store = Store::open(vec![Box::new(disk.device())], StoreConfig::default(), seed)
+            .expect("store");
+        let (handle, end) = crate::handle::handle_pair();
+        let listen: SocketAddr = "10.0.0.100:7070".parse().expect("address");
+        let cfg = ServerConfig {
+            request_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(5),
+            ..config(listen)
+        };
+        let port = SimPort::new(seed, SimConfig::default(), listen);
+        let mut server = Server::with_port(port, cfg, store, end).expect("server");
+        let peer = |i| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, i), 1));
+        let halfway = server.port.connect(peer(1));
+        let idle = server.port.connect(peer(2));
+        let mut msg = Vec::new();
+        let store_in = StoreIn::new(0, Some(1000), None);
+        encode_request(&mut msg, Opcode::Store, 1, 0, store_in.as_bytes());
+        encode_chunk_header(&mut msg, 1000, true);
+        msg.extend_from_slice(&[7u8; 400]);
+        assert_eq!(server.port.client_send(halfway, &msg), msg.len());
+        let mut closed_at = None;
+        while server.port.turn() < 10_000 {
+            server.turn().expect("turn");
+            let t = server.port.turn();
+            if closed_at.is_none() && server.port.client_sees_close(halfway) {
+                closed_at = Some(t);
+                assert!(
+                    !server.port.client_sees_close(idle),
+                    "seed {seed}: idle closed early"
+                );
+            }
+            if server.port.client_sees_close(idle) {
+                break;
+            }
+        }
+        let closed_at = closed_at.unwrap_or_else(|| fail(seed, "the STORE never timed out".into()));
+        // Virtual milliseconds: past the deadline, within a scan and the delivery delay.
+        assert!(
+            (2000..2300).contains(&closed_at),
+            "seed {seed}: closed at {closed_at}"
+        );
+        let idle_closed = server.port.turn();
+        assert!(
+            (5000..5300).contains(&idle_closed),
+            "seed {seed}: idle closed at {idle_closed}"
+        );
+        assert_eq!(
+            crate::stats::NodeStats::get(&handle.stats.stores_aborted),
+            1
+        );
+        let store = server.shut_down();
+        assert!(
+            store.contents().is_empty(),
+            "seed {seed}: a timed-out STORE left an object"
+        );
+    }
+}

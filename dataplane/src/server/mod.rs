@@ -25,6 +25,7 @@ mod simnet;
 mod tests;
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, DefaultHasher};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +39,10 @@ use self::session::{Deadlines, Drive, Session};
 use crate::handle::{Command, CommandError, DataplaneEnd, COMMANDS_PER_TURN};
 use crate::stats::NodeStats;
 use crate::store::Store;
+
+/// The session table, hashed with fixed keys: the loop walks it (timeouts, shutdown)
+/// in the same order on every run, so a simulation seed replays exactly.
+type Sessions = HashMap<ConnId, Session, BuildHasherDefault<DefaultHasher>>;
 
 /// Idle sessions looked at, when the table is full, before a newcomer is refused.
 const EVICT_TRIES: usize = 8;
@@ -112,7 +117,7 @@ pub fn single_loop_port(cfg: &ServerConfig) -> KernelPortOptions {
 pub struct Server<P: NetPort = KernelPort> {
     port: P,
     cluster: Cluster,
-    sessions: HashMap<ConnId, Session>,
+    sessions: Sessions,
     /// Buffers for at most `connections_max` sessions, reused as sessions close.
     bufs: session::BufPool,
     store: Store,
@@ -188,7 +193,7 @@ impl<P: NetPort> Server<P> {
         Ok(Server {
             port,
             cluster: Cluster::new(cfg.multicast_group),
-            sessions: HashMap::new(),
+            sessions: Sessions::default(),
             bufs: session::BufPool::new(cfg.connections_max),
             store,
             end,

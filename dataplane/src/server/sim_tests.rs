@@ -56,8 +56,8 @@ enum Op {
         fp: Fingerprint,
     },
     Contents,
-    Null,
-    Load,
+    /// NULL, GET_LOAD, HEARTBEAT, GET_DISK_STATE, GET_DISK_STATUS: SUCCESS.
+    Small(Opcode),
     Unknown(u16),
 }
 
@@ -260,13 +260,26 @@ impl Client {
                 encode_request(&mut self.out, Opcode::GetContents, id, 0, body.as_bytes());
                 self.push(id, Op::Contents);
             }
-            80..=84 => {
-                encode_request(&mut self.out, Opcode::Null, id, 0, &[]);
-                self.push(id, Op::Null);
-            }
-            85..=89 => {
-                encode_request(&mut self.out, Opcode::GetLoad, id, 0, &[]);
-                self.push(id, Op::Load);
+            80..=89 => {
+                let ops = [
+                    Opcode::Null,
+                    Opcode::GetLoad,
+                    Opcode::Heartbeat,
+                    Opcode::GetDiskState,
+                    Opcode::GetDiskStatus,
+                ];
+                let op = ops[rng.gen_range(0..ops.len())];
+                let query = DiskQueryIn {
+                    disk: ALL_DISKS.into(),
+                    reserved: 0.into(),
+                    reserved1: 0.into(),
+                };
+                let body: &[u8] = match op {
+                    Opcode::GetDiskState | Opcode::GetDiskStatus => query.as_bytes(),
+                    _ => &[],
+                };
+                encode_request(&mut self.out, op, id, 0, body);
+                self.push(id, Op::Small(op));
             }
             90..=92 => {
                 let raw = 0x7777;
@@ -435,8 +448,8 @@ impl Client {
                     }
                 }
             }
-            Op::Null | Op::Load => {
-                if status != Status::Success {
+            Op::Small(op) => {
+                if status != Status::Success || header.opcode.get() != op as u16 {
                     fail(seed, format!("{who}: {status:?}"));
                 }
             }

@@ -428,13 +428,18 @@ impl NetPort for SimPort {
 }
 
 /// Seeds for a simulation test: the one in `DOSD_SIM_SEED` alone (to replay a
-/// failure), else `count` seeds from `first` on.
+/// failure), else `count` seeds from `first` on (`DOSD_SIM_SEEDS` overrides the count,
+/// for a longer soak).
 pub fn seeds(first: u64, count: u64) -> Vec<u64> {
-    match std::env::var("DOSD_SIM_SEED") {
-        Ok(s) => match s.trim().parse() {
-            Ok(seed) => vec![seed],
-            Err(_) => panic!("DOSD_SIM_SEED must be a number, not {s:?}"),
-        },
-        Err(_) => (first..first + count).collect(),
+    let var = |name: &str| {
+        std::env::var(name).ok().map(|s| {
+            s.trim()
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name} must be a number, not {s:?}"))
+        })
+    };
+    match var("DOSD_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => (first..first + var("DOSD_SIM_SEEDS").unwrap_or(count)).collect(),
     }
 }

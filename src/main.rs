@@ -362,6 +362,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     }
     let mut meshes: Vec<Option<dataplane::server::mesh::MeshEnd>> = if loops > 1 {
         dataplane::server::mesh::mesh(loops)
+            .context("cannot create the queues between dataplane loops")?
             .into_iter()
             .map(Some)
             .collect()
@@ -403,7 +404,6 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
             header_timeout: Duration::from_millis(cfg.header_timeout_ms),
             transfer_rate_min: cfg.transfer_rate_min,
-            cluster: k == 0,
             test_stall: stall_trigger
                 .as_ref()
                 .zip(cfg.test_stall_ms)
@@ -413,7 +413,8 @@ fn run(flags: Flags) -> anyhow::Result<()> {
                     loop_index: cfg.test_stall_loop,
                 }),
         };
-        let server = dataplane::server::Server::bind_with(server_cfg, listener, shard, end)
+        // Loop 0 also serves UDP: unicast queries and the multicast group.
+        let server = dataplane::server::Server::bind_loop(server_cfg, listener, k == 0, shard, end)
             .with_context(|| {
                 format!(
                     "cannot bind DOSP on {} / multicast {}",

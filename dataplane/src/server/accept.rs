@@ -218,19 +218,33 @@ impl Reserve {
     }
 }
 
-/// Refuses a connection: one response with opcode NULL, request id 0 and status BUSY
-/// (dosp/PROTOCOL.md, "Connection limits"), then close. Whatever the client already
-/// sent is read first (once, bounded), so that the close is a FIN after the reply
-/// rather than a reset that could destroy it.
-pub fn refuse(mut stream: TcpStream, detail: u32) {
+/// The answer to a refused connection: one response with opcode NULL, request id 0
+/// and status BUSY (dosp/PROTOCOL.md, "Connection limits"); `detail` is the
+/// connection limit (0 when out of descriptors).
+pub fn busy_reply(detail: u32) -> [u8; BUSY_REPLY_BYTES] {
     use dosp::wire::{Header, Kind, Opcode, OutHead, Status};
-    let mut reply = [0u8; Header::SIZE + size_of::<OutHead>()];
+    let mut reply = [0u8; BUSY_REPLY_BYTES];
     let (head, out) = reply.split_at_mut(Header::SIZE);
     let len = size_of::<OutHead>() as u32;
     head.copy_from_slice(Header::new(Kind::Response, Opcode::Null, 0, len, 0).as_bytes());
     out.copy_from_slice(OutHead::new(Status::Busy, detail).as_bytes());
-    // A fresh socket's send buffer always has room for 40 bytes.
-    let _ = stream.write(&reply);
+    reply
+}
+
+/// Size of [`busy_reply`]'s answer.
+pub const BUSY_REPLY_BYTES: usize = dosp::wire::Header::SIZE + size_of::<dosp::wire::OutHead>();
+
+/// Refuses a connection with [`busy_reply`], then closes it.
+pub fn refuse(stream: TcpStream, detail: u32) {
+    refuse_with(stream, &busy_reply(detail));
+}
+
+/// Sends `reply` on a fresh connection and closes it. Whatever the client already sent
+/// is read first (once, bounded), so that the close is a FIN after the reply rather
+/// than a reset that could destroy it.
+pub fn refuse_with(mut stream: TcpStream, reply: &[u8]) {
+    // A fresh socket's send buffer always has room for a short reply.
+    let _ = stream.write(reply);
     let mut sink = [0u8; 512];
     let _ = stream.read(&mut sink);
 }

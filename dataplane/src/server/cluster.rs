@@ -1,6 +1,7 @@
 //! Cluster services over UDP: unicast queries, multicast LOCATE and heartbeats.
 //!
-//! Two sockets. The unicast one is bound to the node's DOSP address (same port number
+//! Two endpoints of the loop's [`NetPort`] (only one loop per node serves them). The
+//! unicast one is bound to the node's DOSP address (same port number
 //! as TCP), so a manager can ask one node with the same In/Out structures it would use
 //! over TCP. The multicast one is joined to the cluster group: a LOCATE sent to the
 //! group is answered — by multicast, so every manager snooping the group learns the
@@ -15,8 +16,7 @@
 //! the requester can pad its request or ask over TCP. Multicast answers go to the
 //! group, never to the claimed source, and are left alone.
 
-use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4};
 
 use dosp::codec::{encode_response, udp_reply_allowed};
 use dosp::wire::*;
@@ -24,11 +24,12 @@ use dosp::Fingerprint;
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::ops::{heartbeat, locate_answer, small_op, Ctx};
+use super::port::{Dgram, NetPort};
 use super::shards::{Event, Locate};
 use crate::stats::NodeStats;
 
 /// Store users naming a LOCATE datagram waiting for another loop's answer:
-/// `CLUSTER_USER | slot`, far from any session's token.
+/// `CLUSTER_USER | slot`, far from any session's connection id.
 pub const CLUSTER_USER: u64 = 1 << 61;
 /// LOCATE datagrams waiting for another loop at most; more are dropped (counted),
 /// as a full socket buffer would drop them.
@@ -53,39 +54,32 @@ pub const DGRAM_BURST: usize = 32;
 
 #[derive(Debug)]
 pub struct Cluster {
-    pub unicast: mio::net::UdpSocket,
-    pub multicast: mio::net::UdpSocket,
     group: SocketAddrV4,
     buf: Box<[u8]>,
     out: Vec<u8>,
     /// Out body being built, before its header is known.
     body: Vec<u8>,
+    /// LOCATEs waiting for another loop, by slot.
     waiting: Vec<Option<Waiting>>,
     free: Vec<usize>,
 }
 
 impl Cluster {
-    pub fn bind(listen: SocketAddr, group: SocketAddrV4, iface: Ipv4Addr) -> io::Result<Cluster> {
-        let unicast = std::net::UdpSocket::bind(listen)?;
-        unicast.set_nonblocking(true)?;
-        let multicast = dosp::client::join_group(group, iface)?;
-        multicast.set_nonblocking(true)?;
-        Ok(Cluster {
-            unicast: mio::net::UdpSocket::from_std(unicast),
-            multicast: mio::net::UdpSocket::from_std(multicast),
+    /// Buffers for answering on `group` (the multicast group the port joined).
+    pub fn new(group: SocketAddrV4) -> Cluster {
+        Cluster {
             group,
             buf: vec![0u8; DGRAM_MAX].into_boxed_slice(),
             out: Vec::with_capacity(DGRAM_MAX),
             body: Vec::with_capacity(DGRAM_MAX),
             waiting: Vec::new(),
             free: Vec::new(),
-        })
+        }
     }
 
-    /// Looks `fp` up for a LOCATE datagram; the answer goes out now, or when the
-    /// loop that knows the object has answered ([`Cluster::on_event`]).
-    fn locate(&mut self, ctx: &mut Ctx<'_>, w: Waiting) {
-        let fp = &w.fp.clone();
+    /// Looks the object up for a LOCATE datagram; the answer goes out now, or when
+    /// the loop that knows the object has answered ([`Cluster::on_event`]).
+    fn locate<P: NetPort>(&mut self, port: &mut P, ctx: &mut Ctx<'_>, w: Waiting) {
         let slot = match self.free.pop() {
             Some(s) => s,
             None if self.waiting.len() < LOCATES_WAITING_MAX => {
@@ -97,17 +91,17 @@ impl Cluster {
                 return;
             }
         };
-        match ctx.store.locate(fp, CLUSTER_USER | slot as u64) {
+        match ctx.store.locate(&w.fp, CLUSTER_USER | slot as u64) {
             Locate::Now(found) => {
                 self.free.push(slot);
-                self.answer_locate(ctx, fp, found.map(|(_, m)| m), w);
+                self.answer_locate(port, ctx, found.map(|(_, m)| m), w);
             }
             Locate::Later => self.waiting[slot] = Some(w),
         }
     }
 
     /// A lookup for a waiting LOCATE came back.
-    pub fn on_event(&mut self, ctx: &mut Ctx<'_>, ev: Event) {
+    pub fn on_event<P: NetPort>(&mut self, port: &mut P, ctx: &mut Ctx<'_>, ev: Event) {
         let Event::Located { user, found } = ev else {
             return;
         };
@@ -116,20 +110,20 @@ impl Cluster {
             return;
         };
         self.free.push(slot);
-        self.answer_locate(ctx, &w.fp.clone(), found.map(|(_, m)| m), w);
+        self.answer_locate(port, ctx, found.map(|(_, m)| m), w);
     }
 
-    fn answer_locate(
+    fn answer_locate<P: NetPort>(
         &mut self,
+        port: &mut P,
         ctx: &mut Ctx<'_>,
-        fp: &Fingerprint,
         meta: Option<crate::store::ObjectMeta>,
         w: Waiting,
     ) {
         self.out.clear();
         match meta {
             Some(m) => {
-                let answer = locate_answer(ctx, fp, &m);
+                let answer = locate_answer(ctx, &w.fp, &m);
                 encode_response(
                     &mut self.out,
                     Opcode::Locate as u16,
@@ -152,45 +146,52 @@ impl Cluster {
                 answered(ctx, Status::NotFound);
             }
         }
-        let (sock, to) = if w.multicast {
-            (&self.multicast, SocketAddr::V4(self.group))
+        let (via, to) = if w.multicast {
+            (Dgram::Multicast, SocketAddr::V4(self.group))
         } else {
-            (&self.unicast, w.from)
+            if !udp_reply_allowed(w.n, self.out.len()) {
+                return;
+            }
+            (Dgram::Unicast, w.from)
         };
-        if !w.multicast && !udp_reply_allowed(w.n, self.out.len()) {
-            return;
-        }
-        if let Err(e) = sock.send_to(&self.out, to) {
+        if let Err(e) = port.send_datagram(via, &self.out, to) {
             tracing::debug!(%to, error = %e, "LOCATE answer failed");
         }
     }
 
-    /// Handles up to DGRAM_BURST datagrams from each socket. Returns whether any came.
-    pub fn poll(&mut self, ctx: &mut Ctx<'_>) -> bool {
+    /// Handles up to DGRAM_BURST datagrams from each endpoint. Returns whether any came.
+    pub fn poll<P: NetPort>(&mut self, port: &mut P, ctx: &mut Ctx<'_>) -> bool {
         let mut any = false;
         for multicast in [false, true] {
+            let via = if multicast {
+                Dgram::Multicast
+            } else {
+                Dgram::Unicast
+            };
             for _ in 0..DGRAM_BURST {
-                let sock = if multicast {
-                    &self.multicast
-                } else {
-                    &self.unicast
-                };
-                let (n, from) = match sock.recv_from(&mut self.buf) {
-                    Ok(r) => r,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                let (n, from) = match port.recv_datagram(via, &mut self.buf) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
                     Err(e) => {
                         tracing::debug!(error = %e, "udp receive failed");
                         break;
                     }
                 };
                 any = true;
-                self.handle(ctx, n, from, multicast);
+                self.handle(port, ctx, n, from, multicast);
             }
         }
         any
     }
 
-    fn handle(&mut self, ctx: &mut Ctx<'_>, n: usize, from: SocketAddr, multicast: bool) {
+    fn handle<P: NetPort>(
+        &mut self,
+        port: &mut P,
+        ctx: &mut Ctx<'_>,
+        n: usize,
+        from: SocketAddr,
+        multicast: bool,
+    ) {
         let Ok((header, body)) = Header::read_from_prefix(&self.buf[..n]) else {
             dropped(ctx);
             return;
@@ -241,7 +242,7 @@ impl Cluster {
                     NodeStats::inc(&ctx.stats.bad_requests);
                 }
                 answered(ctx, status);
-                if let Err(e) = self.unicast.send_to(&self.out, from) {
+                if let Err(e) = port.send_datagram(Dgram::Unicast, &self.out, from) {
                     tracing::debug!(%from, error = %e, "unicast answer failed");
                 }
             }
@@ -260,7 +261,7 @@ impl Cluster {
                     id,
                     &[OutHead::new(Status::UnknownOpcode, raw.into()).as_bytes()],
                 );
-                let _ = self.unicast.send_to(&self.out, from);
+                let _ = port.send_datagram(Dgram::Unicast, &self.out, from);
                 answered(ctx, Status::UnknownOpcode);
             }
             NodeStats::inc(&ctx.stats.unknown_opcodes);
@@ -282,7 +283,7 @@ impl Cluster {
                         multicast: true,
                         n,
                     };
-                    return self.locate(ctx, w);
+                    return self.locate(port, ctx, w);
                 }
                 Opcode::Heartbeat => {
                     if parse_exact::<HeartbeatIn>(op, body).is_err() {
@@ -294,9 +295,8 @@ impl Cluster {
                 _ => return,
             }
             answered(ctx, Status::Success);
-            if let Err(e) = self
-                .multicast
-                .send_to(&self.out, SocketAddr::V4(self.group))
+            if let Err(e) =
+                port.send_datagram(Dgram::Multicast, &self.out, SocketAddr::V4(self.group))
             {
                 tracing::debug!(error = %e, "multicast answer failed");
             }
@@ -311,7 +311,7 @@ impl Cluster {
                     multicast: false,
                     n,
                 };
-                return self.locate(ctx, w);
+                return self.locate(port, ctx, w);
             }
         }
         self.body.clear();
@@ -331,7 +331,7 @@ impl Cluster {
         } else if op == Opcode::Locate && status == Status::Success {
             NodeStats::inc(&ctx.stats.locate_answers);
         }
-        if let Err(e) = self.unicast.send_to(&self.out, from) {
+        if let Err(e) = port.send_datagram(Dgram::Unicast, &self.out, from) {
             tracing::debug!(%from, error = %e, "unicast answer failed");
         }
     }

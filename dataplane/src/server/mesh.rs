@@ -10,13 +10,14 @@
 //!
 //! Waking: a loop about to sleep in epoll announces it (`sleeping`, SeqCst), then
 //! checks its queues once more; a sender that finds the flag set after queueing pokes
-//! the loop's waker (an eventfd registered in its epoll). Either the sleeper sees the
+//! the loop's eventfd, which the loop's port waits on with its other descriptors. Either the sleeper sees the
 //! message or the sender sees the flag — never neither — so a message never waits for
 //! the sleeper's timeout, and a busy loop is never poked (no syscall per message).
 
 use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 
@@ -28,10 +29,11 @@ pub const QUEUE_DEPTH: usize = 4096;
 pub const RECV_BURST: usize = 256;
 
 /// How a loop is woken.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Wake {
     sleeping: AtomicBool,
-    waker: OnceLock<mio::Waker>,
+    /// Non-blocking eventfd: written by senders, drained by the loop.
+    fd: OwnedFd,
 }
 
 /// One loop's ends of the mesh.
@@ -47,9 +49,18 @@ pub struct MeshEnd {
 }
 
 /// The mesh of `n` loops: one end per loop, index = loop number.
-pub fn mesh(n: u16) -> Vec<MeshEnd> {
+pub fn mesh(n: u16) -> std::io::Result<Vec<MeshEnd>> {
     let n = usize::from(n);
-    let wakes: Arc<[Wake]> = (0..n).map(|_| Wake::default()).collect();
+    let flags = rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC;
+    let wakes: Arc<[Wake]> = (0..n)
+        .map(|_| {
+            Ok(Wake {
+                sleeping: AtomicBool::new(false),
+                fd: rustix::event::eventfd(0, flags)?,
+            })
+        })
+        .collect::<std::io::Result<Vec<Wake>>>()?
+        .into();
     let held: Arc<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
     let mut tx: Vec<Vec<Option<Sender<Msg>>>> = (0..n).map(|_| vec![None; n]).collect();
     let mut rx: Vec<Vec<Option<Receiver<Msg>>>> =
@@ -63,7 +74,8 @@ pub fn mesh(n: u16) -> Vec<MeshEnd> {
             }
         }
     }
-    tx.into_iter()
+    Ok(tx
+        .into_iter()
         .zip(rx)
         .enumerate()
         .map(|(me, (tx, rx))| MeshEnd {
@@ -74,7 +86,7 @@ pub fn mesh(n: u16) -> Vec<MeshEnd> {
             wakes: Arc::clone(&wakes),
             held: Arc::clone(&held),
         })
-        .collect()
+        .collect())
 }
 
 impl MeshEnd {
@@ -97,9 +109,16 @@ impl MeshEnd {
         self.held.iter().map(|h| h.load(Ordering::Relaxed)).sum()
     }
 
-    /// Registers this loop's waker (once, when its epoll exists).
-    pub fn set_waker(&self, waker: mio::Waker) {
-        let _ = self.wakes[usize::from(self.me)].waker.set(waker);
+    /// The descriptor that becomes readable when another loop pokes this one: the
+    /// loop's port waits on it.
+    pub fn wake_fd(&self) -> RawFd {
+        self.wakes[usize::from(self.me)].fd.as_raw_fd()
+    }
+
+    /// Consumes the pokes (the loop drains its queues next).
+    pub fn drain_wake(&self) {
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(self.wakes[usize::from(self.me)].fd.as_fd(), &mut buf);
     }
 
     /// Queues `msg` for loop `to` (never for itself).
@@ -124,9 +143,9 @@ impl MeshEnd {
     fn poke(&self, to: usize) {
         let w = &self.wakes[to];
         if w.sleeping.load(Ordering::SeqCst) {
-            if let Some(waker) = w.waker.get() {
-                let _ = waker.wake();
-            }
+            // A full counter (never, at one poke per sleep) would refuse the write,
+            // and the loop would still be readable: nothing is lost either way.
+            let _ = rustix::io::write(w.fd.as_fd(), &1u64.to_ne_bytes());
         }
     }
 

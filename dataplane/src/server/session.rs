@@ -1,10 +1,16 @@
-//! One DOSP connection: its buffers and its request state machine.
+//! One DOSP connection: its output buffer and its request state machine, sans IO.
 //!
-//! A session owns a fixed receive buffer and an output buffer. `drive` moves bytes in
-//! both directions until the socket would block or a bound is hit: it decodes pipelined
-//! requests in order, feeds STORE chunks straight from the receive buffer into the
-//! store (the one copy, with MD5 in the same pass), and streams RETRIEVE data from the
-//! store in pieces as the socket drains, so no object is ever held whole in memory.
+//! A session knows no socket. Its inputs are bytes received (lent by the port, see
+//! [`Session::on_recv`]), the time (an `Instant` passed in by the loop) and the store's
+//! completions ([`Session::on_store_event`]); its output is bytes to send
+//! ([`Session::pending_output`], acknowledged with [`Session::output_sent`]).
+//! [`Session::drive`] is the glue that moves bytes between a session and a
+//! [`NetPort`] until the port would block or a bound is hit: the session decodes
+//! pipelined requests in order, feeds STORE chunks straight from the port's receive
+//! buffer into the store (the one copy, with MD5 in the same pass), and streams
+//! RETRIEVE data from the store in pieces as the port drains, so no object is ever held
+//! whole in memory and object bytes go from the buffer the store read into straight to
+//! the port.
 //!
 //! Backpressure: while a response is streaming, the output buffer is above its high
 //! mark, or a request waits for the store (a read, or a commit or delete waiting for
@@ -30,7 +36,7 @@
 //! `rate_min_bytes_per_sec` bytes a second, measured over windows of `request`; and
 //! silence is bounded by `request` mid-request and `idle` between requests.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -40,18 +46,18 @@ use dosp::Fingerprint;
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use super::ops::{detail_of, locate_answer, small_op, status_of, Ctx};
+use super::port::{ConnId, NetPort, RBUF_BYTES};
 use super::shards::{Event, Locate, PageStart};
 use crate::stats::{NodeStats, OpClass};
 use crate::store::{Expect, ObjectMeta, ReadId, ReadStart, StoreError, StoreEvent, WriteId};
 
-/// Receive buffer: a header plus the largest body, with room for STORE data to flow.
-const RBUF_BYTES: usize = 256 * 1024;
-const _: () = assert!(RBUF_BYTES >= Header::SIZE + BODY_MAX as usize);
 /// Stream data is produced in pieces of this size.
 const PIECE_BYTES: usize = 256 * 1024;
 /// Stop decoding new requests while this much output is waiting.
 const OUT_HIGH: usize = 512 * 1024;
 /// Steps of work per `drive` call, so one busy connection cannot starve the others.
+/// A step is a pass that sends and produces output, a read that brought bytes, or a
+/// decoded event (a request, a piece of STORE data).
 const STEPS_MAX: usize = 64;
 
 /// The time limits a session is held to (see the module docs).
@@ -93,24 +99,24 @@ impl Timeout {
     }
 }
 
-/// The two buffers of a session, pooled by the loop: [`BufPool`] holds at most one
-/// pair per allowed connection, a new session takes a pair and a closed one gives it
-/// back, so a warm node accepts and closes connections without allocating.
+/// The output buffer of a session, pooled by the loop: [`BufPool`] holds at most one
+/// per allowed connection, a new session takes one and a closed one gives it back, so
+/// a warm node accepts and closes connections without allocating. (The receive buffer
+/// is the port's: see `port.rs`.)
 ///
-/// Memory: `connections_max` × (`RBUF_BYTES` + [`OUT_BYTES`]) = 1 MiB per
-/// connection at most (1 GiB at the default 1024). The pages of a pair are touched
-/// only as far as its connections have used them: a node whose connections send small
-/// requests and fetch small objects keeps a few KiB of each pair resident.
+/// Memory: `connections_max` × ([`OUT_BYTES`] here + the kernel port's `RBUF_BYTES`)
+/// = 1 MiB per connection at most (1 GiB at the default 1024). The pages of a buffer
+/// are touched only as far as its connections have used them: a node whose
+/// connections send small requests and fetch small objects keeps a few KiB resident.
 #[derive(Debug)]
 pub struct SessionBufs {
-    rbuf: Box<[u8]>,
     out: Vec<u8>,
 }
 
 /// Output buffer capacity: the high mark, a stream piece and a reply.
 pub const OUT_BYTES: usize = OUT_HIGH + PIECE_BYTES + 1024;
 
-/// Session buffers for every allowed connection: at most `connections_max` pairs,
+/// Session buffers for every allowed connection: at most `connections_max`,
 /// each made the first time it is needed (so a node configured for 65536 connections
 /// does not map 64 GiB at start-up) and reused from then on.
 #[derive(Debug)]
@@ -138,7 +144,6 @@ impl BufPool {
         }
         self.unmade -= 1;
         Some(SessionBufs {
-            rbuf: vec![0u8; RBUF_BYTES].into_boxed_slice(),
             out: Vec::with_capacity(OUT_BYTES),
         })
     }
@@ -152,11 +157,11 @@ impl BufPool {
 /// What the loop should do with the session after `drive`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Drive {
-    /// Waiting for the socket.
+    /// Waiting for the port (or the store).
     Idle,
     /// Hit its step bound with work left: drive again next turn.
     More,
-    /// Done: deregister and drop.
+    /// Done: close the connection and drop the session.
     Close,
 }
 
@@ -256,11 +261,18 @@ enum Outgoing {
 
 /// One client connection.
 pub struct Session {
-    stream: mio::net::TcpStream,
     pub peer: SocketAddr,
-    rbuf: Box<[u8]>,
-    rstart: usize,
-    rend: usize,
+    /// Bytes the port lent at the last `on_recv` that the session did not consume
+    /// (part of a request): the port keeps them.
+    unconsumed: usize,
+    /// Those bytes start with a STORE request header whose StoreIn is not all here.
+    unconsumed_store: bool,
+    /// The last `on_recv` stopped because it needed more bytes (not at a bound, not
+    /// backpressured): a FIN now ends the connection.
+    needs_bytes: bool,
+    /// Steps left in this `drive`: each decoded event after the first of an
+    /// `on_recv` takes one.
+    steps_left: usize,
     decoder: RequestDecoder,
     st: State,
     /// When bytes last moved in either direction, for the timeouts.
@@ -276,6 +288,8 @@ pub struct Session {
 struct State {
     /// This session's name in the store's events.
     user: u64,
+    /// The loop's clock, as passed in at the latest entry point.
+    now: Instant,
     out: Vec<u8>,
     out_pos: usize,
     /// Bytes from here on are reserved for a piece still being read: not sent yet.
@@ -303,22 +317,22 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     pub fn new(
-        stream: mio::net::TcpStream,
         peer: SocketAddr,
         chunk_max: u32,
         user: u64,
         bufs: SessionBufs,
+        now: Instant,
     ) -> Session {
-        let now = Instant::now();
         Session {
-            stream,
             peer,
-            rbuf: bufs.rbuf,
-            rstart: 0,
-            rend: 0,
+            unconsumed: 0,
+            unconsumed_store: false,
+            needs_bytes: true,
+            steps_left: 0,
             decoder: RequestDecoder::new(chunk_max),
             st: State {
                 user,
+                now,
                 out: bufs.out,
                 out_pos: 0,
                 hold: None,
@@ -373,7 +387,7 @@ impl Session {
         // forever.
         let mid_request = self.st.busy
             || self.decoder.in_store()
-            || self.rstart < self.rend
+            || self.unconsumed > 0
             || self.st.out_pos < self.st.out.len();
         let quiet = now.saturating_duration_since(self.last_io);
         if on_store {
@@ -394,29 +408,14 @@ impl Session {
         let between = !self.st.busy
             && !self.decoder.in_store()
             && self.header_since.is_none()
-            && self.rstart == self.rend
+            && self.unconsumed == 0
             && self.st.out_pos == self.st.out.len();
         between.then_some(self.last_io)
     }
 
-    /// Whether the peer has sent bytes the session has not read yet (a peek, one
-    /// system call). Closing a socket with unread input sends a reset, which can
-    /// destroy replies still in flight; a session with none closes with a FIN after
-    /// its last reply.
-    pub fn has_unread_input(&self) -> bool {
-        matches!(self.stream.peek(&mut [0u8; 1]), Ok(n) if n > 0)
-    }
-
     /// The session's buffers, for the pool, once it is closed.
     pub fn into_bufs(self) -> SessionBufs {
-        SessionBufs {
-            rbuf: self.rbuf,
-            out: self.st.out,
-        }
-    }
-
-    pub fn stream_mut(&mut self) -> &mut mio::net::TcpStream {
-        &mut self.stream
+        SessionBufs { out: self.st.out }
     }
 
     /// Releases what the session holds in the store (an unfinished STORE is aborted:
@@ -446,128 +445,214 @@ impl Session {
     /// Whether the input not yet decoded starts with a STORE request whose StoreIn has
     /// not all arrived: a STORE its client gave up before it could begin.
     fn store_unstarted(&self) -> bool {
-        if self.decoder.failed() || self.decoder.in_store() {
-            return false;
-        }
-        Header::read_from_prefix(&self.rbuf[self.rstart..self.rend])
-            .is_ok_and(|(h, _)| h.check(Kind::Request).is_ok() && h.opcode() == Some(Opcode::Store))
+        !self.decoder.failed() && !self.decoder.in_store() && self.unconsumed_store
     }
 
-    /// Moves bytes until the socket blocks, the work runs out or the step bound is hit.
-    pub fn drive(&mut self, ctx: &mut Ctx<'_>) -> Drive {
+    /// The bytes ready to send: queued replies and stream pieces, short of a piece
+    /// still being read. Sent straight from the session's buffer (where the store read
+    /// RETRIEVE data into).
+    pub fn pending_output(&self) -> &[u8] {
+        let sendable = self.st.hold.unwrap_or(self.st.out.len());
+        &self.st.out[self.st.out_pos.min(sendable)..sendable]
+    }
+
+    /// The port took the first `n` bytes of [`Session::pending_output`].
+    pub fn output_sent(&mut self, ctx: &Ctx<'_>, now: Instant, n: usize) {
+        self.st.now = now;
+        let n = n.min(self.pending_output().len());
+        self.st.out_pos += n;
+        NodeStats::add(&ctx.stats.bytes_out, n as u64);
+        if n > 0 {
+            self.last_io = now;
+            self.moved += n as u64;
+        }
+        if self.st.out_pos == self.st.out.len() {
+            self.st.out.clear();
+            self.st.out_pos = 0;
+        }
+    }
+
+    /// `n` bytes arrived from the peer (they are lent through `on_recv`).
+    pub fn on_arrived(&mut self, ctx: &Ctx<'_>, now: Instant, n: usize) {
+        NodeStats::add(&ctx.stats.bytes_in, n as u64);
+        if n > 0 {
+            self.last_io = now;
+            self.moved += n as u64;
+        }
+    }
+
+    /// The peer closed its side: no more bytes will come. Requests already received
+    /// are still handled; once the session needs bytes it finishes what is queued,
+    /// then closes.
+    pub fn on_peer_closed(&mut self) {
+        self.st.read_closed = true;
+        if self.needs_bytes {
+            self.st.closing = true;
+        }
+    }
+
+    /// Produces more of a streaming response when the output has room and no piece is
+    /// being read, and lets a STORE waiting for room begin. Returns (progress, blocked
+    /// on the store: drive again next turn even without an event).
+    pub fn advance(&mut self, ctx: &mut Ctx<'_>, now: Instant) -> (bool, bool) {
+        self.st.now = now;
+        let mut progress = false;
+        let pending = self.st.out.len() - self.st.out_pos;
+        if self.st.outgoing.is_some() && pending < OUT_HIGH && !self.st.reading() {
+            self.st.produce(ctx);
+            progress = true;
+        }
+        (progress, self.gate(ctx))
+    }
+
+    /// Whether a STORE waits for room or a staging buffer the store cannot spare (then
+    /// nothing is decoded; the loop drives the session again). Records it for the
+    /// timeouts.
+    fn gate(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        if let StoreState::AwaitingRoom { .. } = self.st.store {
+            self.st.begin_when_room(ctx);
+        }
+        let store_full = match self.st.store {
+            StoreState::Writing { write, .. } => !ctx.store.can_append(write, RBUF_BYTES),
+            StoreState::AwaitingRoom { .. } => true,
+            _ => false,
+        };
+        self.st.store_blocked = store_full;
+        store_full
+    }
+
+    /// Whether the session decodes input now: not backpressured (a response
+    /// streaming, the output above its high mark), not waiting for the store, not
+    /// closing. (Reads stop with decoding, and TCP flow control pushes back.)
+    pub fn wants_input(&self) -> bool {
+        !self.st.closing
+            && self.st.outgoing.is_none()
+            && matches!(self.st.waiting, Waiting::None)
+            && !self.st.store_blocked
+            && self.st.out.len() - self.st.out_pos < OUT_HIGH
+    }
+
+    /// Decodes and handles requests (and STORE data) from the front of `data`, the
+    /// bytes received and not consumed yet, for as long as [`Session::wants_input`]
+    /// and the step bound allow (one event, and one more per step left in the
+    /// current [`Session::drive`]). Returns how many bytes it consumed; the port keeps
+    /// the rest and lends them again.
+    pub fn on_recv(&mut self, ctx: &mut Ctx<'_>, now: Instant, data: &[u8]) -> usize {
+        self.st.now = now;
+        self.needs_bytes = false;
+        let mut at = 0;
+        for event in 0.. {
+            if event > 0 {
+                if self.steps_left == 0 {
+                    break;
+                }
+                self.steps_left -= 1;
+            }
+            if !self.wants_input() || self.gate(ctx) {
+                break;
+            }
+            match self.decoder.decode(&data[at..]) {
+                Ok(Some((event, n))) => {
+                    if matches!(event, RequestEvent::Request { .. }) {
+                        self.header_since = None;
+                    }
+                    at += n;
+                    self.st.handle(ctx, event);
+                }
+                Ok(None) => {
+                    // Part of a request header is here: its deadline runs.
+                    if self.header_since.is_none() && at < data.len() && !self.decoder.in_store() {
+                        self.header_since = Some(now);
+                    }
+                    self.needs_bytes = true;
+                    if self.st.read_closed {
+                        self.st.closing = true;
+                    }
+                    break;
+                }
+                Err(e) => {
+                    self.st.framing_error(ctx, e, self.peer);
+                    break;
+                }
+            }
+        }
+        let rest = &data[at..];
+        self.unconsumed = rest.len();
+        self.unconsumed_store = !self.decoder.in_store()
+            && Header::read_from_prefix(rest).is_ok_and(|(h, _)| {
+                h.check(Kind::Request).is_ok() && h.opcode() == Some(Opcode::Store)
+            });
+        at
+    }
+
+    /// Whether the session is done: closing, nothing in flight, everything sent.
+    pub fn finished(&self) -> bool {
+        self.st.closing
+            && self.st.outgoing.is_none()
+            && matches!(self.st.waiting, Waiting::None)
+            && self.st.out_pos == self.st.out.len()
+    }
+
+    /// Moves bytes between the session and `port` until the port would block, the
+    /// work runs out or the step bound is hit.
+    pub fn drive<P: NetPort>(
+        &mut self,
+        port: &mut P,
+        conn: ConnId,
+        ctx: &mut Ctx<'_>,
+        now: Instant,
+    ) -> Drive {
         let mut blocked = false;
-        for _ in 0..STEPS_MAX {
+        self.steps_left = STEPS_MAX;
+        while self.steps_left > 0 {
+            self.steps_left -= 1;
             let mut progress = false;
 
             // 1. Send what is queued.
-            let sendable = self.st.hold.unwrap_or(self.st.out.len());
-            if self.st.out_pos < sendable {
-                match self.stream.write(&self.st.out[self.st.out_pos..sendable]) {
+            let out = self.pending_output();
+            if !out.is_empty() {
+                match port.send(conn, out) {
                     Ok(0) => return Drive::Close,
                     Ok(n) => {
-                        self.st.out_pos += n;
-                        NodeStats::add(&ctx.stats.bytes_out, n as u64);
-                        self.last_io = Instant::now();
-                        self.moved += n as u64;
+                        self.output_sent(ctx, now, n);
                         progress = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
                     Err(_) => return Drive::Close,
                 }
-                if self.st.out_pos == self.st.out.len() {
-                    self.st.out.clear();
-                    self.st.out_pos = 0;
+            }
+
+            // 2. Produce more of a streaming response; let a waiting STORE begin.
+            let (p, b) = self.advance(ctx, now);
+            progress |= p;
+            blocked |= b;
+
+            // 3. Decode requests from what the port received, reading more.
+            if self.wants_input() {
+                let mut consumed = 0;
+                match port.recv(conn, |buf| {
+                    consumed = self.on_recv(ctx, now, buf);
+                    consumed
+                }) {
+                    Ok(got) => {
+                        self.on_arrived(ctx, now, got.arrived);
+                        if got.arrived > 0 {
+                            self.steps_left = self.steps_left.saturating_sub(1);
+                        }
+                        progress |= got.arrived > 0 || consumed > 0;
+                        if got.peer_closed && !self.st.read_closed {
+                            self.on_peer_closed();
+                            progress = true;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Drive::Close,
                 }
-            }
-            let pending = self.st.out.len() - self.st.out_pos;
-
-            // 2. Produce more of a streaming response when the output has room and no
-            //    piece is being read.
-            if self.st.outgoing.is_some() && pending < OUT_HIGH && !self.st.reading() {
-                self.st.produce(ctx);
-                progress = true;
+                // A framing error closes; its answer still goes out.
+                progress |= self.st.closing;
             }
 
-            // 3. Decode requests, unless backpressured, waiting for the store, or
-            //    closing. A STORE whose next segment would need a staging buffer the
-            //    store cannot spare waits here too (the loop drives it again).
-            if let StoreState::AwaitingRoom { .. } = self.st.store {
-                self.st.begin_when_room(ctx);
-            }
-            let store_full = match self.st.store {
-                StoreState::Writing { write, .. } => !ctx.store.can_append(write, RBUF_BYTES),
-                StoreState::AwaitingRoom { .. } => true,
-                _ => false,
-            };
-            if store_full {
-                blocked = true;
-            }
-            self.st.store_blocked = store_full;
-            if !self.st.closing
-                && self.st.outgoing.is_none()
-                && matches!(self.st.waiting, Waiting::None)
-                && !store_full
-                && self.st.out.len() - self.st.out_pos < OUT_HIGH
-            {
-                match self.decoder.decode(&self.rbuf[self.rstart..self.rend]) {
-                    Ok(Some((event, n))) => {
-                        if matches!(event, RequestEvent::Request { .. }) {
-                            self.header_since = None;
-                        }
-                        self.rstart += n;
-                        self.st.handle(ctx, event);
-                        progress = true;
-                    }
-                    Ok(None) => {
-                        // Part of a request header is here: its deadline runs.
-                        if self.header_since.is_none()
-                            && self.rstart < self.rend
-                            && !self.decoder.in_store()
-                        {
-                            self.header_since = Some(Instant::now());
-                        }
-                        // 4. Read more input.
-                        if !self.st.read_closed {
-                            if self.rstart == self.rend {
-                                self.rstart = 0;
-                                self.rend = 0;
-                            } else if self.rstart > 0 && self.rend == self.rbuf.len() {
-                                self.rbuf.copy_within(self.rstart..self.rend, 0);
-                                self.rend -= self.rstart;
-                                self.rstart = 0;
-                            }
-                            match self.stream.read(&mut self.rbuf[self.rend..]) {
-                                Ok(0) => {
-                                    self.st.read_closed = true;
-                                    self.st.closing = true;
-                                    progress = true;
-                                }
-                                Ok(n) => {
-                                    self.rend += n;
-                                    NodeStats::add(&ctx.stats.bytes_in, n as u64);
-                                    self.last_io = Instant::now();
-                                    self.moved += n as u64;
-                                    progress = true;
-                                }
-                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                                Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
-                                Err(_) => return Drive::Close,
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        self.st.framing_error(ctx, e, self.peer);
-                        progress = true;
-                    }
-                }
-            }
-
-            if self.st.closing
-                && self.st.outgoing.is_none()
-                && matches!(self.st.waiting, Waiting::None)
-                && self.st.out_pos == self.st.out.len()
-            {
+            if self.finished() {
                 return Drive::Close;
             }
             if !progress {
@@ -578,7 +663,8 @@ impl Session {
     }
 
     /// Hands the session what the store finished for it; the loop drives it next.
-    pub fn on_store_event(&mut self, ctx: &mut Ctx<'_>, ev: Event) {
+    pub fn on_store_event(&mut self, ctx: &mut Ctx<'_>, now: Instant, ev: Event) {
+        self.st.now = now;
         match ev {
             Event::Store(ev) => self.st.on_store_event(ctx, ev),
             Event::Located { found, .. } => self.st.on_located(ctx, found),
@@ -616,8 +702,10 @@ impl State {
     }
 
     /// Records a request's latency, from its arrival to now (its reply is queued).
-    fn done(ctx: &Ctx<'_>, op: OpClass, started: Instant) {
-        ctx.stats.latency(op).record(started.elapsed());
+    fn done(ctx: &Ctx<'_>, op: OpClass, started: Instant, now: Instant) {
+        ctx.stats
+            .latency(op)
+            .record(now.saturating_duration_since(started));
     }
 
     fn reply(&mut self, ctx: &Ctx<'_>, opcode: u16, request_id: u64, body: &[u8]) {
@@ -683,7 +771,7 @@ impl State {
         self.reply_error(ctx, opcode, request_id, e.status(), e.detail());
         // An unfinished STORE got its (error) reply: it ends here.
         if let Some(started) = store_started {
-            State::done(ctx, OpClass::Store, started);
+            State::done(ctx, OpClass::Store, started, self.now);
         }
         self.set_busy(ctx, false);
         self.closing = true;
@@ -698,12 +786,12 @@ impl State {
             } => {
                 let id = header.request_id.get();
                 // The request has just been decoded: its latency counts from here.
-                let started = Instant::now();
+                let started = self.now;
                 match opcode {
                     Err(raw) => {
                         NodeStats::inc(&ctx.stats.unknown_opcodes);
                         self.reply_error(ctx, raw, id, Status::UnknownOpcode, u32::from(raw));
-                        State::done(ctx, OpClass::Other, started);
+                        State::done(ctx, OpClass::Other, started, self.now);
                     }
                     Ok(Opcode::Store) => self.start_store(ctx, id, body, started),
                     Ok(op @ (Opcode::Retrieve | Opcode::RetrieveRange)) => {
@@ -720,7 +808,7 @@ impl State {
                         let h = Header::new(Kind::Response, op, id, len, 0);
                         self.out[at..at + Header::SIZE].copy_from_slice(h.as_bytes());
                         NodeStats::inc(&ctx.stats.ops_total);
-                        State::done(ctx, OpClass::Other, started);
+                        State::done(ctx, OpClass::Other, started, self.now);
                     }
                 }
             }
@@ -924,7 +1012,7 @@ impl State {
                 self.reply_error(ctx, Opcode::Store as u16, request_id, status, detail)
             }
         }
-        State::done(ctx, OpClass::Store, started);
+        State::done(ctx, OpClass::Store, started, self.now);
         self.set_busy(ctx, false);
     }
 
@@ -942,7 +1030,7 @@ impl State {
                     Status::BadRequest,
                     body.len() as u32,
                 );
-                return State::done(ctx, OpClass::Delete, started);
+                return State::done(ctx, OpClass::Delete, started, self.now);
             }
         };
         match ctx.store.delete_start(&fp, self.user) {
@@ -956,7 +1044,7 @@ impl State {
             }
             Err(e) => {
                 self.reply_error(ctx, Opcode::Delete as u16, request_id, status_of(&e), 0);
-                State::done(ctx, OpClass::Delete, started);
+                State::done(ctx, OpClass::Delete, started, self.now);
             }
         }
     }
@@ -981,7 +1069,7 @@ impl State {
             }
             Err(e) => self.reply_error(ctx, Opcode::Delete as u16, request_id, status_of(&e), 0),
         }
-        State::done(ctx, OpClass::Delete, started);
+        State::done(ctx, OpClass::Delete, started, self.now);
         self.set_busy(ctx, false);
     }
 
@@ -1066,7 +1154,7 @@ impl State {
                 Status::BadRequest,
                 body.len() as u32,
             );
-            return State::done(ctx, OpClass::Other, started);
+            return State::done(ctx, OpClass::Other, started, self.now);
         };
         let fp = q.fingerprint;
         match ctx.store.locate(&fp, self.user) {
@@ -1097,7 +1185,7 @@ impl State {
             }
             None => self.reply_error(ctx, Opcode::Locate as u16, request_id, Status::NotFound, 0),
         }
-        State::done(ctx, OpClass::Other, started);
+        State::done(ctx, OpClass::Other, started, self.now);
         self.set_busy(ctx, false);
     }
 
@@ -1133,7 +1221,7 @@ impl State {
         let early = |st: &mut State, ctx: &Ctx<'_>, status: Status, body: &[u8]| {
             NodeStats::error(ctx.stats, status);
             st.reply(ctx, op as u16, request_id, body);
-            State::done(ctx, OpClass::Retrieve, started);
+            State::done(ctx, OpClass::Retrieve, started, st.now);
         };
         let parsed = if op == Opcode::Retrieve {
             parse_exact::<RetrieveIn>(op, body).map(|r| (r.fingerprint, None))
@@ -1178,7 +1266,7 @@ impl State {
         let early = |st: &mut State, ctx: &Ctx<'_>, status: Status, body: &[u8]| {
             NodeStats::error(ctx.stats, status);
             st.reply(ctx, op as u16, request_id, body);
-            State::done(ctx, OpClass::Retrieve, started);
+            State::done(ctx, OpClass::Retrieve, started, st.now);
             st.set_busy(ctx, false);
         };
         let Some((holder, meta)) = found else {
@@ -1303,7 +1391,7 @@ impl State {
                 NodeStats::error(ctx.stats, status);
                 let body = OutHead::new(status, 0);
                 self.reply(ctx, op as u16, id, body.as_bytes());
-                State::done(ctx, OpClass::Retrieve, started);
+                State::done(ctx, OpClass::Retrieve, started, self.now);
                 self.set_busy(ctx, false);
                 return;
             }
@@ -1381,7 +1469,7 @@ impl State {
                 Status::BadRequest,
                 body.len() as u32,
             );
-            return State::done(ctx, OpClass::Other, started);
+            return State::done(ctx, OpClass::Other, started, self.now);
         }
         // Nothing is copied: the count is promised now, and the index walked a piece
         // at a time as the socket drains (dosp/PROTOCOL.md, GET_CONTENTS).
@@ -1437,7 +1525,7 @@ impl State {
                 }
                 self.outgoing = None;
                 self.reply(ctx, op, id, out.as_bytes());
-                State::done(ctx, OpClass::Retrieve, started);
+                State::done(ctx, OpClass::Retrieve, started, self.now);
                 self.set_busy(ctx, false);
             }
             Outgoing::Contents {
@@ -1517,7 +1605,7 @@ impl State {
                     let (id, started) = (*request_id, *started);
                     self.outgoing = None;
                     self.reply(ctx, Opcode::GetContents as u16, id, out.as_bytes());
-                    State::done(ctx, OpClass::Other, started);
+                    State::done(ctx, OpClass::Other, started, self.now);
                     self.set_busy(ctx, false);
                 }
             }

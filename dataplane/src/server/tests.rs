@@ -66,7 +66,7 @@ impl TestNode {
         let l = crate::store::label::open_or_label(&mut disk.device(), Some(loops), &mut rng)
             .expect("label");
         let mut meshes: Vec<Option<MeshEnd>> = if loops > 1 {
-            mesh(loops).into_iter().map(Some).collect()
+            mesh(loops).expect("mesh").into_iter().map(Some).collect()
         } else {
             vec![None]
         };
@@ -101,10 +101,9 @@ impl TestNode {
                 idle_timeout: Duration::from_secs(60),
                 header_timeout: Duration::from_secs(10),
                 transfer_rate_min: 0,
-                cluster: k == 0,
                 test_stall: None,
             };
-            let server = Server::bind_with(cfg, listener, shard, end).expect("bind");
+            let server = Server::bind_loop(cfg, listener, k == 0, shard, end).expect("bind");
             let local = server.local_addr().expect("local address");
             if addr.is_none() {
                 // The management core's part: publish who the node is before the loops run.

@@ -725,3 +725,48 @@ fn a_stall_hook_for_a_loop_the_node_does_not_run_refuses_to_start() {
         .unwrap_or_else(|| panic!("no error line:\n{log}"));
     assert!(line.contains("--test-stall-loop 4096"), "{line}");
 }
+
+#[test]
+fn one_stalled_loop_of_two_makes_the_node_failing_and_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique_group();
+    let mut node = Node::start(
+        &dir.path().join("data"),
+        &group,
+        &[
+            "--dataplane-cores",
+            "2",
+            "--test-hooks",
+            "--test-stall-loop",
+            "1",
+            "--dataplane-stall-ms",
+            "500",
+            "--test-stall-ms",
+            "3000",
+        ],
+    );
+    poll_json(&node, "/v1/health", "health ok", |h| h["status"] == "ok");
+    signal(&node, "USR2");
+    let h = poll_json(&node, "/v1/health", "health failing", |h| {
+        h["status"] == "failing"
+    });
+    let reasons = h["reasons"].as_array().unwrap();
+    assert!(
+        reasons.iter().any(|r| r["kind"] == "dataplane_stalled"
+            && r["loop"] == 1
+            && r["message"].as_str().unwrap().contains("dataplane-1 ")),
+        "a reason names loop 1: {h}"
+    );
+    assert!(
+        !reasons.iter().any(|r| r["loop"] == 0),
+        "loop 0 kept turning: {h}"
+    );
+    // Loop 1 resumes by itself; the node is ok again.
+    poll_json(&node, "/v1/health", "health ok again", |h| h["status"] == "ok");
+    let d = data(3, 5000);
+    let fp = node.client().store_bytes(&d).unwrap().fingerprint;
+    let mut got = Vec::new();
+    node.client().retrieve(&fp, &mut got, &mut |_, _| {}).unwrap();
+    assert!(got == d);
+    assert_eq!(node.terminate(), Some(0), "{}", node.log());
+}

@@ -490,7 +490,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
 
     // Each dataplane loop runs on its own thread `dataplane-K`, pinned to its own core
     // when the machine has more than one: core 0 stays with the management core and
-    // the kernel's housekeeping (DESIGN.md §3), the loops take cores 1, 2, … and wrap
+    // the kernel's housekeeping (ARCHITECTURE.md), the loops take cores 1, 2, … and wrap
     // around when there are more loops than cores. This thread waits for them.
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut threads = Vec::with_capacity(servers.len());
@@ -511,7 +511,11 @@ fn run(flags: Flags) -> anyhow::Result<()> {
                         ),
                         None => tracing::info!("one core: dataplane unpinned"),
                     }
-                    server.run(&stop)
+                    let result = server.run(&stop);
+                    // A loop that ends (an error, or the stop flag) ends the node: the
+                    // other loops would wait forever for its shard's answers.
+                    stop.store(true, Ordering::Relaxed);
+                    result
                 }
             })
             .context("cannot start a dataplane thread")?;

@@ -762,11 +762,15 @@ fn one_stalled_loop_of_two_makes_the_node_failing_and_is_named() {
         "loop 0 kept turning: {h}"
     );
     // Loop 1 resumes by itself; the node is ok again.
-    poll_json(&node, "/v1/health", "health ok again", |h| h["status"] == "ok");
+    poll_json(&node, "/v1/health", "health ok again", |h| {
+        h["status"] == "ok"
+    });
     let d = data(3, 5000);
     let fp = node.client().store_bytes(&d).unwrap().fingerprint;
     let mut got = Vec::new();
-    node.client().retrieve(&fp, &mut got, &mut |_, _| {}).unwrap();
+    node.client()
+        .retrieve(&fp, &mut got, &mut |_, _| {})
+        .unwrap();
     assert!(got == d);
     assert_eq!(node.terminate(), Some(0), "{}", node.log());
 }

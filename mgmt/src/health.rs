@@ -119,7 +119,7 @@ pub struct Reason {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<u16>,
     /// The dataplane core concerned, for liveness and listener reasons: loop `n`
-    /// runs on core `n + 1` (core 0 is the management core's, DESIGN.md §3).
+    /// runs on core `n + 1` (core 0 is left to the management core and the kernel, ARCHITECTURE.md).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub core: Option<u16>,
     /// The dataplane loop concerned (thread `dataplane-N`), for liveness and listener

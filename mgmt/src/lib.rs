@@ -1,7 +1,7 @@
 //! The management core: the node's window for operators, never on the data path.
 //!
-//! It runs on its own thread (core 0, DESIGN.md §3) with a tokio current-thread runtime
-//! serving a REST API with axum (see [`api`] for the endpoints, `/openapi.json` for the
+//! It runs on its own thread (unpinned: the dataplane loops take cores 1, 2, …; see
+//! ARCHITECTURE.md) with a tokio current-thread runtime serving a REST API with axum (see [`api`] for the endpoints, `/openapi.json` for the
 //! document). It reads only what the dataplane publishes through the
 //! [`DataplaneHandle`] — atomic counters, loop beats and disk reports — and changes
 //! disk state by sending the dataplane a bounded command. It owns the node's state

@@ -3,6 +3,7 @@
 # VFIO behind an emulated IOMMU: bring-up and Identify, I/O across PRP shapes, flush,
 # write zeroes, deallocate, several queue pairs from several threads, the SMART log,
 # clean shutdown, the object store's conformance suite, store/fetch through a dosd
+# with two dataplane loops (each its own queue pair on every disk and its own shard)
 # on two NVMe disks (and again after a restart) with a SMART critical warning raised
 # and cleared on the way, kill -9 of a storing dosd and a restart that finds its
 # controllers still on vfio-pci, and last surprise removals under I/O:
@@ -15,7 +16,7 @@
 # qemu-disk: id=nvme4 serial=DOSDNVME4 size=128M
 # qemu-disk: id=nvme5 serial=DOSDNVME5 size=128M
 # qemu-mem: 1536
-# qemu-smp: 2
+# qemu-smp: 3
 # qemu-hugepages: 256
 # qemu-timeout: 1800
 set -u
@@ -67,7 +68,7 @@ start_dosd() {
     disks=""
     for s in ${*:-DOSDNVME1 DOSDNVME2}; do disks="$disks --disk nvme:$s"; done
     # shellcheck disable=SC2086
-    dosd --data-dir /tmp/dosd-data $disks >/tmp/dosd.out 2>>/tmp/dosd.log &
+    dosd --data-dir /tmp/dosd-data --dataplane-cores 2 $disks >/tmp/dosd.out 2>>/tmp/dosd.log &
     dosd_pid=$!
     if ! wait_for 120 grep -q '^listening' /tmp/dosd.out; then
         echo "dosd did not start; its log:"
@@ -75,6 +76,19 @@ start_dosd() {
         return 1
     fi
     cat /tmp/dosd.out
+    # Two loops, each a thread of its own with its own queue pair on every disk.
+    wait_for 10 loops_running || { echo "dosd does not run two dataplane loops"; return 1; }
+}
+
+loops_running() {
+    [ "$(cat /proc/"$dosd_pid"/task/*/comm 2>/dev/null | grep -c '^dataplane-[01]$')" -eq 2 ]
+}
+
+# queue_pairs SERIAL: how many distinct I/O queue pairs the last dosd made on it.
+queue_pairs() {
+    # The log may carry colour escapes around each field: drop them first.
+    grep "NVMe I/O queue pair ready" /tmp/dosd.log | tr -d '\033' | sed 's/\[[0-9;]*m//g' |
+        grep "serial=$1" | sed 's/.*qid=\([0-9]*\).*/\1/' | sort -u | wc -l
 }
 
 stop_dosd() {
@@ -90,6 +104,9 @@ dosd_store_fetch() {
     rm -rf /tmp/dosd-data /tmp/dosd.log
     start_dosd || return 1
     dosp disks || return 1
+    for s in DOSDNVME1 DOSDNVME2; do
+        [ "$(queue_pairs "$s")" -ge 2 ] || { echo "$s: not one queue pair per loop"; grep "queue pair" /tmp/dosd.log; return 1; }
+    done
     # The REST view names the NVMe backend and carries the device's SMART data.
     timeout 10 wget -qO /tmp/disks.json http://127.0.0.1:7380/v1/disks || return 1
     grep -q '"backend":"nvme"' /tmp/disks.json || { echo "REST does not show the nvme backend"; cat /tmp/disks.json; return 1; }

@@ -570,6 +570,23 @@ fn store(specs: &[String], seed: u64) -> Result<()> {
         specs.len(),
         start.elapsed().as_secs_f64()
     );
+    // The suite used each whole device as one log; dosd carves disks with a label in
+    // block 0. Leave them blank (block 0 zero), as found, for whoever comes next.
+    for mut dev in factory().map_err(anyhow::Error::msg)? {
+        let zero = nvme::AlignedBuf::new(nvme::BLOCK_SIZE);
+        let mut early = Vec::new();
+        let (_, r) = nvme::run_blocking(
+            dev.as_mut(),
+            nvme::IoOp::Write {
+                offset: 0,
+                buf: zero,
+            },
+            &mut early,
+        );
+        r.context("cannot blank block 0 after the conformance suite")?;
+        let (_, r) = nvme::run_blocking(dev.as_mut(), nvme::IoOp::Flush, &mut early);
+        r.context("cannot flush after blanking block 0")?;
+    }
     Ok(())
 }
 

@@ -120,6 +120,7 @@ pub enum Msg {
     },
     ClaimAnswer {
         token: u64,
+        fp: Fingerprint,
         verdict: Verdict,
     },
     /// A claim that got COMMIT ended: the object is durable at `holder`, or not.
@@ -129,10 +130,7 @@ pub enum Msg {
         held: Option<Held>,
     },
     /// `holder` dropped the last reference to `fp`.
-    Gone {
-        fp: Fingerprint,
-        holder: u16,
-    },
+    Gone { fp: Fingerprint, holder: u16 },
     AddRef {
         from: u16,
         token: u64,
@@ -577,21 +575,9 @@ impl Shards {
     /// Where `fp` is and what it is: at once when this loop holds it or is its
     /// authority, otherwise by asking the authority ([`Event::Located`]).
     pub fn locate(&mut self, fp: &Fingerprint, user: u64) -> Locate {
-        if let Some(m) = self.store.get(fp) {
-            return Locate::Now(Some((self.me, m)));
-        }
         let k = self.owner(fp);
-        if k == self.me {
-            return Locate::Now(self.dir.get(fp).map(|h| {
-                (
-                    h.holder,
-                    ObjectMeta {
-                        len: h.len,
-                        disk: h.disk,
-                        refcount: 0,
-                    },
-                )
-            }));
+        if k == self.me || self.store.holds(fp) {
+            return Locate::Now(self.lookup_here(fp));
         }
         self.counters.remote_ops += 1;
         self.send(
@@ -603,6 +589,24 @@ impl Shards {
             },
         );
         Locate::Later
+    }
+
+    /// What this loop knows of `fp`: its own store's object, else (as the authority
+    /// for `fp`) where its directory says another loop holds it.
+    fn lookup_here(&self, fp: &Fingerprint) -> Option<(u16, ObjectMeta)> {
+        if let Some(m) = self.store.get(fp) {
+            return Some((self.me, m));
+        }
+        self.dir.get(fp).map(|h| {
+            (
+                h.holder,
+                ObjectMeta {
+                    len: h.len,
+                    disk: h.disk,
+                    refcount: 0,
+                },
+            )
+        })
     }
 
     /// [`Store::read_start`] at loop `holder`: a read another loop serves comes back
@@ -939,9 +943,18 @@ impl Shards {
         match m {
             Msg::Claim { from, token, fp } => {
                 let verdict = self.decide(&fp, from);
-                self.send(from, Msg::ClaimAnswer { token, verdict });
+                self.send(from, Msg::ClaimAnswer { token, fp, verdict });
             }
-            Msg::ClaimAnswer { token, verdict } => self.on_verdict(token, verdict),
+            Msg::ClaimAnswer { token, fp, verdict } => {
+                if self.claims.get(&token).is_some_and(|c| c.fp == fp) {
+                    self.on_verdict(token, verdict);
+                } else if verdict == Verdict::Commit {
+                    // The STORE went away (its connection closed) while the claim
+                    // travelled: release the fingerprint, or other claims of it would
+                    // be told RETRY for ever.
+                    self.settle(fp, None);
+                }
+            }
             Msg::Settled { fp, holder, held } => {
                 if self.pending.get(&fp) == Some(&holder) {
                     self.pending.remove(&fp);
@@ -1011,11 +1024,7 @@ impl Shards {
                 result,
             })),
             Msg::Lookup { from, token, fp } => {
-                let found = match self.locate(&fp, token) {
-                    Locate::Now(found) => found,
-                    // Not this loop's range: it cannot know (a stale sender).
-                    Locate::Later => None,
-                };
+                let found = self.lookup_here(&fp);
                 self.send(from, Msg::Found { token, found });
             }
             Msg::Found { token, found } => self.events.push(Event::Located { user: token, found }),
@@ -1197,6 +1206,112 @@ pub fn build_directories(shards: &mut [Shards]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::mesh::mesh;
+    use crate::store::StoreConfig;
+    use nvme::mem::MemDisk;
+
+    /// `n` shards over regions of one memory disk, connected by a mesh.
+    fn shards(n: u16) -> Vec<Shards> {
+        let disk = MemDisk::new(u64::from(n) * (32 << 20) + (1 << 20), 3);
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+        let l = crate::store::label::open_or_label(&mut disk.device(), Some(n), &mut rng)
+            .expect("label");
+        let mut ends = mesh(n).expect("mesh").into_iter();
+        (0..n)
+            .map(|k| {
+                let (base, len) = l.region(k);
+                let r = nvme::Region::new(disk.device(), base, len).expect("region");
+                let store =
+                    Store::open(vec![Box::new(r)], StoreConfig::default(), 1).expect("store");
+                Shards::new(store, ends.next())
+            })
+            .collect()
+    }
+
+    /// Polls every shard in turn until shard `at` reports something for `user`; what
+    /// shards report meanwhile for others waits in `seen` (one list per shard).
+    fn wait(all: &mut [Shards], seen: &mut Vec<Vec<Event>>, at: usize, user: u64) -> Event {
+        seen.resize_with(all.len(), Vec::new);
+        for _ in 0..100_000 {
+            if let Some(p) = seen[at].iter().position(|e| e.user() == user) {
+                return seen[at].swap_remove(p);
+            }
+            for (i, s) in all.iter_mut().enumerate() {
+                s.poll(&mut seen[i]);
+            }
+        }
+        panic!("no event for user {user} at shard {at}");
+    }
+
+    /// Bytes whose fingerprint another shard than `not` owns (of `n`).
+    fn data_owned_elsewhere(n: u16, not: u16) -> Vec<u8> {
+        (0u32..)
+            .map(|i| i.to_le_bytes().repeat(300))
+            .find(|d| owner_of(&Fingerprint::of(d), n) != not)
+            .expect("some bytes")
+    }
+
+    fn store(s: &mut Shards, data: &[u8], user: u64) -> WriteId {
+        let w = s.store.begin().expect("begin");
+        s.store.append(w, data).expect("append");
+        s.commit_start(w, &Expect::NONE, user).expect("commit");
+        w
+    }
+
+    fn committed(ev: Event) -> Committed {
+        match ev {
+            Event::Store(StoreEvent::Committed { result, .. }) => result.expect("committed"),
+            other => panic!("expected a commit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_claim_abandoned_in_flight_does_not_block_its_fingerprint() {
+        let mut all = shards(2);
+        let data = data_owned_elsewhere(2, 0);
+        // Shard 0 claims; its STORE goes away before the authority's COMMIT arrives.
+        let w = store(&mut all[0], &data, 7);
+        all[0].abort(w);
+        let mut evs = Vec::new();
+        for _ in 0..20 {
+            for s in all.iter_mut() {
+                s.poll(&mut evs);
+            }
+        }
+        // The same bytes again, through either shard: committed, not RETRY for ever.
+        store(&mut all[0], &data, 8);
+        let c = committed(wait(&mut all, &mut Vec::new(), 0, 8));
+        assert_eq!((c.refcount, c.deduplicated), (1, false));
+        store(&mut all[1], &data, 9);
+        let c = committed(wait(&mut all, &mut Vec::new(), 1, 9));
+        assert_eq!((c.refcount, c.deduplicated), (2, true));
+    }
+
+    #[test]
+    fn the_same_bytes_claimed_by_two_shards_at_once_become_one_object() {
+        for n in [2u16, 3] {
+            let mut all = shards(n);
+            for round in 0..8u32 {
+                let data = round.to_le_bytes().repeat(1000 + round as usize);
+                for (k, s) in all.iter_mut().enumerate() {
+                    store(s, &data, 100 + k as u64);
+                }
+                let mut seen = Vec::new();
+                let mut refs: Vec<(u32, bool)> = (0..usize::from(n))
+                    .map(|k| committed(wait(&mut all, &mut seen, k, 100 + k as u64)))
+                    .map(|c| (c.refcount, c.deduplicated))
+                    .collect();
+                refs.sort();
+                let want: Vec<(u32, bool)> = (1..=u32::from(n)).map(|r| (r, r > 1)).collect();
+                assert_eq!(refs, want, "n={n} round={round}");
+                let holders = all
+                    .iter()
+                    .filter(|s| s.store.holds(&Fingerprint::of(&data)))
+                    .count();
+                assert_eq!(holders, 1, "one copy");
+            }
+        }
+    }
 
     #[test]
     fn ranges_partition_the_first_byte_in_order() {

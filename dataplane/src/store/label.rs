@@ -141,7 +141,17 @@ pub fn decode(block: &[u8], disk_bytes: u64) -> Found {
     };
     if raw.magic == SB_MAGIC {
         // Formats up to 2 kept a superblock here; its version sits where ours does.
-        return Found::OtherVersion(raw.format_version.get());
+        let version = raw.format_version.get();
+        if version == FORMAT_VERSION {
+            // A region's superblock at the start of the disk: a store was opened on
+            // the whole device directly (a test tool does that), never by dosd.
+            return Found::Unrecognised(
+                "block 0 holds a log superblock but no shard label: the whole disk was \
+                 used as one region by a tool, not by dosd; wipe it to use it"
+                    .into(),
+            );
+        }
+        return Found::OtherVersion(version);
     }
     if raw.magic != LABEL_MAGIC {
         return Found::Unrecognised("block 0 holds neither a dosd label nor zeros".into());
@@ -218,6 +228,23 @@ pub fn open_or_label(
         Found::Unrecognised(why) => Err(format!("not a usable dosd disk: {why}")),
         Found::Blank => {
             let label = Label::carve(disk_bytes, want.unwrap_or(1), rng.gen())?;
+            // A blank disk's regions are new whatever bytes lie in them: their
+            // superblock slots are zeroed first, so each formats as blank instead of
+            // being taken for a damaged region. Then the label, then one flush: a crash
+            // before it completes leaves block 0 zero, a blank disk again.
+            let zero = AlignedBuf::new(2 * BLOCK);
+            let mut zero = Some(zero);
+            for k in 0..label.shards {
+                let (base, _) = label.region(k);
+                let buf = zero.take().unwrap_or_else(|| AlignedBuf::new(2 * BLOCK));
+                let (buf, r) = nvme::run_blocking(
+                    dev,
+                    nvme::IoOp::Write { offset: base, buf },
+                    &mut early,
+                );
+                r.map_err(|e| format!("cannot clear region {k}: {e}"))?;
+                zero = Some(buf);
+            }
             block.fill(0);
             label.encode(&mut block);
             let (_, r) = nvme::run_blocking(
@@ -267,6 +294,22 @@ mod tests {
     }
 
     #[test]
+    fn labelling_clears_whatever_lay_where_the_regions_start() {
+        let disk = MemDisk::new(64 << 20, 7);
+        let mut dev = disk.device();
+        let mut junk = AlignedBuf::new(2 * BLOCK);
+        junk.fill(0x5A);
+        dev.write_at(REGION_ALIGN, &junk).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let l = open_or_label(&mut dev, Some(2), &mut rng).unwrap();
+        let mut got = AlignedBuf::new(2 * BLOCK);
+        for k in 0..2 {
+            dev.read_at(l.region(k).0, &mut got).unwrap();
+            assert!(got.iter().all(|&b| b == 0), "region {k} not cleared");
+        }
+    }
+
+    #[test]
     fn an_older_format_is_refused_naming_both_versions() {
         let mut block = vec![0u8; BLOCK];
         block[..8].copy_from_slice(&SB_MAGIC);
@@ -280,6 +323,17 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let e = open_or_label(&mut dev, None, &mut rng).unwrap_err();
         assert!(e.contains("version 2") && e.contains(&format!("version {FORMAT_VERSION}")));
+    }
+
+    #[test]
+    fn an_unlabelled_region_superblock_is_refused_as_such() {
+        let mut block = vec![0u8; BLOCK];
+        block[..8].copy_from_slice(&SB_MAGIC);
+        block[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        match decode(&block, 1 << 30) {
+            Found::Unrecognised(why) => assert!(why.contains("no shard label"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! (in the manner of Haystack and Bitcask volumes), several disks per node, dedup by
 //! fingerprint with reference counts.
 //!
-//! This module owns the public API the DOSP server calls (synchronously, from one
-//! poll-loop thread), the node-wide in-memory index (fingerprint → disk, length,
-//! refcount, extents) and the in-flight writes. [`format`] owns the bytes on disk,
+//! This module owns the public API a dataplane loop calls (from its own thread; with
+//! several loops each owns one `Store` over its own region of every disk, and
+//! `server::shards` keeps the index exact across them), that shard's in-memory index
+//! (fingerprint → disk, length, refcount, extents) and the in-flight writes. [`format`] owns the bytes on disk,
 //! `volume` one disk's log and its recovery, `compact` the reclaiming of space.
 //!
 //! # Writes
@@ -15,8 +16,10 @@
 //! CRC32C of its block while it is still in cache. A full buffer is written as a
 //! SEGMENT record (not flushed). [`Store::commit`] finishes the MD5: if the fingerprint
 //! is known, the staged tail is dropped and a REF +1 record is written instead;
-//! otherwise the staged tail goes out as a SEGMENT|COMMIT record. Either way one flush
-//! follows before `commit` returns — from then on the object survives power loss.
+//! otherwise the staged tail goes out as a SEGMENT|COMMIT record. Either way the commit
+//! is acknowledged ([`StoreEvent::Committed`]) only once a flush that covers its record
+//! has completed (group commit, see `aio`; the blocking [`Store::commit`] waits for
+//! it) — from then on the object survives power loss.
 //! A write with no room on any disk (or that runs out of it) goes on hashing without
 //! writing, so that a duplicate still gets its reference at commit (see `room`).
 //!

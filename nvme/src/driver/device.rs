@@ -70,6 +70,12 @@ impl NvmeDevice {
     /// rounded down to whole 4 KiB blocks.
     pub fn new(ctrl: &Arc<Controller>, opts: QueueOptions) -> Result<Self, NvmeError> {
         let queue = IoQueue::new(ctrl, opts)?;
+        tracing::info!(
+            pci = %ctrl.pci(),
+            serial = %ctrl.info.serial,
+            qid = queue.qid(),
+            "NVMe I/O queue pair ready"
+        );
         let size = ctrl.ns.size_bytes() / crate::BLOCK_SIZE as u64 * crate::BLOCK_SIZE as u64;
         Ok(Self {
             info: DeviceInfo {

@@ -70,17 +70,13 @@ impl DataDir {
     }
 
     /// Opens (creating sparse where missing) `count` disk images of `size` bytes.
-    pub fn open_disks(
-        &self,
-        count: u16,
-        size: u64,
-    ) -> anyhow::Result<Vec<Box<dyn nvme::BlockDevice>>> {
-        let mut disks: Vec<Box<dyn nvme::BlockDevice>> = Vec::new();
+    pub fn open_disks(&self, count: u16, size: u64) -> anyhow::Result<Vec<nvme::file::FileDevice>> {
+        let mut disks = Vec::new();
         for i in 0..count {
             let path = self.path.join(format!("disk{i}.img"));
             let dev = nvme::file::FileDevice::open(&path, size)
                 .with_context(|| format!("cannot open disk {i} ({})", path.display()))?;
-            disks.push(Box::new(dev));
+            disks.push(dev);
         }
         // Disks beyond `count` from an earlier run are left alone, but say so: their
         // objects are not served.

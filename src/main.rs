@@ -50,25 +50,31 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
-/// Opened disks, and the NVMe controllers behind some of them.
-type Devices = (Vec<Box<dyn nvme::BlockDevice>>, Vec<nvme::driver::Opened>);
+/// A disk as opened once: what each dataplane loop's handle on it is made from.
+enum Disk {
+    File(nvme::file::FileDevice),
+    Nvme(nvme::driver::Opened),
+}
 
 /// The node's disks: the explicit `--disk` list, or the data directory's images.
-/// Returns the NVMe controllers opened, to be dropped after the store (dropping one
-/// shuts it down cleanly and gives it back to the kernel's driver). `queues`: I/O
-/// queue pairs to create on each NVMe controller, one per dataplane loop.
-fn open_devices(cfg: &Config, dir: &datadir::DataDir, queues: u16) -> anyhow::Result<Devices> {
+/// An NVMe controller is opened with `queues` I/O queue pairs, one per dataplane loop;
+/// dropping it (after the stores, which hold its queues) shuts it down cleanly and
+/// gives it back to the kernel's driver.
+fn open_disks(cfg: &Config, dir: &datadir::DataDir, queues: u16) -> anyhow::Result<Vec<Disk>> {
     if cfg.disk_specs.is_empty() {
-        return Ok((dir.open_disks(cfg.disks, cfg.disk_size)?, Vec::new()));
+        return Ok(dir
+            .open_disks(cfg.disks, cfg.disk_size)?
+            .into_iter()
+            .map(Disk::File)
+            .collect());
     }
-    let mut devices: Vec<Box<dyn nvme::BlockDevice>> = Vec::new();
-    let mut controllers = Vec::new();
+    let mut disks = Vec::new();
     for (i, spec) in cfg.disk_specs.iter().enumerate() {
         match spec {
             DiskSpec::File(path) => {
                 let dev = nvme::file::FileDevice::open(path, cfg.disk_size)
                     .with_context(|| format!("cannot open disk {i} (file:{})", path.display()))?;
-                devices.push(Box::new(dev));
+                disks.push(Disk::File(dev));
             }
             DiskSpec::Nvme(name) => {
                 let opts = nvme::driver::CtrlOptions {
@@ -78,48 +84,32 @@ fn open_devices(cfg: &Config, dir: &datadir::DataDir, queues: u16) -> anyhow::Re
                 let opened = nvme::driver::open(name, &opts)
                     .map_err(anyhow::Error::msg)
                     .with_context(|| format!("cannot open disk {i} (nvme:{name})"))?;
-                let dev = nvme::driver::NvmeDevice::new(&opened.ctrl, Default::default())
-                    .with_context(|| format!("cannot open disk {i} (nvme:{name})"))?;
-                devices.push(Box::new(dev));
-                controllers.push(opened);
+                disks.push(Disk::Nvme(opened));
             }
         }
     }
-    Ok((devices, controllers))
+    Ok(disks)
 }
 
-/// Another handle on each disk for one more dataplane loop: its own io_uring on a
-/// file, its own queue pair on an NVMe controller.
-fn reopen_devices(
-    cfg: &Config,
-    dir: &datadir::DataDir,
-    controllers: &[nvme::driver::Opened],
-) -> anyhow::Result<Vec<Box<dyn nvme::BlockDevice>>> {
-    if cfg.disk_specs.is_empty() {
-        return dir.open_disks(cfg.disks, cfg.disk_size);
-    }
-    let mut ctrls = controllers.iter();
-    let mut devices: Vec<Box<dyn nvme::BlockDevice>> = Vec::new();
-    for (i, spec) in cfg.disk_specs.iter().enumerate() {
-        match spec {
-            DiskSpec::File(path) => {
-                let dev = nvme::file::FileDevice::open(path, cfg.disk_size)
-                    .with_context(|| format!("cannot open disk {i} (file:{})", path.display()))?;
-                devices.push(Box::new(dev));
-            }
-            DiskSpec::Nvme(name) => {
-                let opened = ctrls
-                    .next()
-                    .with_context(|| format!("disk {i} (nvme:{name}) was not opened"))?;
-                let dev = nvme::driver::NvmeDevice::new(&opened.ctrl, Default::default())
-                    .with_context(|| {
-                        format!("cannot create another queue pair on disk {i} (nvme:{name})")
-                    })?;
-                devices.push(Box::new(dev));
-            }
-        }
-    }
-    Ok(devices)
+/// One dataplane loop's handles on every disk: its own io_uring on a file (the same
+/// open file, so the same flock), its own queue pair on an NVMe controller.
+fn handles(disks: &[Disk]) -> anyhow::Result<Vec<Box<dyn nvme::BlockDevice>>> {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| -> anyhow::Result<Box<dyn nvme::BlockDevice>> {
+            Ok(match d {
+                Disk::File(f) => Box::new(
+                    f.another()
+                        .with_context(|| format!("cannot open another ring on disk {i}"))?,
+                ),
+                Disk::Nvme(o) => Box::new(
+                    nvme::driver::NvmeDevice::new(&o.ctrl, Default::default())
+                        .with_context(|| format!("cannot create a queue pair on disk {i}"))?,
+                ),
+            })
+        })
+        .collect()
 }
 
 /// How many dataplane loops to run: as asked, else as the disks are carved, else
@@ -281,10 +271,18 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     let node_id = node.id;
     let node_name = node.name;
     let epoch = dir.next_epoch()?;
-    // `_controllers` keeps the NVMe controllers (and their vfio-pci bindings) until
-    // the store, which holds their queues, is gone: it is declared before it.
     let asked = cfg.dataplane_cores;
-    let (mut first, _controllers) = open_devices(&cfg, &dir, asked.unwrap_or(2).max(2))?;
+    // `disks` keeps the NVMe controllers (and their vfio-pci bindings) until the
+    // stores, which hold their queues, are gone: it is declared before them.
+    // Queue pairs asked of each NVMe controller: one per loop, as many as a disk can
+    // be carved for while the number of loops is not known yet (the controller grants
+    // what it has; each loop creates its own when it opens the disk).
+    let disks = open_disks(
+        &cfg,
+        &dir,
+        asked.unwrap_or(dataplane::store::label::SHARDS_MAX),
+    )?;
+    let mut first = handles(&disks)?;
     let loops = loops_for(asked, &mut first)?;
     let mut labels = Vec::with_capacity(first.len());
     {
@@ -296,10 +294,11 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             labels.push(l);
         }
     }
-    let mut handles = vec![first];
+    let mut handles_per_loop = vec![first];
     for _ in 1..loops {
-        handles.push(reopen_devices(&cfg, &dir, &_controllers)?);
+        handles_per_loop.push(handles(&disks)?);
     }
+    let mut handles = handles_per_loop;
     let mut fault = None;
     if let Some(disk) = cfg.fault_inject_disk {
         // The configuration checked that `disk` is one of the node's disks. Every

@@ -253,6 +253,42 @@ impl FileDevice {
         Ok(dev)
     }
 
+    /// Another handle on the same open file, with its own ring (and eventfd): for
+    /// another dataplane loop, which must not share this one's submission queue. The
+    /// descriptor is duplicated, so it shares the open file description — the flock
+    /// that keeps other processes off the disk, and the O_DIRECT mode chosen at open.
+    pub fn another(&self) -> Result<FileDevice, DevError> {
+        let location = self.info.location.clone();
+        let open_err = |source: io::Error| DevError::Open {
+            path: location.clone(),
+            source,
+        };
+        let file = self.file.try_clone().map_err(open_err)?;
+        let engine = match &self.engine {
+            Engine::Uring(_) => {
+                Engine::Uring(Box::new(IoUring::new(RING_ENTRIES).map_err(open_err)?))
+            }
+            Engine::Pread => Engine::Pread,
+        };
+        let notify = match &engine {
+            Engine::Uring(ring) => completion_eventfd(ring, &location),
+            Engine::Pread => None,
+        };
+        Ok(FileDevice {
+            engine,
+            file,
+            notify,
+            info: self.info.clone(),
+            direct: self.direct,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            backlog: VecDeque::new(),
+            in_kernel: 0,
+            ready: VecDeque::new(),
+            cqes: Vec::with_capacity(2 * RING_ENTRIES as usize),
+        })
+    }
+
     /// The backend name also found in [`DeviceInfo::backend`]: `file` (io_uring,
     /// O_DIRECT), `file-buffered` (io_uring, page cache), `file-pread` (pread/pwrite,
     /// O_DIRECT) or `file-pread-buffered`.

@@ -7,7 +7,8 @@
 //! load generator ([`super::load`]) at 8 clients:
 //!
 //! - `store 4 MiB`: durable STOREs of distinct seeded 4 MiB objects (MB/s, ops/s, and
-//!   dosd's CPU seconds per GB, all its threads);
+//!   dosd's CPU seconds per GB, all its threads, and the load generator's, which
+//!   shares the same cores);
 //! - `fetch 4 KiB warm`: a corpus of distinct 4 KiB objects stored, each fetched once
 //!   untimed, then the phase cycles over them (ops/s, CPU-s/GB), fetched as the side
 //!   part fetches them ([`super::side_by_side`]).
@@ -59,6 +60,27 @@ struct LoopRun {
     loops: u16,
     store: Result<Rate, String>,
     fetch: Result<Rate, String>,
+    /// The same phases with the load generator's CPU (this process) in place of
+    /// dosd's: what the client side costs on the same cores.
+    store_client: Result<Rate, String>,
+    fetch_client: Result<Rate, String>,
+}
+
+/// Runs `phase` and returns its rate and the same rate with this process's CPU
+/// seconds over the phase (the generator's threads; connecting included) in place
+/// of the server's.
+fn with_client_cpu(
+    phase: impl FnOnce() -> Result<Rate, String>,
+) -> (Result<Rate, String>, Result<Rate, String>) {
+    let own = || load::process_cpu_s(std::process::id());
+    let before = own();
+    let rate = phase();
+    let client_cpu_s = own() - before;
+    let client = rate.clone().map(|r| Rate {
+        server_cpu_s: client_cpu_s,
+        ..r
+    });
+    (rate, client)
 }
 
 /// 10^6 bytes per second.
@@ -98,28 +120,30 @@ fn measure(cfg: &Config, tmp: &Path, loops: u16) -> LoopRun {
     let label = format!("loops={loops}");
 
     let base_large = data(cfg.seed ^ 0x40_0057, LARGE);
-    let store = load::run(
-        CLIENTS,
-        Budget {
-            secs: cfg.budget.secs,
-            ops_max: cfg.budget.ops_max.min(STORE_OPS_MAX),
-        },
-        &|| dosd.cpu_s(),
-        // Each client stamps operation numbers into its own copy of the base bytes,
-        // so the generator does not copy 4 MiB per STORE.
-        |_| Ok((dosd.connect()?, base_large.clone())),
-        |(c, o), i| {
-            stamp(o, TAG_LARGE, i);
-            let s = c.store_bytes(o).map_err(|e| e.to_string())?;
-            if s.deduplicated {
-                return Err(format!("store {i} was deduplicated"));
-            }
-            Ok(o.len() as u64)
-        },
-    );
+    let (store, store_client) = with_client_cpu(|| {
+        load::run(
+            CLIENTS,
+            Budget {
+                secs: cfg.budget.secs,
+                ops_max: cfg.budget.ops_max.min(STORE_OPS_MAX),
+            },
+            &|| dosd.cpu_s(),
+            // Each client stamps operation numbers into its own copy of the base bytes,
+            // so the generator does not copy 4 MiB per STORE.
+            |_| Ok((dosd.connect()?, base_large.clone())),
+            |(c, o), i| {
+                stamp(o, TAG_LARGE, i);
+                let s = c.store_bytes(o).map_err(|e| e.to_string())?;
+                if s.deduplicated {
+                    return Err(format!("store {i} was deduplicated"));
+                }
+                Ok(o.len() as u64)
+            },
+        )
+    });
     progress("store 4 MiB", CLIENTS, &label, &store);
 
-    let fetch = small_corpus(cfg, &dosd).and_then(|fps| {
+    let (fetch, fetch_client) = match small_corpus(cfg, &dosd).and_then(|fps| {
         let items = fps.len() as u64;
         let fetch_one = |c: &mut dosp::client::Client, i: u64| {
             let fp = fps[(i % items) as usize];
@@ -131,14 +155,19 @@ fn measure(cfg: &Config, tmp: &Path, loops: u16) -> LoopRun {
             ops_max: items,
         };
         load::run(CLIENTS, everything, &|| 0.0, |_| dosd.connect(), fetch_one)?;
-        load::run(
-            CLIENTS,
-            cfg.budget,
-            &|| dosd.cpu_s(),
-            |_| dosd.connect(),
-            fetch_one,
-        )
-    });
+        Ok(with_client_cpu(|| {
+            load::run(
+                CLIENTS,
+                cfg.budget,
+                &|| dosd.cpu_s(),
+                |_| dosd.connect(),
+                fetch_one,
+            )
+        }))
+    }) {
+        Ok(measured) => measured,
+        Err(e) => (Err(e.clone()), Err(e)),
+    };
     progress("fetch 4 KiB w", CLIENTS, &label, &fetch);
 
     dosd.stop();
@@ -149,6 +178,8 @@ fn measure(cfg: &Config, tmp: &Path, loops: u16) -> LoopRun {
         loops,
         store,
         fetch,
+        store_client,
+        fetch_client,
     }
 }
 
@@ -253,6 +284,8 @@ fn print_table(runs: &[LoopRun], ceiling: &Result<f64, String>) {
     type Pick = fn(&LoopRun) -> &Result<Rate, String>;
     let store: Pick = |r| &r.store;
     let fetch: Pick = |r| &r.fetch;
+    let store_client: Pick = |r| &r.store_client;
+    let fetch_client: Pick = |r| &r.fetch_client;
     let value = |pick: Pick, loops: u16, f: &dyn Fn(&Rate) -> f64| -> Option<f64> {
         by(loops).and_then(|r| pick(r).as_ref().ok()).map(f)
     };
@@ -288,10 +321,20 @@ fn print_table(runs: &[LoopRun], ceiling: &Result<f64, String>) {
         ],
         line("store 4 MiB, ops/s", store, &Rate::ops_s),
         line("store 4 MiB, dosd CPU-s/GB", store, &Rate::cpu_s_per_gb),
+        line(
+            "store 4 MiB, load generator CPU-s/GB",
+            store_client,
+            &Rate::cpu_s_per_gb,
+        ),
         line("fetch 4 KiB warm, ops/s", fetch, &Rate::ops_s),
         line(
             "fetch 4 KiB warm, dosd CPU-s/GB",
             fetch,
+            &Rate::cpu_s_per_gb,
+        ),
+        line(
+            "fetch 4 KiB warm, load generator CPU-s/GB",
+            fetch_client,
             &Rate::cpu_s_per_gb,
         ),
     ];

@@ -1,8 +1,9 @@
 //! Store and fetch throughput of a real `dosd` over loopback, side by side with its
 //! peers measured in the same run, and the cost of inline MD5 next to a plain MD5 loop.
 //!
-//! Run: `cargo bench --bench throughput` (see benches/README.md). Three parts, each
-//! printing its own table; DOSD_BENCH_PARTS (default `single,side,md5`) picks some.
+//! Run: `cargo bench --bench throughput` (see benches/README.md). Four parts, each
+//! printing its own table; DOSD_BENCH_PARTS (default `single,side,md5,loops`) picks
+//! some.
 //! Ratios are dosd ÷ peer, so 1.00 means "as fast as the peer on the same disk and
 //! network".
 //!
@@ -16,6 +17,9 @@
 //!   against the durable peer, and 4 KiB, 4 MiB and 64 KiB-range fetches against nginx,
 //!   warm and cold, with both servers' CPU seconds per GB.
 //! - `md5`: the store's inline MD5 path against a plain MD5 loop.
+//! - `loops`: 4 MiB STOREs and warm 4 KiB fetches at 8 clients with one dataplane
+//!   loop and with two ([`loops`]), beside the single-core MD5 ceiling of
+//!   `openssl speed`.
 //!
 //! Every measurement is bounded by DOSD_BENCH_SECS (default 3 s) and an operation
 //! count; nothing here asserts a time.
@@ -24,6 +28,7 @@
 mod common;
 mod http;
 mod load;
+mod loops;
 mod nginx;
 mod peer;
 mod side_by_side;
@@ -74,7 +79,8 @@ fn main() {
         println!("throughput: run with `cargo bench --bench throughput`");
         return;
     }
-    let parts = std::env::var("DOSD_BENCH_PARTS").unwrap_or_else(|_| "single,side,md5".into());
+    let parts =
+        std::env::var("DOSD_BENCH_PARTS").unwrap_or_else(|_| "single,side,md5,loops".into());
     let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
     let tmp = tempfile::tempdir_in(std::env::var("DOSD_BENCH_DIR").unwrap_or_else(|_| ".".into()))
         .expect("tempdir");
@@ -93,6 +99,9 @@ fn main() {
     }
     if part("md5") {
         md5_inline_vs_plain();
+    }
+    if part("loops") {
+        loops::run(&side_by_side::Config::from_env(bench_secs()), tmp.path());
     }
 }
 

@@ -1,4 +1,5 @@
-//! nginx as the fetch peer: found on the machine or installed from Debian's packages,
+//! nginx as the fetch peer: found on the machine or installed from Debian's packages
+//! (the same helper installs the other tools a part needs, e.g. `openssl`),
 //! configured by the bench in a temporary directory and serving the same object bytes
 //! as dosd, as files named by their fingerprint.
 //!
@@ -32,12 +33,12 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn find_binary() -> Option<PathBuf> {
+fn find_binary(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     let found = path
         .split(':')
         .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"])
-        .map(|d| Path::new(d).join("nginx"))
+        .map(|d| Path::new(d).join(name))
         .find(|p| p.is_file());
     found
 }
@@ -70,23 +71,33 @@ fn apt_get(args: &[&str]) -> Result<(), String> {
 /// The nginx binary: found, or installed with apt-get (as root, unless
 /// DOSD_BENCH_INSTALL=0). The error says why the nginx rows cannot run.
 pub fn find_or_install() -> Result<PathBuf, String> {
-    if let Some(p) = find_binary() {
+    find_or_install_package("nginx", "nginx")
+}
+
+/// The binary `name`: found on PATH (or in the sbin directories), or installed with
+/// `apt-get install -y PACKAGE` (as root, unless DOSD_BENCH_INSTALL=0; after
+/// `apt-get update` if the first try fails). The error says why it is not there.
+pub fn find_or_install_package(name: &str, package: &str) -> Result<PathBuf, String> {
+    if let Some(p) = find_binary(name) {
         return Ok(p);
     }
     if std::env::var("DOSD_BENCH_INSTALL").is_ok_and(|v| v == "0") {
-        return Err("nginx is not installed and DOSD_BENCH_INSTALL=0".into());
+        return Err(format!("{name} is not installed and DOSD_BENCH_INSTALL=0"));
     }
     if !is_root() {
-        return Err("nginx is not installed and this is not root: `apt-get install nginx`".into());
+        return Err(format!(
+            "{name} is not installed and this is not root: `apt-get install {package}`"
+        ));
     }
-    eprintln!("nginx is not installed: apt-get install -y nginx");
-    let install = ["install", "-y", "-q", "--no-install-recommends", "nginx"];
+    eprintln!("{name} is not installed: apt-get install -y {package}");
+    let install = ["install", "-y", "-q", "--no-install-recommends", package];
     if apt_get(&install).is_err() {
         // A machine fresh from its image has no package lists yet.
         apt_get(&["update", "-q"])?;
         apt_get(&install)?;
     }
-    find_binary().ok_or_else(|| "apt-get installed nginx but no nginx binary was found".into())
+    find_binary(name)
+        .ok_or_else(|| format!("apt-get installed {package} but no {name} binary was found"))
 }
 
 impl Nginx {

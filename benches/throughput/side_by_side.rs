@@ -44,7 +44,7 @@ const SMALL: usize = 4 << 10;
 const LARGE: usize = 4 << 20;
 const RANGE: u64 = 64 << 10;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+pub(super) fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -107,35 +107,61 @@ struct Row {
 }
 
 /// dosd, restartable on the same data directory (a restart is its cold cache).
-struct Dosd {
+pub(super) struct Dosd {
     dir: PathBuf,
     group: String,
+    args: Vec<String>,
     node: Node,
 }
 
-const DOSD_ARGS: &[&str] = &["--disks", "2", "--disk-size", "3G"];
+/// The size of each of dosd's two file-backed disks in this table.
+const DISK_SIZE: &str = "3G";
 
 impl Dosd {
-    fn start(dir: PathBuf) -> Dosd {
+    /// dosd on `dir` with 2 file-backed disks of `disk_size` and the `extra` flags.
+    pub(super) fn start_with(dir: PathBuf, disk_size: &str, extra: &[&str]) -> Dosd {
         let group = unique_group();
-        let node = Node::start_bare(&dir, &group, DOSD_ARGS);
-        Dosd { dir, group, node }
+        let args: Vec<String> = ["--disks", "2", "--disk-size", disk_size]
+            .iter()
+            .chain(extra)
+            .map(|a| a.to_string())
+            .collect();
+        let node = Node::start_bare(&dir, &group, &Self::argv(&args));
+        Dosd {
+            dir,
+            group,
+            args,
+            node,
+        }
+    }
+
+    fn start(dir: PathBuf) -> Dosd {
+        Dosd::start_with(dir, DISK_SIZE, &[])
+    }
+
+    fn argv(args: &[String]) -> Vec<&str> {
+        args.iter().map(String::as_str).collect()
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub(super) fn stop(&mut self) {
+        assert_eq!(self.node.terminate(), Some(0), "dosd did not stop cleanly");
     }
 
     fn restart(&mut self) {
-        assert_eq!(self.node.terminate(), Some(0), "dosd did not stop cleanly");
-        self.node = Node::start_bare(&self.dir, &self.group, DOSD_ARGS);
+        self.stop();
+        self.node = Node::start_bare(&self.dir, &self.group, &Self::argv(&self.args));
     }
 
     fn addr(&self) -> String {
         self.node.node_arg()
     }
 
-    fn cpu_s(&self) -> f64 {
+    pub(super) fn cpu_s(&self) -> f64 {
         process_cpu_s(self.node.child.id())
     }
 
-    fn connect(&self) -> Result<Client, String> {
+    pub(super) fn connect(&self) -> Result<Client, String> {
         Client::connect(&self.addr(), Duration::from_secs(30)).map_err(|e| e.to_string())
     }
 }
@@ -143,11 +169,16 @@ impl Dosd {
 /// Object `i` of a family: the family's seeded base bytes with (`tag`, `i`) stamped
 /// into the first 16 bytes, so every object is distinct (no deduplication) and can be
 /// made again from its number alone.
-fn object(base: &[u8], tag: u64, i: u64) -> Vec<u8> {
+pub(super) fn object(base: &[u8], tag: u64, i: u64) -> Vec<u8> {
     let mut o = base.to_vec();
+    stamp(&mut o, tag, i);
+    o
+}
+
+/// Turns a family's base bytes (or any object of the family) into object `i` in place.
+pub(super) fn stamp(o: &mut [u8], tag: u64, i: u64) {
     o[..8].copy_from_slice(&tag.to_le_bytes());
     o[8..16].copy_from_slice(&i.to_le_bytes());
-    o
 }
 
 /// The objects both fetch peers serve.
@@ -288,7 +319,7 @@ impl Fetch {
 /// A fetch from dosd with the DOSP client. Verified, a whole object is a RETRIEVE,
 /// which the client checks against the fingerprint; unverified (the default) it is a
 /// RETRIEVE_RANGE over the whole object, which the node serves by the same path.
-fn dosd_fetch(
+pub(super) fn dosd_fetch(
     c: &mut Client,
     fp: &Fingerprint,
     range: Option<(u64, u64)>,
@@ -397,7 +428,7 @@ fn fetch_phase(
     }
 }
 
-fn progress(what: &str, clients: usize, side: &str, r: &Result<Rate, String>) {
+pub(super) fn progress(what: &str, clients: usize, side: &str, r: &Result<Rate, String>) {
     match r {
         Ok(r) => eprintln!(
             "  {what:<13} c={clients:<3} {side:<7} {:>9.0} ops/s {:>8.1} MiB/s ({} ops, {:.1} s)",
@@ -574,7 +605,7 @@ pub fn run(cfg: &Config, tmp: &Path) {
 }
 
 /// Three significant digits, the precision these machines deserve.
-fn sig3(x: f64) -> String {
+pub(super) fn sig3(x: f64) -> String {
     if !x.is_finite() {
         return "—".into();
     }
@@ -655,6 +686,26 @@ fn print_table(rows: &[Row]) {
             p_cpu,
         ]);
     }
+    markdown_table(&header, &right, &cells);
+    // Why cells say n/a: each reason once, with how many cells it covers.
+    let mut missing: Vec<(String, usize)> = Vec::new();
+    for res in rows.iter().flat_map(|r| [&r.dosd, &r.other]) {
+        if let Err(e) = res {
+            let e = e.lines().next().unwrap_or_default().to_string();
+            match missing.iter_mut().find(|(m, _)| *m == e) {
+                Some((_, n)) => *n += 1,
+                None => missing.push((e, 1)),
+            }
+        }
+    }
+    for (e, n) in missing {
+        println!("  n/a ({n} cells): {e}");
+    }
+}
+
+/// Prints `cells` under `header` as a Markdown table, padded to line up; columns
+/// with `right[k]` set are right-aligned (numbers).
+pub(super) fn markdown_table(header: &[&str], right: &[bool], cells: &[Vec<String>]) {
     let width = |k: usize| {
         cells
             .iter()
@@ -679,10 +730,13 @@ fn print_table(rows: &[Row]) {
             .collect();
         format!("| {} |", parts.join(" | "))
     };
-    println!("{}", line(&header.map(str::to_string)));
+    println!(
+        "{}",
+        line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>())
+    );
     let rule: Vec<String> = widths
         .iter()
-        .zip(right)
+        .zip(right.iter().copied())
         .map(|(&w, r)| {
             if r {
                 format!("{}:", "-".repeat(w + 1))
@@ -692,21 +746,7 @@ fn print_table(rows: &[Row]) {
         })
         .collect();
     println!("|{}|", rule.join("|"));
-    for row in &cells {
+    for row in cells {
         println!("{}", line(row));
-    }
-    // Why cells say n/a: each reason once, with how many cells it covers.
-    let mut missing: Vec<(String, usize)> = Vec::new();
-    for res in rows.iter().flat_map(|r| [&r.dosd, &r.other]) {
-        if let Err(e) = res {
-            let e = e.lines().next().unwrap_or_default().to_string();
-            match missing.iter_mut().find(|(m, _)| *m == e) {
-                Some((_, n)) => *n += 1,
-                None => missing.push((e, 1)),
-            }
-        }
-    }
-    for (e, n) in missing {
-        println!("  n/a ({n} cells): {e}");
     }
 }

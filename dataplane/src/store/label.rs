@@ -2,13 +2,13 @@
 //!
 //! Every dataplane loop owns one shard of the store: its own log space on each disk
 //! (a region, formatted and recovered exactly as a whole disk was before: superblock,
-//! checkpoint slots, circular log; see [`super::format`]) and its own queue pair or
-//! ring to reach it. Block 0 of the disk says how it is carved:
+//! checkpoint slots, circular log; see the store's `format` module) and its own queue
+//! pair or ring to reach it. Block 0 of the disk says how it is carved:
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
 //! | 0 | 8 | magic `b"DOSDLABL"` |
-//! | 8 | 4 | format_version (the store's [`FORMAT_VERSION`]) |
+//! | 8 | 4 | format_version (the store's `FORMAT_VERSION`) |
 //! | 12 | 4 | shards: regions on this disk, one per dataplane loop |
 //! | 16 | 8 | first: byte offset of region 0 (1 MiB) |
 //! | 24 | 8 | region_bytes: size of each region, a multiple of 1 MiB |

@@ -63,6 +63,8 @@ mod volume;
 #[cfg(test)]
 mod checkpoint_tests;
 #[cfg(test)]
+mod copy_tests;
+#[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
 mod prop_tests;

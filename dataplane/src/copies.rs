@@ -39,6 +39,11 @@ mod imp {
     pub struct Copies(Arc<[AtomicU64; SITES]>);
 
     impl Copies {
+        /// A fresh ledger, every site at zero.
+        pub fn new() -> Copies {
+            Copies::default()
+        }
+
         pub fn add(&self, site: Site, n: usize) {
             self.0[site as usize].fetch_add(n as u64, Ordering::Relaxed);
         }
@@ -64,6 +69,10 @@ mod imp {
     pub struct Copies;
 
     impl Copies {
+        pub fn new() -> Copies {
+            Copies
+        }
+
         #[inline(always)]
         pub fn add(&self, _site: Site, _n: usize) {}
     }

@@ -595,7 +595,7 @@ impl Store {
             spare_subs: Vec::new(),
             read_bufs: aio::BufPool::default(),
             spare_parts: Vec::new(),
-            copies: crate::copies::Copies::default(),
+            copies: crate::copies::Copies::new(),
             read_scratch: Vec::new(),
             waiters: (0..nvols).map(|_| aio::Waiters::new()).collect(),
             unacked: std::collections::HashSet::new(),

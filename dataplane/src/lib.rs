@@ -6,6 +6,7 @@
 //! poll-mode backend, or panic on input from the network or a disk.
 #![deny(unsafe_code)]
 
+pub mod copies;
 pub mod handle;
 pub mod node;
 pub mod server;

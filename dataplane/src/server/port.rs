@@ -144,6 +144,18 @@ pub trait NetPort {
     /// returning: `data` stays the caller's.
     fn send(&mut self, conn: ConnId, data: &[u8]) -> io::Result<usize>;
 
+    /// [`NetPort::send`] of several slices in order, as one (the kernel port: one
+    /// `writev`), so that a reply whose header, object bytes and trailer sit in
+    /// different buffers still leaves in one call without being copied together.
+    /// Returns how many bytes were taken from the front. Every slice is non-empty.
+    /// By default the first slice alone is sent.
+    fn send_vectored(&mut self, conn: ConnId, data: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match data.first() {
+            Some(first) => self.send(conn, first),
+            None => Ok(0),
+        }
+    }
+
     /// Whether `conn` has unread input, and whether its peer closed.
     fn conn_state(&mut self, conn: ConnId) -> ConnState;
 
@@ -518,6 +530,20 @@ impl NetPort for KernelPort {
             match c.stream.write(data) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(0) if !data.is_empty() => return Err(io::ErrorKind::WriteZero.into()),
+                r => return r,
+            }
+        }
+    }
+
+    fn send_vectored(&mut self, conn: ConnId, data: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let total: usize = data.iter().map(|d| d.len()).sum();
+        loop {
+            match c.stream.write_vectored(data) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(0) if total > 0 => return Err(io::ErrorKind::WriteZero.into()),
                 r => return r,
             }
         }

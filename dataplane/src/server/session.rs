@@ -10,7 +10,9 @@
 //! buffer into the store (the one copy, with MD5 in the same pass), and streams
 //! RETRIEVE data from the store in pieces as the port drains, so no object is ever held
 //! whole in memory and object bytes go from the buffer the store read into straight to
-//! the port.
+//! the port: the store lends its verified device buffers (or a cache entry) as a
+//! [`Piece`], the session queues it after the bytes already in its output buffer,
+//! sends from it, and gives it back once sent. The CPU never copies a RETRIEVE byte.
 //!
 //! Backpressure: while a response is streaming, the output buffer is above its high
 //! mark, or a request waits for the store (a read, or a commit or delete waiting for
@@ -20,8 +22,9 @@
 //! The store is asynchronous: a session starts a read, a commit or a delete with its
 //! own `user` value (its token) and goes on with other work; the loop hands it the
 //! store's [`StoreEvent`] when the operation finished, and the session answers then.
-//! A piece of a stream being read is reserved in the output buffer and held back from
-//! the socket (`hold`) until its bytes are in and verified.
+//! A piece of a stream being read takes no room in the output buffer: once its bytes
+//! are in and verified it is queued (`lent`) at the output's end, or, when the read
+//! failed mid-stream, the output gets the zeros the promised length needs.
 //!
 //! Latency: each request's arrival time travels with its state (store, stream) and is
 //! recorded in the node's histograms when its reply is queued — a STORE after its last
@@ -49,12 +52,16 @@ use super::ops::{detail_of, locate_answer, small_op, status_of, Ctx};
 use super::port::{ConnId, NetPort, RBUF_BYTES};
 use super::shards::{Event, Locate, PageStart};
 use crate::stats::{NodeStats, OpClass};
-use crate::store::{Expect, ObjectMeta, ReadId, ReadStart, StoreError, StoreEvent, WriteId};
+use crate::store::{Expect, ObjectMeta, Piece, ReadId, ReadStart, StoreError, StoreEvent, WriteId};
 
 /// Stream data is produced in pieces of this size.
 const PIECE_BYTES: usize = 256 * 1024;
 /// Stop decoding new requests while this much output is waiting.
 const OUT_HIGH: usize = 512 * 1024;
+/// Slices handed to the port in one send: a reply of a small object is three (the
+/// stream header, the object's bytes, the final Out); a large piece a few more (one
+/// per extent it spans).
+const IOV_MAX: usize = 8;
 /// Steps of work per `drive` call, so one busy connection cannot starve the others.
 /// A step is a pass that sends and produces output, a read that brought bytes, or a
 /// decoded event (a request, a piece of STORE data).
@@ -238,9 +245,8 @@ enum Outgoing {
         /// The stream header is not sent yet: the first piece decides between a
         /// stream and a plain error status.
         first: bool,
-        /// The piece being read: its id, where it sits in the output buffer (the
-        /// stream header first, for the first piece) and its length.
-        inflight: Option<(ReadId, usize, usize)>,
+        /// The piece being read: its id and its length.
+        inflight: Option<(ReadId, usize)>,
     },
     /// A walk over the index by cursor, a piece per turn: `promised` entries were
     /// announced in the stream header (the objects at the start), `sent` so far,
@@ -292,8 +298,11 @@ struct State {
     now: Instant,
     out: Vec<u8>,
     out_pos: usize,
-    /// Bytes from here on are reserved for a piece still being read: not sent yet.
-    hold: Option<usize>,
+    /// Pieces lent by the store, in the order they go out, each after the output
+    /// bytes before its `at`: sent straight from the store's buffers.
+    lent: std::collections::VecDeque<Lent>,
+    /// Pieces sent, to give back to the store at the next chance.
+    spent: Vec<Piece>,
     /// A commit or delete waiting for its flush.
     waiting: Waiting,
     /// The last drive found the STORE waiting for a staging buffer.
@@ -335,7 +344,8 @@ impl Session {
                 now,
                 out: bufs.out,
                 out_pos: 0,
-                hold: None,
+                lent: std::collections::VecDeque::new(),
+                spent: Vec::new(),
                 waiting: Waiting::None,
                 store_blocked: false,
                 store: StoreState::None,
@@ -368,8 +378,7 @@ impl Session {
         // While the node itself waits (for a device read, a commit's flush, a staging
         // buffer) the peer is not to blame: neither the rate nor the silence counts.
         let on_store = self.st.waiting_on_store();
-        let sendable = self.st.hold.unwrap_or(self.st.out.len());
-        let waiting_on_peer = !on_store && (self.decoder.in_store() || self.st.out_pos < sendable);
+        let waiting_on_peer = !on_store && (self.decoder.in_store() || self.st.unsent() > 0);
         if !waiting_on_peer || d.rate_min_bytes_per_sec == 0 {
             self.window = (now, self.moved);
         } else {
@@ -385,10 +394,8 @@ impl Session {
         }
         // Silence: a stalled STORE otherwise holds a write slot and its staging buffer
         // forever.
-        let mid_request = self.st.busy
-            || self.decoder.in_store()
-            || self.unconsumed > 0
-            || self.st.out_pos < self.st.out.len();
+        let mid_request =
+            self.st.busy || self.decoder.in_store() || self.unconsumed > 0 || self.st.unsent() > 0;
         let quiet = now.saturating_duration_since(self.last_io);
         if on_store {
             self.last_io = now;
@@ -409,7 +416,7 @@ impl Session {
             && !self.decoder.in_store()
             && self.header_since.is_none()
             && self.unconsumed == 0
-            && self.st.out_pos == self.st.out.len();
+            && self.st.unsent() == 0;
         between.then_some(self.last_io)
     }
 
@@ -438,7 +445,11 @@ impl Session {
         }
         // A read in flight finishes on the device anyway; the loop releases it when
         // its event finds no session. A commit or delete in flight completes durably
-        // without anyone to tell.
+        // without anyone to tell. Lent pieces go back whether sent or not.
+        let lent = self.st.lent.drain(..).map(|l| l.piece);
+        for piece in self.st.spent.drain(..).chain(lent) {
+            ctx.store.read_give(piece);
+        }
         self.st.set_busy(ctx, false);
     }
 
@@ -448,27 +459,69 @@ impl Session {
         !self.decoder.failed() && !self.decoder.in_store() && self.unconsumed_store
     }
 
-    /// The bytes ready to send: queued replies and stream pieces, short of a piece
-    /// still being read. Sent straight from the session's buffer (where the store read
-    /// RETRIEVE data into).
+    /// The next bytes to send, in order: queued replies and stream headers from the
+    /// session's buffer up to the next lent piece, then that piece's bytes straight
+    /// from the store's buffer, a part at a time. Empty when nothing is queued.
     pub fn pending_output(&self) -> &[u8] {
-        let sendable = self.st.hold.unwrap_or(self.st.out.len());
-        &self.st.out[self.st.out_pos.min(sendable)..sendable]
+        let st = &self.st;
+        match st.lent.front() {
+            Some(l) if st.out_pos >= l.at => l.piece.slice_at(l.sent),
+            Some(l) => &st.out[st.out_pos..l.at],
+            None => &st.out[st.out_pos..],
+        }
     }
 
-    /// The port took the first `n` bytes of [`Session::pending_output`].
+    /// Up to `iov.len()` slices to send, in order, each non-empty: what
+    /// [`Session::pending_output`] returns first, then what follows it (the rest of
+    /// a lent piece, the output after it, the next piece). Returns how many it filled.
+    pub fn pending_slices<'a>(&'a self, iov: &mut [io::IoSlice<'a>]) -> usize {
+        let st = &self.st;
+        let mut k = 0;
+        let mut push = |s: &'a [u8]| {
+            if !s.is_empty() && k < iov.len() {
+                iov[k] = io::IoSlice::new(s);
+                k += 1;
+            }
+            k < iov.len()
+        };
+        let mut pos = st.out_pos;
+        for l in &st.lent {
+            if !push(&st.out[pos.min(l.at)..l.at]) {
+                return k;
+            }
+            pos = pos.max(l.at);
+            let mut skip = l.sent;
+            for s in l.piece.slices() {
+                let rest = &s[skip.min(s.len())..];
+                skip -= skip.min(s.len());
+                if !push(rest) {
+                    return k;
+                }
+            }
+        }
+        push(&st.out[pos..]);
+        k
+    }
+
+    /// The port took the first `n` bytes of [`Session::pending_slices`] (and so of
+    /// [`Session::pending_output`]).
     pub fn output_sent(&mut self, ctx: &Ctx<'_>, now: Instant, n: usize) {
         self.st.now = now;
-        let n = n.min(self.pending_output().len());
-        self.st.out_pos += n;
-        NodeStats::add(&ctx.stats.bytes_out, n as u64);
-        if n > 0 {
-            self.last_io = now;
-            self.moved += n as u64;
+        let mut left = n;
+        let mut sent = 0;
+        while left > 0 {
+            let take = left.min(self.pending_output().len());
+            if take == 0 {
+                break;
+            }
+            self.st.consume(take);
+            left -= take;
+            sent += take;
         }
-        if self.st.out_pos == self.st.out.len() {
-            self.st.out.clear();
-            self.st.out_pos = 0;
+        NodeStats::add(&ctx.stats.bytes_out, sent as u64);
+        if sent > 0 {
+            self.last_io = now;
+            self.moved += sent as u64;
         }
     }
 
@@ -497,7 +550,10 @@ impl Session {
     pub fn advance(&mut self, ctx: &mut Ctx<'_>, now: Instant) -> (bool, bool) {
         self.st.now = now;
         let mut progress = false;
-        let pending = self.st.out.len() - self.st.out_pos;
+        for piece in self.st.spent.drain(..) {
+            ctx.store.read_give(piece);
+        }
+        let pending = self.st.unsent();
         if self.st.outgoing.is_some() && pending < OUT_HIGH && !self.st.reading() {
             self.st.produce(ctx);
             progress = true;
@@ -529,7 +585,7 @@ impl Session {
             && self.st.outgoing.is_none()
             && matches!(self.st.waiting, Waiting::None)
             && !self.st.store_blocked
-            && self.st.out.len() - self.st.out_pos < OUT_HIGH
+            && self.st.unsent() < OUT_HIGH
     }
 
     /// Decodes and handles requests (and STORE data) from the front of `data`, the
@@ -590,7 +646,7 @@ impl Session {
         self.st.closing
             && self.st.outgoing.is_none()
             && matches!(self.st.waiting, Waiting::None)
-            && self.st.out_pos == self.st.out.len()
+            && self.st.unsent() == 0
     }
 
     /// Moves bytes between the session and `port` until the port would block, the
@@ -608,10 +664,12 @@ impl Session {
             self.steps_left -= 1;
             let mut progress = false;
 
-            // 1. Send what is queued.
-            let out = self.pending_output();
-            if !out.is_empty() {
-                match port.send(conn, out) {
+            // 1. Send what is queued: replies from the output buffer and object bytes
+            // from the store's lent buffers, in order, in one call.
+            let mut iov = [io::IoSlice::new(&[]); IOV_MAX];
+            let k = self.pending_slices(&mut iov);
+            if k > 0 {
+                match port.send_vectored(conn, &iov[..k]) {
                     Ok(0) => return Drive::Close,
                     Ok(n) => {
                         self.output_sent(ctx, now, n);
@@ -689,7 +747,56 @@ fn early_refusal(ctx: &Ctx<'_>, size_hint: u64) -> Option<(Status, u32)> {
     })
 }
 
+/// A piece lent by the store, queued for the socket after the output bytes before
+/// `at`; `sent` of its bytes are gone.
+struct Lent {
+    at: usize,
+    piece: Piece,
+    sent: usize,
+}
+
 impl State {
+    /// Bytes queued and not sent yet: in the output buffer and in lent pieces.
+    fn unsent(&self) -> usize {
+        let lent: usize = self.lent.iter().map(|l| l.piece.len() - l.sent).sum();
+        self.out.len() - self.out_pos + lent
+    }
+
+    /// `n` bytes of the slice [`Session::pending_output`] returns were sent.
+    fn consume(&mut self, n: usize) {
+        match self.lent.front_mut() {
+            Some(l) if self.out_pos >= l.at => {
+                l.sent += n;
+                if l.sent >= l.piece.len() {
+                    if let Some(l) = self.lent.pop_front() {
+                        self.spent.push(l.piece);
+                    }
+                }
+            }
+            _ => self.out_pos += n,
+        }
+        if self.out_pos == self.out.len() && !self.out.is_empty() {
+            // Pieces still queued all sit at the end of what was sent.
+            for l in self.lent.iter_mut() {
+                l.at -= self.out_pos.min(l.at);
+            }
+            self.out.clear();
+            self.out_pos = 0;
+        }
+    }
+
+    /// Queues a piece of object bytes after everything in the output buffer.
+    fn send_piece(&mut self, ctx: &mut Ctx<'_>, piece: Piece) {
+        if piece.is_empty() {
+            return ctx.store.read_give(piece);
+        }
+        self.lent.push_back(Lent {
+            at: self.out.len(),
+            piece,
+            sent: 0,
+        });
+    }
+
     fn set_busy(&mut self, ctx: &Ctx<'_>, busy: bool) {
         if busy != self.busy {
             self.busy = busy;
@@ -1117,8 +1224,7 @@ impl State {
             }
             StoreEvent::Read { id, .. } => {
                 let Some(Outgoing::Object {
-                    inflight: Some((want, at, n)),
-                    first,
+                    inflight: Some((want, n)),
                     ..
                 }) = &mut self.outgoing
                 else {
@@ -1129,16 +1235,12 @@ impl State {
                     ctx.store.read_release(id);
                     return;
                 }
-                let (at, n, first) = (*at, *n, *first);
-                let data_at = if first { at + StreamHeader::SIZE } else { at };
-                let result = ctx
-                    .store
-                    .read_finish(id, &mut self.out[data_at..data_at + n]);
+                let n = *n;
+                let result = ctx.store.read_take(id);
                 if let Some(Outgoing::Object { inflight, .. }) = &mut self.outgoing {
                     *inflight = None;
                 }
-                self.hold = None;
-                self.piece_done(ctx, at, n, result.map(|_| ()));
+                self.piece_done(ctx, n, result.map(Some));
             }
         }
     }
@@ -1311,15 +1413,14 @@ impl State {
         self.request_piece(ctx);
     }
 
-    /// Starts reading the next piece of the object being streamed into a region
-    /// reserved at the end of the output buffer (after the stream header, for the
-    /// first piece). A cache hit completes it at once.
+    /// Starts reading the next piece of the object being streamed; the store lends
+    /// its bytes when they are in ([`State::piece_done`]). A cache hit completes it at
+    /// once.
     fn request_piece(&mut self, ctx: &mut Ctx<'_>) {
         let Some(Outgoing::Object {
             fp,
             next,
             end,
-            first,
             failed,
             holder,
             ..
@@ -1327,43 +1428,44 @@ impl State {
         else {
             return;
         };
-        let (fp, next, end, first, failed, holder) =
-            (*fp, *next, *end, *first, failed.is_some(), *holder);
+        let (fp, next, end, failed, holder) = (*fp, *next, *end, failed.is_some(), *holder);
         let n = PIECE_BYTES.min((end - next) as usize);
-        let at = self.out.len();
-        let data_at = if first { at + StreamHeader::SIZE } else { at };
-        self.out.resize(data_at + n, 0);
         if n == 0 || failed {
             // Nothing to read (an empty object), or the stream already failed: the
             // promised length is filled with zeros.
-            return self.piece_done(ctx, at, n, Ok(()));
+            return self.piece_done(ctx, n, Ok(None));
         }
         let user = self.user;
-        match ctx
-            .store
-            .read_start(holder, &fp, next, &mut self.out[data_at..data_at + n], user)
-        {
-            Ok(ReadStart::Ready(_)) => self.piece_done(ctx, at, n, Ok(())),
+        match ctx.store.read_start(holder, &fp, next, n, user) {
+            Ok(ReadStart::Ready(piece)) => self.piece_done(ctx, n, Ok(Some(piece))),
             Ok(ReadStart::Pending(id)) => {
                 if let Some(Outgoing::Object { inflight, .. }) = &mut self.outgoing {
-                    *inflight = Some((id, at, n));
+                    *inflight = Some((id, n));
                 }
-                self.hold = Some(at);
             }
-            Err(e) => self.piece_done(ctx, at, n, Err(e)),
+            Err(e) => self.piece_done(ctx, n, Err(e)),
         }
     }
 
     /// A piece is in (or failed): announce the stream after a good first piece, or
     /// answer with a plain error after a failed first piece; a later piece that fails
-    /// is sent as zeros (the length is promised) and the final status says why.
+    /// is sent as zeros (the length is promised) and the final status says why. A
+    /// good piece (`Some`, lent by the store) is queued to be sent as it is; `None` is
+    /// a piece of zeros (an empty object, or a stream that failed before).
     fn piece_done(
         &mut self,
         ctx: &mut Ctx<'_>,
-        at: usize,
         n: usize,
-        result: Result<(), StoreError>,
+        result: Result<Option<Piece>, StoreError>,
     ) {
+        // A store never lends a piece of another length; should one, it is not sent.
+        let result = match result {
+            Ok(Some(p)) if p.len() != n => {
+                ctx.store.read_give(p);
+                Err(StoreError::Format("read lent the wrong length".into()))
+            }
+            other => other,
+        };
         let Some(Outgoing::Object {
             request_id,
             opcode,
@@ -1376,38 +1478,47 @@ impl State {
             ..
         }) = &mut self.outgoing
         else {
+            if let Ok(Some(p)) = result {
+                ctx.store.read_give(p);
+            }
             return;
         };
-        let data_at = if *first { at + StreamHeader::SIZE } else { at };
-        if let Err(e) = result {
-            if matches!(e, StoreError::Corrupt { .. }) {
-                NodeStats::inc(&ctx.stats.checksum_mismatches);
+        let piece = match result {
+            Ok(piece) => piece,
+            Err(e) => {
+                if matches!(e, StoreError::Corrupt { .. }) {
+                    NodeStats::inc(&ctx.stats.checksum_mismatches);
+                }
+                let status = status_of(&e);
+                if *first {
+                    let (op, id, started) = (*opcode, *request_id, *started);
+                    self.outgoing = None;
+                    NodeStats::error(ctx.stats, status);
+                    let body = OutHead::new(status, 0);
+                    self.reply(ctx, op as u16, id, body.as_bytes());
+                    State::done(ctx, OpClass::Retrieve, started, self.now);
+                    self.set_busy(ctx, false);
+                    return;
+                }
+                tracing::error!(fp = %fp, error = %e, "read failed mid-stream");
+                *failed = Some(status);
+                None
             }
-            let status = status_of(&e);
-            if *first {
-                let (op, id, started) = (*opcode, *request_id, *started);
-                self.out.truncate(at);
-                self.outgoing = None;
-                NodeStats::error(ctx.stats, status);
-                let body = OutHead::new(status, 0);
-                self.reply(ctx, op as u16, id, body.as_bytes());
-                State::done(ctx, OpClass::Retrieve, started, self.now);
-                self.set_busy(ctx, false);
-                return;
-            }
-            tracing::error!(fp = %fp, error = %e, "read failed mid-stream");
-            *failed = Some(status);
-            self.out[data_at..data_at + n].fill(0);
-        }
+        };
         if *first {
             let h = StreamHeader::new(*request_id, *end - *next);
-            self.out[at..at + StreamHeader::SIZE].copy_from_slice(h.as_bytes());
+            self.out.extend_from_slice(h.as_bytes());
             *first = false;
         }
         *next += n as u64;
+        let last = *next == *end;
+        match piece {
+            Some(p) => self.send_piece(ctx, p),
+            None => self.out.resize(self.out.len() + n, 0),
+        }
         // A small object fits in the first piece: append its Out now so the whole
-        // reply leaves in one send and the client wakes once.
-        if *next == *end {
+        // reply is queued at once (header, lent bytes, Out) and the client wakes once.
+        if last {
             self.produce(ctx);
         }
     }

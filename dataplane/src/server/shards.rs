@@ -46,8 +46,9 @@
 //! # Other operations
 //! RETRIEVE/RANGE and LOCATE look in the loop's own store first, then ask the
 //! authority (LOOKUP → FOUND with the holder), then read from the holder (READ →
-//! READ_DONE carrying the bytes in a buffer that moves between the loops, never
-//! copied on the way). DELETE goes to the holder through the authority; a holder that
+//! READ_DONE carrying the holder's own verified device buffers, or its cache entry,
+//! as a [`Piece`]: never copied on the way; the requesting loop sends from them and
+//! hands the device buffers back to the holder's read pool with READ_RETURN). DELETE goes to the holder through the authority; a holder that
 //! drops an object to zero references tells the authority (GONE). GET_CONTENTS asks
 //! each authority in turn for a page of its range (own store and directory merged).
 //! With one loop none of this happens: every call goes straight to the store.
@@ -55,14 +56,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use nvme::AlignedBuf;
-
 use dosp::Fingerprint;
 
 use super::mesh::MeshEnd;
 use crate::handle::DiskBoard;
 use crate::store::{
-    Committed, DiskId, DiskReport, Expect, ObjectMeta, ReadId, ReadStart, Store, StoreError,
+    Committed, DiskId, DiskReport, Expect, ObjectMeta, Piece, ReadId, ReadStart, Store, StoreError,
     StoreEvent, WriteId,
 };
 
@@ -164,12 +163,15 @@ pub enum Msg {
         fp: Fingerprint,
         offset: u64,
         len: usize,
-        buf: AlignedBuf,
     },
+    /// The bytes of a READ, in the holder's own buffers.
     ReadDone {
         token: u64,
-        buf: AlignedBuf,
-        result: Result<usize, StoreError>,
+        result: Result<Piece, StoreError>,
+    },
+    /// A piece lent with READ_DONE, sent: its buffers go back to the holder's pool.
+    ReadReturn {
+        piece: Piece,
     },
     Contents {
         from: u16,
@@ -257,8 +259,6 @@ enum Work {
     Read {
         from: u16,
         token: u64,
-        buf: AlignedBuf,
-        len: usize,
     },
 }
 
@@ -266,7 +266,7 @@ enum Work {
 #[derive(Debug)]
 struct RemoteRead {
     user: u64,
-    arrived: Option<(AlignedBuf, Result<usize, StoreError>)>,
+    arrived: Option<Result<Piece, StoreError>>,
     released: bool,
 }
 
@@ -279,6 +279,8 @@ pub struct ShardCounters {
     pub remote_ops: u64,
     /// Claims answered RETRY (a concurrent store of the same bytes).
     pub retries: u64,
+    /// Reads of objects another loop holds (served from its buffers).
+    pub remote_reads: u64,
     /// Objects found held by two shards at start-up.
     pub duplicates: u64,
 }
@@ -306,7 +308,6 @@ pub struct Shards {
     free_works: Vec<usize>,
     reads: Vec<Option<RemoteRead>>,
     free_reads: Vec<u32>,
-    bufs: Vec<AlignedBuf>,
     events: Vec<Event>,
     store_events: Vec<StoreEvent>,
     msgs: Vec<(u16, Msg)>,
@@ -333,7 +334,6 @@ impl Shards {
             free_works: Vec::new(),
             reads: Vec::new(),
             free_reads: Vec::new(),
-            bufs: Vec::new(),
             events: Vec::new(),
             store_events: Vec::new(),
             msgs: Vec::new(),
@@ -616,18 +616,13 @@ impl Shards {
         holder: u16,
         fp: &Fingerprint,
         offset: u64,
-        out: &mut [u8],
+        len: usize,
         user: u64,
     ) -> Result<ReadStart, StoreError> {
         if holder == self.me || self.mesh.is_none() {
-            return self.store.read_start(fp, offset, out, user);
+            return self.store.read_start(fp, offset, len, user);
         }
-        let len = out.len();
-        let cap = len.next_multiple_of(nvme::BLOCK_SIZE).max(nvme::BLOCK_SIZE);
-        let buf = match self.bufs.iter().position(|b| b.capacity() >= cap) {
-            Some(i) => self.bufs.swap_remove(i),
-            None => AlignedBuf::new(cap),
-        };
+        self.counters.remote_reads += 1;
         let slot = match self.free_reads.pop() {
             Some(s) => s,
             None => {
@@ -648,32 +643,37 @@ impl Shards {
                 fp: *fp,
                 offset,
                 len,
-                buf,
             },
         );
         Ok(ReadStart::Pending(ReadId(REMOTE_READ | slot)))
     }
 
-    /// [`Store::read_finish`], for local and remote reads alike.
-    pub fn read_finish(&mut self, id: ReadId, out: &mut [u8]) -> Result<usize, StoreError> {
+    /// [`Store::read_take`], for local and remote reads alike: a remote read lends
+    /// the holder's buffers, as they came.
+    pub fn read_take(&mut self, id: ReadId) -> Result<Piece, StoreError> {
         if id.0 & REMOTE_READ == 0 {
-            return self.store.read_finish(id, out);
+            return self.store.read_take(id);
         }
         let slot = (id.0 & !REMOTE_READ) as usize;
         let Some(r) = self.reads.get_mut(slot).and_then(Option::take) else {
             return Err(StoreError::UnknownWrite);
         };
         self.free_reads.push(slot as u32);
-        let Some((buf, result)) = r.arrived else {
-            return Err(StoreError::Format("remote read finished early".into()));
-        };
-        let result = result.map(|n| {
-            let n = n.min(out.len()).min(buf.len());
-            out[..n].copy_from_slice(&buf[..n]);
-            n
-        });
-        self.give_buf(buf);
-        result
+        match r.arrived {
+            Some(result) => result,
+            None => Err(StoreError::Format("remote read finished early".into())),
+        }
+    }
+
+    /// [`Store::read_give`], for local and remote pieces alike: another loop's
+    /// buffers go back to its pool.
+    pub fn read_give(&mut self, mut piece: Piece) {
+        match piece.lender.take() {
+            Some(h) if h != self.me && self.mesh.is_some() => {
+                self.send(h, Msg::ReadReturn { piece })
+            }
+            _ => self.store.read_give(piece),
+        }
     }
 
     /// [`Store::read_release`], for local and remote reads alike.
@@ -692,17 +692,11 @@ impl Shards {
         };
         if done {
             if let Some(Some(r)) = self.reads.get_mut(slot).map(Option::take) {
-                if let Some((buf, _)) = r.arrived {
-                    self.give_buf(buf);
+                if let Some(Ok(piece)) = r.arrived {
+                    self.read_give(piece);
                 }
             }
             self.free_reads.push(slot as u32);
-        }
-    }
-
-    fn give_buf(&mut self, buf: AlignedBuf) {
-        if self.bufs.len() < 64 {
-            self.bufs.push(buf);
         }
     }
 
@@ -923,17 +917,9 @@ impl Shards {
                 }
                 self.send(from, Msg::Deleted { token, result });
             }
-            (
-                Work::Read {
-                    from,
-                    token,
-                    mut buf,
-                    len,
-                },
-                StoreEvent::Read { id, .. },
-            ) => {
-                let result = self.store.read_finish(id, &mut buf[..len]);
-                self.send(from, Msg::ReadDone { token, buf, result });
+            (Work::Read { from, token }, StoreEvent::Read { id, .. }) => {
+                let result = self.store.read_take(id);
+                self.send(from, Msg::ReadDone { token, result });
             }
             (w, ev) => tracing::error!(?w, ?ev, "store event does not match its work"),
         }
@@ -1034,31 +1020,17 @@ impl Shards {
                 fp,
                 offset,
                 len,
-                mut buf,
             } => {
-                let len = len.min(buf.len());
-                let user = self.work_user(Work::Read {
-                    from,
-                    token,
-                    buf: AlignedBuf::new(0),
-                    len,
-                });
-                match self.store.read_start(&fp, offset, &mut buf[..len], user) {
-                    Ok(ReadStart::Pending(_)) => {
-                        if let Some(Some(Work::Read { buf: b, .. })) =
-                            self.works.get_mut((user & !REMOTE_USER) as usize)
-                        {
-                            *b = buf;
-                        }
-                    }
-                    Ok(ReadStart::Ready(n)) => {
+                let user = self.work_user(Work::Read { from, token });
+                match self.store.read_start(&fp, offset, len, user) {
+                    Ok(ReadStart::Pending(_)) => {}
+                    Ok(ReadStart::Ready(piece)) => {
                         self.take_work(user);
                         self.send(
                             from,
                             Msg::ReadDone {
                                 token,
-                                buf,
-                                result: Ok(n),
+                                result: Ok(piece),
                             },
                         );
                     }
@@ -1068,40 +1040,43 @@ impl Shards {
                             from,
                             Msg::ReadDone {
                                 token,
-                                buf,
                                 result: Err(e),
                             },
                         );
                     }
                 }
             }
-            Msg::ReadDone { token, buf, result } => {
+            Msg::ReadDone { token, result } => {
+                // The piece's device buffers belong to the sender's pool.
+                let result = result.map(|mut p| {
+                    p.lender = Some(from);
+                    p
+                });
                 let slot = token as usize;
-                let released = match self.reads.get_mut(slot) {
-                    Some(Some(r)) => {
-                        if r.released {
-                            true
-                        } else {
-                            let user = r.user;
-                            r.arrived = Some((buf, result));
-                            self.events.push(Event::Store(StoreEvent::Read {
-                                user,
-                                id: ReadId(REMOTE_READ | slot as u32),
-                            }));
-                            return;
+                match self.reads.get_mut(slot) {
+                    Some(Some(r)) if !r.released => {
+                        let user = r.user;
+                        r.arrived = Some(result);
+                        self.events.push(Event::Store(StoreEvent::Read {
+                            user,
+                            id: ReadId(REMOTE_READ | slot as u32),
+                        }));
+                    }
+                    Some(Some(_)) => {
+                        self.reads[slot] = None;
+                        self.free_reads.push(slot as u32);
+                        if let Ok(piece) = result {
+                            self.read_give(piece);
                         }
                     }
                     _ => {
-                        self.give_buf(buf);
-                        return;
+                        if let Ok(piece) = result {
+                            self.read_give(piece);
+                        }
                     }
-                };
-                if released {
-                    self.reads[slot] = None;
-                    self.free_reads.push(slot as u32);
-                    self.give_buf(buf);
                 }
             }
+            Msg::ReadReturn { piece } => self.store.read_give(piece),
             Msg::Contents {
                 from,
                 token,

@@ -21,6 +21,7 @@ use rand::SeedableRng;
 use super::mesh::{mesh, MeshEnd};
 use super::shards::{build_directories, Shards};
 use super::{Server, ServerConfig};
+use crate::copies::{Copies, Site, SITES};
 use crate::node::{Addresses, NodeState};
 use crate::stats::NodeStats;
 use crate::store::{Store, StoreConfig};
@@ -44,6 +45,8 @@ struct TestNode {
     board: Arc<crate::node::NodeBoard>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<std::io::Result<Shards>>>,
+    /// Object bytes the CPU copied, summed over every loop's store.
+    copies: Copies,
 }
 
 impl TestNode {
@@ -80,6 +83,10 @@ impl TestNode {
             })
             .collect();
         build_directories(&mut shards);
+        let copies = Copies::default();
+        for s in shards.iter_mut() {
+            s.store.set_copies(copies.clone());
+        }
         let (handle, ends) = crate::handle::handle_for(loops);
         let listeners =
             super::accept::bind_group("127.0.0.1:0".parse().expect("address"), 16, loops.into())
@@ -134,6 +141,7 @@ impl TestNode {
             board: Arc::clone(&handle.node),
             stop,
             threads,
+            copies,
         }
     }
 
@@ -906,4 +914,195 @@ fn heartbeat_answers_follow_the_published_health_verdict() {
     health_becomes(0);
     drop(c);
     node.stop();
+}
+
+/// Stores `data` over a raw connection in chunks of the node's maximum (the client
+/// sends bigger ones); returns its fingerprint.
+fn store_chunked(node: &TestNode, data: &[u8]) -> Fingerprint {
+    let mut s = node.tcp();
+    let chunks: Vec<&[u8]> = data.chunks(CHUNK_MAX as usize).collect();
+    let store_in = StoreIn::new(0, Some(data.len() as u64), None);
+    s.write_all(&store_message(1, &store_in, &chunks))
+        .expect("send");
+    assert_eq!(next_status(&mut s), (1, Status::Success, 0));
+    Fingerprint::of(data)
+}
+
+fn only(site: Site, n: u64) -> [u64; SITES] {
+    let mut v = [0; SITES];
+    v[site as usize] = n;
+    v
+}
+
+/// Over the wire: a STORE of N bytes copies exactly N (into the staging buffer), and
+/// RETRIEVE and RANGE of an object not in the cache copy none, in the store or the
+/// session: the device writes the bytes, the socket reads them from the same buffer.
+/// A small object is copied once more, into the cache, and its hits not at all.
+#[test]
+fn a_store_copies_each_byte_once_and_a_retrieve_none() {
+    let node = TestNode::start();
+    let big: Vec<u8> = (0..3 * MIB as usize + 77)
+        .map(|i| (i * 31 + i / 7) as u8)
+        .collect();
+    let n = big.len() as u64;
+    let fp = store_chunked(&node, &big);
+    let mut c = node.client();
+    assert_eq!(
+        node.copies.all(),
+        only(Site::Append, n),
+        "STORE copies once"
+    );
+    for _ in 0..2 {
+        let mut got = Vec::new();
+        c.retrieve(&fp, &mut got, &mut |_, _| {}).expect("retrieve");
+        assert!(got == big, "retrieved bytes differ");
+        let mut part = Vec::new();
+        c.retrieve_range(&fp, 300_001, 700_000, &mut part)
+            .expect("range");
+        assert!(part == big[300_001..1_000_001], "range bytes differ");
+    }
+    assert_eq!(
+        node.copies.all(),
+        only(Site::Append, n),
+        "RETRIEVE copies nothing"
+    );
+
+    // Small enough for the cache: filled once (n bytes), then served from it.
+    let small: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    let sfp = c.store_bytes(&small).expect("store").fingerprint;
+    let stored = node.copies.at(Site::Append);
+    assert_eq!(stored, n + small.len() as u64);
+    for _ in 0..3 {
+        let mut got = Vec::new();
+        c.retrieve(&sfp, &mut got, &mut |_, _| {})
+            .expect("retrieve");
+        assert_eq!(got, small);
+    }
+    let mut want = only(Site::Append, stored);
+    want[Site::CacheFill as usize] = small.len() as u64;
+    assert_eq!(node.copies.all(), want, "one cache fill, hits copy nothing");
+}
+
+/// With two loops, objects are read from whichever loop holds them: the holder lends
+/// its own device buffers to the loop that serves the connection, which sends from
+/// them and hands them back. Still no copy.
+#[test]
+fn a_retrieve_from_another_loop_copies_nothing() {
+    let node = TestNode::start_loops(2);
+    let objs: Vec<Vec<u8>> = (0..4u8)
+        .map(|k| {
+            (0..300_000 + usize::from(k) * 4099)
+                .map(|i| (i as u8) ^ k.wrapping_mul(37))
+                .collect()
+        })
+        .collect();
+    let mut stored = 0;
+    let mut fps = Vec::new();
+    for data in &objs {
+        fps.push(store_chunked(&node, data));
+        stored += data.len() as u64;
+    }
+    assert_eq!(node.copies.all(), only(Site::Append, stored));
+    // Fresh connections land on either loop: some reads are served across loops.
+    for _ in 0..6 {
+        for (fp, data) in fps.iter().zip(&objs) {
+            let mut c = node.client();
+            let mut got = Vec::new();
+            c.retrieve(fp, &mut got, &mut |_, _| {}).expect("retrieve");
+            assert!(&got == data, "retrieved bytes differ");
+            let mut part = Vec::new();
+            c.retrieve_range(fp, 4095, 270_000, &mut part)
+                .expect("range");
+            assert!(part == data[4095..274_095], "range bytes differ");
+        }
+    }
+    assert_eq!(
+        node.copies.all(),
+        only(Site::Append, stored),
+        "no copy across loops"
+    );
+    // A small object is cached by its holder once; its hits, from either loop,
+    // lend the cache entry.
+    let small: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
+    let sfp = store_chunked(&node, &small);
+    stored += small.len() as u64;
+    for _ in 0..8 {
+        let mut got = Vec::new();
+        node.client()
+            .retrieve(&sfp, &mut got, &mut |_, _| {})
+            .expect("retrieve");
+        assert_eq!(got, small);
+    }
+    let mut want = only(Site::Append, stored);
+    want[Site::CacheFill as usize] = small.len() as u64;
+    assert_eq!(node.copies.all(), want, "one cache fill, at the holder");
+    let shards = node.stop_all();
+    assert!(
+        shards
+            .iter()
+            .map(|s| s.counters().remote_reads)
+            .sum::<u64>()
+            > 0,
+        "some reads crossed loops"
+    );
+}
+
+/// Where on `disk` the 4 KiB block holding `block` sits (a payload block is aligned).
+fn find_block(disk: &MemDisk, block: &[u8]) -> u64 {
+    let mut dev = disk.device();
+    let mut buf = nvme::AlignedBuf::new(MIB as usize);
+    for at in (0..disk.size_bytes()).step_by(MIB as usize) {
+        nvme::BlockDevice::read_at(&mut dev, at, &mut buf).expect("read");
+        if let Some(i) = buf.chunks(4096).position(|b| b == block) {
+            return at + i as u64 * 4096;
+        }
+    }
+    panic!("block not on the disk");
+}
+
+/// Lent buffers keep the old promise: bytes that fail their CRC are never sent. A
+/// first piece that fails gets a plain error; a later one is sent as zeros (the
+/// stream's length is promised), and so is the rest, and the final status says why.
+#[test]
+fn bytes_that_fail_their_checksum_are_never_sent() {
+    let disk = MemDisk::new(64 * MIB + MIB, 1);
+    let node = TestNode::start_on(&disk, 1);
+    let obj = |seed: u64, len: usize| -> Vec<u8> {
+        (0..len as u64)
+            .map(|i| ((i ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 29) as u8)
+            .collect()
+    };
+    let len = 1_000_000;
+    let (a, b) = (obj(1, len), obj(2, len));
+    let (fa, fb) = (store_chunked(&node, &a), store_chunked(&node, &b));
+    // a: a block of its second 256 KiB piece; b: a block of its first.
+    let piece = 256 * 1024;
+    disk.corrupt(find_block(&disk, &a[70 * 4096..71 * 4096]) + 10, 1);
+    disk.corrupt(find_block(&disk, &b[3 * 4096..4 * 4096]) + 10, 1);
+    let mut c = node.client();
+    let mut got = Vec::new();
+    match c.retrieve_range(&fa, 0, len as u64, &mut got) {
+        Err(ClientError::Status {
+            status: Status::ChecksumMismatch,
+            ..
+        }) => {}
+        other => panic!("a stream with a bad block must end in CHECKSUM_MISMATCH: {other:?}"),
+    }
+    assert_eq!(got.len(), len, "the promised length");
+    assert!(got[..piece] == a[..piece], "the good first piece");
+    assert!(
+        got[piece..].iter().all(|&x| x == 0),
+        "zeros from the bad piece on"
+    );
+    let mut c = node.client();
+    let mut got = Vec::new();
+    match c.retrieve(&fb, &mut got, &mut |_, _| {}) {
+        Err(ClientError::Status {
+            status: Status::ChecksumMismatch,
+            ..
+        }) => {}
+        other => panic!("a bad first piece is a plain error: {other:?}"),
+    }
+    assert!(got.is_empty(), "no byte of it sent");
+    assert!(node.stats.checksum_mismatches.load(Ordering::Relaxed) >= 2);
 }

@@ -20,6 +20,8 @@
 //! (`unacked`) until its commit is durable and acknowledged.
 
 use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::Arc;
 
 use md5::{Digest, Md5};
 use nvme::{AlignedBuf, Completion};
@@ -29,19 +31,116 @@ use dosp::Fingerprint;
 use super::format::{kind, RecordHeader, BLOCK, BLOCK_U64};
 use super::volume::TAG_READ;
 use super::{Committed, DiskId, Store, StoreError, PREFETCH_SKIP_BLOCKS_MAX};
+use crate::copies::Site;
 
 /// A read in flight, named by [`Store::read_start`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ReadId(pub(crate) u32);
 
 /// What [`Store::read_start`] did.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum ReadStart {
-    /// Served from the hot-object cache into the caller's buffer: `n` bytes.
-    Ready(usize),
+    /// Served from the hot-object cache: the bytes, lent without a copy.
+    Ready(Piece),
     /// Reads are in flight; [`StoreEvent::Read`] says when to call
-    /// [`Store::read_finish`].
+    /// [`Store::read_take`].
     Pending(ReadId),
+}
+
+/// A buffer holding object bytes that the store lends out.
+pub enum Lent {
+    /// The buffer a device read into (its CRCs verified in place); it goes back to
+    /// the read pool with [`Store::read_give`].
+    Device(AlignedBuf),
+    /// A hot-object cache entry, shared: the cache may evict it meanwhile, the bytes
+    /// live as long as someone holds them.
+    Cached(Arc<[u8]>),
+}
+
+impl Lent {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Lent::Device(b) => b,
+            Lent::Cached(a) => a,
+        }
+    }
+}
+
+/// One part of a [`Piece`]: a lent buffer and the range of it that holds object bytes.
+pub type Part = (Lent, Range<usize>);
+
+/// The bytes of a finished read, in object order, where they already are: the
+/// buffers the device read into (a read may span several extents and may carry a
+/// record header block in front, so a piece is a list of ranges) or a cache entry.
+/// Nothing is copied to make one. Give it back with [`Store::read_give`] (through the
+/// loop that lent it, when it crossed loops) once its bytes are sent; a piece merely
+/// dropped frees its buffers instead of pooling them.
+pub struct Piece {
+    parts: Vec<Part>,
+    len: usize,
+    /// The loop whose store lent the device buffers, when it is not the loop that
+    /// holds the piece now (set by the shards; `None` from a store).
+    pub(crate) lender: Option<u16>,
+}
+
+impl std::fmt::Debug for Piece {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Piece")
+            .field("len", &self.len)
+            .field("parts", &self.parts.len())
+            .field("lender", &self.lender)
+            .finish()
+    }
+}
+
+impl Piece {
+    fn new(parts: Vec<Part>) -> Piece {
+        let len = parts.iter().map(|(_, r)| r.len()).sum();
+        Piece {
+            parts,
+            len,
+            lender: None,
+        }
+    }
+
+    /// Object bytes in the piece.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The object bytes, part by part, in order.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        self.parts
+            .iter()
+            .map(|(b, r)| b.bytes().get(r.clone()).unwrap_or(&[]))
+    }
+
+    /// The bytes from `at` (a byte of the piece) to the end of the part it falls in:
+    /// what to send next once `at` bytes are sent. Empty at or past the end.
+    pub fn slice_at(&self, mut at: usize) -> &[u8] {
+        for s in self.slices() {
+            if at < s.len() {
+                return &s[at..];
+            }
+            at -= s.len();
+        }
+        &[]
+    }
+
+    /// Copies the bytes into the front of `out` (as many as fit); returns how many.
+    pub fn copy_to(&self, out: &mut [u8]) -> usize {
+        let mut at = 0;
+        for s in self.slices() {
+            let n = s.len().min(out.len() - at);
+            out[at..at + n].copy_from_slice(&s[..n]);
+            at += n;
+        }
+        at
+    }
 }
 
 /// Something that finished, for the caller that started it (`user`).
@@ -74,8 +173,6 @@ impl StoreEvent {
 /// One device read of a [`ReadOp`]: data blocks of one extent, with or without the
 /// extent's header block in front.
 pub(crate) struct Sub {
-    /// Object offset of the extent's first payload byte.
-    pub ext_start: u64,
     pub hdr_phys: u64,
     pub ext_len: u32,
     /// Payload byte range of the extent that is wanted.
@@ -170,40 +267,50 @@ impl BufPool {
 
 impl Store {
     /// Starts reading `min(len, object length - offset)` bytes of `fp` at `offset`.
-    /// A small object in the hot-object cache is copied into `out` at once
-    /// ([`ReadStart::Ready`]); otherwise the device reads are submitted, and
-    /// [`StoreEvent::Read`] with `user` says when [`Store::read_finish`] can copy the
-    /// verified bytes out. `out` is only touched for a cache hit.
+    /// A small object in the hot-object cache is lent at once ([`ReadStart::Ready`]:
+    /// the cache entry itself, nothing copied); otherwise the device reads are
+    /// submitted, and [`StoreEvent::Read`] with `user` says when [`Store::read_take`]
+    /// can lend the verified buffers.
     pub fn read_start(
         &mut self,
         fp: &Fingerprint,
         offset: u64,
-        out: &mut [u8],
+        len: usize,
         user: u64,
     ) -> Result<ReadStart, StoreError> {
         if self.unacked.contains(fp) {
             return Err(StoreError::NotFound(*fp));
         }
-        let (disk, len, write_id) = match self.index.get(fp) {
+        let (disk, obj_len, write_id) = match self.index.get(fp) {
             Some(e) => (e.disk, e.len, e.write_id),
             None => return Err(StoreError::NotFound(*fp)),
         };
-        if offset > len {
-            return Err(StoreError::OutOfRange { offset, len });
+        if offset > obj_len {
+            return Err(StoreError::OutOfRange {
+                offset,
+                len: obj_len,
+            });
         }
         self.vols[usize::from(disk.0)].check_online()?;
-        let n = (out.len() as u64).min(len - offset) as usize;
+        let n = (len as u64).min(obj_len - offset) as usize;
         if n == 0 {
             self.counters.reads += 1;
-            return Ok(ReadStart::Ready(0));
+            let parts = self.spare_parts.pop().unwrap_or_default();
+            return Ok(ReadStart::Ready(Piece::new(parts)));
         }
         // Only objects the cache would hold count as its hits or misses.
-        if let Some(data) = self.cache.wants(len).then(|| self.cache.get(fp)).flatten() {
+        if let Some(data) = self
+            .cache
+            .wants(obj_len)
+            .then(|| self.cache.get(fp))
+            .flatten()
+        {
             let at = offset as usize;
-            out[..n].copy_from_slice(&data[at..at + n]);
             self.counters.reads += 1;
             self.counters.bytes_read += n as u64;
-            return Ok(ReadStart::Ready(n));
+            let mut parts = self.spare_parts.pop().unwrap_or_default();
+            parts.push((Lent::Cached(data), at..at + n));
+            return Ok(ReadStart::Ready(Piece::new(parts)));
         }
         let id = match self.free_reads.pop() {
             Some(i) => i,
@@ -219,7 +326,7 @@ impl Store {
             write_id,
             offset,
             n,
-            obj_len: len,
+            obj_len,
             subs: self.spare_subs.pop().unwrap_or_default(),
             pending: 0,
             err: None,
@@ -266,7 +373,6 @@ impl Store {
             let b1 = hi.div_ceil(BLOCK_U64);
             let key = (op.disk, ext.hdr, op.write_id);
             let mut sub = Sub {
-                ext_start,
                 hdr_phys: ext.hdr,
                 ext_len: ext.len,
                 lo,
@@ -305,11 +411,12 @@ impl Store {
         }
     }
 
-    /// Copies the bytes of a finished read into `out` (at least its length), each
-    /// block checked against its CRC first: bytes that fail it are never copied out.
-    /// A whole small object whose MD5 matches its fingerprint enters the hot-object
-    /// cache. Returns the bytes copied.
-    pub fn read_finish(&mut self, id: ReadId, out: &mut [u8]) -> Result<usize, StoreError> {
+    /// Lends the bytes of a finished read: the buffers the device read into, each
+    /// block checked against its CRC in place first. A read that failed any check
+    /// lends nothing (bytes that fail it are never handed out). A whole small object
+    /// whose MD5 matches its fingerprint enters the hot-object cache (its one copy).
+    /// Give the piece back with [`Store::read_give`].
+    pub fn read_take(&mut self, id: ReadId) -> Result<Piece, StoreError> {
         let Some(mut op) = self.reads.get_mut(id.0 as usize).and_then(|o| o.take()) else {
             return Err(StoreError::UnknownWrite);
         };
@@ -317,26 +424,63 @@ impl Store {
         let result = match op.err.take() {
             Some(e) => Err(e),
             None if op.pending > 0 => Err(StoreError::Format("read finished early".into())),
-            None => self.verify_copy(&op, out),
+            None => self.verify(&op).map(|()| self.lend(&mut op)),
+        };
+        // A read planned short (its object left the index meanwhile) lends nothing.
+        let result = match result {
+            Ok(p) if p.len() != op.n => {
+                self.read_give(p);
+                Err(StoreError::Format("read came up short".into()))
+            }
+            other => other,
         };
         self.recycle_subs(&mut op.subs);
-        match &result {
-            Ok(n) => {
-                self.counters.bytes_read += *n as u64;
-                if op.offset == 0 && *n as u64 == op.obj_len && self.cache.wants(op.obj_len) {
-                    // Verified block by block already; the MD5 proves the whole
-                    // object is the fingerprinted one before anyone is served from
-                    // memory.
-                    let got: [u8; 16] = Md5::digest(&out[..*n]).into();
-                    if got == op.fp.0 {
-                        self.cache.insert(op.fp, &out[..*n]);
+        if let Ok(piece) = &result {
+            let n = piece.len();
+            self.counters.bytes_read += n as u64;
+            if op.offset == 0 && n as u64 == op.obj_len && self.cache.wants(op.obj_len) {
+                // Verified block by block already; the MD5 proves the whole object
+                // is the fingerprinted one before anyone is served from memory.
+                let mut md5 = Md5::new();
+                for s in piece.slices() {
+                    md5.update(s);
+                }
+                let got: [u8; 16] = md5.finalize().into();
+                if got == op.fp.0 {
+                    if let Some(copied) = self.cache.insert_from(op.fp, piece) {
+                        self.copies.add(Site::CacheFill, copied);
                     }
                 }
             }
-            Err(StoreError::Corrupt { .. }) => {}
-            Err(_) => {}
         }
         result
+    }
+
+    /// Gives the buffers of a piece back to the read pool (a cache entry's share is
+    /// just dropped).
+    pub fn read_give(&mut self, mut piece: Piece) {
+        for (b, _) in piece.parts.drain(..) {
+            if let Lent::Device(b) = b {
+                self.read_bufs.give(b);
+            }
+        }
+        if self.spare_parts.len() < 1024 {
+            self.spare_parts.push(piece.parts);
+        }
+    }
+
+    /// Moves the verified buffers of a read into a piece, each with the range that
+    /// holds the wanted object bytes (past the header block, when one was read).
+    fn lend(&mut self, op: &mut ReadOp) -> Piece {
+        let mut parts = self.spare_parts.pop().unwrap_or_default();
+        for s in op.subs.iter_mut().filter(|s| !s.hdr_only) {
+            let Some(buf) = s.buf.take() else { continue };
+            let skip = if s.with_hdr { BLOCK } else { 0 };
+            let from = skip + (s.lo - s.b0 * BLOCK_U64) as usize;
+            let to = skip + (s.hi - s.b0 * BLOCK_U64) as usize;
+            parts.push((Lent::Device(buf), from..to));
+        }
+        Piece::new(parts)
     }
 
     /// Drops a finished read nobody wants any more (its session closed).
@@ -359,7 +503,9 @@ impl Store {
         }
     }
 
-    fn verify_copy(&mut self, op: &ReadOp, out: &mut [u8]) -> Result<usize, StoreError> {
+    /// Checks every wanted block of a finished read against its CRC (and each
+    /// header read against the extent it should describe), in place.
+    fn verify(&mut self, op: &ReadOp) -> Result<(), StoreError> {
         let nonce = self.vols[usize::from(op.disk.0)].log_nonce();
         let mut hdr_of_next: Option<&[u8]> = None;
         for s in &op.subs {
@@ -410,12 +556,14 @@ impl Store {
                     return Err(self.corrupt(op, "bad block"));
                 }
             }
-            let from = (s.lo - s.b0 * BLOCK_U64) as usize;
+            // The lent range must lie in what was read (it does for a complete read;
+            // the check keeps a short one from ever being sliced past its end).
             let to = (s.hi - s.b0 * BLOCK_U64) as usize;
-            let at = (s.ext_start + s.lo - op.offset) as usize;
-            out[at..at + (to - from)].copy_from_slice(&data[from..to]);
+            if to > data.len() {
+                return Err(self.corrupt(op, "short read"));
+            }
         }
-        Ok(op.n)
+        Ok(())
     }
 
     fn corrupt(&mut self, op: &ReadOp, what: &str) -> StoreError {
@@ -722,7 +870,8 @@ pub(crate) struct ObjCache {
 
 struct CacheEntry {
     fp: Option<Fingerprint>,
-    data: Box<[u8]>,
+    /// Shared with the pieces that serve it, so that a hit is sent without a copy.
+    data: Arc<[u8]>,
     referenced: bool,
 }
 
@@ -746,7 +895,7 @@ impl ObjCache {
         self.budget > 0 && len <= self.obj_max && (len as usize) <= self.budget
     }
 
-    pub fn get(&mut self, fp: &Fingerprint) -> Option<&[u8]> {
+    pub fn get(&mut self, fp: &Fingerprint) -> Option<Arc<[u8]>> {
         if self.budget == 0 {
             return None;
         }
@@ -755,7 +904,7 @@ impl ObjCache {
                 self.hits += 1;
                 let e = &mut self.entries[i];
                 e.referenced = true;
-                Some(&e.data)
+                Some(Arc::clone(&e.data))
             }
             None => {
                 self.misses += 1;
@@ -764,7 +913,19 @@ impl ObjCache {
         }
     }
 
-    pub fn insert(&mut self, fp: Fingerprint, data: &[u8]) {
+    /// Copies a verified whole object into the cache, if it wants it. Returns the
+    /// bytes copied.
+    pub fn insert_from(&mut self, fp: Fingerprint, piece: &Piece) -> Option<usize> {
+        if !self.wants(piece.len() as u64) || self.map.contains_key(&fp) {
+            return None;
+        }
+        let mut data: Arc<[u8]> = Arc::from(vec![0u8; piece.len()]);
+        let copied = Arc::get_mut(&mut data).map(|d| piece.copy_to(d))?;
+        self.insert(fp, data);
+        Some(copied)
+    }
+
+    pub fn insert(&mut self, fp: Fingerprint, data: Arc<[u8]>) {
         if !self.wants(data.len() as u64) || self.map.contains_key(&fp) {
             return;
         }
@@ -773,12 +934,13 @@ impl ObjCache {
                 return;
             }
         }
+        let len = data.len();
         let entry = CacheEntry {
             fp: Some(fp),
-            data: data.into(),
+            data,
             referenced: false,
         };
-        self.used += data.len();
+        self.used += len;
         self.inserts += 1;
         let i = match self.entries.iter().position(|e| e.fp.is_none()) {
             Some(i) => {
@@ -820,7 +982,7 @@ impl ObjCache {
         let e = &mut self.entries[i];
         self.used -= e.data.len();
         e.fp = None;
-        e.data = Box::new([]);
+        e.data = Arc::from(Vec::new());
     }
 
     /// Forgets `fp` (deleted, or its disk went away).
@@ -870,11 +1032,11 @@ mod tests {
     fn cache_evicts_unreferenced_first_and_stays_in_budget() {
         let mut c = ObjCache::new(3 * 4096, 4096);
         for i in 0..3 {
-            c.insert(fp(i), &[i; 4096]);
+            c.insert(fp(i), Arc::from(vec![i; 4096]));
         }
         // 0 is read again: referenced; inserting 3 evicts 1 (the first unreferenced).
         assert!(c.get(&fp(0)).is_some());
-        c.insert(fp(3), &[3; 4096]);
+        c.insert(fp(3), Arc::from(vec![3u8; 4096]));
         assert!(c.get(&fp(0)).is_some());
         assert!(c.get(&fp(1)).is_none());
         assert!(c.get(&fp(3)).is_some());
@@ -886,11 +1048,11 @@ mod tests {
     #[test]
     fn a_disabled_cache_holds_nothing() {
         let mut c = ObjCache::new(0, 4096);
-        c.insert(fp(1), &[1; 10]);
+        c.insert(fp(1), Arc::from(vec![1u8; 10]));
         assert!(c.get(&fp(1)).is_none());
         // Too big for the per-object limit.
         let mut c = ObjCache::new(1 << 20, 4096);
-        c.insert(fp(2), &[2; 8192]);
+        c.insert(fp(2), Arc::from(vec![2u8; 8192]));
         assert!(c.get(&fp(2)).is_none());
     }
 }

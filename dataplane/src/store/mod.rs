@@ -8,12 +8,20 @@
 //! (fingerprint → disk, length, refcount, extents) and the in-flight writes. [`format`] owns the bytes on disk,
 //! `volume` one disk's log and its recovery, `compact` the reclaiming of space.
 //!
+//! # Reads
+//! A read is never copied by the store: [`Store::read_take`] checks each block the
+//! device read against its CRC in place and lends the device's buffers as a
+//! [`Piece`] (ranges of them, in object order); a cache hit lends the cache entry
+//! (shared). The caller sends from the piece and gives it back with
+//! [`Store::read_give`]. Filling the hot-object cache copies a small object once.
+//!
 //! # Writes
 //! A STORE arrives as chunks of unknown total length, several interleaved. Each
 //! in-flight write has a staging buffer of `segment_bytes` (plus one header block in
 //! front, so a segment goes to disk in one write); [`Store::append`] copies a chunk
 //! into it 4 KiB at most at a time and feeds that slice to MD5 and to the running
-//! CRC32C of its block while it is still in cache. A full buffer is written as a
+//! CRC32C of its block while it is still in cache: the one copy of a STORE's bytes
+//! (the receive buffer's to the device's; counted in `crate::copies`). A full buffer is written as a
 //! SEGMENT record (not flushed). [`Store::commit`] finishes the MD5: if the fingerprint
 //! is known, the staged tail is dropped and a REF +1 record is written instead;
 //! otherwise the staged tail goes out as a SEGMENT|COMMIT record. Either way the commit
@@ -58,6 +66,8 @@ mod volume;
 #[cfg(test)]
 mod checkpoint_tests;
 #[cfg(test)]
+mod copy_tests;
+#[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
 mod prop_tests;
@@ -78,7 +88,7 @@ use dosp::Fingerprint;
 use format::{kind, RecordHeader, BLOCK, MAX_SEGMENT_BYTES};
 use volume::{Reserve, Volume};
 
-pub use aio::{CacheStats, ReadId, ReadStart, StoreEvent};
+pub use aio::{CacheStats, Lent, Piece, ReadId, ReadStart, StoreEvent};
 pub use counted::{DiskIo, LastError};
 pub use room::Room;
 
@@ -450,6 +460,10 @@ pub struct Store {
     /// Lists of device reads of finished reads, reused.
     spare_subs: Vec<Vec<aio::Sub>>,
     read_bufs: aio::BufPool,
+    /// Lists of the parts of returned [`Piece`]s, reused.
+    spare_parts: Vec<Vec<aio::Part>>,
+    /// Object bytes the CPU copied, by site (counted in test builds only).
+    copies: crate::copies::Copies,
     read_scratch: Vec<nvme::Completion>,
     /// Per disk: commits, deletes and references waiting for a flush, in seq order.
     waiters: Vec<aio::Waiters>,
@@ -583,6 +597,8 @@ impl Store {
             free_reads: Vec::new(),
             spare_subs: Vec::new(),
             read_bufs: aio::BufPool::default(),
+            spare_parts: Vec::new(),
+            copies: crate::copies::Copies::new(),
             read_scratch: Vec::new(),
             waiters: (0..nvols).map(|_| aio::Waiters::new()).collect(),
             unacked: std::collections::HashSet::new(),
@@ -774,6 +790,7 @@ impl Store {
             counters,
             spare_staging,
             staging_out,
+            copies,
             ..
         } = self;
         let w = writes.get_mut(&id).ok_or(StoreError::UnknownWrite)?;
@@ -807,6 +824,7 @@ impl Store {
             let (chunk, tail) = rest.split_at(n);
             let dst = &mut w.st.buf[BLOCK + w.fill..BLOCK + w.fill + n];
             dst.copy_from_slice(chunk);
+            copies.add(crate::copies::Site::Append, n);
             w.md5.update(&*dst);
             w.crc = crc32c::crc32c_append(w.crc, dst);
             w.fill += n;
@@ -1070,21 +1088,38 @@ impl Store {
     }
 
     /// Reads `min(out.len(), len - offset)` bytes of an object at `offset`, blocking
-    /// ([`Store::read_start`] and a wait). Every block read is checked against its
-    /// CRC first: bytes that fail it are never copied out.
+    /// ([`Store::read_start`] and a wait), and copies them into `out` (for tests and
+    /// tools; serving sends from the lent [`Piece`] instead). Every block read is
+    /// checked against its CRC first: bytes that fail it are never copied out.
     pub fn read(
         &mut self,
         fp: &Fingerprint,
         offset: u64,
         out: &mut [u8],
     ) -> Result<usize, StoreError> {
-        match self.read_start(fp, offset, out, SYNC_USER)? {
-            ReadStart::Ready(n) => Ok(n),
+        let piece = match self.read_start(fp, offset, out.len(), SYNC_USER)? {
+            ReadStart::Ready(p) => p,
             ReadStart::Pending(id) => match self.wait_for(SYNC_USER) {
-                StoreEvent::Read { id: got, .. } if got == id => self.read_finish(id, out),
-                other => Err(StoreError::Format(format!("unexpected event {other:?}"))),
+                StoreEvent::Read { id: got, .. } if got == id => self.read_take(id)?,
+                other => return Err(StoreError::Format(format!("unexpected event {other:?}"))),
             },
-        }
+        };
+        let n = piece.copy_to(out);
+        self.copies.add(crate::copies::Site::ReadOut, n);
+        self.read_give(piece);
+        Ok(n)
+    }
+
+    /// The ledger of object bytes this store copied (shared with `set_copies`).
+    #[cfg(any(test, feature = "copy-count"))]
+    pub fn copies(&self) -> &crate::copies::Copies {
+        &self.copies
+    }
+
+    /// Counts this store's copies in `ledger` (one ledger for every loop of a node).
+    #[cfg(any(test, feature = "copy-count"))]
+    pub fn set_copies(&mut self, ledger: crate::copies::Copies) {
+        self.copies = ledger;
     }
 
     /// Drops one reference, blocking until durable ([`Store::delete_start`] and a

@@ -170,9 +170,7 @@ pub enum Msg {
         result: Result<Piece, StoreError>,
     },
     /// A piece lent with READ_DONE, sent: its buffers go back to the holder's pool.
-    ReadReturn {
-        piece: Piece,
-    },
+    ReadReturn { piece: Piece },
     Contents {
         from: u16,
         token: u64,

@@ -146,7 +146,7 @@ impl Piece {
 /// Something that finished, for the caller that started it (`user`).
 #[derive(Debug)]
 pub enum StoreEvent {
-    /// The device reads of a [`ReadId`] completed: call [`Store::read_finish`].
+    /// The device reads of a [`ReadId`] completed: call [`Store::read_take`].
     Read { user: u64, id: ReadId },
     /// A commit is durable (or failed).
     Committed {

@@ -10,6 +10,9 @@ command -v md5sum >/dev/null || need_apt+=(coreutils)
 command -v cc >/dev/null || need_apt+=(gcc)
 # For the schemathesis run (from PyPI, into a venv under target/).
 python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
+# DPDK 22.11 for the dpdk crate's `dpdk` feature (its static archives and headers).
+command -v pkg-config >/dev/null && pkg-config --exists libdpdk ||
+    need_apt+=(dpdk dpdk-dev libdpdk-dev pkg-config)
 if ((${#need_apt[@]})); then
     echo "==> installing ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -34,6 +37,12 @@ echo "==> cargo test"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked -- --test-threads="${DOSD_TEST_THREADS:-2}" 2>&1 | tee "$log"
+# The DPDK bindings with DPDK linked in: lints, then the port layer on net_ring and
+# net_null (no hugepages, no privileges). The workspace steps above build them without.
+echo "==> cargo clippy -p dpdk --features dpdk"
+cargo clippy -p dpdk --features dpdk --all-targets --locked -- -D warnings
+echo "==> cargo test -p dpdk --features dpdk"
+cargo test -p dpdk --features dpdk --locked 2>&1 | tee -a "$log"
 echo "==> fuzz (bounded)"
 ./scripts/fuzz.sh "${DOSD_FUZZ_SECS:-20}"
 

@@ -203,6 +203,58 @@ fn port_layer_on_net_ring_and_net_null() {
     ring.stop().expect("stop");
     assert!(!ring.is_started());
 
+    // --- Reconfigured with two queue pairs: net_ring has no RSS (so none is asked
+    // of it) and loops transmit queue i to receive queue i; each queue has its own
+    // handle, usable from its own thread.
+    let two = PortConfig {
+        rx_queues: 2,
+        tx_queues: 2,
+        ..PortConfig::default()
+    };
+    ring.configure(&two, &pool).expect("configure two queues");
+    assert!(!ring.rss_active());
+    ring.start().expect("start");
+    // Counters survive a stop and a start.
+    assert_eq!(
+        ring.stats().expect("stats").rx_packets,
+        BURST_MAX as u64 + 1
+    );
+    ring.reset_stats().expect("reset stats");
+    std::thread::scope(|s| {
+        for q in 0..2u16 {
+            let (mut rx, mut tx) = (
+                ring.rx_queue(QueueId(q)).expect("rx queue"),
+                ring.tx_queue(QueueId(q)).expect("tx queue"),
+            );
+            let pool = &pool;
+            s.spawn(move || {
+                let mut out = Burst::new();
+                for i in 0..8 {
+                    let mut m = pool.alloc().expect("alloc");
+                    m.append(16).expect("append").fill(q as u8 * 100 + i);
+                    out.push(m).expect("room");
+                }
+                assert_eq!(tx.tx_burst(&mut out), 8);
+                let mut got = Burst::new();
+                rx_until(&mut rx, &mut got, 8);
+                let firsts: Vec<u8> = got.drain().map(|m| m.data()[0]).collect();
+                let want: Vec<u8> = (0..8).map(|i| q as u8 * 100 + i).collect();
+                assert_eq!(firsts, want, "queue {q} got its own packets, in order");
+            });
+        }
+    });
+    assert_eq!(ring.stats().expect("stats").rx_packets, 16);
+    ring.stop().expect("stop");
+    assert_eq!(pool.available(), free_at_start);
+
+    // A second pool of the same name is an error value from DPDK.
+    match Mempool::new(&eal, "test_pool", 63, 0, Mempool::DEFAULT_DATA_ROOM) {
+        Err(Error::Dpdk { call, errno, .. }) => {
+            assert_eq!((call, errno), ("rte_pktmbuf_pool_create", 17), "EEXIST")
+        }
+        other => panic!("duplicate pool name: {other:?}"),
+    }
+
     // --- net_null: transmit counts in stats (the driver frees what it sends).
     let null_id = eal.port_by_name("net_null0").expect("net_null0");
     let mut null = eal.port(null_id).expect("port");

@@ -21,12 +21,16 @@
 mod eal;
 mod error;
 mod mbuf;
+#[cfg(feature = "dpdk")]
+pub mod phy;
 mod port;
 mod sys;
 
 pub use eal::Eal;
 pub use error::{Error, Result};
 pub use mbuf::{Burst, Drain, Mbuf, Mempool, BURST_MAX};
+#[cfg(feature = "dpdk")]
+pub use phy::{MbufDevice, PhyStats};
 pub use port::{Link, MacAddr, Port, PortConfig, PortId, PortStats, QueueId, RxQueue, TxQueue};
 
 /// Whether this build has DPDK linked in (the `dpdk` feature).

@@ -100,20 +100,29 @@ fn client(go: mpsc::Receiver<Ipv4Addr>, data: Vec<u8>) -> std::io::Result<Client
     udp.set_read_timeout(Some(Duration::from_millis(500)))?;
     let datagram = seeded(7, 1200);
     let mut udp_echo_ok = false;
-    // The first datagram may wait on ARP; retry a few times.
-    for _ in 0..20 {
+    // The first datagram may wait on ARP; resend after each read timeout. net_tap
+    // raises SIGIO when the kernel writes to the tap, which interrupts blocking calls
+    // of any thread of the process: read again then (std's read_to_end and write_all
+    // retry by themselves).
+    let mut buf = [0u8; 2048];
+    'attempts: for _ in 0..20 {
         udp.send_to(&datagram, (peer, UDP_PORT))?;
-        let mut buf = [0u8; 2048];
-        match udp.recv_from(&mut buf) {
-            Ok((n, from)) => {
-                udp_echo_ok =
-                    buf[..n] == datagram[..] && from == SocketAddr::from((peer, UDP_PORT));
-                break;
+        for _ in 0..100 {
+            match udp.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    udp_echo_ok =
+                        buf[..n] == datagram[..] && from == SocketAddr::from((peer, UDP_PORT));
+                    break 'attempts;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    continue 'attempts
+                }
+                Err(e) => return Err(e),
             }
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(e) => return Err(e),
         }
     }
 

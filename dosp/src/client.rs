@@ -255,10 +255,14 @@ impl Client {
                         self.end -= self.start;
                         self.start = 0;
                     }
-                    let n = self
-                        .stream
-                        .read(&mut self.rbuf[self.end..])
-                        .map_err(|e| self.io_err(e))?;
+                    // A signal (DPDK's net_tap raises SIGIO) interrupts the read: read
+                    // again.
+                    let n = loop {
+                        match self.stream.read(&mut self.rbuf[self.end..]) {
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            r => break r.map_err(|e| self.io_err(e))?,
+                        }
+                    };
                     if n == 0 {
                         return Err(ClientError::Closed {
                             node: self.node.clone(),
@@ -895,6 +899,7 @@ fn recv_responses(
         sock.set_read_timeout(Some(left))?;
         let (n, from) = match sock.recv_from(&mut buf) {
             Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e)
                 if matches!(
                     e.kind(),

@@ -14,6 +14,8 @@
 
 pub mod accept;
 pub mod cluster;
+#[cfg(feature = "dpdk")]
+pub mod dpdk_port;
 pub mod mesh;
 pub mod ops;
 pub mod port;

@@ -1,0 +1,770 @@
+//! [`DpdkPort`]: a [`NetPort`] over smoltcp sockets on a DPDK [`MbufDevice`] (the
+//! `dpdk` feature). One dataplane loop owns it, as it owns the device's queues.
+//!
+//! What it holds: a smoltcp [`Interface`] with one static IPv4 address (and optionally a
+//! default gateway) on the port's MAC; a fixed pool of TCP sockets, a few of them kept
+//! listening on the DOSP port; one UDP socket bound to the DOSP address (unicast); and
+//! optionally one UDP socket for the cluster's multicast group, joined through
+//! smoltcp's IGMP support.
+//!
+//! The pool is bounded: `connections_max + LISTENERS` sockets, each with its own
+//! receive and send rings ([`TCP_RX_BYTES`], [`TCP_TX_BYTES`]), all made at start. The
+//! bound matters beyond memory: smoltcp walks every socket of the set for each packet,
+//! so the per-packet cost grows with the pool. Sockets the loop has closed go back to
+//! the pool once smoltcp has finished their close (FIN exchange, or after
+//! [`CLOSE_LINGER`] by a reset). While every socket is taken no socket listens, and
+//! smoltcp answers new SYNs with a reset.
+//!
+//! Mapping of the trait:
+//! - [`NetPort::wait`] busy-polls: each pass runs `Interface::poll` (receive burst →
+//!   sockets → transmit) and flushes the device's transmit burst, then reports the
+//!   listener if a listening socket became established, datagrams if a UDP socket holds
+//!   one, and each connection whose receive queue grew, whose send queue shrank (room
+//!   appeared) or whose TCP state changed since the wait began. It returns as soon as
+//!   something is ready, or when the timeout is over. After [`SPINS_BEFORE_NAP`] passes
+//!   in a row that moved nothing, it naps up to [`NAP`] (less if the timeout is
+//!   sooner) in epoll on the wakeup descriptors, so a disk completion still wakes it at
+//!   once; an idle port so adds up to [`NAP`] to the first packet after a quiet spell.
+//!   It never blocks on the NIC. Timeout zero: one pass.
+//! - [`NetPort::recv`] lends smoltcp's receive ring in place (`tcp::Socket::recv`): no
+//!   copy. When the bytes buffered wrap around the ring's end and the contiguous part
+//!   is shorter than what the trait promises ([`LEND_MIN`]), they are moved into a
+//!   per-connection staging buffer, which is lent instead until it is drained: the only
+//!   copy, at ring wraps.
+//! - [`NetPort::send`] / [`NetPort::send_vectored`] copy into the socket's send ring
+//!   (`send_slice`); it goes out on the next [`NetPort::wait`].
+//! - [`NetPort::close`] closes with a FIN, or with a reset when input is unread (as the
+//!   kernel does); [`NetPort::refuse`] queues the reply, discards the input, and closes.
+//!
+//! Limits: UDP datagrams are at most one frame (no IP fragmentation: 1472 bytes of
+//! payload at the device's MTU); receiving the multicast group also needs the NIC to
+//! pass multicast frames (allmulticast or promiscuous, the caller's to set).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use dpdk::{MacAddr, MbufDevice, PhyStats};
+use mio::{Events, Interest, Poll, Token};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
+
+use super::accept::ACCEPT_BURST;
+use super::port::{ConnId, ConnState, Dgram, NetPort, Ready, Received, RBUF_BYTES};
+
+/// The contiguous bytes [`NetPort::recv`] must lend when that many are buffered: a
+/// header and the largest body.
+pub const LEND_MIN: usize = dosp::wire::Header::SIZE + dosp::wire::BODY_MAX as usize;
+/// Each TCP socket's receive ring (also its advertised window, scaled).
+pub const TCP_RX_BYTES: usize = RBUF_BYTES;
+/// Each TCP socket's send ring.
+pub const TCP_TX_BYTES: usize = 256 * 1024;
+/// Sockets kept listening on the DOSP port while the pool has them (the backlog).
+pub const LISTENERS: usize = 4;
+/// A closed socket that has not finished its close after this is reset and reused.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(30);
+/// smoltcp aborts a connection whose peer acknowledges nothing for this long while
+/// data is in flight.
+const TCP_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
+/// Datagrams each UDP socket buffers per direction, and their payload bytes.
+const UDP_PACKETS: usize = 64;
+const UDP_BYTES: usize = 64 * 1024;
+/// Passes of [`NetPort::wait`] that moved nothing before it naps.
+pub const SPINS_BEFORE_NAP: u32 = 1000;
+/// The longest nap of an idle [`NetPort::wait`].
+pub const NAP: Duration = Duration::from_millis(1);
+
+const _: () = assert!(TCP_RX_BYTES >= LEND_MIN);
+
+/// How a [`DpdkPort`] is set up.
+#[derive(Debug, Clone)]
+pub struct DpdkPortOptions {
+    /// The node's address on this port, with its prefix length.
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+    /// The default route's next hop, if the node talks beyond its subnet.
+    pub gateway: Option<Ipv4Addr>,
+    /// The DOSP port number (TCP listener and UDP unicast).
+    pub port: u16,
+    /// The session table's size; the TCP pool is this plus [`LISTENERS`].
+    pub connections_max: usize,
+    /// Serve UDP unicast on the DOSP address.
+    pub udp_unicast: bool,
+    /// Join this multicast group and serve datagrams sent to it.
+    pub multicast: Option<SocketAddrV4>,
+}
+
+/// What a TCP socket of the pool is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Closed, waiting to be armed.
+    Free,
+    /// In listen state (or in its handshake), not yet handed out.
+    Listening,
+    /// Handed out by [`NetPort::accept`].
+    Conn(ConnId),
+    /// Closed by the loop at this time; smoltcp is finishing the close.
+    Closing(Instant),
+}
+
+/// What [`NetPort::wait`] compares to see that a connection changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    recv_queue: usize,
+    send_queue: usize,
+    state: tcp::State,
+}
+
+#[derive(Debug)]
+struct Slot {
+    handle: SocketHandle,
+    use_: Use,
+    /// Bytes moved out of a wrapped ring, lent before the ring's: `stage[stage_at..]`.
+    stage: Vec<u8>,
+    stage_at: usize,
+    /// Bytes taken out of smoltcp's ring (consumed, or moved to the stage).
+    drained: u64,
+    /// Bytes already reported as arrived.
+    reported: u64,
+    /// The state at the start of the current wait.
+    seen: Seen,
+}
+
+impl Slot {
+    fn staged(&self) -> usize {
+        self.stage.len() - self.stage_at
+    }
+}
+
+/// smoltcp's TCP and UDP sockets over one DPDK device. See the module docs.
+pub struct DpdkPort<'p, 'e> {
+    device: MbufDevice<'p, 'e>,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    slots: Vec<Slot>,
+    conns: HashMap<ConnId, usize>,
+    next_conn: u64,
+    listen: IpListenEndpoint,
+    local: SocketAddr,
+    udp_unicast: Option<SocketHandle>,
+    udp_multicast: Option<(SocketHandle, SocketAddrV4)>,
+    /// Where smoltcp's clock starts.
+    epoch: Instant,
+    /// The last accept pass stopped at its bound.
+    accept_more: bool,
+    /// Epoll on the wakeup descriptors (disk completions), if any were registered.
+    wakeups: Option<(Poll, Events)>,
+}
+
+impl std::fmt::Debug for DpdkPort<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DpdkPort")
+            .field("local", &self.local)
+            .field("sockets", &self.slots.len())
+            .field("conns", &self.conns.len())
+            .field("device", &self.device.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+fn tcp_socket() -> tcp::Socket<'static> {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; TCP_RX_BYTES]),
+        tcp::SocketBuffer::new(vec![0; TCP_TX_BYTES]),
+    );
+    s.set_nagle_enabled(false);
+    s.set_timeout(Some(TCP_TIMEOUT));
+    s
+}
+
+fn udp_socket() -> udp::Socket<'static> {
+    udp::Socket::new(
+        udp::PacketBuffer::new(
+            vec![udp::PacketMetadata::EMPTY; UDP_PACKETS],
+            vec![0; UDP_BYTES],
+        ),
+        udp::PacketBuffer::new(
+            vec![udp::PacketMetadata::EMPTY; UDP_PACKETS],
+            vec![0; UDP_BYTES],
+        ),
+    )
+}
+
+fn invalid(what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what.to_string())
+}
+
+/// The peer's FIN has been received (states reached only through it).
+fn fin_received(state: tcp::State) -> bool {
+    matches!(
+        state,
+        tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing | tcp::State::TimeWait
+    )
+}
+
+impl<'p, 'e> DpdkPort<'p, 'e> {
+    /// A port on `device` (whose queues belong to a started DPDK port with MAC `mac`).
+    /// Errors are configuration errors (a bad address or group).
+    pub fn new(
+        mut device: MbufDevice<'p, 'e>,
+        mac: MacAddr,
+        opts: &DpdkPortOptions,
+    ) -> io::Result<DpdkPort<'p, 'e>> {
+        if opts.port == 0 {
+            return Err(invalid("the DOSP port number must not be 0"));
+        }
+        let epoch = Instant::now();
+        let config = Config::new(EthernetAddress(mac.0).into());
+        let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::ZERO);
+        let cidr = IpCidr::new(IpAddress::Ipv4(opts.addr), opts.prefix_len);
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(cidr);
+        });
+        if let Some(gw) = opts.gateway {
+            iface
+                .routes_mut()
+                .add_default_ipv4_route(gw)
+                .map_err(|e| invalid(format!("default route via {gw}: {e:?}")))?;
+        }
+        let mut sockets = SocketSet::new(Vec::new());
+        // The multicast socket comes first: smoltcp gives a datagram to the first socket
+        // that accepts it, and the unicast one would accept the group's datagrams too
+        // when both use the same port number.
+        let udp_multicast = match opts.multicast {
+            Some(group) => {
+                iface
+                    .join_multicast_group(IpAddress::Ipv4(*group.ip()))
+                    .map_err(|e| invalid(format!("multicast group {group}: {e}")))?;
+                let mut s = udp_socket();
+                s.bind(IpEndpoint::new(IpAddress::Ipv4(*group.ip()), group.port()))
+                    .map_err(|e| invalid(format!("multicast socket {group}: {e}")))?;
+                Some((sockets.add(s), group))
+            }
+            None => None,
+        };
+        let udp_unicast = if opts.udp_unicast {
+            let mut s = udp_socket();
+            s.bind(IpEndpoint::new(IpAddress::Ipv4(opts.addr), opts.port))
+                .map_err(|e| invalid(format!("UDP socket: {e}")))?;
+            Some(sockets.add(s))
+        } else {
+            None
+        };
+        let listen = IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(opts.addr)),
+            port: opts.port,
+        };
+        let pool = opts.connections_max + LISTENERS;
+        let slots = (0..pool)
+            .map(|_| Slot {
+                handle: sockets.add(tcp_socket()),
+                use_: Use::Free,
+                stage: Vec::new(),
+                stage_at: 0,
+                drained: 0,
+                reported: 0,
+                seen: Seen {
+                    recv_queue: 0,
+                    send_queue: 0,
+                    state: tcp::State::Closed,
+                },
+            })
+            .collect();
+        let local = SocketAddr::from((opts.addr, opts.port));
+        tracing::info!(
+            %local,
+            mac = %mac,
+            tcp_sockets = pool,
+            udp_unicast = opts.udp_unicast,
+            multicast = ?opts.multicast,
+            "DOSP listening on the DPDK port (smoltcp)"
+        );
+        let mut port = DpdkPort {
+            device,
+            iface,
+            sockets,
+            slots,
+            conns: HashMap::new(),
+            next_conn: 1,
+            listen,
+            local,
+            udp_unicast,
+            udp_multicast,
+            epoch,
+            accept_more: false,
+            wakeups: None,
+        };
+        port.arm_listeners();
+        Ok(port)
+    }
+
+    /// The device's counters.
+    pub fn phy_stats(&self) -> PhyStats {
+        self.device.stats()
+    }
+
+    /// TCP sockets of the pool neither free nor listening: connections handed out, and
+    /// closed ones smoltcp is still closing.
+    pub fn sockets_in_use(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s.use_, Use::Conn(_) | Use::Closing(_)))
+            .count()
+    }
+
+    fn stamp(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    /// Puts free sockets in listen state until [`LISTENERS`] listen.
+    fn arm_listeners(&mut self) {
+        let mut listening = self
+            .slots
+            .iter()
+            .filter(|s| s.use_ == Use::Listening)
+            .count();
+        for slot in self.slots.iter_mut() {
+            if listening >= LISTENERS {
+                break;
+            }
+            if slot.use_ != Use::Free {
+                continue;
+            }
+            let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+            match sock.listen(self.listen) {
+                Ok(()) => {
+                    slot.use_ = Use::Listening;
+                    listening += 1;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot listen on a pool socket"),
+            }
+        }
+    }
+
+    /// Frees the sockets whose close finished (or lingered too long: those are reset
+    /// now and freed on a later pass, once the reset went out).
+    fn reclaim(&mut self, now: Instant) {
+        for slot in self.slots.iter_mut() {
+            let Use::Closing(since) = slot.use_ else {
+                continue;
+            };
+            let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+            match sock.state() {
+                // Closed, and its reset (if it was aborted) sent: smoltcp forgot the
+                // peer. A TIME-WAIT socket answers stray FINs until it listens again
+                // (listen() resets it).
+                tcp::State::Closed if sock.remote_endpoint().is_none() => slot.use_ = Use::Free,
+                tcp::State::TimeWait => slot.use_ = Use::Free,
+                tcp::State::Closed => {}
+                _ if now.saturating_duration_since(since) > CLOSE_LINGER => sock.abort(),
+                _ => {}
+            }
+        }
+    }
+
+    fn seen(&self, slot: &Slot) -> Seen {
+        let sock = self.sockets.get::<tcp::Socket>(slot.handle);
+        Seen {
+            recv_queue: sock.recv_queue(),
+            send_queue: sock.send_queue(),
+            state: sock.state(),
+        }
+    }
+
+    /// One pass over the NIC: receive burst, sockets, transmit burst. Whether anything
+    /// moved.
+    fn pass(&mut self) -> bool {
+        let now = self.stamp();
+        let r = self.iface.poll(now, &mut self.device, &mut self.sockets);
+        let sent = self.device.flush();
+        self.reclaim(Instant::now());
+        self.arm_listeners();
+        r == PollResult::SocketStateChanged || sent > 0 || self.device.tx_pending() > 0
+    }
+
+    /// Appends what is ready now (see the module docs).
+    fn collect(&mut self, ready: &mut Vec<Ready>) {
+        let established = self.slots.iter().any(|s| {
+            s.use_ == Use::Listening
+                && matches!(
+                    self.sockets.get::<tcp::Socket>(s.handle).state(),
+                    tcp::State::Established | tcp::State::CloseWait
+                )
+        });
+        if established || self.accept_more {
+            ready.push(Ready::Listener);
+        }
+        let datagrams = self
+            .udp_unicast
+            .into_iter()
+            .chain(self.udp_multicast.map(|(h, _)| h))
+            .any(|h| self.sockets.get::<udp::Socket>(h).can_recv());
+        if datagrams {
+            ready.push(Ready::Datagrams);
+        }
+        for slot in &self.slots {
+            if let Use::Conn(id) = slot.use_ {
+                if self.seen(slot) != slot.seen {
+                    ready.push(Ready::Conn(id));
+                }
+            }
+        }
+    }
+
+    /// Reports fired wakeup descriptors, waiting at most `timeout` for one; sleeps
+    /// `timeout` when none is registered.
+    fn wakeups(&mut self, timeout: Duration, ready: &mut Vec<Ready>) -> io::Result<()> {
+        let Some((poll, events)) = self.wakeups.as_mut() else {
+            if !timeout.is_zero() {
+                std::thread::sleep(timeout);
+            }
+            return Ok(());
+        };
+        match poll.poll(events, Some(timeout)) {
+            Ok(()) => {}
+            // net_tap raises SIGIO when the kernel writes to the tap.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        for ev in events.iter() {
+            ready.push(Ready::Wakeup(ev.token().0));
+        }
+        Ok(())
+    }
+
+    fn slot_of(&self, conn: ConnId) -> io::Result<usize> {
+        self.conns
+            .get(&conn)
+            .copied()
+            .ok_or_else(|| io::ErrorKind::NotConnected.into())
+    }
+
+    /// Moves up to `room` bytes from the slot's ring to its stage (both halves of a
+    /// wrapped ring).
+    fn stage_in(&mut self, ix: usize, room: usize) {
+        let slot = &mut self.slots[ix];
+        if slot.stage_at > 0 {
+            slot.stage.drain(..slot.stage_at);
+            slot.stage_at = 0;
+        }
+        let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+        let mut left = room;
+        for _ in 0..2 {
+            if left == 0 || sock.recv_queue() == 0 {
+                break;
+            }
+            let stage = &mut slot.stage;
+            let n = sock
+                .recv(|buf| {
+                    let n = buf.len().min(left);
+                    stage.extend_from_slice(&buf[..n]);
+                    (n, n)
+                })
+                .unwrap_or(0);
+            slot.drained += n as u64;
+            left -= n;
+        }
+    }
+}
+
+impl NetPort for DpdkPort<'_, '_> {
+    fn now(&mut self) -> Instant {
+        Instant::now()
+    }
+
+    fn wait(&mut self, timeout: Duration, ready: &mut Vec<Ready>) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        for ix in 0..self.slots.len() {
+            if matches!(self.slots[ix].use_, Use::Conn(_)) {
+                self.slots[ix].seen = self.seen(&self.slots[ix]);
+            }
+        }
+        let before = ready.len();
+        let mut idle = 0u32;
+        loop {
+            let moved = self.pass();
+            self.collect(ready);
+            if self.wakeups.is_some() {
+                self.wakeups(Duration::ZERO, ready)?;
+            }
+            let now = Instant::now();
+            if ready.len() > before || now >= deadline {
+                return Ok(());
+            }
+            if moved {
+                idle = 0;
+                continue;
+            }
+            idle += 1;
+            if idle < SPINS_BEFORE_NAP {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Nothing moved for a while: nap, unless smoltcp has a timer due sooner.
+            let mut nap = NAP.min(deadline - now);
+            if let Some(d) = self.iface.poll_delay(self.stamp(), &self.sockets) {
+                nap = nap.min(Duration::from_micros(d.total_micros()));
+            }
+            self.wakeups(nap, ready)?;
+            if ready.len() > before {
+                return Ok(());
+            }
+        }
+    }
+
+    fn register_wakeup(&mut self, fd: RawFd, key: usize) -> io::Result<()> {
+        if self.wakeups.is_none() {
+            self.wakeups = Some((Poll::new()?, Events::with_capacity(64)));
+        }
+        let (poll, _) = self.wakeups.as_ref().expect("made above");
+        poll.registry().register(
+            &mut mio::unix::SourceFd(&fd),
+            Token(key),
+            Interest::READABLE,
+        )
+    }
+
+    fn accept(&mut self, new: &mut Vec<(ConnId, SocketAddr)>) {
+        self.accept_more = false;
+        let mut taken = 0;
+        for ix in 0..self.slots.len() {
+            if self.slots[ix].use_ != Use::Listening {
+                continue;
+            }
+            let sock = self.sockets.get::<tcp::Socket>(self.slots[ix].handle);
+            if !matches!(
+                sock.state(),
+                tcp::State::Established | tcp::State::CloseWait
+            ) {
+                continue;
+            }
+            let Some(peer) = sock.remote_endpoint() else {
+                continue;
+            };
+            if taken == ACCEPT_BURST {
+                self.accept_more = true;
+                break;
+            }
+            taken += 1;
+            let id = ConnId(self.next_conn);
+            self.next_conn += 1;
+            let slot = &mut self.slots[ix];
+            slot.use_ = Use::Conn(id);
+            slot.stage.clear();
+            slot.stage_at = 0;
+            slot.drained = 0;
+            slot.reported = 0;
+            self.conns.insert(id, ix);
+            new.push((id, SocketAddr::from(peer)));
+        }
+        // A replacement listens for each socket taken, while the pool has one.
+        self.arm_listeners();
+    }
+
+    fn accept_due(&self) -> Option<Instant> {
+        self.accept_more.then(Instant::now)
+    }
+
+    fn recv<F: FnOnce(&[u8]) -> usize>(&mut self, conn: ConnId, f: F) -> io::Result<Received> {
+        let ix = self.slot_of(conn)?;
+        let handle = self.slots[ix].handle;
+        let (state, queued, contiguous) = {
+            let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+            let queued = sock.recv_queue();
+            let contiguous = if queued > 0 {
+                sock.peek(queued).map(|b| b.len()).unwrap_or(0)
+            } else {
+                0
+            };
+            (sock.state(), queued, contiguous)
+        };
+        let staged = self.slots[ix].staged();
+        if state == tcp::State::Closed && queued == 0 && staged == 0 {
+            // Reset by the peer, or timed out: nothing more will come.
+            return Err(io::ErrorKind::ConnectionReset.into());
+        }
+        let slot = &mut self.slots[ix];
+        let total = slot.drained + queued as u64;
+        let arrived = (total - slot.reported) as usize;
+        slot.reported = total;
+        let lent_all;
+        if staged > 0 || contiguous < queued.min(LEND_MIN) {
+            // A wrapped ring (or a stage being drained): lend the stage, topped up to
+            // LEND_MIN bytes.
+            if staged < LEND_MIN && queued > 0 {
+                self.stage_in(ix, LEND_MIN - staged);
+            }
+            let slot = &mut self.slots[ix];
+            let lent = &slot.stage[slot.stage_at..];
+            let n = f(lent).min(lent.len());
+            lent_all = self.sockets.get::<tcp::Socket>(handle).recv_queue() == 0;
+            slot.stage_at += n;
+            if slot.stage_at == slot.stage.len() {
+                slot.stage.clear();
+                slot.stage_at = 0;
+            }
+        } else {
+            let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+            let mut f = Some(f);
+            let mut lent_len = 0;
+            let n = if queued > 0 {
+                sock.recv(|buf| {
+                    lent_len = buf.len();
+                    let n = f.take().map_or(0, |f| f(buf)).min(buf.len());
+                    (n, n)
+                })
+                .unwrap_or(0)
+            } else {
+                0
+            };
+            if let Some(f) = f {
+                f(&[]);
+            }
+            lent_all = lent_len == queued;
+            self.slots[ix].drained += n as u64;
+        }
+        Ok(Received {
+            arrived,
+            peer_closed: fin_received(state) && lent_all,
+        })
+    }
+
+    fn send(&mut self, conn: ConnId, data: &[u8]) -> io::Result<usize> {
+        self.send_vectored(conn, &[io::IoSlice::new(data)])
+    }
+
+    fn send_vectored(&mut self, conn: ConnId, data: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let ix = self.slot_of(conn)?;
+        let sock = self.sockets.get_mut::<tcp::Socket>(self.slots[ix].handle);
+        let mut taken = 0;
+        for d in data {
+            match sock.send_slice(d) {
+                Ok(n) => {
+                    taken += n;
+                    if n < d.len() {
+                        break;
+                    }
+                }
+                Err(_) if taken > 0 => break,
+                Err(_) if sock.state() == tcp::State::Closed => {
+                    return Err(io::ErrorKind::ConnectionReset.into())
+                }
+                Err(_) => return Err(io::ErrorKind::BrokenPipe.into()),
+            }
+        }
+        if taken == 0 && data.iter().any(|d| !d.is_empty()) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(taken)
+    }
+
+    fn conn_state(&mut self, conn: ConnId) -> ConnState {
+        let Ok(ix) = self.slot_of(conn) else {
+            return ConnState::default();
+        };
+        let slot = &self.slots[ix];
+        let sock = self.sockets.get::<tcp::Socket>(slot.handle);
+        ConnState {
+            unread_input: slot.staged() > 0 || sock.recv_queue() > 0,
+            peer_closed: fin_received(sock.state()),
+        }
+    }
+
+    fn refuse(&mut self, conn: ConnId, reply: &[u8]) {
+        let Some(ix) = self.conns.remove(&conn) else {
+            return;
+        };
+        let slot = &mut self.slots[ix];
+        let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+        let _ = sock.send_slice(reply);
+        // Discard what the peer sent (at most the ring: both halves), so the close is
+        // a FIN; what comes later is dropped by the closing socket's window.
+        for _ in 0..2 {
+            let _ = sock.recv(|buf| (buf.len(), ()));
+        }
+        sock.close();
+        slot.stage.clear();
+        slot.stage_at = 0;
+        slot.use_ = Use::Closing(Instant::now());
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        let Some(ix) = self.conns.remove(&conn) else {
+            return;
+        };
+        let slot = &mut self.slots[ix];
+        let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+        if slot.staged() > 0 || sock.recv_queue() > 0 {
+            // Unread input: a reset, as the kernel sends.
+            sock.abort();
+        } else {
+            sock.close();
+        }
+        slot.stage.clear();
+        slot.stage_at = 0;
+        slot.use_ = Use::Closing(Instant::now());
+    }
+
+    fn recv_datagram(
+        &mut self,
+        via: Dgram,
+        buf: &mut [u8],
+    ) -> io::Result<Option<(usize, SocketAddr)>> {
+        let handle = match via {
+            Dgram::Unicast => self.udp_unicast,
+            Dgram::Multicast => self.udp_multicast.map(|(h, _)| h),
+        };
+        let Some(handle) = handle else {
+            return Ok(None);
+        };
+        let sock = self.sockets.get_mut::<udp::Socket>(handle);
+        for _ in 0..UDP_PACKETS {
+            match sock.recv_slice(buf) {
+                Ok((n, meta)) => return Ok(Some((n, SocketAddr::from(meta.endpoint)))),
+                // Longer than the caller's buffer: dropped, as nothing sent to a node
+                // is that long; look at the next.
+                Err(udp::RecvError::Truncated) => continue,
+                Err(udp::RecvError::Exhausted) => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    fn send_datagram(&mut self, via: Dgram, data: &[u8], to: SocketAddr) -> io::Result<usize> {
+        let handle = match via {
+            Dgram::Unicast => self.udp_unicast,
+            Dgram::Multicast => self.udp_multicast.map(|(h, _)| h),
+        };
+        let Some(handle) = handle else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let SocketAddr::V4(to4) = to else {
+            return Err(invalid(format!("cannot send to {to}: IPv4 only")));
+        };
+        let mut meta = udp::UdpMetadata::from(IpEndpoint::from(to4));
+        // The multicast socket is bound to the group: send from the node's address.
+        meta.local_address = self.local_addr_ip();
+        let sock = self.sockets.get_mut::<udp::Socket>(handle);
+        match sock.send_slice(data, meta) {
+            Ok(()) => Ok(data.len()),
+            Err(udp::SendError::BufferFull) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(udp::SendError::Unaddressable) => Err(invalid(format!("cannot send to {to}"))),
+        }
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+impl DpdkPort<'_, '_> {
+    fn local_addr_ip(&self) -> Option<IpAddress> {
+        match self.local {
+            SocketAddr::V4(a) => Some(IpAddress::Ipv4(*a.ip())),
+            SocketAddr::V6(_) => None,
+        }
+    }
+}

@@ -43,6 +43,13 @@ echo "==> cargo clippy -p dpdk --features dpdk"
 cargo clippy -p dpdk --features dpdk --all-targets --locked -- -D warnings
 echo "==> cargo test -p dpdk --features dpdk"
 cargo test -p dpdk --features dpdk --locked 2>&1 | tee -a "$log"
+# The dataplane loop over DpdkPort (smoltcp on mbufs) served to the kernel through a
+# net_tap vdev (root; it says SKIPPED otherwise). Its own test binary: EAL is once per
+# process.
+echo "==> cargo clippy -p dataplane --features dpdk"
+cargo clippy -p dataplane --features dpdk --all-targets --locked -- -D warnings
+echo "==> cargo test -p dataplane --features dpdk (dpdk_port)"
+cargo test -p dataplane --features dpdk --locked --test dpdk_port -- --test-threads=1 2>&1 | tee -a "$log"
 echo "==> fuzz (bounded)"
 ./scripts/fuzz.sh "${DOSD_FUZZ_SECS:-20}"
 

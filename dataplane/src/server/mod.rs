@@ -259,6 +259,11 @@ impl<P: NetPort> Server<P> {
         Ok(self.port.local_addr())
     }
 
+    /// The loop's network port (its counters, for tests and diagnostics).
+    pub fn port(&self) -> &P {
+        &self.port
+    }
+
     /// Runs until `stop` is set, then checkpoints the store and returns it.
     pub fn run(mut self, stop: &AtomicBool) -> io::Result<Shards> {
         self.publish_index_figures();

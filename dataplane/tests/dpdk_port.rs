@@ -1,0 +1,438 @@
+//! A whole dataplane loop (`Server::with_port`) over [`DpdkPort`]: smoltcp on DPDK mbufs
+//! through a `net_tap` vdev, served to the kernel's TCP/IP stack on the tap's other
+//! side. The ordinary DOSP client pings, stores (one object over 1 MiB), retrieves
+//! whole and by range, deletes; a raw datagram asks LOCATE over UDP.
+//!
+//! Needs root (the tap device, `ip` and `sysctl` on it); without it the test says so
+//! and passes without running. CI runs it as root. EAL is once per process and
+//! net_tap raises SIGIO in it, so this file is its own test binary with one test.
+
+#![cfg(feature = "dpdk")]
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use dataplane::node::{Addresses, NodeState};
+use dataplane::server::dpdk_port::{DpdkPort, DpdkPortOptions};
+use dataplane::server::shards::{build_directories, Shards};
+use dataplane::server::{Server, ServerConfig};
+use dataplane::store::{Store, StoreConfig};
+use dosp::client::{Client, ClientError};
+use dosp::codec::encode_request;
+use dosp::wire::{Header, LocateIn, LocateOut, Opcode, Status};
+use dosp::Fingerprint;
+use dpdk::{Eal, MbufDevice, Mempool, PortConfig, QueueId};
+use nvme::mem::MemDisk;
+use rand::{RngCore, SeedableRng};
+use zerocopy::{FromBytes, IntoBytes};
+
+const MIB: u64 = 1 << 20;
+const DOSP_PORT: u16 = 9111;
+/// The server loop runs at most this long, whatever happens.
+const DEADLINE: Duration = Duration::from_secs(120);
+/// The client's connect and read timeout.
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// Sets the stop flag when dropped, so a failing client still ends the server.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What the server thread reports when its loop ended.
+#[derive(Debug)]
+struct ServerReport {
+    turns: u64,
+    phy: dpdk::PhyStats,
+    sockets_in_use: usize,
+}
+
+/// The server's side, on its own thread (EAL pins it to lcore 0): EAL, the tap, the
+/// kernel side's address, the port, and the loop until `stop` (or `DEADLINE`).
+fn serve(
+    iface_name: String,
+    (kernel_ip, node_ip): (Ipv4Addr, Ipv4Addr),
+    shards: Shards,
+    end: dataplane::handle::DataplaneEnd,
+    cfg: ServerConfig,
+    up: mpsc::Sender<Result<(), String>>,
+    stop: Arc<AtomicBool>,
+) -> Result<ServerReport, String> {
+    let fail = |up: &mpsc::Sender<Result<(), String>>, e: String| {
+        let _ = up.send(Err(e.clone()));
+        e
+    };
+    let vdev = format!("--vdev=net_tap0,iface={iface_name}");
+    let eal = Eal::init([
+        "-l",
+        "0",
+        "--no-huge",
+        "-m",
+        "512",
+        "--no-pci",
+        "--no-shconf",
+        "--no-telemetry",
+        "--log-level=warning",
+        vdev.as_str(),
+    ])
+    .map_err(|e| fail(&up, format!("EAL init: {e}")))?;
+    let pool = Mempool::new(&eal, "dport_pool", 8191, 64, Mempool::DEFAULT_DATA_ROOM)
+        .map_err(|e| fail(&up, format!("pool: {e}")))?;
+    let port_id = eal
+        .port_by_name("net_tap0")
+        .map_err(|e| fail(&up, format!("net_tap0: {e}")))?;
+    let mut port = eal
+        .port(port_id)
+        .map_err(|e| fail(&up, format!("port: {e}")))?;
+    port.configure(&PortConfig::default(), &pool)
+        .map_err(|e| fail(&up, format!("configure: {e}")))?;
+    port.start().map_err(|e| fail(&up, format!("start: {e}")))?;
+    let mac = port.mac().map_err(|e| fail(&up, format!("mac: {e}")))?;
+    // The kernel side: no IPv6 (no ND noise), an address, up.
+    let kernel = [
+        (
+            "sysctl",
+            vec![
+                "-qw".to_owned(),
+                format!("net.ipv6.conf.{iface_name}.disable_ipv6=1"),
+            ],
+        ),
+        (
+            "ip",
+            vec![
+                "addr".to_owned(),
+                "add".to_owned(),
+                format!("{kernel_ip}/24"),
+                "dev".to_owned(),
+                iface_name.clone(),
+            ],
+        ),
+        (
+            "ip",
+            vec![
+                "link".to_owned(),
+                "set".to_owned(),
+                iface_name.clone(),
+                "up".to_owned(),
+            ],
+        ),
+    ];
+    for (cmd, args) in &kernel {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(cmd, &args).map_err(|e| fail(&up, e))?;
+    }
+    let rx = port
+        .rx_queue(QueueId(0))
+        .map_err(|e| fail(&up, format!("rx queue: {e}")))?;
+    let tx = port
+        .tx_queue(QueueId(0))
+        .map_err(|e| fail(&up, format!("tx queue: {e}")))?;
+    let device = MbufDevice::new(rx, tx, &pool);
+    let opts = DpdkPortOptions {
+        addr: node_ip,
+        prefix_len: 24,
+        gateway: None,
+        port: DOSP_PORT,
+        connections_max: cfg.connections_max,
+        udp_unicast: true,
+        multicast: Some(cfg.multicast_group),
+    };
+    let dport = DpdkPort::new(device, mac, &opts).map_err(|e| fail(&up, format!("port: {e}")))?;
+    let mut server = Server::with_port(dport, cfg, shards, end)
+        .map_err(|e| fail(&up, format!("server: {e}")))?;
+    let _ = up.send(Ok(()));
+
+    let start = Instant::now();
+    let mut turns = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        if start.elapsed() > DEADLINE {
+            return Err(format!("the client did not finish in {DEADLINE:?}"));
+        }
+        server.turn().map_err(|e| format!("turn: {e}"))?;
+        turns += 1;
+    }
+    // Let the last replies and FINs out.
+    for _ in 0..1000 {
+        server.turn().map_err(|e| format!("turn: {e}"))?;
+    }
+    let report = ServerReport {
+        turns,
+        phy: server.port().phy_stats(),
+        sockets_in_use: server.port().sockets_in_use(),
+    };
+    server.shut_down();
+    Ok(report)
+}
+
+fn seeded(seed: u64, n: usize) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; n];
+    rng.fill_bytes(&mut v);
+    v
+}
+
+/// One LOCATE over UDP unicast, resent until answered (bounded); retried reads when a
+/// signal (net_tap's SIGIO) interrupts them.
+/// A LOCATE request is already a third of its answer's size (the UDP reply-size rule).
+fn udp_locate(node: SocketAddr, fp: &Fingerprint) -> Result<(u16, u64), String> {
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| format!("timeout: {e}"))?;
+    let mut buf = [0u8; 2048];
+    for attempt in 0..20u64 {
+        let id = 700 + attempt;
+        let mut msg = Vec::new();
+        encode_request(
+            &mut msg,
+            Opcode::Locate,
+            id,
+            0,
+            LocateIn { fingerprint: *fp }.as_bytes(),
+        );
+        sock.send_to(&msg, node).map_err(|e| format!("send: {e}"))?;
+        for _ in 0..100 {
+            match sock.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    let Ok((h, body)) = Header::read_from_prefix(&buf[..n]) else {
+                        continue;
+                    };
+                    if from != node || h.request_id.get() != id {
+                        continue;
+                    }
+                    let Ok((out, _)) = LocateOut::read_from_prefix(body) else {
+                        // An error answer is an OutHead alone.
+                        let status = dosp::wire::OutHead::read_from_prefix(body)
+                            .map(|(h, _)| h.status.get())
+                            .map_err(|_| format!("short LOCATE answer ({n} bytes)"))?;
+                        return Ok((status, 0));
+                    };
+                    return Ok((out.head.status.get(), out.object_len.get()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => return Err(format!("recv: {e}")),
+            }
+        }
+    }
+    Err("no LOCATE answer over UDP".into())
+}
+
+/// The kernel side's DOSP session; every check returns an error rather than panic, so
+/// the server is stopped and its report shown.
+fn client_session(node: SocketAddr) -> Result<String, String> {
+    let objects = [
+        seeded(1, 1000),
+        seeded(2, 100_000),
+        seeded(3, (MIB + MIB / 2 + 12_345) as usize),
+        seeded(4, 3 * MIB as usize),
+    ];
+    let mut c = Client::connect(&node.to_string(), IO_TIMEOUT).map_err(|e| e.to_string())?;
+    let pong = c.ping().map_err(|e| format!("NULL: {e}"))?;
+    let mut fps = Vec::new();
+    for data in &objects {
+        let stored = c
+            .store_bytes(data)
+            .map_err(|e| format!("STORE of {} bytes: {e}", data.len()))?;
+        if stored.fingerprint != Fingerprint::of(data) || stored.refcount != 1 {
+            return Err(format!("STORE answered {stored:?}"));
+        }
+        fps.push(stored.fingerprint);
+    }
+    for (fp, data) in fps.iter().zip(&objects) {
+        let mut got = Vec::new();
+        let len = c
+            .retrieve(fp, &mut got, &mut |_, _| {})
+            .map_err(|e| format!("RETRIEVE of {} bytes: {e}", data.len()))?;
+        if len != data.len() as u64 || got != *data {
+            return Err(format!(
+                "RETRIEVE gave {} bytes, not the {} stored",
+                got.len(),
+                data.len()
+            ));
+        }
+    }
+    // Ranges of the large object: inside, across chunk boundaries, to its end.
+    let big = &objects[2];
+    for (offset, len) in [
+        (0u64, 1u64),
+        (12_345, 700_000),
+        (MIB - 10, 20),
+        (big.len() as u64 - 5000, 5000),
+    ] {
+        let mut part = Vec::new();
+        c.retrieve_range(&fps[2], offset, len, &mut part)
+            .map_err(|e| format!("RETRIEVE_RANGE {offset}+{len}: {e}"))?;
+        if part[..] != big[offset as usize..(offset + len) as usize] {
+            return Err(format!("RETRIEVE_RANGE {offset}+{len}: wrong bytes"));
+        }
+    }
+    // LOCATE over UDP unicast: found, with its length.
+    let (status, len) = udp_locate(node, &fps[2])?;
+    if status != Status::Success as u16 || len != big.len() as u64 {
+        return Err(format!("UDP LOCATE: status {status}, length {len}"));
+    }
+    for fp in &fps {
+        let refs = c.delete(fp).map_err(|e| format!("DELETE: {e}"))?;
+        if refs != 0 {
+            return Err(format!("DELETE left {refs} references"));
+        }
+    }
+    match c.retrieve(&fps[0], &mut Vec::new(), &mut |_, _| {}) {
+        Err(ClientError::NotFound { .. }) => {}
+        other => return Err(format!("a deleted object is still served: {other:?}")),
+    }
+    let (status, _) = udp_locate(node, &fps[2])?;
+    if status != Status::NotFound as u16 {
+        return Err(format!("UDP LOCATE of a deleted object: status {status}"));
+    }
+    // A second connection, after the first closed: a fresh socket from the pool.
+    drop(c);
+    let mut c = Client::connect(&node.to_string(), IO_TIMEOUT).map_err(|e| e.to_string())?;
+    c.ping()
+        .map_err(|e| format!("NULL on a second connection: {e}"))?;
+    Ok(format!(
+        "NULL (chunk_max {}), {} objects stored, retrieved whole and by range, located over \
+         UDP, deleted",
+        pong.chunk_max,
+        objects.len()
+    ))
+}
+
+#[test]
+fn dpdk_port_serves_dosp_to_the_kernel_through_a_tap() {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED: dpdk_port needs root (a tap device, ip and sysctl on it); CI runs as root"
+        );
+        return;
+    }
+    // Unique per process, so concurrent runs (other worktrees, CI) do not collide: an
+    // interface name of at most 15 bytes and a /24 of its own (not tap_tcp's).
+    let pid = std::process::id();
+    let iface_name = format!("dosdport{}", pid % 100_000);
+    let net = (pid % 200 + 20) as u8;
+    let kernel_ip = Ipv4Addr::new(10, 98, net, 1);
+    let node_ip = Ipv4Addr::new(10, 98, net, 2);
+    let node = SocketAddr::from((node_ip, DOSP_PORT));
+    let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 73, 250), DOSP_PORT + 1);
+
+    // The store, as tests.rs builds it: one region of a memory disk, one loop.
+    let disk = MemDisk::new(64 * MIB + MIB, 1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let label = dataplane::store::label::open_or_label(&mut disk.device(), Some(1), &mut rng)
+        .expect("label");
+    let (base, len) = label.region(0);
+    let region = nvme::Region::new(disk.device(), base, len).expect("region");
+    let store_cfg = StoreConfig {
+        max_object_bytes: 8 * MIB,
+        ..StoreConfig::default()
+    };
+    let store = Store::open(vec![Box::new(region)], store_cfg, 7).expect("store");
+    let mut shards = vec![Shards::new(store, None)];
+    build_directories(&mut shards);
+    let shard = shards.pop().expect("one shard");
+    let (handle, mut ends) = dataplane::handle::handle_for(1);
+    let end = ends.remove(0);
+    handle.node.publish(NodeState::new(
+        0x0123_4567_89ab_cdef,
+        None,
+        1,
+        Addresses {
+            dosp: SocketAddrV4::new(node_ip, DOSP_PORT),
+            multicast_group: group,
+            multicast_if: node_ip,
+            mgmt: None,
+        },
+    ));
+    let cfg = ServerConfig {
+        listen: node,
+        multicast_group: group,
+        multicast_if: node_ip,
+        chunk_max: 1 << 20,
+        connections_max: 8,
+        idle_sleep: Duration::from_millis(10),
+        checkpoint_interval: Duration::from_secs(3600),
+        request_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(60),
+        header_timeout: Duration::from_secs(10),
+        transfer_rate_min: 0,
+        test_stall: None,
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (up_tx, up_rx) = mpsc::channel();
+    let server = thread::spawn({
+        let stop = Arc::clone(&stop);
+        let iface_name = iface_name.clone();
+        move || {
+            serve(
+                iface_name,
+                (kernel_ip, node_ip),
+                shard,
+                end,
+                cfg,
+                up_tx,
+                stop,
+            )
+        }
+    });
+    let stopper = StopOnDrop(Arc::clone(&stop));
+    let started = Instant::now();
+    let result = match up_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(())) => client_session(node),
+        Ok(Err(e)) => Err(format!("server did not start: {e}")),
+        Err(e) => Err(format!("server did not start: {e}")),
+    };
+    drop(stopper);
+    let report = server.join().expect("server thread");
+    let elapsed = started.elapsed();
+    let summary = result.unwrap_or_else(|e| panic!("client: {e}; server: {report:?}"));
+    let report = report.unwrap_or_else(|e| panic!("server: {e}"));
+    assert_eq!(report.phy.rx_dropped, 0, "{report:?}");
+    assert_eq!(report.phy.tx_no_mbuf, 0, "{report:?}");
+    assert_eq!(report.phy.tx_dropped, 0, "{report:?}");
+    eprintln!(
+        "dpdk_port: {iface_name}, node {node}: {summary} in {elapsed:.2?}; {} loop turns, \
+         {} TCP sockets still in use at the end; device {:?}",
+        report.turns, report.sockets_in_use, report.phy
+    );
+}

@@ -183,8 +183,12 @@ fn serve(
         server.turn().map_err(|e| format!("turn: {e}"))?;
         turns += 1;
     }
-    // Let the last replies and FINs out.
-    for _ in 0..1000 {
+    // Let the last replies and FINs out: until every socket is back in the pool, for
+    // at most 300 turns (an idle turn waits up to idle_sleep).
+    for _ in 0..300 {
+        if server.port().sockets_in_use() == 0 {
+            break;
+        }
         server.turn().map_err(|e| format!("turn: {e}"))?;
     }
     let report = ServerReport {

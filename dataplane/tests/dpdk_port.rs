@@ -262,7 +262,11 @@ fn udp_locate(node: SocketAddr, fp: &Fingerprint) -> Result<(u16, u64), String> 
 
 /// The kernel side's DOSP session; every check returns an error rather than panic, so
 /// the server is stopped and its report shown.
-fn client_session(node: SocketAddr) -> Result<String, String> {
+fn client_session(
+    node: SocketAddr,
+    group: SocketAddrV4,
+    kernel_ip: Ipv4Addr,
+) -> Result<String, String> {
     let objects = [
         seeded(1, 1000),
         seeded(2, 100_000),
@@ -314,6 +318,21 @@ fn client_session(node: SocketAddr) -> Result<String, String> {
     if status != Status::Success as u16 || len != big.len() as u64 {
         return Err(format!("UDP LOCATE: status {status}, length {len}"));
     }
+    // LOCATE to the multicast group (from the tap's kernel address): the node, which
+    // joined the group through smoltcp, answers to the group. Asked again (bounded)
+    // should a datagram be lost.
+    let mut located = Vec::new();
+    for _ in 0..5 {
+        located = dosp::client::locate_multicast(group, kernel_ip, &fps[2], Duration::from_secs(1))
+            .map_err(|e| format!("multicast LOCATE: {e}"))?;
+        if !located.is_empty() {
+            break;
+        }
+    }
+    match located.first() {
+        Some(l) if SocketAddr::V4(l.addr) == node && l.object_len == big.len() as u64 => {}
+        other => return Err(format!("multicast LOCATE answered {other:?}")),
+    }
     for fp in &fps {
         let refs = c.delete(fp).map_err(|e| format!("DELETE: {e}"))?;
         if refs != 0 {
@@ -335,7 +354,7 @@ fn client_session(node: SocketAddr) -> Result<String, String> {
         .map_err(|e| format!("NULL on a second connection: {e}"))?;
     Ok(format!(
         "NULL (chunk_max {}), {} objects stored, retrieved whole and by range, located over \
-         UDP, deleted",
+         UDP unicast and multicast, deleted",
         pong.chunk_max,
         objects.len()
     ))
@@ -357,7 +376,7 @@ fn dpdk_port_serves_dosp_to_the_kernel_through_a_tap() {
     let kernel_ip = Ipv4Addr::new(10, 98, net, 1);
     let node_ip = Ipv4Addr::new(10, 98, net, 2);
     let node = SocketAddr::from((node_ip, DOSP_PORT));
-    let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 73, 250), DOSP_PORT + 1);
+    let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 98, net), DOSP_PORT + 1);
 
     // The store, as tests.rs builds it: one region of a memory disk, one loop.
     let disk = MemDisk::new(64 * MIB + MIB, 1);
@@ -425,7 +444,7 @@ fn dpdk_port_serves_dosp_to_the_kernel_through_a_tap() {
     let result = match up_rx.recv_timeout(Duration::from_secs(60)) {
         Ok(Ok(())) => {
             init = started.elapsed();
-            client_session(node)
+            client_session(node, group, kernel_ip)
         }
         Ok(Err(e)) => Err(format!("server did not start: {e}")),
         Err(e) => Err(format!("server did not start: {e}")),

@@ -8,8 +8,9 @@
 //!   loop whose options say so serves UDP unicast and joins the multicast group.
 //! - `SimPort` (tests, `simnet.rs`): an in-memory, seeded network with partial reads
 //!   and writes, delays, reordering between connections and resets.
-//! - A DPDK + smoltcp port (to come) maps each method onto smoltcp sockets; the notes
-//!   marked "DPDK" say what it must do.
+//! - `DpdkPort` (`dpdk_port.rs`, feature `dpdk`): smoltcp sockets on a DPDK mbuf
+//!   device, each method mapped onto them; the notes marked "DPDK" say what it must do
+//!   (its module docs say how it does it). Not wired into dosd's CLI yet.
 //!
 //! Who calls what. Each loop turn: [`NetPort::wait`] (readiness, sleeping at most the
 //! timeout), [`NetPort::now`] once for the turn's clock, then for each ready item:

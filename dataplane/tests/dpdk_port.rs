@@ -77,6 +77,7 @@ struct ServerReport {
     turns: u64,
     phy: dpdk::PhyStats,
     sockets_in_use: usize,
+    staged_bytes: u64,
 }
 
 /// The server's side, on its own thread (EAL pins it to lcore 0): EAL, the tap, the
@@ -195,6 +196,7 @@ fn serve(
         turns,
         phy: server.port().phy_stats(),
         sockets_in_use: server.port().sockets_in_use(),
+        staged_bytes: server.port().staged_bytes(),
     };
     server.shut_down();
     Ok(report)
@@ -460,7 +462,8 @@ fn dpdk_port_serves_dosp_to_the_kernel_through_a_tap() {
     eprintln!(
         "dpdk_port: {iface_name}, node {node}: EAL and port up in {init:.2?}; {summary} \
          in {elapsed:.2?}; {} loop turns, \
-         {} TCP sockets still in use at the end; device {:?}",
-        report.turns, report.sockets_in_use, report.phy
+         {} TCP sockets still in use at the end, {} received bytes staged at ring wraps; \
+         device {:?}",
+        report.turns, report.sockets_in_use, report.staged_bytes, report.phy
     );
 }

@@ -157,6 +157,8 @@ pub struct DpdkPort<'p, 'e> {
     accept_more: bool,
     /// Epoll on the wakeup descriptors (disk completions), if any were registered.
     wakeups: Option<(Poll, Events)>,
+    /// Received bytes copied into staging buffers (at ring wraps).
+    staged_bytes: u64,
 }
 
 impl std::fmt::Debug for DpdkPort<'_, '_> {
@@ -296,6 +298,7 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             epoch,
             accept_more: false,
             wakeups: None,
+            staged_bytes: 0,
         };
         port.arm_listeners();
         Ok(port)
@@ -304,6 +307,12 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
     /// The device's counters.
     pub fn phy_stats(&self) -> PhyStats {
         self.device.stats()
+    }
+
+    /// Received bytes copied into a staging buffer because smoltcp's ring wrapped
+    /// (every other received byte is lent in place).
+    pub fn staged_bytes(&self) -> u64 {
+        self.staged_bytes
     }
 
     /// TCP sockets of the pool neither free nor listening: connections handed out, and
@@ -465,6 +474,7 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
                 })
                 .unwrap_or(0);
             slot.drained += n as u64;
+            self.staged_bytes += n as u64;
             left -= n;
         }
     }

@@ -13,6 +13,8 @@ use dosp::wire::NodeName;
 use serde::Deserialize;
 
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:7370";
+/// The DOSP port of [`LISTEN_DEFAULT`] (the default with `--net dpdk`).
+pub const LISTEN_PORT_DEFAULT: u16 = 7370;
 pub const MGMT_LISTEN_DEFAULT: &str = "127.0.0.1:7380";
 /// Administratively scoped (RFC 2365) group; "7370" echoes the DOSP port.
 pub const MULTICAST_DEFAULT: &str = "239.255.73.70:7371";
@@ -136,6 +138,20 @@ pub struct Flags {
     /// Health: a dataplane loop silent this long makes the node failing [default: 2000]
     #[arg(long)]
     pub dataplane_stall_ms: Option<u64>,
+    /// Network backend of the dataplane: `kernel` (sockets) or `dpdk` (smoltcp on a
+    /// DPDK port; one loop for now; needs a build with --features dpdk) [default: kernel]
+    #[arg(long, value_name = "kernel|dpdk")]
+    pub net: Option<String>,
+    /// With --net dpdk: the EAL arguments, split on whitespace (e.g. "-l 0 --no-huge -m
+    /// 1024 --no-pci --vdev=net_tap0,iface=dosd0"); DOSP uses the first port
+    #[arg(long, value_name = "EAL ARGS", allow_hyphen_values = true)]
+    pub dpdk_args: Option<String>,
+    /// With --net dpdk: the node's address on the DPDK port, ADDR/PREFIX
+    #[arg(long, value_name = "ADDR/PREFIX")]
+    pub dpdk_ip: Option<String>,
+    /// With --net dpdk: the default route's next hop on the DPDK port (optional)
+    #[arg(long, value_name = "ADDR")]
+    pub dpdk_gateway: Option<Ipv4Addr>,
 
     // Test-only flags, hidden from --help and absent from the config file on purpose: a
     // production node must never carry them. dosd warns loudly at start-up when one is
@@ -184,6 +200,53 @@ pub struct FileConfig {
     pub mgmt_token: Option<String>,
     pub disks_down_max: Option<u16>,
     pub dataplane_stall_ms: Option<u64>,
+    pub net: Option<String>,
+    pub dpdk_args: Option<String>,
+    pub dpdk_ip: Option<String>,
+    pub dpdk_gateway: Option<Ipv4Addr>,
+}
+
+/// The dataplane's network backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Net {
+    /// The kernel's sockets (epoll).
+    Kernel,
+    /// smoltcp on a DPDK port.
+    Dpdk(DpdkNet),
+}
+
+/// `--net dpdk`: how the DPDK port is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DpdkNet {
+    /// EAL arguments (without a program name).
+    pub eal_args: Vec<String>,
+    /// The node's address on the port, and its prefix length.
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// Whether this binary was built with the `dpdk` feature.
+pub const BUILT_WITH_DPDK: bool = cfg!(feature = "dpdk");
+
+/// Parses `ADDR/PREFIX` (IPv4, prefix 1 to 32).
+pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (a, p) = s
+        .trim()
+        .split_once('/')
+        .ok_or_else(|| "expected ADDR/PREFIX, e.g. 10.0.0.2/24".to_string())?;
+    let addr: Ipv4Addr = a
+        .parse()
+        .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+    let prefix: u8 = p
+        .parse()
+        .ok()
+        .filter(|p| (1..=32).contains(p))
+        .ok_or_else(|| format!("prefix {p:?} must be 1 to 32"))?;
+    if addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast() {
+        return Err("must be a unicast address".into());
+    }
+    Ok((addr, prefix))
 }
 
 /// One explicitly named disk.
@@ -233,6 +296,8 @@ pub struct Config {
     pub mgmt_token: Option<String>,
     pub disks_down_max: u16,
     pub dataplane_stall_ms: u64,
+    /// The dataplane's network backend.
+    pub net: Net,
     /// Test only (flags, never the file): the disk wrapped in a fault injector.
     pub fault_inject_disk: Option<u16>,
     /// Test only: latency the fault injector adds to that disk's every I/O.
@@ -488,6 +553,91 @@ impl Config {
                 ));
             }
         }
+        let listen_asked = flags.listen.or(file.listen);
+        let net_name = flags.net.or(file.net).unwrap_or_else(|| "kernel".into());
+        let net = match net_name.trim() {
+            "kernel" => Net::Kernel,
+            "dpdk" => {
+                if !BUILT_WITH_DPDK {
+                    return Err(invalid(
+                        "net",
+                        "dpdk",
+                        "this dosd was built without DPDK (cargo build --features dpdk)".into(),
+                    ));
+                }
+                let args = flags.dpdk_args.or(file.dpdk_args).ok_or_else(|| {
+                    invalid(
+                        "net",
+                        "dpdk",
+                        "--net dpdk needs --dpdk-args (dpdk_args), the EAL arguments".into(),
+                    )
+                })?;
+                let eal_args: Vec<String> = args.split_whitespace().map(String::from).collect();
+                if eal_args.is_empty() {
+                    return Err(invalid(
+                        "dpdk_args",
+                        &args,
+                        "must not be empty (the EAL arguments)".into(),
+                    ));
+                }
+                let ip = flags.dpdk_ip.or(file.dpdk_ip).ok_or_else(|| {
+                    invalid(
+                        "net",
+                        "dpdk",
+                        "--net dpdk needs --dpdk-ip (dpdk_ip), ADDR/PREFIX on the DPDK port".into(),
+                    )
+                })?;
+                let (addr, prefix_len) =
+                    parse_cidr(&ip).map_err(|why| invalid("dpdk_ip", &ip, why))?;
+                if let Some(n) = dataplane_cores.filter(|&n| n > 1) {
+                    return Err(invalid(
+                        "dataplane_cores",
+                        &n.to_string(),
+                        "the DPDK backend (--net dpdk) runs one dataplane loop for now".into(),
+                    ));
+                }
+                Net::Dpdk(DpdkNet {
+                    eal_args,
+                    addr,
+                    prefix_len,
+                    gateway: flags.dpdk_gateway.or(file.dpdk_gateway),
+                })
+            }
+            other => return Err(invalid("net", other, "expected kernel or dpdk".into())),
+        };
+        // With --net dpdk, --listen gives the DOSP port on the DPDK address: its
+        // address must be that address or 0.0.0.0 (meaning it); without --listen,
+        // the DPDK address on the default port.
+        let listen = match (&net, listen_asked) {
+            (Net::Kernel, l) => {
+                l.unwrap_or_else(|| LISTEN_DEFAULT.parse().expect("constant address"))
+            }
+            (Net::Dpdk(d), None) => SocketAddr::from((d.addr, LISTEN_PORT_DEFAULT)),
+            (Net::Dpdk(d), Some(l)) => {
+                let ok_ip = match l.ip() {
+                    std::net::IpAddr::V4(ip) => ip == d.addr || ip.is_unspecified(),
+                    std::net::IpAddr::V6(_) => false,
+                };
+                if !ok_ip {
+                    return Err(invalid(
+                        "listen",
+                        &l.to_string(),
+                        format!(
+                            "with --net dpdk the DOSP address is on the DPDK port: use {}:PORT or 0.0.0.0:PORT",
+                            d.addr
+                        ),
+                    ));
+                }
+                if l.port() == 0 {
+                    return Err(invalid(
+                        "listen",
+                        &l.to_string(),
+                        "with --net dpdk the DOSP port must be given (not 0)".into(),
+                    ));
+                }
+                SocketAddr::from((d.addr, l.port()))
+            }
+        };
         let test_stall_ms = flags
             .test_hooks
             .then(|| flags.test_stall_ms.unwrap_or(TEST_STALL_MS_DEFAULT));
@@ -506,10 +656,8 @@ impl Config {
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("dosd-data")),
-            listen: flags
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| LISTEN_DEFAULT.parse().expect("constant address")),
+            listen,
+            net,
             mgmt_listen: flags
                 .mgmt_listen
                 .or(file.mgmt_listen)
@@ -820,5 +968,72 @@ mod tests {
         assert!(e.to_string().contains("not both"), "{e}");
         let c = Config::resolve(Flags::default()).unwrap();
         assert!(c.disk_specs.is_empty());
+    }
+
+    #[test]
+    fn net_backend_is_checked() {
+        let c = Config::resolve(Flags::default()).unwrap();
+        assert_eq!(c.net, Net::Kernel);
+        let err = Config::resolve(Flags {
+            net: Some("rdma".into()),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("kernel or dpdk"), "{err}");
+        assert_eq!(
+            parse_cidr("10.0.0.2/24"),
+            Ok(("10.0.0.2".parse().unwrap(), 24))
+        );
+        for bad in ["10.0.0.2", "10.0.0.2/33", "10.0.0.2/0", "x/24", "0.0.0.0/8"] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+        let dpdk = |listen: Option<&str>, cores: Option<u16>, ip: Option<&str>| Flags {
+            net: Some("dpdk".into()),
+            dpdk_args: Some("-l 0 --no-huge  --vdev=net_tap0".into()),
+            dpdk_ip: ip.map(String::from),
+            listen: listen.map(|l| l.parse().unwrap()),
+            dataplane_cores: cores,
+            ..Flags::default()
+        };
+        if !BUILT_WITH_DPDK {
+            let err = Config::resolve(dpdk(None, None, Some("10.0.0.2/24"))).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("built without DPDK (cargo build --features dpdk)"),
+                "{err}"
+            );
+            return;
+        }
+        let c = Config::resolve(dpdk(None, None, Some("10.0.0.2/24"))).unwrap();
+        assert_eq!(c.listen.to_string(), "10.0.0.2:7370");
+        let Net::Dpdk(d) = &c.net else {
+            panic!("{:?}", c.net)
+        };
+        assert_eq!(d.eal_args, ["-l", "0", "--no-huge", "--vdev=net_tap0"]);
+        assert_eq!(d.prefix_len, 24);
+        let c = Config::resolve(dpdk(Some("0.0.0.0:9000"), Some(1), Some("10.0.0.2/24"))).unwrap();
+        assert_eq!(c.listen.to_string(), "10.0.0.2:9000");
+        for (flags, says) in [
+            (dpdk(None, None, None), "--dpdk-ip"),
+            (
+                dpdk(Some("127.0.0.1:7370"), None, Some("10.0.0.2/24")),
+                "DPDK port",
+            ),
+            (dpdk(Some("10.0.0.2:0"), None, Some("10.0.0.2/24")), "not 0"),
+            (
+                dpdk(None, Some(2), Some("10.0.0.2/24")),
+                "one dataplane loop",
+            ),
+            (
+                Flags {
+                    dpdk_args: None,
+                    ..dpdk(None, None, Some("10.0.0.2/24"))
+                },
+                "--dpdk-args",
+            ),
+        ] {
+            let err = Config::resolve(flags).unwrap_err();
+            assert!(err.to_string().contains(says), "{err}");
+        }
     }
 }

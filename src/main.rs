@@ -5,6 +5,8 @@
 
 mod config;
 mod datadir;
+#[cfg(feature = "dpdk")]
+mod dpdk_net;
 mod fdlimit;
 
 use std::process::ExitCode;
@@ -15,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
-use crate::config::{Config, DiskSpec, Flags};
+use crate::config::{Config, DiskSpec, Flags, Net};
 
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DOSD_LOG")
@@ -271,7 +273,11 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     let node_id = node.id;
     let node_name = node.name;
     let epoch = dir.next_epoch()?;
-    let asked = cfg.dataplane_cores;
+    // The DPDK backend runs one loop for now (the configuration refused more).
+    let asked = match cfg.net {
+        Net::Kernel => cfg.dataplane_cores,
+        Net::Dpdk(_) => Some(1),
+    };
     // `disks` keeps the NVMe controllers (and their vfio-pci bindings) until the
     // stores, which hold their queues, are gone: it is declared before them.
     // Queue pairs asked of each NVMe controller: one per loop, as many as a disk can
@@ -386,45 +392,76 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         loops - 1
     );
     let (handle, ends) = dataplane::handle::handle_for(loops);
-    let listeners =
-        dataplane::server::accept::bind_group(cfg.listen, cfg.connections_max, usize::from(loops))
-            .with_context(|| format!("cannot bind DOSP on {}", cfg.listen))?;
+    let server_cfg = |loops: u16| dataplane::server::ServerConfig {
+        listen: cfg.listen,
+        multicast_group: cfg.multicast,
+        multicast_if: cfg.multicast_if,
+        chunk_max: dosp::wire::CHUNK_MAX_DEFAULT,
+        // The kernel spreads connections over the loops; each admits its share.
+        connections_max: cfg.connections_max.div_ceil(usize::from(loops)),
+        idle_sleep: Duration::from_millis(100),
+        checkpoint_interval: Duration::from_secs(5),
+        request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+        idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+        header_timeout: Duration::from_millis(cfg.header_timeout_ms),
+        transfer_rate_min: cfg.transfer_rate_min,
+        test_stall: stall_trigger
+            .as_ref()
+            .zip(cfg.test_stall_ms)
+            .map(|(trigger, ms)| dataplane::server::TestStall {
+                trigger: Arc::clone(trigger),
+                duration: Duration::from_millis(ms),
+                loop_index: cfg.test_stall_loop,
+            }),
+    };
     let mut servers = Vec::with_capacity(usize::from(loops));
-    for (k, ((shard, end), listener)) in shards.into_iter().zip(ends).zip(listeners).enumerate() {
-        let server_cfg = dataplane::server::ServerConfig {
-            listen: cfg.listen,
-            multicast_group: cfg.multicast,
-            multicast_if: cfg.multicast_if,
-            chunk_max: dosp::wire::CHUNK_MAX_DEFAULT,
-            // The kernel spreads connections over the loops; each admits its share.
-            connections_max: cfg.connections_max.div_ceil(usize::from(loops)),
-            idle_sleep: Duration::from_millis(100),
-            checkpoint_interval: Duration::from_secs(5),
-            request_timeout: Duration::from_millis(cfg.request_timeout_ms),
-            idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
-            header_timeout: Duration::from_millis(cfg.header_timeout_ms),
-            transfer_rate_min: cfg.transfer_rate_min,
-            test_stall: stall_trigger
-                .as_ref()
-                .zip(cfg.test_stall_ms)
-                .map(|(trigger, ms)| dataplane::server::TestStall {
-                    trigger: Arc::clone(trigger),
-                    duration: Duration::from_millis(ms),
-                    loop_index: cfg.test_stall_loop,
-                }),
-        };
-        // Loop 0 also serves UDP: unicast queries and the multicast group.
-        let server = dataplane::server::Server::bind_loop(server_cfg, listener, k == 0, shard, end)
-            .with_context(|| {
-                format!(
-                    "cannot bind DOSP on {} / multicast {}",
-                    cfg.listen, cfg.multicast
+    // With --net dpdk: the one loop's thread, already serving (it is made on its own
+    // thread: EAL and the port live there).
+    let (local, dpdk_thread): (_, Option<std::thread::JoinHandle<std::io::Result<_>>>) =
+        match &cfg.net {
+            Net::Kernel => {
+                let listeners = dataplane::server::accept::bind_group(
+                    cfg.listen,
+                    cfg.connections_max,
+                    usize::from(loops),
                 )
-            })?;
-        servers.push(server);
-    }
-    let server = &servers[0];
-    let local = server.local_addr()?;
+                .with_context(|| format!("cannot bind DOSP on {}", cfg.listen))?;
+                for (k, ((shard, end), listener)) in
+                    shards.into_iter().zip(ends).zip(listeners).enumerate()
+                {
+                    // Loop 0 also serves UDP: unicast queries and the multicast group.
+                    let server = dataplane::server::Server::bind_loop(
+                        server_cfg(loops),
+                        listener,
+                        k == 0,
+                        shard,
+                        end,
+                    )
+                    .with_context(|| {
+                        format!(
+                            "cannot bind DOSP on {} / multicast {}",
+                            cfg.listen, cfg.multicast
+                        )
+                    })?;
+                    servers.push(server);
+                }
+                (servers[0].local_addr()?, None)
+            }
+            #[cfg(feature = "dpdk")]
+            Net::Dpdk(net) => {
+                let shard = shards.into_iter().next().context("no shard")?;
+                let end = ends.into_iter().next().context("no dataplane end")?;
+                let (thread, local) =
+                    dpdk_net::start(net, cfg.listen, server_cfg(1), shard, end, &stop)?;
+                (std::net::SocketAddr::V4(local), Some(thread))
+            }
+            #[cfg(not(feature = "dpdk"))]
+            Net::Dpdk(_) => {
+                // The configuration refuses it first; kept for a clear word all the same.
+                drop((shards, ends));
+                anyhow::bail!("this dosd was built without DPDK (cargo build --features dpdk)")
+            }
+        };
     // The node's state, owned and published by the management core from here on.
     let node_state = dataplane::node::NodeState::new(
         node_id,
@@ -442,7 +479,11 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     );
     let mgmt_cfg = mgmt::MgmtConfig {
         listen: cfg.mgmt_listen,
-        network_backend: "kernel".into(),
+        network_backend: match cfg.net {
+            Net::Kernel => "kernel",
+            Net::Dpdk(_) => "dpdk",
+        }
+        .into(),
         token: cfg.mgmt_token.clone(),
         thresholds: mgmt::Thresholds {
             disks_down_max: cfg.disks_down_max,
@@ -493,7 +534,8 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     // the kernel's housekeeping (ARCHITECTURE.md), the loops take cores 1, 2, … and wrap
     // around when there are more loops than cores. This thread waits for them.
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let mut threads = Vec::with_capacity(servers.len());
+    let mut threads = Vec::with_capacity(servers.len() + 1);
+    threads.extend(dpdk_thread);
     for (k, server) in servers.into_iter().enumerate() {
         let pin = (cores.len() > 1).then(|| cores[(1 + k) % cores.len()]);
         let t = std::thread::Builder::new()

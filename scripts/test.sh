@@ -50,6 +50,12 @@ echo "==> cargo clippy -p dataplane --features dpdk"
 cargo clippy -p dataplane --features dpdk --all-targets --locked -- -D warnings
 echo "==> cargo test -p dataplane --features dpdk (dpdk_port)"
 cargo test -p dataplane --features dpdk --locked --test dpdk_port -- --test-threads=1 2>&1 | tee -a "$log"
+# The whole node: `dosd --net dpdk` on a net_tap vdev, the client on the kernel side
+# (root; it says SKIPPED otherwise).
+echo "==> cargo clippy --features dpdk (dosd)"
+cargo clippy --features dpdk --all-targets --locked -- -D warnings
+echo "==> cargo test --features dpdk (net_dpdk)"
+cargo test --features dpdk --locked --test net_dpdk -- --test-threads=1 2>&1 | tee -a "$log"
 echo "==> fuzz (bounded)"
 ./scripts/fuzz.sh "${DOSD_FUZZ_SECS:-20}"
 

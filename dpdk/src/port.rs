@@ -241,6 +241,14 @@ impl<'e> Port<'e> {
         check("rte_eth_promiscuous_enable", rc).map(drop)
     }
 
+    /// Receives every multicast frame (the cluster group's, which the device's unicast
+    /// filter would drop); drivers without the mode say so.
+    pub fn enable_allmulticast(&mut self) -> Result<()> {
+        // SAFETY: a valid port, this handle its only one.
+        let rc = unsafe { sys::rte_eth_allmulticast_enable(self.id.0) };
+        check("rte_eth_allmulticast_enable", rc).map(drop)
+    }
+
     /// The port's counters.
     pub fn stats(&self) -> Result<PortStats> {
         let mut s = sys::PortStatsC::default();

@@ -182,6 +182,7 @@ c_functions! {
     fn rte_eth_stats_reset(port_id: u16) -> c_int;
     fn rte_eth_macaddr_get(port_id: u16, mac_addr: *mut EtherAddr) -> c_int;
     fn rte_eth_promiscuous_enable(port_id: u16) -> c_int;
+    fn rte_eth_allmulticast_enable(port_id: u16) -> c_int;
 
     // The shim (shim/shim.c)
     fn dosd_rte_errno() -> c_int;

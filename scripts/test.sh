@@ -48,8 +48,8 @@ cargo test -p dpdk --features dpdk --locked 2>&1 | tee -a "$log"
 # process.
 echo "==> cargo clippy -p dataplane --features dpdk"
 cargo clippy -p dataplane --features dpdk --all-targets --locked -- -D warnings
-echo "==> cargo test -p dataplane --features dpdk (dpdk_port)"
-cargo test -p dataplane --features dpdk --locked --test dpdk_port -- --test-threads=1 2>&1 | tee -a "$log"
+echo "==> cargo test -p dataplane --features dpdk,copy-count (dpdk_port)"
+cargo test -p dataplane --features dpdk,copy-count --locked --test dpdk_port -- --test-threads=1 2>&1 | tee -a "$log"
 # The whole node: `dosd --net dpdk` on a net_tap vdev, the client on the kernel side
 # (root; it says SKIPPED otherwise).
 echo "==> cargo clippy --features dpdk (dosd)"

@@ -22,10 +22,18 @@ pub enum Site {
     CrossLoop = 3,
     /// Bytes a session copies into its output (none: it sends from lent buffers).
     Session = 4,
+    /// Received bytes a network port copies to lend them in one piece: the DPDK port,
+    /// when smoltcp's receive ring wraps (the kernel port lends its buffer in place).
+    PortRecv = 5,
+    /// Bytes a network port copies into its own send buffer: the DPDK port's
+    /// `send_slice` into smoltcp's send ring (every byte sent: smoltcp has no
+    /// scatter-gather or external-buffer send). The kernel port's `writev` copies in
+    /// the kernel, which is not counted here.
+    PortSend = 6,
 }
 
 /// How many sites there are.
-pub const SITES: usize = 5;
+pub const SITES: usize = 7;
 
 #[cfg(any(test, feature = "copy-count"))]
 mod imp {

@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use std::net::{Ipv4Addr, SocketAddrV4};
+
 use crate::node::NodeBoard;
+use crate::server::port::AddressChange;
 #[cfg(doc)]
 use crate::stats::NodeStats;
 use crate::stats::{LoopBeats, StatsSet};
@@ -27,6 +30,12 @@ pub enum Command {
         disk: DiskId,
         state: DiskState,
         reply: Sender<Result<DiskReport, CommandError>>,
+    },
+    /// Add or remove a service address on the loop's network port (`None`: just list
+    /// them); the answer is the port's addresses after the change, its own first.
+    Addresses {
+        change: Option<AddressChange>,
+        reply: Sender<Result<Vec<(Ipv4Addr, u8)>, CommandError>>,
     },
 }
 
@@ -161,7 +170,21 @@ pub struct DataplaneHandle {
     pub node: Arc<NodeBoard>,
     /// One command queue per dataplane loop.
     commands: Vec<Sender<Command>>,
+    /// Datagrams for loop 0 to send to the cluster group (see [`Outgoing`]).
+    outbox: Sender<Outgoing>,
 }
+
+/// A datagram the management core hands to the dataplane to send from the node's
+/// multicast endpoint: heartbeats and announcements, when the node's network is the
+/// dataplane's own (`--net dpdk`) and the management core has no socket on it.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub to: SocketAddrV4,
+    pub bytes: Vec<u8>,
+}
+
+/// Datagrams waiting for loop 0 at most; the management core drops (and logs) more.
+pub const OUTBOX: usize = 64;
 
 /// A dataplane loop's end of the handle. Every loop takes its own counters
 /// (`stats.of_loop(loop_index)`) and beats `beats` with its own index.
@@ -175,6 +198,8 @@ pub struct DataplaneEnd {
     /// The node's state, read by the loops (see [`crate::node::NodeCache`]).
     pub node: Arc<NodeBoard>,
     pub commands: Receiver<Command>,
+    /// Loop 0's: the datagrams the management core asks it to send.
+    pub outbox: Option<Receiver<Outgoing>>,
 }
 
 /// Creates both ends for one dataplane loop.
@@ -193,6 +218,8 @@ pub fn handle_for(loops: u16) -> (DataplaneHandle, Vec<DataplaneEnd>) {
     let node = Arc::new(NodeBoard::default());
     let mut commands = Vec::new();
     let mut ends = Vec::new();
+    let (outbox, outbox_rx) = bounded(OUTBOX);
+    let mut outbox_rx = Some(outbox_rx);
     for i in 0..loops {
         let (tx, rx) = bounded(COMMAND_QUEUE);
         commands.push(tx);
@@ -203,6 +230,7 @@ pub fn handle_for(loops: u16) -> (DataplaneHandle, Vec<DataplaneEnd>) {
             disks: Arc::clone(&disks),
             node: Arc::clone(&node),
             commands: rx,
+            outbox: outbox_rx.take(),
         });
     }
     (
@@ -212,6 +240,7 @@ pub fn handle_for(loops: u16) -> (DataplaneHandle, Vec<DataplaneEnd>) {
             disks,
             node,
             commands,
+            outbox,
         },
         ends,
     )
@@ -257,6 +286,52 @@ impl DataplaneHandle {
     }
 }
 
+impl DataplaneHandle {
+    /// Hands loop 0 a datagram to send (see [`Outgoing`]); false when its queue is full
+    /// or the dataplane stopped.
+    pub fn send_datagram(&self, out: Outgoing) -> bool {
+        self.outbox.try_send(out).is_ok()
+    }
+
+    /// Asks every dataplane loop to change its port's service addresses (each loop owns
+    /// its own view of the NIC), and waits (bounded) for all of them. Only loop 0 sends
+    /// the gratuitous ARP of an added address. The answer is loop 0's list; any loop's
+    /// refusal is the answer (loops that carried it out keep the change: asking again is
+    /// how to converge, as every change is idempotent but for its error).
+    pub fn change_address(
+        &self,
+        change: Option<AddressChange>,
+        wait: Duration,
+    ) -> Result<Vec<(Ipv4Addr, u8)>, CommandError> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut answers = Vec::with_capacity(self.commands.len());
+        for tx in &self.commands {
+            let (reply, answer) = bounded(1);
+            tx.try_send(Command::Addresses { change, reply })
+                .map_err(|e| match e {
+                    crossbeam_channel::TrySendError::Full(_) => CommandError::Busy,
+                    crossbeam_channel::TrySendError::Disconnected(_) => CommandError::Stopped,
+                })?;
+            answers.push(answer);
+        }
+        let mut first = None;
+        for answer in answers {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let list = match answer.recv_timeout(left) {
+                Ok(result) => result?,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    return Err(CommandError::Timeout(wait))
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(CommandError::Stopped)
+                }
+            };
+            first.get_or_insert(list);
+        }
+        first.ok_or(CommandError::Stopped)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,7 +340,9 @@ mod tests {
     fn commands_travel_and_a_full_queue_says_busy() {
         let (handle, end) = handle_pair();
         let worker = std::thread::spawn(move || {
-            let Command::SetDiskState { disk, reply, .. } = end.commands.recv().unwrap();
+            let Command::SetDiskState { disk, reply, .. } = end.commands.recv().unwrap() else {
+                panic!("not a disk command")
+            };
             reply.send(Err(CommandError::NoSuchDisk(disk.0))).unwrap();
             end
         });

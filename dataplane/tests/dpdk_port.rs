@@ -82,12 +82,14 @@ struct ServerReport {
 
 /// The server's side, on its own thread (EAL pins it to lcore 0): EAL, the tap, the
 /// kernel side's address, the port, and the loop until `stop` (or `DEADLINE`).
+#[allow(clippy::too_many_arguments)]
 fn serve(
     iface_name: String,
     (kernel_ip, node_ip): (Ipv4Addr, Ipv4Addr),
     shards: Shards,
     end: dataplane::handle::DataplaneEnd,
     cfg: ServerConfig,
+    copies: dataplane::copies::Copies,
     up: mpsc::Sender<Result<(), String>>,
     stop: Arc<AtomicBool>,
 ) -> Result<ServerReport, String> {
@@ -170,7 +172,9 @@ fn serve(
         udp_unicast: true,
         multicast: Some(cfg.multicast_group),
     };
-    let dport = DpdkPort::new(device, mac, &opts).map_err(|e| fail(&up, format!("port: {e}")))?;
+    let mut dport =
+        DpdkPort::new(device, mac, &opts).map_err(|e| fail(&up, format!("port: {e}")))?;
+    dport.set_copies(copies);
     let mut server = Server::with_port(dport, cfg, shards, end)
         .map_err(|e| fail(&up, format!("server: {e}")))?;
     let _ = up.send(Ok(()));
@@ -268,7 +272,7 @@ fn client_session(
     node: SocketAddr,
     group: SocketAddrV4,
     kernel_ip: Ipv4Addr,
-) -> Result<String, String> {
+) -> Result<(String, Moved), String> {
     let objects = [
         seeded(1, 1000),
         seeded(2, 100_000),
@@ -300,6 +304,11 @@ fn client_session(
             ));
         }
     }
+    let mut moved = Moved {
+        stored: objects.iter().map(|o| o.len() as u64).sum(),
+        sent: objects.iter().map(|o| o.len() as u64).sum(),
+        replies: 1 + 2 * objects.len() as u64,
+    };
     // Ranges of the large object: inside, across chunk boundaries, to its end.
     let big = &objects[2];
     for (offset, len) in [
@@ -314,6 +323,8 @@ fn client_session(
         if part[..] != big[offset as usize..(offset + len) as usize] {
             return Err(format!("RETRIEVE_RANGE {offset}+{len}: wrong bytes"));
         }
+        moved.sent += len;
+        moved.replies += 1;
     }
     // LOCATE over UDP unicast: found, with its length.
     let (status, len) = udp_locate(node, &fps[2])?;
@@ -354,12 +365,24 @@ fn client_session(
     let mut c = Client::connect(&node.to_string(), IO_TIMEOUT).map_err(|e| e.to_string())?;
     c.ping()
         .map_err(|e| format!("NULL on a second connection: {e}"))?;
-    Ok(format!(
-        "NULL (chunk_max {}), {} objects stored, retrieved whole and by range, located over \
-         UDP unicast and multicast, deleted",
-        pong.chunk_max,
-        objects.len()
+    moved.replies += 2 + objects.len() as u64;
+    Ok((
+        format!(
+            "NULL (chunk_max {}), {} objects stored, retrieved whole and by range, located \
+             over UDP unicast and multicast, deleted",
+            pong.chunk_max,
+            objects.len()
+        ),
+        moved,
     ))
+}
+
+/// Object bytes the client stored and was sent, and the TCP replies it got.
+#[derive(Debug, Default)]
+struct Moved {
+    stored: u64,
+    sent: u64,
+    replies: u64,
 }
 
 #[test]
@@ -391,7 +414,11 @@ fn dpdk_port_serves_dosp_to_the_kernel_through_a_tap() {
         max_object_bytes: 8 * MIB,
         ..StoreConfig::default()
     };
-    let store = Store::open(vec![Box::new(region)], store_cfg, 7).expect("store");
+    #[allow(unused_mut)] // set_copies needs the copy-count feature
+    let mut store = Store::open(vec![Box::new(region)], store_cfg, 7).expect("store");
+    let copies = dataplane::copies::Copies::new();
+    #[cfg(feature = "copy-count")]
+    store.set_copies(copies.clone());
     let mut shards = vec![Shards::new(store, None)];
     build_directories(&mut shards);
     let shard = shards.pop().expect("one shard");
@@ -428,6 +455,7 @@ fn dpdk_port_serves_dosp_to_the_kernel_through_a_tap() {
     let server = thread::spawn({
         let stop = Arc::clone(&stop);
         let iface_name = iface_name.clone();
+        let copies = copies.clone();
         move || {
             serve(
                 iface_name,
@@ -435,6 +463,7 @@ fn dpdk_port_serves_dosp_to_the_kernel_through_a_tap() {
                 shard,
                 end,
                 cfg,
+                copies,
                 up_tx,
                 stop,
             )
@@ -454,8 +483,46 @@ fn dpdk_port_serves_dosp_to_the_kernel_through_a_tap() {
     drop(stopper);
     let report = server.join().expect("server thread");
     let elapsed = started.elapsed() - init;
-    let summary = result.unwrap_or_else(|e| panic!("client: {e}; server: {report:?}"));
+    let (summary, moved) = result.unwrap_or_else(|e| panic!("client: {e}; server: {report:?}"));
     let report = report.unwrap_or_else(|e| panic!("server: {e}"));
+    // The copies on this backend (test.sh runs it with the copy-count feature): a STORE
+    // copies each byte once in the dataplane (the receive ring → the device buffer, MD5
+    // in that pass), plus what the port staged at ring wraps; a RETRIEVE copies each
+    // object byte once, into smoltcp's send ring (smoltcp has no external-buffer send),
+    // and nothing else. smoltcp's own copies (frame → receive ring, send ring → frame)
+    // are inside smoltcp and not counted here.
+    #[cfg(feature = "copy-count")]
+    {
+        use dataplane::copies::Site;
+        let at = |s| copies.at(s);
+        assert_eq!(at(Site::Append), moved.stored, "STORE: each byte once");
+        assert_eq!(at(Site::PortRecv), report.staged_bytes);
+        assert!(at(Site::PortRecv) <= moved.stored);
+        assert_eq!(
+            at(Site::ReadOut) + at(Site::Session) + at(Site::CrossLoop),
+            0
+        );
+        // Every byte sent on TCP went through the send ring: object bytes and, per
+        // reply, a header and its Out structure (well under 256 bytes each).
+        let send = at(Site::PortSend);
+        assert!(
+            send >= moved.sent && send - moved.sent <= 256 * moved.replies,
+            "send-ring copies {send} for {} object bytes in {} replies",
+            moved.sent,
+            moved.replies
+        );
+        eprintln!(
+            "dpdk_port copies: STORE {} of {} bytes (+{} staged at ring wraps), RETRIEVE \
+             {} into the send ring for {} object bytes",
+            at(Site::Append),
+            moved.stored,
+            at(Site::PortRecv),
+            send,
+            moved.sent
+        );
+    }
+    #[cfg(not(feature = "copy-count"))]
+    let _ = (moved, copies);
     assert_eq!(report.phy.rx_dropped, 0, "{report:?}");
     assert_eq!(report.phy.tx_no_mbuf, 0, "{report:?}");
     assert_eq!(report.phy.tx_dropped, 0, "{report:?}");

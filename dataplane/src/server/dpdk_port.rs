@@ -46,14 +46,17 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use dpdk::{MacAddr, MbufDevice, PhyStats};
 use mio::{Events, Interest, Poll, Token};
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, RxToken, TxToken};
 use smoltcp::socket::{tcp, udp};
-use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
+use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint, Ipv4Cidr};
 
 use super::accept::ACCEPT_BURST;
-use super::port::{ConnId, ConnState, Dgram, NetPort, Ready, Received, RBUF_BYTES};
+use super::port::{AddressChange, ConnId, ConnState, Dgram, NetPort, Ready, Received, RBUF_BYTES};
+use crate::copies::{Copies, Site};
 
 /// The contiguous bytes [`NetPort::recv`] must lend when that many are buffered: a
 /// header and the largest body.
@@ -78,6 +81,178 @@ pub const SPINS_BEFORE_NAP: u32 = 1000;
 pub const NAP: Duration = Duration::from_millis(1);
 
 const _: () = assert!(TCP_RX_BYTES >= LEND_MIN);
+
+/// The longest ARP frame one loop passes to its siblings (an Ethernet ARP for IPv4 is
+/// 42 bytes, 60 when padded to the Ethernet minimum).
+const ARP_FRAME_MAX: usize = 64;
+/// ARP frames waiting for one sibling, at most; more are dropped and counted.
+const ARP_QUEUE: usize = 64;
+/// Service addresses a port can hold besides its own (smoltcp's address table has
+/// room for 8: the `iface-max-addr-count-8` feature).
+pub const SERVICE_ADDRESSES_MAX: usize = 7;
+
+/// An ARP frame passed between loops, without allocating.
+#[derive(Clone, Copy)]
+struct ArpFrame {
+    len: u8,
+    bytes: [u8; ARP_FRAME_MAX],
+}
+
+/// One loop's link to the other loops' ports on the same NIC: the ARP frames it
+/// receives are passed on to them.
+///
+/// Why: with several receive queues, the NIC (RSS, or the kernel behind a tap) spreads
+/// frames by flow, and an ARP frame lands on one queue only. smoltcp fills its neighbour
+/// cache from ARP frames aimed at it; a loop that never saw the peer's ARP would have
+/// to ask itself, and drop the packet it wanted to send meanwhile (a SYN-ACK, so the
+/// peer's connect waits a retransmission). So each loop hands a copy of every ARP frame
+/// it receives to the others, as a reply (a request copy would make every loop answer
+/// it): each fills its cache, and only the loop that received the request answers.
+#[derive(Debug)]
+pub struct ArpShare {
+    peers: Vec<Sender<ArpFrame>>,
+    inbox: Receiver<ArpFrame>,
+    passed: std::cell::Cell<u64>,
+    dropped: std::cell::Cell<u64>,
+}
+
+impl std::fmt::Debug for ArpFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ArpFrame({} bytes)", self.len)
+    }
+}
+
+/// The shares of `loops` ports on one NIC, one per loop, each linked to all others.
+pub fn arp_shares(loops: usize) -> Vec<ArpShare> {
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..loops)
+        .map(|_| crossbeam_channel::bounded(ARP_QUEUE))
+        .unzip();
+    rxs.into_iter()
+        .enumerate()
+        .map(|(k, inbox)| ArpShare {
+            peers: txs
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != k)
+                .map(|(_, t)| t.clone())
+                .collect(),
+            inbox,
+            passed: std::cell::Cell::new(0),
+            dropped: std::cell::Cell::new(0),
+        })
+        .collect()
+}
+
+impl ArpShare {
+    /// Passes `frame` on if it is an ARP frame (a request turned into a reply).
+    fn offer(&self, frame: &[u8]) {
+        if frame.len() < 42 || frame.len() > ARP_FRAME_MAX || frame[12..14] != [0x08, 0x06] {
+            return;
+        }
+        let mut copy = ArpFrame {
+            len: frame.len() as u8,
+            bytes: [0; ARP_FRAME_MAX],
+        };
+        copy.bytes[..frame.len()].copy_from_slice(frame);
+        // ARP operation (bytes 20..22 of the frame): 1 request → 2 reply.
+        if copy.bytes[20..22] == [0, 1] {
+            copy.bytes[21] = 2;
+        }
+        for peer in &self.peers {
+            match peer.try_send(copy) {
+                Ok(()) => self.passed.set(self.passed.get() + 1),
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                    self.dropped.set(self.dropped.get() + 1)
+                }
+            }
+        }
+    }
+}
+
+/// The port's device as smoltcp sees it: the NIC queues' frames, with the ARP frames
+/// from sibling loops first, and each ARP frame received offered to them.
+struct Linked<'a, 'p, 'e> {
+    dev: &'a mut MbufDevice<'p, 'e>,
+    share: Option<&'a ArpShare>,
+}
+
+enum LinkedRx<'a, 'e> {
+    Sibling(ArpFrame),
+    Nic(dpdk::phy::MbufRxToken<'e>, Option<&'a ArpShare>),
+}
+
+impl RxToken for LinkedRx<'_, '_> {
+    fn consume<R, F>(self, f: F) -> R
+    where
+        F: FnOnce(&[u8]) -> R,
+    {
+        match self {
+            LinkedRx::Sibling(frame) => f(&frame.bytes[..usize::from(frame.len)]),
+            LinkedRx::Nic(token, share) => token.consume(|bytes| {
+                if let Some(share) = share {
+                    share.offer(bytes);
+                }
+                f(bytes)
+            }),
+        }
+    }
+}
+
+impl<'p, 'e> Device for Linked<'_, 'p, 'e> {
+    type RxToken<'t>
+        = LinkedRx<'t, 'e>
+    where
+        Self: 't;
+    type TxToken<'t>
+        = dpdk::phy::MbufTxToken<'t, 'p, 'e>
+    where
+        Self: 't;
+
+    fn receive(
+        &mut self,
+        timestamp: smoltcp::time::Instant,
+    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        if let Some(share) = self.share {
+            if let Ok(frame) = share.inbox.try_recv() {
+                return match self.dev.transmit(timestamp) {
+                    Some(tx) => Some((LinkedRx::Sibling(frame), tx)),
+                    None => {
+                        share.dropped.set(share.dropped.get() + 1);
+                        None
+                    }
+                };
+            }
+        }
+        let share = self.share;
+        let (rx, tx) = self.dev.receive(timestamp)?;
+        Some((LinkedRx::Nic(rx, share), tx))
+    }
+
+    fn transmit(&mut self, timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        self.dev.transmit(timestamp)
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.dev.capabilities()
+    }
+}
+
+/// A gratuitous ARP for `addr` from `mac`: a broadcast request whose sender and target
+/// are both `addr`, so that neighbours (and switches) learn where it lives now.
+fn gratuitous_arp(mac: EthernetAddress, addr: Ipv4Addr, buf: &mut [u8]) {
+    buf.fill(0);
+    buf[0..6].copy_from_slice(&[0xff; 6]);
+    buf[6..12].copy_from_slice(&mac.0);
+    buf[12..14].copy_from_slice(&[0x08, 0x06]);
+    // Ethernet, IPv4, address lengths 6 and 4, operation request.
+    buf[14..22].copy_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    buf[22..28].copy_from_slice(&mac.0);
+    buf[28..32].copy_from_slice(&addr.octets());
+    buf[38..42].copy_from_slice(&addr.octets());
+}
+
+/// The Ethernet minimum frame (without FCS) a gratuitous ARP is padded to.
+const GARP_FRAME: usize = 60;
 
 /// How a [`DpdkPort`] is set up.
 #[derive(Debug, Clone)]
@@ -159,6 +334,33 @@ pub struct DpdkPort<'p, 'e> {
     wakeups: Option<(Poll, Events)>,
     /// Received bytes copied into staging buffers (at ring wraps).
     staged_bytes: u64,
+    /// The link to sibling loops' ports, when several loops share the NIC.
+    arp: Option<ArpShare>,
+    /// The port's own address (the service addresses are the others).
+    primary: Ipv4Cidr,
+    mac: EthernetAddress,
+    /// Connections handed out by [`NetPort::accept`].
+    accepted: u64,
+    /// The bytes this port copies ([`Site::PortRecv`], [`Site::PortSend`]).
+    copies: Copies,
+}
+
+impl Drop for DpdkPort<'_, '_> {
+    fn drop(&mut self) {
+        let phy = self.device.stats();
+        let (arp_passed, arp_dropped) = self.arp_shared();
+        tracing::info!(
+            thread = std::thread::current().name().unwrap_or("-"),
+            accepted = self.accepted,
+            rx_frames = phy.rx_frames,
+            tx_frames = phy.tx_frames,
+            tx_dropped = phy.tx_dropped + phy.tx_no_mbuf,
+            arp_passed,
+            arp_dropped,
+            staged_bytes = self.staged_bytes,
+            "DPDK port queue closed"
+        );
+    }
 }
 
 impl std::fmt::Debug for DpdkPort<'_, '_> {
@@ -249,14 +451,19 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
         };
         let udp_unicast = if opts.udp_unicast {
             let mut s = udp_socket();
-            s.bind(IpEndpoint::new(IpAddress::Ipv4(opts.addr), opts.port))
-                .map_err(|e| invalid(format!("UDP socket: {e}")))?;
+            // Any of the port's addresses: its own and the service addresses.
+            s.bind(IpListenEndpoint {
+                addr: None,
+                port: opts.port,
+            })
+            .map_err(|e| invalid(format!("UDP socket: {e}")))?;
             Some(sockets.add(s))
         } else {
             None
         };
+        // Any of the port's addresses: its own and the service addresses.
         let listen = IpListenEndpoint {
-            addr: Some(IpAddress::Ipv4(opts.addr)),
+            addr: None,
             port: opts.port,
         };
         let pool = opts.connections_max + LISTENERS;
@@ -299,9 +506,57 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             accept_more: false,
             wakeups: None,
             staged_bytes: 0,
+            arp: None,
+            primary: Ipv4Cidr::new(opts.addr, opts.prefix_len),
+            mac: EthernetAddress(mac.0),
+            accepted: 0,
+            copies: Copies::new(),
         };
         port.arm_listeners();
         Ok(port)
+    }
+
+    /// Counts this port's copies in `ledger` (tests; see [`crate::copies`]).
+    pub fn set_copies(&mut self, ledger: Copies) {
+        self.copies = ledger;
+    }
+
+    /// Links this port to the other loops' ports on the same NIC (see [`ArpShare`]).
+    pub fn share_arp(&mut self, share: ArpShare) {
+        self.arp = Some(share);
+    }
+
+    /// ARP frames passed to sibling loops, and those dropped because a sibling's queue
+    /// was full.
+    pub fn arp_shared(&self) -> (u64, u64) {
+        self.arp
+            .as_ref()
+            .map_or((0, 0), |a| (a.passed.get(), a.dropped.get()))
+    }
+
+    /// The port's addresses: its own first, then the service addresses.
+    pub fn addresses(&self) -> Vec<(Ipv4Addr, u8)> {
+        let mut out = vec![(self.primary.address(), self.primary.prefix_len())];
+        for c in self.iface.ip_addrs() {
+            let IpCidr::Ipv4(c) = *c;
+            if c != self.primary {
+                out.push((c.address(), c.prefix_len()));
+            }
+        }
+        out
+    }
+
+    /// Sends a gratuitous ARP for `addr` now (queued in the transmit burst and flushed).
+    pub fn announce_address(&mut self, addr: Ipv4Addr) -> io::Result<()> {
+        let now = self.stamp();
+        let mac = self.mac;
+        let tx = self
+            .device
+            .transmit(now)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))?;
+        tx.consume(GARP_FRAME, |buf| gratuitous_arp(mac, addr, buf));
+        self.device.flush();
+        Ok(())
     }
 
     /// The device's counters.
@@ -387,7 +642,11 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
     /// moved.
     fn pass(&mut self) -> bool {
         let now = self.stamp();
-        let r = self.iface.poll(now, &mut self.device, &mut self.sockets);
+        let mut dev = Linked {
+            dev: &mut self.device,
+            share: self.arp.as_ref(),
+        };
+        let r = self.iface.poll(now, &mut dev, &mut self.sockets);
         let sent = self.device.flush();
         self.reclaim(Instant::now());
         self.arm_listeners();
@@ -475,6 +734,7 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
                 .unwrap_or(0);
             slot.drained += n as u64;
             self.staged_bytes += n as u64;
+            self.copies.add(Site::PortRecv, n);
             left -= n;
         }
     }
@@ -568,6 +828,7 @@ impl NetPort for DpdkPort<'_, '_> {
             slot.drained = 0;
             slot.reported = 0;
             self.conns.insert(id, ix);
+            self.accepted += 1;
             new.push((id, SocketAddr::from(peer)));
         }
         // A replacement listens for each socket taken, while the pool has one.
@@ -653,6 +914,7 @@ impl NetPort for DpdkPort<'_, '_> {
         for d in data {
             match sock.send_slice(d) {
                 Ok(n) => {
+                    self.copies.add(Site::PortSend, n);
                     taken += n;
                     if n < d.len() {
                         break;
@@ -768,6 +1030,84 @@ impl NetPort for DpdkPort<'_, '_> {
     fn local_addr(&self) -> SocketAddr {
         self.local
     }
+
+    fn change_address(
+        &mut self,
+        change: Option<AddressChange>,
+    ) -> Result<Vec<(Ipv4Addr, u8)>, String> {
+        match change {
+            None => {}
+            Some(AddressChange::Add {
+                addr,
+                prefix_len,
+                announce,
+            }) => {
+                if prefix_len > 32
+                    || addr.is_unspecified()
+                    || addr.is_multicast()
+                    || addr.is_broadcast()
+                {
+                    return Err(format!(
+                        "{addr}/{prefix_len} is not a unicast address with a prefix of at most 32"
+                    ));
+                }
+                let cidr = Ipv4Cidr::new(addr, prefix_len);
+                if addr == self.primary.address() {
+                    return Err(format!("{addr} is the port's own address"));
+                }
+                let mut full = false;
+                let mut had = false;
+                self.iface.update_ip_addrs(|addrs| {
+                    if let Some(c) = addrs
+                        .iter_mut()
+                        .find(|c| c.address() == IpAddress::Ipv4(addr))
+                    {
+                        // Already there: the prefix may change.
+                        *c = IpCidr::Ipv4(cidr);
+                        had = true;
+                    } else if addrs.push(IpCidr::Ipv4(cidr)).is_err() {
+                        full = true;
+                    }
+                });
+                if full {
+                    return Err(format!(
+                        "the port holds at most {SERVICE_ADDRESSES_MAX} service addresses: remove one first"
+                    ));
+                }
+                if !had {
+                    tracing::info!(%addr, prefix_len, "service address added");
+                }
+                if announce {
+                    // Once now; a lost one is repeated by the caller asking again.
+                    self.announce_address(addr).map_err(|e| {
+                        format!("{addr} added, but its gratuitous ARP was not sent: {e}")
+                    })?;
+                }
+            }
+            Some(AddressChange::Remove { addr }) => {
+                if addr == self.primary.address() {
+                    return Err(format!(
+                        "{addr} is the port's own address: it cannot be removed"
+                    ));
+                }
+                let mut found = false;
+                self.iface.update_ip_addrs(|addrs| {
+                    if let Some(i) = addrs
+                        .iter()
+                        .position(|c| c.address() == IpAddress::Ipv4(addr))
+                    {
+                        addrs.remove(i);
+                        found = true;
+                    }
+                });
+                if !found {
+                    return Err(format!("{addr} is not a service address of this port"));
+                }
+                tracing::info!(%addr, "service address removed");
+            }
+        }
+        Ok(self.addresses())
+    }
 }
 
 impl DpdkPort<'_, '_> {
@@ -776,5 +1116,98 @@ impl DpdkPort<'_, '_> {
             SocketAddr::V4(a) => Some(IpAddress::Ipv4(*a.ip())),
             SocketAddr::V6(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol};
+
+    fn arp_frame(op: ArpOperation, from: Ipv4Addr, to: Ipv4Addr) -> Vec<u8> {
+        let repr = ArpRepr::EthernetIpv4 {
+            operation: op,
+            source_hardware_addr: EthernetAddress([2, 0, 0, 0, 0, 1]),
+            source_protocol_addr: from,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: to,
+        };
+        let mut buf = vec![0u8; 14 + repr.buffer_len()];
+        let mut eth = EthernetFrame::new_unchecked(&mut buf[..]);
+        eth.set_dst_addr(EthernetAddress::BROADCAST);
+        eth.set_src_addr(EthernetAddress([2, 0, 0, 0, 0, 1]));
+        eth.set_ethertype(EthernetProtocol::Arp);
+        repr.emit(&mut ArpPacket::new_unchecked(eth.payload_mut()));
+        buf
+    }
+
+    fn parse(frame: &[u8]) -> ArpRepr {
+        let eth = EthernetFrame::new_checked(frame).unwrap();
+        assert_eq!(eth.ethertype(), EthernetProtocol::Arp);
+        ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn arp_frames_reach_every_sibling_as_replies_and_nothing_else_does() {
+        let shares = arp_shares(3);
+        let a = Ipv4Addr::new(10, 0, 0, 1);
+        let b = Ipv4Addr::new(10, 0, 0, 2);
+        shares[0].offer(&arp_frame(ArpOperation::Request, a, b));
+        // Not ARP, too short, too long: not passed.
+        let mut ip = arp_frame(ArpOperation::Request, a, b);
+        ip[12..14].copy_from_slice(&[0x08, 0x00]);
+        shares[0].offer(&ip);
+        shares[0].offer(&[0u8; 20]);
+        shares[0].offer(&[0u8; 200]);
+        assert_eq!((shares[0].passed.get(), shares[0].dropped.get()), (2, 0));
+        assert!(shares[0].inbox.is_empty(), "a share never sends to itself");
+        for s in &shares[1..] {
+            let f = s.inbox.try_recv().unwrap();
+            let ArpRepr::EthernetIpv4 {
+                operation,
+                source_protocol_addr,
+                target_protocol_addr,
+                ..
+            } = parse(&f.bytes[..usize::from(f.len)])
+            else {
+                unreachable!()
+            };
+            // A reply: fills the sibling's cache without making it answer.
+            assert_eq!(operation, ArpOperation::Reply);
+            assert_eq!((source_protocol_addr, target_protocol_addr), (a, b));
+            assert!(s.inbox.is_empty());
+        }
+        // A sibling that does not drain: its queue fills, the rest is counted.
+        for _ in 0..ARP_QUEUE + 5 {
+            shares[1].offer(&arp_frame(ArpOperation::Reply, a, b));
+        }
+        assert_eq!(shares[1].dropped.get(), 2 * 5);
+    }
+
+    #[test]
+    fn a_gratuitous_arp_names_the_address_as_sender_and_target() {
+        let mac = EthernetAddress([2, 9, 8, 7, 6, 5]);
+        let addr = Ipv4Addr::new(192, 168, 7, 9);
+        let mut buf = [0xaau8; GARP_FRAME];
+        gratuitous_arp(mac, addr, &mut buf);
+        let eth = EthernetFrame::new_checked(&buf[..]).unwrap();
+        assert_eq!(eth.dst_addr(), EthernetAddress::BROADCAST);
+        assert_eq!(eth.src_addr(), mac);
+        let ArpRepr::EthernetIpv4 {
+            operation,
+            source_hardware_addr,
+            source_protocol_addr,
+            target_hardware_addr,
+            target_protocol_addr,
+        } = parse(&buf)
+        else {
+            unreachable!()
+        };
+        assert_eq!(operation, ArpOperation::Request);
+        assert_eq!(source_hardware_addr, mac);
+        assert_eq!(source_protocol_addr, addr);
+        assert_eq!(target_protocol_addr, addr);
+        assert_eq!(target_hardware_addr, EthernetAddress([0; 6]));
+        assert!(buf[42..].iter().all(|&b| b == 0), "padding is zero");
     }
 }

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use self::cluster::Cluster;
 use self::ops::{Ctx, NodeView};
-use self::port::{ConnId, KernelPort, KernelPortOptions, NetPort, Ready};
+use self::port::{ConnId, Dgram, KernelPort, KernelPortOptions, NetPort, Ready};
 use self::session::{Deadlines, Drive, Session};
 use self::shards::{Event, Shards};
 use crate::handle::{Command, CommandError, DataplaneEnd, COMMANDS_PER_TURN};
@@ -449,6 +449,7 @@ impl<P: NetPort> Server<P> {
             }
         }
         changed |= self.serve_commands();
+        self.send_outbox();
         if changed || now.duration_since(self.t.last_publish) >= PUBLISH_INTERVAL {
             self.t.last_publish = now;
             self.end
@@ -620,9 +621,48 @@ impl<P: NetPort> Server<P> {
                     // The asker may have given up waiting; that is fine.
                     let _ = reply.try_send(result);
                 }
+                Command::Addresses { change, reply } => {
+                    // Every loop holds the address; one announces it.
+                    let change = match change {
+                        Some(port::AddressChange::Add {
+                            addr,
+                            prefix_len,
+                            announce,
+                        }) => Some(port::AddressChange::Add {
+                            addr,
+                            prefix_len,
+                            announce: announce && self.end.loop_index == 0,
+                        }),
+                        other => other,
+                    };
+                    let result = self
+                        .port
+                        .change_address(change)
+                        .map_err(CommandError::Refused);
+                    let _ = reply.try_send(result);
+                }
             }
         }
         any
+    }
+
+    /// Sends what the management core queued for the cluster group (loop 0 only; see
+    /// [`crate::handle::Outgoing`]). Bounded by the queue's size per turn.
+    fn send_outbox(&mut self) {
+        let Some(outbox) = self.end.outbox.as_ref() else {
+            return;
+        };
+        for _ in 0..crate::handle::OUTBOX {
+            let Ok(out) = outbox.try_recv() else {
+                break;
+            };
+            if let Err(e) =
+                self.port
+                    .send_datagram(Dgram::Multicast, &out.bytes, SocketAddr::V4(out.to))
+            {
+                tracing::warn!(to = %out.to, error = %e, "cannot send a cluster datagram");
+            }
+        }
     }
 
     fn close_timed_out(&mut self, now: Instant) {

@@ -182,6 +182,39 @@ pub trait NetPort {
 
     /// The DOSP address the port listens on.
     fn local_addr(&self) -> SocketAddr;
+
+    /// Adds or removes a service address (one the node answers on besides its own,
+    /// moved between the nodes of a failover pair), or with `None` changes nothing;
+    /// returns the port's addresses after the change, its own first. With
+    /// [`AddressChange::Add`]'s `announce`, the port also sends a gratuitous ARP for it.
+    ///
+    /// Only a port that owns its link layer can: the kernel's addresses are the
+    /// kernel's (`ip addr`), and the default says so.
+    fn change_address(
+        &mut self,
+        change: Option<AddressChange>,
+    ) -> Result<Vec<(Ipv4Addr, u8)>, String> {
+        let _ = change;
+        Err(
+            "the kernel network backend has no service addresses of its own: \
+             add them to the host with `ip addr` (and `arping -U`)"
+                .to_string(),
+        )
+    }
+}
+
+/// A change of a port's service addresses ([`NetPort::change_address`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressChange {
+    /// Answer on `addr` too (in subnet `/prefix_len`); with `announce`, send a
+    /// gratuitous ARP for it.
+    Add {
+        addr: Ipv4Addr,
+        prefix_len: u8,
+        announce: bool,
+    },
+    /// Stop answering on `addr`.
+    Remove { addr: Ipv4Addr },
 }
 
 /// How a [`KernelPort`] is set up.

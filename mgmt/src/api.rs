@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use dataplane::store::{DiskId, DiskReport, DiskState};
 use serde::{Deserialize, Serialize};
@@ -247,17 +247,42 @@ pub struct StateChangeRequest {
     pub reason: Option<String>,
 }
 
+/// The dataplane port's addresses.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AddressesView {
+    /// Whether the node owns its data-path addresses (`--net dpdk`); with the kernel
+    /// backend they are the host's (`ip addr`) and the list is empty.
+    pub managed: bool,
+    /// `ADDR/PREFIX`, the port's own address first, then the service addresses.
+    pub addresses: Vec<String>,
+}
+
+/// A service address to add.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddAddressRequest {
+    /// `ADDR/PREFIX`, e.g. `10.0.0.9/24` (IPv4).
+    #[schema(pattern = r"^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])/(3[0-2]|[12]?[0-9])$")]
+    pub addr: String,
+    /// Send a gratuitous ARP for it (default true), so neighbours learn at once.
+    #[serde(default)]
+    pub announce: Option<bool>,
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "dosd management API",
         description = "Node identity, disk state and status, health and metrics of a dosd storage node."
     ),
-    paths(node, disks, disk, disk_offline, disk_online, health_get, metrics_get, openapi_get),
+    paths(
+        node, disks, disk, disk_offline, disk_online, addresses_get, address_add,
+        address_remove, health_get, metrics_get, openapi_get
+    ),
     components(schemas(
         NodeView, Addresses, Backends, Role, DisksView, DiskView, DiskStateView,
         LastErrorView, DiskHealthView,
-        StateChangeRequest, ErrorBody, Health, health::Reason, health::ReasonKind,
+        StateChangeRequest, AddressesView, AddAddressRequest, ErrorBody, Health, health::Reason, health::ReasonKind,
         health::Status, health::Thresholds
     )),
     modifiers(&BearerAuth)
@@ -284,6 +309,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/disks/{id}", get(disk))
         .route("/v1/disks/{id}/offline", post(disk_offline))
         .route("/v1/disks/{id}/online", post(disk_online))
+        .route("/v1/addresses", get(addresses_get).post(address_add))
+        .route("/v1/addresses/{addr}", delete(address_remove))
         .route("/v1/health", get(health_get))
         .route("/metrics", get(metrics_get))
         .route("/openapi.json", get(openapi_get))
@@ -494,6 +521,137 @@ async fn change_state(
     }
     tracing::info!(disk = disk.0, ?state, %reason, "disk state changed over REST");
     Ok(Json(DiskView::from(&report)))
+}
+
+/// Asks every dataplane loop for its addresses, or to change them.
+async fn addresses_command(
+    s: &Arc<Shared>,
+    change: Option<dataplane::server::port::AddressChange>,
+) -> Result<Json<AddressesView>, ApiError> {
+    let handle = s.handle.clone();
+    let wait = s.cfg.command_wait;
+    let list = tokio::task::spawn_blocking(move || handle.change_address(change, wait))
+        .await
+        .map_err(|_| ApiError::Dataplane(dataplane::handle::CommandError::Stopped))??;
+    Ok(Json(AddressesView {
+        managed: true,
+        addresses: list.iter().map(|(a, p)| format!("{a}/{p}")).collect(),
+    }))
+}
+
+/// The data port's addresses: its own, then the service addresses (those a failover
+/// pair moves between its nodes). With the kernel network backend the node owns none.
+#[utoipa::path(get, path = "/v1/addresses", responses(
+    (status = 200, description = "The addresses", body = AddressesView),
+    (status = 503, description = "The dataplane is busy or did not answer in time", body = ErrorBody),
+))]
+async fn addresses_get(State(s): State<Arc<Shared>>) -> Result<Json<AddressesView>, ApiError> {
+    if s.cfg.network_backend == "kernel" {
+        return Ok(Json(AddressesView {
+            managed: false,
+            addresses: Vec::new(),
+        }));
+    }
+    addresses_command(&s, None).await
+}
+
+/// Adds a service address to the data port (every dataplane loop answers on it) and,
+/// unless `announce` is false, sends a gratuitous ARP for it. Adding an address the
+/// port has already changes only its prefix (and announces it again). `--net dpdk` only.
+#[utoipa::path(
+    post,
+    path = "/v1/addresses",
+    request_body(content = AddAddressRequest, content_type = "application/json"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The addresses after the change", body = AddressesView),
+        (status = 400, description = "Bad body or address", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 403, description = "No token configured: mutations disabled", body = ErrorBody),
+        (status = 409, description = "The port refused: the kernel backend, the port's own address, or no room", body = ErrorBody),
+        (status = 503, description = "The dataplane is busy or did not answer in time", body = ErrorBody),
+    )
+)]
+async fn address_add(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<AddressesView>, ApiError> {
+    auth::check(
+        s.cfg.token.as_deref(),
+        headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+    )?;
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("bad JSON body: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::BadRequest(
+            "bad JSON body: expected an object".to_string(),
+        ));
+    }
+    let request: AddAddressRequest = serde_json::from_value(value)
+        .map_err(|e| ApiError::BadRequest(format!("bad JSON body: {e}")))?;
+    let (addr, prefix_len) = parse_cidr(&request.addr)?;
+    let change = dataplane::server::port::AddressChange::Add {
+        addr,
+        prefix_len,
+        announce: request.announce.unwrap_or(true),
+    };
+    let view = addresses_command(&s, Some(change)).await?;
+    tracing::info!(addr = %request.addr, "service address added over REST");
+    Ok(view)
+}
+
+/// Removes a service address from the data port. `--net dpdk` only.
+#[utoipa::path(
+    delete,
+    path = "/v1/addresses/{addr}",
+    params(("addr" = String, Path, description = "The IPv4 address (no prefix)",
+        pattern = r"^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])$")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The addresses after the change", body = AddressesView),
+        (status = 400, description = "Bad address", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 403, description = "No token configured: mutations disabled", body = ErrorBody),
+        (status = 409, description = "The port refused: the kernel backend, its own address, or not one of its addresses", body = ErrorBody),
+        (status = 503, description = "The dataplane is busy or did not answer in time", body = ErrorBody),
+    )
+)]
+async fn address_remove(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(addr): Path<String>,
+) -> Result<Json<AddressesView>, ApiError> {
+    auth::check(
+        s.cfg.token.as_deref(),
+        headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+    )?;
+    let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| {
+        ApiError::BadRequest(format!("bad address {addr:?}: expected IPv4 like 10.0.0.9"))
+    })?;
+    let view = addresses_command(
+        &s,
+        Some(dataplane::server::port::AddressChange::Remove { addr }),
+    )
+    .await?;
+    tracing::info!(%addr, "service address removed over REST");
+    Ok(view)
+}
+
+/// `ADDR/PREFIX` (IPv4, prefix 0..=32).
+fn parse_cidr(text: &str) -> Result<(std::net::Ipv4Addr, u8), ApiError> {
+    let bad = || {
+        ApiError::BadRequest(format!(
+            "bad address {text:?}: expected IPv4 ADDR/PREFIX like 10.0.0.9/24"
+        ))
+    };
+    let (a, p) = text.split_once('/').ok_or_else(bad)?;
+    let addr: std::net::Ipv4Addr = a.parse().map_err(|_| bad())?;
+    let prefix: u8 = p.parse().map_err(|_| bad())?;
+    if prefix > 32 {
+        return Err(bad());
+    }
+    Ok((addr, prefix))
 }
 
 /// Overall health with its reasons and the thresholds in force.

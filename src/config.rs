@@ -75,7 +75,8 @@ pub struct Flags {
     /// Cluster multicast group GROUP:PORT [default: 239.255.73.70:7371]
     #[arg(long)]
     pub multicast: Option<SocketAddrV4>,
-    /// Local interface address for multicast [default: 127.0.0.1]
+    /// Local interface address for multicast (heartbeats, announcements, the LOCATE
+    /// group) [default: 127.0.0.1; with --net dpdk: the DPDK port's address]
     #[arg(long)]
     pub multicast_if: Option<Ipv4Addr>,
     /// Number of file-backed disks [default: 4]
@@ -139,7 +140,8 @@ pub struct Flags {
     #[arg(long)]
     pub dataplane_stall_ms: Option<u64>,
     /// Network backend of the dataplane: `kernel` (sockets) or `dpdk` (smoltcp on a
-    /// DPDK port; one loop for now; needs a build with --features dpdk) [default: kernel]
+    /// DPDK port, one receive and transmit queue per dataplane loop; needs a build with
+    /// --features dpdk) [default: kernel]
     #[arg(long, value_name = "kernel|dpdk")]
     pub net: Option<String>,
     /// With --net dpdk: the EAL arguments, split on whitespace (e.g. "-l 0 --no-huge -m
@@ -589,13 +591,6 @@ impl Config {
                 })?;
                 let (addr, prefix_len) =
                     parse_cidr(&ip).map_err(|why| invalid("dpdk_ip", &ip, why))?;
-                if let Some(n) = dataplane_cores.filter(|&n| n > 1) {
-                    return Err(invalid(
-                        "dataplane_cores",
-                        &n.to_string(),
-                        "the DPDK backend (--net dpdk) runs one dataplane loop for now".into(),
-                    ));
-                }
                 Net::Dpdk(DpdkNet {
                     eal_args,
                     addr,
@@ -638,6 +633,24 @@ impl Config {
                 SocketAddr::from((d.addr, l.port()))
             }
         };
+        // With --net dpdk the cluster group is spoken on the DPDK port: the multicast
+        // interface is its address (the default), which the kernel does not have.
+        let multicast_if_asked = flags.multicast_if.or(file.multicast_if);
+        let multicast_if = match (&net, multicast_if_asked) {
+            (Net::Kernel, m) => m.unwrap_or(MULTICAST_IF_DEFAULT),
+            (Net::Dpdk(d), None) => d.addr,
+            (Net::Dpdk(d), Some(m)) if m == d.addr || m.is_unspecified() => d.addr,
+            (Net::Dpdk(d), Some(m)) => {
+                return Err(invalid(
+                    "multicast_if",
+                    &m.to_string(),
+                    format!(
+                        "with --net dpdk heartbeats, announcements and multicast LOCATE use the DPDK port: use {} (or leave it out)",
+                        d.addr
+                    ),
+                ))
+            }
+        };
         let test_stall_ms = flags
             .test_hooks
             .then(|| flags.test_stall_ms.unwrap_or(TEST_STALL_MS_DEFAULT));
@@ -666,10 +679,7 @@ impl Config {
                 .multicast
                 .or(file.multicast)
                 .unwrap_or_else(|| MULTICAST_DEFAULT.parse().expect("constant address")),
-            multicast_if: flags
-                .multicast_if
-                .or(file.multicast_if)
-                .unwrap_or(MULTICAST_IF_DEFAULT),
+            multicast_if,
             disks,
             disk_specs,
             disk_size,
@@ -1011,6 +1021,17 @@ mod tests {
         };
         assert_eq!(d.eal_args, ["-l", "0", "--no-huge", "--vdev=net_tap0"]);
         assert_eq!(d.prefix_len, 24);
+        // Heartbeats and the group live on the DPDK port: its address by default, and
+        // nothing else will do.
+        assert_eq!(c.multicast_if, Ipv4Addr::new(10, 0, 0, 2));
+        let err = Config::resolve(Flags {
+            multicast_if: Some(Ipv4Addr::LOCALHOST),
+            ..dpdk(None, None, Some("10.0.0.2/24"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("use 10.0.0.2"), "{err}");
+        let c2 = Config::resolve(dpdk(None, Some(2), Some("10.0.0.2/24"))).unwrap();
+        assert_eq!(c2.dataplane_cores, Some(2), "several loops on DPDK");
         let c = Config::resolve(dpdk(Some("0.0.0.0:9000"), Some(1), Some("10.0.0.2/24"))).unwrap();
         assert_eq!(c.listen.to_string(), "10.0.0.2:9000");
         for (flags, says) in [
@@ -1020,10 +1041,6 @@ mod tests {
                 "DPDK port",
             ),
             (dpdk(Some("10.0.0.2:0"), None, Some("10.0.0.2/24")), "not 0"),
-            (
-                dpdk(None, Some(2), Some("10.0.0.2/24")),
-                "one dataplane loop",
-            ),
             (
                 Flags {
                     dpdk_args: None,

@@ -1,8 +1,15 @@
-//! `--net dpdk`: the one dataplane loop on a DPDK port, smoltcp over its mbufs
-//! ([`DpdkPort`]). EAL is once per process and makes the thread that initialises it its
-//! main lcore (pinned as `-l` says), and the port's handles borrow the EAL guard: so
-//! everything is made on the `dataplane-0` thread itself, which reports back over a
-//! channel once the loop is ready to serve (or why it is not).
+//! `--net dpdk`: the dataplane loops on one DPDK port, each with its own receive and
+//! transmit queue and smoltcp over its mbufs ([`DpdkPort`]). EAL is once per process
+//! and makes the thread that initialises it its main lcore (pinned as `-l` says), and
+//! the port's handles borrow the EAL guard: so everything is made on the `dataplane-0`
+//! thread, which runs loop 0 itself and loops 1… on scoped threads (pinned like the
+//! kernel backend's: cores 1, 2, …); each reports back over a channel once it is ready
+//! to serve (or why it is not).
+//!
+//! The NIC spreads flows over the queues (RSS where the device has it; a `net_tap`'s
+//! kernel side picks the queue by flow hash); a request that lands on a loop that does
+//! not own its object's shard crosses to the owner through the mesh, as on the kernel
+//! backend. ARP frames are shared between the loops ([`ArpShare`]).
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -13,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dataplane::handle::DataplaneEnd;
-use dataplane::server::dpdk_port::{DpdkPort, DpdkPortOptions};
+use dataplane::server::dpdk_port::{ArpShare, DpdkPort, DpdkPortOptions};
 use dataplane::server::shards::Shards;
 use dataplane::server::{Server, ServerConfig};
 use dpdk::{Eal, MbufDevice, Mempool, PortConfig, PortId, QueueId};
@@ -27,15 +34,15 @@ const READY_WAIT: Duration = Duration::from_secs(60);
 const MBUFS: u32 = 8191;
 const MBUF_CACHE: u32 = 64;
 
-/// Starts the `dataplane-0` thread serving DOSP on DPDK port 0 at `net.addr` and
-/// `listen`'s port, and waits until it serves. Returns the thread and the DOSP
-/// address.
+/// Starts the dataplane threads serving DOSP on DPDK port 0 at `net.addr` and
+/// `listen`'s port, one loop per shard, and waits until every loop serves. Returns the
+/// thread of loop 0 (it runs the others and joins them) and the DOSP address.
 pub fn start(
     net: &DpdkNet,
     listen: SocketAddr,
     cfg: ServerConfig,
-    shards: Shards,
-    end: DataplaneEnd,
+    shards: Vec<Shards>,
+    ends: Vec<DataplaneEnd>,
     stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<(JoinHandle<io::Result<Shards>>, SocketAddrV4)> {
     let local = SocketAddrV4::new(net.addr, listen.port());
@@ -45,17 +52,23 @@ pub fn start(
         gateway: net.gateway,
         port: listen.port(),
         connections_max: cfg.connections_max,
+        // Every loop: RSS puts a datagram on any queue.
         udp_unicast: true,
         multicast: Some(cfg.multicast_group),
     };
+    anyhow::ensure!(
+        shards.len() == ends.len() && !shards.is_empty(),
+        "one shard and one dataplane end per loop"
+    );
     let args = net.eal_args.clone();
     let (ready_tx, ready_rx) = mpsc::channel();
+    let loops = shards.len();
     let thread = std::thread::Builder::new()
         .name("dataplane-0".into())
         .spawn({
             let stop = Arc::clone(stop);
             move || {
-                let result = serve(&args, &opts, cfg, shards, end, &ready_tx, &stop);
+                let result = serve(&args, &opts, cfg, shards, ends, &ready_tx, &stop);
                 // A loop that ends ends the node.
                 stop.store(true, Ordering::Relaxed);
                 result.map_err(|e| {
@@ -67,33 +80,41 @@ pub fn start(
             }
         })
         .context("cannot start the dataplane thread")?;
-    match ready_rx.recv_timeout(READY_WAIT) {
-        Ok(Ok(())) => Ok((thread, local)),
-        Ok(Err(e)) => {
-            let _ = thread.join();
-            anyhow::bail!("the DPDK backend did not start: {e}")
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            stop.store(true, Ordering::Relaxed);
-            anyhow::bail!("the DPDK backend was not ready after {READY_WAIT:?}")
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            let _ = thread.join();
-            anyhow::bail!("the DPDK dataplane thread ended before it was ready")
+    for _ in 0..loops {
+        match ready_rx.recv_timeout(READY_WAIT) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                stop.store(true, Ordering::Relaxed);
+                let _ = thread.join();
+                anyhow::bail!("the DPDK backend did not start: {e}")
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                stop.store(true, Ordering::Relaxed);
+                anyhow::bail!("the DPDK backend was not ready after {READY_WAIT:?}")
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = thread.join();
+                anyhow::bail!("the DPDK dataplane thread ended before it was ready")
+            }
         }
     }
+    Ok((thread, local))
 }
 
-/// On the dataplane thread: EAL, port 0, smoltcp, the loop until `stop`.
+/// On the dataplane-0 thread: EAL, port 0 with one receive and one transmit queue per
+/// loop, then loop 0 here and loops 1… on threads of their own (scoped: the queues
+/// borrow the port, which borrows EAL), until `stop`.
 fn serve(
     args: &[String],
     opts: &DpdkPortOptions,
     cfg: ServerConfig,
-    shards: Shards,
-    end: DataplaneEnd,
+    shards: Vec<Shards>,
+    ends: Vec<DataplaneEnd>,
     ready: &mpsc::Sender<Result<(), String>>,
     stop: &AtomicBool,
 ) -> anyhow::Result<Shards> {
+    let loops = shards.len();
+    let queues = u16::try_from(loops).context("too many dataplane loops for one port")?;
     let eal = Eal::init(args).context("cannot initialise DPDK (EAL; see --dpdk-args)")?;
     let ports = eal.port_count();
     anyhow::ensure!(
@@ -103,37 +124,145 @@ fn serve(
     if ports > 1 {
         tracing::warn!(ports, "DPDK found several ports; DOSP uses port 0");
     }
-    let pool = Mempool::new(
-        &eal,
-        "dosd_pool",
-        MBUFS,
-        MBUF_CACHE,
-        Mempool::DEFAULT_DATA_ROOM,
-    )
-    .context("cannot create the mbuf pool")?;
+    // A pool per loop: no loop takes mbufs from another's (the loops' threads are not
+    // EAL lcores, so a shared pool would have no per-core cache to spare them contention).
+    let pools = (0..loops)
+        .map(|k| {
+            Mempool::new(
+                &eal,
+                &format!("dosd_pool_{k}"),
+                MBUFS,
+                MBUF_CACHE,
+                Mempool::DEFAULT_DATA_ROOM,
+            )
+            .with_context(|| format!("cannot create the mbuf pool of loop {k}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut port = eal.port(PortId(0)).context("cannot take DPDK port 0")?;
-    port.configure(&PortConfig::default(), &pool)
-        .context("cannot configure DPDK port 0")?;
+    let config = PortConfig {
+        rx_queues: queues,
+        tx_queues: queues,
+        ..PortConfig::default()
+    };
+    port.configure(&config, &pools[0]).with_context(|| {
+        format!("cannot configure DPDK port 0 with {queues} receive and transmit queues (one per dataplane loop)")
+    })?;
     port.start().context("cannot start DPDK port 0")?;
+    // The cluster group's frames (heartbeats, multicast LOCATE) are multicast: a real
+    // NIC filters them out unless told otherwise.
+    if let Err(e) = port.enable_allmulticast() {
+        tracing::warn!(error = %e, "DPDK port 0 cannot receive all multicast: multicast LOCATE may not reach this node");
+    }
     let mac = port.mac().context("cannot read DPDK port 0's MAC")?;
-    let rx = port
-        .rx_queue(QueueId(0))
-        .context("cannot take port 0's receive queue")?;
-    let tx = port
-        .tx_queue(QueueId(0))
-        .context("cannot take port 0's transmit queue")?;
-    let device = MbufDevice::new(rx, tx, &pool);
-    let dport = DpdkPort::new(device, mac, opts).context("cannot set up smoltcp on port 0")?;
-    let server = Server::with_port(dport, cfg, shards, end)
-        .context("cannot start the dataplane loop on the DPDK port")?;
+    if loops > 1 && !port.rss_active() {
+        tracing::warn!(
+            loops,
+            "DPDK port 0 offers no RSS: which queue (loop) a flow lands on is the device's choice"
+        );
+    }
     tracing::info!(
         addr = %opts.addr,
         prefix_len = opts.prefix_len,
         port = opts.port,
         mac = %mac,
+        queues,
+        rss = port.rss_active(),
         lcore = ?eal.lcore_id(),
-        "DPDK port 0 serving DOSP"
+        "DPDK port 0 started"
+    );
+    let port = &port;
+    let mut arp = dataplane::server::dpdk_port::arp_shares(loops).into_iter();
+    let mut work: Vec<_> = shards
+        .into_iter()
+        .zip(ends)
+        .zip(pools.iter())
+        .map(|((shard, end), pool)| (shard, end, pool, arp.next()))
+        .collect();
+    let first = work.remove(0);
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    std::thread::scope(|scope| {
+        let mut others = Vec::new();
+        for (i, (shard, end, pool, arp)) in work.into_iter().enumerate() {
+            let k = i + 1;
+            let pin = (cores.len() > 1).then(|| cores[(1 + k) % cores.len()]);
+            let cfg = cfg.clone();
+            let ready = ready.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("dataplane-{k}"))
+                .spawn_scoped(scope, move || {
+                    if let Some(core) = pin {
+                        if !core_affinity::set_for_current(core) {
+                            tracing::warn!(
+                                core = core.id,
+                                "could not pin the dataplane; running unpinned"
+                            );
+                        }
+                    }
+                    let r = one_loop(port, k, mac, pool, arp, opts, cfg, shard, end, &ready, stop);
+                    // A loop that ends ends the node.
+                    stop.store(true, Ordering::Relaxed);
+                    if let Err(e) = &r {
+                        let _ = ready.send(Err(format!("{e:#}")));
+                    }
+                    r
+                })
+                .context("cannot start a dataplane thread")?;
+            others.push(t);
+        }
+        let (shard, end, pool, arp) = first;
+        let r0 = one_loop(port, 0, mac, pool, arp, opts, cfg, shard, end, ready, stop);
+        stop.store(true, Ordering::Relaxed);
+        let mut result = r0;
+        for t in others {
+            let r = t
+                .join()
+                .map_err(|_| anyhow::anyhow!("a dataplane thread panicked"))
+                .and_then(|r| r.map(|_| ()));
+            if let (Ok(_), Err(e)) = (&result, r) {
+                result = Err(e);
+            }
+        }
+        result
+    })
+}
+
+/// One loop: its queues of the port, smoltcp on them, the loop until `stop`.
+#[allow(clippy::too_many_arguments)]
+fn one_loop<'e>(
+    port: &dpdk::Port<'e>,
+    k: usize,
+    mac: dpdk::MacAddr,
+    pool: &Mempool<'e>,
+    arp: Option<ArpShare>,
+    opts: &DpdkPortOptions,
+    cfg: ServerConfig,
+    shard: Shards,
+    end: DataplaneEnd,
+    ready: &mpsc::Sender<Result<(), String>>,
+    stop: &AtomicBool,
+) -> anyhow::Result<Shards> {
+    let q = QueueId(u16::try_from(k).context("queue number")?);
+    let rx = port
+        .rx_queue(q)
+        .with_context(|| format!("cannot take port 0's receive queue {k}"))?;
+    let tx = port
+        .tx_queue(q)
+        .with_context(|| format!("cannot take port 0's transmit queue {k}"))?;
+    let device = MbufDevice::new(rx, tx, pool);
+    let mut dport = DpdkPort::new(device, mac, opts)
+        .with_context(|| format!("cannot set up smoltcp on port 0 queue {k}"))?;
+    if let Some(arp) = arp {
+        dport.share_arp(arp);
+    }
+    let server = Server::with_port(dport, cfg, shard, end)
+        .with_context(|| format!("cannot start dataplane loop {k} on the DPDK port"))?;
+    tracing::info!(
+        loop_index = k,
+        queue = k,
+        "dataplane loop serving DOSP on the DPDK port"
     );
     let _ = ready.send(Ok(()));
-    server.run(stop).context("dataplane loop failed")
+    server
+        .run(stop)
+        .with_context(|| format!("dataplane loop {k} failed"))
 }

@@ -273,11 +273,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     let node_id = node.id;
     let node_name = node.name;
     let epoch = dir.next_epoch()?;
-    // The DPDK backend runs one loop for now (the configuration refused more).
-    let asked = match cfg.net {
-        Net::Kernel => cfg.dataplane_cores,
-        Net::Dpdk(_) => Some(1),
-    };
+    let asked = cfg.dataplane_cores;
     // `disks` keeps the NVMe controllers (and their vfio-pci bindings) until the
     // stores, which hold their queues, are gone: it is declared before them.
     // Queue pairs asked of each NVMe controller: one per loop, as many as a disk can
@@ -449,10 +445,8 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             }
             #[cfg(feature = "dpdk")]
             Net::Dpdk(net) => {
-                let shard = shards.into_iter().next().context("no shard")?;
-                let end = ends.into_iter().next().context("no dataplane end")?;
                 let (thread, local) =
-                    dpdk_net::start(net, cfg.listen, server_cfg(1), shard, end, &stop)?;
+                    dpdk_net::start(net, cfg.listen, server_cfg(loops), shards, ends, &stop)?;
                 (std::net::SocketAddr::V4(local), Some(thread))
             }
             #[cfg(not(feature = "dpdk"))]
@@ -497,6 +491,8 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         heartbeat_interval: Duration::from_millis(cfg.heartbeat_ms),
         repeat: 3,
         repeat_gap: Duration::from_millis(100),
+        // With --net dpdk the multicast interface is the DPDK port's: loop 0 speaks.
+        via_dataplane: matches!(cfg.net, Net::Dpdk(_)),
     };
     let announcer = mgmt::cluster::Announcer::start(announcer_cfg, handle, mgmt.monitor())
         .with_context(|| {

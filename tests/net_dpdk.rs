@@ -21,6 +21,9 @@ use rand::{RngCore, SeedableRng};
 
 /// How long dosd may take to print its line (EAL start-up, disks).
 const READY_WAIT: Duration = Duration::from_secs(60);
+/// DOSP connections the test opens at once: the kernel's side of the tap picks a queue
+/// (a loop) per flow by hash, so all of them on one loop has odds 2^-15.
+const CONNECTIONS: usize = 16;
 /// The client's connect and read timeout.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -57,13 +60,26 @@ impl Drop for Killed {
     }
 }
 
-/// One GET on the management address; the body. Reads retried when interrupted.
-fn http_get(addr: SocketAddr, path: &str) -> String {
+/// One HTTP request to the management address; the status code and the body. Reads
+/// retried when interrupted (net_tap raises SIGIO in dosd, not here, but a test binary
+/// may share signals with its children's setup).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect to mgmt");
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut raw = Vec::new();
@@ -73,64 +89,51 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
             Ok(0) => break,
             Ok(n) => raw.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => panic!("GET {path}: {e}"),
+            Err(e) => panic!("{method} {path}: {e}"),
         }
     }
     let text = String::from_utf8(raw).expect("UTF-8 response");
     let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-    body.to_string()
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: no status in {head:?}"));
+    (status, body.to_string())
 }
 
-fn seeded(seed: u64, n: usize) -> Vec<u8> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut v = vec![0u8; n];
-    rng.fill_bytes(&mut v);
-    v
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let (status, body) = http(addr, "GET", path, None, "");
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
 }
 
-#[test]
-fn dosd_serves_dosp_on_a_dpdk_port() {
-    if !is_root() {
-        println!("SKIPPED: dosd --net dpdk on net_tap needs root (a tap device, ip, sysctl)");
-        return;
-    }
-    let pid = std::process::id();
-    // A subnet and a tap name of this process's own.
-    let x = 10 + pid % 240;
-    let iface = format!("dnd{}", pid % 100_000);
-    let node_ip = format!("10.97.{x}.2");
-    let kernel_ip = format!("10.97.{x}.1");
-    let listen = format!("{node_ip}:7370");
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let stderr_log = dir.path().join("dosd.stderr.log");
-    let group = common::unique_group();
-    let eal = format!(
-        "-l 0 --no-huge -m 512 --no-pci --no-shconf --no-telemetry --vdev=net_tap0,iface={iface}"
+/// Output of a command (it must succeed).
+fn output(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Starts dosd with `args` and waits for its ready line; the node and the line.
+fn spawn_node(args: &[&str], stderr_log: &std::path::Path) -> (Killed, String) {
     let child = Command::new(common::dosd_bin())
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .args([
-            "--disks",
-            "2",
-            "--disk-size",
-            "64M",
-            "--heartbeat-ms",
-            "200",
-        ])
-        .args(["--net", "dpdk", "--dpdk-args", &eal])
-        .args(["--dpdk-ip", &format!("{node_ip}/24")])
-        .args(["--listen", &listen, "--mgmt-listen", "127.0.0.1:0"])
-        .args(["--multicast", &group, "--multicast-if", "127.0.0.1"])
+        .args(args)
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr_log).unwrap())
+        .stderr(std::fs::File::create(stderr_log).unwrap())
         .env("DOSD_LOG", "info")
+        .env("NO_COLOR", "1")
         .spawn()
         .expect("spawn dosd");
     let mut node = Killed(child);
-    let log = || std::fs::read_to_string(&stderr_log).unwrap_or_default();
+    let log = || std::fs::read_to_string(stderr_log).unwrap_or_default();
     // The ready line, read on a thread so the wait is bounded.
     let stdout = node.0.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
@@ -152,24 +155,94 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
         "dosd exited before it was ready:\n{}",
         log()
     );
-    let field = |key: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-            .to_string()
-    };
-    let dosp_addr: SocketAddr = field("dosp=").parse().unwrap();
-    let mgmt: SocketAddr = field("mgmt=").parse().unwrap();
+    (node, line)
+}
+
+fn field(line: &str, key: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        .to_string()
+}
+
+fn seeded(seed: u64, n: usize) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; n];
+    rng.fill_bytes(&mut v);
+    v
+}
+
+#[test]
+fn dosd_serves_dosp_on_a_dpdk_port() {
+    if !is_root() {
+        println!("SKIPPED: dosd --net dpdk on net_tap needs root (a tap device, ip, sysctl)");
+        return;
+    }
+    let pid = std::process::id();
+    // A subnet and a tap name of this process's own.
+    let x = 10 + pid % 240;
+    let iface = format!("dnd{}", pid % 100_000);
+    let node_ip = format!("10.97.{x}.2");
+    let kernel_ip = format!("10.97.{x}.1");
+    let service_ip = format!("10.97.{x}.9");
+    let listen = format!("{node_ip}:7370");
+    let dir = tempfile::tempdir().unwrap();
+    let group = common::unique_group();
+    let token = "net-dpdk-test";
+    // Two loops: two receive and transmit queues on the tap, flows spread by the
+    // kernel's flow hash; heartbeats and the multicast group on the DPDK port.
+    let eal = format!(
+        "-l 0 --no-huge -m 512 --no-pci --no-shconf --no-telemetry --vdev=net_tap0,iface={iface}"
+    );
+    let dpdk_log = dir.path().join("dosd-dpdk.log");
+    let data = dir.path().join("data");
+    let (mut node, line) = spawn_node(
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--disks",
+            "2",
+            "--disk-size",
+            "64M",
+            "--dataplane-cores",
+            "2",
+            "--heartbeat-ms",
+            "200",
+            "--net",
+            "dpdk",
+            "--dpdk-args",
+            &eal,
+            "--dpdk-ip",
+            &format!("{node_ip}/24"),
+            "--listen",
+            &listen,
+            "--mgmt-listen",
+            "127.0.0.1:0",
+            "--mgmt-token",
+            token,
+            "--multicast",
+            &group,
+        ],
+        &dpdk_log,
+    );
+    let log = || std::fs::read_to_string(&dpdk_log).unwrap_or_default();
+    let dosp_addr: SocketAddr = field(&line, "dosp=").parse().unwrap();
+    let mgmt: SocketAddr = field(&line, "mgmt=").parse().unwrap();
+    let node_id = u64::from_str_radix(&field(&line, "node="), 16).unwrap();
     assert_eq!(
         dosp_addr.to_string(),
         listen,
         "the line gives the DPDK address"
     );
 
-    // The kernel's side of the tap, now that DPDK made it.
+    // The kernel's side of the tap, now that DPDK made it; it accepts gratuitous ARP.
     run(
         "sysctl",
         &["-qw", &format!("net.ipv6.conf.{iface}.disable_ipv6=1")],
+    );
+    run(
+        "sysctl",
+        &["-qw", &format!("net.ipv4.conf.{iface}.arp_accept=1")],
     );
     run(
         "ip",
@@ -177,34 +250,229 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
     );
     run("ip", &["link", "set", &iface, "up"]);
 
-    let objects = [seeded(1, 1000), seeded(2, 300_000), seeded(3, 5 << 20)];
-    let mut c = Client::connect(&listen, IO_TIMEOUT)
-        .unwrap_or_else(|e| panic!("connect to {listen}: {e}\n{}", log()));
-    c.ping().expect("NULL");
+    // A second node, on the kernel backend, on the kernel's side of the segment and in
+    // the same cluster group (its multicast leaves through the tap).
+    let kernel_log = dir.path().join("dosd-kernel.log");
+    let kdata = dir.path().join("kdata");
+    let (_knode, kline) = spawn_node(
+        &[
+            "--data-dir",
+            kdata.to_str().unwrap(),
+            "--disks",
+            "1",
+            "--disk-size",
+            "64M",
+            "--dataplane-cores",
+            "1",
+            "--heartbeat-ms",
+            "200",
+            "--listen",
+            &format!("{kernel_ip}:0"),
+            "--mgmt-listen",
+            "127.0.0.1:0",
+            "--multicast",
+            &group,
+            "--multicast-if",
+            &kernel_ip,
+        ],
+        &kernel_log,
+    );
+    let knode_id = u64::from_str_radix(&field(&kline, "node="), 16).unwrap();
+    let kdosp = field(&kline, "dosp=");
+
+    // Several connections at once, so that flows land on both loops; every object is
+    // then read back over every connection (a read on the loop that does not hold it
+    // crosses the mesh).
+    let objects: Vec<Vec<u8>> = (0..8u64)
+        .map(|i| {
+            seeded(
+                i + 1,
+                [0, 1000, 4096, 65_536, 300_000, 1 << 20, 5 << 20, 77][i as usize],
+            )
+        })
+        .collect();
+    let mut clients: Vec<Client> = (0..CONNECTIONS)
+        .map(|_| {
+            Client::connect(&listen, IO_TIMEOUT)
+                .unwrap_or_else(|e| panic!("connect to {listen}: {e}\n{}", log()))
+        })
+        .collect();
     let mut fps = Vec::new();
-    for data in &objects {
+    for (i, data) in objects.iter().enumerate() {
+        let c = &mut clients[i % CONNECTIONS];
         let stored = c
             .store_bytes(data)
-            .unwrap_or_else(|e| panic!("STORE of {} bytes: {e}", data.len()));
+            .unwrap_or_else(|e| panic!("STORE of {} bytes: {e}\n{}", data.len(), log()));
         assert_eq!(stored.fingerprint, Fingerprint::of(data));
         assert_eq!(stored.refcount, 1);
         fps.push(stored.fingerprint);
     }
-    for (fp, data) in fps.iter().zip(&objects) {
-        let mut got = Vec::new();
-        let len = c
-            .retrieve(fp, &mut got, &mut |_, _| {})
-            .unwrap_or_else(|e| panic!("RETRIEVE of {} bytes: {e}", data.len()));
-        assert_eq!(len, data.len() as u64);
-        assert!(got == *data, "RETRIEVE gave other bytes than stored");
+    for (k, c) in clients.iter_mut().enumerate() {
+        c.ping().expect("NULL");
+        for (fp, data) in fps.iter().zip(&objects) {
+            // The largest once (the debug build's smoltcp is slow), the others by all.
+            if data.len() > (1 << 20) && k > 0 {
+                continue;
+            }
+            let mut got = Vec::new();
+            let len = c
+                .retrieve(fp, &mut got, &mut |_, _| {})
+                .unwrap_or_else(|e| panic!("RETRIEVE of {} bytes: {e}", data.len()));
+            assert_eq!(len, data.len() as u64);
+            assert!(got == *data, "RETRIEVE gave other bytes than stored");
+        }
+        let big = &objects[6];
+        let mut part = Vec::new();
+        c.retrieve_range(&fps[6], 1_000_003, 70_000, &mut part)
+            .expect("RETRIEVE_RANGE");
+        assert!(part == big[1_000_003..1_070_003], "RANGE gave other bytes");
     }
+    let mut listed = Vec::new();
+    let n = clients[0]
+        .contents(&mut |fp, _| listed.push(fp))
+        .expect("GET_CONTENTS");
+    assert_eq!(n as usize, objects.len());
+    let mut want = fps.clone();
+    want.sort();
+    listed.sort();
+    assert_eq!(listed, want, "the contents list every object once");
+
+    // Multicast LOCATE from the kernel's side: the DPDK node (through smoltcp's group
+    // membership) and the kernel node both answer for an object both hold.
+    let shared = &objects[1];
+    let mut kc = Client::connect(&kdosp, IO_TIMEOUT).expect("connect to the kernel node");
+    kc.store_bytes(shared).expect("STORE on the kernel node");
+    let group_addr: std::net::SocketAddrV4 = group.parse().unwrap();
+    let kernel_v4: std::net::Ipv4Addr = kernel_ip.parse().unwrap();
+    let mut answered = Vec::new();
+    for _ in 0..5 {
+        let found = dosp::client::locate_multicast(
+            group_addr,
+            kernel_v4,
+            &fps[1],
+            Duration::from_millis(800),
+        )
+        .expect("multicast LOCATE");
+        answered = found.iter().map(|l| l.node_id).collect();
+        answered.sort();
+        answered.dedup();
+        if answered.len() == 2 {
+            break;
+        }
+    }
+    let mut want_nodes = vec![node_id, knode_id];
+    want_nodes.sort();
+    assert_eq!(
+        answered,
+        want_nodes,
+        "both nodes answer the multicast LOCATE\n{}",
+        log()
+    );
+
+    // Heartbeats of the DPDK node arrive on the kernel's side of the segment.
+    let mut heard = false;
+    dosp::client::watch(
+        group_addr,
+        kernel_v4,
+        Duration::from_secs(5),
+        &mut |ev, _| {
+            if let dosp::client::ClusterEvent::Heartbeat(h) = ev {
+                heard |= h.node_id.get() == node_id;
+            }
+            !heard
+        },
+    )
+    .expect("watch the group");
+    assert!(heard, "no heartbeat from the DPDK node in 5 s\n{}", log());
+
+    // A service address: added over REST, announced by gratuitous ARP (the kernel
+    // learns it without asking), served, removed.
+    let (status, body) = http(mgmt, "POST", "/v1/addresses", None, "{}");
+    assert_eq!(status, 401, "a mutation without the token: {body}");
+    let (status, body) = http(
+        mgmt,
+        "POST",
+        "/v1/addresses",
+        Some(token),
+        &format!("{{\"addr\": \"{service_ip}/24\"}}"),
+    );
+    assert_eq!(status, 200, "POST /v1/addresses: {body}\n{}", log());
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["managed"], true, "{v}");
+    assert_eq!(
+        v["addresses"],
+        serde_json::json!([format!("{node_ip}/24"), format!("{service_ip}/24")]),
+        "{v}"
+    );
+    let mac_of = |ip: &str| {
+        output("ip", &["neigh", "show", ip, "dev", &iface])
+            .split_whitespace()
+            .skip_while(|w| *w != "lladdr")
+            .nth(1)
+            .map(String::from)
+    };
+    let mut garp = None;
+    for _ in 0..50 {
+        garp = mac_of(&service_ip);
+        if garp.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let node_mac = mac_of(&node_ip).expect("the kernel knows the node's MAC after talking to it");
+    assert_eq!(
+        garp.as_deref(),
+        Some(node_mac.as_str()),
+        "the gratuitous ARP put {service_ip} at the node's MAC in `ip neigh`"
+    );
+    let mut sc = Client::connect(&format!("{service_ip}:7370"), IO_TIMEOUT)
+        .expect("connect to the service address");
+    let mut got = Vec::new();
+    sc.retrieve(&fps[5], &mut got, &mut |_, _| {})
+        .expect("RETRIEVE on the service address");
+    assert!(
+        got == objects[5],
+        "the service address serves the same objects"
+    );
+    drop(sc);
+    let (status, body) = http(
+        mgmt,
+        "DELETE",
+        &format!("/v1/addresses/{service_ip}"),
+        Some(token),
+        "",
+    );
+    assert_eq!(status, 200, "DELETE /v1/addresses: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["addresses"],
+        serde_json::json!([format!("{node_ip}/24")]),
+        "{v}"
+    );
+    let (status, body) = http(
+        mgmt,
+        "DELETE",
+        &format!("/v1/addresses/{node_ip}"),
+        Some(token),
+        "",
+    );
+    assert_eq!(status, 409, "the port's own address cannot go: {body}");
 
     // The management core, on the kernel: the node's DOSP address is the DPDK one, and
     // its network backend says so.
     let n: serde_json::Value = serde_json::from_str(&http_get(mgmt, "/v1/node")).unwrap();
     assert_eq!(n["backends"]["network"], "dpdk", "{n}");
     assert_eq!(n["addresses"]["dosp"], listen.as_str(), "{n}");
+    assert_eq!(
+        log()
+            .matches("dataplane loop serving DOSP on the DPDK port")
+            .count(),
+        2,
+        "two loops, each on its own queue:\n{}",
+        log()
+    );
 
+    let c = &mut clients[0];
     for fp in &fps {
         assert_eq!(c.delete(fp).expect("DELETE"), 0);
     }
@@ -212,21 +480,44 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
         Err(ClientError::NotFound { .. }) => {}
         other => panic!("a deleted object is still served: {other:?}"),
     }
-    drop(c);
+    drop(clients);
     println!(
-        "dosd --net dpdk on {iface}: {} objects stored, retrieved byte-exact, deleted; \
-         /v1/node says dpdk at {listen}",
+        "dosd --net dpdk (2 loops) on {iface}: {} objects over {CONNECTIONS} connections stored, \
+         retrieved and range-read byte-exact, listed, deleted; multicast LOCATE answered by \
+         it and a kernel node; its heartbeats heard; service address {service_ip} \
+         announced by gratuitous ARP and served",
         objects.len()
     );
     // SIGTERM, then a clean exit within the bound (else the drop kills it).
     run("kill", &["-TERM", &node.0.id().to_string()]);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::time::Instant::now() < deadline {
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dosd did not stop within 20 s of SIGTERM:\n{}",
+            log()
+        );
         if let Some(status) = node.0.try_wait().unwrap() {
             assert!(status.success(), "dosd exited with {status}:\n{}", log());
-            return;
+            break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("dosd did not stop within 20 s of SIGTERM:\n{}", log());
+    // Each loop's queue says what it carried when it closes: connections reached both.
+    let accepted: Vec<u64> = log()
+        .lines()
+        .filter(|l| l.contains("DPDK port queue closed"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("accepted="))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    println!("connections accepted per loop: {accepted:?}");
+    assert_eq!(accepted.len(), 2, "two queues closed:\n{}", log());
+    assert!(
+        accepted.iter().all(|&n| n > 0),
+        "flows reached both loops: {accepted:?}"
+    );
+    assert_eq!(accepted.iter().sum::<u64>(), CONNECTIONS as u64 + 1);
 }

@@ -34,6 +34,17 @@ pub struct AnnouncerConfig {
     /// Copies of each announcement (the first included).
     pub repeat: u32,
     pub repeat_gap: Duration,
+    /// Speak through the dataplane's own network port (`--net dpdk`: the multicast
+    /// interface is an address on the DPDK port, which the kernel does not have): the
+    /// datagrams go to loop 0 ([`DataplaneHandle::send_datagram`]), which sends them
+    /// from its multicast endpoint. Otherwise a kernel socket on the interface.
+    pub via_dataplane: bool,
+}
+
+/// Where the speaker's datagrams leave.
+enum Outlet {
+    Kernel(UdpSocket),
+    Dataplane,
 }
 
 /// The running announcer.
@@ -51,21 +62,25 @@ impl Announcer {
         handle: DataplaneHandle,
         monitor: Arc<Monitor>,
     ) -> io::Result<Announcer> {
-        let iface: Ipv4Addr = handle.node.snapshot().addrs.multicast_if;
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-        sock.bind(&SocketAddr::V4(SocketAddrV4::new(iface, 0)).into())?;
-        // Out of the configured interface only, looped back to listeners on this
-        // machine, one hop at most: cluster chatter never leaves the segment.
-        sock.set_multicast_if_v4(&iface)?;
-        sock.set_multicast_loop_v4(true)?;
-        sock.set_multicast_ttl_v4(1)?;
-        let sock: UdpSocket = sock.into();
+        let out = if cfg.via_dataplane {
+            Outlet::Dataplane
+        } else {
+            let iface: Ipv4Addr = handle.node.snapshot().addrs.multicast_if;
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+            sock.bind(&SocketAddr::V4(SocketAddrV4::new(iface, 0)).into())?;
+            // Out of the configured interface only, looped back to listeners on this
+            // machine, one hop at most: cluster chatter never leaves the segment.
+            sock.set_multicast_if_v4(&iface)?;
+            sock.set_multicast_loop_v4(true)?;
+            sock.set_multicast_ttl_v4(1)?;
+            Outlet::Kernel(sock.into())
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name("mgmt-announce".into())
             .spawn({
                 let stop = Arc::clone(&stop);
-                move || Speaker::new(cfg, handle, monitor, sock).run(&stop)
+                move || Speaker::new(cfg, handle, monitor, out).run(&stop)
             })?;
         Ok(Announcer {
             stop,
@@ -98,7 +113,7 @@ struct Speaker {
     cfg: AnnouncerConfig,
     handle: DataplaneHandle,
     monitor: Arc<Monitor>,
-    sock: UdpSocket,
+    out: Outlet,
     seq: u32,
     pending: Vec<Pending>,
     last_states: Vec<DiskState>,
@@ -110,14 +125,14 @@ impl Speaker {
         cfg: AnnouncerConfig,
         handle: DataplaneHandle,
         monitor: Arc<Monitor>,
-        sock: UdpSocket,
+        out: Outlet,
     ) -> Speaker {
         let last_states = handle.disks.snapshot().iter().map(|d| d.state).collect();
         Speaker {
             cfg,
             handle,
             monitor,
-            sock,
+            out,
             seq: 0,
             pending: Vec::new(),
             last_states,
@@ -225,22 +240,39 @@ impl Speaker {
 
     /// Sends every repetition that is due.
     fn flush(&mut self, now: Instant) {
-        let group = SocketAddr::V4(self.handle.node.snapshot().addrs.multicast_group);
         let gap = self.cfg.repeat_gap;
-        for p in self.pending.iter_mut().filter(|p| p.next_at <= now) {
-            if let Err(e) = self.sock.send_to(&p.message, group) {
-                tracing::debug!(error = %e, "announcement send failed");
-            }
+        let mut pending = std::mem::take(&mut self.pending);
+        for p in pending.iter_mut().filter(|p| p.next_at <= now) {
+            self.emit(&p.message, "announcement");
             p.left -= 1;
             p.next_at = now + gap;
         }
-        self.pending.retain(|p| p.left > 0);
+        pending.retain(|p| p.left > 0);
+        self.pending = pending;
     }
 
     fn send(&self, message: &[u8]) {
-        let group = SocketAddr::V4(self.handle.node.snapshot().addrs.multicast_group);
-        if let Err(e) = self.sock.send_to(message, group) {
-            tracing::debug!(error = %e, "heartbeat send failed");
+        self.emit(message, "heartbeat");
+    }
+
+    /// One datagram to the cluster group, through the outlet.
+    fn emit(&self, message: &[u8], what: &str) {
+        let group = self.handle.node.snapshot().addrs.multicast_group;
+        match &self.out {
+            Outlet::Kernel(sock) => {
+                if let Err(e) = sock.send_to(message, SocketAddr::V4(group)) {
+                    tracing::debug!(error = %e, "{what} send failed");
+                }
+            }
+            Outlet::Dataplane => {
+                let out = dataplane::handle::Outgoing {
+                    to: group,
+                    bytes: message.to_vec(),
+                };
+                if !self.handle.send_datagram(out) {
+                    tracing::debug!("{what} dropped: the dataplane's queue is full");
+                }
+            }
         }
     }
 }
@@ -278,6 +310,7 @@ mod tests {
             heartbeat_interval: Duration::from_secs(3600),
             repeat: 3,
             repeat_gap: Duration::from_millis(10),
+            via_dataplane: false,
         };
         let monitor = Arc::new(Monitor::new(
             handle.clone(),
@@ -285,7 +318,7 @@ mod tests {
             Instant::now(),
         ));
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut speaker = Speaker::new(cfg, handle, monitor, sock);
+        let mut speaker = Speaker::new(cfg, handle, monitor, Outlet::Kernel(sock));
         speaker.announce(AnnounceKind::DiskDown, 2, "test");
         let t0 = Instant::now();
         for i in 0..10 {
@@ -310,5 +343,62 @@ mod tests {
         }
         assert_eq!(copies, 3);
         assert!(speaker.pending.is_empty(), "no fourth copy is owed");
+    }
+
+    #[test]
+    fn through_the_dataplane_heartbeats_go_to_loop_0s_outbox() {
+        let (handle, mut ends) = dataplane::handle::handle_for(2);
+        let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 1, 2), 7371);
+        handle.node.publish(NodeState::new(
+            9,
+            None,
+            1,
+            Addresses {
+                dosp: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 7370),
+                multicast_group: group,
+                multicast_if: Ipv4Addr::new(10, 0, 0, 2),
+                mgmt: None,
+            },
+        ));
+        let cfg = AnnouncerConfig {
+            heartbeat_interval: Duration::from_secs(3600),
+            repeat: 2,
+            repeat_gap: Duration::from_millis(10),
+            via_dataplane: true,
+        };
+        let monitor = Arc::new(Monitor::new(
+            handle.clone(),
+            crate::Thresholds::default(),
+            Instant::now(),
+        ));
+        let mut speaker = Speaker::new(cfg, handle, monitor, Outlet::Dataplane);
+        speaker.heartbeat(&[]);
+        speaker.announce(AnnounceKind::DiskDown, 1, "gone");
+        let t0 = Instant::now();
+        for i in 0..5 {
+            speaker.flush(t0 + Duration::from_millis(100) * i);
+        }
+        assert!(ends[1].outbox.is_none(), "only loop 0 sends for the node");
+        let outbox = ends[0].outbox.take().unwrap();
+        let got: Vec<_> = outbox.try_iter().collect();
+        let ops: Vec<u16> = got
+            .iter()
+            .map(|o| {
+                assert_eq!(o.to, group);
+                dosp::wire::Header::read_from_prefix(&o.bytes)
+                    .unwrap()
+                    .0
+                    .opcode
+                    .get()
+            })
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                Opcode::Heartbeat as u16,
+                Opcode::Announce as u16,
+                Opcode::Announce as u16
+            ]
+        );
     }
 }

@@ -243,11 +243,21 @@ fn every_endpoint_answers_as_documented() {
     // DPDK backend's service addresses are tested in tests/net_dpdk.rs).
     let a = api.check("GET", "/v1/addresses", &get(&node, "/v1/addresses"));
     assert_eq!(a, serde_json::json!({"managed": false, "addresses": []}));
-    let r = post(&node, "/v1/addresses", Some(TOKEN), br#"{"addr": "10.0.0.9/24"}"#);
+    let r = post(
+        &node,
+        "/v1/addresses",
+        Some(TOKEN),
+        br#"{"addr": "10.0.0.9/24"}"#,
+    );
     assert!(api.check_error(&r, 409).contains("ip addr"));
     let r = post(&node, "/v1/addresses", None, br#"{"addr": "10.0.0.9/24"}"#);
     api.check_error(&r, 401);
-    let r = post(&node, "/v1/addresses", Some(TOKEN), br#"{"addr": "10.0.0.9"}"#);
+    let r = post(
+        &node,
+        "/v1/addresses",
+        Some(TOKEN),
+        br#"{"addr": "10.0.0.9"}"#,
+    );
     api.check_error(&r, 400);
     let stored = node.client().store_bytes(b"counted").unwrap();
     let mut back = Vec::new();

@@ -262,7 +262,9 @@ pub struct AddressesView {
 #[serde(deny_unknown_fields)]
 pub struct AddAddressRequest {
     /// `ADDR/PREFIX`, e.g. `10.0.0.9/24` (IPv4).
-    #[schema(pattern = r"^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])/(3[0-2]|[12]?[0-9])$")]
+    #[schema(
+        pattern = r"^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])/(3[0-2]|[12]?[0-9])$"
+    )]
     pub addr: String,
     /// Send a gratuitous ARP for it (default true), so neighbours learn at once.
     #[serde(default)]

@@ -9,11 +9,13 @@
 //!
 //! The pool is bounded: `connections_max + LISTENERS` sockets, each with its own
 //! receive and send rings ([`TCP_RX_BYTES`], [`TCP_TX_BYTES`]), all made at start. The
-//! bound matters beyond memory: smoltcp walks every socket of the set for each packet,
-//! so the per-packet cost grows with the pool. Sockets the loop has closed go back to
-//! the pool once smoltcp has finished their close (FIN exchange, or after
-//! [`CLOSE_LINGER`] by a reset). While every socket is taken no socket listens, and
-//! smoltcp answers new SYNs with a reset.
+//! bound matters beyond memory: smoltcp walks every socket of its set for each packet.
+//! So free sockets are parked outside the set, and the walk covers only the sockets in
+//! use (listening, connected, closing) and the UDP ones: its cost grows with the live
+//! connections, up to the bound. Sockets the loop has closed go back to the pool once
+//! smoltcp has finished their close (FIN exchange, or after [`CLOSE_LINGER`] by a
+//! reset). While every socket is taken no socket listens, and smoltcp answers new SYNs
+//! with a reset.
 //!
 //! Mapping of the trait:
 //! - [`NetPort::wait`] busy-polls: each pass runs `Interface::poll` (receive burst →
@@ -295,7 +297,11 @@ struct Seen {
 
 #[derive(Debug)]
 struct Slot {
+    /// The socket's handle in the set while it is not [`Use::Free`] (stale otherwise).
     handle: SocketHandle,
+    /// The socket while it is [`Use::Free`]: out of the set, so that smoltcp's walk
+    /// over the set for every packet skips it.
+    parked: Option<tcp::Socket<'static>>,
     use_: Use,
     /// Bytes moved out of a wrapped ring, lent before the ring's: `stage[stage_at..]`.
     stage: Vec<u8>,
@@ -320,6 +326,10 @@ pub struct DpdkPort<'p, 'e> {
     iface: Interface,
     sockets: SocketSet<'static>,
     slots: Vec<Slot>,
+    /// Slots in use (listening, connected or closing), in no order; the others are free.
+    busy: Vec<usize>,
+    /// Free slots (their sockets parked), taken from the end.
+    free: Vec<usize>,
     conns: HashMap<ConnId, usize>,
     next_conn: u64,
     listen: IpListenEndpoint,
@@ -469,7 +479,8 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
         let pool = opts.connections_max + LISTENERS;
         let slots = (0..pool)
             .map(|_| Slot {
-                handle: sockets.add(tcp_socket()),
+                handle: SocketHandle::default(),
+                parked: Some(tcp_socket()),
                 use_: Use::Free,
                 stage: Vec::new(),
                 stage_at: 0,
@@ -491,11 +502,14 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             multicast = ?opts.multicast,
             "DOSP listening on the DPDK port (smoltcp)"
         );
+        let free = (0..pool).rev().collect();
         let mut port = DpdkPort {
             device,
             iface,
             sockets,
             slots,
+            busy: Vec::with_capacity(pool),
+            free,
             conns: HashMap::new(),
             next_conn: 1,
             listen,
@@ -573,9 +587,9 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
     /// TCP sockets of the pool neither free nor listening: connections handed out, and
     /// closed ones smoltcp is still closing.
     pub fn sockets_in_use(&self) -> usize {
-        self.slots
+        self.busy
             .iter()
-            .filter(|s| matches!(s.use_, Use::Conn(_) | Use::Closing(_)))
+            .filter(|&&ix| matches!(self.slots[ix].use_, Use::Conn(_) | Use::Closing(_)))
             .count()
     }
 
@@ -583,49 +597,72 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
         smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
     }
 
-    /// Puts free sockets in listen state until [`LISTENERS`] listen.
+    /// Puts free sockets in listen state (into the set) until [`LISTENERS`] listen.
     fn arm_listeners(&mut self) {
         let mut listening = self
-            .slots
+            .busy
             .iter()
-            .filter(|s| s.use_ == Use::Listening)
+            .filter(|&&ix| self.slots[ix].use_ == Use::Listening)
             .count();
-        for slot in self.slots.iter_mut() {
-            if listening >= LISTENERS {
+        while listening < LISTENERS {
+            let Some(ix) = self.free.pop() else {
                 break;
-            }
-            if slot.use_ != Use::Free {
-                continue;
-            }
-            let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+            };
+            let slot = &mut self.slots[ix];
+            let mut sock = slot.parked.take().unwrap_or_else(tcp_socket);
             match sock.listen(self.listen) {
                 Ok(()) => {
+                    slot.handle = self.sockets.add(sock);
                     slot.use_ = Use::Listening;
+                    self.busy.push(ix);
                     listening += 1;
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot listen on a pool socket"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen on a pool socket");
+                    slot.parked = Some(sock);
+                    self.free.push(ix);
+                    break;
+                }
             }
         }
     }
 
     /// Frees the sockets whose close finished (or lingered too long: those are reset
-    /// now and freed on a later pass, once the reset went out).
+    /// now and freed on a later pass, once the reset went out): out of the set, parked.
     fn reclaim(&mut self, now: Instant) {
-        for slot in self.slots.iter_mut() {
+        let mut i = 0;
+        while i < self.busy.len() {
+            let ix = self.busy[i];
+            let slot = &mut self.slots[ix];
             let Use::Closing(since) = slot.use_ else {
+                i += 1;
                 continue;
             };
             let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
-            match sock.state() {
+            let done = match sock.state() {
                 // Closed, and its reset (if it was aborted) sent: smoltcp forgot the
-                // peer. A TIME-WAIT socket answers stray FINs until it listens again
-                // (listen() resets it).
-                tcp::State::Closed if sock.remote_endpoint().is_none() => slot.use_ = Use::Free,
-                tcp::State::TimeWait => slot.use_ = Use::Free,
-                tcp::State::Closed => {}
-                _ if now.saturating_duration_since(since) > CLOSE_LINGER => sock.abort(),
-                _ => {}
+                // peer. A TIME-WAIT socket is dropped (a stray FIN gets a reset).
+                tcp::State::Closed if sock.remote_endpoint().is_none() => true,
+                tcp::State::TimeWait => true,
+                tcp::State::Closed => false,
+                _ if now.saturating_duration_since(since) > CLOSE_LINGER => {
+                    sock.abort();
+                    false
+                }
+                _ => false,
+            };
+            if !done {
+                i += 1;
+                continue;
             }
+            slot.parked = match self.sockets.remove(slot.handle) {
+                smoltcp::socket::Socket::Tcp(s) => Some(s),
+                // Only TCP sockets are in the pool; a fresh one otherwise.
+                _ => None,
+            };
+            slot.use_ = Use::Free;
+            self.busy.swap_remove(i);
+            self.free.push(ix);
         }
     }
 
@@ -655,7 +692,8 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
 
     /// Appends what is ready now (see the module docs).
     fn collect(&mut self, ready: &mut Vec<Ready>) {
-        let established = self.slots.iter().any(|s| {
+        let established = self.busy.iter().any(|&ix| {
+            let s = &self.slots[ix];
             s.use_ == Use::Listening
                 && matches!(
                     self.sockets.get::<tcp::Socket>(s.handle).state(),
@@ -673,7 +711,8 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
         if datagrams {
             ready.push(Ready::Datagrams);
         }
-        for slot in &self.slots {
+        for &ix in &self.busy {
+            let slot = &self.slots[ix];
             if let Use::Conn(id) = slot.use_ {
                 if self.seen(slot) != slot.seen {
                     ready.push(Ready::Conn(id));
@@ -747,7 +786,8 @@ impl NetPort for DpdkPort<'_, '_> {
 
     fn wait(&mut self, timeout: Duration, ready: &mut Vec<Ready>) -> io::Result<()> {
         let deadline = Instant::now() + timeout;
-        for ix in 0..self.slots.len() {
+        for i in 0..self.busy.len() {
+            let ix = self.busy[i];
             if matches!(self.slots[ix].use_, Use::Conn(_)) {
                 self.slots[ix].seen = self.seen(&self.slots[ix]);
             }
@@ -800,7 +840,8 @@ impl NetPort for DpdkPort<'_, '_> {
     fn accept(&mut self, new: &mut Vec<(ConnId, SocketAddr)>) {
         self.accept_more = false;
         let mut taken = 0;
-        for ix in 0..self.slots.len() {
+        for i in 0..self.busy.len() {
+            let ix = self.busy[i];
             if self.slots[ix].use_ != Use::Listening {
                 continue;
             }

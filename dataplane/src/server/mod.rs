@@ -16,6 +16,7 @@ pub mod accept;
 pub mod cluster;
 #[cfg(feature = "dpdk")]
 pub mod dpdk_port;
+pub mod frame_check;
 pub mod mesh;
 pub mod ops;
 pub mod port;

@@ -123,7 +123,11 @@ fn serve(
         .tx_queue(QueueId(0))
         .context("cannot take port 0's transmit queue")?;
     let device = MbufDevice::new(rx, tx, &pool);
-    let dport = DpdkPort::new(device, mac, opts).context("cannot set up smoltcp on port 0")?;
+    let mut dport = DpdkPort::new(device, mac, opts).context("cannot set up smoltcp on port 0")?;
+    // Frames the port drops before smoltcp are counted in the loop's own counters.
+    if let Some(stats) = end.stats.of_loop(usize::from(end.loop_index)) {
+        dport.count_into(Arc::clone(stats));
+    }
     let server = Server::with_port(dport, cfg, shards, end)
         .context("cannot start the dataplane loop on the DPDK port")?;
     tracing::info!(

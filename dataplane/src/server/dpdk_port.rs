@@ -12,8 +12,13 @@
 //! bound matters beyond memory: smoltcp walks every socket of the set for each packet,
 //! so the per-packet cost grows with the pool. Sockets the loop has closed go back to
 //! the pool once smoltcp has finished their close (FIN exchange, or after
-//! [`CLOSE_LINGER`] by a reset). While every socket is taken no socket listens, and
-//! smoltcp answers new SYNs with a reset.
+//! [`CLOSE_LINGER`] by a reset). While every socket is taken (or in a handshake) no
+//! socket listens, and new SYNs are dropped and counted (`syn_refused`). A listening
+//! socket's handshake that does not complete within [`HANDSHAKE_TIMEOUT`] (a spoofed
+//! SYN) is given up and the socket listens again.
+//!
+//! Every received frame is checked before smoltcp sees it ([`RxGuard`], `rx_guard.rs`):
+//! malformed frames, bad checksums and IP fragments are dropped and counted by reason.
 //!
 //! Mapping of the trait:
 //! - [`NetPort::wait`] busy-polls: each pass runs `Interface::poll` (receive burst →
@@ -44,6 +49,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dpdk::{MacAddr, MbufDevice, PhyStats};
@@ -54,6 +60,8 @@ use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndp
 
 use super::accept::ACCEPT_BURST;
 use super::port::{ConnId, ConnState, Dgram, NetPort, Ready, Received, RBUF_BYTES};
+use super::rx_guard::RxGuard;
+use crate::stats::NodeStats;
 
 /// The contiguous bytes [`NetPort::recv`] must lend when that many are buffered: a
 /// header and the largest body.
@@ -69,6 +77,9 @@ pub const CLOSE_LINGER: Duration = Duration::from_secs(30);
 /// smoltcp aborts a connection whose peer acknowledges nothing for this long while
 /// data is in flight.
 const TCP_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
+/// A listening socket whose handshake (SYN received, SYN-ACK sent) sees nothing from
+/// the peer for this long gives it up and listens again.
+pub const HANDSHAKE_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(5);
 /// Datagrams each UDP socket buffers per direction, and their payload bytes.
 const UDP_PACKETS: usize = 64;
 const UDP_BYTES: usize = 64 * 1024;
@@ -159,6 +170,8 @@ pub struct DpdkPort<'p, 'e> {
     wakeups: Option<(Poll, Events)>,
     /// Received bytes copied into staging buffers (at ring wraps).
     staged_bytes: u64,
+    /// The check of every received frame.
+    guard: RxGuard,
 }
 
 impl std::fmt::Debug for DpdkPort<'_, '_> {
@@ -219,6 +232,8 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             return Err(invalid("the DOSP port number must not be 0"));
         }
         let epoch = Instant::now();
+        // The guard verifies received checksums; smoltcp only computes them.
+        device.set_checksums(RxGuard::checksums());
         let config = Config::new(EthernetAddress(mac.0).into());
         let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::ZERO);
         let cidr = IpCidr::new(IpAddress::Ipv4(opts.addr), opts.prefix_len);
@@ -299,6 +314,7 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             accept_more: false,
             wakeups: None,
             staged_bytes: 0,
+            guard: RxGuard::new(opts.addr, opts.port),
         };
         port.arm_listeners();
         Ok(port)
@@ -307,6 +323,17 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
     /// The device's counters.
     pub fn phy_stats(&self) -> PhyStats {
         self.device.stats()
+    }
+
+    /// Counts received frames dropped by the check into `stats` (the loop's own), from
+    /// now on.
+    pub fn count_into(&mut self, stats: Arc<NodeStats>) {
+        self.guard.count_into(stats);
+    }
+
+    /// The counters of dropped received frames (the loop's, once given).
+    pub fn rx_drops(&self) -> &NodeStats {
+        self.guard.stats()
     }
 
     /// Received bytes copied into a staging buffer because smoltcp's ring wrapped
@@ -345,6 +372,7 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
             match sock.listen(self.listen) {
                 Ok(()) => {
+                    sock.set_timeout(Some(HANDSHAKE_TIMEOUT));
                     slot.use_ = Use::Listening;
                     listening += 1;
                 }
@@ -357,10 +385,15 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
     /// now and freed on a later pass, once the reset went out).
     fn reclaim(&mut self, now: Instant) {
         for slot in self.slots.iter_mut() {
+            let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+            // A handshake that timed out (HANDSHAKE_TIMEOUT) leaves its listener
+            // closed: it listens again.
+            if slot.use_ == Use::Listening && sock.state() == tcp::State::Closed {
+                slot.use_ = Use::Free;
+            }
             let Use::Closing(since) = slot.use_ else {
                 continue;
             };
-            let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
             match sock.state() {
                 // Closed, and its reset (if it was aborted) sent: smoltcp forgot the
                 // peer. A TIME-WAIT socket answers stray FINs until it listens again
@@ -387,7 +420,9 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
     /// moved.
     fn pass(&mut self) -> bool {
         let now = self.stamp();
-        let r = self.iface.poll(now, &mut self.device, &mut self.sockets);
+        let r = self
+            .guard
+            .poll(&mut self.iface, now, &mut self.device, &mut self.sockets);
         let sent = self.device.flush();
         self.reclaim(Instant::now());
         self.arm_listeners();
@@ -562,6 +597,9 @@ impl NetPort for DpdkPort<'_, '_> {
             let id = ConnId(self.next_conn);
             self.next_conn += 1;
             let slot = &mut self.slots[ix];
+            self.sockets
+                .get_mut::<tcp::Socket>(slot.handle)
+                .set_timeout(Some(TCP_TIMEOUT));
             slot.use_ = Use::Conn(id);
             slot.stage.clear();
             slot.stage_at = 0;

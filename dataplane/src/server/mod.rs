@@ -20,6 +20,8 @@ pub mod frame_check;
 pub mod mesh;
 pub mod ops;
 pub mod port;
+#[cfg(feature = "dpdk")]
+pub mod rx_guard;
 pub mod session;
 pub mod shards;
 #[cfg(test)]

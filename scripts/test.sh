@@ -56,6 +56,10 @@ echo "==> cargo clippy --features dpdk (dosd)"
 cargo clippy --features dpdk --all-targets --locked -- -D warnings
 echo "==> cargo test --features dpdk (net_dpdk)"
 cargo test --features dpdk --locked --test net_dpdk -- --test-threads=1 2>&1 | tee -a "$log"
+# The same node under bad input: raw frames at the tap (malformed, bad checksums,
+# fragments, out-of-window segments, a SYN flood), each drop counted in /metrics.
+echo "==> cargo test --features dpdk (net_dpdk_bad)"
+cargo test --features dpdk --locked --test net_dpdk_bad -- --test-threads=1 2>&1 | tee -a "$log"
 echo "==> fuzz (bounded)"
 ./scripts/fuzz.sh "${DOSD_FUZZ_SECS:-20}"
 

@@ -254,6 +254,10 @@ fn one_loop<'e>(
     if let Some(arp) = arp {
         dport.share_arp(arp);
     }
+    // Frames the port drops before smoltcp are counted in the loop's own counters.
+    if let Some(stats) = end.stats.of_loop(usize::from(end.loop_index)) {
+        dport.count_into(Arc::clone(stats));
+    }
     let server = Server::with_port(dport, cfg, shard, end)
         .with_context(|| format!("cannot start dataplane loop {k} on the DPDK port"))?;
     tracing::info!(

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use dosp::wire::Status;
 
+use crate::server::frame_check::RxDrop;
+
 /// Buckets of a latency [`Histogram`]: bucket `k` below the last counts latencies of
 /// at most 2^k µs (1 µs up to 2^24 µs ≈ 16.8 s, past any request timeout); the last
 /// counts everything slower (Prometheus' `+Inf`). Powers of two make the bucket a
@@ -216,6 +218,10 @@ pub struct NodeStats {
     /// and its extents), set with the cache figures.
     pub index_objects: AtomicU64,
     pub index_bytes: AtomicU64,
+    /// Frames a DPDK port received and dropped (or refused) before its TCP/IP stack saw
+    /// them, by [`RxDrop`] reason (indexed by it); see [`NodeStats::rx_dropped`]. The
+    /// kernel backend never raises them (the kernel counts its own drops).
+    pub net_rx_dropped: [AtomicU64; RxDrop::ALL.len()],
 }
 
 impl NodeStats {
@@ -251,6 +257,16 @@ impl NodeStats {
         if matches!(status, Status::BadRequest | Status::BadVersion) {
             NodeStats::inc(&stats.bad_requests);
         }
+    }
+
+    /// Counts a received frame dropped for `reason`.
+    pub fn rx_dropped(&self, reason: RxDrop) {
+        NodeStats::inc(&self.net_rx_dropped[reason as usize]);
+    }
+
+    /// Frames dropped so far for `reason`.
+    pub fn rx_dropped_count(&self, reason: RxDrop) -> u64 {
+        NodeStats::get(&self.net_rx_dropped[reason as usize])
     }
 
     /// The latency histogram of one class of operation.
@@ -389,6 +405,7 @@ impl NodeStats {
             cache_capacity_bytes,
             index_objects,
             index_bytes,
+            net_rx_dropped,
         } = other;
         let add = |into: &AtomicU64, from: &AtomicU64| {
             into.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -432,6 +449,9 @@ impl NodeStats {
         self.listener_state
             .fetch_max(listener_state.load(Ordering::Relaxed), Ordering::Relaxed);
         for (into, from) in self.errors_by_status.iter().zip(errors_by_status) {
+            add(into, from);
+        }
+        for (into, from) in self.net_rx_dropped.iter().zip(net_rx_dropped) {
             add(into, from);
         }
         for (into, from) in self.latency.iter().zip(latency) {
@@ -568,6 +588,9 @@ mod tests {
         NodeStats::set(&a.listener_state, ListenerState::Shedding as u64);
         NodeStats::set(&b.listener_state, ListenerState::Accepting as u64);
         NodeStats::inc(&set.mgmt().heartbeats_sent);
+        a.rx_dropped(RxDrop::BadChecksum);
+        b.rx_dropped(RxDrop::BadChecksum);
+        b.rx_dropped(RxDrop::SynRefused);
         let s = set.sum();
         assert_eq!(NodeStats::get(&s.ops_total), 7);
         assert_eq!(NodeStats::get(&s.connections), 1);
@@ -585,6 +608,9 @@ mod tests {
             "the worst listener, not a sum"
         );
         assert_eq!(set.listener_state(), ListenerState::Shedding);
+        assert_eq!(s.rx_dropped_count(RxDrop::BadChecksum), 2);
+        assert_eq!(s.rx_dropped_count(RxDrop::SynRefused), 1);
+        assert_eq!(s.rx_dropped_count(RxDrop::Truncated), 0);
         let l = set.load();
         assert_eq!((l.ops_total, l.connections, l.errors_total), (7, 1, 2));
     }

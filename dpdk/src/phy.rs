@@ -31,7 +31,10 @@
 //! runs with full verification to prove it. For a device that does pass partial
 //! checksums, [`MbufDevice::set_checksums`] can relax verification (e.g. `Checksum::Tx`
 //! for TCP and UDP) before the `Interface` is built; the interface copies the
-//! capabilities when it is created.
+//! capabilities when it is created. dosd's `DpdkPort` does so: it verifies the IPv4,
+//! TCP and UDP checksums of every received frame itself, before smoltcp sees it (the
+//! dataplane's frame check, through [`MbufDevice::peek_rx`] and
+//! [`MbufDevice::discard_rx`]), and leaves smoltcp only to compute them.
 
 use smoltcp::phy::{ChecksumCapabilities, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
@@ -156,30 +159,65 @@ impl<'p, 'e> MbufDevice<'p, 'e> {
         }
     }
 
-    /// The next received one-segment mbuf, polling the queue when none is held.
-    fn next_rx(&mut self) -> Option<Mbuf<'e>> {
+    /// Makes `held[next]` the next received one-segment mbuf, polling the queue when
+    /// none is held; whether there is one. Multi-segment packets met on the way are
+    /// dropped and counted.
+    fn fill(&mut self) -> bool {
         loop {
             if self.next == self.end {
                 self.next = 0;
                 self.end = 0;
                 if self.rx.rx_burst(&mut self.rx_burst) == 0 {
-                    return None;
+                    return false;
                 }
                 for (slot, m) in self.held.iter_mut().zip(self.rx_burst.drain()) {
                     *slot = Some(m);
                     self.end += 1;
                 }
             }
-            let m = self.held[self.next].take();
-            self.next += 1;
-            match m {
-                Some(m) if m.segments() == 1 => {
-                    self.rx_frames += 1;
-                    return Some(m);
+            match &self.held[self.next] {
+                Some(m) if m.segments() == 1 => return true,
+                Some(_) => {
+                    self.held[self.next] = None;
+                    self.rx_dropped += 1;
                 }
-                Some(_) => self.rx_dropped += 1,
                 None => {}
             }
+            self.next += 1;
+        }
+    }
+
+    /// The next received one-segment mbuf, polling the queue when none is held.
+    fn next_rx(&mut self) -> Option<Mbuf<'e>> {
+        if !self.fill() {
+            return None;
+        }
+        let m = self.held[self.next].take();
+        self.next += 1;
+        if m.is_some() {
+            self.rx_frames += 1;
+        }
+        m
+    }
+
+    /// The bytes of the frame the next [`Device::receive`] will hand to smoltcp,
+    /// polling the queue when none is held; `None` when nothing was received. A frame
+    /// checker looks at it here and either lets smoltcp have it or
+    /// [`discard_rx`](Self::discard_rx)s it, so a frame smoltcp must not see never
+    /// reaches it.
+    pub fn peek_rx(&mut self) -> Option<&[u8]> {
+        if !self.fill() {
+            return None;
+        }
+        self.held[self.next].as_ref().map(|m| m.data())
+    }
+
+    /// Frees the frame [`peek_rx`](Self::peek_rx) showed (the next one received) without
+    /// handing it to smoltcp. Not counted here: the caller counts why.
+    pub fn discard_rx(&mut self) {
+        if self.fill() {
+            self.held[self.next] = None;
+            self.next += 1;
         }
     }
 }

@@ -2,11 +2,13 @@
 //!
 //! Every counter of [`NodeStats`] is exported (the table below lists each field once;
 //! a test checks the table against the struct and that the dataplane increments each),
-//! then its labelled families (errors by status, latency histograms by operation),
+//! then its labelled families (errors by status, latency histograms by operation,
+//! received frames a DPDK port dropped by reason),
 //! then per-disk gauges and counters from the latest published disk reports.
 
 use std::fmt::Write;
 
+use dataplane::server::frame_check::RxDrop;
 use dataplane::stats::{Histogram, NodeStats, OpClass};
 use dataplane::store::{DiskReport, DiskState};
 use dosp::wire::Status;
@@ -93,9 +95,10 @@ fn node_counters(s: &NodeStats) -> impl IntoIterator<Item = Exported> {
 /// [`NodeStats`] fields that are not single counters, each exported as a labelled
 /// family by [`render_families`] (field → metric name; for the completeness test).
 #[cfg_attr(not(test), allow(dead_code))]
-const FAMILIES: [(&str, &str); 2] = [
+const FAMILIES: [(&str, &str); 3] = [
     ("errors_by_status", "dosd_errors_by_status_total"),
     ("latency", "dosd_op_latency_seconds"),
+    ("net_rx_dropped", "dosd_net_rx_dropped_total"),
 ];
 
 /// Microseconds as seconds with all six decimals (exact, no float rounding).
@@ -122,6 +125,21 @@ fn render_families(out: &mut String, s: &NodeStats) {
             out,
             "dosd_errors_by_status_total{{status=\"{}\"}} {n}",
             status.name()
+        );
+    }
+
+    // Every reason, zero included, so that rate() has a series from the start.
+    let _ = write!(
+        out,
+        "# HELP dosd_net_rx_dropped_total Received frames the DPDK port dropped before its TCP/IP stack, by reason (SYNs refused at the connection bound included)\n\
+         # TYPE dosd_net_rx_dropped_total counter\n"
+    );
+    for reason in RxDrop::ALL {
+        let _ = writeln!(
+            out,
+            "dosd_net_rx_dropped_total{{reason=\"{}\"}} {}",
+            reason.name(),
+            s.rx_dropped_count(reason)
         );
     }
 
@@ -465,6 +483,10 @@ mod tests {
             server.contains(".latency(") && server.contains(".record("),
             "latency is never recorded"
         );
+        assert!(
+            server.contains(".rx_dropped(reason)"),
+            "net_rx_dropped is never counted"
+        );
         for op in OpClass::ALL {
             let variant = format!("{op:?}");
             assert!(
@@ -648,6 +670,18 @@ mod tests {
             assert!(text.contains(sample), "{sample:?} missing:\n{text}");
         }
         assert!(!text.contains("status=\"SUCCESS\""), "SUCCESS is no error");
+        s.rx_dropped(RxDrop::IpFragment);
+        s.rx_dropped(RxDrop::IpFragment);
+        let text = render(&s, &[]);
+        assert!(text.contains("\n# TYPE dosd_net_rx_dropped_total counter\n"));
+        assert!(text.contains("\ndosd_net_rx_dropped_total{reason=\"ip_fragment\"} 2\n"));
+        for reason in RxDrop::ALL {
+            let sample = format!(
+                "\ndosd_net_rx_dropped_total{{reason=\"{}\"}} ",
+                reason.name()
+            );
+            assert!(text.contains(&sample), "{sample:?} missing");
+        }
         // Per operation: buckets cumulative and increasing in `le`, ending in +Inf,
         // which equals _count.
         for op in OpClass::ALL {

@@ -14,8 +14,13 @@
 //! use (listening, connected, closing) and the UDP ones: its cost grows with the live
 //! connections, up to the bound. Sockets the loop has closed go back to the pool once
 //! smoltcp has finished their close (FIN exchange, or after [`CLOSE_LINGER`] by a
-//! reset). While every socket is taken no socket listens, and smoltcp answers new SYNs
-//! with a reset.
+//! reset). While every socket is taken (or in a handshake) no socket listens, and new
+//! SYNs are dropped and counted (`syn_refused`). A listening socket's handshake that
+//! does not complete within [`HANDSHAKE_TIMEOUT`] (a spoofed SYN) is given up and the
+//! socket listens again.
+//!
+//! Every received frame is checked before smoltcp sees it ([`RxGuard`], `rx_guard.rs`):
+//! malformed frames, bad checksums and IP fragments are dropped and counted by reason.
 //!
 //! Mapping of the trait:
 //! - [`NetPort::wait`] busy-polls: each pass runs `Interface::poll` (receive burst →
@@ -46,6 +51,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -58,7 +64,9 @@ use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndp
 
 use super::accept::ACCEPT_BURST;
 use super::port::{AddressChange, ConnId, ConnState, Dgram, NetPort, Ready, Received, RBUF_BYTES};
+use super::rx_guard::{PeekDevice, RxGuard};
 use crate::copies::{Copies, Site};
+use crate::stats::NodeStats;
 
 /// The contiguous bytes [`NetPort::recv`] must lend when that many are buffered: a
 /// header and the largest body.
@@ -74,6 +82,9 @@ pub const CLOSE_LINGER: Duration = Duration::from_secs(30);
 /// smoltcp aborts a connection whose peer acknowledges nothing for this long while
 /// data is in flight.
 const TCP_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
+/// A listening socket whose handshake (SYN received, SYN-ACK sent) sees nothing from
+/// the peer for this long gives it up and listens again.
+pub const HANDSHAKE_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(5);
 /// Datagrams each UDP socket buffers per direction, and their payload bytes.
 const UDP_PACKETS: usize = 64;
 const UDP_BYTES: usize = 64 * 1024;
@@ -176,6 +187,37 @@ impl ArpShare {
 struct Linked<'a, 'p, 'e> {
     dev: &'a mut MbufDevice<'p, 'e>,
     share: Option<&'a ArpShare>,
+    /// A sibling's frame taken from the inbox: peeked by the frame check, then received
+    /// (or discarded) before any frame of the NIC.
+    pending: &'a mut Option<ArpFrame>,
+}
+
+impl Linked<'_, '_, '_> {
+    /// Takes the next sibling frame into `pending`, if none is there; whether one is.
+    fn fill(&mut self) -> bool {
+        if self.pending.is_none() {
+            *self.pending = self.share.and_then(|s| s.inbox.try_recv().ok());
+        }
+        self.pending.is_some()
+    }
+}
+
+impl PeekDevice for Linked<'_, '_, '_> {
+    fn peek_rx(&mut self) -> Option<&[u8]> {
+        if self.fill() {
+            return self
+                .pending
+                .as_ref()
+                .map(|f| &f.bytes[..usize::from(f.len)]);
+        }
+        self.dev.peek_rx()
+    }
+
+    fn discard_rx(&mut self) {
+        if self.pending.take().is_none() {
+            self.dev.discard_rx();
+        }
+    }
 }
 
 enum LinkedRx<'a, 'e> {
@@ -214,16 +256,12 @@ impl<'p, 'e> Device for Linked<'_, 'p, 'e> {
         &mut self,
         timestamp: smoltcp::time::Instant,
     ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        if let Some(share) = self.share {
-            if let Ok(frame) = share.inbox.try_recv() {
-                return match self.dev.transmit(timestamp) {
-                    Some(tx) => Some((LinkedRx::Sibling(frame), tx)),
-                    None => {
-                        share.dropped.set(share.dropped.get() + 1);
-                        None
-                    }
-                };
-            }
+        if self.fill() {
+            // Handed over only with the right to answer, as smoltcp wants.
+            return match self.dev.transmit(timestamp) {
+                Some(tx) => self.pending.take().map(|f| (LinkedRx::Sibling(f), tx)),
+                None => None,
+            };
         }
         let share = self.share;
         let (rx, tx) = self.dev.receive(timestamp)?;
@@ -353,6 +391,10 @@ pub struct DpdkPort<'p, 'e> {
     accepted: u64,
     /// The bytes this port copies ([`Site::PortRecv`], [`Site::PortSend`]).
     copies: Copies,
+    /// The check of every received frame.
+    guard: RxGuard,
+    /// A sibling's ARP frame taken from the share's inbox and not yet handed to smoltcp.
+    arp_pending: Option<ArpFrame>,
 }
 
 impl Drop for DpdkPort<'_, '_> {
@@ -431,6 +473,8 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             return Err(invalid("the DOSP port number must not be 0"));
         }
         let epoch = Instant::now();
+        // The guard verifies received checksums; smoltcp only computes them.
+        device.set_checksums(RxGuard::checksums());
         let config = Config::new(EthernetAddress(mac.0).into());
         let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::ZERO);
         let cidr = IpCidr::new(IpAddress::Ipv4(opts.addr), opts.prefix_len);
@@ -525,6 +569,8 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             mac: EthernetAddress(mac.0),
             accepted: 0,
             copies: Copies::new(),
+            guard: RxGuard::new(opts.addr, opts.port),
+            arp_pending: None,
         };
         port.arm_listeners();
         Ok(port)
@@ -573,6 +619,17 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
         Ok(())
     }
 
+    /// Counts received frames dropped by the check into `stats` (the loop's own), from
+    /// now on.
+    pub fn count_into(&mut self, stats: Arc<NodeStats>) {
+        self.guard.count_into(stats);
+    }
+
+    /// The counters of dropped received frames (the loop's, once given).
+    pub fn rx_drops(&self) -> &NodeStats {
+        self.guard.stats()
+    }
+
     /// The device's counters.
     pub fn phy_stats(&self) -> PhyStats {
         self.device.stats()
@@ -612,6 +669,7 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             let mut sock = slot.parked.take().unwrap_or_else(tcp_socket);
             match sock.listen(self.listen) {
                 Ok(()) => {
+                    sock.set_timeout(Some(HANDSHAKE_TIMEOUT));
                     slot.handle = self.sockets.add(sock);
                     slot.use_ = Use::Listening;
                     self.busy.push(ix);
@@ -634,22 +692,31 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
         while i < self.busy.len() {
             let ix = self.busy[i];
             let slot = &mut self.slots[ix];
-            let Use::Closing(since) = slot.use_ else {
-                i += 1;
-                continue;
-            };
             let sock = self.sockets.get_mut::<tcp::Socket>(slot.handle);
-            let done = match sock.state() {
-                // Closed, and its reset (if it was aborted) sent: smoltcp forgot the
-                // peer. A TIME-WAIT socket is dropped (a stray FIN gets a reset).
-                tcp::State::Closed if sock.remote_endpoint().is_none() => true,
-                tcp::State::TimeWait => true,
-                tcp::State::Closed => false,
-                _ if now.saturating_duration_since(since) > CLOSE_LINGER => {
-                    sock.abort();
-                    false
+            // A handshake that timed out (HANDSHAKE_TIMEOUT) leaves its listener
+            // closed: it goes back to the pool and a fresh listener is armed.
+            let since = match slot.use_ {
+                Use::Closing(since) => Some(since),
+                Use::Listening if sock.state() == tcp::State::Closed => None,
+                _ => {
+                    i += 1;
+                    continue;
                 }
-                _ => false,
+            };
+            let done = match (since, sock.state()) {
+                (None, _) => true,
+                (Some(since), state) => match state {
+                    // Closed, and its reset (if it was aborted) sent: smoltcp forgot the
+                    // peer. A TIME-WAIT socket is dropped (a stray FIN gets a reset).
+                    tcp::State::Closed if sock.remote_endpoint().is_none() => true,
+                    tcp::State::TimeWait => true,
+                    tcp::State::Closed => false,
+                    _ if now.saturating_duration_since(since) > CLOSE_LINGER => {
+                        sock.abort();
+                        false
+                    }
+                    _ => false,
+                },
             };
             if !done {
                 i += 1;
@@ -682,8 +749,11 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
         let mut dev = Linked {
             dev: &mut self.device,
             share: self.arp.as_ref(),
+            pending: &mut self.arp_pending,
         };
-        let r = self.iface.poll(now, &mut dev, &mut self.sockets);
+        let r = self
+            .guard
+            .poll(&mut self.iface, now, &mut dev, &mut self.sockets);
         let sent = self.device.flush();
         self.reclaim(Instant::now());
         self.arm_listeners();
@@ -863,6 +933,9 @@ impl NetPort for DpdkPort<'_, '_> {
             let id = ConnId(self.next_conn);
             self.next_conn += 1;
             let slot = &mut self.slots[ix];
+            self.sockets
+                .get_mut::<tcp::Socket>(slot.handle)
+                .set_timeout(Some(TCP_TIMEOUT));
             slot.use_ = Use::Conn(id);
             slot.stage.clear();
             slot.stage_at = 0;

@@ -16,9 +16,12 @@ pub mod accept;
 pub mod cluster;
 #[cfg(feature = "dpdk")]
 pub mod dpdk_port;
+pub mod frame_check;
 pub mod mesh;
 pub mod ops;
 pub mod port;
+#[cfg(feature = "dpdk")]
+pub mod rx_guard;
 pub mod session;
 pub mod shards;
 #[cfg(test)]

@@ -124,7 +124,14 @@ fn output(cmd: &str, args: &[&str]) -> String {
 
 /// Starts dosd with `args` and waits for its ready line; the node and the line.
 fn spawn_node(args: &[&str], stderr_log: &std::path::Path) -> (Killed, String) {
-    let child = Command::new(common::dosd_bin())
+    let bin = common::dosd_bin();
+    spawn_node_with(bin.to_str().unwrap(), args, stderr_log)
+}
+
+/// [`spawn_node`] through `program` (e.g. `ip netns exec NS dosd …`, which execs dosd:
+/// the child is dosd itself).
+fn spawn_node_with(program: &str, args: &[&str], stderr_log: &std::path::Path) -> (Killed, String) {
+    let child = Command::new(program)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(stderr_log).unwrap())
@@ -172,14 +179,63 @@ fn seeded(seed: u64, n: usize) -> Vec<u8> {
     v
 }
 
+/// A network namespace of the test's own, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Netns {
+        // A leftover of an earlier, killed run of the same pid is removed first.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run("ip", &["netns", "add", &name]);
+        Netns(name)
+    }
+
+    /// Runs `cmd` in the namespace (it must succeed).
+    fn run(&self, cmd: &str, args: &[&str]) {
+        let mut all = vec!["netns", "exec", &self.0, cmd];
+        all.extend_from_slice(args);
+        run("ip", &all);
+    }
+
+    fn output(&self, cmd: &str, args: &[&str]) -> String {
+        let mut all = vec!["netns", "exec", &self.0, cmd];
+        all.extend_from_slice(args);
+        output("ip", &all)
+    }
+
+    /// Runs `f` on a thread that lives in the namespace (setns applies to the calling
+    /// thread only); a panic in `f` is the caller's.
+    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::scope(|scope| {
+            let t = scope.spawn(move || {
+                let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                rustix::thread::move_into_link_name_space(
+                    std::os::fd::AsFd::as_fd(&ns),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
+                .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+                f()
+            });
+            t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
 #[test]
 fn dosd_serves_dosp_on_a_dpdk_port() {
     if !is_root() {
-        println!("SKIPPED: dosd --net dpdk on net_tap needs root (a tap device, ip, sysctl)");
+        println!("SKIPPED: dosd --net dpdk on net_tap needs root (a tap device, ip netns)");
         return;
     }
     let pid = std::process::id();
-    // A subnet and a tap name of this process's own.
+    // A subnet, a tap and a namespace of this process's own.
     let x = 10 + pid % 240;
     let iface = format!("dnd{}", pid % 100_000);
     let node_ip = format!("10.97.{x}.2");
@@ -235,27 +291,38 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
         "the line gives the DPDK address"
     );
 
-    // The kernel's side of the tap, now that DPDK made it; it accepts gratuitous ARP.
-    run(
+    // The tap's kernel end goes into a namespace of the test's own, where the peers
+    // live: the clients and a second node. The management API stays on this
+    // namespace's loopback. The peer side accepts gratuitous ARP.
+    let ns = Netns::new(format!("dosdt{}", pid % 100_000));
+    run("ip", &["link", "set", &iface, "netns", &ns.0]);
+    ns.run("ip", &["link", "set", "lo", "up"]);
+    ns.run(
         "sysctl",
         &["-qw", &format!("net.ipv6.conf.{iface}.disable_ipv6=1")],
     );
-    run(
+    ns.run(
         "sysctl",
         &["-qw", &format!("net.ipv4.conf.{iface}.arp_accept=1")],
     );
-    run(
+    ns.run(
         "ip",
         &["addr", "add", &format!("{kernel_ip}/24"), "dev", &iface],
     );
-    run("ip", &["link", "set", &iface, "up"]);
+    ns.run("ip", &["link", "set", &iface, "up"]);
 
-    // A second node, on the kernel backend, on the kernel's side of the segment and in
-    // the same cluster group (its multicast leaves through the tap).
+    // A second node in the namespace, on the kernel backend, in the same cluster group
+    // (its multicast leaves through the tap).
     let kernel_log = dir.path().join("dosd-kernel.log");
     let kdata = dir.path().join("kdata");
-    let (_knode, kline) = spawn_node(
+    let bin = common::dosd_bin();
+    let (_knode, kline) = spawn_node_with(
+        "ip",
         &[
+            "netns",
+            "exec",
+            &ns.0,
+            bin.to_str().unwrap(),
             "--data-dir",
             kdata.to_str().unwrap(),
             "--disks",
@@ -280,9 +347,6 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
     let knode_id = u64::from_str_radix(&field(&kline, "node="), 16).unwrap();
     let kdosp = field(&kline, "dosp=");
 
-    // Several connections at once, so that flows land on both loops; every object is
-    // then read back over every connection (a read on the loop that does not hold it
-    // crosses the mesh).
     let objects: Vec<Vec<u8>> = (0..8u64)
         .map(|i| {
             seeded(
@@ -291,101 +355,108 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
             )
         })
         .collect();
-    let mut clients: Vec<Client> = (0..CONNECTIONS)
-        .map(|_| {
-            Client::connect(&listen, IO_TIMEOUT)
-                .unwrap_or_else(|e| panic!("connect to {listen}: {e}\n{}", log()))
-        })
-        .collect();
-    let mut fps = Vec::new();
-    for (i, data) in objects.iter().enumerate() {
-        let c = &mut clients[i % CONNECTIONS];
-        let stored = c
-            .store_bytes(data)
-            .unwrap_or_else(|e| panic!("STORE of {} bytes: {e}\n{}", data.len(), log()));
-        assert_eq!(stored.fingerprint, Fingerprint::of(data));
-        assert_eq!(stored.refcount, 1);
-        fps.push(stored.fingerprint);
-    }
-    for (k, c) in clients.iter_mut().enumerate() {
-        c.ping().expect("NULL");
-        for (fp, data) in fps.iter().zip(&objects) {
-            // The largest once (the debug build's smoltcp is slow), the others by all.
-            if data.len() > (1 << 20) && k > 0 {
-                continue;
-            }
-            let mut got = Vec::new();
-            let len = c
-                .retrieve(fp, &mut got, &mut |_, _| {})
-                .unwrap_or_else(|e| panic!("RETRIEVE of {} bytes: {e}", data.len()));
-            assert_eq!(len, data.len() as u64);
-            assert!(got == *data, "RETRIEVE gave other bytes than stored");
-        }
-        let big = &objects[6];
-        let mut part = Vec::new();
-        c.retrieve_range(&fps[6], 1_000_003, 70_000, &mut part)
-            .expect("RETRIEVE_RANGE");
-        assert!(part == big[1_000_003..1_070_003], "RANGE gave other bytes");
-    }
-    let mut listed = Vec::new();
-    let n = clients[0]
-        .contents(&mut |fp, _| listed.push(fp))
-        .expect("GET_CONTENTS");
-    assert_eq!(n as usize, objects.len());
-    let mut want = fps.clone();
-    want.sort();
-    listed.sort();
-    assert_eq!(listed, want, "the contents list every object once");
-
-    // Multicast LOCATE from the kernel's side: the DPDK node (through smoltcp's group
-    // membership) and the kernel node both answer for an object both hold.
-    let shared = &objects[1];
-    let mut kc = Client::connect(&kdosp, IO_TIMEOUT).expect("connect to the kernel node");
-    kc.store_bytes(shared).expect("STORE on the kernel node");
     let group_addr: std::net::SocketAddrV4 = group.parse().unwrap();
     let kernel_v4: std::net::Ipv4Addr = kernel_ip.parse().unwrap();
-    let mut answered = Vec::new();
-    for _ in 0..5 {
-        let found = dosp::client::locate_multicast(
+
+    // From the namespace: several connections at once, so that flows land on both
+    // loops; every object is then read back over every connection (a read on the loop
+    // that does not hold it crosses the mesh).
+    let (fps, clients) = ns.enter(|| {
+        let mut clients: Vec<Client> = (0..CONNECTIONS)
+            .map(|_| {
+                Client::connect(&listen, IO_TIMEOUT)
+                    .unwrap_or_else(|e| panic!("connect to {listen}: {e}\n{}", log()))
+            })
+            .collect();
+        let mut fps = Vec::new();
+        for (i, data) in objects.iter().enumerate() {
+            let c = &mut clients[i % CONNECTIONS];
+            let stored = c
+                .store_bytes(data)
+                .unwrap_or_else(|e| panic!("STORE of {} bytes: {e}\n{}", data.len(), log()));
+            assert_eq!(stored.fingerprint, Fingerprint::of(data));
+            assert_eq!(stored.refcount, 1);
+            fps.push(stored.fingerprint);
+        }
+        for (k, c) in clients.iter_mut().enumerate() {
+            c.ping().expect("NULL");
+            for (fp, data) in fps.iter().zip(&objects) {
+                // The largest once (the debug build's smoltcp is slow), the others by all.
+                if data.len() > (1 << 20) && k > 0 {
+                    continue;
+                }
+                let mut got = Vec::new();
+                let len = c
+                    .retrieve(fp, &mut got, &mut |_, _| {})
+                    .unwrap_or_else(|e| panic!("RETRIEVE of {} bytes: {e}", data.len()));
+                assert_eq!(len, data.len() as u64);
+                assert!(got == *data, "RETRIEVE gave other bytes than stored");
+            }
+            let big = &objects[6];
+            let mut part = Vec::new();
+            c.retrieve_range(&fps[6], 1_000_003, 70_000, &mut part)
+                .expect("RETRIEVE_RANGE");
+            assert!(part == big[1_000_003..1_070_003], "RANGE gave other bytes");
+        }
+        let mut listed = Vec::new();
+        let n = clients[0]
+            .contents(&mut |fp, _| listed.push(fp))
+            .expect("GET_CONTENTS");
+        assert_eq!(n as usize, objects.len());
+        let mut want = fps.clone();
+        want.sort();
+        listed.sort();
+        assert_eq!(listed, want, "the contents list every object once");
+
+        // Multicast LOCATE: the DPDK node (through smoltcp's group membership) and the
+        // kernel node both answer for an object both hold.
+        let mut kc = Client::connect(&kdosp, IO_TIMEOUT).expect("connect to the kernel node");
+        kc.store_bytes(&objects[1])
+            .expect("STORE on the kernel node");
+        let mut answered = Vec::new();
+        for _ in 0..5 {
+            let found = dosp::client::locate_multicast(
+                group_addr,
+                kernel_v4,
+                &fps[1],
+                Duration::from_millis(800),
+            )
+            .expect("multicast LOCATE");
+            answered = found.iter().map(|l| l.node_id).collect();
+            answered.sort();
+            answered.dedup();
+            if answered.len() == 2 {
+                break;
+            }
+        }
+        let mut want_nodes = vec![node_id, knode_id];
+        want_nodes.sort();
+        assert_eq!(
+            answered,
+            want_nodes,
+            "both nodes answer the multicast LOCATE\n{}",
+            log()
+        );
+
+        // Heartbeats of the DPDK node arrive on the segment.
+        let mut heard = false;
+        dosp::client::watch(
             group_addr,
             kernel_v4,
-            &fps[1],
-            Duration::from_millis(800),
+            Duration::from_secs(5),
+            &mut |ev, _| {
+                if let dosp::client::ClusterEvent::Heartbeat(h) = ev {
+                    heard |= h.node_id.get() == node_id;
+                }
+                !heard
+            },
         )
-        .expect("multicast LOCATE");
-        answered = found.iter().map(|l| l.node_id).collect();
-        answered.sort();
-        answered.dedup();
-        if answered.len() == 2 {
-            break;
-        }
-    }
-    let mut want_nodes = vec![node_id, knode_id];
-    want_nodes.sort();
-    assert_eq!(
-        answered,
-        want_nodes,
-        "both nodes answer the multicast LOCATE\n{}",
-        log()
-    );
+        .expect("watch the group");
+        assert!(heard, "no heartbeat from the DPDK node in 5 s\n{}", log());
+        (fps, clients)
+    });
 
-    // Heartbeats of the DPDK node arrive on the kernel's side of the segment.
-    let mut heard = false;
-    dosp::client::watch(
-        group_addr,
-        kernel_v4,
-        Duration::from_secs(5),
-        &mut |ev, _| {
-            if let dosp::client::ClusterEvent::Heartbeat(h) = ev {
-                heard |= h.node_id.get() == node_id;
-            }
-            !heard
-        },
-    )
-    .expect("watch the group");
-    assert!(heard, "no heartbeat from the DPDK node in 5 s\n{}", log());
-
-    // A service address: added over REST, announced by gratuitous ARP (the kernel
+    // A service address: added over REST, announced by gratuitous ARP (the namespace
     // learns it without asking), served, removed.
     let (status, body) = http(mgmt, "POST", "/v1/addresses", None, "{}");
     assert_eq!(status, 401, "a mutation without the token: {body}");
@@ -405,7 +476,7 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
         "{v}"
     );
     let mac_of = |ip: &str| {
-        output("ip", &["neigh", "show", ip, "dev", &iface])
+        ns.output("ip", &["neigh", "show", ip, "dev", &iface])
             .split_whitespace()
             .skip_while(|w| *w != "lladdr")
             .nth(1)
@@ -419,22 +490,24 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let node_mac = mac_of(&node_ip).expect("the kernel knows the node's MAC after talking to it");
+    let node_mac =
+        mac_of(&node_ip).expect("the namespace knows the node's MAC after talking to it");
     assert_eq!(
         garp.as_deref(),
         Some(node_mac.as_str()),
         "the gratuitous ARP put {service_ip} at the node's MAC in `ip neigh`"
     );
-    let mut sc = Client::connect(&format!("{service_ip}:7370"), IO_TIMEOUT)
-        .expect("connect to the service address");
-    let mut got = Vec::new();
-    sc.retrieve(&fps[5], &mut got, &mut |_, _| {})
-        .expect("RETRIEVE on the service address");
-    assert!(
-        got == objects[5],
-        "the service address serves the same objects"
-    );
-    drop(sc);
+    ns.enter(|| {
+        let mut sc = Client::connect(&format!("{service_ip}:7370"), IO_TIMEOUT)
+            .expect("connect to the service address");
+        let mut got = Vec::new();
+        sc.retrieve(&fps[5], &mut got, &mut |_, _| {})
+            .expect("RETRIEVE on the service address");
+        assert!(
+            got == objects[5],
+            "the service address serves the same objects"
+        );
+    });
     let (status, body) = http(
         mgmt,
         "DELETE",
@@ -472,20 +545,24 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
         log()
     );
 
-    let c = &mut clients[0];
-    for fp in &fps {
-        assert_eq!(c.delete(fp).expect("DELETE"), 0);
-    }
-    match c.retrieve(&fps[0], &mut Vec::new(), &mut |_, _| {}) {
-        Err(ClientError::NotFound { .. }) => {}
-        other => panic!("a deleted object is still served: {other:?}"),
-    }
+    let mut clients = clients;
+    ns.enter(|| {
+        let c = &mut clients[0];
+        for fp in &fps {
+            assert_eq!(c.delete(fp).expect("DELETE"), 0);
+        }
+        match c.retrieve(&fps[0], &mut Vec::new(), &mut |_, _| {}) {
+            Err(ClientError::NotFound { .. }) => {}
+            other => panic!("a deleted object is still served: {other:?}"),
+        }
+    });
     drop(clients);
     println!(
-        "dosd --net dpdk (2 loops) on {iface}: {} objects over {CONNECTIONS} connections stored, \
+        "dosd --net dpdk (2 loops) on {iface}, its peers in namespace {}: {} objects over {CONNECTIONS} connections stored, \
          retrieved and range-read byte-exact, listed, deleted; multicast LOCATE answered by \
          it and a kernel node; its heartbeats heard; service address {service_ip} \
          announced by gratuitous ARP and served",
+        ns.0,
         objects.len()
     );
     // SIGTERM, then a clean exit within the bound (else the drop kills it).

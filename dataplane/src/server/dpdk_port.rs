@@ -76,7 +76,7 @@ pub const TCP_RX_BYTES: usize = RBUF_BYTES;
 /// Each TCP socket's send ring.
 pub const TCP_TX_BYTES: usize = 256 * 1024;
 /// Sockets kept listening on the DOSP port while the pool has them (the backlog).
-pub const LISTENERS: usize = 4;
+pub const LISTENERS: usize = 16;
 /// A closed socket that has not finished its close after this is reset and reused.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(30);
 /// smoltcp aborts a connection whose peer acknowledges nothing for this long while

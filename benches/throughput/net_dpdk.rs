@@ -422,7 +422,7 @@ fn run_client(cfg: &Config, clients: &[usize], ns: &str, node: &NsNode) -> Resul
     // Two timed phases per client count, the corpus, connecting: generous bounds.
     let phases = 2.0 * clients.len() as f64;
     let limit = Duration::from_secs_f64(120.0 + phases * (cfg.budget.secs + 60.0));
-    let done = run_bounded(&mut cmd, None, limit)?;
+    let done = run_bounded(&mut cmd, &|_, _| {}, None, limit)?;
     let mut rows = Results::new();
     for line in done.stdout.lines() {
         let w: Vec<&str> = line.split('\t').collect();

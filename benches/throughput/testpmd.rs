@@ -24,10 +24,11 @@
 //! testpmd forwards on lcore 1 (its main lcore 0 only prints); the port layer's loop
 //! runs on EAL's main lcore, 0. Neither needs root (no hugepages, no devices).
 
+use std::cell::Cell;
 use std::process::Command;
 use std::time::Duration;
 
-use super::child::run_bounded;
+use super::child::{run_bounded, thread_cpu_s, thread_name};
 use super::nginx::find_or_install_package;
 use super::side_by_side::{env_or, markdown_table, sig3};
 
@@ -62,30 +63,55 @@ const WARMUP_S: f64 = 1.0;
 /// The goal: the port layer at ≥ this × testpmd.
 const GOAL: f64 = 0.9;
 
-/// One forwarder's rounds, in packets per second.
+/// One round of one forwarder.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    /// Packets per second of wall-clock time.
+    pps: f64,
+    /// Packets per CPU second of the forwarding thread: the wall-clock rate divided
+    /// by the share of the interval the thread was on a CPU, so that time the
+    /// scheduler gave to other processes on this shared machine does not count.
+    cpu_pps: Option<f64>,
+}
+
+/// One forwarder's rounds.
 struct Side {
     name: String,
-    rounds: Vec<Result<f64, String>>,
+    rounds: Vec<Result<Round, String>>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 impl Side {
-    fn median(&self) -> Option<f64> {
-        let mut ok: Vec<f64> = self
-            .rounds
+    fn values(&self, pick: fn(&Round) -> Option<f64>) -> Vec<Option<f64>> {
+        self.rounds
             .iter()
-            .filter_map(|r| r.as_ref().ok().copied())
-            .collect();
-        if ok.is_empty() {
-            return None;
-        }
-        ok.sort_by(f64::total_cmp);
-        let n = ok.len();
-        Some(if n % 2 == 1 {
-            ok[n / 2]
-        } else {
-            (ok[n / 2 - 1] + ok[n / 2]) / 2.0
-        })
+            .map(|r| r.as_ref().ok().and_then(pick))
+            .collect()
     }
+
+    fn median(&self, pick: fn(&Round) -> Option<f64>) -> Option<f64> {
+        median(self.values(pick).into_iter().flatten().collect())
+    }
+}
+
+fn wall(r: &Round) -> Option<f64> {
+    Some(r.pps)
+}
+
+fn per_cpu(r: &Round) -> Option<f64> {
+    r.cpu_pps
 }
 
 /// Runs the rounds and prints the table.
@@ -124,39 +150,55 @@ pub fn run(secs: f64) {
     print_table(&ours, &peer);
 }
 
-fn report(round: usize, what: &str, r: &Result<f64, String>) {
+fn report(round: usize, what: &str, r: &Result<Round, String>) {
     match r {
-        Ok(pps) => eprintln!(
-            "  dpdk-port round {round} {what:<10} {:>8.2} Mpps",
-            pps / 1e6
+        Ok(r) => eprintln!(
+            "  dpdk-port round {round} {what:<10} {:>8.2} Mpps, {} Mpps per CPU-s",
+            r.pps / 1e6,
+            r.cpu_pps
+                .map_or_else(|| "n/a".into(), |p| format!("{:.2}", p / 1e6))
         ),
         Err(e) => eprintln!("  dpdk-port round {round} {what:<10} not measured: {e}"),
     }
 }
 
 fn print_table(ours: &Side, peer: &Side) {
-    let rounds = ours.rounds.len();
-    let mut header: Vec<String> = vec!["forwarder".into()];
-    header.extend((1..=rounds).map(|k| format!("round {k} Mpps")));
-    header.extend(["median Mpps".into(), "÷ testpmd".into(), "goal".into()]);
-    let header: Vec<&str> = header.iter().map(String::as_str).collect();
-    let mut right = vec![false];
-    right.extend(std::iter::repeat_n(true, rounds + 3));
-    let peer_median = peer.median();
-    let line = |side: &Side, goal: String| {
-        let mut row = vec![side.name.clone()];
-        row.extend(side.rounds.iter().map(|r| match r {
-            Ok(pps) => sig3(pps / 1e6),
-            Err(_) => "n/a".into(),
-        }));
-        let median = side.median();
-        row.push(median.map_or_else(|| "n/a".into(), |m| sig3(m / 1e6)));
-        row.push(match (median, peer_median) {
+    let header = [
+        "forwarder",
+        "Mpps, each round",
+        "median Mpps",
+        "÷ testpmd",
+        "Mpps per CPU-s, each round",
+        "median",
+        "÷ testpmd",
+        "goal",
+    ];
+    let right = [false, false, true, true, false, true, true, true];
+    let rounds = |side: &Side, pick: fn(&Round) -> Option<f64>| {
+        side.values(pick)
+            .iter()
+            .map(|v| v.map_or_else(|| "n/a".into(), |v| sig3(v / 1e6)))
+            .collect::<Vec<String>>()
+            .join(" / ")
+    };
+    let cell = |v: Option<f64>| v.map_or_else(|| "n/a".into(), |v| sig3(v / 1e6));
+    let ratio =
+        |side: &Side, pick: fn(&Round) -> Option<f64>| match (side.median(pick), peer.median(pick))
+        {
             (Some(m), Some(p)) => format!("{:.2}×", m / p),
             _ => "—".into(),
-        });
-        row.push(goal);
-        row
+        };
+    let line = |side: &Side, goal: String| {
+        vec![
+            side.name.clone(),
+            rounds(side, wall),
+            cell(side.median(wall)),
+            ratio(side, wall),
+            rounds(side, per_cpu),
+            cell(side.median(per_cpu)),
+            ratio(side, per_cpu),
+            goal,
+        ]
     };
     let cells = vec![line(ours, format!("≥ {GOAL}×")), line(peer, "—".into())];
     markdown_table(&header, &right, &cells);
@@ -175,7 +217,7 @@ fn print_table(ours: &Side, peer: &Side) {
 }
 
 /// One round of the port layer: this binary in its forwarding mode, bounded.
-fn port_layer(secs: f64) -> Result<f64, String> {
+fn port_layer(secs: f64) -> Result<Round, String> {
     if !cfg!(feature = "dpdk") {
         return Err("this bench was built without the dpdk feature (--features dpdk)".into());
     }
@@ -183,7 +225,7 @@ fn port_layer(secs: f64) -> Result<f64, String> {
     let mut cmd = Command::new(exe);
     cmd.arg(FWD_ARG).arg(secs.to_string()).args(EAL_ARGS);
     let limit = Duration::from_secs_f64(secs + WARMUP_S + 60.0);
-    let done = run_bounded(&mut cmd, None, limit)?;
+    let done = run_bounded(&mut cmd, &|_, _| {}, None, limit)?;
     let line = done
         .stdout
         .lines()
@@ -197,12 +239,17 @@ fn port_layer(secs: f64) -> Result<f64, String> {
             .find_map(|w| w.strip_prefix(key))
             .and_then(|v| v.parse::<f64>().ok())
     };
-    field("pps=").ok_or_else(|| format!("cannot read {line:?}"))
+    Ok(Round {
+        pps: field("pps=").ok_or_else(|| format!("cannot read {line:?}"))?,
+        cpu_pps: field("cpu_pps="),
+    })
 }
 
 /// One round of testpmd: io forwarding, stats every second, SIGINT after the
-/// measurement; the mean of its `Rx-pps` displays after the first, both ports.
-fn run_testpmd(bin: &std::ffi::OsStr, secs: f64) -> Result<f64, String> {
+/// measurement; the mean of its `Rx-pps` displays after the first, both ports. Its
+/// forwarding thread's CPU time is sampled from `PROBE_FROM` after the start to just
+/// before the SIGINT, for the per-CPU-second rate.
+fn run_testpmd(bin: &std::ffi::OsStr, secs: f64) -> Result<Round, String> {
     let mut cmd = Command::new(bin);
     cmd.args(EAL_ARGS).args([
         "--",
@@ -216,7 +263,27 @@ fn run_testpmd(bin: &std::ffi::OsStr, secs: f64) -> Result<f64, String> {
     ]);
     // EAL start-up, one display with no interval, then about `secs` of intervals.
     let run_for = Duration::from_secs_f64(secs + 2.5);
-    let done = run_bounded(&mut cmd, Some(run_for), run_for + Duration::from_secs(60))?;
+    // (elapsed, CPU seconds of the forwarding thread): the first probe from
+    // PROBE_FROM on and the last one before the SIGINT.
+    let first: Cell<Option<(Duration, f64)>> = Cell::new(None);
+    let last: Cell<Option<(Duration, f64)>> = Cell::new(None);
+    let probe = |pid: u32, elapsed: Duration| {
+        if elapsed < PROBE_FROM || elapsed >= run_for {
+            return;
+        }
+        if let Some(cpu) = forwarding_thread_cpu_s(pid) {
+            if first.get().is_none() {
+                first.set(Some((elapsed, cpu)));
+            }
+            last.set(Some((elapsed, cpu)));
+        }
+    };
+    let done = run_bounded(
+        &mut cmd,
+        &probe,
+        Some(run_for),
+        run_for + Duration::from_secs(60),
+    )?;
     let rates = rx_pps_displays(&done.stdout, PORTS_COUNT);
     let measured = rates.get(1..).unwrap_or_default();
     if measured.is_empty() {
@@ -227,7 +294,27 @@ fn run_testpmd(bin: &std::ffi::OsStr, secs: f64) -> Result<f64, String> {
             tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
         ));
     }
-    Ok(measured.iter().sum::<f64>() / measured.len() as f64)
+    let pps = measured.iter().sum::<f64>() / measured.len() as f64;
+    let on_cpu = match (first.get(), last.get()) {
+        (Some((t0, c0)), Some((t1, c1))) if t1 > t0 => Some((c1 - c0) / (t1 - t0).as_secs_f64()),
+        _ => None,
+    };
+    Ok(Round {
+        pps,
+        cpu_pps: on_cpu.filter(|&u| u > 0.0).map(|u| pps / u),
+    })
+}
+
+/// When testpmd's forwarding thread is surely forwarding (EAL start-up is over).
+const PROBE_FROM: Duration = Duration::from_millis(1500);
+
+/// CPU seconds of testpmd's forwarding thread (EAL's `rte-worker-1`, lcore 1).
+fn forwarding_thread_cpu_s(pid: u32) -> Option<f64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks
+        .filter_map(|t| t.ok()?.file_name().into_string().ok())
+        .find(|tid| thread_name(pid, tid) == "rte-worker-1")
+        .and_then(|tid| thread_cpu_s(&format!("/proc/{pid}/task/{tid}/stat")))
 }
 
 const PORTS_COUNT: usize = 2;
@@ -262,7 +349,7 @@ fn testpmd_version() -> Option<String> {
 }
 
 /// The forwarding child: `FWD_ARG SECS EAL_ARGS…`. Prints one line,
-/// `forwarded pps=… loop_pps=… secs=…`, or `error …` (and exits with 1).
+/// `forwarded pps=… loop_pps=… cpu_pps=… secs=…`, or `error …` (and exits with 1).
 pub fn forward_main(args: &[String]) {
     let secs: f64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(3.0);
     match forward(secs, args.get(1..).unwrap_or_default()) {
@@ -356,14 +443,23 @@ fn forward(secs: f64, eal_args: &[String]) -> Result<String, String> {
         }
         Ok(sum)
     };
+    // This thread's CPU time over the same interval.
+    let cpu = || thread_cpu_s("/proc/thread-self/stat");
     let before = rx_packets()?;
+    let cpu_before = cpu();
     let start = Instant::now();
     let counted = forward_until(start + Duration::from_secs_f64(secs));
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu_after = cpu();
     let after = rx_packets()?;
+    let packets = (after - before) as f64;
+    let cpu_pps = match (cpu_before, cpu_after) {
+        (Some(a), Some(b)) if b > a => format!(" cpu_pps={}", packets / (b - a)),
+        _ => String::new(),
+    };
     Ok(format!(
-        "forwarded pps={} loop_pps={} secs={elapsed}",
-        (after - before) as f64 / elapsed,
+        "forwarded pps={} loop_pps={}{cpu_pps} secs={elapsed}",
+        packets / elapsed,
         counted as f64 / elapsed
     ))
 }

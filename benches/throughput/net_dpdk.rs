@@ -583,6 +583,7 @@ pub fn client_main(args: &[String]) {
     let base_small = data(seed ^ 0x44_0004, SMALL);
     for (k, &c) in clients.iter().enumerate() {
         let tag = TAG_STORE + k as u64;
+        let tcp = TcpCounters::read();
         let r = load::run(
             c,
             budget,
@@ -598,6 +599,7 @@ pub fn client_main(args: &[String]) {
             },
         );
         emit("store 4 KiB", c, &r);
+        tcp.report_since();
     }
 
     let base_large = data(seed ^ 0x44_0400, LARGE);
@@ -630,9 +632,44 @@ pub fn client_main(args: &[String]) {
         dosd_fetch(client, &fp, None, LARGE as u64, verify)
     };
     for &c in &clients {
+        let tcp = TcpCounters::read();
         let r = corpus
             .clone()
             .and_then(|()| load::run(c, budget, &cpu, connect, fetch_one));
         emit("fetch 4 MiB", c, &r);
+        tcp.report_since();
+    }
+}
+
+/// The client namespace's TCP counters (`/proc/net/snmp`, which shows the namespace
+/// of the reading process): segments in, out, retransmitted. Printed with each
+/// phase's progress line, to tell a lossy link from a slow server.
+struct TcpCounters(Option<[u64; 3]>);
+
+impl TcpCounters {
+    fn read() -> TcpCounters {
+        TcpCounters(Self::now())
+    }
+
+    fn now() -> Option<[u64; 3]> {
+        let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+        let (names, values) = (tcp.next()?, tcp.next()?);
+        let get = |key: &str| {
+            let k = names.split_whitespace().position(|n| n == key)?;
+            values.split_whitespace().nth(k)?.parse::<u64>().ok()
+        };
+        Some([get("InSegs")?, get("OutSegs")?, get("RetransSegs")?])
+    }
+
+    fn report_since(&self) {
+        if let (Some(a), Some(b)) = (self.0, Self::now()) {
+            eprintln!(
+                "                client TCP: {} segments in, {} out, {} retransmitted",
+                b[0] - a[0],
+                b[1] - a[1],
+                b[2] - a[2]
+            );
+        }
     }
 }

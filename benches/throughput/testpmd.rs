@@ -261,8 +261,9 @@ fn run_testpmd(bin: &std::ffi::OsStr, secs: f64) -> Result<Round, String> {
         "--nb-cores=1",
         "--total-num-mbufs=8192",
     ]);
-    // EAL start-up, one display with no interval, then about `secs` of intervals.
-    let run_for = Duration::from_secs_f64(secs + 2.5);
+    // EAL start-up, one display with no interval, then about `secs` of intervals
+    // (and a second's margin: start-up is slower without root).
+    let run_for = Duration::from_secs_f64(secs + 3.5);
     // (elapsed, CPU seconds of the forwarding thread): the first probe from
     // PROBE_FROM on and the last one before the SIGINT.
     let first: Cell<Option<(Duration, f64)>> = Cell::new(None);
@@ -285,7 +286,7 @@ fn run_testpmd(bin: &std::ffi::OsStr, secs: f64) -> Result<Round, String> {
         run_for + Duration::from_secs(60),
     )?;
     let rates = rx_pps_displays(&done.stdout, PORTS_COUNT);
-    let measured = rates.get(1..).unwrap_or_default();
+    let measured = measured_displays(&rates);
     if measured.is_empty() {
         let tail: Vec<&str> = done.stdout.lines().rev().take(5).collect();
         return Err(format!(
@@ -306,7 +307,21 @@ fn run_testpmd(bin: &std::ffi::OsStr, secs: f64) -> Result<Round, String> {
 }
 
 /// When testpmd's forwarding thread is surely forwarding (EAL start-up is over).
-const PROBE_FROM: Duration = Duration::from_millis(1500);
+const PROBE_FROM: Duration = Duration::from_millis(2000);
+
+/// The displays that cover a whole interval of forwarding: not the first (it has no
+/// interval), and, if forwarding had not started by the second, none up to and
+/// including the first non-zero one (it covers part of an interval).
+fn measured_displays(rates: &[f64]) -> &[f64] {
+    let rest = rates.get(1..).unwrap_or_default();
+    if rest.first().is_some_and(|&r| r > 0.0) {
+        return rest;
+    }
+    match rest.iter().position(|&r| r > 0.0) {
+        Some(k) => &rest[k + 1..],
+        None => &[],
+    }
+}
 
 /// CPU seconds of testpmd's forwarding thread (EAL's `rte-worker-1`, lcore 1).
 fn forwarding_thread_cpu_s(pid: u32) -> Option<f64> {

@@ -127,7 +127,7 @@ where
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (USER_HZ).
-fn ticks_per_s() -> f64 {
+pub fn ticks_per_s() -> f64 {
     static TICKS: OnceLock<f64> = OnceLock::new();
     *TICKS.get_or_init(|| {
         std::process::Command::new("getconf")

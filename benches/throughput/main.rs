@@ -20,18 +20,30 @@
 //! - `loops`: 4 MiB STOREs and warm 4 KiB fetches at 8 clients with one dataplane
 //!   loop and with two ([`loops`]), beside the single-core MD5 ceiling of
 //!   `openssl speed`.
+//! - `dpdk-port` (with `--features dpdk`): the project's DPDK port layer forwarding
+//!   between two `net_ring` ports next to `dpdk-testpmd --forward-mode=io` with the
+//!   same EAL arguments ([`testpmd`]).
+//! - `dpdk-dosp` (with `--features dpdk`, as root): 4 KiB STOREs and 4 MiB fetches
+//!   through `dosd --net dpdk` on a `net_tap` next to `dosd` on the kernel backend
+//!   over a veth pair, client and node ends in network namespaces ([`net_dpdk`]).
+//!
+//! `dpdk` names both DPDK parts; built with the `dpdk` feature they are in the default
+//! set.
 //!
 //! Every measurement is bounded by DOSD_BENCH_SECS (default 3 s) and an operation
 //! count; nothing here asserts a time.
 
+mod child;
 #[path = "../../tests/common/mod.rs"]
 mod common;
 mod http;
 mod load;
 mod loops;
+mod net_dpdk;
 mod nginx;
 mod peer;
 mod side_by_side;
+mod testpmd;
 
 use std::path::Path;
 use std::process::Command;
@@ -74,14 +86,30 @@ fn main() {
         peer::serve(dir.into());
         return;
     }
+    // The DPDK parts' children: this binary re-run as the port layer's forwarder, or
+    // as a client inside a network namespace.
+    if args.get(1).map(String::as_str) == Some(testpmd::FWD_ARG) {
+        testpmd::forward_main(&args[2..]);
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some(net_dpdk::CLIENT_ARG) {
+        net_dpdk::client_main(&args[2..]);
+        return;
+    }
     // `cargo test --benches` runs this with --bench absent: keep that quick.
     if !args.iter().any(|a| a == "--bench") {
         println!("throughput: run with `cargo bench --bench throughput`");
         return;
     }
-    let parts =
-        std::env::var("DOSD_BENCH_PARTS").unwrap_or_else(|_| "single,side,md5,loops".into());
+    let default_parts = if cfg!(feature = "dpdk") {
+        "single,side,md5,loops,dpdk"
+    } else {
+        "single,side,md5,loops"
+    };
+    let parts = std::env::var("DOSD_BENCH_PARTS").unwrap_or_else(|_| default_parts.into());
     let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
+    // `dpdk` names both DPDK parts.
+    let dpdk_part = |name: &str| part(name) || part("dpdk");
     let tmp = tempfile::tempdir_in(std::env::var("DOSD_BENCH_DIR").unwrap_or_else(|_| ".".into()))
         .expect("tempdir");
     println!(
@@ -102,6 +130,12 @@ fn main() {
     }
     if part("loops") {
         loops::run(&side_by_side::Config::from_env(bench_secs()), tmp.path());
+    }
+    if dpdk_part("dpdk-port") {
+        testpmd::run(bench_secs());
+    }
+    if dpdk_part("dpdk-dosp") {
+        net_dpdk::run(&side_by_side::Config::from_env(bench_secs()), tmp.path());
     }
 }
 

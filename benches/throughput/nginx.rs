@@ -22,7 +22,7 @@ pub struct Nginx {
     pub addr: String,
 }
 
-fn is_root() -> bool {
+pub(super) fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -306,8 +306,10 @@ fn measure_side(cfg: &Config, tmp: &Path, clients: &[usize], side: &Side) -> Res
     let mut namespaces = Namespaces(Vec::new());
     let dir = tmp.join(format!("net-{label}"));
     let group = unique_group();
-    let common_args = |listen: &str| -> Vec<String> {
-        [
+    // The multicast interface: the kernel node's loopback in its namespace; the DPDK
+    // node's is its DPDK address (the default, and the only one it takes).
+    let common_args = |listen: &str, multicast_if: Option<&str>| -> Vec<String> {
+        let mut args: Vec<String> = [
             "--disks",
             "2",
             "--disk-size",
@@ -320,12 +322,14 @@ fn measure_side(cfg: &Config, tmp: &Path, clients: &[usize], side: &Side) -> Res
             "127.0.0.1:0",
             "--multicast",
             &group,
-            "--multicast-if",
-            "127.0.0.1",
         ]
         .iter()
         .map(|s| s.to_string())
-        .collect()
+        .collect();
+        if let Some(m) = multicast_if {
+            args.extend(["--multicast-if".to_string(), m.to_string()]);
+        }
+        args
     };
     let started = (|| -> Result<(String, NsNode), String> {
         match *side {
@@ -338,7 +342,7 @@ fn measure_side(cfg: &Config, tmp: &Path, clients: &[usize], side: &Side) -> Res
                     "-l 1 --no-huge -m 512 --no-pci --no-shconf --no-telemetry \
                      --log-level=warning --vdev=net_tap0,iface={tap}"
                 );
-                let mut args = common_args(&format!("{node_ip}:{DOSP_PORT}"));
+                let mut args = common_args(&format!("{node_ip}:{DOSP_PORT}"), None);
                 args.extend(
                     [
                         "--net",
@@ -382,8 +386,11 @@ fn measure_side(cfg: &Config, tmp: &Path, clients: &[usize], side: &Side) -> Res
                     ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", veth])?;
                     ip(&["-n", ns, "link", "set", veth, "up"])?;
                 }
-                let node =
-                    NsNode::start(&ns_n, &dir, &common_args(&format!("{node_ip}:{DOSP_PORT}")))?;
+                let node = NsNode::start(
+                    &ns_n,
+                    &dir,
+                    &common_args(&format!("{node_ip}:{DOSP_PORT}"), Some("127.0.0.1")),
+                )?;
                 Ok((ns_c, node))
             }
         }

@@ -50,6 +50,8 @@ echo "==> cargo clippy -p dataplane --features dpdk"
 cargo clippy -p dataplane --features dpdk --all-targets --locked -- -D warnings
 echo "==> cargo test -p dataplane --features dpdk,copy-count (dpdk_port)"
 cargo test -p dataplane --features dpdk,copy-count --locked --test dpdk_port -- --test-threads=1 2>&1 | tee -a "$log"
+# The unit tests that exist only with the feature (ARP sharing, the receive guard).
+cargo test -p dataplane --features dpdk,copy-count --locked --lib -- dpdk_port rx_guard 2>&1 | tee -a "$log"
 # The whole node: `dosd --net dpdk` on a net_tap vdev, the client on the kernel side
 # (root; it says SKIPPED otherwise).
 echo "==> cargo clippy --features dpdk (dosd)"

@@ -490,6 +490,11 @@ DOSD_HOST_CHECK = r"""#!/bin/sh
 wait=600
 if [ "${1:-}" = -t ]; then wait=$2; shift 2; fi
 [ $# -ge 1 ] || { echo "usage: dosd-host-check [-t SECONDS] NAME [ARG...]" >&2; exit 2; }
+# What the harness accepts (else it would not hear the request and this would wait).
+case $1 in '' | *[!A-Za-z0-9_-]*) echo "dosd-host-check: bad check name '$1'" >&2; exit 2 ;; esac
+for a in "$@"; do
+    case $a in '' | *[!A-Za-z0-9_.:=,/-]*) echo "dosd-host-check: bad argument '$a'" >&2; exit 2 ;; esac
+done
 token="c$$x$(cut -d' ' -f1 /proc/uptime | tr -d .)"
 # No echo of what the harness types (its reply would be printed twice).
 stty -echo </dev/console 2>/dev/null

@@ -892,12 +892,17 @@ NETNS_PREFIX = "dosdq-"
 
 def netns_create():
     """A network namespace of this run, `dosdq-PID`, with lo up; first deletes those
-    left by runs whose harness is gone (killed before it could clean up)."""
+    left by runs whose harness is gone (killed before it could clean up): no process
+    PID, and no process inside (a harness seen from another PID namespace still has
+    its QEMU there)."""
     res = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE, text=True)
     for line in res.stdout.splitlines():
         ns = line.split()[0] if line.split() else ""
         pid = ns[len(NETNS_PREFIX):]
-        if ns.startswith(NETNS_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        if not (ns.startswith(NETNS_PREFIX) and pid.isdigit()) or os.path.exists(f"/proc/{pid}"):
+            continue
+        inside = subprocess.run(["ip", "netns", "pids", ns], stdout=subprocess.PIPE, text=True)
+        if inside.returncode == 0 and not inside.stdout.strip():
             log(f"deleting stale network namespace {ns}")
             subprocess.run(["ip", "netns", "del", ns])
     ns = f"{NETNS_PREFIX}{os.getpid()}"

@@ -496,21 +496,39 @@ for a in "$@"; do
     case $a in '' | *[!A-Za-z0-9_.:=,/-]*) echo "dosd-host-check: bad argument '$a'" >&2; exit 2 ;; esac
 done
 token="c$$x$(cut -d' ' -f1 /proc/uptime | tr -d .)"
+result=/tmp/.dosd-host-check.$token
+rm -f "$result" "$result.tmp"
 # No echo of what the harness types (its reply would be printed twice).
 stty -echo </dev/console 2>/dev/null
+# The reader: whole lines, without a timeout (busybox's timed read goes byte by byte
+# and can stop mid-line, losing the answer), until this check's answer comes.
+(
+    while read -r word tok rc; do
+        if [ "$word" = DOSD-HOST-DONE ] && [ "$tok" = "$token" ]; then
+            echo "$rc" >"$result.tmp" && mv "$result.tmp" "$result"
+            exit 0
+        fi
+    done
+) </dev/console &
+reader=$!
 echo "DOSD-HOST: host-check $token $*" > /dev/console
 end=$(($(date +%s) + wait))
-while [ "$(date +%s)" -lt "$end" ]; do
-    if read -r -t 1 word tok rc </dev/console 2>/dev/null; then
-        if [ "$word" = DOSD-HOST-DONE ] && [ "$tok" = "$token" ]; then
-            echo "dosd-host-check $1: host check exited with $rc"
-            case $rc in '' | *[!0-9]*) exit 1 ;; esac
-            exit "$rc"
-        fi
-    fi
+while [ ! -e "$result" ] && [ "$(date +%s)" -lt "$end" ]; do
+    sleep 0.2
 done
-echo "dosd-host-check $1: no result from the host in $wait s"
-exit 124
+if [ ! -e "$result" ]; then
+    kill "$reader" 2>/dev/null
+    echo "dosd-host-check $1: no result from the host in $wait s"
+    exit 124
+fi
+wait "$reader"
+rc=$(cat "$result")
+rm -f "$result"
+# The harness types the answer again until it hears this.
+echo "DOSD-HOST-ACK $token" > /dev/console
+echo "dosd-host-check $1: host check exited with $rc"
+case $rc in '' | *[!0-9]*) exit 1 ;; esac
+exit "$rc"
 """
 
 # Prints the interface name of a declared NIC (by its MAC in /etc/dosd-nics); with
@@ -771,6 +789,10 @@ HOST_ACTIONS = {"device_del": host_device_del, "qom-set": host_qom_set}
 
 # A host check may run this long at most (less when the suite's time runs out first).
 HOST_CHECK_TIMEOUT = 600
+# Its answer is typed again this often until the guest acknowledges it, so many times
+# (the guest reads it at once: a minute without its ACK means it gave up waiting).
+REPLY_RESEND_SECS = 3
+REPLY_TRIES = 20
 
 
 class HostChecks:
@@ -790,6 +812,8 @@ class HostChecks:
         self.lock = threading.Lock()
         self.results = []
         self.procs = set()
+        self.unacked = {}
+        self.closed = False
         path = os.environ.get("PATH", "/usr/bin:/bin")
         self.env = dict(
             os.environ,
@@ -859,14 +883,34 @@ class HostChecks:
         self.reply(token, rc, f"host check {check}: exit {rc} in {time.monotonic() - t0:.1f} s")
 
     def reply(self, token, rc, note):
+        """Types the answer on the guest's console, and again every few seconds until
+        the guest acknowledges it (`DOSD-HOST-ACK TOKEN`, see `ack`) or the VM ends: a
+        line on a serial console has no delivery guarantee."""
         self.out(f"[host] {note}")
         line = f"DOSD-HOST-DONE {token} {rc}\n".encode()
         with self.lock:
-            try:
-                self.stdin.write(line)
-                self.stdin.flush()
-            except (OSError, ValueError) as e:
-                self.out(f"[host] cannot tell the guest ({e})")
+            self.unacked[token] = line
+        threading.Thread(target=self._deliver, args=(token, line), daemon=True).start()
+
+    def _deliver(self, token, line):
+        for attempt in range(REPLY_TRIES):
+            with self.lock:
+                if token not in self.unacked or self.closed:
+                    return
+                if attempt:
+                    self.out(f"[host] no DOSD-HOST-ACK {token} yet: typing the answer again")
+                try:
+                    self.stdin.write(line)
+                    self.stdin.flush()
+                except (OSError, ValueError) as e:
+                    self.out(f"[host] cannot tell the guest ({e})")
+                    return
+            time.sleep(REPLY_RESEND_SECS)
+        self.out(f"[host] the guest never acknowledged host check {token}")
+
+    def ack(self, token):
+        with self.lock:
+            self.unacked.pop(token, None)
 
     @staticmethod
     def kill(proc):
@@ -880,6 +924,7 @@ class HostChecks:
         """Kills the checks still running (the VM is gone); returns the results."""
         with self.lock:
             running = list(self.procs)
+            self.closed = True
         for proc in running:
             self.kill(proc)
         return self.results
@@ -939,6 +984,7 @@ def configure_taps(ns, suite, out):
 ANSI_RE = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[()][A-Z0-9]|[A-Za-z])")
 HOST_RE = re.compile(r"(?:^|[^'\"\w])DOSD-HOST: ([a-z_-]+)((?: +[A-Za-z0-9_.:=,/-]+)*) *$")
 EXIT_RE = re.compile(r"(?:^|[^'\"\w])DOSD-SUITE-EXIT (\d+) *$")
+ACK_RE = re.compile(r"(?:^|[^'\"\w])DOSD-HOST-ACK ([A-Za-z0-9]+) *$")
 
 
 # ------------------------------------------------------------------------------ run
@@ -1064,6 +1110,9 @@ def boot(name, suite, cmd, rundir, qmp_path, logfile, netns=None, bindir=None):
                     if m and rc is None:
                         rc = int(m.group(1))
                         exit_deadline = time.monotonic() + 30
+                    m = ACK_RE.search(line)
+                    if m:
+                        checks.ack(m.group(1))
                     m = HOST_RE.search(line)
                     if m:
                         verb, args = m.group(1), m.group(2).split()

@@ -40,6 +40,11 @@ PACKAGES = [
     ("zstd", "zstd"),
     ("kmod", "depmod"),
     ("fio", "fio"),
+    ("iproute2", "ip"),
+    ("curl", "curl"),
+    # DPDK's headers and static archives: the guest dosd is built with --features dpdk.
+    ("pkg-config", "pkg-config"),
+    ("libdpdk-dev", "/usr/include/dpdk/rte_eal.h"),
 ]
 
 # Kernel modules put in every initramfs and loaded by /init, in this order (each with
@@ -95,11 +100,60 @@ def parse_size(text):
     return int(m.group(1)) * mult[m.group(2).upper()]
 
 
+# The guest's address on QEMU's user networking (its built-in DHCP/DNS range).
+USER_NET_GUEST = "10.0.2.15"
+
+
+def parse_nic(val, where, nics):
+    """One `# qemu-nic:` directive: a virtio-net NIC, either on QEMU's user networking
+    (kind=user: driven by the guest kernel, guest ports forwarded to the same ports on
+    127.0.0.1 in the harness's network namespace) or on a tap in that namespace
+    (kind=tap: modern-only virtio behind its own pcie-root-port with iommu_platform=on,
+    as DPDK's virtio PMD needs it; host=ADDR/PREFIX addresses the host's end)."""
+    nic = {}
+    for item in val.split():
+        k, sep, v = item.partition("=")
+        if not sep or k in nic:
+            raise HarnessError(f"{where}: qemu-nic wants distinct key=value items, got {item!r}")
+        nic[k] = v
+    allowed = {"user": {"id", "kind", "mac", "fwd"}, "tap": {"id", "kind", "mac", "host"}}
+    kind = nic.get("kind")
+    if kind not in allowed:
+        raise HarnessError(f"{where}: qemu-nic needs kind=user or kind=tap")
+    extra = set(nic) - allowed[kind]
+    if extra:
+        raise HarnessError(f"{where}: qemu-nic kind={kind} takes no {', '.join(sorted(extra))}")
+    nid = nic.get("id", "")
+    # The tap is named dq-ID: at most 15 characters for the kernel.
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,11}", nid):
+        raise HarnessError(f"{where}: qemu-nic needs id= (a letter, then up to 11 of [A-Za-z0-9_-])")
+    if any(n["id"] == nid for n in nics):
+        raise HarnessError(f"{where}: duplicate nic id {nid}")
+    if "mac" not in nic:
+        nic["mac"] = f"52:54:00:d0:5d:{len(nics) + 1:02x}"
+    if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", nic["mac"]):
+        raise HarnessError(f"{where}: bad mac {nic['mac']!r} (lowercase aa:bb:cc:dd:ee:ff)")
+    if any(n["mac"] == nic["mac"] for n in nics):
+        raise HarnessError(f"{where}: duplicate mac {nic['mac']}")
+    ports = []
+    for p in filter(None, nic.get("fwd", "").split(",")):
+        if not p.isdigit() or not 0 < int(p) < 65536:
+            raise HarnessError(f"{where}: bad fwd port {p!r}")
+        ports.append(int(p))
+    nic["fwd"] = ports
+    if "host" in nic and not re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}/\d{1,2}", nic["host"]):
+        raise HarnessError(f"{where}: bad host address {nic['host']!r} (want ADDR/PREFIX)")
+    if kind == "user" and any(n["kind"] == "user" for n in nics):
+        raise HarnessError(f"{where}: one kind=user NIC at most")
+    nic["tap"] = f"dq-{nid}"
+    return nic
+
+
 def parse_suite(path):
     """Reads the `# qemu-KEY: VALUE` directives of a suite script's header (the
     comment block at its top: parsing stops at the first line of code)."""
     suite = dict(DEFAULTS)
-    suite.update(disks=[], tests=[], host_bins=[])
+    suite.update(disks=[], nics=[], tests=[], host_bins=[])
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip() and not line.lstrip().startswith("#"):
@@ -127,6 +181,8 @@ def parse_suite(path):
                     raise HarnessError(f"{where}: duplicate disk id {disk['id']}")
                 disk["bytes"] = parse_size(disk["size"])
                 suite["disks"].append(disk)
+            elif key == "nic":
+                suite["nics"].append(parse_nic(val, where, suite["nics"]))
             elif key in ("mem", "smp", "hugepages", "timeout"):
                 if not val.isdigit():
                     raise HarnessError(f"{where}: qemu-{key} wants a number, got {val!r}")
@@ -305,10 +361,15 @@ def is_static(path):
     return True
 
 
+# The guest's dosd is built with DPDK (statically linked: dpdk/build.rs), for every
+# suite alike, so that the suites share one build.
+GUEST_FEATURES = ["--features", "dosd/dpdk"]
+
+
 def build_guest(tests):
     """Returns {name in /bin: host path} of the static guest binaries."""
     bins = {}
-    for msg in cargo(["build", "--workspace", "--bins"]):
+    for msg in cargo(["build", "--workspace", "--bins"] + GUEST_FEATURES):
         if msg.get("reason") == "compiler-artifact" and msg.get("executable"):
             if "bin" in msg["target"]["kind"]:
                 bins[msg["target"]["name"]] = msg["executable"]
@@ -327,6 +388,29 @@ def build_guest(tests):
         if not is_static(path):
             raise HarnessError(f"guest binary {name} ({path}) is not statically linked")
     return bins
+
+
+def build_host_tools():
+    """The host's own (dynamic, debug) dosp client for the host-side checks: exactly
+    scripts/test.sh's `cargo build --workspace --bins --locked` (building dosp alone
+    would unify features differently and rebuild its dependencies), so in CI it is
+    already built. Returns the directory holding it."""
+    cmd = ["cargo", "build", "--workspace", "--bins", "--locked"]
+    res = subprocess.run(
+        cmd + ["--message-format=json-render-diagnostics"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    if res.returncode != 0:
+        raise HarnessError(f"host build of dosp failed: {shlex.join(cmd)}")
+    for line in res.stdout.splitlines():
+        if line.startswith("{"):
+            msg = json.loads(line)
+            if msg.get("reason") == "compiler-artifact" and msg.get("executable"):
+                if msg["target"]["name"] == "dosp":
+                    return os.path.dirname(msg["executable"])
+    raise HarnessError(f"{shlex.join(cmd)} named no dosp executable")
 
 
 # ------------------------------------------------------------------------ initramfs
@@ -364,6 +448,23 @@ while [ "$(ls /sys/class/nvme 2>/dev/null | wc -l)" -lt "$want" ] && [ $i -lt 30
 done
 [ "$(ls /sys/class/nvme 2>/dev/null | wc -l)" -ge "$want" ] ||
     echo "dosd-init: only $(ls /sys/class/nvme 2>/dev/null | wc -l) of $want NVMe controllers appeared"
+# The declared NICs (/etc/dosd-nics: ID KIND MAC), found by MAC (bounded wait); the
+# kind=user one gets QEMU's user-networking address. DPDK wants /var/run.
+mkdir -p /var/run
+while read -r id kind mac; do
+    i=0
+    while ! grep -qx "$mac" /sys/class/net/*/address 2>/dev/null && [ $i -lt 300 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    dev=$(dosd-nic "$id" 2>/dev/null) || { echo "dosd-init: NIC $id ($mac) did not appear"; continue; }
+    dosd-nic --pci "$id" >/dev/null  # remembered for when the suite unbinds it
+    if [ "$kind" = user ]; then
+        ip addr add @USERNET@/24 dev "$dev" && ip link set "$dev" up &&
+            ip route add default via @USERGW@ dev "$dev" ||
+            echo "dosd-init: cannot configure NIC $id ($dev)"
+    fi
+done < /etc/dosd-nics
 echo
 echo "dosd-init: up in $(cut -d' ' -f1 /proc/uptime) s, hugepages $(cat /proc/sys/vm/nr_hugepages), running /suite.sh"
 cd /
@@ -379,6 +480,82 @@ echo o > /proc/sysrq-trigger
 DOSD_HOST = r"""#!/bin/sh
 # Asks the QEMU harness on the host to do something: dosd-host device_del ID
 echo "DOSD-HOST: $*" > /dev/console
+"""
+
+# Runs a host-side check and waits for its result, which the harness types on the
+# console: `DOSD-HOST-DONE TOKEN RC`. Exit status: the check's, 124 on timeout.
+DOSD_HOST_CHECK = r"""#!/bin/sh
+# dosd-host-check [-t SECONDS] NAME [ARG...]: runs qemu/suites/SUITE.host NAME ARG...
+# on the host (in the harness's network namespace) and waits (default 600 s) for it.
+wait=600
+if [ "${1:-}" = -t ]; then wait=$2; shift 2; fi
+[ $# -ge 1 ] || { echo "usage: dosd-host-check [-t SECONDS] NAME [ARG...]" >&2; exit 2; }
+# What the harness accepts (else it would not hear the request and this would wait).
+case $1 in '' | *[!A-Za-z0-9_-]*) echo "dosd-host-check: bad check name '$1'" >&2; exit 2 ;; esac
+for a in "$@"; do
+    case $a in '' | *[!A-Za-z0-9_.:=,/-]*) echo "dosd-host-check: bad argument '$a'" >&2; exit 2 ;; esac
+done
+token="c$$x$(cut -d' ' -f1 /proc/uptime | tr -d .)"
+result=/tmp/.dosd-host-check.$token
+rm -f "$result" "$result.tmp"
+# No echo of what the harness types (its reply would be printed twice).
+stty -echo </dev/console 2>/dev/null
+# The reader: whole lines, without a timeout (busybox's timed read goes byte by byte
+# and can stop mid-line, losing the answer), until this check's answer comes.
+(
+    while read -r word tok rc; do
+        if [ "$word" = DOSD-HOST-DONE ] && [ "$tok" = "$token" ]; then
+            echo "$rc" >"$result.tmp" && mv "$result.tmp" "$result"
+            exit 0
+        fi
+    done
+) </dev/console &
+reader=$!
+echo "DOSD-HOST: host-check $token $*" > /dev/console
+end=$(($(date +%s) + wait))
+while [ ! -e "$result" ] && [ "$(date +%s)" -lt "$end" ]; do
+    sleep 0.2
+done
+if [ ! -e "$result" ]; then
+    kill "$reader" 2>/dev/null
+    echo "dosd-host-check $1: no result from the host in $wait s"
+    exit 124
+fi
+wait "$reader"
+rc=$(cat "$result")
+rm -f "$result"
+# The harness types the answer again until it hears this.
+echo "DOSD-HOST-ACK $token" > /dev/console
+echo "dosd-host-check $1: host check exited with $rc"
+case $rc in '' | *[!0-9]*) exit 1 ;; esac
+exit "$rc"
+"""
+
+# Prints the interface name of a declared NIC (by its MAC in /etc/dosd-nics); with
+# --pci, the PCI address of its function instead (which stays when the interface goes,
+# e.g. after binding the device to vfio-pci).
+DOSD_NIC = r"""#!/bin/sh
+# dosd-nic [--pci] ID
+pci=
+if [ "${1:-}" = --pci ]; then pci=1; shift; fi
+mac=$(awk -v id="${1:-}" '$1 == id { print $3 }' /etc/dosd-nics)
+[ -n "$mac" ] || { echo "dosd-nic: no NIC ${1:-} declared" >&2; exit 1; }
+if [ -n "$pci" ] && [ -e "/etc/dosd-nic-$1.pci" ]; then cat "/etc/dosd-nic-$1.pci"; exit 0; fi
+for a in /sys/class/net/*/address; do
+    [ "$(cat "$a")" = "$mac" ] || continue
+    dev=$(basename "$(dirname "$a")")
+    if [ -n "$pci" ]; then
+        # /sys/class/net/DEV/device is the virtio device; its parent the PCI function.
+        addr=$(basename "$(dirname "$(readlink -f "/sys/class/net/$dev/device")")")
+        echo "$addr" > "/etc/dosd-nic-$1.pci"
+        echo "$addr"
+    else
+        echo "$dev"
+    fi
+    exit 0
+done
+echo "dosd-nic: NIC $1 ($mac) not found (bound to another driver? use --pci first)" >&2
+exit 1
 """
 
 
@@ -470,8 +647,18 @@ def build_initramfs(name, suite, script, kroot, version, bins, rundir):
         INIT.replace("@SUITE@", name)
         .replace("@HUGEPAGES@", str(suite["hugepages"]))
         .replace("@NDISKS@", str(len(suite["disks"])))
+        .replace("@USERNET@", USER_NET_GUEST)
+        .replace("@USERGW@", "10.0.2.2")
     )
-    for path, text in (("init", init), ("bin/dosd-host", DOSD_HOST)):
+    with open(os.path.join(stage, "etc/dosd-nics"), "w") as f:
+        f.write("".join(f"{n['id']} {n['kind']} {n['mac']}\n" for n in suite["nics"]))
+    scripts = (
+        ("init", init),
+        ("bin/dosd-host", DOSD_HOST),
+        ("bin/dosd-host-check", DOSD_HOST_CHECK),
+        ("bin/dosd-nic", DOSD_NIC),
+    )
+    for path, text in scripts:
         with open(os.path.join(stage, path), "w") as f:
             f.write(text)
         os.chmod(os.path.join(stage, path), 0o755)
@@ -600,16 +787,212 @@ def host_qom_set(qmp, args, out):
 
 HOST_ACTIONS = {"device_del": host_device_del, "qom-set": host_qom_set}
 
+# A host check may run this long at most (less when the suite's time runs out first).
+HOST_CHECK_TIMEOUT = 600
+# Its answer is typed again this often until the guest acknowledges it, so many times
+# (the guest reads it at once: a minute without its ACK means it gave up waiting).
+REPLY_RESEND_SECS = 3
+REPLY_TRIES = 20
+
+
+class HostChecks:
+    """The `host-check TOKEN NAME ARGS...` verb: runs `qemu/suites/SUITE.host NAME
+    ARGS...` on the host, in the suite's network namespace (where the tap's host end
+    and the forwarded ports are), with the host's dosp first on PATH; streams its
+    output as `[host-check NAME] `, and when it ends types `DOSD-HOST-DONE TOKEN RC` on
+    the guest's console (QEMU's stdin: the serial port), which `dosd-host-check` in the
+    guest waits for. RC 124: it timed out and was killed."""
+
+    def __init__(self, name, suite, netns, bindir, rundir, stdin, deadline, out):
+        self.script = os.path.join(QEMU_DIR, "suites", f"{name}.host")
+        self.netns = netns
+        self.stdin = stdin
+        self.deadline = deadline
+        self.out = out
+        self.lock = threading.Lock()
+        self.results = []
+        self.procs = set()
+        self.unacked = {}
+        self.closed = False
+        path = os.environ.get("PATH", "/usr/bin:/bin")
+        self.env = dict(
+            os.environ,
+            PATH=f"{bindir}:{path}" if bindir else path,
+            DOSDQ_SUITE=name,
+            DOSDQ_NETNS=netns or "",
+            DOSDQ_WORK=os.path.join(rundir, "host"),
+        )
+        for nic in suite["nics"]:
+            key = "DOSDQ_NIC_" + re.sub(r"[^A-Za-z0-9]", "_", nic["id"]).upper()
+            self.env[f"{key}_MAC"] = nic["mac"]
+            if nic["kind"] == "tap":
+                self.env[f"{key}_TAP"] = nic["tap"]
+                self.env[f"{key}_HOST"] = nic.get("host", "")
+            else:
+                self.env[f"{key}_FWD"] = " ".join(str(p) for p in nic["fwd"])
+
+    def start(self, args):
+        if len(args) < 2 or not re.fullmatch(r"[A-Za-z0-9]+", args[0]):
+            return self.out(f"[host] host-check wants TOKEN NAME [ARG...], got {args}")
+        token, check = args[0], args[1]
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", check):
+            return self.reply(token, 2, f"bad host check name {check!r}")
+        if not os.access(self.script, os.X_OK):
+            return self.reply(token, 2, f"no executable {os.path.relpath(self.script, ROOT)}")
+        threading.Thread(target=self.run, args=(token, check, args[2:]), daemon=True).start()
+
+    def run(self, token, check, args):
+        cmd = [self.script, check] + args
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns] + cmd
+        timeout = max(1, min(HOST_CHECK_TIMEOUT, self.deadline - time.monotonic()))
+        self.out(f"[host] host check {check}: {shlex.join(cmd)} (timeout {timeout:.0f} s)")
+        t0 = time.monotonic()
+        try:
+            os.makedirs(self.env["DOSDQ_WORK"], exist_ok=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.env["DOSDQ_WORK"],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as e:
+            return self.reply(token, 2, f"cannot run host check {check}: {e}")
+        with self.lock:
+            self.procs.add(proc)
+
+        def stream():
+            for raw in proc.stdout:
+                self.out(f"[host-check {check}] {raw.decode('utf-8', 'replace').rstrip()}")
+
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(proc)
+            rc = 124
+            self.out(f"[host] host check {check} timed out after {timeout:.0f} s; killed")
+        reader.join(5)
+        with self.lock:
+            self.procs.discard(proc)
+            self.results.append((check, rc))
+        self.reply(token, rc, f"host check {check}: exit {rc} in {time.monotonic() - t0:.1f} s")
+
+    def reply(self, token, rc, note):
+        """Types the answer on the guest's console, and again every few seconds until
+        the guest acknowledges it (`DOSD-HOST-ACK TOKEN`, see `ack`) or the VM ends: a
+        line on a serial console has no delivery guarantee."""
+        self.out(f"[host] {note}")
+        line = f"DOSD-HOST-DONE {token} {rc}\n".encode()
+        with self.lock:
+            self.unacked[token] = line
+        threading.Thread(target=self._deliver, args=(token, line), daemon=True).start()
+
+    def _deliver(self, token, line):
+        for attempt in range(REPLY_TRIES):
+            with self.lock:
+                if token not in self.unacked or self.closed:
+                    return
+                if attempt:
+                    self.out(f"[host] no DOSD-HOST-ACK {token} yet: typing the answer again")
+                try:
+                    self.stdin.write(line)
+                    self.stdin.flush()
+                except (OSError, ValueError) as e:
+                    self.out(f"[host] cannot tell the guest ({e})")
+                    return
+            time.sleep(REPLY_RESEND_SECS)
+        self.out(f"[host] the guest never acknowledged host check {token}")
+
+    def ack(self, token):
+        with self.lock:
+            self.unacked.pop(token, None)
+
+    @staticmethod
+    def kill(proc):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
+
+    def close(self):
+        """Kills the checks still running (the VM is gone); returns the results."""
+        with self.lock:
+            running = list(self.procs)
+            self.closed = True
+        for proc in running:
+            self.kill(proc)
+        return self.results
+
+
+# ------------------------------------------------------------------- network namespace
+
+NETNS_PREFIX = "dosdq-"
+
+
+def netns_create():
+    """A network namespace of this run, `dosdq-PID`, with lo up; first deletes those
+    left by runs whose harness is gone (killed before it could clean up): no process
+    PID, and no process inside (a harness seen from another PID namespace still has
+    its QEMU there)."""
+    res = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE, text=True)
+    for line in res.stdout.splitlines():
+        ns = line.split()[0] if line.split() else ""
+        pid = ns[len(NETNS_PREFIX):]
+        if not (ns.startswith(NETNS_PREFIX) and pid.isdigit()) or os.path.exists(f"/proc/{pid}"):
+            continue
+        inside = subprocess.run(["ip", "netns", "pids", ns], stdout=subprocess.PIPE, text=True)
+        if inside.returncode == 0 and not inside.stdout.strip():
+            log(f"deleting stale network namespace {ns}")
+            subprocess.run(["ip", "netns", "del", ns])
+    ns = f"{NETNS_PREFIX}{os.getpid()}"
+    subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+    run(["ip", "netns", "add", ns])
+    run(["ip", "-n", ns, "link", "set", "lo", "up"])
+    return ns
+
+
+def netns_delete(ns):
+    subprocess.run(["ip", "netns", "del", ns])
+
+
+def configure_taps(ns, suite, out):
+    """Once QEMU made them: each tap NIC's host end up, addressed, without IPv6 (no
+    neighbour discovery chatter on the segment)."""
+    for nic in suite["nics"]:
+        if nic["kind"] != "tap":
+            continue
+        tap = nic["tap"]
+        deadline = time.monotonic() + 15
+        while subprocess.run(
+            ["ip", "-n", ns, "link", "show", tap], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ).returncode:
+            if time.monotonic() > deadline:
+                raise HarnessError(f"QEMU made no tap {tap} in {ns}")
+            time.sleep(0.1)
+        run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{tap}.disable_ipv6=1"])
+        if nic.get("host"):
+            run(["ip", "-n", ns, "addr", "add", nic["host"], "dev", tap])
+        run(["ip", "-n", ns, "link", "set", tap, "up"])
+        out(f"[host] tap {tap} in {ns}: {nic.get('host', 'no address')}, up")
+
 ANSI_RE = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[()][A-Z0-9]|[A-Za-z])")
 HOST_RE = re.compile(r"(?:^|[^'\"\w])DOSD-HOST: ([a-z_-]+)((?: +[A-Za-z0-9_.:=,/-]+)*) *$")
 EXIT_RE = re.compile(r"(?:^|[^'\"\w])DOSD-SUITE-EXIT (\d+) *$")
+ACK_RE = re.compile(r"(?:^|[^'\"\w])DOSD-HOST-ACK ([A-Za-z0-9]+) *$")
 
 
 # ------------------------------------------------------------------------------ run
 
 
-def qemu_command(suite, vmlinuz, initrd, rundir, qmp_path):
-    cmd = [
+def qemu_command(suite, vmlinuz, initrd, rundir, qmp_path, netns=None):
+    cmd = ["ip", "netns", "exec", netns] if netns else []
+    cmd += [
         "qemu-system-x86_64",
         "-machine", "q35,kernel-irqchip=split",
         "-accel", "tcg",
@@ -636,10 +1019,29 @@ def qemu_command(suite, vmlinuz, initrd, rundir, qmp_path):
             "-drive", f"file={img},if=none,id=drv-{did},format=raw,discard=unmap",
             "-device", f"nvme,id={did},serial={disk['serial']},drive=drv-{did},bus=rp-{did}",
         ]
+    for k, nic in enumerate(suite["nics"], len(suite["disks"]) + 1):
+        nid = nic["id"]
+        if nic["kind"] == "user":
+            # restrict=on: the guest reaches nothing beyond QEMU's own slirp (and the
+            # namespace has no route out anyway); forwarded ports on 127.0.0.1 there.
+            fwd = "".join(f",hostfwd=tcp:127.0.0.1:{p}-{USER_NET_GUEST}:{p}" for p in nic["fwd"])
+            cmd += [
+                "-netdev", f"user,id=net-{nid},restrict=on{fwd}",
+                "-device", f"virtio-net-pci,id={nid},netdev=net-{nid},mac={nic['mac']}",
+            ]
+        else:
+            # Modern-only virtio with VIRTIO_F_ACCESS_PLATFORM, alone behind its own root
+            # port: DPDK's virtio PMD in IOVA-as-VA mode hangs silently without it.
+            cmd += [
+                "-device", f"pcie-root-port,id=rp-{nid},chassis={k},slot={k}",
+                "-netdev", f"tap,id=net-{nid},ifname={nic['tap']},script=no,downscript=no,vhost=off",
+                "-device", f"virtio-net-pci,id={nid},netdev=net-{nid},mac={nic['mac']},bus=rp-{nid},"
+                "iommu_platform=on,disable-legacy=on",
+            ]
     return cmd
 
 
-def boot(name, suite, cmd, rundir, qmp_path, logfile):
+def boot(name, suite, cmd, rundir, qmp_path, logfile, netns=None, bindir=None):
     """Runs QEMU, streams the console; returns (rc or None, reason)."""
     lock = threading.Lock()
 
@@ -651,9 +1053,10 @@ def boot(name, suite, cmd, rundir, qmp_path, logfile):
             logfile.flush()
 
     out(f"[host] {shlex.join(cmd)}")
+    # stdin is the guest's serial console input (host checks' results go there).
     proc = subprocess.Popen(
         cmd,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -661,6 +1064,8 @@ def boot(name, suite, cmd, rundir, qmp_path, logfile):
     rc = None
     reason = None
     panic = None
+    deadline = time.monotonic() + suite["timeout"]
+    checks = HostChecks(name, suite, netns, bindir, rundir, proc.stdin, deadline, out)
     try:
         try:
             qmp = Qmp(qmp_path, out)
@@ -669,11 +1074,12 @@ def boot(name, suite, cmd, rundir, qmp_path, logfile):
                 raise
             qmp = None
             out(f"[host] {e}")
+        if netns and proc.poll() is None:
+            configure_taps(netns, suite, out)
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ, "guest")
         sel.register(proc.stderr, selectors.EVENT_READ, "qemu")
         bufs = {"guest": b"", "qemu": b""}
-        deadline = time.monotonic() + suite["timeout"]
         exit_deadline = None
         open_streams = 2
         while open_streams:
@@ -704,11 +1110,16 @@ def boot(name, suite, cmd, rundir, qmp_path, logfile):
                     if m and rc is None:
                         rc = int(m.group(1))
                         exit_deadline = time.monotonic() + 30
+                    m = ACK_RE.search(line)
+                    if m:
+                        checks.ack(m.group(1))
                     m = HOST_RE.search(line)
                     if m:
                         verb, args = m.group(1), m.group(2).split()
                         action = HOST_ACTIONS.get(verb)
-                        if action is None:
+                        if verb == "host-check":
+                            checks.start(args)
+                        elif action is None:
                             out(f"[host] unknown guest request {verb!r} ignored")
                         elif qmp is None:
                             out(f"[host] no QMP connection: cannot {verb}")
@@ -731,6 +1142,15 @@ def boot(name, suite, cmd, rundir, qmp_path, logfile):
             proc.wait()
         if qmp:
             qmp.close()
+        results = checks.close()
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+    if results:
+        failed = [f"{c} (exit {r})" for c, r in results if r != 0]
+        out(f"[host] host checks: {len(results)} run, {len(failed)} failed{': ' if failed else ''}"
+            + ", ".join(failed))
     return rc, reason
 
 
@@ -751,6 +1171,7 @@ def main(argv):
     t_start = time.monotonic()
     verdict = "FAIL"
     rc = None
+    netns = None
     try:
         if not os.path.isfile(script):
             raise HarnessError(f"no suite {script}")
@@ -774,12 +1195,20 @@ def main(argv):
         size = os.path.getsize(initrd) / (1 << 20)
         log(f"initramfs {os.path.relpath(initrd, ROOT)} ({size:.1f} MiB): {time.monotonic() - t:.1f} s")
 
+        bindir = None
+        if os.path.exists(os.path.join(QEMU_DIR, "suites", f"{name}.host")):
+            t = time.monotonic()
+            bindir = build_host_tools()
+            log(f"host build (dosp for the host checks): {time.monotonic() - t:.1f} s")
+        if suite["nics"]:
+            netns = netns_create()
+            log(f"network namespace {netns} (the NICs' host side)")
         qmp_path = os.path.join(rundir, "qmp.sock")
-        cmd = qemu_command(suite, vmlinuz, initrd, rundir, qmp_path)
+        cmd = qemu_command(suite, vmlinuz, initrd, rundir, qmp_path, netns)
         logpath = os.path.join(TARGET, "qemu", f"{name}.log")
         t = time.monotonic()
         with open(logpath, "w") as logfile:
-            rc, reason = boot(name, suite, cmd, rundir, qmp_path, logfile)
+            rc, reason = boot(name, suite, cmd, rundir, qmp_path, logfile, netns, bindir)
         log(f"VM: {time.monotonic() - t:.1f} s; console log in {os.path.relpath(logpath, ROOT)}")
         if rc is None:
             raise HarnessError(reason)
@@ -788,6 +1217,9 @@ def main(argv):
         log(f"error: {e}")
     except KeyboardInterrupt:
         log("interrupted")
+    finally:
+        if netns:
+            netns_delete(netns)
     secs = time.monotonic() - t_start
     what = f"rc {rc}" if rc is not None else "no exit status"
     print(f"qemu/test {name}: {verdict} ({what}) in {secs:.0f} s", flush=True)

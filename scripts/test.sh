@@ -103,11 +103,13 @@ fi
 
 # The QEMU suites (qemu/README.md): the harness's own smoke check, then the user-space
 # NVMe driver against QEMU's emulated controllers through VFIO, the object store on
-# them and surprise removal. qemu/test installs QEMU, the Debian kernel and busybox
-# itself. DOSD_QEMU=0 skips them (e.g. on a machine without QEMU's needs).
+# them and surprise removal, then dosd --net dpdk on a virtio-net NIC through DPDK's
+# virtio PMD with NVMe disks, driven from the host. qemu/test installs QEMU, the Debian
+# kernel and busybox itself; the suites share one static guest build (with DPDK).
+# DOSD_QEMU=0 skips them (e.g. on a machine without QEMU's needs).
 qemu_summary=""
 if [[ ${DOSD_QEMU:-1} != 0 ]]; then
-    for suite in smoke nvme; do
+    for suite in smoke nvme dpdk; do
         echo "==> qemu/test $suite"
         ./qemu/test "$suite"
         qemu_summary+="qemu/test $suite passed; "

@@ -127,7 +127,7 @@ start_dosd() {
     # Seen from inside: the network backend is DPDK, both disks are NVMe.
     timeout 10 wget -qO /tmp/node.json "http://$MGMT/v1/node" || { echo "no /v1/node"; return 1; }
     grep -q '"network":"dpdk"' /tmp/node.json || { echo "/v1/node does not say dpdk"; cat /tmp/node.json; return 1; }
-    grep -q "DPDK port 0 serving DOSP" /tmp/dosd.log || { echo "no DPDK port in dosd's log"; return 1; }
+    grep -q "dataplane loop serving DOSP on the DPDK port" /tmp/dosd.log || { echo "no DPDK port in dosd's log"; return 1; }
     [ "$(grep -c "NVMe I/O queue pair ready" /tmp/dosd.log)" -ge 2 ] ||
         { echo "not one NVMe queue pair per disk"; dosd_failed; return 1; }
 }

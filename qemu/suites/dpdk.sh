@@ -173,6 +173,53 @@ stop_dosd() {
         { echo "the controllers were not given back to the nvme driver"; return 1; }
 }
 
+# --- The benchmark (only with dosd.bench=1 on the kernel command line:
+# DOSD_QEMU_APPEND=dosd.bench=1 qemu/test dpdk): 4 MiB fetches from the host through
+# dosd --net dpdk on the virtio PMD, then through dosd on the kernel backend on the
+# same NIC given back to virtio-net, the same disks, the same client; dosd's CPU time
+# in the guest over each fetch phase. The host prints the table and the ratios.
+
+# utime + stime of dosd, in clock ticks.
+dosd_ticks() { awk '{ print $14 + $15 }' "/proc/$dosd_pid/stat"; }
+
+bench_dpdk() {
+    start_dosd || return 1
+    t0=$(dosd_ticks)
+    dosd-host-check -t 900 bench dpdk "$NODE_IP:7370" || { dosd_failed; return 1; }
+    dpdk_ticks=$(($(dosd_ticks) - t0))
+    stop_dosd
+}
+
+# The data NIC back to the kernel's virtio-net, with the node's address.
+nic_to_kernel() {
+    echo virtio-pci >"/sys/bus/pci/devices/$bdf/driver_override"
+    echo "$bdf" >"/sys/bus/pci/devices/$bdf/driver/unbind"
+    echo "$bdf" >/sys/bus/pci/drivers_probe
+    wait_for 20 dosd-nic data >/dev/null || { echo "the data NIC did not come back as a netdev"; return 1; }
+    dev=$(dosd-nic data)
+    ip addr add "$NODE_IP/24" dev "$dev" && ip link set "$dev" up || return 1
+    echo "data NIC $bdf on $(driver_of "$bdf") as $dev, $NODE_IP"
+}
+
+bench_kernel() {
+    nic_to_kernel || return 1
+    : >/tmp/dosd.out
+    DOSD_LOG=info dosd --data-dir /tmp/dosd-data --dataplane-cores 1 \
+        --disk nvme:DOSDDPDK0 --disk nvme:DOSDDPDK1 \
+        --listen "$NODE_IP:7370" --multicast-if "$NODE_IP" --mgmt-listen "$MGMT" \
+        >/tmp/dosd.out 2>/tmp/dosd.log &
+    dosd_pid=$!
+    wait_for 120 grep -q '^listening' /tmp/dosd.out || { echo "dosd (kernel) did not start"; dosd_failed; return 1; }
+    t0=$(dosd_ticks)
+    dosd-host-check -t 900 bench kernel "$NODE_IP:7370" || { dosd_failed; return 1; }
+    kernel_ticks=$(($(dosd_ticks) - t0))
+    stop_dosd
+}
+
+bench_report() {
+    dosd-host-check -t 60 report "$dpdk_ticks" "$kernel_ticks" "$(getconf CLK_TCK 2>/dev/null || echo 100)"
+}
+
 run bind-data-nic bind_data_nic
 if [ "$failed" -eq 0 ]; then
     rm -rf /tmp/dosd-data
@@ -184,6 +231,11 @@ if [ "$failed" -eq 0 ]; then
     run host-keep host_keep
     run dosd-restart restart_dosd
     run dosd-stop stop_dosd
+fi
+if [ "$failed" -eq 0 ] && grep -qw dosd.bench=1 /proc/cmdline; then
+    run bench-dpdk bench_dpdk
+    [ "$failed" -eq 0 ] && run bench-kernel bench_kernel
+    [ "$failed" -eq 0 ] && run bench-report bench_report
 fi
 if [ "$failed" -ne 0 ] && [ -n "$dosd_pid" ] && kill -0 "$dosd_pid" 2>/dev/null; then
     kill -9 "$dosd_pid"

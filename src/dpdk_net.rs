@@ -124,8 +124,8 @@ fn serve(
     if ports > 1 {
         tracing::warn!(ports, "DPDK found several ports; DOSP uses port 0");
     }
-    // A pool per loop: no loop takes mbufs from another's (the loops' threads are not
-    // EAL lcores, so a shared pool would have no per-core cache to spare them contention).
+    // A pool per loop: no loop takes mbufs from another's. Loops 1… register their
+    // threads as (non-EAL) lcores, so each pool's per-lcore cache works for its loop.
     let pools = (0..loops)
         .map(|k| {
             Mempool::new(
@@ -180,6 +180,7 @@ fn serve(
         .collect();
     let first = work.remove(0);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let eal = &eal;
     std::thread::scope(|scope| {
         let mut others = Vec::new();
         for (i, (shard, end, pool, arp)) in work.into_iter().enumerate() {
@@ -198,6 +199,11 @@ fn serve(
                             );
                         }
                     }
+                    // An lcore id gives the loop its pool's per-lcore cache.
+                    let _lcore = eal
+                        .register_thread()
+                        .map_err(|e| tracing::warn!(loop_index = k, error = %e, "dataplane loop is no EAL lcore: its mbuf pool has no per-lcore cache"))
+                        .ok();
                     let r = one_loop(port, k, mac, pool, arp, opts, cfg, shard, end, &ready, stop);
                     // A loop that ends ends the node.
                     stop.store(true, Ordering::Relaxed);

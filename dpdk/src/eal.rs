@@ -122,6 +122,33 @@ impl Eal {
         (id != u32::MAX).then_some(id)
     }
 
+    /// Adopts the calling thread as a (non-EAL) lcore (`rte_thread_register`), so that
+    /// it gets an lcore id and with it the per-lcore caches of mempools; the thread
+    /// gives the id back when the guard drops. One guard per thread at a time: a thread
+    /// that already has an id (EAL's own, or an earlier guard's) keeps it.
+    pub fn register_thread(&self) -> Result<Lcore<'_>> {
+        if let Some(id) = self.lcore_id() {
+            return Ok(Lcore {
+                id,
+                registered: false,
+                _eal: std::marker::PhantomData,
+            });
+        }
+        // SAFETY: EAL is initialised (self exists); registers the calling thread only.
+        let rc = unsafe { sys::rte_thread_register() };
+        if rc < 0 {
+            return Err(last_error("rte_thread_register"));
+        }
+        let id = self
+            .lcore_id()
+            .ok_or_else(|| Error::Busy("rte_thread_register gave no lcore id".into()))?;
+        Ok(Lcore {
+            id,
+            registered: true,
+            _eal: std::marker::PhantomData,
+        })
+    }
+
     /// Releases EAL's resources (`rte_eal_cleanup`), reporting a failure; dropping the
     /// guard does the same and ignores it. EAL cannot be initialised again afterwards.
     pub fn cleanup(mut self) -> Result<()> {
@@ -141,6 +168,33 @@ impl Drop for Eal {
             self.cleaned = true;
             // SAFETY: nothing borrows self any more (drop has &mut); runs once.
             unsafe { sys::rte_eal_cleanup() };
+        }
+    }
+}
+
+/// The calling thread's lcore id while it lasts ([`Eal::register_thread`]). Not `Send`:
+/// the registration belongs to the thread that made it.
+#[derive(Debug)]
+pub struct Lcore<'e> {
+    id: u32,
+    registered: bool,
+    /// Borrows EAL (it must outlive the registration) and pins the guard to its thread.
+    _eal: std::marker::PhantomData<(&'e Eal, *const ())>,
+}
+
+impl Lcore<'_> {
+    /// The lcore id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+}
+
+impl Drop for Lcore<'_> {
+    fn drop(&mut self) {
+        if self.registered {
+            // SAFETY: this thread registered itself (the guard is not Send) and EAL is
+            // still initialised (the guard borrows it).
+            unsafe { sys::rte_thread_unregister() };
         }
     }
 }

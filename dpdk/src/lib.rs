@@ -26,7 +26,7 @@ pub mod phy;
 mod port;
 mod sys;
 
-pub use eal::Eal;
+pub use eal::{Eal, Lcore};
 pub use error::{Error, Result};
 pub use mbuf::{Burst, Drain, Mbuf, Mempool, BURST_MAX};
 #[cfg(feature = "dpdk")]

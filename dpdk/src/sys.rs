@@ -143,6 +143,8 @@ c_functions! {
     // EAL (rte_eal.h, rte_errno.h)
     fn rte_eal_init(argc: c_int, argv: *mut *mut c_char) -> c_int;
     fn rte_eal_cleanup() -> c_int;
+    fn rte_thread_register() -> c_int;
+    fn rte_thread_unregister();
     fn rte_strerror(errnum: c_int) -> *const c_char;
 
     // Mempools (rte_mbuf.h)

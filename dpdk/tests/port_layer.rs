@@ -51,6 +51,25 @@ fn port_layer_on_net_ring_and_net_null() {
         Error::AlreadyInitialised
     );
     assert_eq!(eal.port_count(), 2);
+    // A thread EAL did not make has no lcore id until it registers; the id goes back
+    // when the guard drops. EAL's own thread keeps its id.
+    assert_eq!(
+        eal.register_thread().expect("main lcore").id(),
+        eal.lcore_id().unwrap()
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert_eq!(eal.lcore_id(), None);
+            let lcore = eal.register_thread().expect("rte_thread_register");
+            assert_eq!(eal.lcore_id(), Some(lcore.id()));
+            assert_ne!(Some(lcore.id()), {
+                let main = s.spawn(|| eal.lcore_id());
+                main.join().unwrap()
+            });
+            drop(lcore);
+            assert_eq!(eal.lcore_id(), None, "unregistered on drop");
+        });
+    });
 
     let pool =
         Mempool::new(&eal, "test_pool", 1023, 0, Mempool::DEFAULT_DATA_ROOM).expect("mempool");

@@ -1,8 +1,10 @@
 //! The operator's status page (`GET /` on the management endpoint) rendered by a real
 //! browser: Debian's `chromium`, headless, against a real `dosd` with two file disks
 //! and objects being stored while the page polls. Asserts on the DOM the page's script
-//! built (node id, both disks online, the health status, plots with data points), on
-//! the "connection lost" state when the API does not answer, and leaves screenshots in
+//! built (node id, both disks online, the health status, plots with data points; then
+//! a disk taken offline and the node degraded with the reason), on the "connection
+//! lost" state when the API does not answer, on a console free of Content-Security-
+//! Policy violations and script errors, and leaves screenshots in
 //! `target/status-page.png` (1280×900) and `target/status-page-narrow.png` (390×844).
 //!
 //! Skipped, saying SKIPPED, when there is no `chromium` (scripts/test.sh installs it);
@@ -19,6 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+
+const TOKEN: &str = "status-page-test-token";
 
 /// Longest a chromium run may take: its start-up alone can take 10 s and more on a
 /// loaded 2-core machine.
@@ -63,6 +67,9 @@ fn run_chromium(chrome: &Path, profile: &Path, url: &str, mode: &[&str]) -> Outp
             "--no-first-run",
             "--disable-extensions",
             "--disable-background-networking",
+            // The page's console on stderr: CSP violations and script errors show.
+            "--enable-logging=stderr",
+            "--v=0",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(format!("--virtual-time-budget={VIRTUAL_TIME_MS}"))
@@ -115,6 +122,16 @@ fn run_chromium(chrome: &Path, profile: &Path, url: &str, mode: &[&str]) -> Outp
         String::from_utf8_lossy(&output.stderr)
     );
     output
+}
+
+/// Console lines of a chromium run that mean the page broke: a Content-Security-Policy
+/// violation (something the policy blocked) or an uncaught script error.
+fn page_faults(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.contains("Content Security Policy") || l.contains("Uncaught"))
+        .map(str::to_string)
+        .collect()
 }
 
 /// The start tag of the element with `id="id"` and its text (up to the next tag).
@@ -198,7 +215,11 @@ fn status_page_renders_in_headless_chromium() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("data"), &unique_group(), &[]);
+    let node = Node::start(
+        &dir.path().join("data"),
+        &unique_group(),
+        &["--mgmt-token", TOKEN],
+    );
     let mut client = node.client();
     let objects: Vec<_> = (0..8)
         .map(|seed| {
@@ -212,6 +233,7 @@ fn status_page_renders_in_headless_chromium() {
     let profile = dir.path().join("chromium-profile");
 
     let out = run_chromium(&chrome, &profile, &url, &["--dump-dom"]);
+    assert_eq!(page_faults(&out), Vec::<String>::new());
     let dom = String::from_utf8(out.stdout).expect("UTF-8 DOM");
 
     // The script ran and its polls succeeded.
@@ -274,7 +296,7 @@ fn status_page_renders_in_headless_chromium() {
     for (name, size) in shots {
         let path = target_dir().join(name);
         let _ = std::fs::remove_file(&path);
-        run_chromium(
+        let out = run_chromium(
             &chrome,
             &profile,
             &url,
@@ -284,6 +306,7 @@ fn status_page_renders_in_headless_chromium() {
                 "--hide-scrollbars",
             ],
         );
+        assert_eq!(page_faults(&out), Vec::<String>::new());
         let png = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
         say(&format!(
@@ -296,6 +319,34 @@ fn status_page_renders_in_headless_chromium() {
     say(&format!(
         "{ops} DOSP operations ran while the page was polled"
     ));
+
+    // An operator takes disk 1 out of service: the page shows it offline and the
+    // node degraded, with the reason.
+    let auth = format!("Bearer {TOKEN}");
+    let (head, body) = http(
+        node.mgmt,
+        "POST",
+        "/v1/disks/1/offline",
+        &[("Authorization", &auth)],
+    );
+    assert!(
+        head.starts_with("HTTP/1.1 200 "),
+        "{head}\n{}",
+        String::from_utf8_lossy(&body)
+    );
+    let out = run_chromium(&chrome, &profile, &url, &["--dump-dom"]);
+    assert_eq!(page_faults(&out), Vec::<String>::new());
+    let dom = String::from_utf8(out.stdout).expect("UTF-8 DOM");
+    let disks = tags(&dom, "<article class=\"disk\"");
+    assert_eq!(attr(disks[0], "data-state"), Some("online"), "{dom}");
+    assert_eq!(attr(disks[1], "data-state"), Some("offline"), "{dom}");
+    assert!(dom.contains("<span class=\"badge state\" data-value=\"offline\">offline</span>"));
+    let (_, status) = element(&dom, "health-status");
+    assert_eq!(status, "degraded");
+    assert!(
+        dom.contains("<li data-kind=\"disk_offline\"><span class=\"badge\" data-value=\"degraded\">degraded</span> <span class=\"mono\">disk_offline</span> (disk 1): "),
+        "{dom}"
+    );
 }
 
 /// Serves the node's page at `/` and nothing else: every API request's connection is
@@ -333,15 +384,18 @@ fn page_without_api(page: Vec<u8>, csp: String, stop: Arc<AtomicBool>) -> Socket
     addr
 }
 
-/// `GET path` from the node: (head, body).
-fn http_get(addr: SocketAddr, path: &str) -> (String, Vec<u8>) {
+/// One HTTP/1.1 exchange without a request body: (head, body).
+fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (String, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 0\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
@@ -359,7 +413,7 @@ fn status_page_shows_connection_lost_when_the_api_does_not_answer() {
     };
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(&dir.path().join("data"), &unique_group(), &[]);
-    let (head, page) = http_get(node.mgmt, "/");
+    let (head, page) = http(node.mgmt, "GET", "/", &[]);
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
     let csp = head
         .lines()
@@ -379,6 +433,7 @@ fn status_page_shows_connection_lost_when_the_api_does_not_answer() {
         &["--dump-dom"],
     );
     stop.store(true, Ordering::Relaxed);
+    assert_eq!(page_faults(&out), Vec::<String>::new());
     let dom = String::from_utf8(out.stdout).expect("UTF-8 DOM");
     // Visible, not a blank page: the banner says so and the skeleton is still there.
     let (conn, text) = element(&dom, "conn");

@@ -184,7 +184,9 @@ fn load(
     node: &Node,
     objects: Vec<(dosp::Fingerprint, Vec<u8>)>,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<u64> {
+) -> std::thread::JoinHandle<Result<u64, String>> {
+    // Errors are returned, not panicked on: if the test fails first and kills the
+    // node, this thread's failure would only be noise after the real one.
     let mut client = node.client();
     std::thread::spawn(move || {
         let mut ops = 0u64;
@@ -196,15 +198,17 @@ fn load(
             let mut out = Vec::new();
             client
                 .retrieve(fp, &mut out, &mut |_, _| {})
-                .expect("retrieve under load");
-            assert_eq!(&out, bytes);
+                .map_err(|e| format!("retrieve under load: {e}"))?;
+            if &out != bytes {
+                return Err(format!("object {fp} came back different"));
+            }
             client
                 .store_bytes(&data(1000 + i, 8192))
-                .expect("store under load");
+                .map_err(|e| format!("store under load: {e}"))?;
             ops += 2;
             std::thread::sleep(Duration::from_millis(5));
         }
-        ops
+        Ok(ops)
     })
 }
 
@@ -315,7 +319,7 @@ fn status_page_renders_in_headless_chromium() {
         ));
     }
     stop.store(true, Ordering::Relaxed);
-    let ops = loader.join().expect("load thread");
+    let ops = loader.join().expect("load thread").unwrap();
     say(&format!(
         "{ops} DOSP operations ran while the page was polled"
     ));

@@ -10,6 +10,9 @@ command -v md5sum >/dev/null || need_apt+=(coreutils)
 command -v cc >/dev/null || need_apt+=(gcc)
 # For the schemathesis run (from PyPI, into a venv under target/).
 python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
+# Debian's headless-capable browser for tests/status_page.rs (the status page at `/`
+# rendered, its DOM asserted, screenshots in target/status-page*.png).
+command -v chromium >/dev/null || need_apt+=(chromium)
 # DPDK 22.11 for the dpdk crate's `dpdk` feature (its static archives and headers).
 command -v pkg-config >/dev/null && pkg-config --exists libdpdk ||
     need_apt+=(dpdk dpdk-dev libdpdk-dev pkg-config)

@@ -306,6 +306,8 @@ impl Modify for BearerAuth {
 /// The router, with JSON errors for everything that fails.
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        // The operator's status page: HTML, not API (not in the OpenAPI document).
+        .route("/", get(crate::status::page))
         .route("/v1/node", get(node))
         .route("/v1/disks", get(disks))
         .route("/v1/disks/{id}", get(disk))

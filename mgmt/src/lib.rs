@@ -2,7 +2,7 @@
 //!
 //! It runs on its own thread (unpinned: the dataplane loops take cores 1, 2, …; see
 //! ARCHITECTURE.md) with a tokio current-thread runtime serving a REST API with axum (see [`api`] for the endpoints, `/openapi.json` for the
-//! document). It reads only what the dataplane publishes through the
+//! document) and an operator's status page at `/` ([`status`]). It reads only what the dataplane publishes through the
 //! [`DataplaneHandle`] — atomic counters, loop beats and disk reports — and changes
 //! disk state by sending the dataplane a bounded command. It owns the node's state
 //! ([`dataplane::node::NodeState`]): it publishes it at start and whenever the health
@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod status;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;

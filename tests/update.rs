@@ -242,6 +242,33 @@ fn boot_is_marked_good_and_an_update_goes_into_the_other_slot() {
         "a refused update left something behind"
     );
 
+    // A client that goes away mid-body: the partial file is removed.
+    {
+        let mut s = TcpStream::connect(node.mgmt).unwrap();
+        let head = format!(
+            "POST /v1/update HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {TOKEN}\r\n\
+             X-Update-Sha256: {sha}\r\nContent-Length: {}\r\n\r\n",
+            image.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&image[..200_000]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !linux.join("dosd-b.part").exists() {
+            assert!(Instant::now() < deadline, "no temp file\n{}", node.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while listing(&linux) != before {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}\n{}",
+            listing(&linux),
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // The real thing: the other slot gets the image with 3 tries; its old file goes.
     let (status, r) = update(&node, "", Some(TOKEN), Some(&sha.to_uppercase()), &image);
     assert_eq!(status, 200, "{r}");

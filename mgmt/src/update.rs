@@ -379,6 +379,20 @@ impl Boot {
         if !dir.is_dir() {
             return Err(format!("{} is not a directory", dir.display()));
         }
+        // What an update cut short by a crash left (never booted: not `*.efi`).
+        for slot in [Slot::A, Slot::B] {
+            let stale = temp_path(&dir, slot);
+            if stale.exists() {
+                match std::fs::remove_file(&stale) {
+                    Ok(()) => {
+                        tracing::warn!(file = %stale.display(), "removed an unfinished update")
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %stale.display(), error = %e, "cannot remove an unfinished update")
+                    }
+                }
+            }
+        }
         let files = slot_files(&dir, cfg.slot)
             .map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
         let counted: Vec<_> = files.iter().filter(|(_, e)| e.counter.is_some()).collect();
@@ -523,6 +537,21 @@ fn parse_sha256(headers: &HeaderMap) -> Result<[u8; 32], ApiError> {
     Ok(out)
 }
 
+/// Removes the update's temp file when dropped (after a commit it is gone already).
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        match std::fs::remove_file(&self.0) {
+            Ok(()) => tracing::info!(file = %self.0.display(), "removed an update's temp file"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %self.0.display(), error = %e, "cannot remove an update's temp file")
+            }
+        }
+    }
+}
+
 /// The temp file being written and the hash of what went into it.
 struct Sink {
     file: std::fs::File,
@@ -611,22 +640,16 @@ pub(crate) async fn update_post(
         return Err(ApiError::Conflict("another update is running".into()));
     };
     let slot = boot.cfg.slot.other();
-    let temp = temp_path(&boot.dir, slot);
-    let result = receive(slot, &temp, body, expected).await;
-    let (bytes, sha256) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_file(&temp);
-            return Err(e);
-        }
-    };
+    let temp = TempFile(temp_path(&boot.dir, slot));
+    // On any refusal or failure, and when the client goes away mid-body (the request's
+    // future is dropped), `temp` removes what was written.
+    let (bytes, sha256) = receive(slot, &temp.0, body, expected).await?;
     let dir = boot.dir.clone();
-    let t = temp.clone();
+    let t = temp.0.clone();
     let committed = tokio::task::spawn_blocking(move || commit(&dir, slot, &t))
         .await
         .map_err(|_| ApiError::Internal("the commit task failed".into()))?;
     let (name, removed) = committed.map_err(|e| {
-        let _ = std::fs::remove_file(&temp);
         ApiError::Internal(format!("cannot install the image into slot {slot}: {e}"))
     })?;
     tracing::info!(%slot, file = %name, bytes, %sha256, ?removed, reboot, "update installed");
@@ -915,7 +938,12 @@ mod tests {
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("dosd-a+1-2.efi"), b"A").unwrap();
         std::fs::write(d.join("dosd-b.efi"), b"B").unwrap();
+        std::fs::write(d.join("dosd-b.part"), b"half an update").unwrap();
         let a = Boot::open(cfg(Slot::A)).unwrap().view();
+        assert!(
+            !d.join("dosd-b.part").exists(),
+            "an unfinished update is removed"
+        );
         assert_eq!(a.booted_file.as_deref(), Some("dosd-a+1-2.efi"));
         assert_eq!(a.tries_left, Some(1));
         assert!(!a.marked_good);

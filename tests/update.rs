@@ -86,8 +86,13 @@ fn update(
 }
 
 /// A small image that passes for a UKI: "MZ", the PE signature at the offset 0x3c
-/// gives, a COFF header and a section table with `.osrel` and `.linux`, then filler.
-fn fake_uki(seed: u8, filler: u32) -> Vec<u8> {
+/// gives, a COFF header and a section table with `.osrel` (holding `IMAGE_VERSION`
+/// when given) and `.linux`, then `filler` bytes.
+fn fake_uki(seed: u8, filler: u32, version: Option<&str>) -> Vec<u8> {
+    let osrel = match version {
+        Some(v) => format!("ID=dosd\nIMAGE_ID=dosd\nIMAGE_VERSION={v}\n"),
+        None => "ID=dosd\n".to_string(),
+    };
     let mut f = vec![0u8; 0x80];
     f[..2].copy_from_slice(b"MZ");
     f[0x3c..0x40].copy_from_slice(&0x80u32.to_le_bytes());
@@ -98,11 +103,20 @@ fn fake_uki(seed: u8, filler: u32) -> Vec<u8> {
     coff[16..18].copy_from_slice(&0xf0u16.to_le_bytes()); // optional header size
     f.extend_from_slice(&coff);
     f.extend_from_slice(&[0u8; 0xf0]);
+    // .osrel's content goes right after the table (0x80 + 24 + 0xf0 + 2 * 40).
+    let osrel_at = 0x80u32 + 24 + 0xf0 + 80;
     for name in [&b".osrel"[..], b".linux"] {
         let mut s = [0u8; 40];
         s[..name.len()].copy_from_slice(name);
+        if name == b".osrel" {
+            s[8..12].copy_from_slice(&(osrel.len() as u32).to_le_bytes());
+            s[16..20].copy_from_slice(&(osrel.len() as u32).to_le_bytes());
+            s[20..24].copy_from_slice(&osrel_at.to_le_bytes());
+        }
         f.extend_from_slice(&s);
     }
+    assert_eq!(f.len() as u32, osrel_at);
+    f.extend_from_slice(osrel.as_bytes());
     f.extend((0..filler).map(|i: u32| (i as u8) ^ seed));
     f
 }
@@ -186,10 +200,10 @@ fn boot_is_marked_good_and_an_update_goes_into_the_other_slot() {
     assert!(node.log().contains("boot marked good"), "{}", node.log());
 
     // Past one write chunk (1 MiB), so the body is streamed in several pieces.
-    let image = fake_uki(7, (1 << 20) + 12345);
+    let image = fake_uki(7, (1 << 20) + 12345, None);
     // For refusals before the body is read: small, so the client is never cut off
     // mid-write.
-    let small = fake_uki(7, 100);
+    let small = fake_uki(7, 100, None);
     let sha = sha256(tmp.path(), &image);
     let before = listing(&linux);
 
@@ -279,6 +293,7 @@ fn boot_is_marked_good_and_an_update_goes_into_the_other_slot() {
     assert_eq!(r["tries"], 3, "{r}");
     assert_eq!(r["removed"], serde_json::json!(["dosd-b.efi"]), "{r}");
     assert_eq!(r["rebooting"], false, "{r}");
+    assert_eq!(r["image_version"], Value::Null, "{r}");
     assert_eq!(listing(&linux), ["dosd-a.efi", "dosd-b+3-0.efi"]);
     assert_eq!(std::fs::read(linux.join("dosd-b+3-0.efi")).unwrap(), image);
     assert_eq!(
@@ -288,7 +303,7 @@ fn boot_is_marked_good_and_an_update_goes_into_the_other_slot() {
     assert!(!reboot_mark.exists());
 
     // Again with a reboot: the configured command runs after the answer.
-    let image2 = fake_uki(9, 3000);
+    let image2 = fake_uki(9, 3000, None);
     let sha2 = sha256(tmp.path(), &image2);
     let (status, r) = update(&node, "?reboot=true", Some(TOKEN), Some(&sha2), &image2);
     assert_eq!(status, 200, "{r}");
@@ -314,7 +329,7 @@ fn boot_is_marked_good_and_an_update_goes_into_the_other_slot() {
 #[test]
 fn updates_are_refused_without_an_esp_or_a_good_running_slot() {
     let tmp = tempfile::tempdir().unwrap();
-    let image = fake_uki(1, 100);
+    let image = fake_uki(1, 100, None);
     let sha = sha256(tmp.path(), &image);
 
     // Not the appliance: no --boot-esp.
@@ -363,4 +378,53 @@ fn updates_are_refused_without_an_esp_or_a_good_running_slot() {
     let (status, e) = update(&node, "?reboot=true", Some(TOKEN), Some(&sha), &image);
     assert_eq!(status, 409, "{e}");
     assert_eq!(listing(&linux), ["dosd-a.efi"]);
+}
+
+#[test]
+fn an_image_must_be_newer_than_the_running_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let esp = tmp.path().join("esp");
+    let linux = esp.join("EFI/Linux");
+    std::fs::create_dir_all(&linux).unwrap();
+    std::fs::write(linux.join("dosd-b.efi"), fake_uki(2, 100, Some("1.10"))).unwrap();
+    let node = Node::start(
+        &tmp.path().join("data"),
+        &unique_group(),
+        &[
+            "--mgmt-token",
+            TOKEN,
+            "--boot-esp",
+            esp.to_str().unwrap(),
+            "--boot-slot",
+            "b",
+        ],
+    );
+    wait_marked_good(&node);
+    for old in ["1.10", "1.9", "1"] {
+        let image = fake_uki(3, 100, Some(old));
+        let (status, e) = update(
+            &node,
+            "",
+            Some(TOKEN),
+            Some(&sha256(tmp.path(), &image)),
+            &image,
+        );
+        assert_eq!(status, 409, "{old}: {e}");
+        assert!(
+            e["error"].as_str().unwrap().contains("IMAGE_VERSION"),
+            "{e}"
+        );
+        assert_eq!(listing(&linux), ["dosd-b.efi"], "{old}");
+    }
+    let image = fake_uki(3, 100, Some("1.11"));
+    let (status, r) = update(
+        &node,
+        "",
+        Some(TOKEN),
+        Some(&sha256(tmp.path(), &image)),
+        &image,
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["image_version"], "1.11", "{r}");
+    assert_eq!(listing(&linux), ["dosd-a+3-0.efi", "dosd-b.efi"]);
 }

@@ -18,8 +18,11 @@
 //!
 //! 1. the body streams into `EFI/Linux/dosd-<other>.part` (not `*.efi`: systemd-boot
 //!    ignores it), hashed on the way; the file is fsynced;
-//! 2. its SHA-256 is checked against the caller's, and it must look like a UKI (a PE
-//!    image with a `.linux` section); otherwise it is removed and nothing else changes;
+//! 2. its SHA-256 is checked against the caller's, it must look like a UKI (a PE
+//!    image with a `.linux` section), and its `.osrel` `IMAGE_VERSION`, when both it and
+//!    the running slot's have one, must be newer (systemd-boot boots the highest first,
+//!    so an older one would never be tried); otherwise it is removed and nothing else
+//!    changes;
 //! 3. it is renamed to `dosd-<other>+3-0.efi` and the directory is fsynced: only a
 //!    complete, checked file ever carries an `.efi` name;
 //! 4. only then are the other slot's older files removed (and the directory fsynced
@@ -201,38 +204,144 @@ impl Entry {
     }
 }
 
-/// Checks that `head`, the start of a file, looks like a Unified Kernel Image: a PE
-/// image ("MZ", the PE signature where offset 0x3c points) whose section table, within
-/// `head`, has a `.linux` section.
-pub fn check_uki(head: &[u8]) -> Result<(), String> {
+/// One entry of a PE section table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Section {
+    pub name: [u8; 8],
+    /// Bytes of content (the raw data may be padded beyond it).
+    pub size: u32,
+    /// Where its raw data starts in the file.
+    pub offset: u32,
+}
+
+/// The section table of a PE image whose headers lie within `head` (the start of the
+/// file): "MZ", the PE signature where offset 0x3c points, the COFF header, the table.
+pub fn pe_sections(head: &[u8]) -> Result<Vec<Section>, String> {
     let u16_at = |at: usize| -> Option<usize> {
         head.get(at..at + 2)
             .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])))
     };
+    let u32_at = |at: usize| -> Option<u32> {
+        head.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
     if head.get(..2) != Some(b"MZ") {
         return Err("not a PE image: it does not start with \"MZ\"".into());
     }
-    let pe = head
-        .get(0x3c..0x40)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    let pe = u32_at(0x3c)
         .and_then(|o| usize::try_from(o).ok())
         .ok_or("not a PE image: too short for a DOS header")?;
     if head.get(pe..pe.saturating_add(4)) != Some(b"PE\0\0") {
         return Err("not a PE image: no PE signature where offset 0x3c points".into());
     }
-    let sections = u16_at(pe + 6).ok_or("not a PE image: truncated COFF header")?;
+    let count = u16_at(pe + 6).ok_or("not a PE image: truncated COFF header")?;
     let optional = u16_at(pe + 20).ok_or("not a PE image: truncated COFF header")?;
     let table = pe + 24 + optional;
-    for i in 0..sections {
+    let mut sections = Vec::with_capacity(count);
+    for i in 0..count {
         let at = table + i * 40;
-        let name = head.get(at..at + 8).ok_or_else(|| {
-            format!("the PE section table does not fit the first {HEAD_MAX} bytes")
-        })?;
-        if name == b".linux\0\0" {
-            return Ok(());
+        let outside = || format!("the PE section table does not fit the first {HEAD_MAX} bytes");
+        let name: [u8; 8] = head
+            .get(at..at + 8)
+            .and_then(|n| n.try_into().ok())
+            .ok_or_else(outside)?;
+        let virtual_size = u32_at(at + 8).ok_or_else(outside)?;
+        let raw_size = u32_at(at + 16).ok_or_else(outside)?;
+        let offset = u32_at(at + 20).ok_or_else(outside)?;
+        let size = if virtual_size == 0 {
+            raw_size
+        } else {
+            virtual_size.min(raw_size)
+        };
+        sections.push(Section { name, size, offset });
+    }
+    Ok(sections)
+}
+
+/// Checks that `head`, the start of a file, looks like a Unified Kernel Image: a PE
+/// image (see [`pe_sections`]) with a `.linux` section.
+pub fn check_uki(head: &[u8]) -> Result<(), String> {
+    if pe_sections(head)?.iter().any(|s| &s.name == b".linux\0\0") {
+        Ok(())
+    } else {
+        Err("a PE image without a .linux section: not a Unified Kernel Image".into())
+    }
+}
+
+/// `IMAGE_VERSION=` of an os-release text (quotes removed), if any.
+pub fn osrel_image_version(osrel: &str) -> Option<String> {
+    osrel.lines().find_map(|l| {
+        let v = l.trim().strip_prefix("IMAGE_VERSION=")?;
+        let v = v.trim_matches(|c| c == '"' || c == '\'');
+        (!v.is_empty()).then(|| v.to_string())
+    })
+}
+
+/// The `IMAGE_VERSION` in a UKI's `.osrel` section (what systemd-boot orders entries
+/// by), or `None` if the file is not a UKI or has none. Blocking.
+pub fn image_version(path: &Path) -> io::Result<Option<String>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let mut head = Vec::new();
+    (&mut f).take(HEAD_MAX as u64).read_to_end(&mut head)?;
+    let Ok(sections) = pe_sections(&head) else {
+        return Ok(None);
+    };
+    let Some(osrel) = sections.iter().find(|s| &s.name == b".osrel\0\0") else {
+        return Ok(None);
+    };
+    f.seek(SeekFrom::Start(u64::from(osrel.offset)))?;
+    let mut text = Vec::new();
+    f.take(u64::from(osrel.size).min(HEAD_MAX as u64))
+        .read_to_end(&mut text)?;
+    Ok(osrel_image_version(&String::from_utf8_lossy(&text)))
+}
+
+/// Compares versions roughly as systemd-boot does: runs of digits numerically, runs
+/// of letters as text, other characters only separate; a version that runs out first
+/// is the older.
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    fn runs(v: &str) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut start: Option<usize> = None;
+        let bytes = v.as_bytes();
+        for i in 0..=bytes.len() {
+            let kind = bytes.get(i).map(|c| {
+                if c.is_ascii_digit() {
+                    1
+                } else if c.is_ascii_alphabetic() {
+                    2
+                } else {
+                    0
+                }
+            });
+            if let Some(s) = start {
+                let prev = if bytes[s].is_ascii_digit() { 1 } else { 2 };
+                if kind != Some(prev) {
+                    out.push(&v[s..i]);
+                    start = None;
+                }
+            }
+            if start.is_none() && matches!(kind, Some(1 | 2)) {
+                start = Some(i);
+            }
+        }
+        out
+    }
+    let (ra, rb) = (runs(a), runs(b));
+    for (x, y) in ra.iter().zip(&rb) {
+        let numeric = x.as_bytes()[0].is_ascii_digit() && y.as_bytes()[0].is_ascii_digit();
+        let o = if numeric {
+            let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+            x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+        } else {
+            x.cmp(y)
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
         }
     }
-    Err("a PE image without a .linux section: not a Unified Kernel Image".into())
+    ra.len().cmp(&rb.len())
 }
 
 /// Our files in `dir` for `slot`, by name.
@@ -502,6 +611,11 @@ pub struct UpdateView {
     pub bytes: u64,
     /// Boots systemd-boot tries the new slot before it falls back to the running one.
     pub tries: u32,
+    /// `IMAGE_VERSION` from the image's `.osrel` section, or null if it has none.
+    /// It must be newer than the running slot's (409 otherwise): systemd-boot boots
+    /// the highest version first.
+    #[schema(required = true)]
+    pub image_version: Option<String>,
     /// Older files of that slot removed.
     pub removed: Vec<String>,
     /// Whether the node reboots now (`?reboot=true`).
@@ -591,7 +705,7 @@ async fn write_out(mut sink: Sink, mut buf: Vec<u8>) -> io::Result<(Sink, Vec<u8
         (status = 400, description = "Missing or bad X-Update-Sha256, a body that does not match it, not a UKI, or a body cut short", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 403, description = "No token configured: mutations disabled", body = ErrorBody),
-        (status = 409, description = "Updates are not possible now: no --boot-esp configured, the running slot is not marked good yet, another update is running, or reboot asked without --reboot-command", body = ErrorBody),
+        (status = 409, description = "Updates are not possible now: no --boot-esp configured, the running slot is not marked good yet, another update is running, reboot asked without --reboot-command, or the image's IMAGE_VERSION is not newer than the running slot's", body = ErrorBody),
         (status = 413, description = "The body is over 256 MiB", body = ErrorBody),
         (status = 500, description = "Writing to the ESP failed", body = ErrorBody),
     )
@@ -644,6 +758,31 @@ pub(crate) async fn update_post(
     // On any refusal or failure, and when the client goes away mid-body (the request's
     // future is dropped), `temp` removes what was written.
     let (bytes, sha256) = receive(slot, &temp.0, body, expected).await?;
+    // systemd-boot boots the highest IMAGE_VERSION first: an image that is not newer
+    // than the running one would never be tried.
+    let (new_version, running_version) = {
+        let dir = boot.dir.clone();
+        let running = boot.cfg.slot;
+        let t = temp.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let new = image_version(&t).ok().flatten();
+            let old = slot_files(&dir, running)
+                .ok()
+                .and_then(|f| f.into_iter().next())
+                .and_then(|(n, _)| image_version(&dir.join(n)).ok().flatten());
+            (new, old)
+        })
+        .await
+        .map_err(|_| ApiError::Internal("the version check failed".into()))?
+    };
+    if let (Some(new), Some(old)) = (&new_version, &running_version) {
+        if compare_versions(new, old) != std::cmp::Ordering::Greater {
+            return Err(ApiError::Conflict(format!(
+                "the image's IMAGE_VERSION {new:?} is not newer than the running slot's \
+                 {old:?}: systemd-boot would keep booting the running slot; nothing was installed"
+            )));
+        }
+    }
     let dir = boot.dir.clone();
     let t = temp.0.clone();
     let committed = tokio::task::spawn_blocking(move || commit(&dir, slot, &t))
@@ -676,6 +815,7 @@ pub(crate) async fn update_post(
         sha256,
         bytes,
         tries: TRIES,
+        image_version: new_version,
         removed,
         rebooting: reboot,
     }))
@@ -839,6 +979,51 @@ mod tests {
         assert_eq!(slot_from_cmdline("console=ttyS0 slot=a"), None);
         assert_eq!(slot_from_cmdline("dosd.slot=c"), None);
         assert_eq!(Slot::A.other(), Slot::B);
+    }
+
+    #[test]
+    fn versions_compare_like_systemd_boot() {
+        use std::cmp::Ordering::*;
+        for (a, b, o) in [
+            ("2", "1", Greater),
+            ("10", "9", Greater),
+            ("1.10", "1.9", Greater),
+            ("1.2", "1.2", Equal),
+            ("1.2.1", "1.2", Greater),
+            ("2026.11.30-2", "2026.11.30-1", Greater),
+            ("007", "7", Equal),
+            ("1b", "1a", Greater),
+        ] {
+            assert_eq!(compare_versions(a, b), o, "{a} vs {b}");
+            assert_eq!(compare_versions(b, a), o.reverse(), "{b} vs {a}");
+        }
+        assert_eq!(
+            osrel_image_version("NAME=dosd\nIMAGE_ID=dosd\nIMAGE_VERSION=\"3\"\n"),
+            Some("3".into())
+        );
+        assert_eq!(osrel_image_version("ID=dosd\n"), None);
+    }
+
+    #[test]
+    fn image_version_from_the_osrel_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pe = fake_pe(&[b".osrel", b".linux"]);
+        let text = b"ID=dosd\nIMAGE_VERSION=7\n";
+        let at = pe.len() as u32;
+        // The .osrel header: size and file offset of its content.
+        let sec = 0x80 + 24 + 0xf0;
+        pe[sec + 8..sec + 12].copy_from_slice(&(text.len() as u32).to_le_bytes());
+        pe[sec + 16..sec + 20].copy_from_slice(&512u32.to_le_bytes());
+        pe[sec + 20..sec + 24].copy_from_slice(&at.to_le_bytes());
+        pe.extend_from_slice(text);
+        pe.extend_from_slice(&[0; 512]);
+        let p = dir.path().join("x.efi");
+        std::fs::write(&p, &pe).unwrap();
+        assert_eq!(image_version(&p).unwrap(), Some("7".into()));
+        std::fs::write(&p, fake_pe(&[b".linux"])).unwrap();
+        assert_eq!(image_version(&p).unwrap(), None);
+        std::fs::write(&p, b"not a PE").unwrap();
+        assert_eq!(image_version(&p).unwrap(), None);
     }
 
     #[test]

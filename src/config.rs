@@ -154,6 +154,19 @@ pub struct Flags {
     /// With --net dpdk: the default route's next hop on the DPDK port (optional)
     #[arg(long, value_name = "ADDR")]
     pub dpdk_gateway: Option<Ipv4Addr>,
+    /// The appliance's EFI System Partition, mounted read-write by its init: enables
+    /// POST /v1/update (A/B slots in EFI/Linux) and marking a boot good; without it
+    /// updates are disabled
+    #[arg(long, value_name = "DIR")]
+    pub boot_esp: Option<PathBuf>,
+    /// With --boot-esp: the slot this boot runs from, a or b [default: dosd.slot= on
+    /// the kernel command line, /proc/cmdline]
+    #[arg(long, value_name = "a|b")]
+    pub boot_slot: Option<String>,
+    /// With --boot-esp: the command that reboots the machine, split on whitespace
+    /// (e.g. "reboot"), run for POST /v1/update?reboot=true
+    #[arg(long, value_name = "COMMAND")]
+    pub reboot_command: Option<String>,
 
     // Test-only flags, hidden from --help and absent from the config file on purpose: a
     // production node must never carry them. dosd warns loudly at start-up when one is
@@ -206,6 +219,9 @@ pub struct FileConfig {
     pub dpdk_args: Option<String>,
     pub dpdk_ip: Option<String>,
     pub dpdk_gateway: Option<Ipv4Addr>,
+    pub boot_esp: Option<PathBuf>,
+    pub boot_slot: Option<String>,
+    pub reboot_command: Option<String>,
 }
 
 /// The dataplane's network backend.
@@ -300,6 +316,12 @@ pub struct Config {
     pub dataplane_stall_ms: u64,
     /// The dataplane's network backend.
     pub net: Net,
+    /// The appliance's ESP (`--boot-esp`); `None`: updates disabled.
+    pub boot_esp: Option<PathBuf>,
+    /// The running slot if given (`--boot-slot`); else the kernel command line's.
+    pub boot_slot: Option<mgmt::update::Slot>,
+    /// Program and arguments that reboot the machine.
+    pub reboot_command: Option<Vec<String>>,
     /// Test only (flags, never the file): the disk wrapped in a fault injector.
     pub fault_inject_disk: Option<u16>,
     /// Test only: latency the fault injector adds to that disk's every I/O.
@@ -651,10 +673,34 @@ impl Config {
                 ))
             }
         };
+        let boot_slot = match flags.boot_slot.or(file.boot_slot) {
+            None => None,
+            Some(s) => Some(
+                mgmt::update::Slot::parse(&s)
+                    .ok_or_else(|| invalid("boot slot", &s, "must be a or b".into()))?,
+            ),
+        };
+        let reboot_command = match flags.reboot_command.or(file.reboot_command) {
+            None => None,
+            Some(c) => {
+                let words: Vec<String> = c.split_whitespace().map(str::to_string).collect();
+                if words.is_empty() {
+                    return Err(invalid(
+                        "reboot command",
+                        &c,
+                        "must not be empty (leave it out)".into(),
+                    ));
+                }
+                Some(words)
+            }
+        };
         let test_stall_ms = flags
             .test_hooks
             .then(|| flags.test_stall_ms.unwrap_or(TEST_STALL_MS_DEFAULT));
         Ok(Config {
+            boot_esp: flags.boot_esp.or(file.boot_esp),
+            boot_slot,
+            reboot_command,
             fault_inject_disk: flags.fault_inject_disk,
             test_disk_latency_ms: flags.test_disk_latency_ms,
             test_stall_ms,
@@ -853,6 +899,45 @@ mod tests {
             },
             Flags {
                 dataplane_stall_ms: Some(100),
+                ..Flags::default()
+            },
+        ] {
+            assert!(Config::resolve(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn boot_keys() {
+        let c = Config::resolve(Flags::default()).unwrap();
+        assert_eq!(
+            (c.boot_esp, c.boot_slot, c.reboot_command),
+            (None, None, None)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dosd.toml");
+        std::fs::write(
+            &path,
+            "boot_esp = \"/boot/efi\"\nboot_slot = \"b\"\nreboot_command = \"/sbin/reboot -f\"\n",
+        )
+        .unwrap();
+        let c = Config::resolve(Flags {
+            config: Some(path),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(c.boot_esp, Some(PathBuf::from("/boot/efi")));
+        assert_eq!(c.boot_slot, Some(mgmt::update::Slot::B));
+        assert_eq!(
+            c.reboot_command,
+            Some(vec!["/sbin/reboot".to_string(), "-f".to_string()])
+        );
+        for bad in [
+            Flags {
+                boot_slot: Some("c".into()),
+                ..Flags::default()
+            },
+            Flags {
+                reboot_command: Some("  ".into()),
                 ..Flags::default()
             },
         ] {

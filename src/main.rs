@@ -471,6 +471,30 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             mgmt: None,
         },
     );
+    let boot = match &cfg.boot_esp {
+        None => None,
+        Some(esp) => {
+            let slot = match cfg.boot_slot {
+                Some(slot) => slot,
+                None => {
+                    let cmdline = std::fs::read_to_string("/proc/cmdline")
+                        .context("--boot-esp: cannot read /proc/cmdline for dosd.slot=")?;
+                    mgmt::update::slot_from_cmdline(&cmdline).with_context(|| {
+                        format!(
+                            "--boot-esp: the kernel command line has no dosd.slot=a|b \
+                             (and no --boot-slot was given): {}",
+                            cmdline.trim()
+                        )
+                    })?
+                }
+            };
+            Some(mgmt::update::BootConfig {
+                esp: esp.clone(),
+                slot,
+                reboot_command: cfg.reboot_command.clone(),
+            })
+        }
+    };
     let mgmt_cfg = mgmt::MgmtConfig {
         listen: cfg.mgmt_listen,
         network_backend: match cfg.net {
@@ -484,6 +508,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
             dataplane_stall_ms: cfg.dataplane_stall_ms,
         },
         command_wait: Duration::from_secs(5),
+        boot,
     };
     let mgmt = mgmt::Mgmt::start(mgmt_cfg, handle.clone(), node_state)
         .with_context(|| format!("cannot start the management core on {}", cfg.mgmt_listen))?;

@@ -20,6 +20,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::error::{json_errors, ApiError, ErrorBody};
 use crate::health::{self, Health};
+use crate::update::{self, BootView, Slot, UpdateView};
 use crate::{auth, metrics, Shared};
 
 /// Largest request body accepted (the only bodies are small JSON objects).
@@ -236,6 +237,10 @@ pub struct NodeView {
     pub backends: Backends,
     /// Whether POST endpoints are enabled (a token is configured).
     pub mutations_enabled: bool,
+    /// The A/B boot slots, or null when the node does not run as the appliance
+    /// (no `--boot-esp`: `POST /v1/update` answers 409).
+    #[schema(required = true)]
+    pub boot: Option<BootView>,
 }
 
 /// Optional body of a state change.
@@ -279,13 +284,13 @@ pub struct AddAddressRequest {
     ),
     paths(
         node, disks, disk, disk_offline, disk_online, addresses_get, address_add,
-        address_remove, health_get, metrics_get, openapi_get
+        address_remove, update::update_post, health_get, metrics_get, openapi_get
     ),
     components(schemas(
         NodeView, Addresses, Backends, Role, DisksView, DiskView, DiskStateView,
         LastErrorView, DiskHealthView,
         StateChangeRequest, AddressesView, AddAddressRequest, ErrorBody, Health, health::Reason, health::ReasonKind,
-        health::Status, health::Thresholds
+        health::Status, health::Thresholds, BootView, Slot, UpdateView, update::UkiImage
     )),
     modifiers(&BearerAuth)
 )]
@@ -315,6 +320,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/disks/{id}/online", post(disk_online))
         .route("/v1/addresses", get(addresses_get).post(address_add))
         .route("/v1/addresses/{addr}", delete(address_remove))
+        .route("/v1/update", post(update::update_post))
         .route("/v1/health", get(health_get))
         .route("/metrics", get(metrics_get))
         .route("/openapi.json", get(openapi_get))
@@ -378,6 +384,7 @@ async fn node(State(s): State<Arc<Shared>>) -> Json<NodeView> {
             disks: disk_backends,
         },
         mutations_enabled: s.cfg.token.is_some(),
+        boot: s.boot.as_ref().map(|b| b.view()),
     })
 }
 

@@ -33,6 +33,12 @@ pub enum ApiError {
     Conflict(String),
     #[error(transparent)]
     Dataplane(CommandError),
+    /// The request body is over its limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The node failed at something it should manage (e.g. writing the ESP).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -43,6 +49,8 @@ impl ApiError {
             ApiError::Auth(AuthError::Disabled) => StatusCode::FORBIDDEN,
             ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Dataplane(CommandError::NoSuchDisk(_)) => StatusCode::NOT_FOUND,
             ApiError::Dataplane(CommandError::Refused(_)) => StatusCode::CONFLICT,
             // Busy, timed out or stopped: the request was fine, the node cannot serve

@@ -17,6 +17,7 @@ pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod status;
+pub mod update;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -42,6 +43,8 @@ pub struct MgmtConfig {
     pub thresholds: Thresholds,
     /// How long a request waits for the dataplane to carry out a command.
     pub command_wait: Duration,
+    /// The A/B boot slots (`--boot-esp`); `None`: not the appliance, updates disabled.
+    pub boot: Option<update::BootConfig>,
 }
 
 /// Why the management core could not start.
@@ -56,6 +59,8 @@ pub enum MgmtError {
     Thread(std::io::Error),
     #[error("cannot render the OpenAPI document: {0}")]
     OpenApi(String),
+    #[error("boot slots (--boot-esp): {0}")]
+    Boot(String),
 }
 
 /// State shared by the handlers.
@@ -64,6 +69,8 @@ pub struct Shared {
     pub(crate) cfg: MgmtConfig,
     pub(crate) local: SocketAddr,
     pub(crate) monitor: Arc<health::Monitor>,
+    /// The boot slots, when the node runs as the A/B appliance.
+    pub(crate) boot: Option<Arc<update::Boot>>,
     /// Rendered once at start: it never changes while the node runs.
     pub(crate) openapi: String,
 }
@@ -107,6 +114,21 @@ impl Mgmt {
                  (disk offline/online) are disabled"
             );
         }
+        let boot = match cfg.boot.clone() {
+            None => None,
+            Some(b) => {
+                let boot = update::Boot::open(b).map_err(MgmtError::Boot)?;
+                let v = boot.view();
+                tracing::info!(
+                    slot = %v.slot,
+                    file = v.booted_file.as_deref().unwrap_or("-"),
+                    marked_good = v.marked_good,
+                    tries_left = ?v.tries_left,
+                    "boot slot"
+                );
+                Some(Arc::new(boot))
+            }
+        };
         let openapi = api::ApiDoc::openapi()
             .to_json()
             .map_err(|e| MgmtError::OpenApi(e.to_string()))?;
@@ -122,6 +144,7 @@ impl Mgmt {
             cfg,
             local,
             monitor: Arc::clone(&monitor),
+            boot,
             openapi,
         });
         let (stop, stopped) = watch::channel(false);
@@ -182,6 +205,11 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, stopped: watch::Recei
             }
         }
     });
+    // Once per boot, on the appliance: mark the running slot good when healthy.
+    let marker = shared
+        .boot
+        .clone()
+        .map(|boot| tokio::spawn(update::mark_when_healthy(Arc::clone(&shared), boot)));
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -199,4 +227,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, stopped: watch::Recei
         } => tracing::warn!("management: stopped with requests still in flight"),
     }
     sampler.abort();
+    if let Some(m) = marker {
+        m.abort();
+    }
 }

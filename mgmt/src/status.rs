@@ -227,6 +227,7 @@ mod tests {
             token: None,
             thresholds: Thresholds::default(),
             command_wait: Duration::from_secs(1),
+            boot: None,
         };
         let mgmt = Mgmt::start(cfg, handle, node).unwrap();
         let addr = mgmt.local_addr();

@@ -296,10 +296,11 @@ def ensure_kernel():
     return vmlinuz, root, version
 
 
-def module_closure(kroot, version):
-    """Module files to load, dependencies first, for MODULES (as modprobe resolves them)."""
+def module_closure(kroot, version, modules=None):
+    """Module files to load, dependencies first, for MODULES or the given list (as
+    modprobe resolves them)."""
     order = []
-    for mod in MODULES:
+    for mod in MODULES if modules is None else modules:
         res = subprocess.run(
             ["modprobe", "-d", kroot, "-S", version, "--show-depends", mod],
             stdout=subprocess.PIPE,

@@ -58,6 +58,8 @@ MODULES = harness.MODULES + [
     "nls_cp437",
     "nls_ascii",
     "efivarfs",
+    "button",  # the ACPI power button (QMP system_powerdown) ...
+    "evdev",  # ... as an input event for busybox acpid
 ]
 
 CMDLINE = "console=ttyS0 panic=-1 intel_iommu=on iommu=pt loglevel=4 dosd.slot=a"
@@ -126,7 +128,7 @@ def static_bins(use_cargo):
 def stage_initramfs(stage, kroot, kver, dosd, version, osrel):
     shutil.rmtree(stage, ignore_errors=True)
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run",
-              "etc", "root", "var", "conf", "boot/efi"):
+              "etc", "etc/acpi/PWRF", "root", "var", "conf", "boot/efi"):
         os.makedirs(os.path.join(stage, d), exist_ok=True)
     shutil.copyfile("/bin/busybox", os.path.join(stage, "bin/busybox"))
     os.chmod(os.path.join(stage, "bin/busybox"), 0o755)
@@ -168,6 +170,7 @@ def stage_initramfs(stage, kroot, kver, dosd, version, osrel):
         ("udhcpc.script", "etc/udhcpc.script", 0o755),
         ("dosd-shutdown", "bin/dosd-shutdown", 0o755),
         ("dosd.toml", "etc/dosd.toml", 0o644),
+        ("acpi-power", "etc/acpi/PWRF/00000080", 0o755),
     ):
         shutil.copyfile(os.path.join(IMAGE_DIR, src), os.path.join(stage, dst))
         os.chmod(os.path.join(stage, dst), mode)

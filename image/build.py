@@ -62,7 +62,7 @@ MODULES = harness.MODULES + [
     "evdev",  # ... as an input event for busybox acpid
 ]
 
-CMDLINE = "console=ttyS0 panic=-1 intel_iommu=on iommu=pt loglevel=4 dosd.slot=a"
+CMDLINE = "console=ttyS0 panic=-1 intel_iommu=on iommu=pt loglevel=4 hugepages=128 dosd.slot=a"
 
 # Layout, in 512-byte sectors. Room for two slots' UKIs on the ESP.
 SECTOR = 512

@@ -234,7 +234,7 @@ def main():
         if serving is None:
             raise Fail(f"no answer on /v1/disks within {BOOT_TIMEOUT} s of QEMU's start")
         results["serving_s"] = serving
-        results["init_s"] = console.first(r"^dosd-init: dosd appliance")
+        results["init_s"] = console.first(r"^dosd-init: \[[0-9.]+\] dosd appliance")
         results["kernel_s"] = console.first(r"EFI stub: ")
         log(f"serving {serving:.1f} s after QEMU started (kernel at {results['kernel_s']} s, "
             f"/init at {results['init_s']} s)")
@@ -247,7 +247,7 @@ def main():
         except subprocess.TimeoutExpired:
             raise Fail("the node did not power off within 60 s of the power button")
         console.thread.join(timeout=5)
-        if console.first(r"^dosd-init: poweroff now") is None:
+        if console.first(r"^dosd-init: \[[0-9.]+\] poweroff now") is None:
             raise Fail("QEMU exited without the init's clean poweroff")
         ok = True
     except (Fail, harness.HarnessError, subprocess.CalledProcessError) as e:

@@ -235,7 +235,7 @@ def main():
             raise Fail(f"no answer on /v1/disks within {BOOT_TIMEOUT} s of QEMU's start")
         results["serving_s"] = serving
         results["init_s"] = console.first(r"^dosd-init: \[[0-9.]+\] dosd appliance")
-        results["kernel_s"] = console.first(r"EFI stub: ")
+        results["kernel_s"] = console.first(r"EFI stub: Loaded initrd")
         log(f"serving {serving:.1f} s after QEMU started (kernel at {results['kernel_s']} s, "
             f"/init at {results['init_s']} s)")
         check_disks(rest)

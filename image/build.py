@@ -104,13 +104,19 @@ def source_date_epoch():
 
 
 def image_version():
-    if os.environ.get("DOSD_IMAGE_VERSION"):
+    if os.environ.get("DOSD_IMAGE_VERSION"):  # e.g. a test's deliberately newer image
         return os.environ["DOSD_IMAGE_VERSION"]
     with open(os.path.join(ROOT, "Cargo.toml")) as f:
         m = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.M)
     base = m.group(1) if m else "0"
-    rev = output(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"]).strip()
-    return f"{base}+g{rev}"
+    # The commit count makes later builds sort newer (systemd-boot orders entries by
+    # IMAGE_VERSION); the commit itself goes into PRETTY_NAME.
+    count = output(["git", "-C", ROOT, "rev-list", "--count", "HEAD"]).strip()
+    return f"{base}.{count}"
+
+
+def image_commit():
+    return output(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"]).strip()
 
 
 def static_bins(use_cargo):
@@ -262,6 +268,7 @@ def build(out, use_cargo):
     ensure_packages()
     epoch = source_date_epoch()
     version = image_version()
+    commit = image_commit()
     vmlinuz, kroot, kver = harness.ensure_kernel()
     t = time.monotonic()
     bins = static_bins(use_cargo)
@@ -271,12 +278,12 @@ def build(out, use_cargo):
     os.makedirs(work)
     osrel = (
         'NAME="dosd appliance"\nID=dosd\n'
-        f'PRETTY_NAME="dosd appliance {version}"\n'
+        f'PRETTY_NAME="dosd appliance {version} ({commit})"\n'
         f"IMAGE_ID=dosd\nIMAGE_VERSION={version}\n"
     )
     t = time.monotonic()
     stage = os.path.join(work, "initramfs")
-    stage_initramfs(stage, kroot, kver, bins["dosd"], version, osrel)
+    stage_initramfs(stage, kroot, kver, bins["dosd"], f"{version} ({commit})", osrel)
     initrd = os.path.join(work, "initramfs.cpio.zst")
     pack_initramfs(stage, initrd, epoch)
     log(f"initramfs {os.path.getsize(initrd)} bytes: {time.monotonic() - t:.1f} s")

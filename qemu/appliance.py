@@ -238,6 +238,9 @@ def main():
         results["kernel_s"] = console.first(r"EFI stub: Loaded initrd")
         log(f"serving {serving:.1f} s after QEMU started (kernel at {results['kernel_s']} s, "
             f"/init at {results['init_s']} s)")
+        boots = sum(1 for _, line in console.lines if "BdsDxe: starting" in line)
+        if boots != 1:
+            raise Fail(f"the node booted {boots} times before it served (a panic? see the console)")
         check_disks(rest)
         check_objects(bindir, dosp_port, work)
         log("QMP system_powerdown: a clean poweroff")

@@ -71,7 +71,15 @@ def command(args):
         "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,file={vars_}",
         "-drive", f"file={boot},if=none,id=boot,format=raw",
-        "-device", "virtio-blk-pci,drive=boot,bootindex=0",
+    ]
+    if args.boot_nvme:
+        # The boot disk on an NVMe controller of its own (serial NAME-BOOT): the init
+        # must leave it out of dosd's disks.
+        cmd += ["-device", f"nvme,id=bootnvme,serial={args.name.upper()}-BOOT,"
+                "drive=boot,bootindex=0"]
+    else:
+        cmd += ["-device", "virtio-blk-pci,drive=boot,bootindex=0"]
+    cmd += [
         "-netdev", f"user,id=mgmt,restrict=on"
         f",hostfwd=tcp:127.0.0.1:{args.rest_port}-{GUEST_IP}:7380"
         f",hostfwd=tcp:127.0.0.1:{args.dosp_port}-{GUEST_IP}:7370",
@@ -103,6 +111,8 @@ def parser():
     ap.add_argument("--smp", type=int, default=2, help="vCPUs (2)")
     ap.add_argument("--fresh", action="store_true", help="start over: a new copy of the image, blank disks")
     ap.add_argument("--no-iommu", action="store_true", help="no emulated IOMMU: the kernel nvme driver serves")
+    ap.add_argument("--boot-nvme", action="store_true",
+                    help="the boot disk on an NVMe controller (serial NAME-BOOT) instead of virtio-blk")
     ap.add_argument("--print", action="store_true", help="print the QEMU command instead of running it")
     return ap
 

@@ -62,7 +62,7 @@ def command(args):
         "-m", str(args.mem),
         "-nographic",
         "-nodefaults",
-        "-serial", "stdio",
+        "-serial", "mon:stdio",  # Ctrl-A X quits, Ctrl-A C the monitor
         "-qmp", f"unix:{os.path.join(d, 'qmp.sock')},server=on,wait=off",
     ]
     if not args.no_iommu:

@@ -116,8 +116,8 @@ if [[ ${DOSD_QEMU:-1} != 0 ]]; then
         qemu_summary+="qemu/test $suite passed; "
     done
     # The appliance (README "Appliance"): image/build twice (byte-identical; the guest
-    # build above is reused), the image booted under OVMF by qemu/node, served from the
-    # host's dosp. About 1.5 minutes after the suites above.
+    # build above is reused), the image booted under OVMF by qemu/node (and again without
+    # an IOMMU, from NVMe), served to the host's dosp. About 70 s (2 min on a busy host).
     echo "==> qemu/test appliance"
     ./qemu/test appliance
     qemu_summary+="qemu/test appliance passed; "

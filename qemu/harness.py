@@ -296,10 +296,11 @@ def ensure_kernel():
     return vmlinuz, root, version
 
 
-def module_closure(kroot, version):
-    """Module files to load, dependencies first, for MODULES (as modprobe resolves them)."""
+def module_closure(kroot, version, modules=None):
+    """Module files to load, dependencies first, for MODULES or the given list (as
+    modprobe resolves them)."""
     order = []
-    for mod in MODULES:
+    for mod in MODULES if modules is None else modules:
         res = subprocess.run(
             ["modprobe", "-d", kroot, "-S", version, "--show-depends", mod],
             stdout=subprocess.PIPE,
@@ -1164,9 +1165,14 @@ def main(argv):
     if len(argv) != 2 or argv[1].startswith("-"):
         print("usage: qemu/test SUITE   (runs qemu/suites/SUITE.sh in a QEMU VM)", file=sys.stderr)
         suites = sorted(f[:-3] for f in os.listdir(os.path.join(QEMU_DIR, "suites")) if f.endswith(".sh"))
-        print(f"suites: {' '.join(suites)}", file=sys.stderr)
+        print(f"suites: {' '.join(suites)} appliance", file=sys.stderr)
         return 2
     name = argv[1]
+    if name == "appliance":
+        # Not a suite in the harness's VM: the appliance image booted by qemu/node.
+        import appliance
+
+        return appliance.main()
     script = os.path.join(QEMU_DIR, "suites", f"{name}.sh")
     t_start = time.monotonic()
     verdict = "FAIL"

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""qemu/node: boots the dosd appliance image under OVMF (TCG) as one node.
+
+Usage: qemu/node [--name NAME] [--disks N] [--disk-size SIZE] [--rest-port P]
+                 [--dosp-port P] [--mem MiB] [--smp N] [--fresh] [--no-iommu]
+                 [--image IMG]
+
+The node's files live in target/qemu/node-NAME/: its boot disk (a copy of the image,
+made when missing or with --fresh; it is the node's own from then on: updates and boot
+counting change it), its NVMe disks nvmeK.img (sparse; serial NAME-NVMEK, upper case),
+its OVMF variables and a QMP socket qmp.sock. The boot disk is virtio-blk; each NVMe
+controller sits behind its own pcie-root-port (hot-unpluggable), after an emulated
+IOMMU (intel-iommu) unless --no-iommu. The management NIC is virtio-net on QEMU's user
+networking (restrict=on: it reaches nothing outside), with the guest's REST (7380) and
+DOSP (7370) ports forwarded from 127.0.0.1:REST_PORT and 127.0.0.1:DOSP_PORT only.
+The serial console is stdio (Ctrl-A X quits QEMU). Standard library only.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+
+QEMU_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(QEMU_DIR)
+sys.path.insert(0, QEMU_DIR)
+from harness import parse_size  # noqa: E402
+
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+GUEST_IP = "10.0.2.15"  # QEMU user networking's first DHCP address
+
+
+def node_dir(name):
+    return os.path.join(ROOT, "target", "qemu", f"node-{name}")
+
+
+def serial(name, k):
+    return f"{name.upper()}-NVME{k}"[-20:]
+
+
+def command(args):
+    d = node_dir(args.name)
+    boot = os.path.join(d, "boot.img")
+    if args.fresh:
+        shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d, exist_ok=True)
+    if not os.path.exists(boot):
+        if not os.path.exists(args.image):
+            sys.exit(f"qemu/node: no image {args.image} (run image/build)")
+        shutil.copyfile(args.image, boot)
+    vars_ = os.path.join(d, "OVMF_VARS.fd")
+    if not os.path.exists(vars_):
+        shutil.copyfile(OVMF_VARS, vars_)
+    cmd = [
+        "qemu-system-x86_64",
+        "-name", f"dosd-{args.name}",
+        "-machine", "q35,kernel-irqchip=split",
+        "-accel", "tcg",
+        "-cpu", "max",
+        "-smp", str(args.smp),
+        "-m", str(args.mem),
+        "-nographic",
+        "-nodefaults",
+        "-serial", "mon:stdio",  # Ctrl-A X quits, Ctrl-A C the monitor
+        "-qmp", f"unix:{os.path.join(d, 'qmp.sock')},server=on,wait=off",
+    ]
+    if not args.no_iommu:
+        cmd += ["-device", "intel-iommu,intremap=on,caching-mode=on"]
+    cmd += [
+        "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,file={vars_}",
+        "-drive", f"file={boot},if=none,id=boot,format=raw",
+    ]
+    if args.boot_nvme:
+        # The boot disk on an NVMe controller of its own (serial NAME-BOOT): the init
+        # must leave it out of dosd's disks.
+        cmd += ["-device", f"nvme,id=bootnvme,serial={args.name.upper()}-BOOT,"
+                "drive=boot,bootindex=0"]
+    else:
+        cmd += ["-device", "virtio-blk-pci,drive=boot,bootindex=0"]
+    cmd += [
+        "-netdev", f"user,id=mgmt,restrict=on"
+        f",hostfwd=tcp:127.0.0.1:{args.rest_port}-{GUEST_IP}:7380"
+        f",hostfwd=tcp:127.0.0.1:{args.dosp_port}-{GUEST_IP}:7370",
+        "-device", "virtio-net-pci,id=mgmt,netdev=mgmt,mac=52:54:00:d0:5d:01",
+    ]
+    size = parse_size(args.disk_size)
+    for k in range(1, args.disks + 1):
+        img = os.path.join(d, f"nvme{k}.img")
+        if not os.path.exists(img):
+            with open(img, "wb") as f:
+                f.truncate(size)
+        cmd += [
+            "-device", f"pcie-root-port,id=rp-nvme{k},chassis={k},slot={k}",
+            "-drive", f"file={img},if=none,id=drv-nvme{k},format=raw,discard=unmap",
+            "-device", f"nvme,id=nvme{k},serial={serial(args.name, k)},drive=drv-nvme{k},bus=rp-nvme{k}",
+        ]
+    return cmd
+
+
+def parser():
+    ap = argparse.ArgumentParser(prog="qemu/node", description="Boots the dosd appliance image in QEMU.")
+    ap.add_argument("--name", default="node1", help="node name: its directory and disk serials (node1)")
+    ap.add_argument("--image", default=os.path.join(ROOT, "target", "appliance", "dosd-appliance.img"))
+    ap.add_argument("--disks", type=int, default=3, help="emulated NVMe controllers (3)")
+    ap.add_argument("--disk-size", default="1G", help="size of each NVMe disk (1G)")
+    ap.add_argument("--rest-port", type=int, default=7380, help="host port of the REST API on 127.0.0.1 (7380)")
+    ap.add_argument("--dosp-port", type=int, default=7370, help="host port of DOSP on 127.0.0.1 (7370)")
+    ap.add_argument("--mem", type=int, default=1024, help="guest memory in MiB (1024)")
+    ap.add_argument("--smp", type=int, default=2, help="vCPUs (2)")
+    ap.add_argument("--fresh", action="store_true", help="start over: a new copy of the image, blank disks")
+    ap.add_argument("--no-iommu", action="store_true", help="no emulated IOMMU: the kernel nvme driver serves")
+    ap.add_argument("--boot-nvme", action="store_true",
+                    help="the boot disk on an NVMe controller (serial NAME-BOOT) instead of virtio-blk")
+    ap.add_argument("--print", action="store_true", help="print the QEMU command instead of running it")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if not 0 < len(args.name) <= 12 or not args.name.replace("-", "").isalnum():
+        sys.exit("qemu/node: --name: 1-12 letters, digits or '-'")
+    cmd = command(args)
+    if args.print:
+        print(" ".join(cmd))
+        return 0
+    os.execvp(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,6 +2,7 @@
 """Builds the dosd appliance image: target/appliance/dosd-appliance.img.
 
 Usage: image/build [-o OUTPUT] [--no-cargo]
+       image/build --uki-only [--slot a|b] [--image-version V] [--broken] [-o OUTPUT] [--no-cargo]
 
 A GPT disk built in files (no loop mounts) from Debian packages and the project's own
 static build:
@@ -15,6 +16,13 @@ static build:
 Byte-reproducible: SOURCE_DATE_EPOCH (default: the last commit's time) for every
 timestamp, a sorted cpio with fixed owners and times, the PE TimeDateStamp and CheckSum
 of the UKI zeroed, fixed FAT serials and labels, fixed GPT GUIDs, FAT times in UTC.
+
+--uki-only writes only a Unified Kernel Image (default
+target/appliance/dosd-SLOT-VERSION.efi), the same recipe as the image's slot A but
+with dosd.slot=SLOT on the command line and IMAGE_VERSION=VERSION: an update for
+POST /v1/update (which installs into the slot that is not running: build it for that
+slot). --broken adds dosd.broken=1, on which the init does not start dosd, so the
+slot is never marked good and boot counting rolls it back (for tests).
 
 The kernel fetch and the static build are the QEMU harness's (qemu/harness.py).
 --no-cargo reuses the static binaries already in target/qemu-guest/ (no cargo run).
@@ -65,7 +73,8 @@ MODULES = harness.MODULES + [
 # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can fail
 # and panic ("timer doesn't work through Interrupt-remapped IO-APIC"); seen here once in
 # five boots before this flag. panic=-1: a panic reboots (and uses up a boot try).
-CMDLINE = "console=ttyS0 panic=-1 no_timer_check intel_iommu=on iommu=pt loglevel=4 hugepages=128 dosd.slot=a"
+CMDLINE_BASE = "console=ttyS0 panic=-1 no_timer_check intel_iommu=on iommu=pt loglevel=4 hugepages=128"
+CMDLINE = f"{CMDLINE_BASE} dosd.slot=a"
 
 # Layout, in 512-byte sectors. Room for two slots' UKIs on the ESP.
 SECTOR = 512
@@ -106,7 +115,9 @@ def source_date_epoch():
     return int(output(["git", "-C", ROOT, "log", "-1", "--format=%ct"]).strip())
 
 
-def image_version():
+def image_version(override=None):
+    if override:
+        return override
     if os.environ.get("DOSD_IMAGE_VERSION"):  # e.g. a test's deliberately newer image
         return os.environ["DOSD_IMAGE_VERSION"]
     with open(os.path.join(ROOT, "Cargo.toml")) as f:
@@ -266,17 +277,16 @@ def make_fat(path, sectors, label, serial, files, dirs, env):
         run(["mcopy", "-i", path, src, "::/" + dst], env=env)
 
 
-def build(out, use_cargo):
-    t0 = time.monotonic()
+def make_uki(work, use_cargo, slot="a", version=None, broken=False):
+    """Builds a UKI in WORK (emptied first) for SLOT; returns (path, epoch, version)."""
     ensure_packages()
     epoch = source_date_epoch()
-    version = image_version()
+    version = image_version(version)
     commit = image_commit()
     vmlinuz, kroot, kver = harness.ensure_kernel()
     t = time.monotonic()
     bins = static_bins(use_cargo)
     log(f"static dosd ({'cargo' if use_cargo else 'reused'}): {time.monotonic() - t:.1f} s")
-    work = os.path.join(OUT_DIR, "work")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     osrel = (
@@ -290,9 +300,17 @@ def build(out, use_cargo):
     initrd = os.path.join(work, "initramfs.cpio.zst")
     pack_initramfs(stage, initrd, epoch)
     log(f"initramfs {os.path.getsize(initrd)} bytes: {time.monotonic() - t:.1f} s")
-    uki = os.path.join(work, "dosd-a.efi")
-    build_uki(uki, vmlinuz, initrd, CMDLINE, osrel, work)
-    log(f"UKI {os.path.getsize(uki)} bytes (kernel {kver}, cmdline {CMDLINE!r})")
+    cmdline = f"{CMDLINE_BASE} dosd.slot={slot}" + (" dosd.broken=1" if broken else "")
+    uki = os.path.join(work, f"dosd-{slot}.efi")
+    build_uki(uki, vmlinuz, initrd, cmdline, osrel, work)
+    log(f"UKI {os.path.getsize(uki)} bytes (kernel {kver}, version {version}, cmdline {cmdline!r})")
+    return uki, epoch, version
+
+
+def build(out, use_cargo, version=None):
+    t0 = time.monotonic()
+    work = os.path.join(OUT_DIR, "work")
+    uki, epoch, version = make_uki(work, use_cargo, version=version)
     loader = os.path.join(work, "loader.conf")
     with open(loader, "w") as f:
         # No `default`: systemd-boot boots the newest IMAGE_VERSION with tries left, so a
@@ -333,14 +351,34 @@ def build(out, use_cargo):
 
 def main():
     ap = argparse.ArgumentParser(description="Builds target/appliance/dosd-appliance.img")
-    ap.add_argument("-o", "--output", default=os.path.join(OUT_DIR, "dosd-appliance.img"))
+    ap.add_argument("-o", "--output", help="the image (target/appliance/dosd-appliance.img) or the UKI")
     ap.add_argument("--no-cargo", action="store_true",
                     help="reuse the static binaries in target/qemu-guest/ (no cargo run)")
+    ap.add_argument("--uki-only", action="store_true",
+                    help="write only a UKI (an update for POST /v1/update), not the disk image")
+    ap.add_argument("--slot", choices=("a", "b"), default="a",
+                    help="with --uki-only: the slot it is for, dosd.slot= on its command line (a)")
+    ap.add_argument("--image-version", help="IMAGE_VERSION (default: the crate version and the commit count)")
+    ap.add_argument("--broken", action="store_true",
+                    help="with --uki-only: dosd.broken=1, the init never starts dosd (a rollback test)")
     args = ap.parse_args()
+    if (args.slot != "a" or args.broken) and not args.uki_only:
+        ap.error("--slot and --broken need --uki-only")
     os.makedirs(OUT_DIR, exist_ok=True)
     os.makedirs(harness.CACHE, exist_ok=True)
     try:
-        build(os.path.abspath(args.output), not args.no_cargo)
+        if args.uki_only:
+            t0 = time.monotonic()
+            work = os.path.join(OUT_DIR, f"work-uki-{args.slot}")
+            uki, _, version = make_uki(work, not args.no_cargo, args.slot, args.image_version, args.broken)
+            out = args.output or os.path.join(OUT_DIR, f"dosd-{args.slot}-{version}.efi")
+            shutil.move(uki, out)
+            shutil.rmtree(work, ignore_errors=True)
+            log(f"{os.path.relpath(os.path.abspath(out), ROOT)}: slot {args.slot}, version {version}"
+                f"{', broken' if args.broken else ''}, in {time.monotonic() - t0:.0f} s")
+            return 0
+        build(os.path.abspath(args.output or os.path.join(OUT_DIR, "dosd-appliance.img")),
+              not args.no_cargo, args.image_version)
     except HarnessError as e:
         log(f"error: {e}")
         return 1

@@ -204,7 +204,9 @@ def check_objects(bindir, port, work):
 class Node:
     """One qemu/node run: QEMU with the console streamed, on free loopback ports."""
 
-    def __init__(self, name, extra, logname):
+    def __init__(self, name, extra, logname, prepare=None):
+        """prepare(boot_img), if given, runs on the node's fresh copy of the image
+        before QEMU starts (e.g. to write its own dosd.toml onto DOSDCONF)."""
         self.name = name
         self.rest, self.dosp = free_port(), free_port()
         while self.dosp == self.rest:
@@ -213,6 +215,8 @@ class Node:
         cmd = qnode.command(qnode.parser().parse_args(args))
         self.work = os.path.join(qnode.node_dir(name), "objects")
         os.makedirs(self.work, exist_ok=True)
+        if prepare is not None:
+            prepare(os.path.join(qnode.node_dir(name), "boot.img"))
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.console = Console(self.proc, os.path.join(ROOT, "target", "qemu", logname), self.t0)

@@ -1167,7 +1167,7 @@ def main(argv):
     if len(argv) != 2 or argv[1].startswith("-"):
         print("usage: qemu/test SUITE   (runs qemu/suites/SUITE.sh in a QEMU VM)", file=sys.stderr)
         suites = sorted(f[:-3] for f in os.listdir(os.path.join(QEMU_DIR, "suites")) if f.endswith(".sh"))
-        print(f"suites: {' '.join(suites)} appliance", file=sys.stderr)
+        print(f"suites: {' '.join(suites)} appliance appliance-update", file=sys.stderr)
         return 2
     name = argv[1]
     if name == "appliance":
@@ -1175,6 +1175,11 @@ def main(argv):
         import appliance
 
         return appliance.main()
+    if name == "appliance-update":
+        # The A/B update and rollback test on the appliance image (qemu/appliance_update.py).
+        import appliance_update
+
+        return appliance_update.main()
     script = os.path.join(QEMU_DIR, "suites", f"{name}.sh")
     t_start = time.monotonic()
     verdict = "FAIL"

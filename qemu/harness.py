@@ -1167,7 +1167,7 @@ def main(argv):
     if len(argv) != 2 or argv[1].startswith("-"):
         print("usage: qemu/test SUITE   (runs qemu/suites/SUITE.sh in a QEMU VM)", file=sys.stderr)
         suites = sorted(f[:-3] for f in os.listdir(os.path.join(QEMU_DIR, "suites")) if f.endswith(".sh"))
-        print(f"suites: {' '.join(suites)} appliance appliance-update", file=sys.stderr)
+        print(f"suites: {' '.join(suites)} appliance appliance-update appliance-cluster", file=sys.stderr)
         return 2
     name = argv[1]
     if name == "appliance":
@@ -1180,6 +1180,11 @@ def main(argv):
         import appliance_update
 
         return appliance_update.main()
+    if name == "appliance-cluster":
+        # Three appliance nodes on one L2 segment (qemu/cluster.py, qemu/appliance_cluster.py).
+        import appliance_cluster
+
+        return appliance_cluster.main()
     script = os.path.join(QEMU_DIR, "suites", f"{name}.sh")
     t_start = time.monotonic()
     verdict = "FAIL"

@@ -3,7 +3,7 @@
 
 Usage: qemu/node [--name NAME] [--disks N] [--disk-size SIZE] [--rest-port P]
                  [--dosp-port P] [--mem MiB] [--smp N] [--fresh] [--no-iommu]
-                 [--image IMG]
+                 [--image IMG] [--data-tap TAP [--data-mac MAC]]
 
 The node's files live in target/qemu/node-NAME/: its boot disk (a copy of the image,
 made when missing or with --fresh; it is the node's own from then on: updates and boot
@@ -13,6 +13,10 @@ controller sits behind its own pcie-root-port (hot-unpluggable), after an emulat
 IOMMU (intel-iommu) unless --no-iommu. The management NIC is virtio-net on QEMU's user
 networking (restrict=on: it reaches nothing outside), with the guest's REST (7380) and
 DOSP (7370) ports forwarded from 127.0.0.1:REST_PORT and 127.0.0.1:DOSP_PORT only.
+With --data-tap, a data NIC too: virtio-net (modern-only, with VIRTIO_F_ACCESS_PLATFORM,
+alone behind its own pcie-root-port, so the init can hand it to DPDK through vfio-pci)
+on a tap QEMU makes in the current network namespace (qemu/cluster moves it onto the
+cluster's bridge); the guest finds it by --data-mac (init.conf data_if=).
 The serial console is stdio (Ctrl-A X quits QEMU). Standard library only.
 """
 
@@ -29,6 +33,8 @@ from harness import parse_size  # noqa: E402
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 GUEST_IP = "10.0.2.15"  # QEMU user networking's first DHCP address
+DATA_CHASSIS = 64  # the data NIC's root port (the NVMe disks' are 1..N)
+DATA_MAC = "52:54:00:d0:da:01"
 
 
 def node_dir(name):
@@ -85,6 +91,13 @@ def command(args):
         f",hostfwd=tcp:127.0.0.1:{args.dosp_port}-{GUEST_IP}:7370",
         "-device", "virtio-net-pci,id=mgmt,netdev=mgmt,mac=52:54:00:d0:5d:01",
     ]
+    if args.data_tap:
+        cmd += [
+            "-device", f"pcie-root-port,id=rp-data,chassis={DATA_CHASSIS},slot={DATA_CHASSIS}",
+            "-netdev", f"tap,id=data,ifname={args.data_tap},script=no,downscript=no,vhost=off",
+            "-device", f"virtio-net-pci,id=data,netdev=data,mac={args.data_mac},bus=rp-data,"
+            "iommu_platform=on,disable-legacy=on,romfile=",
+        ]
     size = parse_size(args.disk_size)
     for k in range(1, args.disks + 1):
         img = os.path.join(d, f"nvme{k}.img")
@@ -113,6 +126,8 @@ def parser():
     ap.add_argument("--no-iommu", action="store_true", help="no emulated IOMMU: the kernel nvme driver serves")
     ap.add_argument("--boot-nvme", action="store_true",
                     help="the boot disk on an NVMe controller (serial NAME-BOOT) instead of virtio-blk")
+    ap.add_argument("--data-tap", metavar="TAP", help="a data NIC on a new tap device TAP (at most 15 characters)")
+    ap.add_argument("--data-mac", default=DATA_MAC, help=f"the data NIC's MAC address ({DATA_MAC})")
     ap.add_argument("--print", action="store_true", help="print the QEMU command instead of running it")
     return ap
 
@@ -121,6 +136,10 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if not 0 < len(args.name) <= 12 or not args.name.replace("-", "").isalnum():
         sys.exit("qemu/node: --name: 1-12 letters, digits or '-'")
+    if args.data_tap and not 0 < len(args.data_tap) <= 15:
+        sys.exit("qemu/node: --data-tap: 1-15 characters (a network interface name)")
+    if args.disks >= DATA_CHASSIS:
+        sys.exit(f"qemu/node: --disks: at most {DATA_CHASSIS - 1}")
     cmd = command(args)
     if args.print:
         print(" ".join(cmd))

@@ -124,6 +124,11 @@ if [[ ${DOSD_QEMU:-1} != 0 ]]; then
     echo "==> qemu/test appliance"
     ./qemu/test appliance
     qemu_summary+="qemu/test appliance passed; "
+    # Three appliance nodes on one L2 segment in a network namespace (README "Appliance"):
+    # LOCATE, heartbeats, a partition, a disk pulled under a workload. About 2 minutes.
+    echo "==> qemu/test appliance-cluster"
+    ./qemu/test appliance-cluster
+    qemu_summary+="qemu/test appliance-cluster passed; "
     # A/B updates (README "Updating a node"): a good update POSTed and kept, a broken
     # one tried 3 times and rolled back by systemd-boot's boot counting, one QEMU
     # process, 6 boots. About 5 minutes (268–297 s measured 2026-11-30).

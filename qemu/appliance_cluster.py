@@ -169,10 +169,11 @@ def check_placement(client, cluster, watch, t_watch):
         raise Fail(f"LOCATE of {nobody}, held by nobody, got answers")
     log(f"LOCATE {nobody} (held by nobody): no answer")
     for node in cluster.nodes:
-        got = watch.wait(t_watch, rf"^heartbeat node {ids[node.name]} .* addr {re.escape(node.addr)}:7370 ", 15)
+        got = watch.wait(t_watch, rf"^heartbeat node {ids[node.name]} name {node.name} .* "
+                                  rf"addr {re.escape(node.addr)}:7370 ", 15)
         if not got:
             raise Fail(f"dosp watch heard no heartbeat of {node.name} ({ids[node.name]} at {node.addr})")
-    log("dosp watch: heartbeats from all three nodes, each with its id and data address")
+    log("dosp watch: heartbeats from all three nodes, each with its id, name and data address")
     return ids
 
 
@@ -282,7 +283,7 @@ def check_pulled_disk(client, cluster, watch, ids):
     if restarts or len(node.console.grep(r"starting dosd")) != 1:
         raise Fail(f"dosd on {node.name} was restarted: {restarts[:2]}")
     for at, e in errors:
-        log(f"around the pull (+{at - t_pull:.1f} s), refused and not acknowledged: {e[:160]}")
+        log(f"failed around the pull (+{at - t_pull:.1f} s; a store so failed was not acknowledged): {e[:160]}")
     log(f"pulled disk: {pulled} down, health degraded ({health['reasons'][0]['message']}); "
         f"{len(stored_after)} stores after the pull, all {len(kept)} objects on disk {kept_id} fetch byte-exact; "
         f"{len([e for at, e in errors if at < t_after])} requests failed around the pull; no restart")

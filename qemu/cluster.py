@@ -11,7 +11,7 @@ with REST on 127.0.0.1:(REST_BASE+I) and DOSP on 127.0.0.1:(DOSP_BASE+I) of the 
 Its data NIC is a tap (dcl-I) that QEMU makes and the rig then moves onto the bridge
 dcl-br in the network namespace dosd-cluster; the node's DOSDCONF partition gets an
 init.conf (mtools) with data_if = the NIC's MAC and data_addr 10.77.0.(10+I)/24,
-data_net=dpdk (the init binds the NIC to vfio-pci and dosd drives it through DPDK)
+and a dosd.toml with node_id = "clI" (its heartbeats name it); data_net=dpdk (the init binds the NIC to vfio-pci and dosd drives it through DPDK)
 or, for the nodes in --kernel-net, data_net=kernel.
 
 The client endpoint is the bridge's address, 10.77.0.1/24, inside the namespace:
@@ -155,20 +155,25 @@ class Node:
         return qmp(os.path.join(self.dir, "qmp.sock"), execute, arguments)
 
     def configure(self):
-        """This node's init.conf (data NIC) onto its boot disk's DOSDCONF partition."""
-        with open(os.path.join(ROOT, "image", "init.conf")) as f:
-            text = f.read()
-        text += (f"# qemu/cluster node {self.i}: the data NIC on the cluster's segment\n"
-                 f"data_if={self.mac}\ndata_addr={self.addr}/24\ndata_net={self.data_net}\n")
-        path = os.path.join(self.dir, "init.conf")
-        with open(path, "w") as f:
-            f.write(text)
+        """This node's init.conf (the data NIC) and dosd.toml (its name as node id)
+        onto its boot disk's DOSDCONF partition, as an operator would with mtools."""
         boot = os.path.join(self.dir, "boot.img")
         env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
-        r = subprocess.run(["mcopy", "-o", "-i", f"{boot}@@{ibuild.CONF_START * ibuild.SECTOR}", path,
-                            "::init.conf"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if r.returncode != 0:
-            raise ClusterError(f"mcopy init.conf onto {boot}: {r.stdout.strip()}")
+        extra = {
+            "init.conf": (f"# qemu/cluster node {self.i}: the data NIC on the cluster's segment\n"
+                          f"data_if={self.mac}\ndata_addr={self.addr}/24\ndata_net={self.data_net}\n"),
+            "dosd.toml": f'# qemu/cluster node {self.i}\nnode_id = "{self.name}"\n',
+        }
+        for name, text in extra.items():
+            with open(os.path.join(ROOT, "image", name)) as f:
+                text = f.read() + text
+            path = os.path.join(self.dir, name)
+            with open(path, "w") as f:
+                f.write(text)
+            r = subprocess.run(["mcopy", "-o", "-i", f"{boot}@@{ibuild.CONF_START * ibuild.SECTOR}", path,
+                                "::" + name], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if r.returncode != 0:
+                raise ClusterError(f"mcopy {name} onto {boot}: {r.stdout.strip()}")
 
     def start(self, fresh=False, echo=None):
         """Starts QEMU (a fresh copy of the image and blank disks with fresh) and puts

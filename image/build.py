@@ -2,7 +2,7 @@
 """Builds the dosd appliance image: target/appliance/dosd-appliance.img.
 
 Usage: image/build [-o OUTPUT] [--no-cargo]
-       image/build --uki-only [--slot a|b] [--image-version V] [--broken] [-o OUTPUT] [--no-cargo]
+       image/build --uki-only [--slot a|b] [--image-version V] [--broken] [--hang] [-o OUTPUT] [--no-cargo]
 
 A GPT disk built in files (no loop mounts) from Debian packages and the project's own
 static build:
@@ -68,6 +68,7 @@ MODULES = harness.MODULES + [
     "efivarfs",
     "button",  # the ACPI power button (QMP system_powerdown) ...
     "evdev",  # ... as an input event for busybox acpid
+    "i6300esb",  # QEMU's watchdog (qemu/node); the init arms /dev/watchdog
 ]
 
 # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can fail
@@ -277,7 +278,7 @@ def make_fat(path, sectors, label, serial, files, dirs, env):
         run(["mcopy", "-i", path, src, "::/" + dst], env=env)
 
 
-def make_uki(work, use_cargo, slot="a", version=None, broken=False):
+def make_uki(work, use_cargo, slot="a", version=None, broken=False, hang=False):
     """Builds a UKI in WORK (emptied first) for SLOT; returns (path, epoch, version)."""
     ensure_packages()
     epoch = source_date_epoch()
@@ -300,7 +301,8 @@ def make_uki(work, use_cargo, slot="a", version=None, broken=False):
     initrd = os.path.join(work, "initramfs.cpio.zst")
     pack_initramfs(stage, initrd, epoch)
     log(f"initramfs {os.path.getsize(initrd)} bytes: {time.monotonic() - t:.1f} s")
-    cmdline = f"{CMDLINE_BASE} dosd.slot={slot}" + (" dosd.broken=1" if broken else "")
+    cmdline = (f"{CMDLINE_BASE} dosd.slot={slot}" + (" dosd.broken=1" if broken else "")
+               + (" dosd.hang=1" if hang else ""))
     uki = os.path.join(work, f"dosd-{slot}.efi")
     build_uki(uki, vmlinuz, initrd, cmdline, osrel, work)
     log(f"UKI {os.path.getsize(uki)} bytes (kernel {kver}, version {version}, cmdline {cmdline!r})")
@@ -361,16 +363,19 @@ def main():
     ap.add_argument("--image-version", help="IMAGE_VERSION (default: the crate version and the commit count)")
     ap.add_argument("--broken", action="store_true",
                     help="with --uki-only: dosd.broken=1, the init never starts dosd (a rollback test)")
+    ap.add_argument("--hang", action="store_true",
+                    help="with --uki-only: dosd.hang=1, the init stops petting the watchdog (a hang, by hand)")
     args = ap.parse_args()
-    if (args.slot != "a" or args.broken) and not args.uki_only:
-        ap.error("--slot and --broken need --uki-only")
+    if (args.slot != "a" or args.broken or args.hang) and not args.uki_only:
+        ap.error("--slot, --broken and --hang need --uki-only")
     os.makedirs(OUT_DIR, exist_ok=True)
     os.makedirs(harness.CACHE, exist_ok=True)
     try:
         if args.uki_only:
             t0 = time.monotonic()
             work = os.path.join(OUT_DIR, f"work-uki-{args.slot}")
-            uki, _, version = make_uki(work, not args.no_cargo, args.slot, args.image_version, args.broken)
+            uki, _, version = make_uki(work, not args.no_cargo, args.slot, args.image_version, args.broken,
+                                            args.hang)
             out = args.output or os.path.join(OUT_DIR, f"dosd-{args.slot}-{version}.efi")
             shutil.move(uki, out)
             shutil.rmtree(work, ignore_errors=True)

@@ -70,6 +70,9 @@ def command(args):
         "-nodefaults",
         "-serial", "mon:stdio",  # Ctrl-A X quits, Ctrl-A C the monitor
         "-qmp", f"unix:{os.path.join(d, 'qmp.sock')},server=on,wait=off",
+        # A hardware watchdog (the init arms it; a hung guest is reset).
+        "-device", "i6300esb",
+        "-action", "watchdog=reset",
     ]
     if not args.no_iommu:
         cmd += ["-device", "intel-iommu,intremap=on,caching-mode=on"]

@@ -509,6 +509,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         },
         command_wait: Duration::from_secs(5),
         boot,
+        restarts_file: Some(cfg.data_dir.join(mgmt::supervisor::FILE)),
     };
     let mgmt = mgmt::Mgmt::start(mgmt_cfg, handle.clone(), node_state)
         .with_context(|| format!("cannot start the management core on {}", cfg.mgmt_listen))?;

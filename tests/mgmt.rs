@@ -298,6 +298,7 @@ fn every_endpoint_answers_as_documented() {
     assert_eq!(n["addresses"]["multicast_group"], node.group.as_str());
     assert_eq!(n["backends"]["disks"], serde_json::json!(["file"]));
     assert_eq!(n["mutations_enabled"], true);
+    assert_eq!(n["restarts"], serde_json::json!({"total": 0, "recent": []}));
 
     let d = api.check("GET", "/v1/disks", &get(&node, "/v1/disks"));
     let disks = d["disks"].as_array().unwrap();
@@ -603,6 +604,34 @@ fn offline_sends_stores_elsewhere_and_online_brings_every_object_back() {
     for (fp, _) in &objects {
         assert_eq!(after[fp], before[fp]);
     }
+}
+
+/// The appliance's init records each run of dosd that ended in `<data dir>/restarts`;
+/// the next run reports them in `/v1/node` (a line it cannot read is counted, not shown)
+/// and says so in its log.
+#[test]
+fn node_reports_the_supervisors_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("restarts"),
+        "31.50 exit=1 ran=3s\nnot a line\n40.25 exit=unknown ran=7s\n",
+    )
+    .unwrap();
+    let node = Node::start(&data, &unique_group(), &[]);
+    let api = Api::fetch(&node);
+    let n = api.check("GET", "/v1/node", &get(&node, "/v1/node"));
+    assert_eq!(
+        n["restarts"],
+        serde_json::json!({"total": 3, "recent": [
+            {"at_uptime_s": 31.5, "exit": "1", "ran_s": 3},
+            {"at_uptime_s": 40.25, "exit": "unknown", "ran_s": 7},
+        ]})
+    );
+    assert!(node
+        .log()
+        .contains("dosd was restarted by its supervisor after an earlier run ended"));
 }
 
 #[test]

@@ -241,6 +241,11 @@ pub struct NodeView {
     /// (no `--boot-esp`: `POST /v1/update` answers 409).
     #[schema(required = true)]
     pub boot: Option<BootView>,
+    /// Runs of dosd that ended and were restarted by its supervisor (the appliance's
+    /// init, which records them in `<data dir>/restarts`); zero with none, null when
+    /// that file could not be read.
+    #[schema(required = true)]
+    pub restarts: Option<crate::supervisor::RestartsView>,
 }
 
 /// Optional body of a state change.
@@ -290,7 +295,8 @@ pub struct AddAddressRequest {
         NodeView, Addresses, Backends, Role, DisksView, DiskView, DiskStateView,
         LastErrorView, DiskHealthView,
         StateChangeRequest, AddressesView, AddAddressRequest, ErrorBody, Health, health::Reason, health::ReasonKind,
-        health::Status, health::Thresholds, BootView, Slot, UpdateView, update::UkiImage
+        health::Status, health::Thresholds, BootView, Slot, UpdateView, update::UkiImage,
+        crate::supervisor::RestartsView, crate::supervisor::ExitView
     )),
     modifiers(&BearerAuth)
 )]
@@ -385,6 +391,7 @@ async fn node(State(s): State<Arc<Shared>>) -> Json<NodeView> {
         },
         mutations_enabled: s.cfg.token.is_some(),
         boot: s.boot.as_ref().map(|b| b.view()),
+        restarts: s.restarts.clone(),
     })
 }
 

@@ -17,6 +17,7 @@ pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod status;
+pub mod supervisor;
 pub mod update;
 
 use std::net::{SocketAddr, TcpListener};
@@ -45,6 +46,9 @@ pub struct MgmtConfig {
     pub command_wait: Duration,
     /// The A/B boot slots (`--boot-esp`); `None`: not the appliance, updates disabled.
     pub boot: Option<update::BootConfig>,
+    /// The file where a supervisor that restarts dosd (the appliance's init) records
+    /// the runs that ended ([`supervisor`]); read once at start.
+    pub restarts_file: Option<std::path::PathBuf>,
 }
 
 /// Why the management core could not start.
@@ -71,6 +75,8 @@ pub struct Shared {
     pub(crate) monitor: Arc<health::Monitor>,
     /// The boot slots, when the node runs as the A/B appliance.
     pub(crate) boot: Option<Arc<update::Boot>>,
+    /// What the supervisor recorded of earlier runs (`restarts_file`).
+    pub(crate) restarts: Option<supervisor::RestartsView>,
     /// Rendered once at start: it never changes while the node runs.
     pub(crate) openapi: String,
 }
@@ -129,6 +135,25 @@ impl Mgmt {
                 Some(Arc::new(boot))
             }
         };
+        let restarts = cfg.restarts_file.as_deref().and_then(|path| {
+            match supervisor::read(path) {
+                Ok(view) => {
+                    if let Some(last) = view.recent.last() {
+                        tracing::warn!(
+                            restarts = view.total,
+                            last_exit = %last.exit,
+                            last_ran_s = last.ran_s,
+                            "dosd was restarted by its supervisor after an earlier run ended"
+                        );
+                    }
+                    Some(view)
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read the supervisor's restarts");
+                    None
+                }
+            }
+        });
         let openapi = api::ApiDoc::openapi()
             .to_json()
             .map_err(|e| MgmtError::OpenApi(e.to_string()))?;
@@ -145,6 +170,7 @@ impl Mgmt {
             local,
             monitor: Arc::clone(&monitor),
             boot,
+            restarts,
             openapi,
         });
         let (stop, stopped) = watch::channel(false);

@@ -228,6 +228,7 @@ mod tests {
             thresholds: Thresholds::default(),
             command_wait: Duration::from_secs(1),
             boot: None,
+            restarts_file: None,
         };
         let mgmt = Mgmt::start(cfg, handle, node).unwrap();
         let addr = mgmt.local_addr();

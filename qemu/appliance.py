@@ -9,20 +9,30 @@
    boot-to-serving time = QEMU start until GET /v1/disks answers over the forwarded
    port. /v1/disks must list the 3 controllers by serial, all online, on the nvme
    backend; /v1/health must answer.
+   GET /v1/node: the node id is the one the init made and kept on the ESP, and
+   boot.image_version is the image's IMAGE_VERSION (the init's first console line).
 4. The host's dosp (scripts/test.sh's host build) stores, fetches, reads ranges of and
    deletes objects over the forwarded DOSP port; every byte is checked against md5sum.
-5. QMP system_powerdown: the init stops dosd and powers off within 60 s.
-6. The fallback, booted the same way: no IOMMU and the boot disk on NVMe; the init
+5. A power cut: 3 clients store objects (1000 B to 1 MiB + 7, random bytes) until at
+   least 48 are acknowledged, and QEMU is killed (SIGKILL) with stores in flight.
+   The same node (boot disk, NVMe disk files, OVMF variables) boots again: /v1/disks
+   lists the 3 disks online, every acknowledged object fetches with its md5, GET
+   /v1/node has the node id of before the cut and a higher epoch.
+6. On that second boot, QMP system_powerdown: the init stops dosd and powers off
+   within 60 s.
+7. The fallback, booted the same way: no IOMMU and the boot disk on NVMe; the init
    leaves the boot controller out and serves the 2 other drives as file:/dev/nvmeXn1
    (the kernel's nvme driver and io_uring), saying so; one object stored and fetched;
    clean poweroff.
 
-Every wait is bounded. Console in target/qemu/appliance.log. Standard library only.
+Every wait is bounded. Consoles in target/qemu/appliance.log (first boot),
+appliance-after-cut.log and appliance-fallback.log. Standard library only.
 """
 
 import hashlib
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -42,6 +52,9 @@ DISKS = 3
 IMAGE = os.path.join(ROOT, "target", "appliance", "dosd-appliance.img")
 REBUILD = os.path.join(ROOT, "target", "appliance", "rebuild.img")
 BOOT_TIMEOUT = 300
+CUT_AFTER = 48  # acknowledged stores before the power cut
+CUT_CLIENTS = 3
+CUT_SIZES = (1000, 4096, 65537, (256 << 10) + 5, (1 << 20) + 7)
 ANSI_RE = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[()][A-Z0-9]|[A-Za-z])")
 
 
@@ -93,11 +106,17 @@ class Console:
                 print(f"[guest {t:6.1f}] {line}", flush=True)
 
     def first(self, pattern):
+        m = self.match(pattern)
+        return m[0] if m else None
+
+    def match(self, pattern):
+        """(seconds, re.Match) of the first line matching pattern, or None."""
         rx = re.compile(pattern)
         with self.lock:
             for t, line in self.lines:
-                if rx.search(line):
-                    return t
+                m = rx.search(line)
+                if m:
+                    return t, m
         return None
 
 
@@ -204,14 +223,17 @@ def check_objects(bindir, port, work):
 class Node:
     """One qemu/node run: QEMU with the console streamed, on free loopback ports."""
 
-    def __init__(self, name, extra, logname, prepare=None):
+    def __init__(self, name, extra, logname, prepare=None, fresh=True):
         """prepare(boot_img), if given, runs on the node's fresh copy of the image
-        before QEMU starts (e.g. to write its own dosd.toml onto DOSDCONF)."""
+        before QEMU starts (e.g. to write its own dosd.toml onto DOSDCONF). fresh=False
+        boots the node's files as the last run left them (boot disk, NVMe disks)."""
         self.name = name
         self.rest, self.dosp = free_port(), free_port()
         while self.dosp == self.rest:
             self.dosp = free_port()
-        args = ["--name", name, "--fresh", "--rest-port", str(self.rest), "--dosp-port", str(self.dosp)] + extra
+        args = ["--name", name, "--rest-port", str(self.rest), "--dosp-port", str(self.dosp)] + extra
+        if fresh:
+            args.append("--fresh")
         cmd = qnode.command(qnode.parser().parse_args(args))
         self.work = os.path.join(qnode.node_dir(name), "objects")
         os.makedirs(self.work, exist_ok=True)
@@ -255,6 +277,110 @@ class Node:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def node_view(self):
+        _, body = http_get(self.rest, "/v1/node")
+        return json.loads(body)
+
+
+def check_identity(node):
+    """The first boot: the init made the node id and kept it on the ESP; /v1/node
+    shows it, and the running image's version. Returns /v1/node."""
+    v = node.node_view()
+    made = node.console.match(r"^dosd-init: \[[0-9.]+\] new node id ([0-9a-f]{16}), kept in /boot/efi/dosd/node-id")
+    if made is None:
+        raise Fail("the init did not make and keep a node id on the first boot")
+    if v["node_id"] != made[1].group(1):
+        raise Fail(f"/v1/node says node id {v['node_id']}, the init made {made[1].group(1)}")
+    first = node.console.match(r"^dosd-init: \[[0-9.]+\] dosd appliance (\S+) ")
+    want = first[1].group(1) if first else None
+    boot = v.get("boot") or {}
+    if want is None or boot.get("image_version") != want:
+        raise Fail(f"/v1/node boot.image_version is {boot.get('image_version')!r}, the image is {want!r}")
+    log(f"node id {v['node_id']} (made by the init, kept on the ESP), epoch {v['epoch']}, "
+        f"image version {boot['image_version']} from {boot.get('booted_file')}")
+    return v
+
+
+def power_cut(node, bindir, results):
+    """CUT_CLIENTS clients store until CUT_AFTER stores are acknowledged (bounded), then QEMU
+    is killed mid-workload. Returns [(fingerprint, size)] of the acknowledged ones."""
+    acked, failed = [], []
+    in_flight = [0]
+    lock = threading.Lock()
+    stop = threading.Event()
+    rng = random.Random(os.urandom(8))
+
+    def client(k):
+        i = 0
+        while not stop.is_set():
+            size = rng.choice(CUT_SIZES)
+            path = os.path.join(node.work, f"cut.{k}.{i}")
+            with open(path, "wb") as f:
+                f.write(os.urandom(size))
+            want = md5sum(path)
+            with lock:
+                in_flight[0] += 1
+            r = dosp(bindir, node.dosp, "store", path, timeout=60)
+            with lock:
+                in_flight[0] -= 1
+                if r.returncode == 0 and r.stdout.strip() == want:
+                    acked.append((want, size))
+                elif not stop.is_set():
+                    failed.append(f"{size} bytes: {r.stdout.strip()!r} {r.stderr.strip()}")
+            i += 1
+
+    t = time.monotonic()
+    clients = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(CUT_CLIENTS)]
+    for c in clients:
+        c.start()
+    deadline = t + 120
+    while len(acked) < CUT_AFTER and not failed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0, 0.3))
+    with lock:
+        stop.set()
+        n_acked, n_flight = len(acked), in_flight[0]
+    node.kill()  # SIGKILL: the guest gets no word of it
+    results["cut_workload_s"] = time.monotonic() - t
+    for c in clients:
+        c.join(timeout=90)
+    node.console.thread.join(timeout=5)
+    if failed:
+        raise Fail(f"a store failed before the power cut: {failed[0]}")
+    if n_acked < CUT_AFTER:
+        raise Fail(f"only {n_acked} stores acknowledged within 120 s")
+    log(f"power cut (SIGKILL of QEMU) after {results['cut_workload_s']:.1f} s of stores: "
+        f"{n_acked} acknowledged, {n_flight} in flight; {len(acked)} acknowledged in all")
+    results["cut_acked"] = len(acked)
+    return list(acked)
+
+
+def check_after_cut(node, bindir, before, acked, results):
+    """The reboot after the power cut: same node id, a higher epoch, every
+    acknowledged object byte-exact."""
+    t = time.monotonic()
+    v = node.node_view()
+    if v["node_id"] != before["node_id"]:
+        raise Fail(f"the node id changed across the power cut: {before['node_id']} -> {v['node_id']}")
+    if v["epoch"] <= before["epoch"]:
+        raise Fail(f"the epoch went from {before['epoch']} to {v['epoch']} across the reboot")
+    if node.console.first(r"new node id") is not None:
+        raise Fail("the init made a new node id on the second boot")
+    if (v.get("boot") or {}).get("image_version") != before["boot"]["image_version"]:
+        raise Fail(f"boot.image_version {v.get('boot')} after the reboot")
+    back = os.path.join(node.work, "cut.back")
+    for fp, size in acked:
+        r = dosp(bindir, node.dosp, "fetch", fp, "-o", back)
+        if r.returncode != 0 or md5sum(back) != fp or os.path.getsize(back) != size:
+            raise Fail(f"acknowledged object {fp} ({size} bytes) lost or damaged by the power cut: "
+                       f"{r.stderr.strip()}")
+    results["cut_check_s"] = time.monotonic() - t
+    with node.console.lock:
+        torn = sum(1 for _, line in node.console.lines if "torn tail: dropping" in line)
+    log(f"after the power cut: node id {v['node_id']} kept, epoch {before['epoch']} -> {v['epoch']}, "
+        f"all {len(acked)} acknowledged objects fetched byte-exact in {results['cut_check_s']:.1f} s "
+        f"(dosd dropped a torn, unacknowledged tail on {torn} disk(s))")
 
 
 def check_fallback(node, bindir):
@@ -304,7 +430,16 @@ def main():
         log(f"serving {serving:.1f} s after QEMU started (kernel at {results['kernel_s']:.1f} s, "
             f"/init at {results['init_s']:.1f} s)")
         check_disks(node.rest)
+        before = check_identity(node)
         check_objects(bindir, node.dosp, node.work)
+        acked = power_cut(node, bindir, results)
+
+        # The same node again after the cut: its boot disk and NVMe disk files.
+        node = Node(NAME, ["--disks", str(DISKS), "--disk-size", "512M"], "appliance-after-cut.log", fresh=False)
+        results["reboot_serving_s"] = node.wait_serving()
+        log(f"serving {results['reboot_serving_s']:.1f} s after QEMU started, after the power cut")
+        check_disks(node.rest)
+        check_after_cut(node, bindir, before, acked, results)
         node.power_off()
 
         # The fallback: no IOMMU, the boot disk on NVMe.

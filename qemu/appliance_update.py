@@ -12,11 +12,12 @@
 3. Slot A serves and is good; one object is stored (md5sum checked).
 4. POST /v1/update?reboot=true with the good slot-B UKI: the node reboots into slot
    B, dosd marks it good (`dosd-b+2-1.efi` renamed `dosd-b.efi`), /v1/node says slot
-   b, marked_good; the object is fetched.
+   b, marked_good, the update's image_version and slot A's node id (the init keeps it
+   on the ESP); the object is fetched.
 5. POST /v1/update?reboot=true with the broken slot-A UKI: systemd-boot tries it 3
    times (each time the init reboots after trial_timeout, the slot never being marked
-   good), then boots slot B by itself; the node serves on slot B and the object from
-   step 3 is fetched again, md5-checked.
+   good), then boots slot B by itself; the node serves on slot B with the same node
+   id and the object from step 3 is fetched again, md5-checked.
 6. Clean poweroff; the ESP (mdir) holds exactly `dosd-b.efi` and `dosd-a+0-3.efi`.
 
 Each boot's slot, image version and times (since QEMU started) are printed. Every wait
@@ -161,6 +162,7 @@ def main():
         v = wait_good(node, "a", BOOT_TIMEOUT, 0.0, want_boots=1)
         results["a_serving_s"] = time.monotonic() - node.t0
         log(f"slot a serving and good at {results['a_serving_s']:.1f} s: {v['boot']}")
+        node_id = v["node_id"]
         path = os.path.join(node.work, "obj")
         with open(path, "wb") as f:
             f.write(os.urandom((1 << 20) + 5))
@@ -184,6 +186,10 @@ def main():
             raise Fail(f"slot b booted from {v['boot'].get('booted_file')}, want its first try dosd-b+2-1.efi")
         if node.console.first(r"boot marked good.*dosd-b\+2-1\.efi.*dosd-b\.efi") is None:
             raise Fail("dosd did not log renaming dosd-b+2-1.efi to dosd-b.efi")
+        if v["boot"].get("image_version") != ukis["good"][2]:
+            raise Fail(f"slot b reports image_version {v['boot'].get('image_version')!r}, want {ukis['good'][2]}")
+        if v["node_id"] != node_id:
+            raise Fail(f"the node id changed with the reboot into slot b: {node_id} -> {v['node_id']}")
         fetch_check(bindir, node, fp, "on slot b")
 
         # The broken update: slot a, tried 3 times, rolled back to b.
@@ -201,6 +207,8 @@ def main():
         if (v["boot"].get("booted_file") or "") != "dosd-b.efi":
             raise Fail(f"after the rollback slot b booted from {v['boot'].get('booted_file')}, want dosd-b.efi")
         log(f"rolled back to slot b {results['rollback_s']:.1f} s after the POST: {v['boot']}")
+        if v["node_id"] != node_id:
+            raise Fail(f"the node id changed across the rollback: {node_id} -> {v['node_id']}")
         fetch_check(bindir, node, fp, "after the rollback")
         node.power_off()
 

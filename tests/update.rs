@@ -192,6 +192,7 @@ fn boot_is_marked_good_and_an_update_goes_into_the_other_slot() {
     assert_eq!(boot["booted_file"], "dosd-a+2-1.efi", "{v}");
     assert_eq!(boot["tries_left"], 2, "{v}");
     assert_eq!(boot["error"], Value::Null, "{v}");
+    assert_eq!(boot["image_version"], Value::Null, "not a UKI: {v}");
     assert_eq!(listing(&linux), ["dosd-a.efi", "dosd-b.efi"]);
     assert_eq!(
         std::fs::read(linux.join("dosd-a.efi")).unwrap(),
@@ -399,7 +400,9 @@ fn an_image_must_be_newer_than_the_running_one() {
             "b",
         ],
     );
-    wait_marked_good(&node);
+    // /v1/node reports the running image's version (its .osrel's IMAGE_VERSION).
+    let v = wait_marked_good(&node);
+    assert_eq!(v["boot"]["image_version"], "1.10", "{v}");
     for old in ["1.10", "1.9", "1"] {
         let image = fake_uki(3, 100, Some(old));
         let (status, e) = update(

@@ -130,6 +130,7 @@ impl Mgmt {
                     file = v.booted_file.as_deref().unwrap_or("-"),
                     marked_good = v.marked_good,
                     tries_left = ?v.tries_left,
+                    image_version = v.image_version.as_deref().unwrap_or("-"),
                     "boot slot"
                 );
                 Some(Arc::new(boot))

@@ -463,6 +463,11 @@ pub struct BootView {
     /// slot was good already (not counted).
     #[schema(required = true)]
     pub tries_left: Option<u32>,
+    /// The running image's `IMAGE_VERSION`, from the `.osrel` section of
+    /// `booted_file` as read at start (e.g. `0.1.0.252`); null when that file has
+    /// none or could not be read.
+    #[schema(required = true)]
+    pub image_version: Option<String>,
     /// Why the boot could not be marked good, or null.
     #[schema(required = true)]
     pub error: Option<String>,
@@ -523,11 +528,20 @@ impl Boot {
                 Some(format!("slot {} has several counted files", cfg.slot)),
             ),
         };
+        // The running image's version: what systemd-boot orders by, and what an
+        // update must exceed.
+        let image_version = booted_file.as_ref().and_then(|n| {
+            image_version(&dir.join(n)).unwrap_or_else(|e| {
+                tracing::warn!(file = %n, error = %e, "cannot read the running image's version");
+                None
+            })
+        });
         let view = BootView {
             slot: cfg.slot,
             booted_file,
             marked_good,
             tries_left,
+            image_version,
             error,
             update_installed: None,
         };
@@ -1004,19 +1018,24 @@ mod tests {
         assert_eq!(osrel_image_version("ID=dosd\n"), None);
     }
 
-    #[test]
-    fn image_version_from_the_osrel_section() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A small PE image with an `.osrel` section holding `osrel`, and a `.linux` one.
+    fn fake_uki(osrel: &[u8]) -> Vec<u8> {
         let mut pe = fake_pe(&[b".osrel", b".linux"]);
-        let text = b"ID=dosd\nIMAGE_VERSION=7\n";
         let at = pe.len() as u32;
         // The .osrel header: size and file offset of its content.
         let sec = 0x80 + 24 + 0xf0;
-        pe[sec + 8..sec + 12].copy_from_slice(&(text.len() as u32).to_le_bytes());
+        pe[sec + 8..sec + 12].copy_from_slice(&(osrel.len() as u32).to_le_bytes());
         pe[sec + 16..sec + 20].copy_from_slice(&512u32.to_le_bytes());
         pe[sec + 20..sec + 24].copy_from_slice(&at.to_le_bytes());
-        pe.extend_from_slice(text);
+        pe.extend_from_slice(osrel);
         pe.extend_from_slice(&[0; 512]);
+        pe
+    }
+
+    #[test]
+    fn image_version_from_the_osrel_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let pe = fake_uki(b"ID=dosd\nIMAGE_VERSION=7\n");
         let p = dir.path().join("x.efi");
         std::fs::write(&p, &pe).unwrap();
         assert_eq!(image_version(&p).unwrap(), Some("7".into()));
@@ -1121,7 +1140,11 @@ mod tests {
         assert!(Boot::open(cfg(Slot::A)).is_err(), "no EFI/Linux");
         let d = esp.path().join("EFI/Linux");
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("dosd-a+1-2.efi"), b"A").unwrap();
+        std::fs::write(
+            d.join("dosd-a+1-2.efi"),
+            fake_uki(b"IMAGE_ID=dosd\nIMAGE_VERSION=0.1.0.252.1\n"),
+        )
+        .unwrap();
         std::fs::write(d.join("dosd-b.efi"), b"B").unwrap();
         std::fs::write(d.join("dosd-b.part"), b"half an update").unwrap();
         let a = Boot::open(cfg(Slot::A)).unwrap().view();
@@ -1131,10 +1154,13 @@ mod tests {
         );
         assert_eq!(a.booted_file.as_deref(), Some("dosd-a+1-2.efi"));
         assert_eq!(a.tries_left, Some(1));
+        assert_eq!(a.image_version.as_deref(), Some("0.1.0.252.1"));
         assert!(!a.marked_good);
+        // A file that is not a UKI: no version, and the boot is still reported.
         let b = Boot::open(cfg(Slot::B)).unwrap().view();
         assert!(b.marked_good);
         assert_eq!(b.tries_left, None);
+        assert_eq!(b.image_version, None);
         let boot = Boot::open(cfg(Slot::A)).unwrap();
         boot.mark();
         let v = boot.view();

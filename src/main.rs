@@ -70,27 +70,54 @@ fn open_disks(cfg: &Config, dir: &datadir::DataDir, queues: u16) -> anyhow::Resu
             .map(Disk::File)
             .collect());
     }
+    // All at once: an NVMe controller takes a few hundred ms to come up (unbound from
+    // the kernel's driver, bound to vfio-pci, reset, Identify), most of a second for
+    // three in a row under QEMU's TCG. A disk that fails is tried once more on its
+    // own, with the others open: two openings of controllers already on vfio-pci
+    // (found by serial only after Identify) can get in each other's way.
+    let first: Vec<anyhow::Result<Disk>> = std::thread::scope(|s| {
+        let threads: Vec<_> = cfg
+            .disk_specs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| s.spawn(move || open_disk(cfg, i, spec, queues)))
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("opening a disk panicked")))
+            })
+            .collect()
+    });
     let mut disks = Vec::new();
-    for (i, spec) in cfg.disk_specs.iter().enumerate() {
-        match spec {
-            DiskSpec::File(path) => {
-                let dev = nvme::file::FileDevice::open(path, cfg.disk_size)
-                    .with_context(|| format!("cannot open disk {i} (file:{})", path.display()))?;
-                disks.push(Disk::File(dev));
-            }
-            DiskSpec::Nvme(name) => {
-                let opts = nvme::driver::CtrlOptions {
-                    io_queues: queues.max(2),
-                    ..Default::default()
-                };
-                let opened = nvme::driver::open(name, &opts)
-                    .map_err(anyhow::Error::msg)
-                    .with_context(|| format!("cannot open disk {i} (nvme:{name})"))?;
-                disks.push(Disk::Nvme(opened));
-            }
-        }
+    for (i, (spec, opened)) in cfg.disk_specs.iter().zip(first).enumerate() {
+        disks.push(match opened {
+            Ok(disk) => disk,
+            Err(_) => open_disk(cfg, i, spec, queues)?,
+        });
     }
     Ok(disks)
+}
+
+fn open_disk(cfg: &Config, i: usize, spec: &DiskSpec, queues: u16) -> anyhow::Result<Disk> {
+    match spec {
+        DiskSpec::File(path) => {
+            let dev = nvme::file::FileDevice::open(path, cfg.disk_size)
+                .with_context(|| format!("cannot open disk {i} (file:{})", path.display()))?;
+            Ok(Disk::File(dev))
+        }
+        DiskSpec::Nvme(name) => {
+            let opts = nvme::driver::CtrlOptions {
+                io_queues: queues.max(2),
+                ..Default::default()
+            };
+            let opened = nvme::driver::open(name, &opts)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("cannot open disk {i} (nvme:{name})"))?;
+            Ok(Disk::Nvme(opened))
+        }
+    }
 }
 
 /// One dataplane loop's handles on every disk: its own io_uring on a file (the same

@@ -1,0 +1,1020 @@
+//! Cluster authentication: the key ring, request certificates, the replay guard and
+//! capability tokens.
+//!
+//! This module owns the cryptography every signed path of DOSP shares (issue 12):
+//!
+//! * [`KeyRing`]: the cluster keys read from a key file (`ID HEXSECRET` a line). The first
+//!   key signs; every listed key verifies, so keys rotate without downtime.
+//! * [`Key::certify`] / [`KeyRing::verify`]: a 32-byte certificate over a request
+//!   (its header and In structure), HMAC-SHA256 by default or the specification's
+//!   double MD5 `md5(secret ‖ md5(secret ‖ request))` for compatibility ([`CertMode`]).
+//! * [`ReplayGuard`]: refuses a STORE/DELETE whose (key, timestamp, nonce) was already
+//!   seen or whose timestamp is outside the clock window, in bounded memory.
+//! * [`Capability`] tokens: one operation on one object until a time, minted by a
+//!   manager ([`KeyRing::mint`]) and checked by a node ([`KeyRing::check_token`]).
+//!
+//! It is pure: no I/O except [`KeyRing::load`], no clock (callers pass the time), and no
+//! allocation on the verification paths.
+//!
+//! What it must never do: panic on anything that comes from outside (key files,
+//! certificates, tokens), put secret bytes in an error or a `Debug` string, or compare a
+//! MAC with an early exit.
+#![deny(missing_docs)]
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use md5::Md5;
+use sha2::{Digest, Sha256};
+use subtle::{Choice, ConstantTimeEq};
+use zeroize::Zeroizing;
+
+use crate::wire::Opcode;
+use crate::Fingerprint;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// A request certificate: 32 bytes on the wire whatever the [`CertMode`].
+pub type Cert = [u8; 32];
+
+/// Fewest secret bytes a key may have (256 bits).
+pub const SECRET_BYTES_MIN: usize = 32;
+/// Most secret bytes a key may have.
+pub const SECRET_BYTES_MAX: usize = 128;
+/// Longest key id, in characters.
+pub const KEY_ID_LEN_MAX: usize = 16;
+/// Most keys a key ring holds: rotation needs two or three, the bound keeps lookups and
+/// start-up cheap.
+pub const KEYS_MAX: usize = 64;
+/// Largest key file [`KeyRing::load`] reads: 64 keys of the longest form with comments
+/// fit many times over.
+pub const KEY_FILE_BYTES_MAX: u64 = 1024 * 1024;
+
+/// SHA-256's block size: HMAC keys are padded (or hashed, then padded) to this length.
+const HMAC_BLOCK_BYTES: usize = 64;
+
+// ---------------------------------------------------------------------------------------
+// Keys and the key ring
+// ---------------------------------------------------------------------------------------
+
+/// One cluster key: its id, the id's 32-bit wire form, and the secret.
+///
+/// `Debug` prints the id and the wire id, never the secret. The secret (and the HMAC key
+/// derived from it) is zeroed when the key is dropped.
+#[derive(Clone)]
+pub struct Key {
+    id: String,
+    wire_id: u32,
+    secret: Zeroizing<Vec<u8>>,
+    /// The secret as HMAC-SHA256 uses it (RFC 2104 `K0`): zero-padded to the block size,
+    /// or hashed first when longer. Kept so that building the MAC needs no fallible step.
+    hmac_key: Zeroizing<[u8; HMAC_BLOCK_BYTES]>,
+}
+
+impl Key {
+    fn new(id: String, secret: Zeroizing<Vec<u8>>) -> Key {
+        let wire_id = wire_id_of(&id);
+        let hmac_key = hmac_block_key(&secret);
+        Key {
+            id,
+            wire_id,
+            secret,
+            hmac_key,
+        }
+    }
+
+    /// The key's name as written in the key file (1 to 16 of `[A-Za-z0-9._-]`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The key's id on the wire: the first four bytes, little-endian, of SHA-256 of
+    /// [`Key::id`].
+    pub fn wire_id(&self) -> u32 {
+        self.wire_id
+    }
+
+    /// The certificate of the message made of `parts` concatenated (for a request: its
+    /// header, then its In structure), computed streaming, without allocating.
+    ///
+    /// [`CertMode::HmacSha256`] fills all 32 bytes; [`CertMode::DoubleMd5`] puts
+    /// `md5(secret ‖ md5(secret ‖ message))` in the first 16 and zeros in the rest.
+    pub fn certify(&self, mode: CertMode, parts: &[&[u8]]) -> Cert {
+        match mode {
+            CertMode::HmacSha256 => hmac_sha256(&self.hmac_key, parts),
+            CertMode::DoubleMd5 => double_md5(&self.secret, parts),
+        }
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Key")
+            .field("id", &self.id)
+            .field("wire_id", &format_args!("{:#010x}", self.wire_id))
+            .field(
+                "secret",
+                &format_args!("<{} bytes, redacted>", self.secret.len()),
+            )
+            .finish()
+    }
+}
+
+/// The wire id of a key id: the first four bytes of SHA-256 of the id, little-endian.
+pub fn wire_id_of(id: &str) -> u32 {
+    let digest = Sha256::digest(id.as_bytes());
+    u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]])
+}
+
+/// RFC 2104 `K0`: the key zero-padded to the block size, or its SHA-256 zero-padded when
+/// it is longer than a block. HMAC with `K0` equals HMAC with the key.
+fn hmac_block_key(secret: &[u8]) -> Zeroizing<[u8; HMAC_BLOCK_BYTES]> {
+    let mut k0 = Zeroizing::new([0u8; HMAC_BLOCK_BYTES]);
+    if secret.len() > HMAC_BLOCK_BYTES {
+        let digest = Sha256::digest(secret);
+        k0[..digest.len()].copy_from_slice(&digest);
+    } else {
+        k0[..secret.len()].copy_from_slice(secret);
+    }
+    k0
+}
+
+fn hmac_sha256(k0: &[u8; HMAC_BLOCK_BYTES], parts: &[&[u8]]) -> [u8; 32] {
+    // A key of exactly one block is infallible: `new` takes a fixed-size array.
+    let mut mac = <HmacSha256 as hmac::digest::KeyInit>::new(k0.into());
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+fn double_md5(secret: &[u8], parts: &[&[u8]]) -> Cert {
+    let mut inner = Md5::new();
+    inner.update(secret);
+    for part in parts {
+        inner.update(part);
+    }
+    let inner = inner.finalize();
+    let mut outer = Md5::new();
+    outer.update(secret);
+    outer.update(inner);
+    let mut cert = [0u8; 32];
+    cert[..16].copy_from_slice(&outer.finalize());
+    cert
+}
+
+/// The cluster's keys. The first key signs ([`KeyRing::signer`]); every key verifies.
+///
+/// `Debug` lists ids and wire ids only.
+#[derive(Clone)]
+pub struct KeyRing {
+    keys: Vec<Key>,
+    /// Stands in for an unknown key id, so that a request naming one costs the same MAC
+    /// as a request naming a real key (same secret length as the signing key).
+    dummy: Key,
+    /// Permission bits of the file the ring was loaded from, if it was.
+    file_mode: Option<u32>,
+}
+
+/// Why a key file was refused. Errors name the line (counting from 1) and the problem,
+/// never secret bytes: a malformed line may hold a secret in any field, so only key ids
+/// that passed their checks are ever quoted.
+///
+/// Errors from [`KeyRing::parse`] do not name the file; callers of [`KeyRing::load`]
+/// should add the path when they report one.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    /// The file could not be opened or read.
+    #[error("cannot read key file {path}: {source}")]
+    Io {
+        /// The key file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The file is larger than [`KEY_FILE_BYTES_MAX`].
+    #[error("key file {path} is larger than {max} bytes: not a key file")]
+    TooLarge {
+        /// The key file.
+        path: PathBuf,
+        /// The limit, in bytes.
+        max: u64,
+    },
+    /// The file is not UTF-8 text.
+    #[error("line {line}: not UTF-8 text")]
+    NotUtf8 {
+        /// The first line with an invalid byte.
+        line: usize,
+    },
+    /// The file holds no key.
+    #[error("no keys: a key file needs at least one `ID HEXSECRET` line")]
+    Empty,
+    /// A line is not two fields.
+    #[error("line {line}: expected `ID HEXSECRET` (two fields), found {fields} field(s)")]
+    Fields {
+        /// The line.
+        line: usize,
+        /// How many whitespace-separated fields it has.
+        fields: usize,
+    },
+    /// A key id is empty or too long.
+    #[error("line {line}: a key id is 1 to {KEY_ID_LEN_MAX} characters, this one has {chars}")]
+    IdLength {
+        /// The line.
+        line: usize,
+        /// The id's length in characters.
+        chars: usize,
+    },
+    /// A key id has a character outside `[A-Za-z0-9._-]`.
+    #[error(
+        "line {line}: a key id is made of A-Z a-z 0-9 . _ -, but its character {position} is not"
+    )]
+    IdChar {
+        /// The line.
+        line: usize,
+        /// The offending character's position in the id, from 1.
+        position: usize,
+    },
+    /// A secret has a character that is not a hex digit.
+    #[error("line {line}: the secret is hex, but its character {position} is not a hex digit")]
+    SecretNotHex {
+        /// The line.
+        line: usize,
+        /// The offending character's position in the secret, from 1.
+        position: usize,
+    },
+    /// A secret has an odd number of hex digits.
+    #[error("line {line}: the secret has an odd number of hex digits ({digits})")]
+    SecretOddLength {
+        /// The line.
+        line: usize,
+        /// How many hex digits it has.
+        digits: usize,
+    },
+    /// A secret is shorter than [`SECRET_BYTES_MIN`] bytes.
+    #[error("line {line}: the secret is {bytes} bytes; at least {SECRET_BYTES_MIN} bytes ({} hex digits) are needed", SECRET_BYTES_MIN * 2)]
+    SecretTooShort {
+        /// The line.
+        line: usize,
+        /// The secret's length in bytes.
+        bytes: usize,
+    },
+    /// A secret is longer than [`SECRET_BYTES_MAX`] bytes.
+    #[error(
+        "line {line}: the secret is {bytes} bytes; at most {SECRET_BYTES_MAX} bytes are allowed"
+    )]
+    SecretTooLong {
+        /// The line.
+        line: usize,
+        /// The secret's length in bytes.
+        bytes: usize,
+    },
+    /// A key id is listed twice.
+    #[error("line {line}: key id {id:?} is already defined on line {first_line}")]
+    DuplicateId {
+        /// The line of the second definition.
+        line: usize,
+        /// The key id.
+        id: String,
+        /// The line of the first definition.
+        first_line: usize,
+    },
+    /// Two different key ids have the same wire id.
+    #[error("line {line}: key id {id:?} has the same wire id ({wire_id:#010x}) as {other:?} on line {other_line}; rename one")]
+    WireIdCollision {
+        /// The line of the later key.
+        line: usize,
+        /// The later key id.
+        id: String,
+        /// The earlier key id.
+        other: String,
+        /// The line of the earlier key.
+        other_line: usize,
+        /// The shared wire id.
+        wire_id: u32,
+    },
+    /// More than [`KEYS_MAX`] keys.
+    #[error("line {line}: more than {KEYS_MAX} keys")]
+    TooManyKeys {
+        /// The line of the first key too many.
+        line: usize,
+    },
+}
+
+impl KeyRing {
+    /// Parses a key file's text: one key a line as `ID HEXSECRET`, `#` to the end of a
+    /// line is a comment, blank lines are ignored, CRLF line ends are fine.
+    ///
+    /// An ID is 1 to [`KEY_ID_LEN_MAX`] characters of `[A-Za-z0-9._-]`; a secret is
+    /// [`SECRET_BYTES_MIN`] to [`SECRET_BYTES_MAX`] bytes in hex. Duplicate ids, two ids
+    /// with the same [`Key::wire_id`], more than [`KEYS_MAX`] keys, and a file without
+    /// keys are errors. Never panics.
+    pub fn parse(text: &str) -> Result<KeyRing, KeyFileError> {
+        let mut keys: Vec<Key> = Vec::new();
+        let mut lines_of: Vec<usize> = Vec::new();
+        for (index, raw_line) in text.lines().enumerate() {
+            let line = index + 1;
+            let content = match raw_line.find('#') {
+                Some(hash) => &raw_line[..hash],
+                None => raw_line,
+            };
+            let mut fields = content.split_ascii_whitespace();
+            let (Some(id), Some(secret_hex), None) = (fields.next(), fields.next(), fields.next())
+            else {
+                let count = content.split_ascii_whitespace().count();
+                if count == 0 {
+                    continue;
+                }
+                return Err(KeyFileError::Fields {
+                    line,
+                    fields: count,
+                });
+            };
+            check_id(id, line)?;
+            let secret = parse_secret(secret_hex, line)?;
+            if keys.len() == KEYS_MAX {
+                return Err(KeyFileError::TooManyKeys { line });
+            }
+            let key = Key::new(id.to_owned(), secret);
+            for (other, &other_line) in keys.iter().zip(&lines_of) {
+                if other.id == key.id {
+                    return Err(KeyFileError::DuplicateId {
+                        line,
+                        id: key.id,
+                        first_line: other_line,
+                    });
+                }
+                if other.wire_id == key.wire_id {
+                    return Err(KeyFileError::WireIdCollision {
+                        line,
+                        wire_id: key.wire_id,
+                        id: key.id,
+                        other: other.id.clone(),
+                        other_line,
+                    });
+                }
+            }
+            keys.push(key);
+            lines_of.push(line);
+        }
+        let Some(signer) = keys.first() else {
+            return Err(KeyFileError::Empty);
+        };
+        let dummy = Key::new(
+            String::new(),
+            Zeroizing::new(vec![0u8; signer.secret.len()]),
+        );
+        Ok(KeyRing {
+            keys,
+            dummy,
+            file_mode: None,
+        })
+    }
+
+    /// Reads and parses a key file (see [`KeyRing::parse`]), at most
+    /// [`KEY_FILE_BYTES_MAX`] bytes. The bytes read are zeroed afterwards.
+    ///
+    /// The ring remembers the file's permission bits: check
+    /// [`KeyRing::readable_by_others`] and warn when it is true.
+    pub fn load(path: impl AsRef<Path>) -> Result<KeyRing, KeyFileError> {
+        let path = path.as_ref();
+        let io_error = |source| KeyFileError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io_error)?;
+        // The mode of the file opened, not of whatever the path names a moment later.
+        let metadata = file.metadata().map_err(io_error)?;
+        let mut bytes = Zeroizing::new(Vec::new());
+        file.take(KEY_FILE_BYTES_MAX + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io_error)?;
+        if bytes.len() as u64 > KEY_FILE_BYTES_MAX {
+            return Err(KeyFileError::TooLarge {
+                path: path.to_owned(),
+                max: KEY_FILE_BYTES_MAX,
+            });
+        }
+        let text = std::str::from_utf8(&bytes).map_err(|e| KeyFileError::NotUtf8 {
+            line: 1 + bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count(),
+        })?;
+        let mut ring = KeyRing::parse(text)?;
+        ring.file_mode = Some(file_mode(&metadata));
+        Ok(ring)
+    }
+
+    /// Permission bits (`0o777` and the like) of the file the ring was loaded from;
+    /// `None` for a ring parsed from text.
+    pub fn file_mode(&self) -> Option<u32> {
+        self.file_mode
+    }
+
+    /// True when the ring was loaded from a file that group or others may read: the
+    /// node should warn, as ssh does for a private key.
+    pub fn readable_by_others(&self) -> bool {
+        self.file_mode.is_some_and(|mode| mode & 0o044 != 0)
+    }
+
+    /// The key that signs: the first in the file.
+    pub fn signer(&self) -> &Key {
+        // `parse` refuses an empty ring, so there is always a first key.
+        &self.keys[0]
+    }
+
+    /// Every key, in file order.
+    pub fn keys(&self) -> &[Key] {
+        &self.keys
+    }
+
+    /// The key with this wire id, if the ring has one.
+    pub fn key(&self, wire_id: u32) -> Option<&Key> {
+        // Looks at every key (no early exit); the ring is small.
+        let mut found = None;
+        for key in &self.keys {
+            if key.wire_id == wire_id && found.is_none() {
+                found = Some(key);
+            }
+        }
+        found
+    }
+
+    /// Checks the certificate of the message made of `parts`, signed with the key whose
+    /// wire id is `key_id`.
+    ///
+    /// All 32 bytes are compared in constant time. An unknown key id still costs a MAC
+    /// (with a dummy key of the signing key's length) before it is refused, so the time
+    /// taken does not tell which ids exist.
+    pub fn verify(
+        &self,
+        key_id: u32,
+        mode: CertMode,
+        parts: &[&[u8]],
+        cert: &Cert,
+    ) -> Result<(), AuthError> {
+        let known = self.key(key_id);
+        let key = known.unwrap_or(&self.dummy);
+        let expected = key.certify(mode, parts);
+        let matches = expected[..].ct_eq(&cert[..]) & Choice::from(u8::from(known.is_some()));
+        if bool::from(matches) {
+            Ok(())
+        } else if known.is_none() {
+            Err(AuthError::UnknownKey(key_id))
+        } else {
+            Err(AuthError::BadCertificate)
+        }
+    }
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("keys", &self.keys)
+            .field("file_mode", &self.file_mode.map(|m| format!("{m:#o}")))
+            .finish()
+    }
+}
+
+#[cfg(unix)]
+fn file_mode(metadata: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    metadata.permissions().mode() & 0o7777
+}
+
+#[cfg(not(unix))]
+fn file_mode(_metadata: &std::fs::Metadata) -> u32 {
+    0
+}
+
+fn check_id(id: &str, line: usize) -> Result<(), KeyFileError> {
+    let chars = id.chars().count();
+    if chars == 0 || chars > KEY_ID_LEN_MAX {
+        return Err(KeyFileError::IdLength { line, chars });
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if let Some(position) = id.chars().position(|c| !allowed(c)) {
+        return Err(KeyFileError::IdChar {
+            line,
+            position: position + 1,
+        });
+    }
+    Ok(())
+}
+
+fn parse_secret(hex_text: &str, line: usize) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
+    if let Some(position) = hex_text.chars().position(|c| !c.is_ascii_hexdigit()) {
+        return Err(KeyFileError::SecretNotHex {
+            line,
+            position: position + 1,
+        });
+    }
+    // All ASCII from here: bytes are characters.
+    let digits = hex_text.len();
+    if digits % 2 != 0 {
+        return Err(KeyFileError::SecretOddLength { line, digits });
+    }
+    let bytes = digits / 2;
+    if bytes < SECRET_BYTES_MIN {
+        return Err(KeyFileError::SecretTooShort { line, bytes });
+    }
+    if bytes > SECRET_BYTES_MAX {
+        return Err(KeyFileError::SecretTooLong { line, bytes });
+    }
+    let mut secret = Zeroizing::new(vec![0u8; bytes]);
+    // Cannot fail: alphabet and length were checked above; mapped rather than unwrapped.
+    hex::decode_to_slice(hex_text, &mut secret)
+        .map_err(|_| KeyFileError::SecretOddLength { line, digits })?;
+    Ok(secret)
+}
+
+// ---------------------------------------------------------------------------------------
+// Certificates
+// ---------------------------------------------------------------------------------------
+
+/// How a request certificate is computed. The values are wire codes: never renumber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum CertMode {
+    /// HMAC-SHA256 of the message with the key's secret: the default.
+    HmacSha256 = 1,
+    /// The specification's certificate, `md5(secret ‖ md5(secret ‖ message))`, for
+    /// compatibility: 16 bytes, sent as 32 with 16 zero bytes after them.
+    DoubleMd5 = 2,
+}
+
+impl CertMode {
+    /// The mode with this wire code, if any.
+    pub fn from_u8(code: u8) -> Option<CertMode> {
+        match code {
+            1 => Some(CertMode::HmacSha256),
+            2 => Some(CertMode::DoubleMd5),
+            _ => None,
+        }
+    }
+
+    /// The mode's name, as configuration and logs spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CertMode::HmacSha256 => "hmac-sha256",
+            CertMode::DoubleMd5 => "double-md5",
+        }
+    }
+}
+
+impl TryFrom<u8> for CertMode {
+    type Error = AuthError;
+    fn try_from(code: u8) -> Result<CertMode, AuthError> {
+        CertMode::from_u8(code).ok_or(AuthError::BadMode(code))
+    }
+}
+
+/// Why a request's certificate was refused. The node answers every one with
+/// AUTH_FAILED; the variants are for its counters and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The request names a key id the ring does not hold (never configured, or rotated
+    /// out).
+    #[error("unknown key id {0:#010x}")]
+    UnknownKey(u32),
+    /// The certificate does not match the request and the key.
+    #[error("the certificate does not match the request")]
+    BadCertificate,
+    /// The request names a certificate mode this build does not know.
+    #[error("unknown certificate mode {0}")]
+    BadMode(u8),
+}
+
+// ---------------------------------------------------------------------------------------
+// Replay guard
+// ---------------------------------------------------------------------------------------
+
+/// Why the replay guard refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    /// The timestamp is older than now minus the window.
+    #[error("timestamp older than the clock window")]
+    Stale,
+    /// The timestamp is newer than now plus the window.
+    #[error("timestamp newer than the clock window")]
+    Future,
+    /// The same key id, timestamp and nonce were already accepted.
+    #[error("replayed request (same key, timestamp and nonce)")]
+    Replayed,
+    /// The guard holds `capacity` requests, none old enough to forget: it refuses rather
+    /// than forget one that could then be replayed.
+    #[error("replay guard full")]
+    Full,
+}
+
+/// One accepted request: key id, timestamp in ms, nonce.
+type Seen = (u32, u64, u64);
+
+/// "No slot": ends a bucket's list and the free list.
+const NO_SLOT: usize = usize::MAX;
+
+/// How finely the replay guard's window is divided into granules.
+const GRANULES_PER_WINDOW: u64 = 64;
+
+#[derive(Clone, Copy)]
+struct Slot {
+    seen: Seen,
+    next: usize,
+}
+
+/// Remembers the (key id, timestamp, nonce) of accepted mutating requests, and refuses a
+/// request seen before or dated outside `now ± window`.
+///
+/// Memory is allocated once, in [`ReplayGuard::new`], for `capacity` entries, and each
+/// check costs amortised O(1): entries sit in a ring of time granules (a timing wheel,
+/// one granule = window / 64, at least 1 ms), and a granule is forgotten as a whole once
+/// every timestamp it can hold is older than the window. So an entry may be held up to
+/// one granule past the window; size `capacity` for the requests of `2 × window` plus a
+/// granule.
+///
+/// Call it only after the request's certificate was verified: otherwise anyone could
+/// fill it. The clock the guard uses never runs backwards: a `now_ms` older than one
+/// seen before counts as the newer one, which makes a stepped-back clock strict, never
+/// lax.
+pub struct ReplayGuard {
+    window_ms: u64,
+    granule_ms: u64,
+    capacity: usize,
+    /// Latest `now_ms` seen.
+    now_ms: u64,
+    /// Lowest granule number that may hold entries; granule `g` lives in bucket
+    /// `g % buckets.len()`.
+    oldest_granule: u64,
+    /// Head slot of each granule's list.
+    buckets: Vec<usize>,
+    slots: Vec<Slot>,
+    free: usize,
+    seen: HashSet<Seen>,
+}
+
+impl ReplayGuard {
+    /// A guard accepting timestamps within `window` of now, remembering at most
+    /// `capacity` requests. Allocates for `capacity` entries up front.
+    pub fn new(window: Duration, capacity: usize) -> ReplayGuard {
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        let granule_ms = (window_ms / GRANULES_PER_WINDOW).max(1);
+        // Accepted timestamps span [now - window, now + window]: at most
+        // 2 * (window / granule) + 2 granules, plus the one being entered. At most 131.
+        let bucket_count = 2 * (window_ms / granule_ms) + 3;
+        ReplayGuard {
+            window_ms,
+            granule_ms,
+            capacity,
+            now_ms: 0,
+            oldest_granule: 0,
+            buckets: vec![NO_SLOT; bucket_count as usize],
+            slots: Vec::with_capacity(capacity),
+            free: NO_SLOT,
+            seen: HashSet::with_capacity(capacity),
+        }
+    }
+
+    /// The clock window.
+    pub fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms)
+    }
+
+    /// How coarsely entries are forgotten: an entry is dropped once every timestamp of
+    /// its granule (`timestamp_ms / granule`) is older than `now - window`.
+    pub fn granule(&self) -> Duration {
+        Duration::from_millis(self.granule_ms)
+    }
+
+    /// Most entries held.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Entries held now.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// True when no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// Accepts the request (and remembers it) or says why not. `timestamp_ms` and
+    /// `nonce` come from the request, `now_ms` from the node's clock (ms since the Unix
+    /// epoch, like the timestamp).
+    pub fn check(
+        &mut self,
+        key_id: u32,
+        timestamp_ms: u64,
+        nonce: u64,
+        now_ms: u64,
+    ) -> Result<(), ReplayError> {
+        self.now_ms = self.now_ms.max(now_ms);
+        let cutoff_ms = self.now_ms.saturating_sub(self.window_ms);
+        if timestamp_ms < cutoff_ms {
+            return Err(ReplayError::Stale);
+        }
+        if timestamp_ms > self.now_ms.saturating_add(self.window_ms) {
+            return Err(ReplayError::Future);
+        }
+        self.forget_before(cutoff_ms / self.granule_ms);
+        let entry = (key_id, timestamp_ms, nonce);
+        if self.seen.contains(&entry) {
+            return Err(ReplayError::Replayed);
+        }
+        if self.seen.len() >= self.capacity {
+            return Err(ReplayError::Full);
+        }
+        let slot = if self.free != NO_SLOT {
+            let slot = self.free;
+            self.free = self.slots[slot].next;
+            slot
+        } else {
+            self.slots.push(Slot {
+                seen: entry,
+                next: NO_SLOT,
+            });
+            self.slots.len() - 1
+        };
+        let bucket = self.bucket_of(timestamp_ms / self.granule_ms);
+        self.slots[slot] = Slot {
+            seen: entry,
+            next: self.buckets[bucket],
+        };
+        self.buckets[bucket] = slot;
+        self.seen.insert(entry);
+        Ok(())
+    }
+
+    fn bucket_of(&self, granule: u64) -> usize {
+        // The remainder is below `buckets.len()`, a usize.
+        (granule % self.buckets.len() as u64) as usize
+    }
+
+    /// Forgets every granule numbered below `first_live`.
+    fn forget_before(&mut self, first_live: u64) {
+        if first_live <= self.oldest_granule {
+            return;
+        }
+        if !self.seen.is_empty() {
+            // After a jump of more than a turn of the wheel, one turn empties it.
+            let turns = (first_live - self.oldest_granule).min(self.buckets.len() as u64);
+            for granule in self.oldest_granule..self.oldest_granule + turns {
+                let bucket = self.bucket_of(granule);
+                let mut slot = std::mem::replace(&mut self.buckets[bucket], NO_SLOT);
+                while slot != NO_SLOT {
+                    let next = self.slots[slot].next;
+                    self.seen.remove(&self.slots[slot].seen);
+                    self.slots[slot].next = self.free;
+                    self.free = slot;
+                    slot = next;
+                }
+            }
+        }
+        self.oldest_granule = first_live;
+    }
+}
+
+impl fmt::Debug for ReplayGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplayGuard")
+            .field("window_ms", &self.window_ms)
+            .field("granule_ms", &self.granule_ms)
+            .field("capacity", &self.capacity)
+            .field("len", &self.seen.len())
+            .finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Capability tokens
+// ---------------------------------------------------------------------------------------
+
+/// The version byte that starts every capability token.
+pub const TOKEN_VERSION: u8 = 1;
+const OP_RETRIEVE: u8 = 1;
+const OP_STORE: u8 = 2;
+/// Version, op, key id, expiry.
+const TOKEN_HEAD_BYTES: usize = 1 + 1 + 4 + 8;
+const TOKEN_MAC_BYTES: usize = 32;
+/// Binary length of a RETRIEVE token: head, fingerprint, MAC.
+const TOKEN_RETRIEVE_BYTES: usize = TOKEN_HEAD_BYTES + 16 + TOKEN_MAC_BYTES;
+/// Binary length of a STORE token: head, byte limit, MAC.
+const TOKEN_STORE_BYTES: usize = TOKEN_HEAD_BYTES + 8 + TOKEN_MAC_BYTES;
+/// Longest binary token.
+const TOKEN_BYTES_MAX: usize = TOKEN_RETRIEVE_BYTES;
+
+/// Length of unpadded base64 text for `bytes` bytes.
+const fn base64_len(bytes: usize) -> usize {
+    (bytes * 4).div_ceil(3)
+}
+/// Longest token text, in characters.
+pub const TOKEN_TEXT_MAX: usize = base64_len(TOKEN_BYTES_MAX);
+
+/// What a capability token permits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CapOp {
+    /// RETRIEVE and RETRIEVE_RANGE of this object.
+    Retrieve(Fingerprint),
+    /// STORE of one object of at most `max_bytes` bytes.
+    Store {
+        /// Largest object the token lets its holder store.
+        max_bytes: u64,
+    },
+}
+
+/// A capability: one operation on one object until a time. A manager mints it as a
+/// token ([`KeyRing::mint`]); a client presents the token to a node without knowing the
+/// cluster key; the node checks it ([`KeyRing::check_token`]) and asks
+/// [`Capability::permits`] about the request.
+///
+/// A token is a bearer token: whoever holds it may use it, as often as they like, until
+/// it expires. Keep lifetimes short.
+///
+/// Binary form (little-endian), then base64url without padding:
+///
+/// | bytes | field |
+/// |-------|-------|
+/// | 1 | version, 1 |
+/// | 1 | op: 1 retrieve, 2 store |
+/// | 4 | wire id of the signing key |
+/// | 8 | `expires_unix_s` |
+/// | 16 or 8 | the fingerprint (retrieve) or `max_bytes` (store) |
+/// | 32 | HMAC-SHA256 over all of the above |
+///
+/// The first byte (1) can never start a DOSP request header (`DOSP`), so a token's MAC
+/// cannot be passed off as a request certificate or the other way round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Capability {
+    /// The operation permitted.
+    pub op: CapOp,
+    /// The token is valid while the time (seconds since the Unix epoch) is before this.
+    pub expires_unix_s: u64,
+}
+
+impl Capability {
+    /// Whether this capability allows a request with this opcode, for this object (if
+    /// the request names one) and this many bytes (for a STORE: the object's length).
+    ///
+    /// A retrieve capability allows RETRIEVE and RETRIEVE_RANGE of its object only; a
+    /// store capability allows one STORE whose length is known and within the limit.
+    /// Expiry is not checked here but in [`KeyRing::check_token`].
+    pub fn permits(
+        &self,
+        opcode: Opcode,
+        fingerprint: Option<&Fingerprint>,
+        length_bytes: Option<u64>,
+    ) -> bool {
+        match self.op {
+            CapOp::Retrieve(object) => {
+                matches!(opcode, Opcode::Retrieve | Opcode::RetrieveRange)
+                    && fingerprint == Some(&object)
+            }
+            CapOp::Store { max_bytes } => {
+                opcode == Opcode::Store && length_bytes.is_some_and(|n| n <= max_bytes)
+            }
+        }
+    }
+}
+
+/// Why a capability token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not a token: bad base64, wrong length, unknown version or op.
+    #[error("malformed capability token: {0}")]
+    Malformed(&'static str),
+    /// Signed with a key the ring does not hold (or no longer holds).
+    #[error("capability token signed with unknown key id {0:#010x}")]
+    UnknownKey(u32),
+    /// The signature does not match: the token was altered or forged.
+    #[error("capability token signature does not match")]
+    BadSignature,
+    /// The token has expired.
+    #[error("capability token expired at {expires_unix_s} (Unix time)")]
+    Expired {
+        /// When it expired, in seconds since the Unix epoch.
+        expires_unix_s: u64,
+    },
+}
+
+/// Writes the signed part of a token (everything but the MAC); returns its length.
+fn token_body(cap: &Capability, key_id: u32, out: &mut [u8; TOKEN_BYTES_MAX]) -> usize {
+    let op = match cap.op {
+        CapOp::Retrieve(_) => OP_RETRIEVE,
+        CapOp::Store { .. } => OP_STORE,
+    };
+    out[0] = TOKEN_VERSION;
+    out[1] = op;
+    out[2..6].copy_from_slice(&key_id.to_le_bytes());
+    out[6..14].copy_from_slice(&cap.expires_unix_s.to_le_bytes());
+    match cap.op {
+        CapOp::Retrieve(fingerprint) => {
+            out[14..30].copy_from_slice(&fingerprint.0);
+            30
+        }
+        CapOp::Store { max_bytes } => {
+            out[14..22].copy_from_slice(&max_bytes.to_le_bytes());
+            22
+        }
+    }
+}
+
+/// Reads the signed part of a token: the capability and the key id, or why not.
+fn parse_token_body(body: &[u8]) -> Result<(Capability, u32), TokenError> {
+    let Some((head, rest)) = body.split_first_chunk::<TOKEN_HEAD_BYTES>() else {
+        return Err(TokenError::Malformed("too short"));
+    };
+    if head[0] != TOKEN_VERSION {
+        return Err(TokenError::Malformed("unknown version"));
+    }
+    let key_id = u32::from_le_bytes([head[2], head[3], head[4], head[5]]);
+    let mut expires = [0u8; 8];
+    expires.copy_from_slice(&head[6..14]);
+    let expires_unix_s = u64::from_le_bytes(expires);
+    let op = match (head[1], rest.len()) {
+        (OP_RETRIEVE, 16) => {
+            let mut fingerprint = [0u8; 16];
+            fingerprint.copy_from_slice(rest);
+            CapOp::Retrieve(Fingerprint(fingerprint))
+        }
+        (OP_STORE, 8) => {
+            let mut max_bytes = [0u8; 8];
+            max_bytes.copy_from_slice(rest);
+            CapOp::Store {
+                max_bytes: u64::from_le_bytes(max_bytes),
+            }
+        }
+        (OP_RETRIEVE | OP_STORE, _) => {
+            return Err(TokenError::Malformed("wrong length for its operation"))
+        }
+        _ => return Err(TokenError::Malformed("unknown operation")),
+    };
+    Ok((Capability { op, expires_unix_s }, key_id))
+}
+
+impl KeyRing {
+    /// The token for `cap`, signed (HMAC-SHA256) with the signing key: base64url
+    /// without padding, at most [`TOKEN_TEXT_MAX`] characters, safe in a URL path.
+    pub fn mint(&self, cap: &Capability) -> String {
+        let signer = self.signer();
+        let mut raw = [0u8; TOKEN_BYTES_MAX];
+        let body_len = token_body(cap, signer.wire_id, &mut raw);
+        let mut token = [0u8; TOKEN_BYTES_MAX + TOKEN_MAC_BYTES];
+        token[..body_len].copy_from_slice(&raw[..body_len]);
+        let mac = hmac_sha256(&signer.hmac_key, &[&raw[..body_len]]);
+        token[body_len..body_len + TOKEN_MAC_BYTES].copy_from_slice(&mac);
+        URL_SAFE_NO_PAD.encode(&token[..body_len + TOKEN_MAC_BYTES])
+    }
+
+    /// Checks a token's form, signature (constant-time) and expiry at `now_unix_s`,
+    /// and returns the capability it grants. Never panics, whatever the text; does not
+    /// allocate.
+    ///
+    /// The signature is checked before the expiry, so an expired token is reported as
+    /// such only when it is genuine.
+    pub fn check_token(&self, text: &str, now_unix_s: u64) -> Result<Capability, TokenError> {
+        // Only two lengths exist; anything else is refused before decoding.
+        if text.len() != base64_len(TOKEN_RETRIEVE_BYTES)
+            && text.len() != base64_len(TOKEN_STORE_BYTES)
+        {
+            return Err(TokenError::Malformed("wrong length"));
+        }
+        // Room for the decoder's conservative estimate (3 bytes per 4 characters).
+        let mut raw = [0u8; TOKEN_BYTES_MAX + 3];
+        let len = URL_SAFE_NO_PAD
+            .decode_slice(text.as_bytes(), &mut raw)
+            .map_err(|_| TokenError::Malformed("not base64url without padding"))?;
+        let Some(raw) = raw.get(..len) else {
+            return Err(TokenError::Malformed("wrong length"));
+        };
+        let Some((body, mac)) = raw.split_last_chunk::<TOKEN_MAC_BYTES>() else {
+            return Err(TokenError::Malformed("too short"));
+        };
+        let (cap, key_id) = parse_token_body(body)?;
+        let known = self.key(key_id);
+        let key = known.unwrap_or(&self.dummy);
+        let expected = hmac_sha256(&key.hmac_key, &[body]);
+        let matches = expected[..].ct_eq(&mac[..]) & Choice::from(u8::from(known.is_some()));
+        if !bool::from(matches) {
+            return Err(if known.is_none() {
+                TokenError::UnknownKey(key_id)
+            } else {
+                TokenError::BadSignature
+            });
+        }
+        if now_unix_s >= cap.expires_unix_s {
+            return Err(TokenError::Expired {
+                expires_unix_s: cap.expires_unix_s,
+            });
+        }
+        Ok(cap)
+    }
+}

@@ -518,7 +518,7 @@ fn parse_secret(hex_text: &str, line: usize) -> Result<Zeroizing<Vec<u8>>, KeyFi
     }
     // All ASCII from here: bytes are characters.
     let digits = hex_text.len();
-    if digits % 2 != 0 {
+    if !digits.is_multiple_of(2) {
         return Err(KeyFileError::SecretOddLength { line, digits });
     }
     let bytes = digits / 2;
@@ -1016,5 +1016,784 @@ impl KeyRing {
             });
         }
         Ok(cap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The secret 00 01 02 … 1f, the shortest allowed.
+    const SECRET_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    /// Another 32-byte secret.
+    const OTHER_HEX: &str = "a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5";
+
+    fn parse_ring(text: &str) -> KeyRing {
+        KeyRing::parse(text).expect("test key file parses")
+    }
+
+    fn k1() -> KeyRing {
+        parse_ring(&format!("k1 {SECRET_HEX}\n"))
+    }
+
+    /// A 32-byte header starting with `DOSP`, then a 40-byte In structure: bytes 0..72
+    /// with the magic in front.
+    fn request() -> ([u8; 32], [u8; 40]) {
+        let mut header = [0u8; 32];
+        let mut body = [0u8; 40];
+        for (i, b) in header.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        header[..4].copy_from_slice(b"DOSP");
+        for (i, b) in body.iter_mut().enumerate() {
+            *b = 32 + i as u8;
+        }
+        (header, body)
+    }
+
+    // ---- known answers ----------------------------------------------------------------
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // RFC 4231 test case 2, key "Jefe"; the message streamed in two parts.
+        let mac = hmac_sha256(
+            &hmac_block_key(b"Jefe"),
+            &[b"what do ya", b" want for nothing?"],
+        );
+        assert_eq!(
+            hex::encode(mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Test case 6: a 131-byte key, longer than a block, is hashed first.
+        let mac = hmac_sha256(
+            &hmac_block_key(&[0xaa; 131]),
+            &[b"Test Using Larger Than Block-Size Key - Hash Key First"],
+        );
+        assert_eq!(
+            hex::encode(mac),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    #[test]
+    fn certificates_match_python() {
+        // Expected values from python3:
+        //   import hmac, hashlib
+        //   secret = bytes(range(32)); msg = b"DOSP" + bytes(range(4, 72))
+        //   hmac.new(secret, msg, hashlib.sha256).hexdigest()
+        //   m = hashlib.md5; m(secret + m(secret + msg).digest()).hexdigest()
+        let ring = k1();
+        let (header, body) = request();
+        let key = ring.signer();
+        assert_eq!(
+            hex::encode(key.certify(CertMode::HmacSha256, &[&header, &body])),
+            "b4711cc23174c16c93b42130f97cec9e525276965510aaa7c7fa8d21e0efa342"
+        );
+        let md5 = key.certify(CertMode::DoubleMd5, &[&header, &body]);
+        assert_eq!(hex::encode(&md5[..16]), "4321486b9785d958a3d35e6e4c0071fc");
+        assert_eq!(md5[16..], [0; 16]);
+        // How the message is cut into parts does not matter.
+        let whole: Vec<u8> = header.iter().chain(&body).copied().collect();
+        for mode in [CertMode::HmacSha256, CertMode::DoubleMd5] {
+            assert_eq!(
+                key.certify(mode, &[&whole]),
+                key.certify(mode, &[&header, &body])
+            );
+            assert_eq!(
+                key.certify(mode, &[&whole[..5], &[], &whole[5..]]),
+                key.certify(mode, &[&whole])
+            );
+        }
+    }
+
+    #[test]
+    fn wire_id_is_sha256_prefix() {
+        // python3: int.from_bytes(hashlib.sha256(b"k1").digest()[:4], "little")
+        assert_eq!(wire_id_of("k1"), 3_958_487_402);
+        assert_eq!(k1().signer().wire_id(), 3_958_487_402);
+        assert_eq!(k1().signer().id(), "k1");
+    }
+
+    #[test]
+    fn tokens_match_python() {
+        // python3:
+        //   secret = bytes(range(32)); wid = hashlib.sha256(b"k1").digest()[:4]
+        //   body = bytes([1, 1]) + wid + struct.pack("<Q", 1700000000)
+        //          + hashlib.md5(b"").digest()      # store: struct.pack("<Q", 1 << 20)
+        //   tok = body + hmac.new(secret, body, hashlib.sha256).digest()
+        //   base64.urlsafe_b64encode(tok).rstrip(b"=")
+        let ring = k1();
+        let retrieve = Capability {
+            op: CapOp::Retrieve(Fingerprint::of(b"")),
+            expires_unix_s: 1_700_000_000,
+        };
+        let text = ring.mint(&retrieve);
+        assert_eq!(
+            text,
+            "AQFqufHrAPFTZQAAAADUHYzZjwCyBOmACZjs-EJ-lDLnJpsRCw1T-cc2h5fjcJohXoI7FPuoqKLw3VApiXE"
+        );
+        assert_eq!(text.len(), TOKEN_TEXT_MAX);
+        let store = Capability {
+            op: CapOp::Store { max_bytes: 1 << 20 },
+            expires_unix_s: 1_700_000_000,
+        };
+        assert_eq!(
+            ring.mint(&store),
+            "AQJqufHrAPFTZQAAAAAAABAAAAAAAHI3blhfU8fKbC-Lz2qU4Luo9Yd25Me2ePL-QgO-TAde"
+        );
+        assert_eq!(ring.check_token(&text, 1_699_999_999), Ok(retrieve));
+    }
+
+    // ---- certificates -----------------------------------------------------------------
+
+    #[test]
+    fn verify_accepts_the_right_key_and_refuses_the_rest() {
+        let ring = k1();
+        let id = ring.signer().wire_id();
+        let (header, body) = request();
+        let parts: &[&[u8]] = &[&header, &body];
+        for mode in [CertMode::HmacSha256, CertMode::DoubleMd5] {
+            let cert = ring.signer().certify(mode, parts);
+            assert_eq!(ring.verify(id, mode, parts, &cert), Ok(()));
+            // Any flipped bit, in the certificate or the message, is refused.
+            for byte in 0..32 {
+                let mut bad = cert;
+                bad[byte] ^= 0x01;
+                assert_eq!(
+                    ring.verify(id, mode, parts, &bad),
+                    Err(AuthError::BadCertificate)
+                );
+            }
+            let mut other = body;
+            other[39] ^= 0x80;
+            assert_eq!(
+                ring.verify(id, mode, &[&header, &other], &cert),
+                Err(AuthError::BadCertificate)
+            );
+            // A certificate made in the other mode does not pass.
+            let other_mode = match mode {
+                CertMode::HmacSha256 => CertMode::DoubleMd5,
+                CertMode::DoubleMd5 => CertMode::HmacSha256,
+            };
+            assert_eq!(
+                ring.verify(id, other_mode, parts, &cert),
+                Err(AuthError::BadCertificate)
+            );
+            // No certificate at all (zeros) is refused.
+            assert_eq!(
+                ring.verify(id, mode, parts, &[0; 32]),
+                Err(AuthError::BadCertificate)
+            );
+            assert_eq!(
+                ring.verify(id ^ 1, mode, parts, &cert),
+                Err(AuthError::UnknownKey(id ^ 1))
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_key_never_verifies_even_with_the_dummy_certificate() {
+        let ring = k1();
+        let (header, body) = request();
+        let parts: &[&[u8]] = &[&header, &body];
+        for mode in [CertMode::HmacSha256, CertMode::DoubleMd5] {
+            let dummy_cert = ring.dummy.certify(mode, parts);
+            assert_eq!(
+                ring.verify(12345, mode, parts, &dummy_cert),
+                Err(AuthError::UnknownKey(12345))
+            );
+        }
+    }
+
+    #[test]
+    fn rotation_old_and_new_keys_verify_new_signs() {
+        let old = k1();
+        let rotated = parse_ring(&format!("k2 {OTHER_HEX}\nk1 {SECRET_HEX}\n"));
+        let retired = parse_ring(&format!("k2 {OTHER_HEX}\n"));
+        let (header, body) = request();
+        let parts: &[&[u8]] = &[&header, &body];
+        let old_cert = old.signer().certify(CertMode::HmacSha256, parts);
+        let k1_id = old.signer().wire_id();
+        assert_eq!(
+            rotated.verify(k1_id, CertMode::HmacSha256, parts, &old_cert),
+            Ok(())
+        );
+        assert_eq!(rotated.signer().id(), "k2");
+        let new_cert = rotated.signer().certify(CertMode::HmacSha256, parts);
+        let k2_id = rotated.signer().wire_id();
+        assert_eq!(
+            retired.verify(k2_id, CertMode::HmacSha256, parts, &new_cert),
+            Ok(())
+        );
+        assert_eq!(
+            retired.verify(k1_id, CertMode::HmacSha256, parts, &old_cert),
+            Err(AuthError::UnknownKey(k1_id))
+        );
+        assert_eq!(rotated.key(k1_id).map(Key::id), Some("k1"));
+        assert_eq!(rotated.keys().len(), 2);
+    }
+
+    #[test]
+    fn cert_mode_codes() {
+        assert_eq!(CertMode::from_u8(1), Some(CertMode::HmacSha256));
+        assert_eq!(CertMode::from_u8(2), Some(CertMode::DoubleMd5));
+        assert_eq!(CertMode::from_u8(0), None);
+        assert_eq!(CertMode::try_from(3), Err(AuthError::BadMode(3)));
+        assert_eq!(CertMode::HmacSha256 as u8, 1);
+        assert_eq!(CertMode::DoubleMd5 as u8, 2);
+        assert_eq!(CertMode::DoubleMd5.name(), "double-md5");
+    }
+
+    // ---- key files --------------------------------------------------------------------
+
+    #[test]
+    fn key_file_with_comments_blank_lines_and_crlf() {
+        let text = format!(
+            "# cluster keys\r\n\r\n  k-2.new_X\t{OTHER_HEX}  # the new one\r\nk1 {}\r\n#k3 {SECRET_HEX}\n   \n",
+            SECRET_HEX.to_uppercase()
+        );
+        let ring = parse_ring(&text);
+        let ids: Vec<&str> = ring.keys().iter().map(Key::id).collect();
+        assert_eq!(ids, ["k-2.new_X", "k1"]);
+        assert_eq!(ring.signer().id(), "k-2.new_X");
+        // Upper-case hex is the same secret.
+        let (header, body) = request();
+        assert_eq!(
+            ring.keys()[1].certify(CertMode::HmacSha256, &[&header, &body]),
+            k1().signer()
+                .certify(CertMode::HmacSha256, &[&header, &body])
+        );
+        assert_eq!(ring.file_mode(), None);
+        assert!(!ring.readable_by_others());
+    }
+
+    #[test]
+    fn longest_id_and_secret_are_accepted() {
+        let text = format!("abcdefghijklmnop {}\n", "ff".repeat(SECRET_BYTES_MAX));
+        assert_eq!(parse_ring(&text).signer().id(), "abcdefghijklmnop");
+    }
+
+    /// Every error, with a secret somewhere on the line, and what it must say.
+    fn error_cases() -> Vec<(String, &'static str)> {
+        let s = SECRET_HEX;
+        vec![
+            (String::new(), "no keys"),
+            ("# only a comment\n\n".into(), "no keys"),
+            (format!("{s}\n"), "line 1: expected `ID HEXSECRET` (two fields), found 1"),
+            (format!("k1 {s} extra\n"), "found 3 field(s)"),
+            (
+                // Swapped fields: the id check fires first, without quoting it.
+                format!("\n{s} k1\n"),
+                "line 2: a key id is 1 to 16 characters, this one has 64",
+            ),
+            (format!("k1 {}x\n", &s[..10]), "line 1: the secret is hex, but its character 11"),
+            (
+                format!("abcdefghijklmnopq {s}\n"),
+                "line 1: a key id is 1 to 16 characters, this one has 17",
+            ),
+            (format!("k/1 {s}\n"), "its character 2 is not"),
+            (format!("kä {s}\n"), "its character 2 is not"),
+            (format!("k1 {s}0\n"), "odd number of hex digits (65)"),
+            (format!("k1 {}\n", &s[..62]), "the secret is 31 bytes; at least 32"),
+            (
+                format!("k1 {}\n", "ab".repeat(129)),
+                "the secret is 129 bytes; at most 128",
+            ),
+            (
+                format!("k1 {s}\nk2 {OTHER_HEX}\nk1 {OTHER_HEX}\n"),
+                "line 3: key id \"k1\" is already defined on line 1",
+            ),
+            (
+                // python3: the first pair of "c<n>" ids whose SHA-256 share 4 bytes.
+                format!("c17439 {s}\nc24164 {OTHER_HEX}\n"),
+                "line 2: key id \"c24164\" has the same wire id (0x06eb1dc5) as \"c17439\" on line 1",
+            ),
+            (
+                (0..=KEYS_MAX).map(|i| format!("k{i} {s}\n")).collect(),
+                "line 65: more than 64 keys",
+            ),
+        ]
+    }
+
+    #[test]
+    fn key_file_errors_name_the_line_and_never_the_secret() {
+        for (text, expected) in error_cases() {
+            let err = KeyRing::parse(&text).expect_err(&text);
+            let shown = err.to_string();
+            assert!(shown.contains(expected), "{shown:?} lacks {expected:?}");
+            let debug = format!("{err:?}");
+            for secret in [SECRET_HEX, OTHER_HEX, "abababab"] {
+                for window in secret.as_bytes().windows(8) {
+                    let window = std::str::from_utf8(window).unwrap();
+                    assert!(!shown.contains(window), "{shown:?} shows secret bytes");
+                    assert!(!debug.contains(window), "{debug:?} shows secret bytes");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let ring = parse_ring(&format!("k2 {OTHER_HEX}\nk1 {SECRET_HEX}\n"));
+        let shown = format!("{ring:?} {:?}", ring.signer());
+        assert!(
+            shown.contains("k1") && shown.contains("redacted"),
+            "{shown}"
+        );
+        assert!(!shown.contains("a5a5a5a5") && !shown.contains("0c0d0e0f"));
+        assert!(!shown.contains("165, 165") && !shown.contains("12, 13, 14"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn load_reports_loose_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, format!("k1 {SECRET_HEX}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let ring = KeyRing::load(&path).unwrap();
+        assert_eq!(ring.file_mode(), Some(0o600));
+        assert!(!ring.readable_by_others());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(KeyRing::load(&path).unwrap().readable_by_others());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o604)).unwrap();
+        assert!(KeyRing::load(&path).unwrap().readable_by_others());
+    }
+
+    #[test]
+    fn load_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let err = KeyRing::load(&missing).unwrap_err();
+        assert!(matches!(err, KeyFileError::Io { .. }), "{err}");
+        assert!(err.to_string().contains("missing"));
+
+        let path = dir.path().join("latin1");
+        let mut bytes = format!("# keys\nk1 {SECRET_HEX}\n# caf").into_bytes();
+        bytes.push(0xe9);
+        std::fs::write(&path, bytes).unwrap();
+        let err = KeyRing::load(&path).unwrap_err();
+        assert_eq!(err.to_string(), "line 3: not UTF-8 text");
+
+        let path = dir.path().join("huge");
+        std::fs::write(&path, vec![b'#'; KEY_FILE_BYTES_MAX as usize + 1]).unwrap();
+        let err = KeyRing::load(&path).unwrap_err();
+        assert!(matches!(err, KeyFileError::TooLarge { .. }), "{err}");
+    }
+
+    // ---- replay guard -----------------------------------------------------------------
+
+    const NOW: u64 = 1_764_460_800_000; // 2025-11-30, in ms
+
+    #[test]
+    fn replay_guard_refuses_stale_future_and_replayed() {
+        let mut guard = ReplayGuard::new(Duration::from_secs(30), 16);
+        assert_eq!(guard.check(1, NOW, 7, NOW), Ok(()));
+        assert_eq!(guard.check(1, NOW, 7, NOW), Err(ReplayError::Replayed));
+        // Another key, nonce or timestamp is another request.
+        assert_eq!(guard.check(2, NOW, 7, NOW), Ok(()));
+        assert_eq!(guard.check(1, NOW, 8, NOW), Ok(()));
+        assert_eq!(guard.check(1, NOW + 1, 7, NOW), Ok(()));
+        // The window's edges are inside it.
+        assert_eq!(guard.check(1, NOW - 30_000, 1, NOW), Ok(()));
+        assert_eq!(guard.check(1, NOW + 30_000, 1, NOW), Ok(()));
+        assert_eq!(
+            guard.check(1, NOW - 30_001, 1, NOW),
+            Err(ReplayError::Stale)
+        );
+        assert_eq!(
+            guard.check(1, NOW + 30_001, 1, NOW),
+            Err(ReplayError::Future)
+        );
+        assert_eq!(guard.len(), 6);
+        // Once the window has passed, the original is stale, never accepted again.
+        assert_eq!(
+            guard.check(1, NOW, 7, NOW + 30_001),
+            Err(ReplayError::Stale)
+        );
+        assert_eq!(guard.window(), Duration::from_secs(30));
+        assert_eq!(guard.granule(), Duration::from_millis(468));
+    }
+
+    #[test]
+    fn replay_guard_is_full_until_entries_age_out() {
+        let mut guard = ReplayGuard::new(Duration::from_secs(10), 3);
+        for nonce in 0..3 {
+            assert_eq!(guard.check(9, NOW, nonce, NOW), Ok(()));
+        }
+        assert_eq!(guard.check(9, NOW, 3, NOW), Err(ReplayError::Full));
+        // A replay is still called a replay when full.
+        assert_eq!(guard.check(9, NOW, 1, NOW), Err(ReplayError::Replayed));
+        // Still within the window: still full.
+        assert_eq!(
+            guard.check(9, NOW + 10_000, 3, NOW + 10_000),
+            Err(ReplayError::Full)
+        );
+        // The old entries' granule is now wholly outside the window: room again.
+        let later = NOW + 10_000 + guard.granule().as_millis() as u64;
+        assert_eq!(guard.check(9, later, 3, later), Ok(()));
+        assert_eq!(guard.len(), 1);
+        assert_eq!(guard.capacity(), 3);
+    }
+
+    #[test]
+    fn replay_guard_clock_never_runs_back() {
+        let mut guard = ReplayGuard::new(Duration::from_secs(1), 8);
+        assert_eq!(guard.check(1, NOW, 1, NOW), Ok(()));
+        // The clock jumps forward an hour, then back: the guard keeps the later time.
+        assert_eq!(guard.check(1, NOW + 3_600_000, 1, NOW + 3_600_000), Ok(()));
+        assert!(guard.len() == 1, "the old entry was forgotten");
+        assert_eq!(guard.check(1, NOW, 1, NOW), Err(ReplayError::Stale));
+    }
+
+    #[test]
+    fn replay_guard_edge_sizes() {
+        let mut none = ReplayGuard::new(Duration::from_secs(5), 0);
+        assert_eq!(none.check(1, NOW, 1, NOW), Err(ReplayError::Full));
+        let mut zero = ReplayGuard::new(Duration::ZERO, 4);
+        assert_eq!(zero.check(1, NOW, 1, NOW), Ok(()));
+        assert_eq!(zero.check(1, NOW - 1, 1, NOW), Err(ReplayError::Stale));
+        assert_eq!(zero.check(1, NOW + 1, 1, NOW), Err(ReplayError::Future));
+        assert_eq!(zero.check(1, NOW, 1, NOW), Err(ReplayError::Replayed));
+        let mut huge = ReplayGuard::new(Duration::MAX, 4);
+        assert_eq!(huge.check(1, 0, 1, u64::MAX), Ok(()));
+        assert_eq!(huge.check(1, u64::MAX, 1, 0), Ok(()));
+        assert_eq!(huge.check(1, u64::MAX, 1, 0), Err(ReplayError::Replayed));
+        let mut early = ReplayGuard::new(Duration::from_secs(60), 4);
+        assert_eq!(early.check(1, 0, 1, 5), Ok(()));
+        assert_eq!(early.check(1, u64::MAX, 1, 5), Err(ReplayError::Future));
+    }
+
+    /// The guard's specification, written naively: what it holds is every accepted
+    /// triple whose granule is not wholly older than the window.
+    struct Model {
+        window_ms: u64,
+        granule_ms: u64,
+        capacity: usize,
+        now_ms: u64,
+        held: Vec<Seen>,
+    }
+
+    impl Model {
+        fn check(&mut self, seen: Seen, now_ms: u64) -> Result<(), ReplayError> {
+            self.now_ms = self.now_ms.max(now_ms);
+            let cutoff = self.now_ms.saturating_sub(self.window_ms);
+            if seen.1 < cutoff {
+                return Err(ReplayError::Stale);
+            }
+            if seen.1 > self.now_ms.saturating_add(self.window_ms) {
+                return Err(ReplayError::Future);
+            }
+            let granule = self.granule_ms;
+            self.held.retain(|s| s.1 / granule >= cutoff / granule);
+            if self.held.contains(&seen) {
+                return Err(ReplayError::Replayed);
+            }
+            if self.held.len() >= self.capacity {
+                return Err(ReplayError::Full);
+            }
+            self.held.push(seen);
+            Ok(())
+        }
+    }
+
+    /// (key, timestamp offset, nonce, clock step) with few distinct values, so that
+    /// replays, collisions and a full guard all happen.
+    fn replay_ops() -> impl Strategy<Value = Vec<(u32, i64, u64, i64)>> {
+        prop::collection::vec((0u32..3, -1_200i64..1_200, 0u64..4, -50i64..300), 1..300)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn replay_guard_matches_its_model(
+            window_ms in 0u64..1_000,
+            capacity in 0usize..24,
+            ops in replay_ops(),
+        ) {
+            let mut guard = ReplayGuard::new(Duration::from_millis(window_ms), capacity);
+            let mut model = Model {
+                window_ms,
+                granule_ms: guard.granule().as_millis() as u64,
+                capacity,
+                now_ms: 0,
+                held: Vec::new(),
+            };
+            let mut accepted = HashSet::new();
+            let mut now = 10_000i64;
+            for (key, offset, nonce, step) in ops {
+                now += step;
+                let ts = (now + offset) as u64;
+                let got = guard.check(key, ts, nonce, now as u64);
+                prop_assert_eq!(got, model.check((key, ts, nonce), now as u64));
+                prop_assert!(guard.len() <= capacity);
+                prop_assert_eq!(guard.len(), model.held.len());
+                if got.is_ok() {
+                    // Never the same triple twice, at any time.
+                    prop_assert!(accepted.insert((key, ts, nonce)));
+                }
+            }
+        }
+
+        #[test]
+        fn replay_guard_accepts_fresh_distinct_requests_while_there_is_room(
+            count in 0usize..200,
+            capacity in 0usize..100,
+        ) {
+            let mut guard = ReplayGuard::new(Duration::from_secs(30), capacity);
+            for nonce in 0..count as u64 {
+                let expected = if (nonce as usize) < capacity {
+                    Ok(())
+                } else {
+                    Err(ReplayError::Full)
+                };
+                prop_assert_eq!(guard.check(1, NOW + nonce, nonce, NOW + nonce), expected);
+            }
+        }
+    }
+
+    // ---- capability tokens ------------------------------------------------------------
+
+    fn fingerprint() -> Fingerprint {
+        Fingerprint::of(b"an object")
+    }
+
+    #[test]
+    fn token_checks() {
+        let ring = k1();
+        let cap = Capability {
+            op: CapOp::Retrieve(fingerprint()),
+            expires_unix_s: 1_000,
+        };
+        let token = ring.mint(&cap);
+        assert_eq!(ring.check_token(&token, 999), Ok(cap));
+        assert_eq!(
+            ring.check_token(&token, 1_000),
+            Err(TokenError::Expired {
+                expires_unix_s: 1_000
+            })
+        );
+        // Another cluster's key: unknown id. Same id, other secret: bad signature.
+        let stranger = parse_ring(&format!("k9 {OTHER_HEX}\n"));
+        assert_eq!(
+            stranger.check_token(&token, 0),
+            Err(TokenError::UnknownKey(wire_id_of("k1")))
+        );
+        let impostor = parse_ring(&format!("k1 {OTHER_HEX}\n"));
+        assert_eq!(
+            impostor.check_token(&token, 0),
+            Err(TokenError::BadSignature)
+        );
+        // A rotated ring still accepts it.
+        let rotated = parse_ring(&format!("k2 {OTHER_HEX}\nk1 {SECRET_HEX}\n"));
+        assert_eq!(rotated.check_token(&token, 0), Ok(cap));
+        // Padding, whitespace, standard base64 and truncation are refused.
+        for bad in [
+            String::new(),
+            format!("{token}="),
+            format!(" {token}"),
+            token.replace('-', "+").replace('_', "/"),
+            token[..token.len() - 1].to_owned(),
+            "A".repeat(TOKEN_TEXT_MAX),
+            "é".repeat(TOKEN_TEXT_MAX / 2),
+        ] {
+            assert!(
+                matches!(
+                    ring.check_token(&bad, 0),
+                    Err(TokenError::Malformed(_) | TokenError::BadSignature)
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_other_last_character_is_refused() {
+        // The last character carries padding bits as well as data: a decoder that
+        // ignored them would accept several spellings of one token.
+        let ring = k1();
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        for op in [
+            CapOp::Retrieve(fingerprint()),
+            CapOp::Store { max_bytes: 7 },
+        ] {
+            let token = ring.mint(&Capability {
+                op,
+                expires_unix_s: 10,
+            });
+            let (stem, last) = token.split_at(token.len() - 1);
+            for &c in alphabet {
+                if c != last.as_bytes()[0] {
+                    let other = format!("{stem}{}", c as char);
+                    assert!(ring.check_token(&other, 0).is_err(), "{other}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn token_versions_and_ops_are_checked() {
+        let ring = k1();
+        let sign = |body: &[u8]| {
+            let mut raw = body.to_vec();
+            raw.extend_from_slice(&hmac_sha256(&ring.signer().hmac_key, &[body]));
+            URL_SAFE_NO_PAD.encode(raw)
+        };
+        let mut body = [0u8; 30];
+        let good_len = token_body(
+            &Capability {
+                op: CapOp::Retrieve(fingerprint()),
+                expires_unix_s: 50,
+            },
+            ring.signer().wire_id(),
+            &mut [0; TOKEN_BYTES_MAX],
+        );
+        assert_eq!(good_len, 30);
+        body[2..6].copy_from_slice(&ring.signer().wire_id().to_le_bytes());
+        body[6] = 50;
+        for (version, op, len, expected) in [
+            (1, 1, 30, None),
+            (2, 1, 30, Some("unknown version")),
+            (1, 3, 30, Some("unknown operation")),
+            // A store op with a retrieve's length: refused even when correctly signed.
+            (1, 2, 30, Some("wrong length for its operation")),
+            (1, 1, 22, Some("wrong length for its operation")),
+        ] {
+            body[0] = version;
+            body[1] = op;
+            let got = ring.check_token(&sign(&body[..len]), 0);
+            match expected {
+                None => assert!(got.is_ok(), "{got:?}"),
+                Some(why) => assert_eq!(got, Err(TokenError::Malformed(why))),
+            }
+        }
+    }
+
+    #[test]
+    fn permits() {
+        let f = fingerprint();
+        let g = Fingerprint::of(b"another object");
+        let retrieve = Capability {
+            op: CapOp::Retrieve(f),
+            expires_unix_s: 0,
+        };
+        assert!(retrieve.permits(Opcode::Retrieve, Some(&f), None));
+        assert!(retrieve.permits(Opcode::RetrieveRange, Some(&f), Some(10)));
+        assert!(!retrieve.permits(Opcode::Retrieve, Some(&g), None));
+        assert!(!retrieve.permits(Opcode::Retrieve, None, None));
+        for op in Opcode::ALL {
+            if !matches!(op, Opcode::Retrieve | Opcode::RetrieveRange) {
+                assert!(!retrieve.permits(op, Some(&f), Some(0)), "{op:?}");
+            }
+        }
+        let store = Capability {
+            op: CapOp::Store { max_bytes: 100 },
+            expires_unix_s: 0,
+        };
+        assert!(store.permits(Opcode::Store, Some(&f), Some(100)));
+        assert!(store.permits(Opcode::Store, None, Some(0)));
+        assert!(!store.permits(Opcode::Store, Some(&f), Some(101)));
+        assert!(!store.permits(Opcode::Store, Some(&f), None));
+        for op in Opcode::ALL {
+            if op != Opcode::Store {
+                assert!(!store.permits(op, Some(&f), Some(1)), "{op:?}");
+            }
+        }
+    }
+
+    fn capability() -> impl Strategy<Value = Capability> {
+        let op = prop_oneof![
+            any::<[u8; 16]>().prop_map(|f| CapOp::Retrieve(Fingerprint(f))),
+            any::<u64>().prop_map(|max_bytes| CapOp::Store { max_bytes }),
+        ];
+        (op, any::<u64>()).prop_map(|(op, expires_unix_s)| Capability { op, expires_unix_s })
+    }
+
+    proptest! {
+        #[test]
+        fn token_round_trips(cap in capability(), now in any::<u64>()) {
+            let ring = k1();
+            let text = ring.mint(&cap);
+            prop_assert!(text.len() <= TOKEN_TEXT_MAX);
+            prop_assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            let expected = if now < cap.expires_unix_s {
+                Ok(cap)
+            } else {
+                Err(TokenError::Expired { expires_unix_s: cap.expires_unix_s })
+            };
+            prop_assert_eq!(ring.check_token(&text, now), expected);
+        }
+
+        #[test]
+        fn any_change_to_a_tokens_bytes_is_refused(
+            cap in capability(),
+            index in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let ring = k1();
+            let mut raw = URL_SAFE_NO_PAD.decode(ring.mint(&cap)).unwrap();
+            let i = index.index(raw.len());
+            raw[i] ^= flip;
+            let got = ring.check_token(&URL_SAFE_NO_PAD.encode(&raw), 0);
+            prop_assert!(got.is_err(), "byte {} ^ {:#x} accepted", i, flip);
+        }
+
+        #[test]
+        fn any_change_to_a_tokens_text_is_refused(
+            cap in capability(),
+            index in any::<prop::sample::Index>(),
+            replacement in any::<char>(),
+        ) {
+            let ring = k1();
+            let text = ring.mint(&cap);
+            let i = index.index(text.len());
+            prop_assume!(text.as_bytes()[i] != replacement as u32 as u8 || !replacement.is_ascii());
+            let mut changed = text[..i].to_owned();
+            changed.push(replacement);
+            changed.push_str(&text[i + 1..]);
+            prop_assert!(ring.check_token(&changed, 0).is_err());
+        }
+
+        #[test]
+        fn check_token_never_panics(text in ".{0,100}", now in any::<u64>()) {
+            let _ = k1().check_token(&text, now);
+        }
+
+        #[test]
+        fn check_token_never_panics_on_base64_of_the_right_length(
+            raw in prop::collection::vec(any::<u8>(), 54..=62),
+        ) {
+            let text = URL_SAFE_NO_PAD.encode(&raw);
+            prop_assert!(k1().check_token(&text, 0).is_err());
+        }
+
+        #[test]
+        fn parse_never_panics(text in "\\PC{0,400}") {
+            let _ = KeyRing::parse(&text);
+        }
+
+        #[test]
+        fn parse_never_panics_on_near_key_files(
+            lines in prop::collection::vec(
+                (
+                    "[A-Za-z0-9._#-]{0,20}",
+                    "[ \t]{0,2}",
+                    "[0-9a-fA-F#g ]{0,270}",
+                    "(\r?\n|#.*\n)",
+                ),
+                0..8,
+            ),
+        ) {
+            let text: String = lines
+                .into_iter()
+                .map(|(id, space, secret, end)| format!("{id}{space}{secret}{end}"))
+                .collect();
+            if let Ok(ring) = KeyRing::parse(&text) {
+                prop_assert!(!ring.keys().is_empty() && ring.keys().len() <= KEYS_MAX);
+            }
+        }
     }
 }

@@ -73,8 +73,9 @@ pub struct Key {
     wire_id: u32,
     secret: Zeroizing<Vec<u8>>,
     /// The secret as HMAC-SHA256 uses it (RFC 2104 `K0`): zero-padded to the block size,
-    /// or hashed first when longer. Kept so that building the MAC needs no fallible step.
-    hmac_key: Zeroizing<[u8; HMAC_BLOCK_BYTES]>,
+    /// or hashed first when longer. Kept so that building the MAC needs no fallible step;
+    /// boxed so that moving a `Key` (or growing a `Vec` of them) leaves no copy behind.
+    hmac_key: Box<Zeroizing<[u8; HMAC_BLOCK_BYTES]>>,
 }
 
 impl Key {
@@ -134,8 +135,8 @@ pub fn wire_id_of(id: &str) -> u32 {
 
 /// RFC 2104 `K0`: the key zero-padded to the block size, or its SHA-256 zero-padded when
 /// it is longer than a block. HMAC with `K0` equals HMAC with the key.
-fn hmac_block_key(secret: &[u8]) -> Zeroizing<[u8; HMAC_BLOCK_BYTES]> {
-    let mut k0 = Zeroizing::new([0u8; HMAC_BLOCK_BYTES]);
+fn hmac_block_key(secret: &[u8]) -> Box<Zeroizing<[u8; HMAC_BLOCK_BYTES]>> {
+    let mut k0 = Box::new(Zeroizing::new([0u8; HMAC_BLOCK_BYTES]));
     if secret.len() > HMAC_BLOCK_BYTES {
         let digest = Sha256::digest(secret);
         k0[..digest.len()].copy_from_slice(&digest);
@@ -391,7 +392,9 @@ impl KeyRing {
         let file = std::fs::File::open(path).map_err(io_error)?;
         // The mode of the file opened, not of whatever the path names a moment later.
         let metadata = file.metadata().map_err(io_error)?;
-        let mut bytes = Zeroizing::new(Vec::new());
+        // Sized up front: a buffer that grew would free copies of the secrets unzeroed.
+        let expected_len = metadata.len().min(KEY_FILE_BYTES_MAX) as usize + 1;
+        let mut bytes = Zeroizing::new(Vec::with_capacity(expected_len));
         file.take(KEY_FILE_BYTES_MAX + 1)
             .read_to_end(&mut bytes)
             .map_err(io_error)?;

@@ -822,6 +822,12 @@ const fn base64_len(bytes: usize) -> usize {
 /// Longest token text, in characters.
 pub const TOKEN_TEXT_MAX: usize = base64_len(TOKEN_BYTES_MAX);
 
+// The two token texts (83 and 72 characters), and room in `check_token`'s buffer for
+// the decoder's estimate of 3 bytes per 4 characters, rounded up.
+const _: () = assert!(TOKEN_TEXT_MAX == 83 && base64_len(TOKEN_STORE_BYTES) == 72);
+const _: () = assert!(TOKEN_TEXT_MAX.div_ceil(4) * 3 <= TOKEN_BYTES_MAX + 3);
+const _: () = assert!(SECRET_BYTES_MIN <= SECRET_BYTES_MAX && SECRET_BYTES_MIN >= 32);
+
 /// What a capability token permits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CapOp {

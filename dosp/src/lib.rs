@@ -8,6 +8,7 @@
 //! What it must never do: perform I/O inside the codec, or panic on any byte sequence.
 #![deny(unsafe_code)]
 
+pub mod auth;
 pub mod fingerprint;
 
 pub use fingerprint::{Fingerprint, FingerprintError};

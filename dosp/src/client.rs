@@ -15,6 +15,7 @@ use zerocopy::{FromBytes, FromZeros, IntoBytes};
 use crate::codec::{
     encode_chunk_header, encode_request, udp_request_len_for, ResponseDecoder, ResponseEvent,
 };
+use crate::signed::Signer;
 use crate::wire::*;
 use crate::Fingerprint;
 
@@ -160,6 +161,8 @@ pub struct Client {
     chunk: Vec<u8>,
     next_id: u64,
     decoder: ResponseDecoder,
+    /// Signs every request when set (dosp/PROTOCOL.md §7).
+    signer: Option<Signer>,
 }
 
 /// Events the client consumes while waiting for a response.
@@ -195,6 +198,7 @@ impl Client {
                         chunk: vec![0u8; IO_BUF],
                         next_id: 1,
                         decoder: ResponseDecoder::new(u64::MAX),
+                        signer: None,
                     });
                 }
                 Err(e) => last = e,
@@ -205,6 +209,12 @@ impl Client {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Signs every request from now on with `signer` (the first key of its ring, now,
+    /// a fresh nonce), or stops signing with `None`.
+    pub fn set_signer(&mut self, signer: Option<Signer>) {
+        self.signer = signer;
     }
 
     fn io_err(&self, source: io::Error) -> ClientError {
@@ -219,6 +229,9 @@ impl Client {
         self.next_id += 1;
         self.wbuf.clear();
         encode_request(&mut self.wbuf, op, id, 0, body);
+        if let Some(signer) = &self.signer {
+            signer.sign(&mut self.wbuf, 0);
+        }
         self.stream
             .write_all(&self.wbuf)
             .map_err(|e| self.io_err(e))?;
@@ -427,7 +440,11 @@ impl Client {
                 // on the wire. By now the length of a small object is known too.
                 let len = expect.len.or(eof.then_some(filled as u64));
                 let body = StoreIn::new(0, len, expect.md5);
+                let at = self.wbuf.len();
                 encode_request(&mut self.wbuf, Opcode::Store, id, 0, body.as_bytes());
+                if let Some(signer) = &self.signer {
+                    signer.sign(&mut self.wbuf, at);
+                }
             }
             encode_chunk_header(&mut self.wbuf, filled as u32, eof);
             write_both(&mut self.stream, &self.wbuf, &chunk[..filled])
@@ -748,6 +765,18 @@ pub fn locate_multicast(
     fp: &Fingerprint,
     wait: Duration,
 ) -> Result<Vec<Located>, ClientError> {
+    locate_multicast_signed(group, iface, fp, wait, None).map(|(found, _)| found)
+}
+
+/// [`locate_multicast`] with a key: the query is signed, and answers that are unsigned
+/// or badly signed are dropped. Returns the answers and how many were dropped.
+pub fn locate_multicast_signed(
+    group: SocketAddrV4,
+    iface: Ipv4Addr,
+    fp: &Fingerprint,
+    wait: Duration,
+    signer: Option<&Signer>,
+) -> Result<(Vec<Located>, u64), ClientError> {
     let node = group.to_string();
     let io_err = |source| ClientError::Io {
         node: node.clone(),
@@ -763,12 +792,20 @@ pub fn locate_multicast(
         FLAG_MULTICAST,
         LocateIn { fingerprint: *fp }.as_bytes(),
     );
+    if let Some(signer) = signer {
+        signer.sign(&mut msg, 0);
+    }
     sock.send_to(&msg, group).map_err(io_err)?;
     let mut found: Vec<Located> = Vec::new();
+    let mut dropped = 0u64;
     // The group carries heartbeats, other managers' queries and answers: keep only
     // well-formed LOCATE answers to this query.
     recv_responses(&sock, Instant::now() + wait, &mut |header, body, _| {
         if header.opcode.get() != Opcode::Locate as u16 || header.request_id.get() != request_id {
+            return true;
+        }
+        if !signed_by(signer, header, body) {
+            dropped += 1;
             return true;
         }
         let Ok((out, _)) = LocateOut::read_from_prefix(body) else {
@@ -786,7 +823,13 @@ pub fn locate_multicast(
         true
     })
     .map_err(io_err)?;
-    Ok(found)
+    Ok((found, dropped))
+}
+
+/// Whether a datagram heard on the group passes `signer`'s check: signed by one of its
+/// keys; anything goes without a signer.
+fn signed_by(signer: Option<&Signer>, header: &Header, body: &[u8]) -> bool {
+    signer.is_none_or(|s| s.check(header, body) == Ok(true))
 }
 
 /// The reply a UDP request is padded for at first: the header and the opcode's whole
@@ -818,6 +861,17 @@ pub fn udp_request(
     body: &[u8],
     wait: Duration,
 ) -> Result<Vec<u8>, ClientError> {
+    udp_request_signed(node, op, body, wait, None)
+}
+
+/// [`udp_request`], signed with `signer` when given.
+pub fn udp_request_signed(
+    node: SocketAddr,
+    op: Opcode,
+    body: &[u8],
+    wait: Duration,
+    signer: Option<&Signer>,
+) -> Result<Vec<u8>, ClientError> {
     let name = node.to_string();
     let io_err = |source| ClientError::Io {
         node: name.clone(),
@@ -836,6 +890,9 @@ pub fn udp_request(
         let request_id = rand_id();
         let mut msg = Vec::with_capacity(pad.max(Header::SIZE + body.len()));
         encode_request(&mut msg, op, request_id, 0, body);
+        if let Some(signer) = signer {
+            signer.sign(&mut msg, 0);
+        }
         if msg.len() < pad {
             msg.resize(pad, 0);
         }
@@ -945,6 +1002,18 @@ pub fn watch(
     wait: Duration,
     each: &mut dyn FnMut(ClusterEvent, SocketAddr) -> bool,
 ) -> Result<(), ClientError> {
+    watch_signed(group, iface, wait, None, each).map(|_| ())
+}
+
+/// [`watch`] with a key: heartbeats, announcements and LOCATE answers that are unsigned
+/// or badly signed are dropped. Returns how many were dropped.
+pub fn watch_signed(
+    group: SocketAddrV4,
+    iface: Ipv4Addr,
+    wait: Duration,
+    signer: Option<&Signer>,
+    each: &mut dyn FnMut(ClusterEvent, SocketAddr) -> bool,
+) -> Result<u64, ClientError> {
     let node = group.to_string();
     let io_err = |source| ClientError::Io {
         node: node.clone(),
@@ -953,7 +1022,16 @@ pub fn watch(
     let sock = join_group(group, iface).map_err(io_err)?;
     // Announcements already passed on, bounded: the oldest are forgotten first.
     let mut seen: std::collections::VecDeque<(u64, u64, u32)> = std::collections::VecDeque::new();
+    let mut dropped = 0u64;
     recv_responses(&sock, Instant::now() + wait, &mut |header, body, from| {
+        let shown = matches!(
+            header.opcode(),
+            Some(Opcode::Heartbeat | Opcode::Locate | Opcode::Announce)
+        );
+        if shown && !signed_by(signer, header, body) {
+            dropped += 1;
+            return true;
+        }
         let event = match header.opcode() {
             Some(Opcode::Heartbeat) => HeartbeatOut::read_from_prefix(body)
                 .ok()
@@ -985,7 +1063,7 @@ pub fn watch(
         }
     })
     .map_err(io_err)?;
-    Ok(())
+    Ok(dropped)
 }
 
 /// Reads from `input` until `buf` is full or the input ends; returns the bytes read and

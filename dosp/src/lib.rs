@@ -14,4 +14,5 @@ pub mod fingerprint;
 pub use fingerprint::{Fingerprint, FingerprintError};
 pub mod client;
 pub mod codec;
+pub mod signed;
 pub mod wire;

@@ -19,8 +19,11 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"DOSP");
 pub const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"DOSC");
 /// `DOSS`: the first four bytes of a stream header (length of the data that follows).
 pub const STREAM_MAGIC: u32 = u32::from_le_bytes(*b"DOSS");
-/// The protocol version this crate speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this crate speaks and sends.
+pub const VERSION: u8 = 2;
+/// The oldest version a receiver accepts. Version 1 is version 2 without signed
+/// messages (a version-1 message is never signed).
+pub const VERSION_MIN: u8 = 1;
 
 /// Largest In/Out body a peer accepts. Bodies are small fixed structures (the largest is
 /// GET_DISK_STATUS with 256 disks: 8 + 256 * 72 bytes), so 64 KiB bounds every one.
@@ -138,6 +141,9 @@ impl Kind {
 /// Header flag: the request was sent to the multicast group (so a node that cannot
 /// answer stays silent instead of replying NOT_FOUND).
 pub const FLAG_MULTICAST: u16 = 1 << 0;
+/// Header flag (version 2): an [`AuthTrailer`] follows the In/Out structure, counted in
+/// `body_len`. Meaningless in a version-1 header.
+pub const FLAG_SIGNED: u16 = 1 << 1;
 
 /// The 32-byte header in front of every request and response.
 #[derive(
@@ -199,7 +205,7 @@ impl Header {
         if self.checksum.get() != self.compute_checksum() {
             return Err(WireError::HeaderChecksum);
         }
-        if self.version != VERSION {
+        if !(VERSION_MIN..=VERSION).contains(&self.version) {
             return Err(WireError::BadVersion(self.version));
         }
         if self.kind != expect as u8 {
@@ -217,6 +223,40 @@ impl Header {
     pub fn opcode(&self) -> Option<Opcode> {
         Opcode::from_u16(self.opcode.get())
     }
+
+    /// Whether an [`AuthTrailer`] ends the body: a version-2 header with
+    /// [`FLAG_SIGNED`].
+    pub fn signed(&self) -> bool {
+        self.version >= 2 && self.flags.get() & FLAG_SIGNED != 0
+    }
+}
+
+/// Ends the body of a signed message (header flag [`FLAG_SIGNED`]): who signed it, when,
+/// and the certificate. `body_len` counts it. dosp/PROTOCOL.md §7.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
+#[repr(C)]
+pub struct AuthTrailer {
+    /// The key's wire id (`dosp::auth::wire_id_of`).
+    pub key_id: U32,
+    /// `dosp::auth::CertMode` code: 1 HMAC-SHA256, 2 double MD5.
+    pub mode: u8,
+    pub reserved: [u8; 3],
+    /// Unix time in ms when the message was signed; 0 allowed on idempotent requests.
+    pub timestamp_ms: U64,
+    /// Chosen at random by the signer: (key, timestamp, nonce) is unique.
+    pub nonce: U64,
+    /// Over header bytes 0..28, the In/Out structure, then trailer bytes 0..24.
+    pub certificate: [u8; 32],
+}
+
+const _: () = assert!(size_of::<AuthTrailer>() == 56);
+
+impl AuthTrailer {
+    pub const SIZE: usize = 56;
+    /// Bytes of the trailer the certificate covers: all but the certificate.
+    pub const SIGNED_PREFIX: usize = 24;
 }
 
 /// Precedes every STORE chunk: the length of the bytes that follow and whether this is

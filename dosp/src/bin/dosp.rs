@@ -11,8 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::ValueEnum;
 use clap::{Parser, Subcommand};
-use dosp::client::{locate_multicast, watch, Client, ClientError, ClusterEvent, Expect};
+use dosp::auth::{CertMode, KeyRing};
+use dosp::client::{
+    locate_multicast_signed, watch_signed, Client, ClientError, ClusterEvent, Expect,
+};
+use dosp::signed::Signer;
 use dosp::wire::NodeName;
 use dosp::Fingerprint;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -33,8 +38,23 @@ struct Cli {
     /// Seconds to wait for the node before giving up.
     #[arg(long, global = true, default_value_t = 30)]
     timeout: u64,
+    /// Cluster key file (`ID HEXSECRET` a line, the node's format): every request is
+    /// signed with its first key, and `watch`/`locate` drop what no key of it signed.
+    /// Also read from $DOSP_KEY_FILE.
+    #[arg(long, global = true, env = "DOSP_KEY_FILE", value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Certificate mode of signed requests: HMAC-SHA256, or the specification's
+    /// double MD5 (accepted only by nodes started with --auth-allow-md5).
+    #[arg(long, global = true, value_enum, default_value_t = AuthMode::Hmac)]
+    auth_mode: AuthMode,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum AuthMode {
+    Hmac,
+    Md5,
 }
 
 #[derive(Subcommand, Debug)]
@@ -162,7 +182,24 @@ fn bar(total: u64) -> Option<ProgressBar> {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     let timeout = Duration::from_secs(cli.timeout.max(1));
-    let connect = || Client::connect(&cli.node, timeout);
+    let signer = match &cli.key_file {
+        None => None,
+        Some(path) => {
+            let ring = KeyRing::load(path)
+                .map_err(|e| fail(format!("cannot use key file {}: {e}", path.display())))?;
+            let mode = match cli.auth_mode {
+                AuthMode::Hmac => CertMode::HmacSha256,
+                AuthMode::Md5 => CertMode::DoubleMd5,
+            };
+            Some(Signer::new(ring, mode))
+        }
+    };
+    let connect = || {
+        Client::connect(&cli.node, timeout).map(|mut c| {
+            c.set_signer(signer.clone());
+            c
+        })
+    };
     match cli.cmd {
         Cmd::Store { file, md5 } => {
             let md5 = md5.as_deref().map(parse_fp).transpose()?;
@@ -252,8 +289,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
             wait_ms,
         } => {
             let fp = parse_fp(&fingerprint)?;
-            let found =
-                locate_multicast(multicast, multicast_if, &fp, Duration::from_millis(wait_ms))?;
+            let (found, dropped) = locate_multicast_signed(
+                multicast,
+                multicast_if,
+                &fp,
+                Duration::from_millis(wait_ms),
+                signer.as_ref(),
+            )?;
+            if signer.is_some() {
+                eprintln!("dropped {dropped} unsigned or badly signed answers");
+            }
             if found.is_empty() {
                 return Err(Failure {
                     message: format!(
@@ -285,16 +330,25 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let stdout = io::stdout();
             let mut out = stdout.lock();
             let mut write_err = None;
-            watch(multicast, multicast_if, wait, &mut |event, from| {
-                if let Err(e) =
-                    writeln!(out, "{}", describe(&event, from)).and_then(|()| out.flush())
-                {
-                    write_err = Some(e);
-                    return false;
-                }
-                printed += 1;
-                count.is_none_or(|c| printed < c)
-            })?;
+            let dropped = watch_signed(
+                multicast,
+                multicast_if,
+                wait,
+                signer.as_ref(),
+                &mut |event, from| {
+                    if let Err(e) =
+                        writeln!(out, "{}", describe(&event, from)).and_then(|()| out.flush())
+                    {
+                        write_err = Some(e);
+                        return false;
+                    }
+                    printed += 1;
+                    count.is_none_or(|c| printed < c)
+                },
+            )?;
+            if signer.is_some() {
+                eprintln!("dropped {dropped} unsigned or badly signed datagrams");
+            }
             if let Some(e) = write_err {
                 // A closed pipe (`dosp watch | head`) is a normal way to stop.
                 if e.kind() != io::ErrorKind::BrokenPipe {

@@ -167,6 +167,25 @@ pub struct Flags {
     /// (e.g. "reboot"), run for POST /v1/update?reboot=true
     #[arg(long, value_name = "COMMAND")]
     pub reboot_command: Option<String>,
+    /// Cluster key file (`ID HEXSECRET` a line, at least 32 secret bytes, `#`
+    /// comments): every DOSP request must then be signed with one of its keys, and the
+    /// node signs its heartbeats and announcements with the first [default: none: any
+    /// client that reaches the node may store and delete]
+    #[arg(long, value_name = "FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Also accept requests signed with the specification's double MD5 (weaker than the
+    /// default HMAC-SHA256)
+    #[arg(long)]
+    pub auth_allow_md5: bool,
+    /// How far a signed request's timestamp may be from the node's clock, either way,
+    /// in seconds [default: 300]
+    #[arg(long, value_name = "SECS")]
+    pub auth_window_secs: Option<u64>,
+    /// STOREs and DELETEs remembered against replay (about 64 bytes each, allocated at
+    /// start-up); when it is full of requests still inside the window, new ones get
+    /// AUTH_FAILED [default: 262144]
+    #[arg(long, value_name = "N")]
+    pub auth_replay_max: Option<usize>,
 
     // Test-only flags, hidden from --help and absent from the config file on purpose: a
     // production node must never carry them. dosd warns loudly at start-up when one is
@@ -222,6 +241,10 @@ pub struct FileConfig {
     pub boot_esp: Option<PathBuf>,
     pub boot_slot: Option<String>,
     pub reboot_command: Option<String>,
+    pub cluster_key_file: Option<PathBuf>,
+    pub auth_allow_md5: Option<bool>,
+    pub auth_window_secs: Option<u64>,
+    pub auth_replay_max: Option<usize>,
 }
 
 /// The dataplane's network backend.
@@ -322,6 +345,14 @@ pub struct Config {
     pub boot_slot: Option<mgmt::update::Slot>,
     /// Program and arguments that reboot the machine.
     pub reboot_command: Option<Vec<String>>,
+    /// The cluster key file; `None`: requests are not authenticated.
+    pub cluster_key_file: Option<PathBuf>,
+    /// Accept double-MD5 certificates too.
+    pub auth_allow_md5: bool,
+    /// Clock window of signed requests, in seconds (at least 1).
+    pub auth_window_secs: u64,
+    /// Replay memory, in requests (at least 1).
+    pub auth_replay_max: usize,
     /// Test only (flags, never the file): the disk wrapped in a fault injector.
     pub fault_inject_disk: Option<u16>,
     /// Test only: latency the fault injector adds to that disk's every I/O.
@@ -352,6 +383,12 @@ pub enum ConfigError {
 
 /// Parses a size: a number of bytes with an optional K/M/G/T suffix (powers of 1024;
 /// `KiB`, `MB`, `G` all accepted).
+/// Default clock window of signed requests (dosp/PROTOCOL.md §7).
+pub const AUTH_WINDOW_SECS_DEFAULT: u64 = 300;
+/// Default replay memory: see `dataplane::server::auth::REPLAY_MAX_DEFAULT`.
+pub const AUTH_REPLAY_MAX_DEFAULT: usize = dataplane::server::auth::REPLAY_MAX_DEFAULT;
+/// Largest replay memory accepted (about 1 GiB): a typo should not eat the machine.
+pub const AUTH_REPLAY_MAX_MAX: usize = 16 << 20;
 /// The hot-object cache's default size: small against a storage node's RAM, large
 /// enough to hold 16,000 objects of 4 KiB.
 pub const CACHE_BYTES_DEFAULT: u64 = 64 << 20;
@@ -697,7 +734,33 @@ impl Config {
         let test_stall_ms = flags
             .test_hooks
             .then(|| flags.test_stall_ms.unwrap_or(TEST_STALL_MS_DEFAULT));
+        let auth_window_secs = flags
+            .auth_window_secs
+            .or(file.auth_window_secs)
+            .unwrap_or(AUTH_WINDOW_SECS_DEFAULT);
+        if auth_window_secs == 0 {
+            return Err(invalid(
+                "auth_window_secs",
+                "0",
+                "must be at least 1".into(),
+            ));
+        }
+        let auth_replay_max = flags
+            .auth_replay_max
+            .or(file.auth_replay_max)
+            .unwrap_or(AUTH_REPLAY_MAX_DEFAULT);
+        if !(1..=AUTH_REPLAY_MAX_MAX).contains(&auth_replay_max) {
+            return Err(invalid(
+                "auth_replay_max",
+                &auth_replay_max.to_string(),
+                format!("must be 1 to {AUTH_REPLAY_MAX_MAX}"),
+            ));
+        }
         Ok(Config {
+            cluster_key_file: flags.cluster_key_file.or(file.cluster_key_file),
+            auth_allow_md5: flags.auth_allow_md5 || file.auth_allow_md5.unwrap_or(false),
+            auth_window_secs,
+            auth_replay_max,
             boot_esp: flags.boot_esp.or(file.boot_esp),
             boot_slot,
             reboot_command,

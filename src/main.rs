@@ -387,6 +387,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         cfg.test_stall_loop,
         loops - 1
     );
+    let auth = node_auth(&cfg)?;
     let (handle, ends) = dataplane::handle::handle_for(loops);
     let server_cfg = |loops: u16| dataplane::server::ServerConfig {
         listen: cfg.listen,
@@ -401,6 +402,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
         header_timeout: Duration::from_millis(cfg.header_timeout_ms),
         transfer_rate_min: cfg.transfer_rate_min,
+        auth: auth.clone(),
         test_stall: stall_trigger
             .as_ref()
             .zip(cfg.test_stall_ms)
@@ -519,6 +521,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         repeat_gap: Duration::from_millis(100),
         // With --net dpdk the multicast interface is the DPDK port's: loop 0 speaks.
         via_dataplane: matches!(cfg.net, Net::Dpdk(_)),
+        auth: auth.clone(),
     };
     let announcer = mgmt::cluster::Announcer::start(announcer_cfg, handle, mgmt.monitor())
         .with_context(|| {
@@ -608,4 +611,39 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         Ok(Err(e)) => Err(e).context("dataplane failed"),
         Err(_) => anyhow::bail!("dataplane thread panicked"),
     }
+}
+
+/// The signature gate's state, from `--cluster-key-file`; `None` without a key, said
+/// loudly: such a node serves anyone who reaches it (dosp/PROTOCOL.md §7).
+fn node_auth(cfg: &Config) -> anyhow::Result<Option<Arc<dataplane::server::auth::NodeAuth>>> {
+    let Some(path) = &cfg.cluster_key_file else {
+        tracing::warn!(
+            "NO CLUSTER KEY (--cluster-key-file): DOSP requests are not authenticated; any client that can reach this node can store, fetch and delete any object"
+        );
+        return Ok(None);
+    };
+    let ring = dosp::auth::KeyRing::load(path)
+        .with_context(|| format!("cannot use cluster key file {}", path.display()))?;
+    if ring.readable_by_others() {
+        tracing::warn!(
+            file = %path.display(),
+            mode = %format!("{:o}", ring.file_mode().unwrap_or(0)),
+            "the cluster key file is readable by group or others: chmod 600 it"
+        );
+    }
+    let ids: Vec<&str> = ring.keys().iter().map(|k| k.id()).collect();
+    tracing::info!(
+        keys = %ids.join(","),
+        signer = ring.signer().id(),
+        allow_md5 = cfg.auth_allow_md5,
+        window_secs = cfg.auth_window_secs,
+        replay_max = cfg.auth_replay_max,
+        "DOSP requests must be signed with a cluster key"
+    );
+    Ok(Some(Arc::new(dataplane::server::auth::NodeAuth::new(
+        ring,
+        cfg.auth_allow_md5,
+        Duration::from_secs(cfg.auth_window_secs),
+        cfg.auth_replay_max,
+    ))))
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dosp::signed::Refusal;
 use dosp::wire::Status;
 
 use crate::server::frame_check::RxDrop;
@@ -222,6 +223,10 @@ pub struct NodeStats {
     /// them, by [`RxDrop`] reason (indexed by it); see [`NodeStats::rx_dropped`]. The
     /// kernel backend never raises them (the kernel counts its own drops).
     pub net_rx_dropped: [AtomicU64; RxDrop::ALL.len()],
+    /// Requests refused with AUTH_FAILED (or, sent to the multicast group, dropped)
+    /// by a node with a cluster key, by [`Refusal`] reason (indexed by its code - 1);
+    /// see [`NodeStats::auth_failed`].
+    pub auth_failed: [AtomicU64; Refusal::ALL.len()],
 }
 
 impl NodeStats {
@@ -260,6 +265,20 @@ impl NodeStats {
     }
 
     /// Counts a received frame dropped for `reason`.
+    /// Counts a request refused for `reason`.
+    pub fn auth_failed(&self, reason: Refusal) {
+        if let Some(c) = self.auth_failed.get(reason.code() as usize - 1) {
+            NodeStats::inc(c);
+        }
+    }
+
+    /// Requests refused for `reason` so far.
+    pub fn auth_failed_count(&self, reason: Refusal) -> u64 {
+        self.auth_failed
+            .get(reason.code() as usize - 1)
+            .map_or(0, NodeStats::get)
+    }
+
     pub fn rx_dropped(&self, reason: RxDrop) {
         NodeStats::inc(&self.net_rx_dropped[reason as usize]);
     }
@@ -406,6 +425,7 @@ impl NodeStats {
             index_objects,
             index_bytes,
             net_rx_dropped,
+            auth_failed,
         } = other;
         let add = |into: &AtomicU64, from: &AtomicU64| {
             into.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -449,6 +469,9 @@ impl NodeStats {
         self.listener_state
             .fetch_max(listener_state.load(Ordering::Relaxed), Ordering::Relaxed);
         for (into, from) in self.errors_by_status.iter().zip(errors_by_status) {
+            add(into, from);
+        }
+        for (into, from) in self.auth_failed.iter().zip(auth_failed) {
             add(into, from);
         }
         for (into, from) in self.net_rx_dropped.iter().zip(net_rx_dropped) {

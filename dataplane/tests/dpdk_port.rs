@@ -450,6 +450,7 @@ fn dpdk_port_serves_dosp_to_the_kernel_through_a_tap() {
         header_timeout: Duration::from_secs(10),
         transfer_rate_min: 0,
         test_stall: None,
+        auth: None,
     };
 
     let stop = Arc::new(AtomicBool::new(false));

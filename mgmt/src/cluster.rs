@@ -39,6 +39,9 @@ pub struct AnnouncerConfig {
     /// datagrams go to loop 0 ([`DataplaneHandle::send_datagram`]), which sends them
     /// from its multicast endpoint. Otherwise a kernel socket on the interface.
     pub via_dataplane: bool,
+    /// With a cluster key: heartbeats and announcements are signed with its first key
+    /// (dosp/PROTOCOL.md §7).
+    pub auth: Option<Arc<dataplane::server::auth::NodeAuth>>,
 }
 
 /// Where the speaker's datagrams leave.
@@ -216,6 +219,10 @@ impl Speaker {
         );
         let mut message = Vec::new();
         encode_response(&mut message, Opcode::Announce as u16, 0, &[out.as_bytes()]);
+        // Signed once: the repetitions are the same message, which receivers keep once.
+        if let Some(auth) = &self.cfg.auth {
+            auth.sign(&mut message, 0);
+        }
         tracing::info!(kind = kind.name(), disk, reason, "announcing");
         self.pending.push(Pending {
             message,
@@ -233,6 +240,9 @@ impl Speaker {
         );
         let mut message = Vec::new();
         encode_response(&mut message, Opcode::Heartbeat as u16, 0, &[out.as_bytes()]);
+        if let Some(auth) = &self.cfg.auth {
+            auth.sign(&mut message, 0);
+        }
         self.send(&message);
         let stats = self.handle.stats.mgmt();
         NodeStats::inc(&stats.heartbeats_sent);
@@ -311,6 +321,7 @@ mod tests {
             repeat: 3,
             repeat_gap: Duration::from_millis(10),
             via_dataplane: false,
+            auth: None,
         };
         let monitor = Arc::new(Monitor::new(
             handle.clone(),
@@ -365,6 +376,7 @@ mod tests {
             repeat: 2,
             repeat_gap: Duration::from_millis(10),
             via_dataplane: true,
+            auth: None,
         };
         let monitor = Arc::new(Monitor::new(
             handle.clone(),

@@ -11,6 +11,7 @@ use std::fmt::Write;
 use dataplane::server::frame_check::RxDrop;
 use dataplane::stats::{Histogram, NodeStats, OpClass};
 use dataplane::store::{DiskReport, DiskState};
+use dosp::signed::Refusal;
 use dosp::wire::Status;
 
 /// Prometheus metric kinds used here.
@@ -95,7 +96,8 @@ fn node_counters(s: &NodeStats) -> impl IntoIterator<Item = Exported> {
 /// [`NodeStats`] fields that are not single counters, each exported as a labelled
 /// family by [`render_families`] (field → metric name; for the completeness test).
 #[cfg_attr(not(test), allow(dead_code))]
-const FAMILIES: [(&str, &str); 3] = [
+const FAMILIES: [(&str, &str); 4] = [
+    ("auth_failed", "dosd_auth_failed_total"),
     ("errors_by_status", "dosd_errors_by_status_total"),
     ("latency", "dosd_op_latency_seconds"),
     ("net_rx_dropped", "dosd_net_rx_dropped_total"),
@@ -129,6 +131,20 @@ fn render_families(out: &mut String, s: &NodeStats) {
     }
 
     // Every reason, zero included, so that rate() has a series from the start.
+    let _ = write!(
+        out,
+        "# HELP dosd_auth_failed_total Requests refused with AUTH_FAILED (or dropped, sent to the group) by a node with a cluster key, by reason (dosp/PROTOCOL.md section 7)\n\
+         # TYPE dosd_auth_failed_total counter\n"
+    );
+    for reason in Refusal::ALL {
+        let _ = writeln!(
+            out,
+            "dosd_auth_failed_total{{reason=\"{}\"}} {}",
+            reason.name(),
+            s.auth_failed_count(reason)
+        );
+    }
+
     let _ = write!(
         out,
         "# HELP dosd_net_rx_dropped_total Received frames the DPDK port dropped before its TCP/IP stack, by reason (SYNs refused at the connection bound included)\n\
@@ -482,6 +498,10 @@ mod tests {
         assert!(
             server.contains(".latency(") && server.contains(".record("),
             "latency is never recorded"
+        );
+        assert!(
+            server.contains(".auth_failed(reason)"),
+            "auth_failed is never counted"
         );
         assert!(
             server.contains(".rx_dropped(reason)"),

@@ -23,6 +23,7 @@ use dosp::wire::*;
 use dosp::Fingerprint;
 use zerocopy::{FromBytes, IntoBytes};
 
+use super::auth::{gate, Gate};
 use super::ops::{heartbeat, locate_answer, small_op, Ctx};
 use super::port::{Dgram, NetPort};
 use super::shards::{Event, Locate};
@@ -147,6 +148,10 @@ impl Cluster {
             }
         }
         let (via, to) = if w.multicast {
+            // What a node says to the group is signed when it has a key (§7).
+            if let Some(auth) = &ctx.id.auth {
+                auth.sign(&mut self.out, 0);
+            }
             (Dgram::Multicast, SocketAddr::V4(self.group))
         } else {
             if !udp_reply_allowed(w.n, self.out.len()) {
@@ -251,6 +256,39 @@ impl Cluster {
         let body = &body[..header.body_len.get() as usize];
         NodeStats::inc(&ctx.stats.udp_requests);
         let id = header.request_id.get();
+        let opcode = header.opcode().ok_or(header.opcode.get());
+        let body = match gate(ctx.id.auth.as_deref(), &header, opcode, body) {
+            Ok(inner) => inner,
+            Err(refusal) => {
+                let (status, detail) = match refusal {
+                    Gate::Malformed(len) => (Status::BadRequest, len),
+                    Gate::Refused(reason) => {
+                        ctx.stats.auth_failed(reason);
+                        tracing::debug!(%from, %reason, multicast, "datagram refused: AUTH_FAILED");
+                        (Status::AuthFailed, reason.code())
+                    }
+                };
+                // To the group a node never answers what it will not serve.
+                if multicast {
+                    if status == Status::BadRequest {
+                        dropped(ctx);
+                    }
+                    return;
+                }
+                self.out.clear();
+                encode_response(
+                    &mut self.out,
+                    header.opcode.get(),
+                    id,
+                    &[OutHead::new(status, detail).as_bytes()],
+                );
+                answered(ctx, status);
+                if let Err(e) = port.send_datagram(Dgram::Unicast, &self.out, from) {
+                    tracing::debug!(%from, error = %e, "unicast answer failed");
+                }
+                return;
+            }
+        };
         let Some(op) = header.opcode() else {
             if !multicast {
                 self.out.clear();
@@ -291,6 +329,9 @@ impl Cluster {
                         return;
                     }
                     encode_response(&mut self.out, op as u16, id, &[heartbeat(ctx).as_bytes()]);
+                    if let Some(auth) = &ctx.id.auth {
+                        auth.sign(&mut self.out, 0);
+                    }
                 }
                 _ => return,
             }

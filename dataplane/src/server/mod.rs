@@ -13,6 +13,7 @@
 //! timeout is bounded so shutdown and timers are noticed promptly.
 
 pub mod accept;
+pub mod auth;
 pub mod cluster;
 #[cfg(feature = "dpdk")]
 pub mod dpdk_port;
@@ -90,6 +91,9 @@ pub struct ServerConfig {
     pub transfer_rate_min: u64,
     /// Test-only: `None` in production. See [`TestStall`].
     pub test_stall: Option<TestStall>,
+    /// The cluster key and replay memory, shared by every loop: `None` on a node
+    /// without a key, which serves unsigned requests (dosp/PROTOCOL.md §7).
+    pub auth: Option<Arc<auth::NodeAuth>>,
 }
 
 /// A test-only hook that blocks the dataplane loop, so the integration tests can prove
@@ -223,6 +227,7 @@ impl<P: NetPort> Server<P> {
             node: crate::node::NodeCache::new(Arc::clone(&end.node)),
             all: Arc::clone(&end.stats),
             chunk_max: cfg.chunk_max,
+            auth: cfg.auth.clone(),
         };
         // The first reports go out now, not when the loop starts on its thread: the
         // node says it is ready once bound, and the management core must know its

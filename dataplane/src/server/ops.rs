@@ -22,6 +22,8 @@ pub struct NodeView {
     pub all: Arc<StatsSet>,
     /// Largest STORE chunk accepted, as reported by NULL.
     pub chunk_max: u32,
+    /// The signature gate's state on a node with a cluster key.
+    pub auth: Option<Arc<super::auth::NodeAuth>>,
 }
 
 /// What a handler needs from the node.

@@ -48,6 +48,7 @@ use dosp::wire::*;
 use dosp::Fingerprint;
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
+use super::auth::{gate, Gate};
 use super::ops::{detail_of, locate_answer, small_op, status_of, Ctx};
 use super::port::{ConnId, NetPort, RBUF_BYTES};
 use super::shards::{Event, Locate, PageStart};
@@ -894,6 +895,10 @@ impl State {
                 let id = header.request_id.get();
                 // The request has just been decoded: its latency counts from here.
                 let started = self.now;
+                let body = match gate(ctx.id.auth.as_deref(), &header, opcode, body) {
+                    Ok(inner) => inner,
+                    Err(refusal) => return self.refuse(ctx, &header, opcode, refusal, started),
+                };
                 match opcode {
                     Err(raw) => {
                         NodeStats::inc(&ctx.stats.unknown_opcodes);
@@ -965,6 +970,41 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Answers a request the signature gate refused (dosp/PROTOCOL.md §7); nothing of
+    /// it is carried out. A STORE's chunks follow it on the connection: they are read
+    /// and dropped, and the refusal is answered after the last, like any failed STORE.
+    fn refuse(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        header: &Header,
+        opcode: Result<Opcode, u16>,
+        refusal: Gate,
+        started: Instant,
+    ) {
+        let (status, detail) = match refusal {
+            Gate::Malformed(len) => (Status::BadRequest, len),
+            Gate::Refused(reason) => {
+                ctx.stats.auth_failed(reason);
+                tracing::debug!(%reason, "request refused: AUTH_FAILED");
+                (Status::AuthFailed, reason.code())
+            }
+        };
+        let request_id = header.request_id.get();
+        if opcode == Ok(Opcode::Store) {
+            self.set_busy(ctx, true);
+            NodeStats::inc(&ctx.stats.stores);
+            self.store = StoreState::Discarding {
+                request_id,
+                status,
+                detail,
+                started,
+            };
+            return;
+        }
+        self.reply_error(ctx, header.opcode.get(), request_id, status, detail);
+        State::done(ctx, OpClass::Other, started, self.now);
     }
 
     fn start_store(&mut self, ctx: &mut Ctx<'_>, request_id: u64, body: &[u8], started: Instant) {

@@ -682,6 +682,7 @@ fn config(listen: SocketAddr) -> ServerConfig {
         header_timeout: Duration::from_secs(10),
         transfer_rate_min: 0,
         test_stall: None,
+        auth: None,
     }
 }
 

@@ -109,6 +109,7 @@ impl TestNode {
                 header_timeout: Duration::from_secs(10),
                 transfer_rate_min: 0,
                 test_stall: None,
+                auth: None,
             };
             let server = Server::bind_loop(cfg, listener, k == 0, shard, end).expect("bind");
             let local = server.local_addr().expect("local address");

@@ -880,3 +880,171 @@ fn sim_a_store_left_halfway_times_out_on_the_virtual_clock() {
         );
     }
 }
+
+/// The session's and the cluster service's refusal path on a keyed node, on the
+/// virtual network with a fixed clock: pipelined refusals keep the connection in step
+/// and open, a refused STORE's chunks are skipped, and nothing is stored or deleted.
+#[test]
+fn sim_a_keyed_node_refuses_unsigned_forged_replayed_and_stale_requests() {
+    use dosp::auth::{CertMode, KeyRing};
+    use dosp::signed::{sign_in_place, Refusal};
+
+    const NOW_MS: u64 = 1_800_000_000_000;
+    const KEY: &str = "k1 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    const FORGED: &str = "k1 ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff";
+    for seed in seeds(300, 4) {
+        let disk = MemDisk::new(32 * MIB, seed);
+        let store = Store::open(vec![Box::new(disk.device())], StoreConfig::default(), seed)
+            .expect("store");
+        let (handle, end) = crate::handle::handle_pair();
+        let listen: SocketAddr = "10.0.0.100:7070".parse().expect("address");
+        let auth = super::auth::NodeAuth::new(
+            KeyRing::parse(KEY).expect("key"),
+            false,
+            Duration::from_secs(60),
+            16,
+        )
+        .with_clock(|| NOW_MS);
+        let cfg = ServerConfig {
+            auth: Some(std::sync::Arc::new(auth)),
+            ..config(listen)
+        };
+        let port = SimPort::new(seed, SimConfig::default(), listen);
+        let mut server = Server::with_port(port, cfg, super::shards::Shards::new(store, None), end)
+            .expect("server");
+        let peer = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 1), 1));
+        let conn = server.port.connect(peer);
+
+        let sign = |msg: &mut Vec<u8>, at: usize, key: &str, ts: u64, nonce: u64| {
+            let ring = KeyRing::parse(key).expect("key");
+            sign_in_place(msg, at, ring.signer(), CertMode::HmacSha256, ts, nonce);
+        };
+        let data = [9u8; 3000];
+        let fp = Fingerprint::of(&data);
+        let store_frame = |key: &str, ts: u64, nonce: u64| {
+            let mut m = Vec::new();
+            encode_request(
+                &mut m,
+                Opcode::Store,
+                nonce,
+                0,
+                StoreIn::new(0, Some(3000), None).as_bytes(),
+            );
+            sign(&mut m, 0, key, ts, nonce);
+            encode_chunk_header(&mut m, 1000, false);
+            m.extend_from_slice(&data[..1000]);
+            encode_chunk_header(&mut m, 2000, true);
+            m.extend_from_slice(&data[1000..]);
+            m
+        };
+        let mut msg = Vec::new();
+        // 1: unsigned NULL.
+        encode_request(&mut msg, Opcode::Null, 1, 0, &[]);
+        // 2: a STORE with a forged certificate, its chunks after it.
+        msg.extend_from_slice(&store_frame(FORGED, NOW_MS, 2));
+        // 3, 4: a good STORE, then the same frame again.
+        let good = store_frame(KEY, NOW_MS, 3);
+        msg.extend_from_slice(&good);
+        msg.extend_from_slice(&good);
+        // 5: a DELETE from two minutes ago (the window is one).
+        let at = msg.len();
+        encode_request(&mut msg, Opcode::Delete, 5, 0, fp.0.as_bytes());
+        sign(&mut msg, at, KEY, NOW_MS - 120_000, 5);
+        // 6: a signed NULL without a time.
+        let at = msg.len();
+        encode_request(&mut msg, Opcode::Null, 6, 0, &[]);
+        sign(&mut msg, at, KEY, 0, 6);
+        let mut sent = 0;
+        let mut got = Vec::new();
+        let mut replies: Vec<(u16, u32)> = Vec::new();
+        let mut decoder = ResponseDecoder::new(u64::MAX);
+        while replies.len() < 6 && server.port.turn() < TURNS_MAX {
+            if sent < msg.len() {
+                sent += server.port.client_send(conn, &msg[sent..]);
+            }
+            server.turn().expect("turn");
+            server.port.client_recv(conn, &mut got, usize::MAX);
+            let mut at = 0;
+            while let Some((ev, n)) = decoder.decode(&got[at..]).expect("a well-formed reply") {
+                at += n;
+                if let dosp::codec::ResponseEvent::Response { body, .. } = ev {
+                    let (head, _) = OutHead::read_from_prefix(body).expect("an OutHead");
+                    replies.push((head.status.get(), head.detail.get()));
+                }
+            }
+            got.drain(..at);
+        }
+        let auth_failed = |r: Refusal| (Status::AuthFailed as u16, r.code());
+        assert_eq!(
+            replies,
+            vec![
+                auth_failed(Refusal::Unsigned),
+                auth_failed(Refusal::BadCertificate),
+                (Status::Success as u16, 0),
+                auth_failed(Refusal::Replayed),
+                auth_failed(Refusal::Timestamp),
+                (Status::Success as u16, 0),
+            ],
+            "seed {seed}"
+        );
+        assert!(!server.port.client_sees_close(conn), "seed {seed}: closed");
+
+        // Datagrams: an unsigned NULL to the unicast address gets AUTH_FAILED; an
+        // unsigned LOCATE to the group gets nothing; a signed one is answered, signed.
+        let mut null = Vec::new();
+        encode_request(&mut null, Opcode::Null, 7, 0, &[]);
+        server.port.client_datagram(peer, Dgram::Unicast, &null);
+        let mut locate = Vec::new();
+        encode_request(
+            &mut locate,
+            Opcode::Locate,
+            8,
+            FLAG_MULTICAST,
+            fp.0.as_bytes(),
+        );
+        server.port.client_datagram(peer, Dgram::Multicast, &locate);
+        sign(&mut locate, 0, KEY, 0, 9);
+        server.port.client_datagram(peer, Dgram::Multicast, &locate);
+        let mut heard = Vec::new();
+        for _ in 0..200 {
+            server.turn().expect("turn");
+            heard.extend(server.port.take_datagrams());
+        }
+        let ring = KeyRing::parse(KEY).expect("key");
+        let signer = dosp::signed::Signer::new(ring, CertMode::HmacSha256);
+        let mut summary: Vec<(Dgram, u64, u16, bool)> = heard
+            .iter()
+            .map(|(via, _, d)| {
+                let (h, body) = Header::read_from_prefix(d).expect("a header");
+                let body = &body[..h.body_len.get() as usize];
+                let (head, _) = OutHead::read_from_prefix(body).expect("an OutHead");
+                (
+                    *via,
+                    h.request_id.get(),
+                    head.status.get(),
+                    signer.check(&h, body) == Ok(true),
+                )
+            })
+            .collect();
+        // The network may reorder datagrams.
+        summary.sort_by_key(|s| s.1);
+        assert_eq!(
+            summary,
+            vec![
+                (Dgram::Unicast, 7, Status::AuthFailed as u16, false),
+                (Dgram::Multicast, 8, Status::Success as u16, true),
+            ],
+            "seed {seed}"
+        );
+
+        let stats = handle.stats.of_loop(0).expect("loop 0");
+        let counts: Vec<u64> = Refusal::ALL
+            .iter()
+            .map(|&r| stats.auth_failed_count(r))
+            .collect();
+        // unsigned: NULL over TCP, NULL over UDP, LOCATE to the group.
+        assert_eq!(counts, vec![3, 0, 1, 0, 1, 1, 0], "seed {seed}");
+        let store = server.shut_down();
+        assert_eq!(store.contents().len(), 1, "seed {seed}");
+    }
+}

@@ -523,3 +523,58 @@ fn heartbeats_are_signed_and_watchers_with_another_key_drop_them() {
     let (lines, _) = watch(&node, None, &["--count", "1", "--seconds", "30"]);
     assert_eq!(lines.len(), 1);
 }
+
+#[test]
+fn multicast_locate_is_answered_only_to_the_key_and_the_answers_are_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "node.keys", &[NEW], 0o600);
+    let other = key_file(dir.path(), "other.keys", &[FORGED], 0o600);
+    let node = start_keyed(dir.path(), "n", &keys, &[]);
+    let hmac = signer(&[NEW], CertMode::HmacSha256);
+    let fp = client(&node, Some(&hmac))
+        .store_bytes(b"located")
+        .unwrap()
+        .fingerprint
+        .to_string();
+    let locate = |keys: Option<&Path>| {
+        let mut cmd = Command::new(dosp_bin());
+        if let Some(k) = keys {
+            cmd.arg("--key-file").arg(k);
+        }
+        cmd.args([
+            "locate",
+            &fp,
+            "--multicast",
+            &node.group,
+            "--wait-ms",
+            "1500",
+        ])
+        .output()
+        .unwrap()
+    };
+    // With the key: found, nothing dropped.
+    let out = locate(Some(&keys));
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(
+        common::stdout(&out).contains(&node.node_id),
+        "{}",
+        common::stdout(&out)
+    );
+    assert!(
+        common::stderr(&out).contains("dropped 0 "),
+        "{}",
+        common::stderr(&out)
+    );
+    // Unsigned: the node does not answer the group (exit 3: nobody holds it), and
+    // counts the refusal.
+    let out = locate(None);
+    assert_eq!(out.status.code(), Some(3), "{}", common::stdout(&out));
+    // Another secret under the same id: the node refuses the query, and would the
+    // answer come, the client would drop it.
+    let out = locate(Some(&other));
+    assert_eq!(out.status.code(), Some(3), "{}", common::stdout(&out));
+    assert_eq!(
+        refusals(&node),
+        counted(&[(Refusal::Unsigned, 1), (Refusal::BadCertificate, 1)])
+    );
+}

@@ -1061,6 +1061,48 @@ mod tests {
     }
 
     #[test]
+    fn auth_keys_from_flags_and_file() {
+        let c = Config::resolve(Flags::default()).unwrap();
+        assert_eq!(c.cluster_key_file, None);
+        assert!(!c.auth_allow_md5);
+        assert_eq!(c.auth_window_secs, AUTH_WINDOW_SECS_DEFAULT);
+        assert_eq!(c.auth_replay_max, AUTH_REPLAY_MAX_DEFAULT);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dosd.toml");
+        std::fs::write(
+            &path,
+            "cluster_key_file = \"/etc/dosd/keys\"\nauth_allow_md5 = true\n\
+             auth_window_secs = 30\nauth_replay_max = 1000\n",
+        )
+        .unwrap();
+        let parse = |args: &[&str]| Flags::try_parse_from([&["dosd"], args].concat());
+        let c = Config::resolve(parse(&["--config", path.to_str().unwrap()]).unwrap()).unwrap();
+        assert_eq!(c.cluster_key_file, Some(PathBuf::from("/etc/dosd/keys")));
+        assert!(c.auth_allow_md5);
+        assert_eq!((c.auth_window_secs, c.auth_replay_max), (30, 1000));
+        let c = Config::resolve(
+            parse(&[
+                "--config",
+                path.to_str().unwrap(),
+                "--cluster-key-file",
+                "k",
+                "--auth-window-secs",
+                "60",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.cluster_key_file, Some(PathBuf::from("k")));
+        assert_eq!(c.auth_window_secs, 60);
+
+        let e = Config::resolve(parse(&["--auth-window-secs", "0"]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("auth_window_secs"), "{e}");
+        let e = Config::resolve(parse(&["--auth-replay-max", "0"]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("auth_replay_max"), "{e}");
+    }
+
+    #[test]
     fn test_hooks_are_hidden_and_checked() {
         use clap::CommandFactory;
         let help = Flags::command().render_long_help().to_string();

@@ -105,6 +105,9 @@ fn status(e: ClientError) -> (Status, u32) {
     }
 }
 
+/// What an operation came to: done, or refused with this status and detail.
+type Outcome = Result<(), (Status, u32)>;
+
 /// Every operation over TCP (and the UDP unicast ones) through `c`; returns the
 /// outcome of each, `Ok` or the refusal's status and detail. `fp` is an object the node
 /// holds; the STORE stores `fresh`. DELETE is left out (it is checked apart: it changes
@@ -115,7 +118,7 @@ fn every_operation(
     s: Option<&Signer>,
     fp: &Fingerprint,
     fresh: &[u8],
-) -> Vec<(&'static str, Result<(), (Status, u32)>)> {
+) -> Vec<(&'static str, Outcome)> {
     let mut sink = Vec::new();
     let wait = Duration::from_secs(5);
     let udp_op = |op: Opcode, body: &[u8]| {

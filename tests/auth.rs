@@ -525,6 +525,13 @@ fn heartbeats_are_signed_and_watchers_with_another_key_drop_them() {
     // Without a key, a watcher shows them (signed or not).
     let (lines, _) = watch(&node, None, &["--count", "1", "--seconds", "30"]);
     assert_eq!(lines.len(), 1);
+    // A keyless node's heartbeats are unsigned: a watcher with a key drops them.
+    let keyless = Node::start(&dir.path().join("keyless"), &unique_group(), &[]);
+    let (lines, err) = watch(&keyless, Some(&keys), &["--seconds", "2"]);
+    assert!(lines.is_empty(), "{lines:?}");
+    assert!(!err.contains("dropped 0 "), "{err}");
+    let (lines, _) = watch(&keyless, None, &["--count", "1", "--seconds", "30"]);
+    assert_eq!(lines.len(), 1);
 }
 
 #[test]

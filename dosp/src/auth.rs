@@ -807,7 +807,8 @@ const OP_RETRIEVE: u8 = 1;
 const OP_STORE: u8 = 2;
 /// Version, op, key id, expiry.
 const TOKEN_HEAD_BYTES: usize = 1 + 1 + 4 + 8;
-const TOKEN_MAC_BYTES: usize = 32;
+/// Length of a token's MAC.
+pub const TOKEN_MAC_BYTES: usize = 32;
 /// Binary length of a RETRIEVE token: head, fingerprint, MAC.
 const TOKEN_RETRIEVE_BYTES: usize = TOKEN_HEAD_BYTES + 16 + TOKEN_MAC_BYTES;
 /// Binary length of a STORE token: head, byte limit, MAC.
@@ -874,7 +875,8 @@ impl Capability {
     /// the request names one) and this many bytes (for a STORE: the object's length).
     ///
     /// A retrieve capability allows RETRIEVE and RETRIEVE_RANGE of its object only; a
-    /// store capability allows one STORE whose length is known and within the limit.
+    /// store capability allows a STORE whose length is known and within the limit (as
+    /// many such STOREs as are presented before it expires).
     /// Expiry is not checked here but in [`KeyRing::check_token`].
     pub fn permits(
         &self,
@@ -990,6 +992,66 @@ impl KeyRing {
     /// The signature is checked before the expiry, so an expired token is reported as
     /// such only when it is genuine.
     pub fn check_token(&self, text: &str, now_unix_s: u64) -> Result<Capability, TokenError> {
+        let token = Token::parse(text)?;
+        self.verify_capability(&token.cap, token.key_id, &token.mac, now_unix_s)?;
+        Ok(token.cap)
+    }
+
+    /// Checks a capability presented in pieces — what it grants, the wire id of the key
+    /// said to have signed it, and the token's MAC — as a node does with a capability
+    /// carried in a request's trailer (dosp/PROTOCOL.md §7, mode 3): the token's binary
+    /// form is rebuilt from `cap` and `key_id`, its MAC compared in constant time (an
+    /// unknown key id still costs a MAC), then the expiry at `now_unix_s`. Does not
+    /// allocate; never panics.
+    pub fn verify_capability(
+        &self,
+        cap: &Capability,
+        key_id: u32,
+        mac: &[u8; TOKEN_MAC_BYTES],
+        now_unix_s: u64,
+    ) -> Result<(), TokenError> {
+        let mut raw = [0u8; TOKEN_BYTES_MAX];
+        let body_len = token_body(cap, key_id, &mut raw);
+        let known = self.key(key_id);
+        let key = known.unwrap_or(&self.dummy);
+        let expected = hmac_sha256(&key.hmac_key, &[&raw[..body_len]]);
+        let matches = expected[..].ct_eq(&mac[..]) & Choice::from(u8::from(known.is_some()));
+        if !bool::from(matches) {
+            return Err(if known.is_none() {
+                TokenError::UnknownKey(key_id)
+            } else {
+                TokenError::BadSignature
+            });
+        }
+        if now_unix_s >= cap.expires_unix_s {
+            return Err(TokenError::Expired {
+                expires_unix_s: cap.expires_unix_s,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A capability token as its holder has it: what it grants, the wire id of the key that
+/// signed it, and its MAC. A client needs no key to read one ([`Token::parse`]) and
+/// present it in a request's trailer; only a node with the key can check it
+/// ([`KeyRing::verify_capability`]).
+///
+/// `Debug` does not show the MAC: whoever holds it may use the token.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Token {
+    /// What the token grants.
+    pub cap: Capability,
+    /// The wire id of the key that signed it.
+    pub key_id: u32,
+    /// HMAC-SHA256 of the token's binary form without the MAC.
+    pub mac: [u8; TOKEN_MAC_BYTES],
+}
+
+impl Token {
+    /// Reads a token's text (as [`KeyRing::mint`] writes it): its form only, not its
+    /// signature nor its expiry. Never panics; does not allocate.
+    pub fn parse(text: &str) -> Result<Token, TokenError> {
         // Only two lengths exist; anything else is refused before decoding.
         if text.len() != base64_len(TOKEN_RETRIEVE_BYTES)
             && text.len() != base64_len(TOKEN_STORE_BYTES)
@@ -1008,23 +1070,21 @@ impl KeyRing {
             return Err(TokenError::Malformed("too short"));
         };
         let (cap, key_id) = parse_token_body(body)?;
-        let known = self.key(key_id);
-        let key = known.unwrap_or(&self.dummy);
-        let expected = hmac_sha256(&key.hmac_key, &[body]);
-        let matches = expected[..].ct_eq(&mac[..]) & Choice::from(u8::from(known.is_some()));
-        if !bool::from(matches) {
-            return Err(if known.is_none() {
-                TokenError::UnknownKey(key_id)
-            } else {
-                TokenError::BadSignature
-            });
-        }
-        if now_unix_s >= cap.expires_unix_s {
-            return Err(TokenError::Expired {
-                expires_unix_s: cap.expires_unix_s,
-            });
-        }
-        Ok(cap)
+        Ok(Token {
+            cap,
+            key_id,
+            mac: *mac,
+        })
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("cap", &self.cap)
+            .field("key_id", &format_args!("{:#010x}", self.key_id))
+            .field("mac", &format_args!("<redacted>"))
+            .finish()
     }
 }
 
@@ -1617,6 +1677,58 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_token_in_pieces_verifies_like_its_text() {
+        let ring = k1();
+        let cap = Capability {
+            op: CapOp::Store { max_bytes: 4096 },
+            expires_unix_s: 1_000,
+        };
+        let token = Token::parse(&ring.mint(&cap)).expect("form");
+        assert_eq!(token.cap, cap);
+        assert_eq!(token.key_id, wire_id_of("k1"));
+        assert!(!format!("{token:?}").contains(&format!("{:?}", token.mac)));
+        assert_eq!(
+            ring.verify_capability(&cap, token.key_id, &token.mac, 999),
+            Ok(())
+        );
+        assert_eq!(
+            ring.verify_capability(&cap, token.key_id, &token.mac, 1_000),
+            Err(TokenError::Expired {
+                expires_unix_s: 1_000
+            })
+        );
+        // Any other grant, expiry or key with the same MAC: refused.
+        let more = Capability {
+            op: CapOp::Store { max_bytes: 4097 },
+            ..cap
+        };
+        let later = Capability {
+            expires_unix_s: 2_000,
+            ..cap
+        };
+        let retrieve = Capability {
+            op: CapOp::Retrieve(fingerprint()),
+            ..cap
+        };
+        for other in [more, later, retrieve] {
+            assert_eq!(
+                ring.verify_capability(&other, token.key_id, &token.mac, 0),
+                Err(TokenError::BadSignature)
+            );
+        }
+        assert_eq!(
+            ring.verify_capability(&cap, 7, &token.mac, 0),
+            Err(TokenError::UnknownKey(7))
+        );
+        let mut tampered = token.mac;
+        tampered[31] ^= 0x80;
+        assert_eq!(
+            ring.verify_capability(&cap, token.key_id, &tampered, 0),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]

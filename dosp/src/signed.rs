@@ -16,8 +16,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::auth::{AuthError, CertMode, Key, KeyRing};
-use crate::wire::{AuthTrailer, Header, FLAG_SIGNED, VERSION};
+use crate::auth::{AuthError, CapOp, Capability, CertMode, Key, KeyRing, Token, TokenError};
+use crate::wire::{
+    AuthTrailer, Header, Opcode, RangeIn, RetrieveIn, StoreIn, FLAG_SIGNED, VERSION,
+};
+use crate::Fingerprint;
+
+/// The trailer `mode` of a request that presents a capability token instead of a
+/// certificate (dosp/PROTOCOL.md §7). Modes 1 and 2 are [`CertMode`]s.
+pub const MODE_CAPABILITY: u8 = 3;
 
 /// Why a node refused a request with AUTH_FAILED: the reply's `detail`, and the
 /// `reason` label of `dosd_auth_failed_total`. Codes are wire values: never renumber.
@@ -41,11 +48,17 @@ pub enum Refusal {
     /// STORE or DELETE: the node's replay memory is full of requests still inside
     /// the window.
     ReplayFull = 7,
+    /// A capability (trailer mode 3) that verified but has expired.
+    TokenExpired = 8,
+    /// A capability (trailer mode 3) for an opcode no token covers, on a request whose
+    /// In structure is too short, or a STORE without `EXPECT_LEN` or longer than the
+    /// token's `max_bytes`.
+    TokenScope = 9,
 }
 
 impl Refusal {
     /// Every reason, in code order.
-    pub const ALL: [Refusal; 7] = [
+    pub const ALL: [Refusal; 9] = [
         Refusal::Unsigned,
         Refusal::UnknownKey,
         Refusal::BadCertificate,
@@ -53,6 +66,8 @@ impl Refusal {
         Refusal::Timestamp,
         Refusal::Replayed,
         Refusal::ReplayFull,
+        Refusal::TokenExpired,
+        Refusal::TokenScope,
     ];
 
     /// The AUTH_FAILED `detail`.
@@ -75,6 +90,8 @@ impl Refusal {
             Refusal::Timestamp => "timestamp",
             Refusal::Replayed => "replayed",
             Refusal::ReplayFull => "replay_full",
+            Refusal::TokenExpired => "token_expired",
+            Refusal::TokenScope => "token_scope",
         }
     }
 }
@@ -182,6 +199,107 @@ pub fn sign_in_place(
     t.certificate = certify(key, mode, &header, &out[inner_at..], &t);
     out[at..inner_at].copy_from_slice(header.as_bytes());
     out.extend_from_slice(t.as_bytes());
+}
+
+/// The mode-3 trailer that presents `token`: its key id, its expiry (seconds) in
+/// `timestamp_ms`, its `max_bytes` (store) or 0 (retrieve) in `nonce`, its MAC as the
+/// certificate.
+pub fn token_trailer(token: &Token) -> AuthTrailer {
+    let max_bytes = match token.cap.op {
+        CapOp::Retrieve(_) => 0,
+        CapOp::Store { max_bytes } => max_bytes,
+    };
+    AuthTrailer {
+        key_id: token.key_id.into(),
+        mode: MODE_CAPABILITY,
+        reserved: [0; 3],
+        timestamp_ms: token.cap.expires_unix_s.into(),
+        nonce: max_bytes.into(),
+        certificate: token.mac,
+    }
+}
+
+/// Presents `token` on the message that starts at `out[at..]` (a header and its whole
+/// In structure, unsigned, version 2): sets `SIGNED`, grows `body_len` by the trailer,
+/// re-checksums the header and appends the mode-3 trailer ([`token_trailer`]). Does
+/// nothing to a message that is not there whole.
+pub fn present_in_place(out: &mut Vec<u8>, at: usize, token: &Token) {
+    let Some(Ok((mut header, _))) = out.get(at..).map(Header::read_from_prefix) else {
+        return;
+    };
+    let inner_at = at + Header::SIZE;
+    if out.len() != inner_at + header.body_len.get() as usize || header.signed() {
+        return;
+    }
+    header.version = VERSION;
+    header.flags = (header.flags.get() | FLAG_SIGNED).into();
+    header.body_len = (header.body_len.get() + AuthTrailer::SIZE as u32).into();
+    header.checksum = header.compute_checksum().into();
+    out[at..inner_at].copy_from_slice(header.as_bytes());
+    out.extend_from_slice(token_trailer(token).as_bytes());
+}
+
+/// What a mode-3 trailer claims, rebuilt from the request it ends: the capability
+/// (RETRIEVE and RETRIEVE_RANGE: a retrieve token of the In structure's fingerprint;
+/// STORE: a store token of `max_bytes` = the trailer's `nonce`; expiry = the trailer's
+/// `timestamp_ms` field, in seconds), and what the request asks for — the object, and
+/// for a STORE its `EXPECT_LEN` — for [`Capability::permits`]. Any other opcode, or an
+/// In structure too short to read, is [`Refusal::TokenScope`].
+pub fn claimed_capability(
+    opcode: Result<Opcode, u16>,
+    inner: &[u8],
+    t: &AuthTrailer,
+) -> Result<(Capability, Option<Fingerprint>, Option<u64>), Refusal> {
+    let expires_unix_s = t.timestamp_ms.get();
+    let (op, object, len) = match opcode {
+        Ok(Opcode::Retrieve) => {
+            let (r, _) = RetrieveIn::read_from_prefix(inner).map_err(|_| Refusal::TokenScope)?;
+            (CapOp::Retrieve(r.fingerprint), Some(r.fingerprint), None)
+        }
+        Ok(Opcode::RetrieveRange) => {
+            let (r, _) = RangeIn::read_from_prefix(inner).map_err(|_| Refusal::TokenScope)?;
+            (CapOp::Retrieve(r.fingerprint), Some(r.fingerprint), None)
+        }
+        Ok(Opcode::Store) => {
+            let (s, _) = StoreIn::read_from_prefix(inner).map_err(|_| Refusal::TokenScope)?;
+            let op = CapOp::Store {
+                max_bytes: t.nonce.get(),
+            };
+            (op, None, s.expect_len())
+        }
+        _ => return Err(Refusal::TokenScope),
+    };
+    Ok((Capability { op, expires_unix_s }, object, len))
+}
+
+/// Checks a mode-3 trailer against `ring` at `now_unix_s`: the capability rebuilt from
+/// the request ([`claimed_capability`]) must carry the trailer's MAC under the named
+/// key (constant time: [`KeyRing::verify_capability`]), be unexpired, and permit the
+/// request ([`Capability::permits`]: the object; a STORE's `EXPECT_LEN` within
+/// `max_bytes`). A token for another object or another operation rebuilds into a
+/// capability nobody signed, so it fails as [`Refusal::BadCertificate`].
+pub fn verify_capability(
+    ring: &KeyRing,
+    opcode: Result<Opcode, u16>,
+    inner: &[u8],
+    t: &AuthTrailer,
+    now_unix_s: u64,
+) -> Result<(), Refusal> {
+    let (cap, object, len) = claimed_capability(opcode, inner, t)?;
+    ring.verify_capability(&cap, t.key_id.get(), &t.certificate, now_unix_s)
+        .map_err(|e| match e {
+            TokenError::UnknownKey(_) => Refusal::UnknownKey,
+            TokenError::Expired { .. } => Refusal::TokenExpired,
+            TokenError::BadSignature | TokenError::Malformed(_) => Refusal::BadCertificate,
+        })?;
+    let Ok(opcode) = opcode else {
+        return Err(Refusal::TokenScope);
+    };
+    if cap.permits(opcode, object.as_ref(), len) {
+        Ok(())
+    } else {
+        Err(Refusal::TokenScope)
+    }
 }
 
 /// The first key of a ring and the mode to sign with: what a client or a node signs

@@ -6,6 +6,9 @@
 //! [`ReplayGuard`] behind a mutex. The lock is taken only for a STORE or DELETE whose
 //! certificate verified, for the few hundred nanoseconds of one guard check.
 //!
+//! A request may present a capability token instead (trailer mode 3): the gate checks
+//! it against the same key ring, and never enters it in the replay memory.
+//!
 //! [`gate`] is pure apart from that guard and the clock: it takes a decoded request and
 //! returns its In structure, or why it must be refused. The session (TCP) and the
 //! cluster service (UDP) answer the refusal each in their transport's way.
@@ -95,7 +98,9 @@ impl NodeAuth {
     }
 
     /// Checks a signed request's trailer: certificate, then time, then (STORE and
-    /// DELETE) replay.
+    /// DELETE) replay. A capability (mode 3) instead: its MAC over the capability
+    /// rebuilt from the request, its expiry, its scope; never the replay memory (a
+    /// token is a bearer capability until it expires).
     fn check(
         &self,
         header: &Header,
@@ -103,6 +108,10 @@ impl NodeAuth {
         inner: &[u8],
         t: &AuthTrailer,
     ) -> Result<(), Refusal> {
+        if t.mode == signed::MODE_CAPABILITY {
+            let now_unix_s = (self.clock)() / 1000;
+            return signed::verify_capability(&self.ring, opcode, inner, t, now_unix_s);
+        }
         signed::verify(&self.ring, self.allow_md5, header, inner, t)?;
         let now_ms = (self.clock)();
         let ts = t.timestamp_ms.get();
@@ -149,8 +158,9 @@ pub fn gate<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dosp::auth::{CapOp, Capability, Token};
     use dosp::codec::encode_request;
-    use dosp::wire::{DeleteIn, Kind, RetrieveIn};
+    use dosp::wire::{DeleteIn, Kind, RangeIn, RetrieveIn, StoreIn};
     use dosp::Fingerprint;
     use zerocopy::{FromBytes, IntoBytes};
 
@@ -308,5 +318,200 @@ mod tests {
             pass(Some(&auth), &signed(NOW_MS, 3)),
             Err(Gate::Refused(Refusal::ReplayFull))
         );
+    }
+
+    // ---- capability tokens (trailer mode 3) -------------------------------------------
+
+    const NOW_S: u64 = NOW_MS / 1000;
+
+    fn token(op: CapOp, expires_unix_s: u64) -> Token {
+        let ring = KeyRing::parse(KEYS).expect("keys");
+        Token::parse(&ring.mint(&Capability { op, expires_unix_s })).expect("token")
+    }
+
+    fn presented(op: Opcode, body: &[u8], t: &Token) -> Vec<u8> {
+        let mut msg = Vec::new();
+        encode_request(&mut msg, op, 1, 0, body);
+        signed::present_in_place(&mut msg, 0, t);
+        msg
+    }
+
+    fn retrieve_in(fp: Fingerprint) -> Vec<u8> {
+        RetrieveIn { fingerprint: fp }.as_bytes().to_vec()
+    }
+
+    fn range_in(fp: Fingerprint) -> Vec<u8> {
+        RangeIn {
+            fingerprint: fp,
+            offset: 3.into(),
+            len: 4.into(),
+        }
+        .as_bytes()
+        .to_vec()
+    }
+
+    fn store_in(len: Option<u64>) -> Vec<u8> {
+        StoreIn::new(len.unwrap_or(100), len, None)
+            .as_bytes()
+            .to_vec()
+    }
+
+    const REFUSED_SCOPE: Result<usize, Gate> = Err(Gate::Refused(Refusal::TokenScope));
+    const REFUSED_CERT: Result<usize, Gate> = Err(Gate::Refused(Refusal::BadCertificate));
+
+    #[test]
+    fn a_retrieve_token_opens_its_object_only() {
+        let auth = node(false);
+        let mine = Fingerprint([3; 16]);
+        let other = Fingerprint([4; 16]);
+        let t = token(CapOp::Retrieve(mine), NOW_S + 60);
+        // Its object, whole or a range, as often as it is presented.
+        for _ in 0..3 {
+            let msg = presented(Opcode::Retrieve, &retrieve_in(mine), &t);
+            assert_eq!(pass(Some(&auth), &msg), Ok(16));
+            let msg = presented(Opcode::RetrieveRange, &range_in(mine), &t);
+            assert_eq!(pass(Some(&auth), &msg), Ok(32));
+        }
+        // Another object: the capability rebuilt from the request is not the one
+        // signed.
+        let msg = presented(Opcode::Retrieve, &retrieve_in(other), &t);
+        assert_eq!(pass(Some(&auth), &msg), REFUSED_CERT);
+        let msg = presented(Opcode::RetrieveRange, &range_in(other), &t);
+        assert_eq!(pass(Some(&auth), &msg), REFUSED_CERT);
+        // Operations no token covers.
+        for (op, body) in [
+            (Opcode::Delete, retrieve_in(mine)),
+            (Opcode::Locate, retrieve_in(mine)),
+            (Opcode::Null, Vec::new()),
+            (Opcode::GetContents, vec![0; 8]),
+        ] {
+            assert_eq!(
+                pass(Some(&auth), &presented(op, &body, &t)),
+                REFUSED_SCOPE,
+                "{op:?}"
+            );
+        }
+        // A STORE with a retrieve token: rebuilt as a store token nobody signed.
+        let msg = presented(Opcode::Store, &store_in(Some(5)), &t);
+        assert_eq!(pass(Some(&auth), &msg), REFUSED_CERT);
+        // An In structure too short to name an object.
+        let msg = presented(Opcode::Retrieve, &[3; 8], &t);
+        assert_eq!(pass(Some(&auth), &msg), REFUSED_SCOPE);
+        // A node without a key drops the trailer unread.
+        let msg = presented(Opcode::Delete, &retrieve_in(other), &t);
+        assert_eq!(pass(None, &msg), Ok(16));
+    }
+
+    #[test]
+    fn expired_tampered_and_unknown_tokens_are_refused() {
+        let auth = node(false);
+        let fp = Fingerprint([5; 16]);
+        let body = retrieve_in(fp);
+        // Valid until the second it expires.
+        let last = token(CapOp::Retrieve(fp), NOW_S + 1);
+        assert_eq!(
+            pass(Some(&auth), &presented(Opcode::Retrieve, &body, &last)),
+            Ok(16)
+        );
+        let expired = token(CapOp::Retrieve(fp), NOW_S);
+        assert_eq!(
+            pass(Some(&auth), &presented(Opcode::Retrieve, &body, &expired)),
+            Err(Gate::Refused(Refusal::TokenExpired))
+        );
+        // A later expiry than signed: tampered.
+        let stretched = Token {
+            cap: Capability {
+                expires_unix_s: NOW_S + 3_600,
+                ..expired.cap
+            },
+            ..expired
+        };
+        assert_eq!(
+            pass(Some(&auth), &presented(Opcode::Retrieve, &body, &stretched)),
+            REFUSED_CERT
+        );
+        let good = token(CapOp::Retrieve(fp), NOW_S + 60);
+        for i in [0, 17, 31] {
+            let mut t = good;
+            t.mac[i] ^= 1;
+            assert_eq!(
+                pass(Some(&auth), &presented(Opcode::Retrieve, &body, &t)),
+                REFUSED_CERT,
+                "byte {i}"
+            );
+        }
+        let stranger = Token {
+            key_id: dosp::auth::wire_id_of("zz"),
+            ..good
+        };
+        assert_eq!(
+            pass(Some(&auth), &presented(Opcode::Retrieve, &body, &stranger)),
+            Err(Gate::Refused(Refusal::UnknownKey))
+        );
+        // Minted with an older key of the ring: accepted.
+        let old_ring = KeyRing::parse(&KEYS.lines().nth(1).expect("old")).expect("old key");
+        let old = Token::parse(&old_ring.mint(&good.cap)).expect("token");
+        assert_eq!(
+            pass(Some(&auth), &presented(Opcode::Retrieve, &body, &old)),
+            Ok(16)
+        );
+    }
+
+    #[test]
+    fn a_store_token_allows_stores_that_promise_at_most_its_bytes() {
+        // A replay memory of 2: tokens never use it.
+        let auth = node(false);
+        let t = token(CapOp::Store { max_bytes: 1000 }, NOW_S + 600);
+        for len in [0, 1, 999, 1000, 1000, 1000] {
+            let msg = presented(Opcode::Store, &store_in(Some(len)), &t);
+            assert_eq!(pass(Some(&auth), &msg), Ok(40), "len {len}");
+        }
+        let msg = presented(Opcode::Store, &store_in(Some(1001)), &t);
+        assert_eq!(pass(Some(&auth), &msg), REFUSED_SCOPE);
+        // Without EXPECT_LEN the node cannot hold the data to the limit.
+        let msg = presented(Opcode::Store, &store_in(None), &t);
+        assert_eq!(pass(Some(&auth), &msg), REFUSED_SCOPE);
+        // The limit is signed: a larger one in the trailer is a forgery.
+        let raised = Token {
+            cap: Capability {
+                op: CapOp::Store { max_bytes: 5000 },
+                ..t.cap
+            },
+            ..t
+        };
+        let msg = presented(Opcode::Store, &store_in(Some(2000)), &raised);
+        assert_eq!(pass(Some(&auth), &msg), REFUSED_CERT);
+        // A store token opens no object.
+        let msg = presented(Opcode::Retrieve, &retrieve_in(Fingerprint([1; 16])), &t);
+        assert_eq!(pass(Some(&auth), &msg), REFUSED_CERT);
+        let msg = presented(Opcode::Delete, &retrieve_in(Fingerprint([1; 16])), &t);
+        assert_eq!(pass(Some(&auth), &msg), REFUSED_SCOPE);
+        // Signed STOREs still use the memory.
+        let signed = |nonce| {
+            request(
+                Opcode::Store,
+                &store_in(Some(1)),
+                Some(("new", CertMode::HmacSha256, NOW_MS, nonce)),
+            )
+        };
+        assert_eq!(pass(Some(&auth), &signed(1)), Ok(40));
+        assert_eq!(pass(Some(&auth), &signed(2)), Ok(40));
+        assert_eq!(
+            pass(Some(&auth), &signed(3)),
+            Err(Gate::Refused(Refusal::ReplayFull))
+        );
+    }
+
+    #[test]
+    fn the_trailer_carries_the_token_as_protocol_md_says() {
+        let t = token(CapOp::Store { max_bytes: 77 }, 1_234);
+        let tr = signed::token_trailer(&t);
+        assert_eq!(tr.mode, 3);
+        assert_eq!(tr.key_id.get(), dosp::auth::wire_id_of("new"));
+        assert_eq!(tr.timestamp_ms.get(), 1_234, "seconds, not ms");
+        assert_eq!(tr.nonce.get(), 77);
+        assert_eq!(tr.certificate, t.mac);
+        let r = token(CapOp::Retrieve(Fingerprint([9; 16])), 5);
+        assert_eq!(signed::token_trailer(&r).nonce.get(), 0);
     }
 }

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use md5::{Digest, Md5};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
+use crate::auth::Token;
 use crate::codec::{
     encode_chunk_header, encode_request, udp_request_len_for, ResponseDecoder, ResponseEvent,
 };
-use crate::signed::Signer;
+use crate::signed::{present_in_place, Signer};
 use crate::wire::*;
 use crate::Fingerprint;
 
@@ -163,6 +164,8 @@ pub struct Client {
     decoder: ResponseDecoder,
     /// Signs every request when set (dosp/PROTOCOL.md §7).
     signer: Option<Signer>,
+    /// Presented with every request when set, instead of signing (§7, mode 3).
+    token: Option<Token>,
 }
 
 /// Events the client consumes while waiting for a response.
@@ -199,6 +202,7 @@ impl Client {
                         next_id: 1,
                         decoder: ResponseDecoder::new(u64::MAX),
                         signer: None,
+                        token: None,
                     });
                 }
                 Err(e) => last = e,
@@ -217,6 +221,24 @@ impl Client {
         self.signer = signer;
     }
 
+    /// Presents `token` with every request from now on (a mode-3 trailer,
+    /// dosp/PROTOCOL.md §7) instead of signing, or stops with `None`. A token needs no
+    /// key: a node with the key checks it. Requests it does not cover are refused by
+    /// the node with AUTH_FAILED.
+    pub fn set_token(&mut self, token: Option<Token>) {
+        self.token = token;
+    }
+
+    /// Signs the request at `wbuf[at..]`, or presents the token: whichever is set, the
+    /// token first.
+    fn authenticate(&mut self, at: usize) {
+        if let Some(token) = &self.token {
+            present_in_place(&mut self.wbuf, at, token);
+        } else if let Some(signer) = &self.signer {
+            signer.sign(&mut self.wbuf, at);
+        }
+    }
+
     fn io_err(&self, source: io::Error) -> ClientError {
         ClientError::Io {
             node: self.node.clone(),
@@ -229,9 +251,7 @@ impl Client {
         self.next_id += 1;
         self.wbuf.clear();
         encode_request(&mut self.wbuf, op, id, 0, body);
-        if let Some(signer) = &self.signer {
-            signer.sign(&mut self.wbuf, 0);
-        }
+        self.authenticate(0);
         self.stream
             .write_all(&self.wbuf)
             .map_err(|e| self.io_err(e))?;
@@ -442,9 +462,7 @@ impl Client {
                 let body = StoreIn::new(0, len, expect.md5);
                 let at = self.wbuf.len();
                 encode_request(&mut self.wbuf, Opcode::Store, id, 0, body.as_bytes());
-                if let Some(signer) = &self.signer {
-                    signer.sign(&mut self.wbuf, at);
-                }
+                self.authenticate(at);
             }
             encode_chunk_header(&mut self.wbuf, filled as u32, eof);
             write_both(&mut self.stream, &self.wbuf, &chunk[..filled])

@@ -1,4 +1,5 @@
-//! `dosp` — the DOSP client CLI: store, fetch, range, delete, contents, locate, disks, ping.
+//! `dosp` — the DOSP client CLI: store, fetch, range, delete, contents, locate, disks, ping,
+//! and minting capability tokens.
 //!
 //! Output for scripts goes to stdout (a fingerprint alone on its line, object bytes,
 //! tables); progress bars and errors go to stderr. Exit status: 0 success, 1 error,
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use clap::{Parser, Subcommand};
-use dosp::auth::{CertMode, KeyRing};
+use dosp::auth::{CapOp, Capability, CertMode, KeyRing, Token};
 use dosp::client::{
     locate_multicast_signed, watch_signed, Client, ClientError, ClusterEvent, Expect,
 };
@@ -47,6 +48,11 @@ struct Cli {
     /// double MD5 (accepted only by nodes started with --auth-allow-md5).
     #[arg(long, global = true, value_enum, default_value_t = AuthMode::Hmac)]
     auth_mode: AuthMode,
+    /// Capability token (from `dosp token`) to present with every request instead of
+    /// signing: needs no key. Cannot be combined with a key file. Also read from
+    /// $DOSP_TOKEN.
+    #[arg(long, global = true, env = "DOSP_TOKEN", value_name = "TOKEN")]
+    token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -121,6 +127,52 @@ enum Cmd {
     /// Check the node answers (DOSP NULL); prints the round-trip time and the node's
     /// limits (largest body, STORE chunk and object, in bytes).
     Ping,
+    /// Mint a capability token with the key file's first key (needs --key-file or
+    /// $DOSP_KEY_FILE); prints the token alone on its line. Whoever holds it may use
+    /// it, with `dosp --token`, until it expires.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// A token for RETRIEVE and RETRIEVE_RANGE (`fetch`, `range`) of one object.
+    Fetch {
+        fingerprint: String,
+        /// How long the token is valid: seconds, or a number with s, m, h or d.
+        #[arg(long, value_name = "TTL", value_parser = parse_ttl)]
+        ttl: u64,
+    },
+    /// A token for STOREs of at most N bytes each.
+    Store {
+        /// Largest object the token lets its holder store, in bytes.
+        #[arg(long, value_name = "N")]
+        max_bytes: u64,
+        /// How long the token is valid: seconds, or a number with s, m, h or d.
+        #[arg(long, value_name = "TTL", value_parser = parse_ttl)]
+        ttl: u64,
+    },
+}
+
+/// A time to live in seconds, from `90`, `90s`, `10m`, `2h` or `1d`.
+fn parse_ttl(text: &str) -> Result<u64, String> {
+    let (digits, unit_s) = match text.as_bytes().last() {
+        Some(b's') => (&text[..text.len() - 1], 1),
+        Some(b'm') => (&text[..text.len() - 1], 60),
+        Some(b'h') => (&text[..text.len() - 1], 3_600),
+        Some(b'd') => (&text[..text.len() - 1], 86_400),
+        _ => (text, 1),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "{text:?} is not a time to live: seconds, or a number with s, m, h or d (90, 90s, 10m, 2h, 1d)"
+        ));
+    }
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit_s))
+        .ok_or_else(|| format!("{text:?} is too long a time to live"))
 }
 
 /// A CLI failure: the message for stderr and the exit code.
@@ -180,8 +232,25 @@ fn bar(total: u64) -> Option<ProgressBar> {
     Some(pb)
 }
 
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        code: 2,
+    }
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     let timeout = Duration::from_secs(cli.timeout.max(1));
+    if cli.token.is_some() && cli.key_file.is_some() {
+        return Err(usage(
+            "give either a key file (--key-file, $DOSP_KEY_FILE) or a token (--token, $DOSP_TOKEN), not both",
+        ));
+    }
+    let token = cli
+        .token
+        .as_deref()
+        .map(|text| Token::parse(text.trim()).map_err(|e| usage(format!("invalid --token: {e}"))))
+        .transpose()?;
     let signer = match &cli.key_file {
         None => None,
         Some(path) => {
@@ -197,10 +266,30 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let connect = || {
         Client::connect(&cli.node, timeout).map(|mut c| {
             c.set_signer(signer.clone());
+            c.set_token(token);
             c
         })
     };
     match cli.cmd {
+        Cmd::Token(what) => {
+            let Some(signer) = &signer else {
+                return Err(usage(
+                    "minting a token needs the cluster key: --key-file FILE or $DOSP_KEY_FILE",
+                ));
+            };
+            let (op, ttl_s) = match what {
+                TokenCmd::Fetch { fingerprint, ttl } => {
+                    (CapOp::Retrieve(parse_fp(&fingerprint)?), ttl)
+                }
+                TokenCmd::Store { max_bytes, ttl } => (CapOp::Store { max_bytes }, ttl),
+            };
+            let now_unix_s = dosp::signed::now_ms() / 1000;
+            let cap = Capability {
+                op,
+                expires_unix_s: now_unix_s.saturating_add(ttl_s),
+            };
+            println!("{}", signer.ring().mint(&cap));
+        }
         Cmd::Store { file, md5 } => {
             let md5 = md5.as_deref().map(parse_fp).transpose()?;
             let (mut input, len): (Box<dyn Read>, Option<u64>) = if file.as_os_str() == "-" {
@@ -509,5 +598,36 @@ fn describe(event: &ClusterEvent, from: std::net::SocketAddr) -> String {
             l.disk.get(),
             l.object_len.get()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ttl;
+
+    #[test]
+    fn ttls() {
+        for (text, s) in [
+            ("90", 90),
+            ("90s", 90),
+            ("10m", 600),
+            ("2h", 7_200),
+            ("1d", 86_400),
+            ("0", 0),
+        ] {
+            assert_eq!(parse_ttl(text), Ok(s), "{text}");
+        }
+        for bad in [
+            "",
+            "s",
+            "m10",
+            "1.5h",
+            "-1",
+            "10 m",
+            "1w",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{dosp_bin, unique_group, Node};
-use dosp::auth::{CertMode, KeyRing};
+use dosp::auth::{CapOp, Capability, CertMode, KeyRing, Token};
 use dosp::client::{udp_request_signed, Client, ClientError};
 use dosp::codec::{encode_chunk_header, encode_request};
 use dosp::signed::{now_ms, sign_in_place, Refusal, Signer};
@@ -586,5 +586,191 @@ fn multicast_locate_is_answered_only_to_the_key_and_the_answers_are_signed() {
     assert_eq!(
         refusals(&node),
         counted(&[(Refusal::Unsigned, 1), (Refusal::BadCertificate, 1)])
+    );
+}
+
+/// `dosp --node NODE --token TOKEN args…` with no key in the environment: a client that
+/// only holds the token.
+fn dosp_with_token(node: &Node, token: &str, args: &[&str]) -> std::process::Output {
+    Command::new(dosp_bin())
+        .env_remove("DOSP_KEY_FILE")
+        .env_remove("DOSP_TOKEN")
+        .args(["--node", &node.node_arg(), "--token", token])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Mints a token with `dosp --key-file KEYS token …`; returns its text.
+fn mint(node: &Node, keys: &Path, args: &[&str]) -> String {
+    let mut all = vec!["--key-file", keys.to_str().unwrap(), "token"];
+    all.extend_from_slice(args);
+    let out = node.dosp(&all);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text.lines().count(),
+        1,
+        "the token alone on its line: {text:?}"
+    );
+    text.trim_end().to_string()
+}
+
+/// Asserts `out` failed with AUTH_FAILED for `reason`.
+fn refused(out: &std::process::Output, reason: Refusal, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{what}: {}",
+        common::stderr(&out)
+    );
+    let err = common::stderr(out);
+    assert!(err.contains("AUTH_FAILED"), "{what}: {err}");
+    assert!(
+        err.contains(&format!("(detail {})", reason.code())),
+        "{what}: expected {reason}: {err}"
+    );
+}
+
+#[test]
+fn capability_tokens_open_one_object_or_bounded_stores_to_clients_without_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path(), "node.keys", &[NEW], 0o600);
+    let node = start_keyed(dir.path(), "n", &keys, &[]);
+    let hmac = signer(&[NEW], CertMode::HmacSha256);
+    let data = b"an object handed out by token";
+    let fp = client(&node, Some(&hmac))
+        .store_bytes(data)
+        .unwrap()
+        .fingerprint;
+    let other = client(&node, Some(&hmac))
+        .store_bytes(b"an object nobody got a token for")
+        .unwrap()
+        .fingerprint;
+    let fp_text = fp.to_string();
+
+    // A manager mints a retrieve token; a client without the key fetches and reads a
+    // range with it, as often as it likes.
+    let token = mint(&node, &keys, &["fetch", &fp_text, "--ttl", "10m"]);
+    for _ in 0..2 {
+        let out = dosp_with_token(&node, &token, &["fetch", &fp_text]);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        assert_eq!(out.stdout, data);
+    }
+    let out = dosp_with_token(&node, &token, &["range", &fp_text, "3", "6"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert_eq!(out.stdout, &data[3..9]);
+    // From $DOSP_TOKEN too.
+    let out = Command::new(dosp_bin())
+        .env_remove("DOSP_KEY_FILE")
+        .env("DOSP_TOKEN", &token)
+        .args(["--node", &node.node_arg(), "fetch", &fp_text])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert_eq!(out.stdout, data);
+    // The client library: a token instead of a signer.
+    let mut c = node.client();
+    c.set_token(Some(Token::parse(&token).unwrap()));
+    let mut back = Vec::new();
+    c.retrieve_range(&fp, 0, 2, &mut back).unwrap();
+    assert_eq!(back, &data[..2]);
+
+    // The same token for another object: the capability rebuilt from the request is
+    // not the one signed.
+    let other_text = other.to_string();
+    refused(
+        &dosp_with_token(&node, &token, &["fetch", &other_text]),
+        Refusal::BadCertificate,
+        "another object",
+    );
+    // For DELETE: no token covers it. For STORE: rebuilt as a store token nobody
+    // signed.
+    refused(
+        &dosp_with_token(&node, &token, &["delete", &fp_text]),
+        Refusal::TokenScope,
+        "DELETE with a retrieve token",
+    );
+    let small = dir.path().join("small");
+    std::fs::write(&small, vec![7u8; 100]).unwrap();
+    let small_path = small.to_str().unwrap();
+    refused(
+        &dosp_with_token(&node, &token, &["store", small_path]),
+        Refusal::BadCertificate,
+        "STORE with a retrieve token",
+    );
+    // Tampered: one character of its MAC changed.
+    let mut tampered = token.clone().into_bytes();
+    tampered[60] = if tampered[60] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    refused(
+        &dosp_with_token(&node, &tampered, &["fetch", &fp_text]),
+        Refusal::BadCertificate,
+        "tampered",
+    );
+    // Expired: minted (through the library) to expire a minute ago.
+    let ring = KeyRing::parse(NEW).unwrap();
+    let expired = ring.mint(&Capability {
+        op: CapOp::Retrieve(fp),
+        expires_unix_s: now_ms() / 1000 - 60,
+    });
+    refused(
+        &dosp_with_token(&node, &expired, &["fetch", &fp_text]),
+        Refusal::TokenExpired,
+        "expired",
+    );
+    // A key file and a token at once: a usage error, nothing sent.
+    let out = node.dosp(&[
+        "--key-file",
+        keys.to_str().unwrap(),
+        "--token",
+        &token,
+        "fetch",
+        &fp_text,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", common::stderr(&out));
+
+    // A store token of 100 bytes: several stores of at most 100 bytes each; a larger
+    // one refused and nothing of it stored.
+    let store_token = mint(
+        &node,
+        &keys,
+        &["store", "--max-bytes", "100", "--ttl", "1h"],
+    );
+    let smaller = dir.path().join("smaller");
+    std::fs::write(&smaller, b"a few bytes").unwrap();
+    let mut stored = vec![fp, other];
+    for (path, bytes) in [
+        (&small, vec![7u8; 100]),
+        (&smaller, b"a few bytes".to_vec()),
+    ] {
+        let out = dosp_with_token(&node, &store_token, &["store", path.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        assert_eq!(common::stdout(&out), Fingerprint::of(&bytes).to_string());
+        stored.push(Fingerprint::of(&bytes));
+    }
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![8u8; 101]).unwrap();
+    refused(
+        &dosp_with_token(&node, &store_token, &["store", big.to_str().unwrap()]),
+        Refusal::TokenScope,
+        "STORE over max_bytes",
+    );
+    // A store token opens no object.
+    refused(
+        &dosp_with_token(&node, &store_token, &["fetch", &fp_text]),
+        Refusal::BadCertificate,
+        "RETRIEVE with a store token",
+    );
+
+    stored.sort_by_key(|fp| fp.0);
+    assert_eq!(contents(&node, &hmac), stored, "refusals changed the store");
+    assert_eq!(
+        refusals(&node),
+        counted(&[
+            (Refusal::BadCertificate, 4),
+            (Refusal::TokenScope, 2),
+            (Refusal::TokenExpired, 1),
+        ])
     );
 }

@@ -622,7 +622,7 @@ fn refused(out: &std::process::Output, reason: Refusal, what: &str) {
         out.status.code(),
         Some(1),
         "{what}: {}",
-        common::stderr(&out)
+        common::stderr(out)
     );
     let err = common::stderr(out);
     assert!(err.contains("AUTH_FAILED"), "{what}: {err}");

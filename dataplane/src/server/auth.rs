@@ -449,7 +449,7 @@ mod tests {
             Err(Gate::Refused(Refusal::UnknownKey))
         );
         // Minted with an older key of the ring: accepted.
-        let old_ring = KeyRing::parse(&KEYS.lines().nth(1).expect("old")).expect("old key");
+        let old_ring = KeyRing::parse(KEYS.lines().nth(1).expect("old")).expect("old key");
         let old = Token::parse(&old_ring.mint(&good.cap)).expect("token");
         assert_eq!(
             pass(Some(&auth), &presented(Opcode::Retrieve, &body, &old)),

@@ -1048,3 +1048,138 @@ fn sim_a_keyed_node_refuses_unsigned_forged_replayed_and_stale_requests() {
         assert_eq!(store.contents().len(), 1, "seed {seed}");
     }
 }
+
+/// Sends `msg` on `conn` and turns the server until `want` replies arrived: their
+/// status and detail, in order.
+fn exchange(
+    server: &mut Server<SimPort>,
+    conn: ConnId,
+    msg: &[u8],
+    want: usize,
+) -> Vec<(u16, u32)> {
+    let mut sent = 0;
+    let mut got = Vec::new();
+    let mut replies = Vec::new();
+    let mut decoder = ResponseDecoder::new(u64::MAX);
+    while replies.len() < want && server.port.turn() < TURNS_MAX {
+        if sent < msg.len() {
+            sent += server.port.client_send(conn, &msg[sent..]);
+        }
+        server.turn().expect("turn");
+        server.port.client_recv(conn, &mut got, usize::MAX);
+        let mut at = 0;
+        while let Some((ev, n)) = decoder.decode(&got[at..]).expect("a well-formed reply") {
+            at += n;
+            if let ResponseEvent::Response { body, .. } = ev {
+                let (head, _) = OutHead::read_from_prefix(body).expect("an OutHead");
+                replies.push((head.status.get(), head.detail.get()));
+            }
+        }
+        got.drain(..at);
+    }
+    replies
+}
+
+/// Capability tokens (trailer mode 3, dosp/PROTOCOL.md §7) through a keyed node on the
+/// virtual network: a store token stores twice (no replay memory), a STORE over its
+/// limit is refused with its chunks skipped, a retrieve token reads a range and is
+/// refused for DELETE, an expired one is refused; the connection stays open.
+#[test]
+fn sim_capability_tokens_are_checked_on_the_node() {
+    use dosp::auth::{CapOp, Capability, KeyRing, Token};
+    use dosp::signed::{present_in_place, Refusal};
+
+    const NOW_MS: u64 = 1_800_000_000_000;
+    const NOW_S: u64 = NOW_MS / 1000;
+    const KEY: &str = "k1 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    let ring = KeyRing::parse(KEY).expect("key");
+    let token = |op, expires_unix_s| {
+        Token::parse(&ring.mint(&Capability { op, expires_unix_s })).expect("token")
+    };
+    for seed in seeds(301, 4) {
+        let disk = MemDisk::new(32 * MIB, seed);
+        let store = Store::open(vec![Box::new(disk.device())], StoreConfig::default(), seed)
+            .expect("store");
+        let (handle, end) = crate::handle::handle_pair();
+        let listen: SocketAddr = "10.0.0.100:7070".parse().expect("address");
+        // A replay memory of one request: tokens never touch it.
+        let auth = super::auth::NodeAuth::new(ring.clone(), false, Duration::from_secs(60), 1)
+            .with_clock(|| NOW_MS);
+        let cfg = ServerConfig {
+            auth: Some(std::sync::Arc::new(auth)),
+            ..config(listen)
+        };
+        let port = SimPort::new(seed, SimConfig::default(), listen);
+        let mut server = Server::with_port(port, cfg, super::shards::Shards::new(store, None), end)
+            .expect("server");
+        let peer = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 1), 1));
+        let conn = server.port.connect(peer);
+
+        let data = [5u8; 3000];
+        let fp = Fingerprint::of(&data);
+        let store_frame = |t: &Token, id: u64| {
+            let mut m = Vec::new();
+            encode_request(
+                &mut m,
+                Opcode::Store,
+                id,
+                0,
+                StoreIn::new(0, Some(3000), None).as_bytes(),
+            );
+            present_in_place(&mut m, 0, t);
+            encode_chunk_header(&mut m, 1000, false);
+            m.extend_from_slice(&data[..1000]);
+            encode_chunk_header(&mut m, 2000, true);
+            m.extend_from_slice(&data[1000..]);
+            m
+        };
+        let fits = token(CapOp::Store { max_bytes: 3000 }, NOW_S + 60);
+        let short = token(CapOp::Store { max_bytes: 2999 }, NOW_S + 60);
+        let mut msg = store_frame(&fits, 1);
+        msg.extend_from_slice(&store_frame(&fits, 2));
+        msg.extend_from_slice(&store_frame(&short, 3));
+        let auth_failed = |r: Refusal| (Status::AuthFailed as u16, r.code());
+        let ok = (Status::Success as u16, 0);
+        assert_eq!(
+            exchange(&mut server, conn, &msg, 3),
+            vec![ok, ok, auth_failed(Refusal::TokenScope)],
+            "seed {seed}"
+        );
+
+        let read = token(CapOp::Retrieve(fp), NOW_S + 60);
+        let expired = token(CapOp::Retrieve(fp), NOW_S);
+        let mut msg = Vec::new();
+        let range = RangeIn {
+            fingerprint: fp,
+            offset: 10.into(),
+            len: 20.into(),
+        };
+        encode_request(&mut msg, Opcode::RetrieveRange, 4, 0, range.as_bytes());
+        present_in_place(&mut msg, 0, &read);
+        for (id, op, t) in [(5, Opcode::Delete, &read), (6, Opcode::Retrieve, &expired)] {
+            let at = msg.len();
+            encode_request(&mut msg, op, id, 0, fp.0.as_bytes());
+            present_in_place(&mut msg, at, t);
+        }
+        assert_eq!(
+            exchange(&mut server, conn, &msg, 3),
+            vec![
+                ok,
+                auth_failed(Refusal::TokenScope),
+                auth_failed(Refusal::TokenExpired),
+            ],
+            "seed {seed}"
+        );
+        assert!(!server.port.client_sees_close(conn), "seed {seed}: closed");
+
+        let stats = handle.stats.of_loop(0).expect("loop 0");
+        let counts: Vec<u64> = Refusal::ALL
+            .iter()
+            .map(|&r| stats.auth_failed_count(r))
+            .collect();
+        assert_eq!(counts, vec![0, 0, 0, 0, 0, 0, 0, 1, 2], "seed {seed}");
+        let store = server.shut_down();
+        assert_eq!(store.contents().len(), 1, "seed {seed}");
+        assert_eq!(store.get(&fp).map(|m| m.refcount), Some(2), "seed {seed}");
+    }
+}

@@ -1088,6 +1088,119 @@ impl fmt::Debug for Token {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Signed URLs (the specification's SRL, served over HTTP: dosp/HTTP.md)
+// ---------------------------------------------------------------------------------------
+
+/// Length of a signed URL's encoded request: base64url of a retrieve token's binary form
+/// without its MAC (30 bytes).
+pub const SRL_REQUEST_TEXT_LEN: usize = base64_len(TOKEN_RETRIEVE_BYTES - TOKEN_MAC_BYTES);
+/// Length of a signed URL's signature: base64url of the token's 32-byte MAC.
+pub const SRL_SIGNATURE_TEXT_LEN: usize = base64_len(TOKEN_MAC_BYTES);
+const _: () = assert!(SRL_REQUEST_TEXT_LEN == 40 && SRL_SIGNATURE_TEXT_LEN == 43);
+
+/// Bytes of a URL path segment that [`srl_path`] writes as they are (RFC 3986
+/// "unreserved"); every other byte of the customer URI is percent-encoded.
+fn url_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// The path of a signed URL (an SRL) for fetching `fingerprint` until `expires_unix_s`,
+/// signed by the ring's signing key: `/<encoded-request>/<signature>/<customer-uri>`.
+///
+/// `/<encoded-request>/<signature>` is a retrieve capability token split in two: the
+/// base64url of its binary form without the MAC ([`SRL_REQUEST_TEXT_LEN`] characters),
+/// then the base64url of the MAC ([`SRL_SIGNATURE_TEXT_LEN`]). The customer URI (a file
+/// name, say) is not signed; it is percent-encoded here, and a node uses it only to name
+/// the download. Without a name the path ends with the fingerprint in hex.
+pub fn srl_path(
+    ring: &KeyRing,
+    fingerprint: &Fingerprint,
+    expires_unix_s: u64,
+    name: Option<&str>,
+) -> String {
+    let cap = Capability {
+        op: CapOp::Retrieve(*fingerprint),
+        expires_unix_s,
+    };
+    let signer = ring.signer();
+    let mut raw = [0u8; TOKEN_BYTES_MAX];
+    let body_len = token_body(&cap, signer.wire_id, &mut raw);
+    let mac = hmac_sha256(&signer.hmac_key, &[&raw[..body_len]]);
+    let mut path = String::with_capacity(2 + SRL_REQUEST_TEXT_LEN + SRL_SIGNATURE_TEXT_LEN + 40);
+    path.push('/');
+    path.push_str(&URL_SAFE_NO_PAD.encode(&raw[..body_len]));
+    path.push('/');
+    path.push_str(&URL_SAFE_NO_PAD.encode(mac));
+    path.push('/');
+    match name {
+        Some(name) => {
+            for &b in name.as_bytes() {
+                if url_unreserved(b) {
+                    path.push(b as char);
+                } else {
+                    path.push_str(&format!("%{b:02X}"));
+                }
+            }
+        }
+        None => path.push_str(&fingerprint.to_string()),
+    }
+    path
+}
+
+/// Reads a signed URL's first two path segments (their form only: no key needed): the
+/// retrieve token they make together. Never panics; does not allocate.
+pub fn parse_srl(request: &[u8], signature: &[u8]) -> Result<Token, TokenError> {
+    if request.len() != SRL_REQUEST_TEXT_LEN || signature.len() != SRL_SIGNATURE_TEXT_LEN {
+        return Err(TokenError::Malformed("wrong length"));
+    }
+    let mut body = [0u8; TOKEN_RETRIEVE_BYTES - TOKEN_MAC_BYTES + 3];
+    let body_len = URL_SAFE_NO_PAD
+        .decode_slice(request, &mut body)
+        .map_err(|_| TokenError::Malformed("not base64url without padding"))?;
+    let mut mac = [0u8; TOKEN_MAC_BYTES + 3];
+    let mac_len = URL_SAFE_NO_PAD
+        .decode_slice(signature, &mut mac)
+        .map_err(|_| TokenError::Malformed("not base64url without padding"))?;
+    let (Some(body), Some(mac)) = (body.get(..body_len), mac.first_chunk::<TOKEN_MAC_BYTES>())
+    else {
+        return Err(TokenError::Malformed("wrong length"));
+    };
+    if mac_len != TOKEN_MAC_BYTES {
+        return Err(TokenError::Malformed("wrong length"));
+    }
+    let (cap, key_id) = parse_token_body(body)?;
+    if !matches!(cap.op, CapOp::Retrieve(_)) {
+        return Err(TokenError::Malformed("a signed URL grants a retrieve only"));
+    }
+    Ok(Token {
+        cap,
+        key_id,
+        mac: *mac,
+    })
+}
+
+impl KeyRing {
+    /// Checks a signed URL's encoded request and signature (see [`srl_path`]): form,
+    /// signature in constant time, then expiry at `now_unix_s`. Returns the object it
+    /// lets its holder fetch. Never panics; does not allocate.
+    pub fn check_srl(
+        &self,
+        request: &[u8],
+        signature: &[u8],
+        now_unix_s: u64,
+    ) -> Result<Fingerprint, TokenError> {
+        let token = parse_srl(request, signature)?;
+        self.verify_capability(&token.cap, token.key_id, &token.mac, now_unix_s)?;
+        match token.cap.op {
+            CapOp::Retrieve(fingerprint) => Ok(fingerprint),
+            CapOp::Store { .. } => {
+                Err(TokenError::Malformed("a signed URL grants a retrieve only"))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1915,6 +2028,119 @@ mod tests {
             if let Ok(ring) = KeyRing::parse(&text) {
                 prop_assert!(!ring.keys().is_empty() && ring.keys().len() <= KEYS_MAX);
             }
+        }
+    }
+
+    // ---- signed URLs --------------------------------------------------------------------
+
+    fn srl_segments(path: &str) -> (String, String, String) {
+        let mut parts = path.splitn(4, '/');
+        assert_eq!(parts.next(), Some(""));
+        let request = parts.next().unwrap().to_owned();
+        let signature = parts.next().unwrap().to_owned();
+        let name = parts.next().unwrap().to_owned();
+        (request, signature, name)
+    }
+
+    #[test]
+    fn signed_urls_verify_and_are_a_token_split_in_two() {
+        let ring = k1();
+        let f = fingerprint();
+        let path = srl_path(&ring, &f, 1_000, Some("photo 1.jpg"));
+        let (request, signature, name) = srl_segments(&path);
+        assert_eq!(request.len(), SRL_REQUEST_TEXT_LEN);
+        assert_eq!(signature.len(), SRL_SIGNATURE_TEXT_LEN);
+        assert_eq!(name, "photo%201.jpg");
+        assert_eq!(
+            ring.check_srl(request.as_bytes(), signature.as_bytes(), 999),
+            Ok(f)
+        );
+        assert_eq!(
+            ring.check_srl(request.as_bytes(), signature.as_bytes(), 1_000),
+            Err(TokenError::Expired {
+                expires_unix_s: 1_000
+            })
+        );
+        // The same bytes as the token `mint` makes for that capability.
+        let mut raw = URL_SAFE_NO_PAD.decode(&request).unwrap();
+        raw.extend(URL_SAFE_NO_PAD.decode(&signature).unwrap());
+        let token = ring.mint(&Capability {
+            op: CapOp::Retrieve(f),
+            expires_unix_s: 1_000,
+        });
+        assert_eq!(URL_SAFE_NO_PAD.encode(raw), token);
+        // Without a name, the fingerprint names it.
+        let (_, _, name) = srl_segments(&srl_path(&ring, &f, 1_000, None));
+        assert_eq!(name, f.to_string());
+    }
+
+    #[test]
+    fn signed_urls_refuse_tampering_other_keys_and_store_tokens() {
+        let ring = k1();
+        let f = fingerprint();
+        let (request, signature, _) = srl_segments(&srl_path(&ring, &f, 1_000, None));
+        // Another object under the same signature: the fingerprint is signed.
+        let (other_request, _, _) =
+            srl_segments(&srl_path(&ring, &Fingerprint::of(b"x"), 1_000, None));
+        assert_eq!(
+            ring.check_srl(other_request.as_bytes(), signature.as_bytes(), 0),
+            Err(TokenError::BadSignature)
+        );
+        let stranger = parse_ring(&format!("k9 {OTHER_HEX}\n"));
+        assert_eq!(
+            stranger.check_srl(request.as_bytes(), signature.as_bytes(), 0),
+            Err(TokenError::UnknownKey(wire_id_of("k1")))
+        );
+        // A store token split the same way is not a signed URL.
+        let store = URL_SAFE_NO_PAD
+            .decode(ring.mint(&Capability {
+                op: CapOp::Store { max_bytes: 1 },
+                expires_unix_s: 1_000,
+            }))
+            .unwrap();
+        let (body, mac) = store.split_at(store.len() - TOKEN_MAC_BYTES);
+        assert!(ring
+            .check_srl(
+                URL_SAFE_NO_PAD.encode(body).as_bytes(),
+                URL_SAFE_NO_PAD.encode(mac).as_bytes(),
+                0
+            )
+            .is_err());
+        for (r, s) in [
+            ("", ""),
+            (&request[1..], &signature[..]),
+            (&request[..], &signature[1..]),
+        ] {
+            assert_eq!(
+                ring.check_srl(r.as_bytes(), s.as_bytes(), 0),
+                Err(TokenError::Malformed("wrong length"))
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_change_to_a_signed_url_is_refused(
+            index in 0usize..(SRL_REQUEST_TEXT_LEN + SRL_SIGNATURE_TEXT_LEN),
+            replacement in any::<u8>(),
+        ) {
+            let ring = k1();
+            let (request, signature, _) =
+                srl_segments(&srl_path(&ring, &fingerprint(), 1_000, None));
+            let mut both = format!("{request}{signature}").into_bytes();
+            prop_assume!(both[index] != replacement);
+            both[index] = replacement;
+            let (r, s) = both.split_at(SRL_REQUEST_TEXT_LEN);
+            prop_assert!(ring.check_srl(r, s, 0).is_err());
+        }
+
+        #[test]
+        fn check_srl_never_panics(
+            request in prop::collection::vec(any::<u8>(), 0..60),
+            signature in prop::collection::vec(any::<u8>(), 0..60),
+            now in any::<u64>(),
+        ) {
+            let _ = k1().check_srl(&request, &signature, now);
         }
     }
 }

@@ -132,6 +132,23 @@ enum Cmd {
     /// it, with `dosp --token`, until it expires.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Print a signed URL that fetches one object over HTTP from a node started with
+    /// `--http-listen` (dosp/HTTP.md), valid for TTL; needs --key-file or $DOSP_KEY_FILE.
+    /// Whoever holds the URL may fetch the object until it expires.
+    Url {
+        fingerprint: String,
+        /// How long the URL is valid: seconds, or a number with s, m, h or d.
+        #[arg(long, value_name = "TTL", value_parser = parse_ttl)]
+        ttl: u64,
+        /// File name a browser saves the object under (the URL's last segment; not
+        /// signed). Default: the fingerprint in hex.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// Scheme, host and port of the node's HTTP listener; without it only the path
+        /// is printed.
+        #[arg(long, value_name = "URL")]
+        base: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -289,6 +306,28 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 expires_unix_s: now_unix_s.saturating_add(ttl_s),
             };
             println!("{}", signer.ring().mint(&cap));
+        }
+        Cmd::Url {
+            fingerprint,
+            ttl,
+            name,
+            base,
+        } => {
+            let Some(signer) = &signer else {
+                return Err(usage(
+                    "signing a URL needs the cluster key: --key-file FILE or $DOSP_KEY_FILE",
+                ));
+            };
+            let fingerprint = parse_fp(&fingerprint)?;
+            let now_unix_s = dosp::signed::now_ms() / 1000;
+            let path = dosp::auth::srl_path(
+                signer.ring(),
+                &fingerprint,
+                now_unix_s.saturating_add(ttl),
+                name.as_deref(),
+            );
+            let base = base.as_deref().unwrap_or("");
+            println!("{}{path}", base.trim_end_matches('/'));
         }
         Cmd::Store { file, md5 } => {
             let md5 = md5.as_deref().map(parse_fp).transpose()?;

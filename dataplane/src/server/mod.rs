@@ -18,6 +18,7 @@ pub mod cluster;
 #[cfg(feature = "dpdk")]
 pub mod dpdk_port;
 pub mod frame_check;
+pub mod http;
 pub mod mesh;
 pub mod ops;
 pub mod port;

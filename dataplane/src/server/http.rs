@@ -1,0 +1,744 @@
+//! One HTTP/1.1 connection serving signed URLs (dosp/HTTP.md), sans IO.
+//!
+//! Like the DOSP [`Session`](super::session::Session), an [`HttpSession`] knows no
+//! socket and no store. Its inputs are bytes received ([`HttpSession::on_recv`]), the
+//! time, and answers from the store to the questions it asks ([`HttpSession::need`]):
+//! where an object is and how long ([`HttpSession::on_located`]), then the object's
+//! bytes a piece at a time ([`HttpSession::on_piece`]). Its output is bytes to send
+//! ([`HttpSession::pending_slices`], acknowledged with [`HttpSession::output_sent`]):
+//! the response head from its own small buffer, then the pieces the store lent, sent
+//! from the store's buffers as they are (the same zero-copy path as RETRIEVE), given
+//! back once sent ([`HttpSession::take_spent`]).
+//!
+//! The request head is parsed with `httparse`; it may be at most [`HEAD_BYTES_MAX`]
+//! bytes (431 otherwise) and is refused with 400 when malformed. Only GET and HEAD are
+//! served (405 with `Allow: GET, HEAD` otherwise). A request with a body is refused
+//! (400), since nothing here reads one. Requests are answered one at a time, in order:
+//! the next head is parsed only when the previous response is all sent, so at most
+//! one response is ever queued and pipelined requests wait in the port's buffer.
+//!
+//! A piece that fails to read in the middle of a body cannot be reported in HTTP (the
+//! length is promised and the status is gone): the connection is closed after the
+//! bytes already queued, and the client sees a short body. A failure of the first
+//! piece still gets a proper 500/503 (the head waits for the first piece).
+//!
+//! Deadlines: the same [`Deadlines`] as DOSP sessions — a head must arrive within
+//! `header` of its first byte, a body being sent must move `rate_min_bytes_per_sec`
+//! over windows of `request`, and a connection between requests may stay silent at
+//! most `idle`.
+
+use std::collections::VecDeque;
+use std::io;
+use std::time::Instant;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use dosp::auth::{KeyRing, TokenError};
+use dosp::Fingerprint;
+
+use super::session::{Deadlines, Timeout};
+
+/// Largest request head (request line and header fields) accepted; a longer one gets
+/// 431 and the connection is closed.
+pub const HEAD_BYTES_MAX: usize = 8 * 1024;
+/// Most header fields in a request head.
+pub const HEADERS_MAX: usize = 48;
+/// Object bytes asked of the store at a time.
+pub const PIECE_BYTES: usize = 256 * 1024;
+/// Body bytes queued (lent by the store, unsent) above which no further piece is read.
+const QUEUED_HIGH: usize = 2 * PIECE_BYTES;
+/// Longest file name put in a `Content-Disposition` header.
+pub const FILENAME_MAX: usize = 128;
+
+/// A piece of an object's bytes lent by the store: the session only measures it and
+/// sends from it.
+pub trait BodyPiece {
+    /// Bytes in the piece.
+    fn len(&self) -> usize;
+    /// Whether the piece holds no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The bytes from `at` to the end of the contiguous part holding `at` (empty at or
+    /// past the end).
+    fn slice_at(&self, at: usize) -> &[u8];
+}
+
+impl BodyPiece for crate::store::Piece {
+    fn len(&self) -> usize {
+        crate::store::Piece::len(self)
+    }
+    fn slice_at(&self, at: usize) -> &[u8] {
+        crate::store::Piece::slice_at(self, at)
+    }
+}
+
+impl BodyPiece for Vec<u8> {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn slice_at(&self, at: usize) -> &[u8] {
+        self.get(at..).unwrap_or(&[])
+    }
+}
+
+/// What the session waits for from the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Where the object is and how long: answer with [`HttpSession::on_located`].
+    Lookup(Fingerprint),
+    /// `len` bytes of the object from `offset`: answer with [`HttpSession::on_piece`].
+    Read {
+        /// The object.
+        fp: Fingerprint,
+        /// First byte wanted.
+        offset: u64,
+        /// How many bytes (at most [`PIECE_BYTES`]).
+        len: usize,
+    },
+}
+
+/// A byte range asked for in a `Range` header (one range only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeSpec {
+    /// `bytes=a-b` (b inclusive) or `bytes=a-` (`None`: to the end).
+    From(u64, Option<u64>),
+    /// `bytes=-n`: the last n bytes.
+    Suffix(u64),
+}
+
+/// How a [`RangeSpec`] applies to an object of a given length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeOutcome {
+    /// Bytes `start..end` (end exclusive) exist: 206.
+    Part(u64, u64),
+    /// No byte of the range exists: 416.
+    Unsatisfiable,
+}
+
+impl RangeSpec {
+    /// Reads a `Range` field value. `None` for anything but one well-formed byte
+    /// range: several ranges, another unit or bad syntax are ignored and the whole
+    /// object is sent (RFC 9110 §14.2 lets a server ignore Range).
+    pub fn parse(value: &[u8]) -> Option<RangeSpec> {
+        let value = std::str::from_utf8(value).ok()?.trim();
+        let (unit, set) = value.split_once('=')?;
+        if !unit.trim().eq_ignore_ascii_case("bytes") {
+            return None;
+        }
+        let set = set.trim();
+        if set.contains(',') {
+            return None;
+        }
+        let (first, last) = set.split_once('-')?;
+        let (first, last) = (first.trim(), last.trim());
+        let number = |s: &str| -> Option<u64> {
+            if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            s.parse().ok()
+        };
+        if first.is_empty() {
+            return Some(RangeSpec::Suffix(number(last)?));
+        }
+        let first = number(first)?;
+        if last.is_empty() {
+            return Some(RangeSpec::From(first, None));
+        }
+        let last = number(last)?;
+        (last >= first).then_some(RangeSpec::From(first, Some(last)))
+    }
+
+    /// The bytes of an object of `len` bytes this range selects.
+    pub fn resolve(self, len: u64) -> RangeOutcome {
+        match self {
+            RangeSpec::From(first, _) if first >= len => RangeOutcome::Unsatisfiable,
+            RangeSpec::From(first, last) => {
+                let end = last.map_or(len, |l| l.saturating_add(1).min(len));
+                RangeOutcome::Part(first, end)
+            }
+            RangeSpec::Suffix(0) => RangeOutcome::Unsatisfiable,
+            RangeSpec::Suffix(_) if len == 0 => RangeOutcome::Unsatisfiable,
+            RangeSpec::Suffix(n) => RangeOutcome::Part(len.saturating_sub(n), len),
+        }
+    }
+}
+
+/// A signed URL's path split: encoded request, signature, customer URI (the rest,
+/// after the third `/`, without a query). `None` when the path has fewer segments.
+pub fn split_srl(path: &str) -> Option<(&str, &str, &str)> {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let rest = path.strip_prefix('/')?;
+    let (request, rest) = rest.split_once('/')?;
+    let (signature, customer) = match rest.split_once('/') {
+        Some((signature, customer)) => (signature, customer),
+        None => (rest, ""),
+    };
+    Some((request, signature, customer))
+}
+
+/// The file name for `Content-Disposition` from a customer URI: its last segment,
+/// percent-decoded, with every byte outside printable ASCII and `"` `\` `/` `;`
+/// replaced by `_`, at most [`FILENAME_MAX`] bytes. `None` when nothing is left.
+pub fn filename_of(customer_uri: &str) -> Option<String> {
+    let last = customer_uri.rsplit('/').next().unwrap_or("");
+    let bytes = last.as_bytes();
+    let mut name = String::new();
+    let mut i = 0;
+    while i < bytes.len() && name.len() < FILENAME_MAX {
+        let mut b = bytes[i];
+        if b == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            if let Some(v) = hex {
+                b = v;
+                i += 2;
+            }
+        }
+        i += 1;
+        let ok = (0x20..0x7f).contains(&b) && !matches!(b, b'"' | b'\\' | b'/' | b';');
+        name.push(if ok { b as char } else { '_' });
+    }
+    let trimmed = name.trim();
+    (!trimmed.is_empty() && trimmed != "." && trimmed != "..").then(|| trimmed.to_owned())
+}
+
+/// The short reason a refused signed URL gets in its 403 body.
+pub fn refusal_reason(e: &TokenError) -> &'static str {
+    match e {
+        TokenError::Expired { .. } => "expired",
+        TokenError::BadSignature => "bad signature",
+        TokenError::UnknownKey(_) => "unknown key",
+        TokenError::Malformed(_) => "malformed signed URL",
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Get,
+    Head,
+}
+
+/// A response being sent.
+#[derive(Debug)]
+struct Body {
+    fp: Fingerprint,
+    /// Next byte of the object to ask for, and the end (exclusive).
+    next: u64,
+    end: u64,
+    /// A read is in flight.
+    reading: bool,
+}
+
+/// Where the current request is.
+#[derive(Debug)]
+enum Phase {
+    /// Between requests, or reading a head.
+    Idle,
+    /// Waiting for the object's length.
+    Lookup {
+        fp: Fingerprint,
+        method: Method,
+        range: Option<RangeSpec>,
+        filename: Option<String>,
+    },
+    /// The object's head waits for its first piece (a 200/206 with a body).
+    First {
+        head: Vec<u8>,
+        status: u16,
+        body: Body,
+    },
+    /// Sending the body.
+    Streaming(Body),
+}
+
+/// One HTTP connection (see the module docs).
+#[derive(Debug)]
+pub struct HttpSession<P> {
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Pieces lent by the store, after `out`, with bytes of each sent.
+    lent: VecDeque<(P, usize)>,
+    /// Pieces sent, to give back to the store.
+    spent: Vec<P>,
+    phase: Phase,
+    /// Close once the current response is sent (Connection: close, HTTP/1.0, error).
+    close_after: bool,
+    /// Close now, dropping what is queued (a body read failed mid-way).
+    broken: bool,
+    read_closed: bool,
+    /// Statuses of responses started since the last `take_statuses`, for counters.
+    statuses: Vec<u16>,
+    last_io: Instant,
+    head_since: Option<Instant>,
+    moved: u64,
+    window: (Instant, u64),
+}
+
+impl<P: BodyPiece> HttpSession<P> {
+    /// A new connection at `now`.
+    pub fn new(now: Instant) -> HttpSession<P> {
+        HttpSession {
+            out: Vec::with_capacity(1024),
+            out_pos: 0,
+            lent: VecDeque::new(),
+            spent: Vec::new(),
+            phase: Phase::Idle,
+            close_after: false,
+            broken: false,
+            read_closed: false,
+            statuses: Vec::new(),
+            last_io: now,
+            head_since: None,
+            moved: 0,
+            window: (now, 0),
+        }
+    }
+
+    /// Bytes queued and not sent.
+    pub fn unsent(&self) -> usize {
+        let lent: usize = self.lent.iter().map(|(p, s)| p.len() - s).sum();
+        self.out.len() - self.out_pos + lent
+    }
+
+    /// Whether the session parses input now: no response in progress or queued.
+    pub fn wants_input(&self) -> bool {
+        matches!(self.phase, Phase::Idle) && !self.close_after && !self.broken && self.unsent() == 0
+    }
+
+    /// Whether the connection is done: closing and everything sent (or broken).
+    pub fn finished(&self) -> bool {
+        self.broken
+            || (matches!(self.phase, Phase::Idle)
+                && self.unsent() == 0
+                && (self.close_after || self.read_closed))
+    }
+
+    /// Statuses of the responses started since the last call (for the counters).
+    pub fn take_statuses(&mut self) -> std::vec::Drain<'_, u16> {
+        self.statuses.drain(..)
+    }
+
+    /// Pieces sent (or dropped), to give back to the store.
+    pub fn take_spent(&mut self) -> std::vec::Drain<'_, P> {
+        self.spent.drain(..)
+    }
+
+    /// The peer closed its side: finish the response in progress, then close.
+    pub fn on_peer_closed(&mut self) {
+        self.read_closed = true;
+    }
+
+    /// What the session waits for from the store, if anything (asked once per answer:
+    /// a read is marked in flight when this returns it).
+    pub fn need(&mut self) -> Option<Need> {
+        if self.broken {
+            return None;
+        }
+        let queued = self.unsent();
+        match &mut self.phase {
+            Phase::Lookup { fp, .. } => Some(Need::Lookup(*fp)),
+            Phase::First { body, .. } | Phase::Streaming(body) => {
+                if body.reading || body.next >= body.end || queued >= QUEUED_HIGH {
+                    return None;
+                }
+                body.reading = true;
+                let len = PIECE_BYTES.min((body.end - body.next) as usize);
+                Some(Need::Read {
+                    fp: body.fp,
+                    offset: body.next,
+                    len,
+                })
+            }
+            Phase::Idle => None,
+        }
+    }
+
+    /// Parses the next request head from the front of `data` (the bytes received and
+    /// not consumed yet) when [`HttpSession::wants_input`], checking its signed URL
+    /// with `ring` at `now_unix_s`. Returns how many bytes it consumed.
+    pub fn on_recv(&mut self, now: Instant, now_unix_s: u64, ring: &KeyRing, data: &[u8]) -> usize {
+        if !self.wants_input() || data.is_empty() {
+            if data.is_empty() && self.read_closed && matches!(self.phase, Phase::Idle) {
+                self.close_after = true;
+            }
+            return 0;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+        let mut req = httparse::Request::new(&mut headers);
+        let parsed = req.parse(data);
+        let n = match parsed {
+            Ok(httparse::Status::Complete(n)) if n <= HEAD_BYTES_MAX => n,
+            Ok(httparse::Status::Complete(_)) => {
+                self.error_close(431, "request head too large\n");
+                return data.len();
+            }
+            Ok(httparse::Status::Partial) => {
+                if data.len() > HEAD_BYTES_MAX {
+                    self.error_close(431, "request head too large\n");
+                    return data.len();
+                }
+                if self.head_since.is_none() {
+                    self.head_since = Some(now);
+                }
+                if self.read_closed {
+                    self.close_after = true;
+                }
+                return 0;
+            }
+            Err(httparse::Error::TooManyHeaders) => {
+                self.error_close(431, "too many header fields\n");
+                return data.len();
+            }
+            Err(_) => {
+                self.error_close(400, "malformed request\n");
+                return data.len();
+            }
+        };
+        self.head_since = None;
+        let version = req.version.unwrap_or(0);
+        let mut keep_alive = version == 1;
+        let mut range = None;
+        let mut has_body = false;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("connection") {
+                for token in h.value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    // HTTP/1.0 `keep-alive` is not offered: 1.0 always closes.
+                    if token.eq_ignore_ascii_case(b"close") {
+                        keep_alive = false;
+                    }
+                }
+            } else if h.name.eq_ignore_ascii_case("range") {
+                range = RangeSpec::parse(h.value);
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding")
+                || (h.name.eq_ignore_ascii_case("content-length") && h.value.trim_ascii() != b"0")
+            {
+                has_body = true;
+            }
+        }
+        if !keep_alive {
+            self.close_after = true;
+        }
+        let method = match req.method {
+            Some("GET") => Method::Get,
+            Some("HEAD") => Method::Head,
+            _ => {
+                self.plain(405, "method not allowed\n", &["Allow: GET, HEAD"]);
+                return n;
+            }
+        };
+        if has_body {
+            self.error_close(400, "a request body is not accepted\n");
+            return data.len();
+        }
+        let path = req.path.unwrap_or("");
+        let Some((request, signature, customer)) = split_srl(path) else {
+            self.plain(404, "not found\n", &[]);
+            return n;
+        };
+        match ring.check_srl(request.as_bytes(), signature.as_bytes(), now_unix_s) {
+            Ok(fp) => {
+                self.phase = Phase::Lookup {
+                    fp,
+                    method,
+                    range,
+                    filename: filename_of(customer),
+                };
+            }
+            Err(e) => {
+                let reason = refusal_reason(&e);
+                let mut body = String::with_capacity(32);
+                body.push_str(reason);
+                body.push('\n');
+                self.plain_method(403, &body, &[], method);
+            }
+        }
+        n
+    }
+
+    /// The object looked up is `len` bytes long, or absent (`None`).
+    pub fn on_located(&mut self, found: Option<u64>) {
+        let Phase::Lookup {
+            fp,
+            method,
+            range,
+            filename,
+        } = std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
+            return;
+        };
+        let Some(len) = found else {
+            return self.plain_method(404, "not found\n", &[], method);
+        };
+        let (status, start, end) = match range.map(|r| r.resolve(len)) {
+            None => (200, 0, len),
+            Some(RangeOutcome::Part(start, end)) => (206, start, end),
+            Some(RangeOutcome::Unsatisfiable) => {
+                let cr = format!("Content-Range: bytes */{len}");
+                return self.plain_method(416, "range not satisfiable\n", &[&cr], method);
+            }
+        };
+        let mut head = Vec::with_capacity(400);
+        let reason = if status == 200 {
+            "OK"
+        } else {
+            "Partial Content"
+        };
+        head.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+        head.extend_from_slice(format!("Content-Length: {}\r\n", end - start).as_bytes());
+        head.extend_from_slice(b"Content-Type: application/octet-stream\r\n");
+        head.extend_from_slice(format!("ETag: \"{fp}\"\r\n").as_bytes());
+        if status == 200 {
+            head.extend_from_slice(
+                format!("Content-MD5: {}\r\n", STANDARD.encode(fp.0)).as_bytes(),
+            );
+        } else {
+            let last = end - 1;
+            head.extend_from_slice(
+                format!("Content-Range: bytes {start}-{last}/{len}\r\n").as_bytes(),
+            );
+        }
+        head.extend_from_slice(b"Accept-Ranges: bytes\r\n");
+        if let Some(name) = filename {
+            head.extend_from_slice(
+                format!("Content-Disposition: inline; filename=\"{name}\"\r\n").as_bytes(),
+            );
+        }
+        if self.close_after {
+            head.extend_from_slice(b"Connection: close\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        if method == Method::Head || start == end {
+            self.statuses.push(status);
+            self.out.extend_from_slice(&head);
+            return;
+        }
+        self.phase = Phase::First {
+            head,
+            status,
+            body: Body {
+                fp,
+                next: start,
+                end,
+                reading: false,
+            },
+        };
+    }
+
+    /// The read asked for by the last [`Need::Read`] is in: `Ok` with the piece lent
+    /// by the store (its length must be the one asked), or `Err` with the HTTP status
+    /// a failure maps to.
+    pub fn on_piece(&mut self, result: Result<P, u16>) {
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        let (mut body, first) = match phase {
+            Phase::First { head, status, body } => (body, Some((head, status))),
+            Phase::Streaming(body) => (body, None),
+            other => {
+                self.phase = other;
+                if let Ok(p) = result {
+                    self.spent.push(p);
+                }
+                return;
+            }
+        };
+        body.reading = false;
+        let want = PIECE_BYTES.min((body.end - body.next) as usize);
+        let piece = match result {
+            Ok(p) if p.len() == want => p,
+            Ok(p) => {
+                self.spent.push(p);
+                return self.body_failed(first, 500);
+            }
+            Err(status) => return self.body_failed(first, status),
+        };
+        if let Some((head, status)) = first {
+            self.statuses.push(status);
+            self.out.extend_from_slice(&head);
+        }
+        body.next += want as u64;
+        self.lent.push_back((piece, 0));
+        if body.next < body.end {
+            self.phase = Phase::Streaming(body);
+        }
+    }
+
+    fn body_failed(&mut self, first: Option<(Vec<u8>, u16)>, status: u16) {
+        if first.is_some() {
+            let text = if status == 503 {
+                "object unavailable\n"
+            } else {
+                "object could not be read\n"
+            };
+            self.plain(status, text, &[]);
+        } else {
+            self.broken = true;
+        }
+    }
+
+    /// A plain-text response; for HEAD, without its body.
+    fn plain_method(&mut self, status: u16, text: &str, extra: &[&str], method: Method) {
+        self.respond(status, text, extra, method == Method::Get);
+    }
+
+    fn plain(&mut self, status: u16, text: &str, extra: &[&str]) {
+        self.respond(status, text, extra, true);
+    }
+
+    /// A plain-text error, then close (the input cannot be trusted to be in step).
+    fn error_close(&mut self, status: u16, text: &str) {
+        self.close_after = true;
+        self.respond(status, text, &[], true);
+    }
+
+    fn respond(&mut self, status: u16, text: &str, extra: &[&str], with_body: bool) {
+        let reason = match status {
+            400 => "Bad Request",
+            403 => "Forbidden",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            416 => "Range Not Satisfiable",
+            431 => "Request Header Fields Too Large",
+            503 => "Service Unavailable",
+            _ => "Internal Server Error",
+        };
+        self.statuses.push(status);
+        let out = &mut self.out;
+        out.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+        out.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n");
+        out.extend_from_slice(format!("Content-Length: {}\r\n", text.len()).as_bytes());
+        for field in extra {
+            out.extend_from_slice(field.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if self.close_after {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if with_body {
+            out.extend_from_slice(text.as_bytes());
+        }
+    }
+
+    /// Up to `iov.len()` non-empty slices to send, in order: the head buffer, then the
+    /// lent pieces. Returns how many it filled.
+    pub fn pending_slices<'a>(&'a self, iov: &mut [io::IoSlice<'a>]) -> usize {
+        if self.broken {
+            return 0;
+        }
+        let mut k = 0;
+        let mut push = |s: &'a [u8]| {
+            if !s.is_empty() && k < iov.len() {
+                iov[k] = io::IoSlice::new(s);
+                k += 1;
+            }
+            k < iov.len()
+        };
+        if !push(&self.out[self.out_pos..]) {
+            return k;
+        }
+        for (piece, sent) in &self.lent {
+            let mut at = *sent;
+            while at < piece.len() {
+                let s = piece.slice_at(at);
+                if s.is_empty() {
+                    break;
+                }
+                at += s.len();
+                if !push(s) {
+                    return k;
+                }
+            }
+        }
+        k
+    }
+
+    /// The port took the first `n` bytes of [`HttpSession::pending_slices`].
+    pub fn output_sent(&mut self, now: Instant, n: usize) {
+        let mut left = n;
+        let head = (self.out.len() - self.out_pos).min(left);
+        self.out_pos += head;
+        left -= head;
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+        }
+        while left > 0 {
+            let Some((piece, sent)) = self.lent.front_mut() else {
+                break;
+            };
+            let take = (piece.len() - *sent).min(left);
+            *sent += take;
+            left -= take;
+            if *sent >= piece.len() {
+                if let Some((piece, _)) = self.lent.pop_front() {
+                    self.spent.push(piece);
+                }
+            }
+        }
+        if n > 0 {
+            self.last_io = now;
+            self.moved += n as u64;
+        }
+    }
+
+    /// `n` bytes arrived from the peer.
+    pub fn on_arrived(&mut self, now: Instant, n: usize) {
+        if n > 0 {
+            self.last_io = now;
+            self.moved += n as u64;
+        }
+    }
+
+    /// Gives back every piece held (the connection is closing).
+    pub fn close(&mut self) {
+        while let Some((piece, _)) = self.lent.pop_front() {
+            self.spent.push(piece);
+        }
+        self.phase = Phase::Idle;
+    }
+
+    /// Whether the peer broke a deadline (see the module docs). Called by the loop's
+    /// timer scan, which also moves the rate window along.
+    pub fn timed_out(&mut self, now: Instant, d: &Deadlines) -> Option<Timeout> {
+        if self
+            .head_since
+            .is_some_and(|t| now.saturating_duration_since(t) > d.header)
+        {
+            return Some(Timeout::Header);
+        }
+        let on_store = matches!(self.phase, Phase::Lookup { .. } | Phase::First { .. })
+            || matches!(&self.phase, Phase::Streaming(b) if b.reading && self.lent.is_empty());
+        if on_store {
+            self.last_io = now;
+            self.window = (now, self.moved);
+            return None;
+        }
+        let waiting_on_peer = self.unsent() > 0;
+        if !waiting_on_peer || d.rate_min_bytes_per_sec == 0 {
+            self.window = (now, self.moved);
+        } else {
+            let elapsed = now.saturating_duration_since(self.window.0);
+            if elapsed >= d.request {
+                let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+                let need = d.rate_min_bytes_per_sec.saturating_mul(ms) / 1000;
+                if self.moved - self.window.1 < need {
+                    return Some(Timeout::TooSlow);
+                }
+                self.window = (now, self.moved);
+            }
+        }
+        let quiet = now.saturating_duration_since(self.last_io);
+        match waiting_on_peer || self.head_since.is_some() {
+            true if quiet > d.request => Some(Timeout::Silent),
+            false if quiet > d.idle => Some(Timeout::Idle),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "http_tests.rs"]
+mod tests;

@@ -173,6 +173,10 @@ pub struct Flags {
     /// client that reaches the node may store and delete]
     #[arg(long, value_name = "FILE")]
     pub cluster_key_file: Option<PathBuf>,
+    /// Serve signed URLs (`dosp url`) over HTTP/1.1 on this address: GET and HEAD of
+    /// objects, with Range (dosp/HTTP.md); needs --cluster-key-file [default: off]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub http_listen: Option<SocketAddr>,
     /// Also accept requests signed with the specification's double MD5 (weaker than the
     /// default HMAC-SHA256)
     #[arg(long)]
@@ -242,6 +246,7 @@ pub struct FileConfig {
     pub boot_slot: Option<String>,
     pub reboot_command: Option<String>,
     pub cluster_key_file: Option<PathBuf>,
+    pub http_listen: Option<SocketAddr>,
     pub auth_allow_md5: Option<bool>,
     pub auth_window_secs: Option<u64>,
     pub auth_replay_max: Option<usize>,
@@ -347,6 +352,8 @@ pub struct Config {
     pub reboot_command: Option<Vec<String>>,
     /// The cluster key file; `None`: requests are not authenticated.
     pub cluster_key_file: Option<PathBuf>,
+    /// Where signed URLs are served over HTTP; `None`: not at all.
+    pub http_listen: Option<SocketAddr>,
     /// Accept double-MD5 certificates too.
     pub auth_allow_md5: bool,
     /// Clock window of signed requests, in seconds (at least 1).
@@ -756,8 +763,28 @@ impl Config {
                 format!("must be 1 to {AUTH_REPLAY_MAX_MAX}"),
             ));
         }
+        let cluster_key_file = flags.cluster_key_file.or(file.cluster_key_file);
+        let http_listen = flags.http_listen.or(file.http_listen);
+        if let Some(addr) = http_listen {
+            if cluster_key_file.is_none() {
+                return Err(invalid(
+                    "http_listen",
+                    &addr.to_string(),
+                    "signed URLs need the cluster key: set cluster_key_file (--cluster-key-file)"
+                        .into(),
+                ));
+            }
+            if matches!(net, Net::Dpdk(_)) {
+                return Err(invalid(
+                    "http_listen",
+                    &addr.to_string(),
+                    "HTTP is served by the kernel network backend only, not with --net dpdk".into(),
+                ));
+            }
+        }
         Ok(Config {
-            cluster_key_file: flags.cluster_key_file.or(file.cluster_key_file),
+            cluster_key_file,
+            http_listen,
             auth_allow_md5: flags.auth_allow_md5 || file.auth_allow_md5.unwrap_or(false),
             auth_window_secs,
             auth_replay_max,

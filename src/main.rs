@@ -443,6 +443,22 @@ fn run(flags: Flags) -> anyhow::Result<()> {
                     })?;
                     servers.push(server);
                 }
+                if let Some(addr) = cfg.http_listen {
+                    let listeners = dataplane::server::accept::bind_group(
+                        addr,
+                        cfg.connections_max,
+                        usize::from(loops),
+                    )
+                    .with_context(|| format!("cannot bind HTTP on {addr}"))?;
+                    for (server, listener) in servers.iter_mut().zip(listeners) {
+                        server
+                            .serve_http(listener)
+                            .with_context(|| format!("cannot serve HTTP on {addr}"))?;
+                    }
+                    if let Some(local) = servers.first().and_then(|s| s.http_addr()) {
+                        tracing::info!(%local, "serving signed URLs over HTTP (dosp/HTTP.md)");
+                    }
+                }
                 (servers[0].local_addr()?, None)
             }
             #[cfg(feature = "dpdk")]
@@ -549,8 +565,14 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         .as_ref()
         .map(|n| format!(" name={n}"))
         .unwrap_or_default();
+    // `http=` only when signed URLs are served.
+    let http_field = servers
+        .first()
+        .and_then(|s| s.http_addr())
+        .map(|a| format!(" http={a}"))
+        .unwrap_or_default();
     println!(
-        "listening dosp={local} mgmt={} node={node_id:016x}{name_field}",
+        "listening dosp={local} mgmt={} node={node_id:016x}{name_field}{http_field}",
         mgmt.local_addr()
     );
 

@@ -227,7 +227,14 @@ pub struct NodeStats {
     /// by a node with a cluster key, by [`Refusal`] reason (indexed by its code - 1);
     /// see [`NodeStats::auth_failed`].
     pub auth_failed: [AtomicU64; Refusal::ALL.len()],
+    /// HTTP responses (signed URLs, `server/http.rs`) by status, indexed like
+    /// [`HTTP_STATUSES`]; see [`NodeStats::http_response`].
+    pub http_responses: [AtomicU64; HTTP_STATUSES.len()],
 }
+
+/// Every status an HTTP session answers with, in the order of
+/// [`NodeStats::http_responses`] (the `status` label of `dosd_http_requests_total`).
+pub const HTTP_STATUSES: [u16; 10] = [200, 206, 400, 403, 404, 405, 416, 431, 500, 503];
 
 impl NodeStats {
     pub fn inc(counter: &AtomicU64) {
@@ -270,6 +277,27 @@ impl NodeStats {
         if let Some(c) = self.auth_failed.get(reason.code() as usize - 1) {
             NodeStats::inc(c);
         }
+    }
+
+    /// Counts an HTTP response with `status` (one outside [`HTTP_STATUSES`] is
+    /// counted as 500).
+    pub fn http_response(&self, status: u16) {
+        let i = HTTP_STATUSES
+            .iter()
+            .position(|&s| s == status)
+            .or_else(|| HTTP_STATUSES.iter().position(|&s| s == 500));
+        if let Some(c) = i.and_then(|i| self.http_responses.get(i)) {
+            NodeStats::inc(c);
+        }
+    }
+
+    /// HTTP responses with `status` so far.
+    pub fn http_response_count(&self, status: u16) -> u64 {
+        HTTP_STATUSES
+            .iter()
+            .position(|&s| s == status)
+            .and_then(|i| self.http_responses.get(i))
+            .map_or(0, NodeStats::get)
     }
 
     /// Requests refused for `reason` so far.
@@ -426,6 +454,7 @@ impl NodeStats {
             index_bytes,
             net_rx_dropped,
             auth_failed,
+            http_responses,
         } = other;
         let add = |into: &AtomicU64, from: &AtomicU64| {
             into.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -472,6 +501,9 @@ impl NodeStats {
             add(into, from);
         }
         for (into, from) in self.auth_failed.iter().zip(auth_failed) {
+            add(into, from);
+        }
+        for (into, from) in self.http_responses.iter().zip(http_responses) {
             add(into, from);
         }
         for (into, from) in self.net_rx_dropped.iter().zip(net_rx_dropped) {

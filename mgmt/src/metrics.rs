@@ -96,8 +96,9 @@ fn node_counters(s: &NodeStats) -> impl IntoIterator<Item = Exported> {
 /// [`NodeStats`] fields that are not single counters, each exported as a labelled
 /// family by [`render_families`] (field → metric name; for the completeness test).
 #[cfg_attr(not(test), allow(dead_code))]
-const FAMILIES: [(&str, &str); 4] = [
+const FAMILIES: [(&str, &str); 5] = [
     ("auth_failed", "dosd_auth_failed_total"),
+    ("http_responses", "dosd_http_requests_total"),
     ("errors_by_status", "dosd_errors_by_status_total"),
     ("latency", "dosd_op_latency_seconds"),
     ("net_rx_dropped", "dosd_net_rx_dropped_total"),
@@ -142,6 +143,20 @@ fn render_families(out: &mut String, s: &NodeStats) {
             "dosd_auth_failed_total{{reason=\"{}\"}} {}",
             reason.name(),
             s.auth_failed_count(reason)
+        );
+    }
+
+    // Every status, zero included.
+    let _ = write!(
+        out,
+        "# HELP dosd_http_requests_total HTTP responses to signed-URL requests, by status (dosp/HTTP.md)\n\
+         # TYPE dosd_http_requests_total counter\n"
+    );
+    for status in dataplane::stats::HTTP_STATUSES {
+        let _ = writeln!(
+            out,
+            "dosd_http_requests_total{{status=\"{status}\"}} {}",
+            s.http_response_count(status)
         );
     }
 

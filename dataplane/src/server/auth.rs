@@ -72,6 +72,11 @@ impl NodeAuth {
         self
     }
 
+    /// The node's clock, in seconds since the Unix epoch (signed URLs' expiry).
+    pub fn now_unix_s(&self) -> u64 {
+        (self.clock)() / 1000
+    }
+
     pub fn ring(&self) -> &KeyRing {
         &self.ring
     }

@@ -269,6 +269,9 @@ pub struct HttpSession<P> {
     /// Close now, dropping what is queued (a body read failed mid-way).
     broken: bool,
     read_closed: bool,
+    /// Bytes lent at the last `on_recv` and not consumed (a head in part, or
+    /// pipelined requests waiting their turn).
+    unconsumed: usize,
     /// Statuses of responses started since the last `take_statuses`, for counters.
     statuses: Vec<u16>,
     last_io: Instant,
@@ -289,6 +292,7 @@ impl<P: BodyPiece> HttpSession<P> {
             close_after: false,
             broken: false,
             read_closed: false,
+            unconsumed: 0,
             statuses: Vec::new(),
             last_io: now,
             head_since: None,
@@ -313,7 +317,7 @@ impl<P: BodyPiece> HttpSession<P> {
         self.broken
             || (matches!(self.phase, Phase::Idle)
                 && self.unsent() == 0
-                && (self.close_after || self.read_closed))
+                && (self.close_after || (self.read_closed && self.unconsumed == 0)))
     }
 
     /// Statuses of the responses started since the last call (for the counters).
@@ -360,6 +364,12 @@ impl<P: BodyPiece> HttpSession<P> {
     /// not consumed yet) when [`HttpSession::wants_input`], checking its signed URL
     /// with `ring` at `now_unix_s`. Returns how many bytes it consumed.
     pub fn on_recv(&mut self, now: Instant, now_unix_s: u64, ring: &KeyRing, data: &[u8]) -> usize {
+        let n = self.parse_one(now, now_unix_s, ring, data);
+        self.unconsumed = data.len() - n.min(data.len());
+        n
+    }
+
+    fn parse_one(&mut self, now: Instant, now_unix_s: u64, ring: &KeyRing, data: &[u8]) -> usize {
         if !self.wants_input() || data.is_empty() {
             if data.is_empty() && self.read_closed && matches!(self.phase, Phase::Idle) {
                 self.close_after = true;
@@ -736,6 +746,193 @@ impl<P: BodyPiece> HttpSession<P> {
             false if quiet > d.idle => Some(Timeout::Idle),
             _ => None,
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The loop's side: one HTTP connection over a NetPort and the store
+// ---------------------------------------------------------------------------------------
+
+/// Object-sending work per [`HttpConn::drive`] call, so one fast client cannot starve
+/// the loop's other connections.
+const STEPS_MAX: usize = 64;
+/// Slices per send.
+const IOV_MAX: usize = 8;
+
+/// An [`HttpSession`] with what the loop keeps for it: the peer, the loop whose shard
+/// holds the object being sent, and the read in flight.
+#[derive(Debug)]
+pub struct HttpConn {
+    pub peer: std::net::SocketAddr,
+    session: HttpSession<crate::store::Piece>,
+    holder: u16,
+    inflight: Option<crate::store::ReadId>,
+    /// The lookup is asked and its answer not in.
+    looking_up: bool,
+}
+
+/// The HTTP status a store error maps to.
+fn http_status_of(e: &crate::store::StoreError) -> u16 {
+    use crate::store::StoreError;
+    match e {
+        StoreError::NotFound(_) => 404,
+        StoreError::Busy | StoreError::DiskOffline(_) => 503,
+        StoreError::DiskFailed { .. } | StoreError::NoUsableDisk => 503,
+        _ => 500,
+    }
+}
+
+impl HttpConn {
+    pub fn new(peer: std::net::SocketAddr, now: Instant) -> HttpConn {
+        HttpConn {
+            peer,
+            session: HttpSession::new(now),
+            holder: 0,
+            inflight: None,
+            looking_up: false,
+        }
+    }
+
+    /// Deadlines (see [`HttpSession::timed_out`]).
+    pub fn timed_out(&mut self, now: Instant, d: &Deadlines) -> Option<Timeout> {
+        self.session.timed_out(now, d)
+    }
+
+    /// Gives back to the store every piece held; a read in flight is released by the
+    /// loop when its event finds no connection.
+    pub fn close(&mut self, ctx: &mut super::ops::Ctx<'_>) {
+        self.session.close();
+        self.give_back(ctx);
+    }
+
+    fn give_back(&mut self, ctx: &mut super::ops::Ctx<'_>) {
+        for piece in self.session.take_spent() {
+            ctx.store.read_give(piece);
+        }
+        for status in self.session.take_statuses() {
+            ctx.stats.http_response(status);
+        }
+    }
+
+    /// Asks the store what the session needs, answering at once what it can.
+    fn serve_needs(&mut self, ctx: &mut super::ops::Ctx<'_>, user: u64) {
+        use super::shards::Locate;
+        use crate::store::ReadStart;
+        for _ in 0..4 {
+            if self.looking_up || self.inflight.is_some() {
+                return;
+            }
+            match self.session.need() {
+                None => return,
+                Some(Need::Lookup(fp)) => match ctx.store.locate(&fp, user) {
+                    Locate::Now(found) => self.located(found),
+                    Locate::Later => self.looking_up = true,
+                },
+                Some(Need::Read { fp, offset, len }) => {
+                    match ctx.store.read_start(self.holder, &fp, offset, len, user) {
+                        Ok(ReadStart::Ready(piece)) => self.session.on_piece(Ok(piece)),
+                        Ok(ReadStart::Pending(id)) => self.inflight = Some(id),
+                        Err(e) => self.session.on_piece(Err(http_status_of(&e))),
+                    }
+                }
+            }
+        }
+    }
+
+    fn located(&mut self, found: Option<(u16, crate::store::ObjectMeta)>) {
+        self.looking_up = false;
+        if let Some((holder, _)) = &found {
+            self.holder = *holder;
+        }
+        self.session.on_located(found.map(|(_, meta)| meta.len));
+    }
+
+    /// What the store finished for this connection.
+    pub fn on_store_event(&mut self, ctx: &mut super::ops::Ctx<'_>, ev: super::shards::Event) {
+        use super::shards::Event;
+        use crate::store::StoreEvent;
+        match ev {
+            Event::Located { found, .. } if self.looking_up => self.located(found),
+            Event::Store(StoreEvent::Read { id, .. }) => {
+                if self.inflight != Some(id) {
+                    return ctx.store.read_release(id);
+                }
+                self.inflight = None;
+                match ctx.store.read_take(id) {
+                    Ok(piece) => self.session.on_piece(Ok(piece)),
+                    Err(e) => {
+                        if matches!(e, crate::store::StoreError::Corrupt { .. }) {
+                            crate::stats::NodeStats::inc(&ctx.stats.checksum_mismatches);
+                        }
+                        self.session.on_piece(Err(http_status_of(&e)))
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Moves bytes between the session, the store and `port` until the port would
+    /// block, the work runs out or the step bound is hit.
+    pub fn drive<P: super::port::NetPort>(
+        &mut self,
+        port: &mut P,
+        conn: super::port::ConnId,
+        ctx: &mut super::ops::Ctx<'_>,
+        ring: &KeyRing,
+        now_unix_s: u64,
+        now: Instant,
+    ) -> super::session::Drive {
+        use super::session::Drive;
+        for _ in 0..STEPS_MAX {
+            let mut progress = false;
+            let mut iov = [io::IoSlice::new(&[]); IOV_MAX];
+            let k = self.session.pending_slices(&mut iov);
+            if k > 0 {
+                match port.send_vectored(conn, &iov[..k]) {
+                    Ok(0) => return Drive::Close,
+                    Ok(n) => {
+                        crate::stats::NodeStats::add(&ctx.stats.bytes_out, n as u64);
+                        self.session.output_sent(now, n);
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Drive::Close,
+                }
+            }
+            self.serve_needs(ctx, conn.0);
+            if self.session.wants_input() {
+                let mut consumed = 0;
+                let session = &mut self.session;
+                match port.recv(conn, |buf| {
+                    consumed = session.on_recv(now, now_unix_s, ring, buf);
+                    consumed
+                }) {
+                    Ok(got) => {
+                        crate::stats::NodeStats::add(&ctx.stats.bytes_in, got.arrived as u64);
+                        self.session.on_arrived(now, got.arrived);
+                        if got.peer_closed {
+                            self.session.on_peer_closed();
+                            // Let the session see the end with nothing more to parse.
+                            let _ = port
+                                .recv(conn, |buf| self.session.on_recv(now, now_unix_s, ring, buf));
+                        }
+                        progress |= got.arrived > 0 || consumed > 0;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Drive::Close,
+                }
+                self.serve_needs(ctx, conn.0);
+            }
+            self.give_back(ctx);
+            if self.session.finished() {
+                return Drive::Close;
+            }
+            if !progress {
+                return Drive::Idle;
+            }
+        }
+        Drive::More
     }
 }
 

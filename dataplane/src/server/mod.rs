@@ -131,6 +131,11 @@ pub struct Server<P: NetPort = KernelPort> {
     port: P,
     cluster: Cluster,
     sessions: Sessions,
+    /// HTTP connections (signed URLs), when the node serves them; they share the
+    /// port's connection ids (and so the store's `user` values) with `sessions`.
+    http: HashMap<ConnId, http::HttpConn, BuildHasherDefault<DefaultHasher>>,
+    /// The last HTTP accept pass stopped before the queue was empty.
+    http_accept_more: bool,
     /// Buffers for at most `connections_max` sessions, reused as sessions close.
     bufs: session::BufPool,
     store: Shards,
@@ -205,6 +210,23 @@ impl Server<KernelPort> {
         let port = KernelPort::on(&opts, listener, stats)?;
         Server::with_port(port, cfg, store, end)
     }
+
+    /// Also serves signed URLs over HTTP on `listener` (one of a group bound with
+    /// [`accept::bind_group`]). Needs a cluster key ([`ServerConfig::auth`]).
+    pub fn serve_http(&mut self, listener: (mio::net::TcpListener, u32)) -> io::Result<()> {
+        if self.cfg.auth.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "signed URLs over HTTP need a cluster key",
+            ));
+        }
+        self.port.serve_http(listener.0)
+    }
+
+    /// The HTTP listener's address, if the node serves HTTP.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.port.http_addr()
+    }
 }
 
 impl<P: NetPort> Server<P> {
@@ -239,6 +261,8 @@ impl<P: NetPort> Server<P> {
             port,
             cluster: Cluster::new(cfg.multicast_group),
             sessions: Sessions::default(),
+            http: HashMap::default(),
+            http_accept_more: false,
             bufs: session::BufPool::new(cfg.connections_max),
             store,
             end,
@@ -309,7 +333,12 @@ impl<P: NetPort> Server<P> {
     /// Closes every session and checkpoints the store; returns it.
     pub fn shut_down(mut self) -> Shards {
         tracing::info!(sessions = self.sessions.len(), "dataplane stopping");
-        let conns: Vec<ConnId> = self.sessions.keys().copied().collect();
+        let conns: Vec<ConnId> = self
+            .sessions
+            .keys()
+            .chain(self.http.keys())
+            .copied()
+            .collect();
         for c in conns {
             self.close(c);
         }
@@ -328,7 +357,7 @@ impl<P: NetPort> Server<P> {
         // With device operations in flight the loop polls without sleeping, unless
         // every one of them will wake it through its disk's completion descriptor
         // (io_uring's eventfd, registered with the port).
-        let waiting = self.t.more.is_empty() && !self.t.datagrams_more;
+        let waiting = self.t.more.is_empty() && !self.t.datagrams_more && !self.http_accept_more;
         let timeout =
             if waiting && self.store.can_sleep() && self.store.mesh().is_none_or(|m| m.may_sleep())
             {
@@ -373,6 +402,16 @@ impl<P: NetPort> Server<P> {
                 continue;
             }
             let conn = ConnId(ev.user());
+            if let Some(h) = self.http.get_mut(&conn) {
+                let mut ctx = Ctx {
+                    store: &mut self.store,
+                    stats: &self.stats,
+                    id: &self.id,
+                };
+                h.on_store_event(&mut ctx, ev);
+                drive.push(conn);
+                continue;
+            }
             match self.sessions.get_mut(&conn) {
                 Some(session) => {
                     let mut ctx = Ctx {
@@ -406,6 +445,7 @@ impl<P: NetPort> Server<P> {
                     accepted = true;
                     self.accept(now);
                 }
+                Ready::HttpListener => self.http_accept_more = true,
                 Ready::Datagrams => datagrams = true,
                 Ready::Conn(c) => drive.push(c),
             }
@@ -424,6 +464,9 @@ impl<P: NetPort> Server<P> {
         }
         if !accepted && self.port.accept_due().is_some_and(|at| at <= now) {
             self.accept(now);
+        }
+        if std::mem::take(&mut self.http_accept_more) {
+            self.accept_http(now);
         }
         self.t.more.sort_unstable();
         self.t.more.dedup();
@@ -507,6 +550,26 @@ impl<P: NetPort> Server<P> {
         self.port.accept(&mut accepted);
         for (conn, peer) in accepted.drain(..) {
             self.admit(conn, peer, now);
+        }
+        self.t.accepted = accepted;
+    }
+
+    /// Takes new HTTP connections; beyond the connection bound (DOSP and HTTP
+    /// together) a newcomer is closed at once.
+    fn accept_http(&mut self, now: Instant) {
+        let mut accepted = std::mem::take(&mut self.t.accepted);
+        self.http_accept_more = self.port.accept_http(&mut accepted);
+        for (conn, peer) in accepted.drain(..) {
+            if self.sessions.len() + self.http.len() >= self.cfg.connections_max {
+                NodeStats::inc(&self.stats.connections_refused);
+                tracing::debug!(%peer, "refusing an HTTP connection: the table is full");
+                self.port.close(conn);
+                continue;
+            }
+            NodeStats::inc(&self.stats.connections);
+            NodeStats::inc(&self.stats.connections_total);
+            self.http.insert(conn, http::HttpConn::new(peer, now));
+            self.drive(conn, now);
         }
         self.t.accepted = accepted;
     }
@@ -686,7 +749,12 @@ impl<P: NetPort> Server<P> {
             .iter_mut()
             .filter_map(|(c, s)| Some((*c, s.peer, s.timed_out(now, &deadlines)?)))
             .collect();
-        for (t, peer, why) in stale {
+        let stale_http: Vec<_> = self
+            .http
+            .iter_mut()
+            .filter_map(|(c, h)| Some((*c, h.peer, h.timed_out(now, &deadlines)?)))
+            .collect();
+        for (t, peer, why) in stale.into_iter().chain(stale_http) {
             tracing::info!(%peer, "closing a connection: {}", why.reason());
             NodeStats::inc(&self.stats.sessions_timed_out);
             self.close(t);
@@ -694,6 +762,23 @@ impl<P: NetPort> Server<P> {
     }
 
     fn drive(&mut self, conn: ConnId, now: Instant) {
+        if let Some(h) = self.http.get_mut(&conn) {
+            let Some(auth) = self.cfg.auth.as_ref() else {
+                return self.close(conn);
+            };
+            let mut ctx = Ctx {
+                store: &mut self.store,
+                stats: &self.stats,
+                id: &self.id,
+            };
+            let now_unix_s = auth.now_unix_s();
+            match h.drive(&mut self.port, conn, &mut ctx, auth.ring(), now_unix_s, now) {
+                Drive::Idle => {}
+                Drive::More => self.t.more.push(conn),
+                Drive::Close => self.close(conn),
+            }
+            return;
+        }
         let Some(session) = self.sessions.get_mut(&conn) else {
             return;
         };
@@ -710,6 +795,18 @@ impl<P: NetPort> Server<P> {
     }
 
     fn close(&mut self, conn: ConnId) {
+        if let Some(mut h) = self.http.remove(&conn) {
+            let mut ctx = Ctx {
+                store: &mut self.store,
+                stats: &self.stats,
+                id: &self.id,
+            };
+            h.close(&mut ctx);
+            self.port.close(conn);
+            NodeStats::dec(&self.stats.connections);
+            tracing::debug!(peer = %h.peer, "HTTP connection closed");
+            return;
+        }
         if let Some(mut session) = self.sessions.remove(&conn) {
             let mut ctx = Ctx {
                 store: &mut self.store,

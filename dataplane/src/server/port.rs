@@ -68,6 +68,8 @@ pub enum Ready {
     Datagrams,
     /// A descriptor registered with [`NetPort::register_wakeup`] under this key fired.
     Wakeup(usize),
+    /// New HTTP connections may be waiting: call [`NetPort::accept_http`].
+    HttpListener,
 }
 
 /// What a call to [`NetPort::recv`] saw.
@@ -128,6 +130,15 @@ pub trait NetPort {
     /// When [`NetPort::accept`] must be called again without waiting for
     /// [`Ready::Listener`] (the last pass stopped before the queue was empty).
     fn accept_due(&self) -> Option<Instant>;
+
+    /// Takes up to a bounded burst of new connections from the HTTP listener (signed
+    /// URLs, `server/http.rs`), as [`NetPort::accept`] does for DOSP; returns whether
+    /// it stopped before the queue was empty (call again next turn). A port without
+    /// an HTTP listener (the default; the DPDK and simulated ports) takes none.
+    fn accept_http(&mut self, new: &mut Vec<(ConnId, SocketAddr)>) -> bool {
+        let _ = new;
+        false
+    }
 
     /// Lends the bytes received on `conn` and not yet consumed to `f`, which returns
     /// how many it consumed from the front (at most the slice's length). The rest stay
@@ -237,6 +248,7 @@ const _: () = assert!(RBUF_BYTES >= dosp::wire::Header::SIZE + dosp::wire::BODY_
 const LISTENER: Token = Token(0);
 const UDP_UNICAST: Token = Token(1);
 const UDP_MULTICAST: Token = Token(2);
+const HTTP_LISTENER: Token = Token(3);
 /// Connection tokens count up from here (and are their [`ConnId`]s).
 const FIRST_CONN: u64 = 16;
 /// Tokens of wakeup descriptors: `WAKEUP_BASE + key`, far above any connection's.
@@ -286,10 +298,28 @@ pub struct KernelPort {
     /// Receive buffers that may still be made.
     rbufs_unmade: usize,
     udp: Udp,
+    /// The HTTP listener (signed URLs), when the node serves them.
+    http: Option<TcpListener>,
     stats: Arc<NodeStats>,
 }
 
 impl KernelPort {
+    /// Also accepts HTTP connections on `listener` (one of a group bound with
+    /// [`accept::bind_group`]); they share the connection table and receive buffers.
+    /// The HTTP listener's address, if there is one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn serve_http(&mut self, mut listener: TcpListener) -> io::Result<()> {
+        self.poll
+            .registry()
+            .register(&mut listener, HTTP_LISTENER, Interest::READABLE)?;
+        tracing::info!(local = %listener.local_addr()?, "HTTP listener bound (signed URLs)");
+        self.http = Some(listener);
+        Ok(())
+    }
+
     /// Binds the listener (and the UDP sockets the options ask for). Errors here are
     /// start-up errors (address in use, …).
     pub fn bind(opts: &KernelPortOptions, stats: Arc<NodeStats>) -> io::Result<KernelPort> {
@@ -349,6 +379,7 @@ impl KernelPort {
             rbufs: Vec::new(),
             rbufs_unmade: opts.connections_max,
             udp,
+            http: None,
             stats,
         })
     }
@@ -421,6 +452,7 @@ impl NetPort for KernelPort {
             ready.push(match ev.token() {
                 Token(t) if t >= WAKEUP_BASE => Ready::Wakeup(t - WAKEUP_BASE),
                 LISTENER => Ready::Listener,
+                HTTP_LISTENER => Ready::HttpListener,
                 UDP_UNICAST | UDP_MULTICAST => Ready::Datagrams,
                 Token(t) => Ready::Conn(ConnId(t as u64)),
             });
@@ -503,6 +535,27 @@ impl NetPort for KernelPort {
 
     fn accept_due(&self) -> Option<Instant> {
         self.accept_at
+    }
+
+    /// One accept pass on the HTTP listener. Simpler than the DOSP listener's: out of
+    /// descriptors, connections stay queued (no BUSY reply exists in HTTP before a
+    /// request) and the loop tries again next turn.
+    fn accept_http(&mut self, new: &mut Vec<(ConnId, SocketAddr)>) -> bool {
+        for _ in 0..ACCEPT_BURST {
+            let Some(listener) = self.http.as_ref() else {
+                return false;
+            };
+            match accept::next(listener) {
+                Step::Connection(stream, peer) => self.admit(stream, peer, new),
+                Step::Empty => return false,
+                Step::Failed(e) => {
+                    NodeStats::inc(&self.stats.accept_failures);
+                    tracing::debug!(error = %e, "HTTP accept failed");
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     fn recv<F: FnOnce(&[u8]) -> usize>(&mut self, conn: ConnId, f: F) -> io::Result<Received> {

@@ -54,6 +54,8 @@ pub struct Node {
     pub child: Child,
     pub addr: SocketAddr,
     pub mgmt: SocketAddr,
+    /// Where signed URLs are served, when the node was started with --http-listen.
+    pub http: Option<SocketAddr>,
     pub node_id: String,
     pub data_dir: PathBuf,
     pub group: String,
@@ -129,6 +131,10 @@ impl Node {
         let addr: SocketAddr = field("dosp=").parse().expect("dosp address");
         let mgmt: SocketAddr = field("mgmt=").parse().expect("mgmt address");
         let node_id = field("node=");
+        let http = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("http="))
+            .map(|a| a.parse().expect("http address"));
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut sink = String::new();
@@ -140,6 +146,7 @@ impl Node {
             child,
             addr,
             mgmt,
+            http,
             node_id,
             data_dir: data_dir.to_path_buf(),
             group: group.to_string(),

@@ -1,0 +1,340 @@
+//! Signed URLs over HTTP against a real keyed node (issue 12 part 3, dosp/HTTP.md):
+//! `curl` fetches whole objects, ranges and heads of URLs made by `dosp url`, several
+//! requests on one connection, a browser-style request with a file name, refusals
+//! (expired, tampered, wrong object, 416), each body checked with `md5sum`, and the
+//! responses counted in /metrics.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{data, dosp_bin, md5sum, stdout, unique_group, Node};
+use dosp::auth::{srl_path, KeyRing};
+use dosp::signed::now_ms;
+use dosp::Fingerprint;
+
+const KEY: &str = "k1 0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+
+fn key_file(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("keys");
+    std::fs::write(&path, format!("{KEY}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// Stores `bytes` with the keyed CLI; returns the fingerprint (by `md5sum`).
+fn store(node: &Node, keys: &Path, dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    let out = node.dosp(&[
+        "--key-file",
+        keys.to_str().unwrap(),
+        "store",
+        path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    md5sum(&path)
+}
+
+fn url(node: &Node, keys: &Path, md5: &str, extra: &[&str]) -> String {
+    let base = format!("http://{}", node.http.expect("node serves HTTP"));
+    let mut args = vec![
+        "--key-file",
+        keys.to_str().unwrap(),
+        "url",
+        md5,
+        "--ttl",
+        "60",
+        "--base",
+        &base,
+    ];
+    args.extend_from_slice(extra);
+    let out = Command::new(dosp_bin()).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    stdout(&out)
+}
+
+/// Runs curl; returns (status code, body file's md5, response headers).
+fn curl(dir: &Path, args: &[&str]) -> (u16, String, String) {
+    let body = dir.join("body");
+    let heads = dir.join("heads");
+    let _ = std::fs::remove_file(&body);
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "20", "-o"])
+        .arg(&body)
+        .arg("-D")
+        .arg(&heads)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    let code = stdout(&out).parse().unwrap_or(0);
+    if !body.exists() {
+        std::fs::write(&body, b"").unwrap();
+    }
+    let md5 = md5sum(&body);
+    (
+        code,
+        md5,
+        std::fs::read_to_string(&heads).unwrap_or_default(),
+    )
+}
+
+fn header(heads: &str, name: &str) -> Option<String> {
+    heads.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+    })
+}
+
+fn md5_of(dir: &Path, bytes: &[u8]) -> String {
+    let p = dir.join("expected");
+    std::fs::write(&p, bytes).unwrap();
+    md5sum(&p)
+}
+
+fn http_count(node: &Node, status: u16) -> u64 {
+    let mut s = TcpStream::connect(node.mgmt).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let key = format!("dosd_http_requests_total{{status=\"{status}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .unwrap_or_else(|| panic!("no {key} in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn signed_urls_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path());
+    let node = Node::start(
+        &dir.path().join("node"),
+        &unique_group(),
+        &[
+            "--cluster-key-file",
+            keys.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let big = data(1, 3 * 1024 * 1024 + 17);
+    let small = data(2, 4096);
+    let big_md5 = store(&node, &keys, dir.path(), "big", &big);
+    let small_md5 = store(&node, &keys, dir.path(), "small", &small);
+    let big_url = url(&node, &keys, &big_md5, &["--name", "holiday photo.jpg"]);
+    let small_url = url(&node, &keys, &small_md5, &[]);
+
+    // Whole objects, checked by an independent MD5, with their headers.
+    let (code, got, heads) = curl(dir.path(), &[&big_url]);
+    assert_eq!((code, got.as_str()), (200, big_md5.as_str()), "{heads}");
+    assert_eq!(header(&heads, "etag").unwrap(), format!("\"{big_md5}\""));
+    assert_eq!(
+        header(&heads, "content-length").unwrap(),
+        big.len().to_string()
+    );
+    assert!(header(&heads, "content-md5").is_some());
+    assert_eq!(header(&heads, "accept-ranges").unwrap(), "bytes");
+    assert_eq!(
+        header(&heads, "content-disposition").unwrap(),
+        "inline; filename=\"holiday photo.jpg\""
+    );
+
+    // Ranges: a-b, a-, -n; unsatisfiable.
+    for (range, part) in [
+        ("1000-1999999", &big[1000..2_000_000]),
+        ("3145000-", &big[3_145_000..]),
+        ("-100", &big[big.len() - 100..]),
+    ] {
+        let (code, got, heads) = curl(dir.path(), &["-r", range, &big_url]);
+        assert_eq!(code, 206, "{range}: {heads}");
+        assert_eq!(got, md5_of(dir.path(), part), "{range}");
+        assert!(header(&heads, "content-range").is_some());
+    }
+    let (code, _, heads) = curl(dir.path(), &["-r", "99999999-", &big_url]);
+    assert_eq!(code, 416);
+    assert_eq!(
+        header(&heads, "content-range").unwrap(),
+        format!("bytes */{}", big.len())
+    );
+
+    // HEAD: the headers, no body.
+    // (`curl -I` writes the head where the body would go: no object bytes follow it.)
+    let (code, _, heads) = curl(dir.path(), &["-I", &small_url]);
+    assert_eq!(code, 200);
+    let written = std::fs::read(dir.path().join("body")).unwrap();
+    assert!(written.ends_with(b"\r\n\r\n"), "{heads}");
+    assert_eq!(header(&heads, "content-length").unwrap(), "4096");
+
+    // Keep-alive: three requests on one connection (curl reuses it and says so).
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-v",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-o", "/dev/null", &small_url, &big_url, &small_url])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(log.matches("< HTTP/1.1 200").count(), 3, "{log}");
+    assert!(log.contains("Re-using existing connection"), "{log}");
+
+    // Raw: two pipelined requests, then one with Connection: close.
+    let path = small_url
+        .split_once(&node.http.unwrap().to_string())
+        .unwrap()
+        .1;
+    let mut s = TcpStream::connect(node.http.unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n\
+         HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n\
+         GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 3, "{text}");
+    assert!(
+        raw.ends_with(&small),
+        "the last response carries the object"
+    );
+
+    // A browser-style request.
+    let (code, got, _) = curl(
+        dir.path(),
+        &[
+            "-H",
+            "User-Agent: Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0",
+            "-H",
+            "Accept: text/html,application/xhtml+xml,*/*;q=0.8",
+            "-H",
+            "Accept-Encoding: gzip, deflate, br",
+            "-H",
+            "Accept-Language: en-GB,en;q=0.5",
+            &big_url,
+        ],
+    );
+    assert_eq!((code, got), (200, big_md5.clone()));
+
+    // Refusals: 403 expired, tampered, wrong object; 404 a missing object.
+    let ring = KeyRing::parse(KEY).unwrap();
+    let fp: Fingerprint = small_md5.parse().unwrap();
+    let base = format!("http://{}", node.http.unwrap());
+    let expired = format!("{base}{}", srl_path(&ring, &fp, now_ms() / 1000 - 1, None));
+    let (prefix, rest) = big_url.rsplit_once('/').unwrap();
+    let (head, sig) = prefix.rsplit_once('/').unwrap();
+    let mut bad_sig = sig.as_bytes().to_vec();
+    bad_sig[5] = if bad_sig[5] == b'A' { b'B' } else { b'A' };
+    let tampered = format!("{head}/{}/{rest}", String::from_utf8(bad_sig).unwrap());
+    let (_, small_req) = small_url
+        .rsplit_once('/')
+        .unwrap()
+        .0
+        .rsplit_once('/')
+        .unwrap()
+        .0
+        .rsplit_once('/')
+        .unwrap();
+    let wrong_object = format!("{base}/{small_req}/{sig}/{rest}");
+    let before = http_count(&node, 403);
+    for (what, u, reason) in [
+        ("expired", &expired, "expired"),
+        ("tampered", &tampered, "bad signature"),
+        ("wrong object", &wrong_object, "bad signature"),
+    ] {
+        let body = dir.path().join("body");
+        let (code, _, _) = curl(dir.path(), &[u]);
+        assert_eq!(code, 403, "{what}");
+        assert_eq!(
+            std::fs::read_to_string(body).unwrap().trim(),
+            reason,
+            "{what}"
+        );
+    }
+    assert_eq!(http_count(&node, 403), before + 3);
+    let missing: Fingerprint = md5_of(dir.path(), b"never stored").parse().unwrap();
+    let missing = format!(
+        "{base}{}",
+        srl_path(&ring, &missing, now_ms() / 1000 + 60, None)
+    );
+    assert_eq!(curl(dir.path(), &[&missing]).0, 404);
+    assert_eq!(curl(dir.path(), &["-X", "POST", &small_url]).0, 405);
+
+    // Every response so far counted.
+    assert!(http_count(&node, 200) >= 8);
+    assert_eq!(http_count(&node, 206), 4);
+    assert_eq!(http_count(&node, 416), 1);
+    assert_eq!(http_count(&node, 404), 1);
+    assert_eq!(http_count(&node, 405), 1);
+}
+
+#[test]
+fn http_needs_a_cluster_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(common::dosd_bin())
+        .arg("--data-dir")
+        .arg(dir.path().join("node"))
+        .args(["--listen", "127.0.0.1:0", "--mgmt-listen", "127.0.0.1:0"])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cluster_key_file"), "{err}");
+}
+
+#[test]
+fn a_slow_client_times_out_without_holding_the_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path());
+    let node = Node::start(
+        &dir.path().join("node"),
+        &unique_group(),
+        &[
+            "--cluster-key-file",
+            keys.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+            "--header-timeout-ms",
+            "300",
+        ],
+    );
+    let md5 = store(&node, &keys, dir.path(), "obj", &data(3, 1000));
+    let u = url(&node, &keys, &md5, &[]);
+    // A head that never ends.
+    let mut slow = TcpStream::connect(node.http.unwrap()).unwrap();
+    slow.write_all(b"GET /abc HTTP/1.1\r\nHost: x\r\n").unwrap();
+    // Others are served meanwhile.
+    let (code, got, _) = curl(dir.path(), &[&u]);
+    assert_eq!((code, got), (200, md5));
+    // The slow one is closed once its head is late.
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = slow.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without a response");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -338,3 +338,84 @@ fn a_slow_client_times_out_without_holding_the_loop() {
     assert_eq!(n, 0, "closed without a response");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn signed_urls_across_two_loops() {
+    // Two dataplane loops: connections land on either, objects live in either shard,
+    // so lookups and reads cross loops (and pieces are lent across them).
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path());
+    let node = Node::start(
+        &dir.path().join("node"),
+        &unique_group(),
+        &[
+            "--cluster-key-file",
+            keys.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+            "--dataplane-cores",
+            "2",
+        ],
+    );
+    let objects: Vec<(String, Vec<u8>)> = (0..8u64)
+        .map(|i| {
+            let bytes = data(10 + i, (i as usize) * 150_000 + 5);
+            let md5 = store(&node, &keys, dir.path(), &format!("o{i}"), &bytes);
+            (md5, bytes)
+        })
+        .collect();
+    for _ in 0..3 {
+        for (md5, bytes) in &objects {
+            let u = url(&node, &keys, md5, &[]);
+            let (code, got, _) = curl(dir.path(), &[&u]);
+            assert_eq!((code, got.as_str()), (200, md5.as_str()));
+            if bytes.len() > 300_000 {
+                let (code, got, _) = curl(dir.path(), &["-r", "262100-300000", &u]);
+                assert_eq!(code, 206);
+                assert_eq!(got, md5_of(dir.path(), &bytes[262_100..300_001]));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_reader_too_slow_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path());
+    let node = Node::start(
+        &dir.path().join("node"),
+        &unique_group(),
+        &[
+            "--cluster-key-file",
+            keys.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+            "--transfer-rate-min",
+            "1M",
+            "--request-timeout-ms",
+            "500",
+        ],
+    );
+    // Larger than what loopback's socket buffers absorb.
+    let md5 = store(&node, &keys, dir.path(), "big", &data(4, 40 << 20));
+    let u = url(&node, &keys, &md5, &[]);
+    let path = u.split_once(&node.http.unwrap().to_string()).unwrap().1;
+    let mut s = TcpStream::connect(node.http.unwrap()).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // Read nothing for a while: the node must give up on us.
+    std::thread::sleep(Duration::from_secs(4));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(got < 40 << 20, "the whole object arrived: not closed");
+    // Others are still served.
+    let small = store(&node, &keys, dir.path(), "small", &data(5, 1000));
+    let (code, got, _) = curl(dir.path(), &[&url(&node, &keys, &small, &[])]);
+    assert_eq!((code, got), (200, small));
+}

@@ -419,3 +419,56 @@ fn a_reader_too_slow_is_closed() {
     let (code, got, _) = curl(dir.path(), &[&url(&node, &keys, &small, &[])]);
     assert_eq!((code, got), (200, small));
 }
+
+#[test]
+fn a_disk_failing_mid_body_closes_the_connection_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path());
+    let node = Node::start_bare(
+        &dir.path().join("node"),
+        &unique_group(),
+        &[
+            "--disks",
+            "1",
+            "--disk-size",
+            "128M",
+            "--cache-bytes",
+            "0",
+            "--fault-inject-disk",
+            "0",
+            "--cluster-key-file",
+            keys.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let len = 48usize << 20;
+    let md5 = store(&node, &keys, dir.path(), "big", &data(6, len));
+    let u = url(&node, &keys, &md5, &[]);
+    let path = u.split_once(&node.http.unwrap().to_string()).unwrap().1;
+    let mut s = TcpStream::connect(node.http.unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut got = s.read(&mut buf).unwrap();
+    assert!(buf.starts_with(b"HTTP/1.1 200"));
+    // The disk fails while the body streams.
+    let status = Command::new("kill")
+        .args(["-USR1", &node.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("the node must close, not hang: {e}"),
+        }
+    }
+    assert!(got < len, "a short body: {got} bytes");
+    // A new request for it: the first piece fails, a proper status.
+    let (code, _, _) = curl(dir.path(), &[&u]);
+    assert_eq!(code, 503);
+    assert!(http_count(&node, 503) >= 1);
+}

@@ -435,6 +435,12 @@ impl<P: BodyPiece> HttpSession<P> {
         let method = match req.method {
             Some("GET") => Method::Get,
             Some("HEAD") => Method::Head,
+            _ if has_body => {
+                // Its body is not read: what follows cannot be trusted to be a request.
+                self.close_after = true;
+                self.plain(405, "method not allowed\n", &["Allow: GET, HEAD"]);
+                return data.len();
+            }
             _ => {
                 self.plain(405, "method not allowed\n", &["Allow: GET, HEAD"]);
                 return n;

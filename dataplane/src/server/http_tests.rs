@@ -202,6 +202,23 @@ fn refusals() {
     assert_eq!(r[0].0, 405);
     assert_eq!(header(&r[0].1, "allow").unwrap(), "GET, HEAD");
     assert!(finished);
+    // A POST with a body, then a GET: the body is not read, so the connection closes
+    // after the 405 (the body is never taken for a request).
+    let mut input = format!("POST {good} HTTP/1.1\r\nContent-Length: 20\r\n\r\n").into_bytes();
+    input.extend(get(&format!("{good} HTTP/1.1\r\nX"), ""));
+    input.extend(get(&good, ""));
+    let (raw, statuses, finished) = exchange(&[(fp, data.clone())], &input);
+    assert_eq!(statuses, [405]);
+    assert_eq!(
+        header(&responses(&raw, false)[0].1, "connection").unwrap(),
+        "close"
+    );
+    assert!(finished);
+    // Without a body the connection stays open for the next request.
+    let mut input = format!("OPTIONS {good} HTTP/1.1\r\n\r\n").into_bytes();
+    input.extend(get(&good, ""));
+    let (_, statuses, _) = exchange(&[(fp, data.clone())], &input);
+    assert_eq!(statuses, [405, 200]);
 }
 
 #[test]

@@ -28,7 +28,7 @@
 //! most `idle`.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Write as _};
 use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD;
@@ -177,42 +177,93 @@ pub fn split_srl(path: &str) -> Option<(&str, &str, &str)> {
     Some((request, signature, customer))
 }
 
-/// The file name for `Content-Disposition` from a customer URI: its last segment,
-/// percent-decoded, with every byte outside printable ASCII and `"` `\` `/` `;`
-/// replaced by `_`, at most [`FILENAME_MAX`] bytes. `None` when nothing is left.
-pub fn filename_of(customer_uri: &str) -> Option<String> {
-    let last = customer_uri.rsplit('/').next().unwrap_or("");
-    let bytes = last.as_bytes();
-    let mut name = String::new();
-    let mut i = 0;
-    while i < bytes.len() && name.len() < FILENAME_MAX {
-        let mut b = bytes[i];
-        if b == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            if let Some(v) = hex {
-                b = v;
-                i += 2;
-            }
-        }
-        i += 1;
-        let ok = (0x20..0x7f).contains(&b) && !matches!(b, b'"' | b'\\' | b'/' | b';');
-        name.push(if ok { b as char } else { '_' });
-    }
-    let trimmed = name.trim();
-    (!trimmed.is_empty() && trimmed != "." && trimmed != "..").then(|| trimmed.to_owned())
+/// A file name for `Content-Disposition`, held without allocating.
+#[derive(Clone, Copy)]
+pub struct Name {
+    bytes: [u8; FILENAME_MAX],
+    len: usize,
 }
 
-/// The short reason a refused signed URL gets in its 403 body.
-pub fn refusal_reason(e: &TokenError) -> &'static str {
-    match e {
-        TokenError::Expired { .. } => "expired",
-        TokenError::BadSignature => "bad signature",
-        TokenError::UnknownKey(_) => "unknown key",
-        TokenError::Malformed(_) => "malformed signed URL",
+impl Name {
+    /// The name: printable ASCII only, by construction.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
+
+    /// The file name from a customer URI: its last segment, percent-decoded, with
+    /// every byte outside printable ASCII and `"` `\` `/` `;` replaced by `_`, spaces
+    /// trimmed, at most [`FILENAME_MAX`] bytes. `None` when nothing is left, or for
+    /// `.` and `..`.
+    pub fn from_uri(customer_uri: &str) -> Option<Name> {
+        let last = customer_uri.rsplit('/').next().unwrap_or("");
+        let bytes = last.as_bytes();
+        let mut name = Name {
+            bytes: [0; FILENAME_MAX],
+            len: 0,
+        };
+        let mut i = 0;
+        while i < bytes.len() && name.len < FILENAME_MAX {
+            let mut b = bytes[i];
+            if b == b'%' {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                if let Some(v) = hex {
+                    b = v;
+                    i += 2;
+                }
+            }
+            i += 1;
+            let ok = (0x20..0x7f).contains(&b) && !matches!(b, b'"' | b'\\' | b'/' | b';');
+            name.bytes[name.len] = if ok { b } else { b'_' };
+            name.len += 1;
+        }
+        let all = name.as_bytes();
+        let start = all.iter().position(|&b| b != b' ').unwrap_or(all.len());
+        let end = all
+            .iter()
+            .rposition(|&b| b != b' ')
+            .map_or(start, |e| e + 1);
+        let trimmed = &all[start..end];
+        if trimmed.is_empty() || trimmed == b"." || trimmed == b".." {
+            return None;
+        }
+        name.bytes.copy_within(start..end, 0);
+        name.len = end - start;
+        Some(name)
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
+/// [`Name::from_uri`] as a string (tests and tools).
+pub fn filename_of(customer_uri: &str) -> Option<String> {
+    Name::from_uri(customer_uri).map(|n| String::from_utf8_lossy(n.as_bytes()).into_owned())
+}
+
+/// The body of the 403 a refused signed URL gets: a short reason and a newline.
+pub fn refusal_text(e: &TokenError) -> &'static str {
+    match e {
+        TokenError::Expired { .. } => "expired\n",
+        TokenError::BadSignature => "bad signature\n",
+        TokenError::UnknownKey(_) => "unknown key\n",
+        TokenError::Malformed(_) => "malformed signed URL\n",
+    }
+}
+
+/// A header field some plain responses carry.
+#[derive(Debug, Clone, Copy)]
+enum Extra {
+    None,
+    /// `Allow: GET, HEAD` (405).
+    Allow,
+    /// `Content-Range: bytes */LEN` (416).
+    RangeOf(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,11 +293,13 @@ enum Phase {
         fp: Fingerprint,
         method: Method,
         range: Option<RangeSpec>,
-        filename: Option<String>,
+        filename: Option<Name>,
     },
-    /// The object's head waits for its first piece (a 200/206 with a body).
+    /// The object's head waits for its first piece (a 200/206 with a body): it is
+    /// written in the output buffer from `head_at`, and held back (not sent) until
+    /// then.
     First {
-        head: Vec<u8>,
+        head_at: usize,
         status: u16,
         body: Body,
     },
@@ -281,10 +334,17 @@ pub struct HttpSession<P> {
 }
 
 impl<P: BodyPiece> HttpSession<P> {
-    /// A new connection at `now`.
+    /// A new connection at `now`, with its own output buffer.
     pub fn new(now: Instant) -> HttpSession<P> {
+        HttpSession::with_buffer(now, Vec::with_capacity(1024))
+    }
+
+    /// A new connection at `now` writing its heads in `out` (from the loop's pool;
+    /// emptied first), to be given back with [`HttpSession::into_buffer`].
+    pub fn with_buffer(now: Instant, mut out: Vec<u8>) -> HttpSession<P> {
+        out.clear();
         HttpSession {
-            out: Vec::with_capacity(1024),
+            out,
             out_pos: 0,
             lent: VecDeque::new(),
             spent: Vec::new(),
@@ -301,10 +361,19 @@ impl<P: BodyPiece> HttpSession<P> {
         }
     }
 
-    /// Bytes queued and not sent.
+    /// Bytes queued and not sent (a held head is not queued yet).
     pub fn unsent(&self) -> usize {
         let lent: usize = self.lent.iter().map(|(p, s)| p.len() - s).sum();
-        self.out.len() - self.out_pos + lent
+        self.out_end() - self.out_pos + lent
+    }
+
+    /// End of the sendable part of the output buffer: a head waiting for its first
+    /// piece is held back.
+    fn out_end(&self) -> usize {
+        match self.phase {
+            Phase::First { head_at, .. } => head_at,
+            _ => self.out.len(),
+        }
     }
 
     /// Whether the session parses input now: no response in progress or queued.
@@ -438,11 +507,11 @@ impl<P: BodyPiece> HttpSession<P> {
             _ if has_body => {
                 // Its body is not read: what follows cannot be trusted to be a request.
                 self.close_after = true;
-                self.plain(405, "method not allowed\n", &["Allow: GET, HEAD"]);
+                self.plain(405, "method not allowed\n", Extra::Allow);
                 return data.len();
             }
             _ => {
-                self.plain(405, "method not allowed\n", &["Allow: GET, HEAD"]);
+                self.plain(405, "method not allowed\n", Extra::Allow);
                 return n;
             }
         };
@@ -452,7 +521,7 @@ impl<P: BodyPiece> HttpSession<P> {
         }
         let path = req.path.unwrap_or("");
         let Some((request, signature, customer)) = split_srl(path) else {
-            self.plain(404, "not found\n", &[]);
+            self.plain(404, "not found\n", Extra::None);
             return n;
         };
         match ring.check_srl(request.as_bytes(), signature.as_bytes(), now_unix_s) {
@@ -461,16 +530,10 @@ impl<P: BodyPiece> HttpSession<P> {
                     fp,
                     method,
                     range,
-                    filename: filename_of(customer),
+                    filename: Name::from_uri(customer),
                 };
             }
-            Err(e) => {
-                let reason = refusal_reason(&e);
-                let mut body = String::with_capacity(32);
-                body.push_str(reason);
-                body.push('\n');
-                self.plain_method(403, &body, &[], method);
-            }
+            Err(e) => self.plain_method(403, refusal_text(&e), Extra::None, method),
         }
         n
     }
@@ -487,53 +550,58 @@ impl<P: BodyPiece> HttpSession<P> {
             return;
         };
         let Some(len) = found else {
-            return self.plain_method(404, "not found\n", &[], method);
+            return self.plain_method(404, "not found\n", Extra::None, method);
         };
         let (status, start, end) = match range.map(|r| r.resolve(len)) {
             None => (200, 0, len),
             Some(RangeOutcome::Part(start, end)) => (206, start, end),
             Some(RangeOutcome::Unsatisfiable) => {
-                let cr = format!("Content-Range: bytes */{len}");
-                return self.plain_method(416, "range not satisfiable\n", &[&cr], method);
+                return self.plain_method(
+                    416,
+                    "range not satisfiable\n",
+                    Extra::RangeOf(len),
+                    method,
+                );
             }
         };
-        let mut head = Vec::with_capacity(400);
+        // Written in place (no allocation): `io::Write` on a Vec cannot fail.
+        let head_at = self.out.len();
+        let out = &mut self.out;
         let reason = if status == 200 {
             "OK"
         } else {
             "Partial Content"
         };
-        head.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
-        head.extend_from_slice(format!("Content-Length: {}\r\n", end - start).as_bytes());
-        head.extend_from_slice(b"Content-Type: application/octet-stream\r\n");
-        head.extend_from_slice(format!("ETag: \"{fp}\"\r\n").as_bytes());
+        let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+        let _ = write!(out, "Content-Length: {}\r\n", end - start);
+        out.extend_from_slice(b"Content-Type: application/octet-stream\r\n");
+        let _ = write!(out, "ETag: \"{fp}\"\r\n");
         if status == 200 {
-            head.extend_from_slice(
-                format!("Content-MD5: {}\r\n", STANDARD.encode(fp.0)).as_bytes(),
-            );
+            let mut b64 = [0u8; 24];
+            let n = STANDARD.encode_slice(fp.0, &mut b64).unwrap_or(0);
+            out.extend_from_slice(b"Content-MD5: ");
+            out.extend_from_slice(&b64[..n]);
+            out.extend_from_slice(b"\r\n");
         } else {
             let last = end - 1;
-            head.extend_from_slice(
-                format!("Content-Range: bytes {start}-{last}/{len}\r\n").as_bytes(),
-            );
+            let _ = write!(out, "Content-Range: bytes {start}-{last}/{len}\r\n");
         }
-        head.extend_from_slice(b"Accept-Ranges: bytes\r\n");
+        out.extend_from_slice(b"Accept-Ranges: bytes\r\n");
         if let Some(name) = filename {
-            head.extend_from_slice(
-                format!("Content-Disposition: inline; filename=\"{name}\"\r\n").as_bytes(),
-            );
+            out.extend_from_slice(b"Content-Disposition: inline; filename=\"");
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\"\r\n");
         }
         if self.close_after {
-            head.extend_from_slice(b"Connection: close\r\n");
+            out.extend_from_slice(b"Connection: close\r\n");
         }
-        head.extend_from_slice(b"\r\n");
+        out.extend_from_slice(b"\r\n");
         if method == Method::Head || start == end {
             self.statuses.push(status);
-            self.out.extend_from_slice(&head);
             return;
         }
         self.phase = Phase::First {
-            head,
+            head_at,
             status,
             body: Body {
                 fp,
@@ -550,7 +618,11 @@ impl<P: BodyPiece> HttpSession<P> {
     pub fn on_piece(&mut self, result: Result<P, u16>) {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
         let (mut body, first) = match phase {
-            Phase::First { head, status, body } => (body, Some((head, status))),
+            Phase::First {
+                head_at,
+                status,
+                body,
+            } => (body, Some((head_at, status))),
             Phase::Streaming(body) => (body, None),
             other => {
                 self.phase = other;
@@ -570,9 +642,9 @@ impl<P: BodyPiece> HttpSession<P> {
             }
             Err(status) => return self.body_failed(first, status),
         };
-        if let Some((head, status)) = first {
+        if let Some((_, status)) = first {
+            // The held head goes out now, the piece after it.
             self.statuses.push(status);
-            self.out.extend_from_slice(&head);
         }
         body.next += want as u64;
         self.lent.push_back((piece, 0));
@@ -581,35 +653,37 @@ impl<P: BodyPiece> HttpSession<P> {
         }
     }
 
-    fn body_failed(&mut self, first: Option<(Vec<u8>, u16)>, status: u16) {
-        if first.is_some() {
+    fn body_failed(&mut self, first: Option<(usize, u16)>, status: u16) {
+        if let Some((head_at, _)) = first {
+            // The held head is never sent: an error takes its place.
+            self.out.truncate(head_at);
             let text = if status == 503 {
                 "object unavailable\n"
             } else {
                 "object could not be read\n"
             };
-            self.plain(status, text, &[]);
+            self.plain(status, text, Extra::None);
         } else {
             self.broken = true;
         }
     }
 
     /// A plain-text response; for HEAD, without its body.
-    fn plain_method(&mut self, status: u16, text: &str, extra: &[&str], method: Method) {
+    fn plain_method(&mut self, status: u16, text: &str, extra: Extra, method: Method) {
         self.respond(status, text, extra, method == Method::Get);
     }
 
-    fn plain(&mut self, status: u16, text: &str, extra: &[&str]) {
+    fn plain(&mut self, status: u16, text: &str, extra: Extra) {
         self.respond(status, text, extra, true);
     }
 
     /// A plain-text error, then close (the input cannot be trusted to be in step).
     fn error_close(&mut self, status: u16, text: &str) {
         self.close_after = true;
-        self.respond(status, text, &[], true);
+        self.respond(status, text, Extra::None, true);
     }
 
-    fn respond(&mut self, status: u16, text: &str, extra: &[&str], with_body: bool) {
+    fn respond(&mut self, status: u16, text: &str, extra: Extra, with_body: bool) {
         let reason = match status {
             400 => "Bad Request",
             403 => "Forbidden",
@@ -622,12 +696,15 @@ impl<P: BodyPiece> HttpSession<P> {
         };
         self.statuses.push(status);
         let out = &mut self.out;
-        out.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+        let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
         out.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n");
-        out.extend_from_slice(format!("Content-Length: {}\r\n", text.len()).as_bytes());
-        for field in extra {
-            out.extend_from_slice(field.as_bytes());
-            out.extend_from_slice(b"\r\n");
+        let _ = write!(out, "Content-Length: {}\r\n", text.len());
+        match extra {
+            Extra::None => {}
+            Extra::Allow => out.extend_from_slice(b"Allow: GET, HEAD\r\n"),
+            Extra::RangeOf(len) => {
+                let _ = write!(out, "Content-Range: bytes */{len}\r\n");
+            }
         }
         if self.close_after {
             out.extend_from_slice(b"Connection: close\r\n");
@@ -652,7 +729,7 @@ impl<P: BodyPiece> HttpSession<P> {
             }
             k < iov.len()
         };
-        if !push(&self.out[self.out_pos..]) {
+        if !push(&self.out[self.out_pos..self.out_end()]) {
             return k;
         }
         for (piece, sent) in &self.lent {
@@ -674,7 +751,7 @@ impl<P: BodyPiece> HttpSession<P> {
     /// The port took the first `n` bytes of [`HttpSession::pending_slices`].
     pub fn output_sent(&mut self, now: Instant, n: usize) {
         let mut left = n;
-        let head = (self.out.len() - self.out_pos).min(left);
+        let head = (self.out_end() - self.out_pos).min(left);
         self.out_pos += head;
         left -= head;
         if self.out_pos == self.out.len() {
@@ -706,6 +783,11 @@ impl<P: BodyPiece> HttpSession<P> {
             self.last_io = now;
             self.moved += n as u64;
         }
+    }
+
+    /// The output buffer, for the pool (after [`HttpSession::close`]).
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.out
     }
 
     /// Gives back every piece held (the connection is closing).
@@ -789,10 +871,15 @@ fn http_status_of(e: &crate::store::StoreError) -> u16 {
 }
 
 impl HttpConn {
-    pub fn new(peer: std::net::SocketAddr, now: Instant) -> HttpConn {
+    /// A connection writing its heads in a buffer from the loop's pool.
+    pub fn new(
+        peer: std::net::SocketAddr,
+        now: Instant,
+        bufs: super::session::SessionBufs,
+    ) -> HttpConn {
         HttpConn {
             peer,
-            session: HttpSession::new(now),
+            session: HttpSession::with_buffer(now, bufs.into_out()),
             holder: 0,
             inflight: None,
             looking_up: false,
@@ -809,6 +896,11 @@ impl HttpConn {
     pub fn close(&mut self, ctx: &mut super::ops::Ctx<'_>) {
         self.session.close();
         self.give_back(ctx);
+    }
+
+    /// The pooled buffer, once closed.
+    pub fn into_bufs(self) -> super::session::SessionBufs {
+        super::session::SessionBufs::from_out(self.session.into_buffer())
     }
 
     fn give_back(&mut self, ctx: &mut super::ops::Ctx<'_>) {

@@ -566,9 +566,15 @@ impl<P: NetPort> Server<P> {
                 self.port.close(conn);
                 continue;
             }
+            // Below the bound the pool always has a buffer (see `admit`).
+            let Some(bufs) = self.bufs.take() else {
+                NodeStats::inc(&self.stats.connections_refused);
+                self.port.close(conn);
+                continue;
+            };
             NodeStats::inc(&self.stats.connections);
             NodeStats::inc(&self.stats.connections_total);
-            self.http.insert(conn, http::HttpConn::new(peer, now));
+            self.http.insert(conn, http::HttpConn::new(peer, now, bufs));
             self.drive(conn, now);
         }
         self.t.accepted = accepted;
@@ -805,6 +811,7 @@ impl<P: NetPort> Server<P> {
             self.port.close(conn);
             NodeStats::dec(&self.stats.connections);
             tracing::debug!(peer = %h.peer, "HTTP connection closed");
+            self.bufs.give(h.into_bufs());
             return;
         }
         if let Some(mut session) = self.sessions.remove(&conn) {

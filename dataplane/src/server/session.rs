@@ -121,6 +121,18 @@ pub struct SessionBufs {
     out: Vec<u8>,
 }
 
+impl SessionBufs {
+    /// The buffer, for an HTTP connection (`http.rs`), which shares the pool.
+    pub(crate) fn into_out(self) -> Vec<u8> {
+        self.out
+    }
+
+    /// A buffer an HTTP connection gives back.
+    pub(crate) fn from_out(out: Vec<u8>) -> SessionBufs {
+        SessionBufs { out }
+    }
+}
+
 /// Output buffer capacity: the high mark, a stream piece and a reply.
 pub const OUT_BYTES: usize = OUT_HIGH + PIECE_BYTES + 1024;
 

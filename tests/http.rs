@@ -179,6 +179,12 @@ fn signed_urls_over_http() {
     assert!(written.ends_with(b"\r\n\r\n"), "{heads}");
     assert_eq!(header(&heads, "content-length").unwrap(), "4096");
 
+    // A cache revalidating: the ETag still matches, 304 without a body.
+    let inm = format!("If-None-Match: \"{small_md5}\"");
+    let (code, _, heads) = curl(dir.path(), &["-H", &inm, &small_url]);
+    assert_eq!(code, 304, "{heads}");
+    assert_eq!(http_count(&node, 304), 1);
+
     // Keep-alive: three requests on one connection (curl reuses it and says so).
     let out = Command::new("curl")
         .args([

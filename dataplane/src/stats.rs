@@ -234,7 +234,7 @@ pub struct NodeStats {
 
 /// Every status an HTTP session answers with, in the order of
 /// [`NodeStats::http_responses`] (the `status` label of `dosd_http_requests_total`).
-pub const HTTP_STATUSES: [u16; 10] = [200, 206, 400, 403, 404, 405, 416, 431, 500, 503];
+pub const HTTP_STATUSES: [u16; 11] = [200, 206, 304, 400, 403, 404, 405, 416, 431, 500, 503];
 
 impl NodeStats {
     pub fn inc(counter: &AtomicU64) {

@@ -256,6 +256,26 @@ pub fn refusal_text(e: &TokenError) -> &'static str {
     }
 }
 
+/// Whether an `If-None-Match` value (`*`, or a list of entity tags, weak ones
+/// compared weakly as RFC 9110 §13.1.2 says) names the object's ETag, `"<md5 hex>"`.
+pub fn etag_matches(value: &[u8], fp: &Fingerprint) -> bool {
+    let mut hex = [0u8; 32];
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in fp.0.iter().enumerate() {
+        hex[2 * i] = DIGITS[usize::from(b >> 4)];
+        hex[2 * i + 1] = DIGITS[usize::from(b & 15)];
+    }
+    value.split(|&b| b == b',').any(|tag| {
+        let tag = tag.trim_ascii();
+        let tag = tag.strip_prefix(b"W/").unwrap_or(tag);
+        tag == b"*"
+            || tag
+                .strip_prefix(b"\"")
+                .and_then(|t| t.strip_suffix(b"\""))
+                .is_some_and(|t| t.eq_ignore_ascii_case(&hex))
+    })
+}
+
 /// A header field some plain responses carry.
 #[derive(Debug, Clone, Copy)]
 enum Extra {
@@ -294,6 +314,8 @@ enum Phase {
         method: Method,
         range: Option<RangeSpec>,
         filename: Option<Name>,
+        /// `If-None-Match` names this object's ETag (or `*`): 304 if it is here.
+        not_modified: bool,
     },
     /// The object's head waits for its first piece (a 200/206 with a body): it is
     /// written in the output buffer from `head_at`, and held back (not sent) until
@@ -526,11 +548,17 @@ impl<P: BodyPiece> HttpSession<P> {
         };
         match ring.check_srl(request.as_bytes(), signature.as_bytes(), now_unix_s) {
             Ok(fp) => {
+                let not_modified = req
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("if-none-match"))
+                    .any(|h| etag_matches(h.value, &fp));
                 self.phase = Phase::Lookup {
                     fp,
                     method,
                     range,
                     filename: Name::from_uri(customer),
+                    not_modified,
                 };
             }
             Err(e) => self.plain_method(403, refusal_text(&e), Extra::None, method),
@@ -545,6 +573,7 @@ impl<P: BodyPiece> HttpSession<P> {
             method,
             range,
             filename,
+            not_modified,
         } = std::mem::replace(&mut self.phase, Phase::Idle)
         else {
             return;
@@ -552,6 +581,19 @@ impl<P: BodyPiece> HttpSession<P> {
         let Some(len) = found else {
             return self.plain_method(404, "not found\n", Extra::None, method);
         };
+        if not_modified {
+            // RFC 9110 §13.2.2: If-None-Match is evaluated before Range.
+            self.statuses.push(304);
+            let out = &mut self.out;
+            out.extend_from_slice(b"HTTP/1.1 304 Not Modified\r\n");
+            let _ = write!(out, "ETag: \"{fp}\"\r\n");
+            out.extend_from_slice(b"Accept-Ranges: bytes\r\n");
+            if self.close_after {
+                out.extend_from_slice(b"Connection: close\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+            return;
+        }
         let (status, start, end) = match range.map(|r| r.resolve(len)) {
             None => (200, 0, len),
             Some(RangeOutcome::Part(start, end)) => (206, start, end),

@@ -393,3 +393,29 @@ fn file_names_are_sanitised() {
     }
     assert_eq!(filename_of(&"x".repeat(1000)).unwrap().len(), FILENAME_MAX);
 }
+
+#[test]
+fn if_none_match_gets_304_before_range() {
+    let (fp, data) = object(1000);
+    let path = srl_path(&ring(), &fp, NOW + 60, None);
+    let tag = format!("\"{fp}\"");
+    let mut input = get(
+        &path,
+        &format!("If-None-Match: {tag}\r\nRange: bytes=0-1\r\n"),
+    );
+    input.extend(get(&path, "If-None-Match: \"abc\", W/\"x\"\r\n"));
+    input.extend(get(&path, "If-None-Match: *\r\n"));
+    input.extend(get(
+        &path,
+        &format!("If-None-Match: \"0\", W/{}\r\n", tag.to_uppercase()),
+    ));
+    let (raw, statuses, _) = exchange(&[(fp, data.clone())], &input);
+    assert_eq!(statuses, [304, 200, 304, 304]);
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with(&format!("HTTP/1.1 304 Not Modified\r\nETag: {tag}\r\n")));
+    // A missing object is still 404, whatever the precondition.
+    let (other, _) = object(5);
+    let missing = srl_path(&ring(), &other, NOW + 60, None);
+    let (_, statuses, _) = exchange(&[(fp, data)], &get(&missing, "If-None-Match: *\r\n"));
+    assert_eq!(statuses, [404]);
+}

@@ -478,3 +478,56 @@ fn a_disk_failing_mid_body_closes_the_connection_short() {
     assert_eq!(code, 503);
     assert!(http_count(&node, 503) >= 1);
 }
+
+#[test]
+fn idle_http_connections_make_room_for_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path());
+    let node = Node::start(
+        &dir.path().join("node"),
+        &unique_group(),
+        &[
+            "--cluster-key-file",
+            keys.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+            "--connections-max",
+            "2",
+        ],
+    );
+    let small = data(7, 500);
+    let md5 = store(&node, &keys, dir.path(), "small", &small);
+    let u = url(&node, &keys, &md5, &[]);
+    let path = u.split_once(&node.http.unwrap().to_string()).unwrap().1;
+    // Two keep-alive connections, each idle after one request: the table is full.
+    let mut idle: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(node.http.unwrap()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut got = 0;
+            while got < small.len() {
+                got += s.read(&mut buf).unwrap();
+            }
+            s
+        })
+        .collect();
+    // A DOSP client and a new HTTP client still get in: idle ones are closed.
+    let out = node.dosp(&["--key-file", keys.to_str().unwrap(), "ping"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let (code, got, _) = curl(dir.path(), &[&u]);
+    assert_eq!((code, got), (200, md5));
+    // At least one idle connection was closed to make room (the DOSP client's
+    // connection was gone by the time curl came).
+    let closed = idle
+        .iter_mut()
+        .filter(|s| {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = [0u8; 16];
+            matches!((&**s).read(&mut buf), Ok(0))
+        })
+        .count();
+    assert!(closed >= 1, "no idle connection was closed");
+    assert!(http_count(&node, 200) >= 3);
+}

@@ -411,6 +411,17 @@ impl<P: BodyPiece> HttpSession<P> {
                 && (self.close_after || (self.read_closed && self.unconsumed == 0)))
     }
 
+    /// When the connection last moved a byte, if it is between requests: nothing
+    /// queued or in flight, no partial head. Such a connection may be closed to make
+    /// room for a new one without losing anything of a request.
+    pub fn idle_since(&self) -> Option<Instant> {
+        let between = matches!(self.phase, Phase::Idle)
+            && self.unsent() == 0
+            && self.head_since.is_none()
+            && self.unconsumed == 0;
+        between.then_some(self.last_io)
+    }
+
     /// Statuses of the responses started since the last call (for the counters).
     pub fn take_statuses(&mut self) -> std::vec::Drain<'_, u16> {
         self.statuses.drain(..)
@@ -926,6 +937,11 @@ impl HttpConn {
             inflight: None,
             looking_up: false,
         }
+    }
+
+    /// See [`HttpSession::idle_since`].
+    pub fn idle_since(&self) -> Option<Instant> {
+        self.session.idle_since()
     }
 
     /// Deadlines (see [`HttpSession::timed_out`]).

@@ -554,17 +554,29 @@ impl<P: NetPort> Server<P> {
         self.t.accepted = accepted;
     }
 
-    /// Takes new HTTP connections; beyond the connection bound (DOSP and HTTP
-    /// together) a newcomer is closed at once.
+    /// Takes new HTTP connections. At the connection bound (DOSP and HTTP together)
+    /// the connection idle the longest is closed to make room, or, with none idle,
+    /// the newcomer.
     fn accept_http(&mut self, now: Instant) {
         let mut accepted = std::mem::take(&mut self.t.accepted);
         self.http_accept_more = self.port.accept_http(&mut accepted);
         for (conn, peer) in accepted.drain(..) {
             if self.sessions.len() + self.http.len() >= self.cfg.connections_max {
-                NodeStats::inc(&self.stats.connections_refused);
-                tracing::debug!(%peer, "refusing an HTTP connection: the table is full");
-                self.port.close(conn);
-                continue;
+                // As for DOSP (`admit`): the connection idle the longest makes room;
+                // with none idle, the newcomer is closed (HTTP has no BUSY before a
+                // request).
+                match self.longest_idle() {
+                    Some((_, victim)) => {
+                        NodeStats::inc(&self.stats.connections_evicted);
+                        self.close(victim);
+                    }
+                    None => {
+                        NodeStats::inc(&self.stats.connections_refused);
+                        tracing::debug!(%peer, "refusing an HTTP connection: the table is full");
+                        self.port.close(conn);
+                        continue;
+                    }
+                }
             }
             // Below the bound the pool always has a buffer (see `admit`).
             let Some(bufs) = self.bufs.take() else {
@@ -586,11 +598,18 @@ impl<P: NetPort> Server<P> {
     fn longest_idle(&mut self) -> Option<(Instant, ConnId)> {
         let mut skipped = [ConnId(u64::MAX); EVICT_TRIES];
         for n in 0..EVICT_TRIES {
-            let (since, conn) = self
+            // DOSP sessions and HTTP connections alike: they share the bound.
+            let dosp = self
                 .sessions
                 .iter()
-                .filter(|(c, _)| !skipped[..n].contains(c))
-                .filter_map(|(c, s)| Some((s.idle_since()?, *c)))
+                .filter_map(|(c, s)| Some((s.idle_since()?, *c)));
+            let http = self
+                .http
+                .iter()
+                .filter_map(|(c, h)| Some((h.idle_since()?, *c)));
+            let (since, conn) = dosp
+                .chain(http)
+                .filter(|(_, c)| !skipped[..n].contains(c))
                 .min()?;
             // Closing a connection with unread input sends a reset, which can destroy
             // replies still in flight; one with none closes with a FIN.
@@ -609,7 +628,7 @@ impl<P: NetPort> Server<P> {
     /// it is full.
     fn admit(&mut self, conn: ConnId, peer: SocketAddr, now: Instant) {
         let max = u32::try_from(self.cfg.connections_max).unwrap_or(u32::MAX);
-        if self.sessions.len() >= self.cfg.connections_max {
+        if self.sessions.len() + self.http.len() >= self.cfg.connections_max {
             match self.longest_idle() {
                 Some((since, victim)) => {
                     // Routine under pressure, and counted: not worth a line each.

@@ -99,6 +99,22 @@ fn main() {
     });
     report("mint (retrieve token)", ns);
 
+    // A signed URL's two segments, as the HTTP session checks them (dosp/HTTP.md).
+    let path = dosp::auth::srl_path(&ring, &Fingerprint::of(b"object"), u64::MAX, None);
+    let mut segments = path.split('/').skip(1);
+    let (request, signature) = (
+        segments.next().unwrap_or_default().to_owned(),
+        segments.next().unwrap_or_default().to_owned(),
+    );
+    let ns = ns_per_op(|i| {
+        let _ = black_box(ring.check_srl(
+            black_box(request.as_bytes()),
+            black_box(signature.as_bytes()),
+            black_box(i),
+        ));
+    });
+    report("check_srl (signed URL)", ns);
+
     // A steady stream of fresh requests, one per microsecond of simulated time, through
     // a guard big enough for them: every check evicts as well as inserts.
     let mut guard = ReplayGuard::new(Duration::from_secs(1), 4_000_000);

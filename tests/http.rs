@@ -99,6 +99,14 @@ fn md5_of(dir: &Path, bytes: &[u8]) -> String {
 }
 
 fn http_count(node: &Node, status: u16) -> u64 {
+    metric(
+        node,
+        &format!("dosd_http_requests_total{{status=\"{status}\"}} "),
+    )
+}
+
+/// The value of the /metrics line starting with `key` (name, labels and a space).
+fn metric(node: &Node, key: &str) -> u64 {
     let mut s = TcpStream::connect(node.mgmt).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
@@ -108,9 +116,8 @@ fn http_count(node: &Node, status: u16) -> u64 {
     .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
-    let key = format!("dosd_http_requests_total{{status=\"{status}\"}} ");
     text.lines()
-        .find_map(|l| l.strip_prefix(&key))
+        .find_map(|l| l.strip_prefix(key))
         .unwrap_or_else(|| panic!("no {key} in /metrics"))
         .trim()
         .parse()
@@ -288,8 +295,13 @@ fn signed_urls_over_http() {
     assert_eq!(curl(dir.path(), &[&missing]).0, 404);
     assert_eq!(curl(dir.path(), &["-X", "POST", &small_url]).0, 405);
 
+    // HTTP responses are load like DOSP replies.
+    let ops = metric(&node, "dosd_ops_total ");
+    assert_eq!(curl(dir.path(), &[&small_url]).0, 200);
+    assert!(metric(&node, "dosd_ops_total ") > ops);
+
     // Every response so far counted.
-    assert!(http_count(&node, 200) >= 8);
+    assert!(http_count(&node, 200) >= 9);
     assert_eq!(http_count(&node, 206), 4);
     assert_eq!(http_count(&node, 416), 1);
     assert_eq!(http_count(&node, 404), 1);

@@ -967,6 +967,8 @@ impl HttpConn {
         }
         for status in self.session.take_statuses() {
             ctx.stats.http_response(status);
+            // An HTTP response is load like a DOSP reply: ops/s, GET_LOAD, heartbeats.
+            crate::stats::NodeStats::inc(&ctx.stats.ops_total);
         }
     }
 

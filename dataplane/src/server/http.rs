@@ -166,8 +166,18 @@ impl RangeSpec {
 
 /// A signed URL's path split: encoded request, signature, customer URI (the rest,
 /// after the third `/`, without a query). `None` when the path has fewer segments.
+/// An absolute-form target (`http://host:port/…`) is read for its path.
 pub fn split_srl(path: &str) -> Option<(&str, &str, &str)> {
     let path = path.split(['?', '#']).next().unwrap_or("");
+    // Absolute form (RFC 9112 §3.2.2, as a proxy sends it): the path after the
+    // authority.
+    let path = match path
+        .strip_prefix("http://")
+        .or_else(|| path.strip_prefix("https://"))
+    {
+        Some(rest) => rest.find('/').map_or("", |i| &rest[i..]),
+        None => path,
+    };
     let rest = path.strip_prefix('/')?;
     let (request, rest) = rest.split_once('/')?;
     let (signature, customer) = match rest.split_once('/') {

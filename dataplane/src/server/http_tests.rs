@@ -419,3 +419,15 @@ fn if_none_match_gets_304_before_range() {
     let (_, statuses, _) = exchange(&[(fp, data)], &get(&missing, "If-None-Match: *\r\n"));
     assert_eq!(statuses, [404]);
 }
+
+#[test]
+fn absolute_form_targets_are_read_for_their_path() {
+    let (fp, data) = object(100);
+    let path = srl_path(&ring(), &fp, NOW + 60, Some("a.txt"));
+    let input = format!("GET http://node:8080{path}?x=1 HTTP/1.1\r\n\r\n").into_bytes();
+    let (raw, statuses, _) = exchange(&[(fp, data.clone())], &input);
+    assert_eq!(statuses, [200]);
+    assert_eq!(responses(&raw, false)[0].2, data);
+    assert_eq!(split_srl("http://host"), None);
+    assert_eq!(split_srl("https://host/a/b"), Some(("a", "b", "")));
+}

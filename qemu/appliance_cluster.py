@@ -305,9 +305,11 @@ def main():
         cluster = qcluster.Cluster(3, disks=2, disk_size="256M", mem=1024, kernel_net={3}, ports=ports)
         cluster.start(fresh=True)
         t_boot = time.monotonic()
-        for node, t in zip(cluster.nodes, cluster.wait_serving(BOOT_TIMEOUT)):
+        def served(node, t):
             log(f"{node.name}: serving {t:.1f} s after its QEMU started ({node.data_net} data NIC at {node.addr})")
             results[f"{node.name}_serving_s"] = t
+
+        cluster.wait_serving(BOOT_TIMEOUT, served)
         for node in cluster.nodes:
             if node.data_net == "dpdk" and not node.console.grep(r"DOSP through DPDK at"):
                 raise Fail(f"{node.name}'s init did not put the data NIC on DPDK")
@@ -334,6 +336,14 @@ def main():
         ok = True
     except (Fail, qcluster.ClusterError, harness.HarnessError, subprocess.CalledProcessError, OSError) as e:
         log(f"FAIL: {e}")
+        if cluster is not None:
+            # CI keeps only this output: each node's last console lines say why.
+            for node in cluster.nodes:
+                if node.console is None:
+                    continue
+                log(f"{node.name}: the last lines of its console (all in target/qemu/cluster-{node.name}.log):")
+                for t, line in node.console.tail(40):
+                    print(f"[{node.name} {t:6.1f}] {line}", flush=True)
     finally:
         if watch is not None:
             watch.stop()

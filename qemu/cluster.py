@@ -120,6 +120,11 @@ class Console:
                 self.echo(line)
         self.logf.close()
 
+    def tail(self, n):
+        """The last n lines, each with its seconds since QEMU started."""
+        with self.lock:
+            return list(self.lines[-n:])
+
     def grep(self, pattern):
         """The lines matching a regular expression."""
         rx = re.compile(pattern)
@@ -294,8 +299,15 @@ class Cluster:
         for node in self.nodes:
             node.start(fresh, echo)
 
-    def wait_serving(self, timeout=300):
-        return [node.wait_serving(timeout) for node in self.nodes]
+    def wait_serving(self, timeout=300, report=None):
+        """Seconds from each node's QEMU start until it served; report(node, t) is
+        called as each one does."""
+        times = []
+        for node in self.nodes:
+            times.append(node.wait_serving(timeout))
+            if report:
+                report(node, times[-1])
+        return times
 
     def run(self, *cmd, timeout=120, **kw):
         """A command at the client endpoint (inside the namespace)."""

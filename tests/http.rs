@@ -272,6 +272,14 @@ fn signed_urls_over_http() {
         .unwrap();
     let wrong_object = format!("{base}/{small_req}/{sig}/{rest}");
     let before = http_count(&node, 403);
+    let auth_failed = |reason: &str| {
+        metric(
+            &node,
+            &format!("dosd_auth_failed_total{{reason=\"{reason}\"}} "),
+        )
+    };
+    let (cert_before, expired_before) =
+        (auth_failed("bad_certificate"), auth_failed("token_expired"));
     for (what, u, reason) in [
         ("expired", &expired, "expired"),
         ("tampered", &tampered, "bad signature"),
@@ -287,6 +295,9 @@ fn signed_urls_over_http() {
         );
     }
     assert_eq!(http_count(&node, 403), before + 3);
+    // Counted by reason as refused DOSP requests are.
+    assert_eq!(auth_failed("bad_certificate"), cert_before + 2);
+    assert_eq!(auth_failed("token_expired"), expired_before + 1);
     let missing: Fingerprint = md5_of(dir.path(), b"never stored").parse().unwrap();
     let missing = format!(
         "{base}{}",

@@ -34,6 +34,7 @@ use std::time::Instant;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use dosp::auth::{KeyRing, TokenError};
+use dosp::signed::Refusal;
 use dosp::Fingerprint;
 
 use super::session::{Deadlines, Timeout};
@@ -256,6 +257,16 @@ pub fn filename_of(customer_uri: &str) -> Option<String> {
     Name::from_uri(customer_uri).map(|n| String::from_utf8_lossy(n.as_bytes()).into_owned())
 }
 
+/// The reason a refused signed URL counts under in `dosd_auth_failed_total`, as a
+/// refused DOSP capability would: a malformed or altered URL is a bad certificate.
+fn refusal_of(e: &TokenError) -> Refusal {
+    match e {
+        TokenError::Malformed(_) | TokenError::BadSignature => Refusal::BadCertificate,
+        TokenError::UnknownKey(_) => Refusal::UnknownKey,
+        TokenError::Expired { .. } => Refusal::TokenExpired,
+    }
+}
+
 /// The body of the 403 a refused signed URL gets: a short reason and a newline.
 pub fn refusal_text(e: &TokenError) -> &'static str {
     match e {
@@ -359,6 +370,8 @@ pub struct HttpSession<P> {
     unconsumed: usize,
     /// Statuses of responses started since the last `take_statuses`, for counters.
     statuses: Vec<u16>,
+    /// URLs refused since the last `take_refusals`, by reason (indexed by code - 1).
+    refused: [u32; Refusal::ALL.len()],
     last_io: Instant,
     head_since: Option<Instant>,
     moved: u64,
@@ -386,6 +399,7 @@ impl<P: BodyPiece> HttpSession<P> {
             read_closed: false,
             unconsumed: 0,
             statuses: Vec::new(),
+            refused: [0; Refusal::ALL.len()],
             last_io: now,
             head_since: None,
             moved: 0,
@@ -435,6 +449,16 @@ impl<P: BodyPiece> HttpSession<P> {
     /// Statuses of the responses started since the last call (for the counters).
     pub fn take_statuses(&mut self) -> std::vec::Drain<'_, u16> {
         self.statuses.drain(..)
+    }
+
+    /// Signed URLs refused since the last call, as (reason, count) for each reason
+    /// seen: the same reasons, and counters, as refused DOSP requests.
+    pub fn take_refusals(&mut self) -> impl Iterator<Item = (Refusal, u32)> + '_ {
+        Refusal::ALL
+            .iter()
+            .zip(self.refused.iter_mut())
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| (*r, std::mem::take(n)))
     }
 
     /// Pieces sent (or dropped), to give back to the store.
@@ -582,7 +606,12 @@ impl<P: BodyPiece> HttpSession<P> {
                     not_modified,
                 };
             }
-            Err(e) => self.plain_method(403, refusal_text(&e), Extra::None, method),
+            Err(e) => {
+                if let Some(c) = self.refused.get_mut(refusal_of(&e).code() as usize - 1) {
+                    *c += 1;
+                }
+                self.plain_method(403, refusal_text(&e), Extra::None, method);
+            }
         }
         n
     }
@@ -974,6 +1003,11 @@ impl HttpConn {
     fn give_back(&mut self, ctx: &mut super::ops::Ctx<'_>) {
         for piece in self.session.take_spent() {
             ctx.store.read_give(piece);
+        }
+        for (reason, n) in self.session.take_refusals() {
+            for _ in 0..n {
+                ctx.stats.auth_failed(reason);
+            }
         }
         for status in self.session.take_statuses() {
             ctx.stats.http_response(status);

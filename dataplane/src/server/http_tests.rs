@@ -179,15 +179,52 @@ fn refusals() {
             .unwrap();
     let unknown_key = srl_path(&stranger, &fp, NOW + 60, None);
     let missing = srl_path(&ring, &other, NOW + 60, None);
-    for (path, status, text) in [
-        (expired.as_str(), 403, "expired\n"),
-        (tampered.as_str(), 403, "bad signature\n"),
-        (wrong_object.as_str(), 403, "bad signature\n"),
-        (unknown_key.as_str(), 403, "unknown key\n"),
-        ("/abc/def/x", 403, "malformed signed URL\n"),
-        ("/favicon.ico", 404, "not found\n"),
-        (missing.as_str(), 404, "not found\n"),
+    use dosp::signed::Refusal;
+    for (path, status, text, refusal) in [
+        (
+            expired.as_str(),
+            403,
+            "expired\n",
+            Some(Refusal::TokenExpired),
+        ),
+        (
+            tampered.as_str(),
+            403,
+            "bad signature\n",
+            Some(Refusal::BadCertificate),
+        ),
+        (
+            wrong_object.as_str(),
+            403,
+            "bad signature\n",
+            Some(Refusal::BadCertificate),
+        ),
+        (
+            unknown_key.as_str(),
+            403,
+            "unknown key\n",
+            Some(Refusal::UnknownKey),
+        ),
+        (
+            "/abc/def/x",
+            403,
+            "malformed signed URL\n",
+            Some(Refusal::BadCertificate),
+        ),
+        ("/favicon.ico", 404, "not found\n", None),
+        (missing.as_str(), 404, "not found\n", None),
     ] {
+        // The refusal is counted by reason, as a refused DOSP request is.
+        let mut s = HttpSession::<Vec<u8>>::new(Instant::now());
+        let n = s.on_recv(Instant::now(), NOW, &ring, &get(path, ""));
+        assert!(n > 0, "{path}");
+        let refusals: Vec<_> = s.take_refusals().collect();
+        assert_eq!(
+            refusals,
+            refusal.map(|r| (r, 1)).into_iter().collect::<Vec<_>>(),
+            "{path}"
+        );
+        assert_eq!(s.take_refusals().count(), 0, "taken once");
         let (raw, statuses, _) = exchange(&[(fp, data.clone())], &get(path, ""));
         let r = responses(&raw, false);
         assert_eq!(

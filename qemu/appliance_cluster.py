@@ -6,6 +6,9 @@ the kernel's virtio-net driver; each has 2 NVMe disks on dosd's own driver. The 
 is the host's dosp at the cluster's client endpoint (10.77.0.1, inside the rig's
 network namespace), every object checked against hashlib's MD5.
 
+Every node has the cluster's key (cluster.keys on DOSDCONF), so all DOSP is signed:
+the client, `dosp locate` and `dosp watch` sign with it and drop what is not signed.
+
 1. The cluster boots (all three QEMUs at once); time until each serves.
 2. One object stored on each node and fetched back from it.
 3. Multicast LOCATE from the client finds each object's holder, and only the holder
@@ -19,7 +22,12 @@ network namespace), every object checked against hashlib's MD5.
    /v1/health turns degraded (disk_down), the client's `dosp watch` hears cl2's
    disk-down announcement, objects on the other disk still fetch byte-exact, new
    stores succeed, and dosd was never restarted.
-7. Every node powers off cleanly (the power button).
+7. Keys: on every node an unsigned STORE and a STORE signed with a foreign key are
+   refused (AUTH_FAILED), store nothing and are counted by reason in /metrics; an
+   unsigned LOCATE to the group gets no answer. cl3 serves signed URLs: curl at the
+   client endpoint fetches an object whole and a range (checked against MD5); a
+   tampered URL gets 403.
+8. Every node powers off cleanly (the power button).
 
 Every wait is bounded. Consoles in target/qemu/cluster-clI.log. Standard library only.
 """
@@ -64,12 +72,16 @@ def free_port(taken):
 class Client:
     """The host's dosp at the client endpoint."""
 
-    def __init__(self, cluster, bindir):
+    def __init__(self, cluster, bindir, keys):
         self.cluster = cluster
         self.dosp_bin = os.path.join(bindir, "dosp")
+        self.keys = keys
 
-    def dosp(self, node, *args, timeout=60):
-        return self.cluster.run(self.dosp_bin, "--node", f"{node.addr}:7370", "--timeout", "20", *args,
+    def dosp(self, node, *args, timeout=60, keys=True):
+        """dosp against one node; keys: sign with the cluster's key (True), with another
+        key file (its path) or not at all (None)."""
+        auth = ["--key-file", self.keys if keys is True else keys] if keys else []
+        return self.cluster.run(self.dosp_bin, *auth, "--node", f"{node.addr}:7370", "--timeout", "20", *args,
                                 timeout=timeout)
 
     def store(self, node, data, name):
@@ -92,9 +104,10 @@ class Client:
         with open(out, "rb") as f:
             return hashlib.md5(f.read()).hexdigest() == fp
 
-    def locate(self, fp):
+    def locate(self, fp, signed=True):
         """The holders' lines of `dosp locate`: (addr, line)."""
-        r = self.cluster.run(self.dosp_bin, "locate", fp, "--multicast-if", qcluster.CLIENT_IP,
+        auth = ["--key-file", self.keys] if signed else []
+        r = self.cluster.run(self.dosp_bin, *auth, "locate", fp, "--multicast-if", qcluster.CLIENT_IP,
                              "--wait-ms", "2000", timeout=30)
         if r.returncode not in (0, 3):
             raise Fail(f"dosp locate {fp}: exit {r.returncode}: {r.stderr.strip()}")
@@ -105,8 +118,9 @@ class Client:
 class Watch:
     """`dosp watch` at the client endpoint, its lines kept with their arrival times."""
 
-    def __init__(self, cluster, bindir, seconds):
-        self.proc = cluster.popen(os.path.join(bindir, "dosp"), "watch", "--multicast-if", qcluster.CLIENT_IP,
+    def __init__(self, cluster, bindir, seconds, keys):
+        self.proc = cluster.popen(os.path.join(bindir, "dosp"), "--key-file", keys, "watch",
+                                  "--multicast-if", qcluster.CLIENT_IP,
                                   "--seconds", str(seconds), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                   text=True)
         self.lines = []
@@ -175,6 +189,85 @@ def check_placement(client, cluster, watch, t_watch):
             raise Fail(f"dosp watch heard no heartbeat of {node.name} ({ids[node.name]} at {node.addr})")
     log("dosp watch: heartbeats from all three nodes, each with its id, name and data address")
     return ids
+
+
+def auth_failed(node):
+    """dosd_auth_failed_total by reason, from the node's /metrics."""
+    text = qcluster.http_get(node.rest, "/metrics")[1].decode()
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r'^dosd_auth_failed_total\{reason="(\w+)"\} (\d+)$', text, re.M)}
+
+
+def check_keys(client, cluster, ids):
+    """Step 7: unsigned and foreign-signed requests refused and counted on every node
+    (over DPDK and over the kernel), the group deaf to an unsigned LOCATE, and signed
+    URLs on the node that serves HTTP."""
+    foreign = qcluster.new_key_file(os.path.join(WORK, "foreign.keys"), key_id="intruder")
+    for node in cluster.nodes:
+        before = auth_failed(node)
+        data = os.urandom(3000)
+        fp = hashlib.md5(data).hexdigest()
+        path = os.path.join(WORK, f"unsigned.{node.name}")
+        with open(path, "wb") as f:
+            f.write(data)
+        for keys, reason in ((None, "unsigned"), (foreign, "unknown_key")):
+            r = client.dosp(node, "store", path, keys=keys)
+            if r.returncode == 0 or "AUTH_FAILED" not in r.stderr:
+                raise Fail(f"{node.name}: a {reason} STORE was not refused with AUTH_FAILED: "
+                           f"exit {r.returncode} {r.stdout.strip()} {r.stderr.strip()}")
+        if client.locate(fp):
+            raise Fail(f"{node.name}: a refused STORE of {fp} left an object somebody holds")
+        after = auth_failed(node)
+        for reason in ("unsigned", "unknown_key"):
+            if after.get(reason, 0) < before.get(reason, 0) + 1:
+                raise Fail(f"{node.name}: dosd_auth_failed_total{{reason={reason!r}}} {before.get(reason)} -> "
+                           f"{after.get(reason)} after a {reason} STORE")
+        log(f"{node.name} ({node.data_net}): unsigned and foreign-key STOREs refused (AUTH_FAILED), "
+            f"nothing stored, counted {after}")
+    held = client.store(cluster.nodes[0], os.urandom(5000), "held.cl1")
+    if client.locate(held, signed=False):
+        raise Fail(f"an unsigned LOCATE of {held} (held by cl1) got an answer")
+    if not client.locate(held):
+        raise Fail(f"a signed LOCATE of {held} (held by cl1) got no answer")
+    log("an unsigned LOCATE to the group: no answer; signed: cl1 answers")
+    for node in cluster.nodes:
+        if node.http:
+            check_signed_urls(client, cluster, node)
+
+
+def check_signed_urls(client, cluster, node):
+    """Signed URLs from the client endpoint with curl: whole, a range, tampered."""
+    data = os.urandom((1 << 20) + 12345)
+    fp = client.store(node, data, f"url.{node.name}")
+    r = cluster.run(client.dosp_bin, "--key-file", client.keys, "url", fp, "--ttl", "120",
+                    "--name", "photo.jpg", "--base", f"http://{node.http}", timeout=30)
+    if r.returncode != 0:
+        raise Fail(f"dosp url: {r.stderr.strip()}")
+    url = r.stdout.strip()
+    out = os.path.join(WORK, "url.whole")
+
+    def curl(*args):
+        return cluster.run("curl", "-sS", "--noproxy", "*", "--max-time", "30", "-o", out, "-w", "%{http_code}", *args, timeout=40)
+
+    r = curl(url)
+    with open(out, "rb") as f:
+        got = f.read()
+    if r.stdout != "200" or hashlib.md5(got).hexdigest() != fp:
+        raise Fail(f"GET {url}: status {r.stdout} {r.stderr.strip()}, {len(got)} bytes, md5 "
+                   f"{hashlib.md5(got).hexdigest()} (want 200, {fp})")
+    r = curl("-r", "1000-70999", url)
+    with open(out, "rb") as f:
+        got = f.read()
+    if r.stdout != "206" or got != data[1000:71000]:
+        raise Fail(f"GET {url} bytes 1000-70999: status {r.stdout}, {len(got)} bytes (want 206, the 70000 bytes)")
+    parts = url.split("/")
+    sig = parts[-2]
+    parts[-2] = ("A" if sig[0] != "A" else "B") + sig[1:]
+    r = curl("/".join(parts))
+    if r.stdout != "403":
+        raise Fail(f"a tampered URL got {r.stdout} (want 403)")
+    log(f"{node.name}: signed URL {url[:60]}… fetched whole (md5 {fp}) and a range (206) with curl; "
+        f"tampered: 403")
 
 
 def check_partition(client, cluster, watch, ids):
@@ -302,7 +395,8 @@ def main():
         os.makedirs(WORK, exist_ok=True)
         taken = set()
         ports = [(free_port(taken), free_port(taken)) for _ in range(3)]
-        cluster = qcluster.Cluster(3, disks=2, disk_size="256M", mem=1024, kernel_net={3}, ports=ports)
+        keys = qcluster.new_key_file(os.path.join(WORK, "cluster.keys"))
+        cluster = qcluster.Cluster(3, disks=2, disk_size="256M", mem=1024, kernel_net={3}, ports=ports, keys=keys)
         cluster.start(fresh=True)
         t_boot = time.monotonic()
         def served(node, t):
@@ -313,7 +407,7 @@ def main():
         for node in cluster.nodes:
             if node.data_net == "dpdk" and not node.console.grep(r"DOSP through DPDK at"):
                 raise Fail(f"{node.name}'s init did not put the data NIC on DPDK")
-        client = Client(cluster, bindir)
+        client = Client(cluster, bindir, keys)
         for node in cluster.nodes:
             deadline = time.monotonic() + 60
             while client.dosp(node, "ping", timeout=25).returncode != 0:
@@ -322,8 +416,9 @@ def main():
                 time.sleep(1)
         results["all_serving_s"] = time.monotonic() - t_boot
         t_watch = time.monotonic()
-        watch = Watch(cluster, bindir, 900)
+        watch = Watch(cluster, bindir, 900, keys)
         ids = check_placement(client, cluster, watch, t_watch)
+        check_keys(client, cluster, ids)
         check_partition(client, cluster, watch, ids)
         check_pulled_disk(client, cluster, watch, ids)
         watch.stop()

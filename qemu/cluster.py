@@ -2,7 +2,7 @@
 """qemu/cluster: N appliance nodes whose data NICs share one L2 segment.
 
 Usage: qemu/cluster [N] [--fresh] [--disks K] [--disk-size SIZE] [--mem MiB]
-                    [--kernel-net LIST] [--rest-base P] [--dosp-base P]
+                    [--kernel-net LIST] [--keys FILE|new] [--rest-base P] [--dosp-base P]
 
 Node I (1…N) is a qemu/node named clI (files in target/qemu/node-clI/, disks with
 serials CLI-NVMEk), booted from its own copy of target/appliance/dosd-appliance.img,
@@ -13,6 +13,12 @@ dcl-br in the network namespace dosd-cluster; the node's DOSDCONF partition gets
 init.conf (mtools) with data_if = the NIC's MAC and data_addr 10.77.0.(10+I)/24,
 and a dosd.toml with node_id = "clI" (its heartbeats name it); data_net=dpdk (the init binds the NIC to vfio-pci and dosd drives it through DPDK)
 or, for the nodes in --kernel-net, data_net=kernel.
+
+With --keys FILE (a cluster key file, `ID HEXSECRET` lines; `--keys new` makes one
+in target/qemu/cluster.keys) every node gets it as cluster.keys on DOSDCONF and
+cluster_key_file in its dosd.toml, so DOSP is signed; the nodes on the kernel's data
+path also serve signed URLs (http_listen on port 8080). Clients then need the key:
+    ip netns exec dosd-cluster dosp --key-file FILE --node 10.77.0.11:7370 ping
 
 The client endpoint is the bridge's address, 10.77.0.1/24, inside the namespace:
     ip netns exec dosd-cluster dosp --node 10.77.0.11:7370 ping
@@ -51,6 +57,7 @@ BRIDGE = "dcl-br"
 NET = "10.77.0"
 CLIENT_IP = f"{NET}.1"
 GROUP = "239.255.73.70:7371"
+HTTP_PORT = 8080  # signed URLs, on the nodes with a key on the kernel's data path
 IMAGE = os.path.join(ROOT, "target", "appliance", "dosd-appliance.img")
 ANSI_RE = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[()][A-Z0-9]|[A-Za-z])")
 
@@ -135,8 +142,9 @@ class Console:
 class Node:
     """Node I of the cluster: its QEMU, console, ports and addresses."""
 
-    def __init__(self, i, rest, dosp, kernel_net, disks, disk_size, mem, image):
+    def __init__(self, i, rest, dosp, kernel_net, disks, disk_size, mem, image, keys=None):
         self.i = i
+        self.keys = keys
         self.name = f"cl{i}"
         self.addr = f"{NET}.{10 + i}"
         self.mac = f"52:54:00:d0:da:{i:02x}"
@@ -144,6 +152,8 @@ class Node:
         self.rest = rest
         self.dosp_port = dosp
         self.data_net = "kernel" if kernel_net else "dpdk"
+        # Signed URLs: the HTTP listener is on the kernel's data path only.
+        self.http = f"{self.addr}:{HTTP_PORT}" if keys and kernel_net else None
         self.disks = disks
         self.disk_size = disk_size
         self.mem = mem
@@ -164,16 +174,26 @@ class Node:
         onto its boot disk's DOSDCONF partition, as an operator would with mtools."""
         boot = os.path.join(self.dir, "boot.img")
         env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+        toml = f'# qemu/cluster node {self.i}\nnode_id = "{self.name}"\n'
+        if self.keys:
+            toml += 'cluster_key_file = "/conf/cluster.keys"\n'
+        if self.http:
+            toml += f'http_listen = "0.0.0.0:{HTTP_PORT}"\n'
         extra = {
             "init.conf": (f"# qemu/cluster node {self.i}: the data NIC on the cluster's segment\n"
                           f"data_if={self.mac}\ndata_addr={self.addr}/24\ndata_net={self.data_net}\n"),
-            "dosd.toml": f'# qemu/cluster node {self.i}\nnode_id = "{self.name}"\n',
+            "dosd.toml": toml,
         }
+        if self.keys:
+            with open(self.keys) as f:
+                extra["cluster.keys"] = f.read()
         for name, text in extra.items():
-            with open(os.path.join(ROOT, "image", name)) as f:
-                text = f.read() + text
+            base = os.path.join(ROOT, "image", name)
+            if os.path.exists(base):
+                with open(base) as f:
+                    text = f.read() + text
             path = os.path.join(self.dir, name)
-            with open(path, "w") as f:
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
                 f.write(text)
             r = subprocess.run(["mcopy", "-o", "-i", f"{boot}@@{ibuild.CONF_START * ibuild.SECTOR}", path,
                                 "::" + name], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -262,6 +282,15 @@ class Node:
         return bool(self.console.grep(r"^dosd-init: \[[0-9.]+\] poweroff now"))
 
 
+def new_key_file(path, key_id="cluster1"):
+    """A fresh cluster key file (one 32-byte key), readable by its owner alone."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(f"# qemu/cluster's key\n{key_id} {os.urandom(32).hex()}\n")
+    os.chmod(path, 0o600)
+    return path
+
+
 def netns_up():
     """The namespace with the bridge and the client endpoint (made afresh)."""
     if sh("ip", "netns", "pids", NETNS, check=False).stdout.strip():
@@ -283,8 +312,9 @@ def netns_down():
 
 class Cluster:
     def __init__(self, n, disks=3, disk_size="1G", mem=1024, kernel_net=(), rest_base=7380,
-                 dosp_base=17370, image=IMAGE, ports=None):
-        """ports, if given: a list of (rest, dosp) host ports per node."""
+                 dosp_base=17370, image=IMAGE, ports=None, keys=None):
+        """ports, if given: a list of (rest, dosp) host ports per node; keys, if given: the
+        path of the cluster key file every node gets."""
         if not 1 <= n <= 9:
             raise ClusterError("a cluster of 1 to 9 nodes")
         if not os.path.exists(image):
@@ -292,7 +322,7 @@ class Cluster:
         self.nodes = []
         for i in range(1, n + 1):
             rest, dosp = ports[i - 1] if ports else (rest_base + i, dosp_base + i)
-            self.nodes.append(Node(i, rest, dosp, i in kernel_net, disks, disk_size, mem, image))
+            self.nodes.append(Node(i, rest, dosp, i in kernel_net, disks, disk_size, mem, image, keys))
 
     def start(self, fresh=False, echo=None):
         netns_up()
@@ -349,6 +379,8 @@ def main(argv=None):
     ap.add_argument("--mem", type=int, default=1024, help="guest memory per node in MiB (1024)")
     ap.add_argument("--kernel-net", default="", metavar="LIST",
                     help="nodes (e.g. 2,3) whose data NIC stays on the kernel's driver (default: all on DPDK)")
+    ap.add_argument("--keys", metavar="FILE|new",
+                    help="a cluster key file for every node (new: make one in target/qemu/cluster.keys)")
     ap.add_argument("--rest-base", type=int, default=7380, help="node I's REST on 127.0.0.1:REST_BASE+I (7380)")
     ap.add_argument("--dosp-base", type=int, default=17370,
                     help="node I's DOSP through its management NIC on 127.0.0.1:DOSP_BASE+I (17370)")
@@ -362,7 +394,12 @@ def main(argv=None):
     if not shutil.which("qemu-system-x86_64"):
         sys.exit("qemu/cluster: no qemu-system-x86_64 (apt-get install qemu-system-x86 ovmf mtools)")
     try:
-        cluster = Cluster(args.n, args.disks, args.disk_size, args.mem, kernel_net, args.rest_base, args.dosp_base)
+        keys = args.keys
+        if keys == "new":
+            keys = new_key_file(os.path.join(ROOT, "target", "qemu", "cluster.keys"))
+            log(f"cluster key file {keys}")
+        cluster = Cluster(args.n, args.disks, args.disk_size, args.mem, kernel_net, args.rest_base, args.dosp_base,
+                          keys=keys)
     except ClusterError as e:
         sys.exit(f"qemu/cluster: {e}")
     stop = threading.Event()
@@ -373,8 +410,9 @@ def main(argv=None):
             log(f"{node.name}: serving after {t:.1f} s; data {node.addr}:7370 ({node.data_net}), "
                 f"REST 127.0.0.1:{node.rest}, console target/qemu/cluster-{node.name}.log")
         log(f"client endpoint {CLIENT_IP} in network namespace {NETNS}, e.g.:")
-        log(f"  ip netns exec {NETNS} dosp --node {cluster.nodes[0].addr}:7370 ping")
-        log(f"  ip netns exec {NETNS} dosp watch --multicast-if {CLIENT_IP}")
+        kf = f"--key-file {keys} " if keys else ""
+        log(f"  ip netns exec {NETNS} dosp {kf}--node {cluster.nodes[0].addr}:7370 ping")
+        log(f"  ip netns exec {NETNS} dosp {kf}watch --multicast-if {CLIENT_IP}")
         log("Ctrl-C powers every node off")
         gone = set()
         while not stop.is_set() and len(gone) < len(cluster.nodes):

@@ -1,6 +1,8 @@
 //! `dosd --net dpdk`: a whole node whose dataplane loop serves DOSP through smoltcp on
 //! a DPDK `net_tap` vdev, reached from the kernel's side of the tap with the ordinary
 //! `dosp` client; the management API stays on the kernel (loopback) and says "dpdk".
+//! Both nodes have the cluster's key: every request, answer and heartbeat is signed,
+//! and an unsigned request through the DPDK port is refused.
 //!
 //! Needs root (the tap device, `ip` and `sysctl` on it); without it the test says so
 //! and passes without running. Only built with the `dpdk` feature.
@@ -15,7 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use dosp::auth::{CertMode, KeyRing};
 use dosp::client::{Client, ClientError};
+use dosp::signed::Signer;
+use dosp::wire::Status;
 use dosp::Fingerprint;
 use rand::{RngCore, SeedableRng};
 
@@ -26,6 +31,8 @@ const READY_WAIT: Duration = Duration::from_secs(60);
 const CONNECTIONS: usize = 16;
 /// The client's connect and read timeout.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
+/// The cluster's key (both nodes and the clients).
+const KEY: &str = "net-dpdk 5be1c0a7f00d5be1c0a7f00d5be1c0a7f00d5be1c0a7f00d5be1c0a7f00d5be1c0a7";
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -245,6 +252,18 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
     let dir = tempfile::tempdir().unwrap();
     let group = common::unique_group();
     let token = "net-dpdk-test";
+    let keys = dir.path().join("cluster.keys");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&keys, format!("{KEY}\n")).unwrap();
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let signer = Signer::new(KeyRing::parse(KEY).unwrap(), CertMode::HmacSha256);
+    let signed = |c: Client| {
+        let mut c = c;
+        c.set_signer(Some(signer.clone()));
+        c
+    };
     // Two loops: two receive and transmit queues on the tap, flows spread by the
     // kernel's flow hash; heartbeats and the multicast group on the DPDK port.
     let eal = format!(
@@ -278,6 +297,8 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
             token,
             "--multicast",
             &group,
+            "--cluster-key-file",
+            keys.to_str().unwrap(),
         ],
         &dpdk_log,
     );
@@ -341,6 +362,8 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
             &group,
             "--multicast-if",
             &kernel_ip,
+            "--cluster-key-file",
+            keys.to_str().unwrap(),
         ],
         &kernel_log,
     );
@@ -364,10 +387,22 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
     let (fps, clients) = ns.enter(|| {
         let mut clients: Vec<Client> = (0..CONNECTIONS)
             .map(|_| {
-                Client::connect(&listen, IO_TIMEOUT)
-                    .unwrap_or_else(|e| panic!("connect to {listen}: {e}\n{}", log()))
+                signed(
+                    Client::connect(&listen, IO_TIMEOUT)
+                        .unwrap_or_else(|e| panic!("connect to {listen}: {e}\n{}", log())),
+                )
             })
             .collect();
+        // Unsigned, through the DPDK port: refused, nothing stored.
+        let mut unsigned = Client::connect(&listen, IO_TIMEOUT).expect("connect, unsigned");
+        match unsigned.store_bytes(&objects[2]) {
+            Err(ClientError::Status {
+                status: Status::AuthFailed,
+                ..
+            }) => {}
+            other => panic!("an unsigned STORE through the DPDK port: {other:?}"),
+        }
+        drop(unsigned);
         let mut fps = Vec::new();
         for (i, data) in objects.iter().enumerate() {
             let c = &mut clients[i % CONNECTIONS];
@@ -410,18 +445,21 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
 
         // Multicast LOCATE: the DPDK node (through smoltcp's group membership) and the
         // kernel node both answer for an object both hold.
-        let mut kc = Client::connect(&kdosp, IO_TIMEOUT).expect("connect to the kernel node");
+        let mut kc =
+            signed(Client::connect(&kdosp, IO_TIMEOUT).expect("connect to the kernel node"));
         kc.store_bytes(&objects[1])
             .expect("STORE on the kernel node");
         let mut answered = Vec::new();
         for _ in 0..5 {
-            let found = dosp::client::locate_multicast(
+            let (found, dropped) = dosp::client::locate_multicast_signed(
                 group_addr,
                 kernel_v4,
                 &fps[1],
                 Duration::from_millis(800),
+                Some(&signer),
             )
             .expect("multicast LOCATE");
+            assert_eq!(dropped, 0, "every answer is signed");
             answered = found.iter().map(|l| l.node_id).collect();
             answered.sort();
             answered.dedup();
@@ -440,10 +478,11 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
 
         // Heartbeats of the DPDK node arrive on the segment.
         let mut heard = false;
-        dosp::client::watch(
+        dosp::client::watch_signed(
             group_addr,
             kernel_v4,
             Duration::from_secs(5),
+            Some(&signer),
             &mut |ev, _| {
                 if let dosp::client::ClusterEvent::Heartbeat(h) = ev {
                     heard |= h.node_id.get() == node_id;
@@ -498,8 +537,10 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
         "the gratuitous ARP put {service_ip} at the node's MAC in `ip neigh`"
     );
     ns.enter(|| {
-        let mut sc = Client::connect(&format!("{service_ip}:7370"), IO_TIMEOUT)
-            .expect("connect to the service address");
+        let mut sc = signed(
+            Client::connect(&format!("{service_ip}:7370"), IO_TIMEOUT)
+                .expect("connect to the service address"),
+        );
         let mut got = Vec::new();
         sc.retrieve(&fps[5], &mut got, &mut |_, _| {})
             .expect("RETRIEVE on the service address");
@@ -596,5 +637,6 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
         accepted.iter().all(|&n| n > 0),
         "flows reached both loops: {accepted:?}"
     );
-    assert_eq!(accepted.iter().sum::<u64>(), CONNECTIONS as u64 + 1);
+    // The clients, the unsigned one and the one to the service address.
+    assert_eq!(accepted.iter().sum::<u64>(), CONNECTIONS as u64 + 2);
 }

@@ -153,7 +153,7 @@ def parse_suite(path):
     """Reads the `# qemu-KEY: VALUE` directives of a suite script's header (the
     comment block at its top: parsing stops at the first line of code)."""
     suite = dict(DEFAULTS)
-    suite.update(disks=[], nics=[], tests=[], host_bins=[])
+    suite.update(disks=[], nics=[], tests=[], host_bins=[], cluster_key=False)
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip() and not line.lstrip().startswith("#"):
@@ -191,6 +191,10 @@ def parse_suite(path):
                 suite["tests"] += val.split()
             elif key == "host-bin":
                 suite["host_bins"] += val.split()
+            elif key == "cluster-key":
+                if val not in ("yes", "no"):
+                    raise HarnessError(f"{where}: qemu-cluster-key wants yes or no, got {val!r}")
+                suite["cluster_key"] = val == "yes"
             else:
                 raise HarnessError(f"{where}: unknown directive qemu-{key}")
     return suite
@@ -593,6 +597,15 @@ def host_bin_files(name):
     return files
 
 
+def cluster_key_file(rundir):
+    """The run's cluster key file (one fresh 32-byte key), made on first use."""
+    path = os.path.join(rundir, "cluster.keys")
+    if not os.path.exists(path):
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(f"# qemu/test's key for this run\nqemu {os.urandom(32).hex()}\n")
+    return path
+
+
 def build_initramfs(name, suite, script, kroot, version, bins, rundir):
     stage = os.path.join(rundir, "initramfs")
     shutil.rmtree(stage, ignore_errors=True)
@@ -651,6 +664,13 @@ def build_initramfs(name, suite, script, kroot, version, bins, rundir):
         .replace("@USERNET@", USER_NET_GUEST)
         .replace("@USERGW@", "10.0.2.2")
     )
+    if suite["cluster_key"]:
+        # A fresh cluster key for this run: /etc/dosd/cluster.keys in the guest, and
+        # the host checks' $DOSP_KEY_FILE (HostChecks), so every DOSP request is signed.
+        keys = cluster_key_file(rundir)
+        os.makedirs(os.path.join(stage, "etc/dosd"), exist_ok=True)
+        shutil.copyfile(keys, os.path.join(stage, "etc/dosd/cluster.keys"))
+        os.chmod(os.path.join(stage, "etc/dosd/cluster.keys"), 0o600)
     with open(os.path.join(stage, "etc/dosd-nics"), "w") as f:
         f.write("".join(f"{n['id']} {n['kind']} {n['mac']}\n" for n in suite["nics"]))
     scripts = (
@@ -823,6 +843,8 @@ class HostChecks:
             DOSDQ_NETNS=netns or "",
             DOSDQ_WORK=os.path.join(rundir, "host"),
         )
+        if suite["cluster_key"]:
+            self.env["DOSP_KEY_FILE"] = cluster_key_file(rundir)
         for nic in suite["nics"]:
             key = "DOSDQ_NIC_" + re.sub(r"[^A-Za-z0-9]", "_", nic["id"]).upper()
             self.env[f"{key}_MAC"] = nic["mac"]

@@ -9,7 +9,9 @@
 # object checked against an MD5 of the host's own (md5sum): store, fetch, range,
 # contents, delete of 0 B to 4 MiB + 1 objects, eight clients at once, /v1/disks
 # naming both NVMe controllers, and objects fetched again after a restart of dosd
-# (EAL, the port and both controllers again). Each step is bounded: a DPDK port in the
+# (EAL, the port and both controllers again). With the cluster's key: every request is
+# signed (the host checks' dosp has $DOSP_KEY_FILE), an unsigned one is refused
+# and counted. Each step is bounded: a DPDK port in the
 # wrong IOVA mode hangs silently.
 #
 # qemu-disk: id=nvme0 serial=DOSDDPDK0 size=256M
@@ -20,6 +22,7 @@
 # qemu-smp: 2
 # qemu-hugepages: 256
 # qemu-timeout: 900
+# qemu-cluster-key: yes
 set -u
 
 NODE_IP=10.77.0.2
@@ -104,7 +107,7 @@ start_dosd() {
         { echo "NVMe controllers DOSDDPDK0/1 not on the kernel's driver"; return 1; }
     echo "NVMe: DOSDDPDK0 at $nvme0, DOSDDPDK1 at $nvme1"
     # One lcore (the dataplane thread), only the data NIC, hugepages, no files in /var/run.
-    DOSD_LOG=info dosd --data-dir /tmp/dosd-data --dataplane-cores 1 \
+    DOSD_LOG=info dosd --data-dir /tmp/dosd-data --dataplane-cores 1 --cluster-key-file /etc/dosd/cluster.keys \
         --disk nvme:DOSDDPDK0 --disk nvme:DOSDDPDK1 \
         --net dpdk --dpdk-args "-l 0 -a $bdf --in-memory --huge-dir /dev/hugepages" \
         --dpdk-ip "$NODE_IP/24" --listen "$NODE_IP:7370" --mgmt-listen "$MGMT" \
@@ -204,7 +207,7 @@ nic_to_kernel() {
 bench_kernel() {
     nic_to_kernel || return 1
     : >/tmp/dosd.out
-    DOSD_LOG=info dosd --data-dir /tmp/dosd-data --dataplane-cores 1 \
+    DOSD_LOG=info dosd --data-dir /tmp/dosd-data --dataplane-cores 1 --cluster-key-file /etc/dosd/cluster.keys \
         --disk nvme:DOSDDPDK0 --disk nvme:DOSDDPDK1 \
         --listen "$NODE_IP:7370" --multicast-if "$NODE_IP" --mgmt-listen "$MGMT" \
         >/tmp/dosd.out 2>/tmp/dosd.log &

@@ -515,6 +515,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     };
     let mgmt_cfg = mgmt::MgmtConfig {
         listen: cfg.mgmt_listen,
+        tls: None,
         network_backend: match cfg.net {
             Net::Kernel => "kernel",
             Net::Dpdk(_) => "dpdk",

@@ -685,7 +685,8 @@ async fn health_get(State(s): State<Arc<Shared>>) -> Json<Health> {
     responses((status = 200, description = "Prometheus exposition format 0.0.4", body = String, content_type = "text/plain"))
 )]
 async fn metrics_get(State(s): State<Arc<Shared>>) -> Response {
-    let text = metrics::render(&s.handle.stats.sum(), &s.handle.disks.snapshot());
+    let mut text = metrics::render(&s.handle.stats.sum(), &s.handle.disks.snapshot());
+    metrics::render_mgmt(&mut text, &s.counters);
     (
         StatusCode::OK,
         [(

@@ -18,9 +18,12 @@ pub mod health;
 pub mod metrics;
 pub mod status;
 pub mod supervisor;
+pub mod tls;
 pub mod update;
 
+use std::future::{Future, IntoFuture};
 use std::net::{SocketAddr, TcpListener};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,6 +40,9 @@ pub use health::Thresholds;
 pub struct MgmtConfig {
     /// Where the REST API listens.
     pub listen: SocketAddr,
+    /// The certificate and key to serve the REST API over HTTPS only; `None`: plain
+    /// HTTP.
+    pub tls: Option<tls::TlsFiles>,
     /// Network backend name reported by `/v1/node` (`kernel` or `dpdk`).
     pub network_backend: String,
     /// Bearer token for the mutating endpoints; `None` disables them.
@@ -65,6 +71,8 @@ pub enum MgmtError {
     OpenApi(String),
     #[error("boot slots (--boot-esp): {0}")]
     Boot(String),
+    #[error("management TLS (--mgmt-tls-cert/--mgmt-tls-key): {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// State shared by the handlers.
@@ -79,6 +87,8 @@ pub struct Shared {
     pub(crate) restarts: Option<supervisor::RestartsView>,
     /// Rendered once at start: it never changes while the node runs.
     pub(crate) openapi: String,
+    /// The management core's own counters (exported on `/metrics`).
+    pub(crate) counters: Arc<metrics::MgmtCounters>,
 }
 
 /// How often the dataplane loops' turn counters are sampled for the stall rule. Well under
@@ -93,6 +103,7 @@ const BLOCKING_THREADS: usize = 2;
 #[derive(Debug)]
 pub struct Mgmt {
     addr: SocketAddr,
+    https: bool,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
     monitor: Arc<health::Monitor>,
@@ -107,6 +118,8 @@ impl Mgmt {
         handle: DataplaneHandle,
         mut node: NodeState,
     ) -> Result<Mgmt, MgmtError> {
+        // The certificate first: a bad one stops the node before anything listens.
+        let tls = cfg.tls.as_ref().map(tls::load).transpose()?;
         let listen_err = |source| MgmtError::Listen {
             addr: cfg.listen,
             source,
@@ -173,7 +186,9 @@ impl Mgmt {
             boot,
             restarts,
             openapi,
+            counters: Arc::new(metrics::MgmtCounters::default()),
         });
+        let https = tls.is_some();
         let (stop, stopped) = watch::channel(false);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
@@ -184,10 +199,11 @@ impl Mgmt {
             .map_err(MgmtError::Thread)?;
         let thread = std::thread::Builder::new()
             .name("mgmt".into())
-            .spawn(move || runtime.block_on(serve(listener, shared, stopped)))
+            .spawn(move || runtime.block_on(serve(listener, tls, shared, stopped)))
             .map_err(MgmtError::Thread)?;
         Ok(Mgmt {
             addr: local,
+            https,
             stop,
             thread: Some(thread),
             monitor,
@@ -196,6 +212,17 @@ impl Mgmt {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Whether the REST API is served over HTTPS (and only HTTPS).
+    pub fn https(&self) -> bool {
+        self.https
+    }
+
+    /// The REST API's base URL, e.g. `https://127.0.0.1:7380`.
+    pub fn url(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The node's health monitor, for the announcer's heartbeats.
@@ -212,7 +239,12 @@ impl Mgmt {
     }
 }
 
-async fn serve(listener: TcpListener, shared: Arc<Shared>, stopped: watch::Receiver<bool>) {
+async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shared: Arc<Shared>,
+    stopped: watch::Receiver<bool>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -240,8 +272,23 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, stopped: watch::Recei
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let counters = Arc::clone(&shared.counters);
     let app = api::router(shared);
-    let server = axum::serve(listener, app).with_graceful_shutdown(until_stopped(stopped.clone()));
+    let shutdown = until_stopped(stopped.clone());
+    // The same server either way; with TLS its listener yields only connections whose
+    // handshake completed (see [`tls::TlsListener`]).
+    let server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
+        None => Box::pin(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .into_future(),
+        ),
+        Some(config) => Box::pin(
+            axum::serve(tls::TlsListener::new(listener, config, counters), app)
+                .with_graceful_shutdown(shutdown)
+                .into_future(),
+        ),
+    };
     tokio::select! {
         result = server => {
             if let Err(e) = result {

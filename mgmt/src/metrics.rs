@@ -7,6 +7,7 @@
 //! then per-disk gauges and counters from the latest published disk reports.
 
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dataplane::server::frame_check::RxDrop;
 use dataplane::stats::{Histogram, NodeStats, OpClass};
@@ -196,6 +197,25 @@ fn render_families(out: &mut String, s: &NodeStats) {
         seconds(out, h.sum_us);
         let _ = writeln!(out, "\n{name}_count{{op=\"{}\"}} {}", op.name(), h.count());
     }
+}
+
+/// Counters of the management core itself (the dataplane's are in [`NodeStats`]).
+#[derive(Debug, Default)]
+pub struct MgmtCounters {
+    /// TLS handshakes on the REST listener that failed or timed out ([`crate::tls`]).
+    pub tls_handshake_failures: AtomicU64,
+}
+
+/// The management core's own counters, after [`render`]'s. Exported whether or not TLS
+/// is on, so that a dashboard's query has a series either way.
+pub fn render_mgmt(out: &mut String, m: &MgmtCounters) {
+    let _ = write!(
+        out,
+        "# HELP dosd_mgmt_tls_handshake_failures_total TLS handshakes on the management listener that failed or did not complete in time (0 without --mgmt-tls-cert)\n\
+         # TYPE dosd_mgmt_tls_handshake_failures_total counter\n\
+         dosd_mgmt_tls_handshake_failures_total {}\n",
+        m.tls_handshake_failures.load(Ordering::Relaxed)
+    );
 }
 
 /// The whole exposition: node counters, labelled families, then per-disk gauges.

@@ -223,6 +223,7 @@ mod tests {
         );
         let cfg = MgmtConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
+            tls: None,
             network_backend: "kernel".into(),
             token: None,
             thresholds: Thresholds::default(),

@@ -133,6 +133,15 @@ pub struct Flags {
     /// without one they are disabled
     #[arg(long, env = "DOSD_MGMT_TOKEN", hide_env_values = true)]
     pub mgmt_token: Option<String>,
+    /// Serve the REST endpoint over HTTPS only (TLS 1.2 and 1.3) with this certificate
+    /// chain, PEM, the node's certificate first; needs --mgmt-tls-key [default: plain
+    /// HTTP]
+    #[arg(long, value_name = "FILE")]
+    pub mgmt_tls_cert: Option<PathBuf>,
+    /// The private key of --mgmt-tls-cert: PEM, unencrypted, PKCS#8, PKCS#1 (RSA) or
+    /// SEC1 (EC)
+    #[arg(long, value_name = "FILE")]
+    pub mgmt_tls_key: Option<PathBuf>,
     /// Health: more disks down than this makes the node failing [default: 1]
     #[arg(long)]
     pub disks_down_max: Option<u16>,
@@ -236,6 +245,8 @@ pub struct FileConfig {
     pub connections_max: Option<usize>,
     pub dataplane_cores: Option<u16>,
     pub mgmt_token: Option<String>,
+    pub mgmt_tls_cert: Option<PathBuf>,
+    pub mgmt_tls_key: Option<PathBuf>,
     pub disks_down_max: Option<u16>,
     pub dataplane_stall_ms: Option<u64>,
     pub net: Option<String>,
@@ -340,6 +351,9 @@ pub struct Config {
     pub dataplane_cores: Option<u16>,
     /// `None`: the REST endpoints that change things are disabled.
     pub mgmt_token: Option<String>,
+    /// The REST endpoint's certificate and key (both given, or neither); `None`: plain
+    /// HTTP. Read when the management core starts.
+    pub mgmt_tls: Option<mgmt::tls::TlsFiles>,
     pub disks_down_max: u16,
     pub dataplane_stall_ms: u64,
     /// The dataplane's network backend.
@@ -562,6 +576,27 @@ impl Config {
                 "must not be empty (leave it out to disable the mutating endpoints)".into(),
             ));
         }
+        let mgmt_tls = match (
+            flags.mgmt_tls_cert.or(file.mgmt_tls_cert),
+            flags.mgmt_tls_key.or(file.mgmt_tls_key),
+        ) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(mgmt::tls::TlsFiles { cert, key }),
+            (Some(cert), None) => {
+                return Err(invalid(
+                    "mgmt_tls_cert",
+                    &cert.display().to_string(),
+                    "HTTPS needs the key too: set mgmt_tls_key (--mgmt-tls-key)".into(),
+                ))
+            }
+            (None, Some(key)) => {
+                return Err(invalid(
+                    "mgmt_tls_key",
+                    &key.display().to_string(),
+                    "HTTPS needs the certificate too: set mgmt_tls_cert (--mgmt-tls-cert)".into(),
+                ))
+            }
+        };
         let dataplane_stall_ms = flags
             .dataplane_stall_ms
             .or(file.dataplane_stall_ms)
@@ -796,6 +831,7 @@ impl Config {
             test_stall_ms,
             test_stall_loop: flags.test_stall_loop.unwrap_or(0),
             mgmt_token,
+            mgmt_tls,
             disks_down_max: flags
                 .disks_down_max
                 .or(file.disks_down_max)
@@ -994,6 +1030,69 @@ mod tests {
         ] {
             assert!(Config::resolve(bad).is_err());
         }
+    }
+
+    #[test]
+    fn mgmt_tls_needs_both_files() {
+        let c = Config::resolve(Flags::default()).unwrap();
+        assert_eq!(c.mgmt_tls, None, "plain HTTP unless a certificate is given");
+
+        let parse = |args: &[&str]| Flags::try_parse_from([&["dosd"], args].concat());
+        let c = Config::resolve(
+            parse(&[
+                "--mgmt-tls-cert",
+                "/etc/dosd/cert.pem",
+                "--mgmt-tls-key",
+                "k.pem",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.mgmt_tls,
+            Some(mgmt::tls::TlsFiles {
+                cert: "/etc/dosd/cert.pem".into(),
+                key: "k.pem".into(),
+            })
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dosd.toml");
+        std::fs::write(
+            &path,
+            "mgmt_tls_cert = \"file-cert.pem\"\nmgmt_tls_key = \"file-key.pem\"\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = Config::resolve(parse(&["--config", file]).unwrap()).unwrap();
+        let tls = c.mgmt_tls.unwrap();
+        assert_eq!(
+            (tls.cert, tls.key),
+            ("file-cert.pem".into(), "file-key.pem".into())
+        );
+        // A flag wins over the file's key of the same name, each on its own.
+        let c = Config::resolve(parse(&["--config", file, "--mgmt-tls-key", "flag.pem"]).unwrap());
+        let tls = c.unwrap().mgmt_tls.unwrap();
+        assert_eq!(
+            (tls.cert, tls.key),
+            ("file-cert.pem".into(), "flag.pem".into())
+        );
+
+        let e = Config::resolve(parse(&["--mgmt-tls-cert", "c.pem"]).unwrap()).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("mgmt_tls_cert") && e.contains("--mgmt-tls-key"),
+            "{e}"
+        );
+        let e = Config::resolve(parse(&["--mgmt-tls-key", "k.pem"]).unwrap()).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("mgmt_tls_key") && e.contains("--mgmt-tls-cert"),
+            "{e}"
+        );
+        std::fs::write(&path, "mgmt_tls_key = \"only-key.pem\"\n").unwrap();
+        let e = Config::resolve(parse(&["--config", file]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("only-key.pem"), "{e}");
     }
 
     #[test]

@@ -515,7 +515,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     };
     let mgmt_cfg = mgmt::MgmtConfig {
         listen: cfg.mgmt_listen,
-        tls: None,
+        tls: cfg.mgmt_tls.clone(),
         network_backend: match cfg.net {
             Net::Kernel => "kernel",
             Net::Dpdk(_) => "dpdk",
@@ -556,7 +556,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         dosp = %local,
         multicast = %cfg.multicast,
         multicast_if = %cfg.multicast_if,
-        mgmt = %mgmt.local_addr(),
+        mgmt = %mgmt.url(),
         data_dir = %cfg.data_dir.display(),
         "dosd ready"
     );
@@ -572,8 +572,10 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         .and_then(|s| s.http_addr())
         .map(|a| format!(" http={a}"))
         .unwrap_or_default();
+    // `mgmt_tls=on` only when the REST endpoint speaks HTTPS (and only HTTPS).
+    let mgmt_tls_field = if mgmt.https() { " mgmt_tls=on" } else { "" };
     println!(
-        "listening dosp={local} mgmt={} node={node_id:016x}{name_field}{http_field}",
+        "listening dosp={local} mgmt={} node={node_id:016x}{name_field}{http_field}{mgmt_tls_field}",
         mgmt.local_addr()
     );
 

@@ -2,7 +2,7 @@
 //!
 //! It runs on its own thread (unpinned: the dataplane loops take cores 1, 2, …; see
 //! ARCHITECTURE.md) with a tokio current-thread runtime serving a REST API with axum (see [`api`] for the endpoints, `/openapi.json` for the
-//! document) and an operator's status page at `/` ([`status`]). It reads only what the dataplane publishes through the
+//! document; over HTTPS only when given a certificate, see [`tls`]) and an operator's status page at `/` ([`status`]). It reads only what the dataplane publishes through the
 //! [`DataplaneHandle`] — atomic counters, loop beats and disk reports — and changes
 //! disk state by sending the dataplane a bounded command. It owns the node's state
 //! ([`dataplane::node::NodeState`]): it publishes it at start and whenever the health

@@ -205,7 +205,7 @@ pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
 /// handshake runs in a task of its own, so [`accept`](axum::serve::Listener::accept)
 /// returns whichever finishes first; dropping the listener (the server stopping) ends
 /// the handshakes still in progress.
-pub(crate) struct TlsListener {
+pub struct TlsListener {
     tcp: tokio::net::TcpListener,
     acceptor: TlsAcceptor,
     handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
@@ -213,7 +213,8 @@ pub(crate) struct TlsListener {
 }
 
 impl TlsListener {
-    pub(crate) fn new(
+    /// TLS with `config` on `tcp`; failed handshakes are counted in `counters`.
+    pub fn new(
         tcp: tokio::net::TcpListener,
         config: Arc<ServerConfig>,
         counters: Arc<MgmtCounters>,

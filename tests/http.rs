@@ -554,3 +554,58 @@ fn idle_http_connections_make_room_for_new_ones() {
     assert!(closed >= 1, "no idle connection was closed");
     assert!(http_count(&node, 200) >= 3);
 }
+
+#[test]
+fn double_md5_urls_are_served_only_where_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path());
+    let k = keys.to_str().unwrap();
+    let strict = Node::start(
+        &dir.path().join("strict"),
+        &unique_group(),
+        &["--cluster-key-file", k, "--http-listen", "127.0.0.1:0"],
+    );
+    let compat = Node::start(
+        &dir.path().join("compat"),
+        &unique_group(),
+        &[
+            "--cluster-key-file",
+            k,
+            "--http-listen",
+            "127.0.0.1:0",
+            "--auth-allow-md5",
+        ],
+    );
+    let bytes = data(9, 200_000);
+    for node in [&strict, &compat] {
+        store(node, &keys, dir.path(), "obj", &bytes);
+    }
+    let md5 = md5sum(&dir.path().join("obj"));
+    let md5_url = |node: &Node| url(node, &keys, &md5, &["--auth-mode", "md5"]);
+    // The specification's certificate: 32 hex digits where HMAC's 43 base64url are.
+    let u = md5_url(&compat);
+    let signature = u.rsplit('/').nth(1).unwrap();
+    assert_eq!(signature.len(), 32, "{u}");
+    assert!(signature.bytes().all(|b| b.is_ascii_hexdigit()), "{u}");
+    let (code, got, _) = curl(dir.path(), &[&u]);
+    assert_eq!((code, got.as_str()), (200, md5.as_str()));
+    let (code, _, _) = curl(dir.path(), &["-r", "100-199", &u]);
+    assert_eq!(code, 206);
+    assert_eq!(
+        std::fs::read(dir.path().join("body")).unwrap(),
+        bytes[100..200]
+    );
+    // A node that does not allow double MD5 refuses it, and counts it as a mode
+    // refusal; HMAC URLs still work there.
+    let mode = "dosd_auth_failed_total{reason=\"mode\"} ";
+    let before = metric(&strict, mode);
+    let (code, _, _) = curl(dir.path(), &[&md5_url(&strict)]);
+    assert_eq!(code, 403);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("body")).unwrap(),
+        "double MD5 not accepted\n"
+    );
+    assert_eq!(metric(&strict, mode), before + 1);
+    let (code, got, _) = curl(dir.path(), &[&url(&strict, &keys, &md5, &[])]);
+    assert_eq!((code, got.as_str()), (200, md5.as_str()));
+}

@@ -99,21 +99,34 @@ fn main() {
     });
     report("mint (retrieve token)", ns);
 
-    // A signed URL's two segments, as the HTTP session checks them (dosp/HTTP.md).
-    let path = dosp::auth::srl_path(&ring, &Fingerprint::of(b"object"), u64::MAX, None);
-    let mut segments = path.split('/').skip(1);
-    let (request, signature) = (
-        segments.next().unwrap_or_default().to_owned(),
-        segments.next().unwrap_or_default().to_owned(),
-    );
-    let ns = ns_per_op(|i| {
-        let _ = black_box(ring.check_srl(
-            black_box(request.as_bytes()),
-            black_box(signature.as_bytes()),
-            black_box(i),
-        ));
-    });
-    report("check_srl (signed URL)", ns);
+    // A signed URL's two segments, as the HTTP session checks them (dosp/HTTP.md), in
+    // both certificate modes.
+    for (mode, what) in [
+        (CertMode::HmacSha256, "check_srl (signed URL, HMAC-SHA256)"),
+        (CertMode::DoubleMd5, "check_srl (signed URL, double MD5)"),
+    ] {
+        let fp = Fingerprint::of(b"object");
+        let path = dosp::auth::srl_path_with(&ring, mode, &fp, u64::MAX, None);
+        let mut segments = path.split('/').skip(1);
+        let (request, signature) = (
+            segments.next().unwrap_or_default().to_owned(),
+            segments.next().unwrap_or_default().to_owned(),
+        );
+        assert_eq!(
+            ring.check_srl(request.as_bytes(), signature.as_bytes(), 0, true),
+            Ok(fp),
+            "{what}: the URL verifies"
+        );
+        let ns = ns_per_op(|i| {
+            let _ = black_box(ring.check_srl(
+                black_box(request.as_bytes()),
+                black_box(signature.as_bytes()),
+                black_box(i),
+                true,
+            ));
+        });
+        report(what, ns);
+    }
 
     // A steady stream of fresh requests, one per microsecond of simulated time, through
     // a guard big enough for them: every check evicts as well as inserts.

@@ -914,6 +914,10 @@ pub enum TokenError {
         /// When it expired, in seconds since the Unix epoch.
         expires_unix_s: u64,
     },
+    /// A signed URL in the specification's double-MD5 mode, which the node does not
+    /// accept (`--auth-allow-md5`).
+    #[error("signed with the specification's double MD5, which this node does not accept")]
+    Md5Refused,
 }
 
 /// Writes the signed part of a token (everything but the MAC); returns its length.
@@ -1097,6 +1101,9 @@ impl fmt::Debug for Token {
 pub const SRL_REQUEST_TEXT_LEN: usize = base64_len(TOKEN_RETRIEVE_BYTES - TOKEN_MAC_BYTES);
 /// Length of a signed URL's signature: base64url of the token's 32-byte MAC.
 pub const SRL_SIGNATURE_TEXT_LEN: usize = base64_len(TOKEN_MAC_BYTES);
+/// Length of a signed URL's signature in the specification's double-MD5 mode: the
+/// 16-byte certificate in lower-case hex.
+pub const SRL_MD5_SIGNATURE_TEXT_LEN: usize = 32;
 const _: () = assert!(SRL_REQUEST_TEXT_LEN == 40 && SRL_SIGNATURE_TEXT_LEN == 43);
 
 /// Bytes of a URL path segment that [`srl_path`] writes as they are (RFC 3986
@@ -1119,6 +1126,27 @@ pub fn srl_path(
     expires_unix_s: u64,
     name: Option<&str>,
 ) -> String {
+    srl_path_with(
+        ring,
+        CertMode::HmacSha256,
+        fingerprint,
+        expires_unix_s,
+        name,
+    )
+}
+
+/// [`srl_path`] with the certificate of `mode`. [`CertMode::DoubleMd5`] is the
+/// specification's SRL certificate, for compatibility: the signature segment is
+/// `md5(secret ‖ md5(secret ‖ encoded-request))` over the encoded request's text, in
+/// lower-case hex ([`SRL_MD5_SIGNATURE_TEXT_LEN`] characters), accepted only by nodes
+/// that allow double MD5.
+pub fn srl_path_with(
+    ring: &KeyRing,
+    mode: CertMode,
+    fingerprint: &Fingerprint,
+    expires_unix_s: u64,
+    name: Option<&str>,
+) -> String {
     let cap = Capability {
         op: CapOp::Retrieve(*fingerprint),
         expires_unix_s,
@@ -1126,12 +1154,20 @@ pub fn srl_path(
     let signer = ring.signer();
     let mut raw = [0u8; TOKEN_BYTES_MAX];
     let body_len = token_body(&cap, signer.wire_id, &mut raw);
-    let mac = hmac_sha256(&signer.hmac_key, &[&raw[..body_len]]);
+    let request = URL_SAFE_NO_PAD.encode(&raw[..body_len]);
+    let signature = match mode {
+        CertMode::HmacSha256 => {
+            URL_SAFE_NO_PAD.encode(hmac_sha256(&signer.hmac_key, &[&raw[..body_len]]))
+        }
+        CertMode::DoubleMd5 => {
+            hex::encode(&double_md5(&signer.secret, &[request.as_bytes()])[..SRL_MD5_BYTES])
+        }
+    };
     let mut path = String::with_capacity(2 + SRL_REQUEST_TEXT_LEN + SRL_SIGNATURE_TEXT_LEN + 40);
     path.push('/');
-    path.push_str(&URL_SAFE_NO_PAD.encode(&raw[..body_len]));
+    path.push_str(&request);
     path.push('/');
-    path.push_str(&URL_SAFE_NO_PAD.encode(mac));
+    path.push_str(&signature);
     path.push('/');
     match name {
         Some(name) => {
@@ -1148,30 +1184,46 @@ pub fn srl_path(
     path
 }
 
-/// Reads a signed URL's first two path segments (their form only: no key needed): the
-/// retrieve token they make together. Never panics; does not allocate.
-pub fn parse_srl(request: &[u8], signature: &[u8]) -> Result<Token, TokenError> {
-    if request.len() != SRL_REQUEST_TEXT_LEN || signature.len() != SRL_SIGNATURE_TEXT_LEN {
+/// Bytes of a double-MD5 certificate (an MD5 digest).
+const SRL_MD5_BYTES: usize = 16;
+
+/// Reads a signed URL's encoded request: the retrieve capability it grants and the
+/// wire id of the key said to sign it. Never panics; does not allocate.
+fn parse_srl_request(request: &[u8]) -> Result<(Capability, u32), TokenError> {
+    if request.len() != SRL_REQUEST_TEXT_LEN {
         return Err(TokenError::Malformed("wrong length"));
     }
     let mut body = [0u8; TOKEN_RETRIEVE_BYTES - TOKEN_MAC_BYTES + 3];
     let body_len = URL_SAFE_NO_PAD
         .decode_slice(request, &mut body)
         .map_err(|_| TokenError::Malformed("not base64url without padding"))?;
+    let Some(body) = body.get(..body_len) else {
+        return Err(TokenError::Malformed("wrong length"));
+    };
+    let (cap, key_id) = parse_token_body(body)?;
+    if !matches!(cap.op, CapOp::Retrieve(_)) {
+        return Err(TokenError::Malformed("a signed URL grants a retrieve only"));
+    }
+    Ok((cap, key_id))
+}
+
+/// Reads a signed URL's first two path segments (their form only: no key needed): the
+/// retrieve token they make together (HMAC-SHA256 signatures only). Never panics; does
+/// not allocate.
+pub fn parse_srl(request: &[u8], signature: &[u8]) -> Result<Token, TokenError> {
+    if signature.len() != SRL_SIGNATURE_TEXT_LEN {
+        return Err(TokenError::Malformed("wrong length"));
+    }
+    let (cap, key_id) = parse_srl_request(request)?;
     let mut mac = [0u8; TOKEN_MAC_BYTES + 3];
     let mac_len = URL_SAFE_NO_PAD
         .decode_slice(signature, &mut mac)
         .map_err(|_| TokenError::Malformed("not base64url without padding"))?;
-    let (Some(body), Some(mac)) = (body.get(..body_len), mac.first_chunk::<TOKEN_MAC_BYTES>())
-    else {
+    let Some(mac) = mac.first_chunk::<TOKEN_MAC_BYTES>() else {
         return Err(TokenError::Malformed("wrong length"));
     };
     if mac_len != TOKEN_MAC_BYTES {
         return Err(TokenError::Malformed("wrong length"));
-    }
-    let (cap, key_id) = parse_token_body(body)?;
-    if !matches!(cap.op, CapOp::Retrieve(_)) {
-        return Err(TokenError::Malformed("a signed URL grants a retrieve only"));
     }
     Ok(Token {
         cap,
@@ -1181,18 +1233,70 @@ pub fn parse_srl(request: &[u8], signature: &[u8]) -> Result<Token, TokenError> 
 }
 
 impl KeyRing {
-    /// Checks a signed URL's encoded request and signature (see [`srl_path`]): form,
-    /// signature in constant time, then expiry at `now_unix_s`. Returns the object it
-    /// lets its holder fetch. Never panics; does not allocate.
+    /// Checks a signed URL's encoded request and signature (see [`srl_path`] and
+    /// [`srl_path_with`]): form, signature in constant time, then expiry at
+    /// `now_unix_s`. Returns the object it lets its holder fetch. A double-MD5
+    /// signature (told by its length) is refused unless `allow_md5`. Never panics;
+    /// does not allocate.
     pub fn check_srl(
         &self,
         request: &[u8],
         signature: &[u8],
         now_unix_s: u64,
+        allow_md5: bool,
     ) -> Result<Fingerprint, TokenError> {
+        if signature.len() == SRL_MD5_SIGNATURE_TEXT_LEN {
+            return self.check_srl_md5(request, signature, now_unix_s, allow_md5);
+        }
         let token = parse_srl(request, signature)?;
         self.verify_capability(&token.cap, token.key_id, &token.mac, now_unix_s)?;
         match token.cap.op {
+            CapOp::Retrieve(fingerprint) => Ok(fingerprint),
+            CapOp::Store { .. } => {
+                Err(TokenError::Malformed("a signed URL grants a retrieve only"))
+            }
+        }
+    }
+
+    /// [`KeyRing::check_srl`] of a double-MD5 signature: the certificate over the
+    /// encoded request's text, compared in constant time (an unknown key id still costs
+    /// the digests).
+    fn check_srl_md5(
+        &self,
+        request: &[u8],
+        signature: &[u8],
+        now_unix_s: u64,
+        allow_md5: bool,
+    ) -> Result<Fingerprint, TokenError> {
+        let (cap, key_id) = parse_srl_request(request)?;
+        let mut given = [0u8; SRL_MD5_BYTES];
+        // Lower-case hex only, as `srl_path_with` writes it: one spelling per URL.
+        if signature.iter().any(|b| b.is_ascii_uppercase())
+            || hex::decode_to_slice(signature, &mut given).is_err()
+        {
+            return Err(TokenError::Malformed("not lower-case hex"));
+        }
+        if !allow_md5 {
+            return Err(TokenError::Md5Refused);
+        }
+        let known = self.key(key_id);
+        let key = known.unwrap_or(&self.dummy);
+        let expected = double_md5(&key.secret, &[request]);
+        let matches =
+            expected[..SRL_MD5_BYTES].ct_eq(&given[..]) & Choice::from(u8::from(known.is_some()));
+        if !bool::from(matches) {
+            return Err(if known.is_none() {
+                TokenError::UnknownKey(key_id)
+            } else {
+                TokenError::BadSignature
+            });
+        }
+        if now_unix_s >= cap.expires_unix_s {
+            return Err(TokenError::Expired {
+                expires_unix_s: cap.expires_unix_s,
+            });
+        }
+        match cap.op {
             CapOp::Retrieve(fingerprint) => Ok(fingerprint),
             CapOp::Store { .. } => {
                 Err(TokenError::Malformed("a signed URL grants a retrieve only"))
@@ -2052,11 +2156,11 @@ mod tests {
         assert_eq!(signature.len(), SRL_SIGNATURE_TEXT_LEN);
         assert_eq!(name, "photo%201.jpg");
         assert_eq!(
-            ring.check_srl(request.as_bytes(), signature.as_bytes(), 999),
+            ring.check_srl(request.as_bytes(), signature.as_bytes(), 999, false),
             Ok(f)
         );
         assert_eq!(
-            ring.check_srl(request.as_bytes(), signature.as_bytes(), 1_000),
+            ring.check_srl(request.as_bytes(), signature.as_bytes(), 1_000, false),
             Err(TokenError::Expired {
                 expires_unix_s: 1_000
             })
@@ -2083,12 +2187,12 @@ mod tests {
         let (other_request, _, _) =
             srl_segments(&srl_path(&ring, &Fingerprint::of(b"x"), 1_000, None));
         assert_eq!(
-            ring.check_srl(other_request.as_bytes(), signature.as_bytes(), 0),
+            ring.check_srl(other_request.as_bytes(), signature.as_bytes(), 0, false),
             Err(TokenError::BadSignature)
         );
         let stranger = parse_ring(&format!("k9 {OTHER_HEX}\n"));
         assert_eq!(
-            stranger.check_srl(request.as_bytes(), signature.as_bytes(), 0),
+            stranger.check_srl(request.as_bytes(), signature.as_bytes(), 0, false),
             Err(TokenError::UnknownKey(wire_id_of("k1")))
         );
         // A store token split the same way is not a signed URL.
@@ -2103,7 +2207,8 @@ mod tests {
             .check_srl(
                 URL_SAFE_NO_PAD.encode(body).as_bytes(),
                 URL_SAFE_NO_PAD.encode(mac).as_bytes(),
-                0
+                0,
+                false
             )
             .is_err());
         for (r, s) in [
@@ -2112,10 +2217,66 @@ mod tests {
             (&request[..], &signature[1..]),
         ] {
             assert_eq!(
-                ring.check_srl(r.as_bytes(), s.as_bytes(), 0),
+                ring.check_srl(r.as_bytes(), s.as_bytes(), 0, false),
                 Err(TokenError::Malformed("wrong length"))
             );
         }
+    }
+
+    #[test]
+    fn signed_urls_in_the_specifications_double_md5_mode() {
+        let ring = k1();
+        let f = fingerprint();
+        let path = srl_path_with(&ring, CertMode::DoubleMd5, &f, 1_000, Some("a.jpg"));
+        let (request, signature, name) = srl_segments(&path);
+        assert_eq!(name, "a.jpg");
+        assert_eq!(signature.len(), SRL_MD5_SIGNATURE_TEXT_LEN);
+        // The same encoded request as the HMAC URL; the certificate is the
+        // specification's: md5(secret + md5(secret + encoded-request)), in hex.
+        let (hmac_request, _, _) = srl_segments(&srl_path(&ring, &f, 1_000, None));
+        assert_eq!(request, hmac_request);
+        let secret = hex::decode(SECRET_HEX).unwrap();
+        let inner = Md5::new_with_prefix(&secret)
+            .chain_update(request.as_bytes())
+            .finalize();
+        let outer = Md5::new_with_prefix(&secret).chain_update(inner).finalize();
+        assert_eq!(signature, hex::encode(outer));
+        let (r, s) = (request.as_bytes(), signature.as_bytes());
+        assert_eq!(ring.check_srl(r, s, 999, true), Ok(f));
+        // Only where double MD5 is allowed; after the form is checked, before the key.
+        assert_eq!(
+            ring.check_srl(r, s, 999, false),
+            Err(TokenError::Md5Refused)
+        );
+        assert_eq!(
+            ring.check_srl(r, s, 1_000, true),
+            Err(TokenError::Expired {
+                expires_unix_s: 1_000
+            })
+        );
+        let stranger = parse_ring(&format!("k9 {OTHER_HEX}\n"));
+        assert_eq!(
+            stranger.check_srl(r, s, 0, true),
+            Err(TokenError::UnknownKey(wire_id_of("k1")))
+        );
+        let same_id = parse_ring(&format!("k1 {OTHER_HEX}\n"));
+        assert_eq!(
+            same_id.check_srl(r, s, 0, true),
+            Err(TokenError::BadSignature)
+        );
+        // One spelling: upper-case hex, or not hex, is malformed.
+        let upper = signature.to_ascii_uppercase();
+        assert!(matches!(
+            ring.check_srl(r, upper.as_bytes(), 0, true),
+            Err(TokenError::Malformed(_))
+        ));
+        assert!(matches!(
+            ring.check_srl(r, &[b'g'; SRL_MD5_SIGNATURE_TEXT_LEN], 0, true),
+            Err(TokenError::Malformed(_))
+        ));
+        // And an HMAC URL still verifies where double MD5 is allowed.
+        let (hr, hs, _) = srl_segments(&srl_path(&ring, &f, 1_000, None));
+        assert_eq!(ring.check_srl(hr.as_bytes(), hs.as_bytes(), 0, true), Ok(f));
     }
 
     proptest! {
@@ -2131,7 +2292,7 @@ mod tests {
             prop_assume!(both[index] != replacement);
             both[index] = replacement;
             let (r, s) = both.split_at(SRL_REQUEST_TEXT_LEN);
-            prop_assert!(ring.check_srl(r, s, 0).is_err());
+            prop_assert!(ring.check_srl(r, s, 0, true).is_err());
         }
 
         #[test]
@@ -2140,7 +2301,22 @@ mod tests {
             signature in prop::collection::vec(any::<u8>(), 0..60),
             now in any::<u64>(),
         ) {
-            let _ = k1().check_srl(&request, &signature, now);
+            let _ = k1().check_srl(&request, &signature, now, true);
+        }
+
+        #[test]
+        fn any_change_to_a_double_md5_signed_url_is_refused(
+            index in 0usize..(SRL_REQUEST_TEXT_LEN + SRL_MD5_SIGNATURE_TEXT_LEN),
+            replacement in any::<u8>(),
+        ) {
+            let ring = k1();
+            let path = srl_path_with(&ring, CertMode::DoubleMd5, &fingerprint(), 1_000, None);
+            let (request, signature, _) = srl_segments(&path);
+            let mut both = format!("{request}{signature}").into_bytes();
+            prop_assume!(both[index] != replacement);
+            both[index] = replacement;
+            let (r, s) = both.split_at(SRL_REQUEST_TEXT_LEN);
+            prop_assert!(ring.check_srl(r, s, 0, true).is_err());
         }
     }
 }

@@ -57,6 +57,18 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The reason a refused capability token or signed URL is counted under: a
+    /// malformed or altered one is a bad certificate, a double-MD5 URL where that
+    /// mode is not accepted is [`Refusal::Mode`].
+    pub fn of_token(e: &TokenError) -> Refusal {
+        match e {
+            TokenError::UnknownKey(_) => Refusal::UnknownKey,
+            TokenError::Expired { .. } => Refusal::TokenExpired,
+            TokenError::BadSignature | TokenError::Malformed(_) => Refusal::BadCertificate,
+            TokenError::Md5Refused => Refusal::Mode,
+        }
+    }
+
     /// Every reason, in code order.
     pub const ALL: [Refusal; 9] = [
         Refusal::Unsigned,
@@ -287,11 +299,7 @@ pub fn verify_capability(
 ) -> Result<(), Refusal> {
     let (cap, object, len) = claimed_capability(opcode, inner, t)?;
     ring.verify_capability(&cap, t.key_id.get(), &t.certificate, now_unix_s)
-        .map_err(|e| match e {
-            TokenError::UnknownKey(_) => Refusal::UnknownKey,
-            TokenError::Expired { .. } => Refusal::TokenExpired,
-            TokenError::BadSignature | TokenError::Malformed(_) => Refusal::BadCertificate,
-        })?;
+        .map_err(|e| Refusal::of_token(&e))?;
     let Ok(opcode) = opcode else {
         return Err(Refusal::TokenScope);
     };

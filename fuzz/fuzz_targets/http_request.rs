@@ -10,7 +10,7 @@ use std::io::IoSlice;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use dataplane::server::http::{HttpSession, Need};
+use dataplane::server::http::{HttpSession, Need, UrlKeys};
 use dosp::auth::{srl_path, KeyRing};
 use dosp::Fingerprint;
 use libfuzzer_sys::fuzz_target;
@@ -60,7 +60,11 @@ fuzz_target!(|input: &[u8]| {
         } else if pending.is_empty() || round > 5_000 {
             s.on_peer_closed();
         }
-        let n = s.on_recv(t0, NOW, ring(), &pending);
+        let keys = UrlKeys {
+            ring: ring(),
+            allow_md5: true,
+        };
+        let n = s.on_recv(t0, NOW, keys, &pending);
         assert!(n <= pending.len());
         pending.drain(..n);
         while let Some(need) = s.need() {

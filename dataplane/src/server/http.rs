@@ -257,14 +257,14 @@ pub fn filename_of(customer_uri: &str) -> Option<String> {
     Name::from_uri(customer_uri).map(|n| String::from_utf8_lossy(n.as_bytes()).into_owned())
 }
 
-/// The reason a refused signed URL counts under in `dosd_auth_failed_total`, as a
-/// refused DOSP capability would: a malformed or altered URL is a bad certificate.
-fn refusal_of(e: &TokenError) -> Refusal {
-    match e {
-        TokenError::Malformed(_) | TokenError::BadSignature => Refusal::BadCertificate,
-        TokenError::UnknownKey(_) => Refusal::UnknownKey,
-        TokenError::Expired { .. } => Refusal::TokenExpired,
-    }
+/// What signed URLs are checked with: the cluster's keys, and whether the
+/// specification's double-MD5 certificate is accepted (`--auth-allow-md5`).
+#[derive(Clone, Copy, Debug)]
+pub struct UrlKeys<'a> {
+    /// The cluster's keys.
+    pub ring: &'a KeyRing,
+    /// Whether a double-MD5 signature is accepted.
+    pub allow_md5: bool,
 }
 
 /// The body of the 403 a refused signed URL gets: a short reason and a newline.
@@ -274,6 +274,7 @@ pub fn refusal_text(e: &TokenError) -> &'static str {
         TokenError::BadSignature => "bad signature\n",
         TokenError::UnknownKey(_) => "unknown key\n",
         TokenError::Malformed(_) => "malformed signed URL\n",
+        TokenError::Md5Refused => "double MD5 not accepted\n",
     }
 }
 
@@ -499,13 +500,25 @@ impl<P: BodyPiece> HttpSession<P> {
     /// Parses the next request head from the front of `data` (the bytes received and
     /// not consumed yet) when [`HttpSession::wants_input`], checking its signed URL
     /// with `ring` at `now_unix_s`. Returns how many bytes it consumed.
-    pub fn on_recv(&mut self, now: Instant, now_unix_s: u64, ring: &KeyRing, data: &[u8]) -> usize {
-        let n = self.parse_one(now, now_unix_s, ring, data);
+    pub fn on_recv(
+        &mut self,
+        now: Instant,
+        now_unix_s: u64,
+        keys: UrlKeys<'_>,
+        data: &[u8],
+    ) -> usize {
+        let n = self.parse_one(now, now_unix_s, keys, data);
         self.unconsumed = data.len() - n.min(data.len());
         n
     }
 
-    fn parse_one(&mut self, now: Instant, now_unix_s: u64, ring: &KeyRing, data: &[u8]) -> usize {
+    fn parse_one(
+        &mut self,
+        now: Instant,
+        now_unix_s: u64,
+        keys: UrlKeys<'_>,
+        data: &[u8],
+    ) -> usize {
         if !self.wants_input() || data.is_empty() {
             if data.is_empty() && self.read_closed && matches!(self.phase, Phase::Idle) {
                 self.close_after = true;
@@ -591,7 +604,12 @@ impl<P: BodyPiece> HttpSession<P> {
             self.plain(404, "not found\n", Extra::None);
             return n;
         };
-        match ring.check_srl(request.as_bytes(), signature.as_bytes(), now_unix_s) {
+        match keys.ring.check_srl(
+            request.as_bytes(),
+            signature.as_bytes(),
+            now_unix_s,
+            keys.allow_md5,
+        ) {
             Ok(fp) => {
                 let not_modified = req
                     .headers
@@ -607,7 +625,10 @@ impl<P: BodyPiece> HttpSession<P> {
                 };
             }
             Err(e) => {
-                if let Some(c) = self.refused.get_mut(refusal_of(&e).code() as usize - 1) {
+                if let Some(c) = self
+                    .refused
+                    .get_mut(Refusal::of_token(&e).code() as usize - 1)
+                {
                     *c += 1;
                 }
                 self.plain_method(403, refusal_text(&e), Extra::None, method);
@@ -1081,7 +1102,7 @@ impl HttpConn {
         port: &mut P,
         conn: super::port::ConnId,
         ctx: &mut super::ops::Ctx<'_>,
-        ring: &KeyRing,
+        keys: UrlKeys<'_>,
         now_unix_s: u64,
         now: Instant,
     ) -> super::session::Drive {
@@ -1107,7 +1128,7 @@ impl HttpConn {
                 let mut consumed = 0;
                 let session = &mut self.session;
                 match port.recv(conn, |buf| {
-                    consumed = session.on_recv(now, now_unix_s, ring, buf);
+                    consumed = session.on_recv(now, now_unix_s, keys, buf);
                     consumed
                 }) {
                     Ok(got) => {
@@ -1117,7 +1138,7 @@ impl HttpConn {
                             self.session.on_peer_closed();
                             // Let the session see the end with nothing more to parse.
                             let _ = port
-                                .recv(conn, |buf| self.session.on_recv(now, now_unix_s, ring, buf));
+                                .recv(conn, |buf| self.session.on_recv(now, now_unix_s, keys, buf));
                         }
                         progress |= got.arrived > 0 || consumed > 0;
                     }

@@ -13,6 +13,14 @@ fn ring() -> KeyRing {
     KeyRing::parse("k1 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n").unwrap()
 }
 
+/// URLs checked with `ring`, HMAC-SHA256 only.
+fn keys(ring: &KeyRing) -> UrlKeys<'_> {
+    UrlKeys {
+        ring,
+        allow_md5: false,
+    }
+}
+
 fn object(len: usize) -> (Fingerprint, Vec<u8>) {
     let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
     (Fingerprint(Md5::digest(&data).into()), data)
@@ -28,11 +36,11 @@ fn exchange(objects: &[(Fingerprint, Vec<u8>)], input: &[u8]) -> (Vec<u8>, Vec<u
     let mut sent = Vec::new();
     let mut statuses = Vec::new();
     for _ in 0..10_000 {
-        let n = s.on_recv(now, NOW, &ring, &pending);
+        let n = s.on_recv(now, NOW, keys(&ring), &pending);
         pending.drain(..n);
         if pending.is_empty() {
             s.on_peer_closed();
-            s.on_recv(now, NOW, &ring, &[]);
+            s.on_recv(now, NOW, keys(&ring), &[]);
         }
         while let Some(need) = s.need() {
             match need {
@@ -216,7 +224,7 @@ fn refusals() {
     ] {
         // The refusal is counted by reason, as a refused DOSP request is.
         let mut s = HttpSession::<Vec<u8>>::new(Instant::now());
-        let n = s.on_recv(Instant::now(), NOW, &ring, &get(path, ""));
+        let n = s.on_recv(Instant::now(), NOW, keys(&ring), &get(path, ""));
         assert!(n > 0, "{path}");
         let refusals: Vec<_> = s.take_refusals().collect();
         assert_eq!(
@@ -310,7 +318,7 @@ fn a_failed_first_piece_is_a_500_and_a_later_one_breaks_the_connection() {
     let path = srl_path(&ring, &fp, NOW + 60, None);
     let mut s: HttpSession<Vec<u8>> = HttpSession::new(now);
     let req = get(&path, "");
-    assert_eq!(s.on_recv(now, NOW, &ring, &req), req.len());
+    assert_eq!(s.on_recv(now, NOW, keys(&ring), &req), req.len());
     assert_eq!(s.need(), Some(Need::Lookup(fp)));
     s.on_located(Some(PIECE_BYTES as u64 + 1));
     assert!(matches!(s.need(), Some(Need::Read { offset: 0, .. })));
@@ -320,7 +328,7 @@ fn a_failed_first_piece_is_a_500_and_a_later_one_breaks_the_connection() {
     assert!(!s.finished());
 
     let mut s: HttpSession<Vec<u8>> = HttpSession::new(now);
-    s.on_recv(now, NOW, &ring, &req);
+    s.on_recv(now, NOW, keys(&ring), &req);
     s.need();
     s.on_located(Some(PIECE_BYTES as u64 + 1));
     s.need();
@@ -353,7 +361,7 @@ fn deadlines() {
     let t0 = Instant::now();
     // A head trickled in never completes within its deadline.
     let mut s: HttpSession<Vec<u8>> = HttpSession::new(t0);
-    assert_eq!(s.on_recv(t0, NOW, &ring, b"GET /"), 0);
+    assert_eq!(s.on_recv(t0, NOW, keys(&ring), b"GET /"), 0);
     s.on_arrived(t0 + Duration::from_millis(400), 1);
     assert_eq!(s.timed_out(t0 + Duration::from_millis(400), &d), None);
     assert_eq!(
@@ -371,7 +379,7 @@ fn deadlines() {
     let (fp, _) = object(10);
     let path = srl_path(&ring, &fp, NOW + 60, None);
     let mut s: HttpSession<Vec<u8>> = HttpSession::new(t0);
-    s.on_recv(t0, NOW, &ring, &get(&path, ""));
+    s.on_recv(t0, NOW, keys(&ring), &get(&path, ""));
     s.need();
     s.on_located(Some(10_000));
     s.need();

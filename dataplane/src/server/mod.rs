@@ -797,7 +797,11 @@ impl<P: NetPort> Server<P> {
                 id: &self.id,
             };
             let now_unix_s = auth.now_unix_s();
-            match h.drive(&mut self.port, conn, &mut ctx, auth.ring(), now_unix_s, now) {
+            let keys = http::UrlKeys {
+                ring: auth.ring(),
+                allow_md5: auth.allow_md5(),
+            };
+            match h.drive(&mut self.port, conn, &mut ctx, keys, now_unix_s, now) {
                 Drive::Idle => {}
                 Drive::More => self.t.more.push(conn),
                 Drive::Close => self.close(conn),

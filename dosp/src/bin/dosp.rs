@@ -134,7 +134,9 @@ enum Cmd {
     Token(TokenCmd),
     /// Print a signed URL that fetches one object over HTTP from a node started with
     /// `--http-listen` (dosp/HTTP.md), valid for TTL; needs --key-file or $DOSP_KEY_FILE.
-    /// Whoever holds the URL may fetch the object until it expires.
+    /// Whoever holds the URL may fetch the object until it expires. With `--auth-mode
+    /// md5`, the specification's double-MD5 certificate (only nodes started with
+    /// --auth-allow-md5 accept it).
     Url {
         fingerprint: String,
         /// How long the URL is valid: seconds, or a number with s, m, h or d.
@@ -320,8 +322,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let fingerprint = parse_fp(&fingerprint)?;
             let now_unix_s = dosp::signed::now_ms() / 1000;
-            let path = dosp::auth::srl_path(
+            let path = dosp::auth::srl_path_with(
                 signer.ring(),
+                signer.mode(),
                 &fingerprint,
                 now_unix_s.saturating_add(ttl),
                 name.as_deref(),

@@ -104,6 +104,18 @@ impl Nginx {
     /// Starts nginx serving `docroot` on a free loopback port, with its configuration,
     /// logs and temporary files in `dir`.
     pub fn start(bin: &Path, dir: &Path, docroot: &Path, workers: usize) -> Result<Nginx, String> {
+        Nginx::start_with(bin, dir, docroot, workers, "location / { }")
+    }
+
+    /// Like [`Nginx::start`], with `locations` (nginx configuration text) as the
+    /// server's `location` blocks; `root` is `docroot`.
+    pub fn start_with(
+        bin: &Path,
+        dir: &Path,
+        docroot: &Path,
+        workers: usize,
+        locations: &str,
+    ) -> Result<Nginx, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("nginx dir: {e}"))?;
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -137,7 +149,7 @@ http {{
     server {{
         listen 127.0.0.1:{port} backlog=1024;
         root {root};
-        location / {{ }}
+        {locations}
     }}
 }}
 ",

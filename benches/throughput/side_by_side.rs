@@ -161,6 +161,11 @@ impl Dosd {
         process_cpu_s(self.node.child.id())
     }
 
+    /// Where it serves signed URLs, if started with `--http-listen`.
+    pub(super) fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.node.http
+    }
+
     pub(super) fn connect(&self) -> Result<Client, String> {
         Client::connect(&self.addr(), Duration::from_secs(30)).map_err(|e| e.to_string())
     }

@@ -1,9 +1,9 @@
 //! Store and fetch throughput of a real `dosd` over loopback, side by side with its
 //! peers measured in the same run, and the cost of inline MD5 next to a plain MD5 loop.
 //!
-//! Run: `cargo bench --bench throughput` (see benches/README.md). Four parts, each
-//! printing its own table; DOSD_BENCH_PARTS (default `single,side,md5,loops`) picks
-//! some.
+//! Run: `cargo bench --bench throughput` (see benches/README.md). Several parts, each
+//! printing its own table; DOSD_BENCH_PARTS (default `single,side,md5,loops,http`)
+//! picks some.
 //! Ratios are dosd ÷ peer, so 1.00 means "as fast as the peer on the same disk and
 //! network".
 //!
@@ -20,6 +20,9 @@
 //! - `loops`: 4 MiB STOREs and warm 4 KiB fetches at 8 clients with one dataplane
 //!   loop and with two ([`loops`]), beside the single-core MD5 ceiling of
 //!   `openssl speed`.
+//! - `http`: GETs of 4 KiB and 4 MiB objects through signed URLs, dosd against nginx
+//!   with `secure_link`, both driven by `wrk` at 1, 8 and 64 connections, with both
+//!   servers' CPU seconds per GB ([`signed_http`]).
 //! - `dpdk-port` (with `--features dpdk`): the project's DPDK port layer forwarding
 //!   between two `net_ring` ports next to `dpdk-testpmd --forward-mode=io` with the
 //!   same EAL arguments ([`testpmd`]).
@@ -43,6 +46,7 @@ mod net_dpdk;
 mod nginx;
 mod peer;
 mod side_by_side;
+mod signed_http;
 mod testpmd;
 
 use std::path::Path;
@@ -102,9 +106,9 @@ fn main() {
         return;
     }
     let default_parts = if cfg!(feature = "dpdk") {
-        "single,side,md5,loops,dpdk"
+        "single,side,md5,loops,http,dpdk"
     } else {
-        "single,side,md5,loops"
+        "single,side,md5,loops,http"
     };
     let parts = std::env::var("DOSD_BENCH_PARTS").unwrap_or_else(|_| default_parts.into());
     let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
@@ -130,6 +134,9 @@ fn main() {
     }
     if part("loops") {
         loops::run(&side_by_side::Config::from_env(bench_secs()), tmp.path());
+    }
+    if part("http") {
+        signed_http::run(&signed_http::Config::from_env(), tmp.path());
     }
     if dpdk_part("dpdk-port") {
         testpmd::run(bench_secs());

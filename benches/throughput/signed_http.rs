@@ -32,7 +32,9 @@
 //! (`1,8,64`), DOSD_BENCH_HTTP_THREADS (2; wrk gets min(this, connections)),
 //! DOSD_BENCH_HTTP_LOOPS (1: dosd's dataplane loops and nginx's workers),
 //! DOSD_BENCH_HTTP_SMALL (1024 objects of 4 KiB), DOSD_BENCH_HTTP_LARGE (32 of 4 MiB),
-//! DOSD_BENCH_SEED.
+//! DOSD_BENCH_HTTP_NGINX_DIRECTIO (0; 1 makes nginx read files of 512 KiB and more
+//! with O_DIRECT, `directio 512k`, as dosd reads its disks, instead of sendfile from
+//! the page cache), DOSD_BENCH_SEED.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -71,6 +73,9 @@ pub struct Config {
     small: usize,
     large: usize,
     seed: u64,
+    /// nginx reads files of 512 KiB and more with O_DIRECT (`directio`, which turns
+    /// sendfile off for them), as dosd reads its disks, instead of from the page cache.
+    nginx_directio: bool,
 }
 
 impl Config {
@@ -93,6 +98,7 @@ impl Config {
             small: env_or("DOSD_BENCH_HTTP_SMALL", 1024usize).max(2),
             large: env_or("DOSD_BENCH_HTTP_LARGE", 32usize).max(2),
             seed: env_or("DOSD_BENCH_SEED", 1),
+            nginx_directio: env_or("DOSD_BENCH_HTTP_NGINX_DIRECTIO", 0) != 0,
         }
     }
 }
@@ -536,8 +542,16 @@ fn run_checked(cfg: &Config, tmp: &Path) -> Result<(), String> {
     }
     let _ = Command::new("sync").status();
 
+    // The 4 MiB files from the disk on every request, as dosd reads them; nginx reads
+    // them into its output buffers then (sendfile is off for directio files).
+    let directio = if cfg.nginx_directio {
+        "directio 512k; directio_alignment 4k; output_buffers 2 256k;"
+    } else {
+        ""
+    };
     let locations = format!(
         "location /s/ {{
+            {directio}
             secure_link $arg_md5,$arg_expires;
             secure_link_md5 \"$secure_link_expires$uri {secret}\";
             if ($secure_link = \"\") {{ return 403; }}
@@ -656,9 +670,16 @@ fn run_checked(cfg: &Config, tmp: &Path) -> Result<(), String> {
     println!(
         "signed URLs over HTTP: dosd --dataplane-cores {loops} against {nginx_name} \
          secure_link with worker_processes {loops} (one worker per dataplane loop), \
-         both keep-alive; wrk {} s per run, {} × 4 KiB and {} × 4 MiB objects, \
-         every URL fetched once (MD5 checked) before; signatures checked first:",
-        cfg.secs, cfg.small, cfg.large
+         both keep-alive, nginx {}; wrk {} s per run, {} × 4 KiB and {} × 4 MiB \
+         objects, every URL fetched once (MD5 checked) before; signatures checked first:",
+        if cfg.nginx_directio {
+            "reading files ≥ 512 KiB with O_DIRECT (directio, no sendfile for them)"
+        } else {
+            "sendfile from the page cache"
+        },
+        cfg.secs,
+        cfg.small,
+        cfg.large
     );
     for c in &checked {
         println!("  {c} (each: valid URL; altered, swapped signature)");

@@ -300,10 +300,12 @@ function request()
   return wrk.format("GET", path)
 end
 
+-- %.0f rather than %d: every value is a Lua number, and Lua 5.3's %d refuses a
+-- float (LuaJIT, Debian's, takes either).
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
-    "wrk-summary requests=%d bytes=%d duration_us=%d connect=%d read=%d write=%d status=%d timeout=%d p50_us=%d p99_us=%d\n",
+    "wrk-summary requests=%.0f bytes=%.0f duration_us=%.0f connect=%.0f read=%.0f write=%.0f status=%.0f timeout=%.0f p50_us=%.0f p99_us=%.0f\n",
     summary.requests, summary.bytes, summary.duration, e.connect, e.read, e.write,
     e.status, e.timeout, latency:percentile(50), latency:percentile(99)))
 end

@@ -13,6 +13,8 @@
    boot.image_version is the image's IMAGE_VERSION (the init's first console line).
 4. The host's dosp (scripts/test.sh's host build) stores, fetches, reads ranges of and
    deletes objects over the forwarded DOSP port; every byte is checked against md5sum.
+   Every node has a cluster key on DOSDCONF (cluster.keys) and the client signs; an
+   unsigned STORE is refused with AUTH_FAILED and stores nothing.
 5. A power cut: 3 clients store objects (1000 B to 1 MiB + 7, random bytes) until at
    least 48 are acknowledged, and QEMU is killed (SIGKILL) with stores in flight.
    The same node (boot disk, NVMe disk files, OVMF variables) boots again: /v1/disks
@@ -150,10 +152,27 @@ def build_and_reproduce(results):
     log(f"reproducible: a second build is byte-identical ({results['image_bytes']} bytes)")
 
 
-def dosp(bindir, port, *args, timeout=120):
+KEYS = os.path.join(ROOT, "target", "qemu", "appliance.keys")
+
+
+def keys():
+    """The appliance tests' cluster key file (made on first use): every node they boot
+    has it on DOSDCONF, and their dosp signs with it."""
+    if not os.path.exists(KEYS):
+        qnode.new_key_file(KEYS, key_id="appliance")
+    return KEYS
+
+
+def keyed(boot):
+    """A Node prepare hook: the cluster key onto the node's DOSDCONF."""
+    qnode.configure(boot, qnode.keyed(keys()))
+
+
+def dosp(bindir, port, *args, timeout=120, signed=True):
     env = dict(os.environ, DOSP_NODE=f"127.0.0.1:{port}")
+    auth = ["--key-file", keys()] if signed else []
     return subprocess.run(
-        ["timeout", str(timeout), os.path.join(bindir, "dosp"), "--timeout", "60"] + list(args),
+        ["timeout", str(timeout), os.path.join(bindir, "dosp"), "--timeout", "60"] + auth + list(args),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -179,6 +198,16 @@ def check_objects(bindir, port, work):
     r = dosp(bindir, port, "ping")
     if r.returncode != 0:
         raise Fail(f"dosp ping: {r.stderr.strip()}")
+    # The node has the cluster key: unsigned, a STORE is refused and stores nothing.
+    path = os.path.join(work, "unsigned")
+    with open(path, "wb") as f:
+        f.write(os.urandom(1000))
+    r = dosp(bindir, port, "store", path, signed=False)
+    if r.returncode == 0 or "AUTH_FAILED" not in r.stderr:
+        raise Fail(f"an unsigned STORE was not refused: exit {r.returncode} {r.stderr.strip()}")
+    if dosp(bindir, port, "fetch", md5sum(path), "-o", path + ".back").returncode == 0:
+        raise Fail("an unsigned STORE stored its object")
+    log(f"an unsigned STORE refused ({r.stderr.strip()[:90]}), nothing stored")
     fps = []
     for size in (0, 1024, 1 << 20, (4 << 20) + 1):
         path = os.path.join(work, f"obj.{size}")
@@ -422,7 +451,7 @@ def main():
         bindir = harness.build_host_tools()
         log(f"host dosp ({bindir}): {time.monotonic() - t:.1f} s")
 
-        node = Node(NAME, ["--disks", str(DISKS), "--disk-size", "512M"], "appliance.log")
+        node = Node(NAME, ["--disks", str(DISKS), "--disk-size", "512M"], "appliance.log", prepare=keyed)
         serving = node.wait_serving()
         results["serving_s"] = serving
         results["init_s"] = node.console.first(r"^dosd-init: \[[0-9.]+\] dosd appliance")
@@ -444,7 +473,7 @@ def main():
 
         # The fallback: no IOMMU, the boot disk on NVMe.
         node = Node(NAME + "-f", ["--disks", "2", "--disk-size", "256M", "--no-iommu", "--boot-nvme", "--mem", "512"],
-                    "appliance-fallback.log")
+                    "appliance-fallback.log", prepare=keyed)
         results["fallback_serving_s"] = node.wait_serving()
         check_fallback(node, bindir)
         node.power_off()

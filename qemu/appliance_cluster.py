@@ -46,6 +46,7 @@ ROOT = os.path.dirname(QEMU_DIR)
 sys.path.insert(0, QEMU_DIR)
 import cluster as qcluster  # noqa: E402
 import harness  # noqa: E402
+import node as qnode  # noqa: E402
 
 BOOT_TIMEOUT = 420  # three TCG guests on a 2-core host at once
 WORK = os.path.join(ROOT, "target", "qemu", "cluster-objects")
@@ -202,7 +203,7 @@ def check_keys(client, cluster, ids):
     """Step 7: unsigned and foreign-signed requests refused and counted on every node
     (over DPDK and over the kernel), the group deaf to an unsigned LOCATE, and signed
     URLs on the node that serves HTTP."""
-    foreign = qcluster.new_key_file(os.path.join(WORK, "foreign.keys"), key_id="intruder")
+    foreign = qnode.new_key_file(os.path.join(WORK, "foreign.keys"), key_id="intruder")
     for node in cluster.nodes:
         before = auth_failed(node)
         data = os.urandom(3000)
@@ -395,7 +396,7 @@ def main():
         os.makedirs(WORK, exist_ok=True)
         taken = set()
         ports = [(free_port(taken), free_port(taken)) for _ in range(3)]
-        keys = qcluster.new_key_file(os.path.join(WORK, "cluster.keys"))
+        keys = qnode.new_key_file(os.path.join(WORK, "cluster.keys"))
         cluster = qcluster.Cluster(3, disks=2, disk_size="256M", mem=1024, kernel_net={3}, ports=ports, keys=keys)
         cluster.start(fresh=True)
         t_boot = time.monotonic()

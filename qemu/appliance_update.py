@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(ROOT, "image"))
 import appliance  # noqa: E402
 import build as ibuild  # noqa: E402  (image/build.py: the partition layout, the version)
 import harness  # noqa: E402
+import node as qnode  # noqa: E402
 from appliance import Fail, dosp, http_get, log, md5sum  # noqa: E402
 
 NAME = "upd"
@@ -61,21 +62,14 @@ def build_ukis(version):
 
 
 def configure(token):
-    """The prepare hook: our dosd.toml (with the token) and init.conf onto DOSDCONF."""
+    """The prepare hook: our dosd.toml (with the token and the cluster key), the key
+    file and init.conf onto DOSDCONF."""
 
     def prepare(boot):
-        conf = f"{boot}@@{ibuild.CONF_START * ibuild.SECTOR}"
-        d = os.path.dirname(boot)
-        with open(os.path.join(ibuild.IMAGE_DIR, "dosd.toml")) as f:
-            toml = f.read() + f'mgmt_token = "{token}"\n'
-        with open(os.path.join(ibuild.IMAGE_DIR, "init.conf")) as f:
-            initconf = f.read() + f"trial_timeout={TRIAL_TIMEOUT}\n"
-        env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
-        for name, text in (("dosd.toml", toml), ("init.conf", initconf)):
-            path = os.path.join(d, name)
-            with open(path, "w") as f:
-                f.write(text)
-            subprocess.run(["mcopy", "-o", "-i", conf, path, "::" + name], check=True, env=env)
+        files = qnode.keyed(appliance.keys())
+        files["dosd.toml"] += f'mgmt_token = "{token}"\n'
+        files["init.conf"] = f"trial_timeout={TRIAL_TIMEOUT}\n"
+        qnode.configure(boot, files)
 
     return prepare
 

@@ -48,8 +48,6 @@ import urllib.request
 QEMU_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(QEMU_DIR)
 sys.path.insert(0, QEMU_DIR)
-sys.path.insert(0, os.path.join(ROOT, "image"))
-import build as ibuild  # noqa: E402  (image/build.py: the partition layout)
 import node as qnode  # noqa: E402
 
 NETNS = "dosd-cluster"
@@ -172,33 +170,20 @@ class Node:
     def configure(self):
         """This node's init.conf (the data NIC) and dosd.toml (its name as node id)
         onto its boot disk's DOSDCONF partition, as an operator would with mtools."""
-        boot = os.path.join(self.dir, "boot.img")
-        env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
         toml = f'# qemu/cluster node {self.i}\nnode_id = "{self.name}"\n'
+        files = {}
         if self.keys:
-            toml += 'cluster_key_file = "/conf/cluster.keys"\n'
+            files = qnode.keyed(self.keys)
+            toml += files["dosd.toml"]
         if self.http:
             toml += f'http_listen = "0.0.0.0:{HTTP_PORT}"\n'
-        extra = {
-            "init.conf": (f"# qemu/cluster node {self.i}: the data NIC on the cluster's segment\n"
-                          f"data_if={self.mac}\ndata_addr={self.addr}/24\ndata_net={self.data_net}\n"),
-            "dosd.toml": toml,
-        }
-        if self.keys:
-            with open(self.keys) as f:
-                extra["cluster.keys"] = f.read()
-        for name, text in extra.items():
-            base = os.path.join(ROOT, "image", name)
-            if os.path.exists(base):
-                with open(base) as f:
-                    text = f.read() + text
-            path = os.path.join(self.dir, name)
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                f.write(text)
-            r = subprocess.run(["mcopy", "-o", "-i", f"{boot}@@{ibuild.CONF_START * ibuild.SECTOR}", path,
-                                "::" + name], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            if r.returncode != 0:
-                raise ClusterError(f"mcopy {name} onto {boot}: {r.stdout.strip()}")
+        files["dosd.toml"] = toml
+        files["init.conf"] = (f"# qemu/cluster node {self.i}: the data NIC on the cluster's segment\n"
+                              f"data_if={self.mac}\ndata_addr={self.addr}/24\ndata_net={self.data_net}\n")
+        try:
+            qnode.configure(os.path.join(self.dir, "boot.img"), files)
+        except OSError as e:
+            raise ClusterError(str(e)) from e
 
     def start(self, fresh=False, echo=None):
         """Starts QEMU (a fresh copy of the image and blank disks with fresh) and puts
@@ -280,15 +265,6 @@ class Node:
             return False
         self.console.thread.join(timeout=5)
         return bool(self.console.grep(r"^dosd-init: \[[0-9.]+\] poweroff now"))
-
-
-def new_key_file(path, key_id="cluster1"):
-    """A fresh cluster key file (one 32-byte key), readable by its owner alone."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        f.write(f"# qemu/cluster's key\n{key_id} {os.urandom(32).hex()}\n")
-    os.chmod(path, 0o600)
-    return path
 
 
 def netns_up():
@@ -396,7 +372,7 @@ def main(argv=None):
     try:
         keys = args.keys
         if keys == "new":
-            keys = new_key_file(os.path.join(ROOT, "target", "qemu", "cluster.keys"))
+            keys = qnode.new_key_file(os.path.join(ROOT, "target", "qemu", "cluster.keys"))
             log(f"cluster key file {keys}")
         cluster = Cluster(args.n, args.disks, args.disk_size, args.mem, kernel_net, args.rest_base, args.dosp_base,
                           keys=keys)

@@ -23,11 +23,14 @@ The serial console is stdio (Ctrl-A X quits QEMU). Standard library only.
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 
 QEMU_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(QEMU_DIR)
 sys.path.insert(0, QEMU_DIR)
+sys.path.insert(0, os.path.join(ROOT, "image"))
+import build as ibuild  # noqa: E402  (image/build.py: the partition layout)
 from harness import parse_size  # noqa: E402
 
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
@@ -39,6 +42,43 @@ DATA_MAC = "52:54:00:d0:da:01"
 
 def node_dir(name):
     return os.path.join(ROOT, "target", "qemu", f"node-{name}")
+
+
+def configure(boot, files):
+    """Writes files onto the DOSDCONF partition of the boot disk `boot`, as an operator
+    would with mtools while the node is off. files: {name: text}; the text of a file
+    the image ships (image/dosd.toml, image/init.conf) is appended to the shipped one.
+    Each file is also left, readable by its owner alone, beside the boot disk."""
+    conf = f"{boot}@@{ibuild.CONF_START * ibuild.SECTOR}"
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    for name, text in files.items():
+        shipped = os.path.join(ibuild.IMAGE_DIR, name)
+        if os.path.exists(shipped):
+            with open(shipped) as f:
+                text = f.read() + text
+        path = os.path.join(os.path.dirname(boot), name)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(text)
+        r = subprocess.run(["mcopy", "-o", "-i", conf, path, "::" + name], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if r.returncode != 0:
+            raise OSError(f"mcopy {name} onto {boot}: {r.stdout.strip()}")
+
+
+def new_key_file(path, key_id="cluster1"):
+    """A fresh cluster key file (one 32-byte key), readable by its owner alone."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(f"# a qemu test's key\n{key_id} {os.urandom(32).hex()}\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def keyed(keys):
+    """DOSDCONF files that give a node the cluster key file `keys`: {name: text} for
+    configure()."""
+    with open(keys) as f:
+        return {"cluster.keys": f.read(), "dosd.toml": 'cluster_key_file = "/conf/cluster.keys"\n'}
 
 
 def serial(name, k):

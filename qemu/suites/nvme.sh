@@ -19,7 +19,12 @@
 # qemu-smp: 3
 # qemu-hugepages: 256
 # qemu-timeout: 1800
+# qemu-cluster-key: yes
 set -u
+
+# The node has the cluster's key (a fresh one per run); the suite's dosp signs with it,
+# and `dosp watch` drops what no key of it signed.
+export DOSP_KEY_FILE=/etc/dosd/cluster.keys
 
 passed=0
 failed=0
@@ -68,7 +73,8 @@ start_dosd() {
     disks=""
     for s in ${*:-DOSDNVME1 DOSDNVME2}; do disks="$disks --disk nvme:$s"; done
     # shellcheck disable=SC2086
-    dosd --data-dir /tmp/dosd-data --dataplane-cores 2 $disks >/tmp/dosd.out 2>>/tmp/dosd.log &
+    dosd --data-dir /tmp/dosd-data --dataplane-cores 2 --cluster-key-file "$DOSP_KEY_FILE" $disks \
+        >/tmp/dosd.out 2>>/tmp/dosd.log &
     dosd_pid=$!
     if ! wait_for 120 grep -q '^listening' /tmp/dosd.out; then
         echo "dosd did not start; its log:"
@@ -104,6 +110,11 @@ dosd_store_fetch() {
     rm -rf /tmp/dosd-data /tmp/dosd.log
     start_dosd || return 1
     dosp disks || return 1
+    # Unsigned, a STORE is refused (AUTH_FAILED) and stores nothing.
+    head -c 999 /dev/urandom >/tmp/unsigned
+    if env -u DOSP_KEY_FILE dosp store /tmp/unsigned 2>/tmp/err; then echo "an unsigned STORE was accepted"; return 1; fi
+    grep -q AUTH_FAILED /tmp/err || { echo "an unsigned STORE: $(cat /tmp/err)"; return 1; }
+    echo "unsigned STORE refused: $(cat /tmp/err)"
     for s in DOSDNVME1 DOSDNVME2; do
         [ "$(queue_pairs "$s")" -ge 2 ] || { echo "$s: not one queue pair per loop"; grep "queue pair" /tmp/dosd.log; return 1; }
     done

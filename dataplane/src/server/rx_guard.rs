@@ -11,8 +11,9 @@
 //! transmit only ([`RxGuard::checksums`]): each received byte is summed once.
 //!
 //! The SYN rule: a TCP connection request (SYN without ACK) for the DOSP address and
-//! port, when no TCP socket of the set is in LISTEN and none belongs to that peer's
-//! endpoint (a retransmitted SYN of a handshake under way), is dropped and counted as
+//! port (or the HTTP port, when the port serves signed URLs), when no TCP socket of the
+//! set is in LISTEN on that port number and none belongs to that peer's endpoint (a
+//! retransmitted SYN of a handshake under way), is dropped and counted as
 //! [`RxDrop::SynRefused`]: the pool is at its bound (every socket taken or in a
 //! handshake). smoltcp would answer it with a reset; dropping it costs nothing to send
 //! under a flood, and the client retries as it does against a full kernel backlog.
@@ -62,11 +63,13 @@ impl PeekDevice for MbufDevice<'_, '_> {
     }
 }
 
-/// The receive-side check of one port: its DOSP endpoint and the counters it raises.
+/// The receive-side check of one port: its DOSP endpoint (and HTTP port) and the
+/// counters it raises.
 #[derive(Debug)]
 pub struct RxGuard {
     addr: Ipv4Addr,
     port: u16,
+    http_port: Option<u16>,
     stats: Arc<NodeStats>,
 }
 
@@ -77,8 +80,15 @@ impl RxGuard {
         RxGuard {
             addr,
             port,
+            http_port: None,
             stats: Arc::default(),
         }
+    }
+
+    /// Refuses connection requests to `addr:http_port` too, as for DOSP (the port's
+    /// HTTP listeners).
+    pub fn guard_http(&mut self, http_port: u16) {
+        self.http_port = Some(http_port);
     }
 
     /// Counts into `stats` (the loop's own [`NodeStats`]) from now on.
@@ -139,18 +149,23 @@ impl RxGuard {
         res
     }
 
-    /// Whether `seg` is a connection request for the DOSP endpoint that no socket can
-    /// take: none listens, and none is already talking to its sender.
+    /// Whether `seg` is a connection request for the DOSP (or HTTP) endpoint that no
+    /// socket can take: none listens on its port, and none is already talking to its
+    /// sender there.
     fn refuses(&self, seg: &TcpSeen, sockets: &SocketSet<'_>) -> bool {
-        if !seg.is_connect() || seg.dst != self.addr || seg.dst_port != self.port {
+        let port = seg.dst_port;
+        if !seg.is_connect()
+            || seg.dst != self.addr
+            || (port != self.port && Some(port) != self.http_port)
+        {
             return false;
         }
         let peer = IpEndpoint::new(IpAddress::Ipv4(seg.src), seg.src_port);
         !sockets.iter().any(|(_, s)| match s {
             Socket::Tcp(t) => {
-                (t.state() == tcp::State::Listen && t.listen_endpoint().port == self.port)
+                (t.state() == tcp::State::Listen && t.listen_endpoint().port == port)
                     || (t.remote_endpoint() == Some(peer)
-                        && t.local_endpoint().is_some_and(|l| l.port == self.port))
+                        && t.local_endpoint().is_some_and(|l| l.port == port))
             }
             _ => false,
         })
@@ -308,6 +323,62 @@ mod tests {
             guard.stats().rx_dropped_count(RxDrop::Truncated),
             1 + INGRESS_PER_POLL as u64 + 10
         );
+    }
+
+    #[test]
+    fn syns_for_the_http_port_are_refused_only_without_an_http_listener() {
+        const HTTP: u16 = 8080;
+        let mut dev = Fake::default();
+        let config = Config::new(EthernetAddress([2, 0, 0, 0, 0, 2]).into());
+        let mut iface = Interface::new(config, &mut dev, Instant::ZERO);
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(NODE), 24));
+        });
+        let listening = |port| {
+            let mut s = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; 4096]),
+                tcp::SocketBuffer::new(vec![0; 4096]),
+            );
+            s.listen(IpListenEndpoint { addr: None, port }).unwrap();
+            s
+        };
+        let mut sockets = SocketSet::new(Vec::new());
+        let dosp = sockets.add(listening(PORT));
+        let mut guard = RxGuard::new(NODE, PORT);
+        let now = Instant::from_secs(1);
+        let http_syn = |src_port| {
+            let mut s = Spec::tcp(TCP_SYN, b"");
+            s.src_port = src_port;
+            s.dst_port = HTTP;
+            build(&s)
+        };
+        let refused = |g: &RxGuard| g.stats().rx_dropped_count(RxDrop::SynRefused);
+
+        // A guard that serves no HTTP leaves that port to smoltcp (a reset).
+        dev.rx.push_back(http_syn(41000));
+        guard.poll(&mut iface, now, &mut dev, &mut sockets);
+        assert_eq!(refused(&guard), 0);
+
+        // Guarded: the DOSP listener does not count for an HTTP SYN, which is refused.
+        guard.guard_http(HTTP);
+        dev.rx.push_back(http_syn(41001));
+        guard.poll(&mut iface, now, &mut dev, &mut sockets);
+        assert_eq!(refused(&guard), 1);
+        assert_eq!(sockets.get::<tcp::Socket>(dosp).state(), tcp::State::Listen);
+
+        // An HTTP listener takes one; its retransmission still reaches it; a third SYN
+        // finds no listener on the HTTP port and is refused, though DOSP still listens.
+        let http = sockets.add(listening(HTTP));
+        dev.rx
+            .extend([http_syn(41002), http_syn(41002), http_syn(41003)]);
+        guard.poll(&mut iface, now, &mut dev, &mut sockets);
+        assert_eq!(
+            sockets.get::<tcp::Socket>(http).state(),
+            tcp::State::SynReceived
+        );
+        assert_eq!(sockets.get::<tcp::Socket>(dosp).state(), tcp::State::Listen);
+        assert_eq!(refused(&guard), 2);
+        assert!(dev.rx.is_empty());
     }
 
     #[test]

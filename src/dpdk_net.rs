@@ -51,6 +51,8 @@ pub fn start(
         prefix_len: net.prefix_len,
         gateway: net.gateway,
         port: listen.port(),
+        // HTTP on the DPDK port is wired in the next change.
+        http_port: None,
         connections_max: cfg.connections_max,
         // Every loop: RSS puts a datagram on any queue.
         udp_unicast: true,

@@ -1,7 +1,11 @@
 //! A whole dataplane loop (`Server::with_port`) over [`DpdkPort`]: smoltcp on DPDK mbufs
 //! through a `net_tap` vdev, served to the kernel's TCP/IP stack on the tap's other
 //! side. The ordinary DOSP client pings, stores (one object over 1 MiB), retrieves
-//! whole and by range, deletes; a raw datagram asks LOCATE over UDP.
+//! whole and by range, deletes; a raw datagram asks LOCATE over UDP. The loop has a
+//! cluster key (every request is signed) and serves signed URLs over HTTP on a second
+//! port: a raw HTTP/1.1 client GETs an object whole, a range and HEAD over one kept-alive
+//! connection, and a tampered URL on another is refused; the port hands out DOSP and
+//! HTTP connections each from its own listeners.
 //!
 //! Needs root (the tap device, `ip` and `sysctl` on it); without it the test says so
 //! and passes without running. CI runs it as root. EAL is once per process and
@@ -9,7 +13,8 @@
 
 #![cfg(feature = "dpdk")]
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -17,12 +22,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use dataplane::node::{Addresses, NodeState};
+use dataplane::server::auth::NodeAuth;
 use dataplane::server::dpdk_port::{DpdkPort, DpdkPortOptions};
 use dataplane::server::shards::{build_directories, Shards};
 use dataplane::server::{Server, ServerConfig};
 use dataplane::store::{Store, StoreConfig};
+use dosp::auth::{srl_path, CertMode, KeyRing};
 use dosp::client::{Client, ClientError};
 use dosp::codec::encode_request;
+use dosp::signed::Signer;
 use dosp::wire::{Header, LocateIn, LocateOut, Opcode, Status};
 use dosp::Fingerprint;
 use dpdk::{Eal, MbufDevice, Mempool, PortConfig, QueueId};
@@ -32,6 +40,9 @@ use zerocopy::{FromBytes, IntoBytes};
 
 const MIB: u64 = 1 << 20;
 const DOSP_PORT: u16 = 9111;
+const HTTP_PORT: u16 = 9180;
+/// The cluster's key (the loop, the DOSP client, the signed URLs).
+const KEY: &str = "dpdk-port 00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 /// The server loop runs at most this long, whatever happens.
 const DEADLINE: Duration = Duration::from_secs(120);
 /// The client's connect and read timeout.
@@ -78,6 +89,8 @@ struct ServerReport {
     phy: dpdk::PhyStats,
     sockets_in_use: usize,
     staged_bytes: u64,
+    /// Connections the port handed out: DOSP, HTTP.
+    accepted: (u64, u64),
 }
 
 /// The server's side, on its own thread (EAL pins it to lcore 0): EAL, the tap, the
@@ -168,6 +181,7 @@ fn serve(
         prefix_len: 24,
         gateway: None,
         port: DOSP_PORT,
+        http_port: Some(HTTP_PORT),
         connections_max: cfg.connections_max,
         udp_unicast: true,
         multicast: Some(cfg.multicast_group),
@@ -201,6 +215,7 @@ fn serve(
         phy: server.port().phy_stats(),
         sockets_in_use: server.port().sockets_in_use(),
         staged_bytes: server.port().staged_bytes(),
+        accepted: server.port().accepted(),
     };
     server.shut_down();
     Ok(report)
@@ -216,7 +231,7 @@ fn seeded(seed: u64, n: usize) -> Vec<u8> {
 /// One LOCATE over UDP unicast, resent until answered (bounded); retried reads when a
 /// signal (net_tap's SIGIO) interrupts them.
 /// A LOCATE request is already a third of its answer's size (the UDP reply-size rule).
-fn udp_locate(node: SocketAddr, fp: &Fingerprint) -> Result<(u16, u64), String> {
+fn udp_locate(node: SocketAddr, fp: &Fingerprint, signer: &Signer) -> Result<(u16, u64), String> {
     let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
     sock.set_read_timeout(Some(Duration::from_millis(500)))
         .map_err(|e| format!("timeout: {e}"))?;
@@ -231,6 +246,7 @@ fn udp_locate(node: SocketAddr, fp: &Fingerprint) -> Result<(u16, u64), String> 
             0,
             LocateIn { fingerprint: *fp }.as_bytes(),
         );
+        signer.sign(&mut msg, 0);
         sock.send_to(&msg, node).map_err(|e| format!("send: {e}"))?;
         for _ in 0..100 {
             match sock.recv_from(&mut buf) {
@@ -279,7 +295,9 @@ fn client_session(
         seeded(3, (MIB + MIB / 2 + 12_345) as usize),
         seeded(4, 3 * MIB as usize),
     ];
+    let signer = Signer::new(KeyRing::parse(KEY).unwrap(), CertMode::HmacSha256);
     let mut c = Client::connect(&node.to_string(), IO_TIMEOUT).map_err(|e| e.to_string())?;
+    c.set_signer(Some(signer.clone()));
     let pong = c.ping().map_err(|e| format!("NULL: {e}"))?;
     let mut fps = Vec::new();
     for data in &objects {
@@ -308,6 +326,7 @@ fn client_session(
         stored: objects.iter().map(|o| o.len() as u64).sum(),
         sent: objects.iter().map(|o| o.len() as u64).sum(),
         replies: 1 + 2 * objects.len() as u64,
+        http_heads: 0,
     };
     // Ranges of the large object: inside, across chunk boundaries, to its end.
     let big = &objects[2];
@@ -326,8 +345,10 @@ fn client_session(
         moved.sent += len;
         moved.replies += 1;
     }
+    // Signed URLs over HTTP, on the port's HTTP listeners.
+    http_session(node, &fps[2], big, &mut moved)?;
     // LOCATE over UDP unicast: found, with its length.
-    let (status, len) = udp_locate(node, &fps[2])?;
+    let (status, len) = udp_locate(node, &fps[2], &signer)?;
     if status != Status::Success as u16 || len != big.len() as u64 {
         return Err(format!("UDP LOCATE: status {status}, length {len}"));
     }
@@ -336,8 +357,15 @@ fn client_session(
     // should a datagram be lost.
     let mut located = Vec::new();
     for _ in 0..5 {
-        located = dosp::client::locate_multicast(group, kernel_ip, &fps[2], Duration::from_secs(1))
-            .map_err(|e| format!("multicast LOCATE: {e}"))?;
+        located = dosp::client::locate_multicast_signed(
+            group,
+            kernel_ip,
+            &fps[2],
+            Duration::from_secs(1),
+            Some(&signer),
+        )
+        .map(|(found, _)| found)
+        .map_err(|e| format!("multicast LOCATE: {e}"))?;
         if !located.is_empty() {
             break;
         }
@@ -356,20 +384,21 @@ fn client_session(
         Err(ClientError::NotFound { .. }) => {}
         other => return Err(format!("a deleted object is still served: {other:?}")),
     }
-    let (status, _) = udp_locate(node, &fps[2])?;
+    let (status, _) = udp_locate(node, &fps[2], &signer)?;
     if status != Status::NotFound as u16 {
         return Err(format!("UDP LOCATE of a deleted object: status {status}"));
     }
     // A second connection, after the first closed: a fresh socket from the pool.
     drop(c);
     let mut c = Client::connect(&node.to_string(), IO_TIMEOUT).map_err(|e| e.to_string())?;
+    c.set_signer(Some(signer));
     c.ping()
         .map_err(|e| format!("NULL on a second connection: {e}"))?;
     moved.replies += 2 + objects.len() as u64;
     Ok((
         format!(
-            "NULL (chunk_max {}), {} objects stored, retrieved whole and by range, located \
-             over UDP unicast and multicast, deleted",
+            "NULL (chunk_max {}), {} objects stored, retrieved whole and by range, served \
+             over HTTP by signed URL, located over UDP unicast and multicast, deleted",
             pong.chunk_max,
             objects.len()
         ),
@@ -385,6 +414,117 @@ struct Moved {
     stored: u64,
     sent: u64,
     replies: u64,
+    /// Bytes of HTTP response heads received.
+    http_heads: u64,
+}
+
+/// One HTTP response read from `s`: status, head (lower-cased) and body (none for a
+/// HEAD). Reads retried when net_tap's SIGIO interrupts them.
+fn read_response(s: &mut TcpStream, head_only: bool) -> Result<(u16, String, Vec<u8>), String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 16 * 1024 {
+            return Err("an HTTP head over 16 KiB".into());
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => return Err(format!("closed after {} bytes of head", buf.len())),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("HTTP read: {e}")),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no Content-Length in {head:?}"))?;
+    let mut body = buf.split_off(head_end);
+    if head_only {
+        return Ok((status, head, body));
+    }
+    while body.len() < len {
+        match s.read(&mut chunk) {
+            Ok(0) => return Err(format!("closed after {} of {len} body bytes", body.len())),
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("HTTP read: {e}")),
+        }
+    }
+    if body.len() != len {
+        return Err(format!("{} body bytes, Content-Length {len}", body.len()));
+    }
+    Ok((status, head, body))
+}
+
+/// Signed URLs for `fp` (whose bytes are `data`) over HTTP: GET whole, a range and
+/// HEAD over one kept-alive connection, then a tampered URL on a second (403).
+fn http_session(
+    node: SocketAddr,
+    fp: &Fingerprint,
+    data: &[u8],
+    moved: &mut Moved,
+) -> Result<(), String> {
+    let http = SocketAddr::new(node.ip(), HTTP_PORT);
+    let ring = KeyRing::parse(KEY).unwrap();
+    let expires = dosp::signed::now_ms() / 1000 + 600;
+    let path = srl_path(&ring, fp, expires, Some("big.bin"));
+    let mut s =
+        TcpStream::connect_timeout(&http, IO_TIMEOUT).map_err(|e| format!("{http}: {e}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let (a, b) = (12_345usize, 712_344usize);
+    let asks: [(&str, &str, u16, &[u8]); 3] = [
+        ("GET", "", 200, data),
+        (
+            "GET",
+            &format!("Range: bytes={a}-{b}\r\n"),
+            206,
+            &data[a..=b],
+        ),
+        ("HEAD", "", 200, b""),
+    ];
+    for (method, extra, want, bytes) in asks {
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: node\r\n{extra}\r\n")
+            .map_err(|e| format!("HTTP write: {e}"))?;
+        let (status, head, body) = read_response(&mut s, method == "HEAD")?;
+        if status != want || body != bytes {
+            return Err(format!(
+                "{method} {extra:?}: {status} with {} bytes, not {want} with {}:\n{head}",
+                body.len(),
+                bytes.len()
+            ));
+        }
+        if method == "HEAD" && !head.contains(&format!("content-length: {}\r\n", data.len())) {
+            return Err(format!("HEAD: {head}"));
+        }
+        moved.sent += body.len() as u64;
+        moved.http_heads += head.len() as u64;
+    }
+    drop(s);
+    // The signature's first character changed: refused, nothing served.
+    let (enc, rest) = path[1..].split_once('/').unwrap();
+    let flipped = if rest.starts_with('A') { 'B' } else { 'A' };
+    let tampered = format!("/{enc}/{flipped}{}", &rest[1..]);
+    let mut s =
+        TcpStream::connect_timeout(&http, IO_TIMEOUT).map_err(|e| format!("{http}: {e}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    write!(s, "GET {tampered} HTTP/1.1\r\nHost: node\r\n\r\n")
+        .map_err(|e| format!("HTTP write: {e}"))?;
+    let (status, head, body) = read_response(&mut s, false)?;
+    if status != 403 {
+        return Err(format!("a tampered URL: {status}\n{head}"));
+    }
+    moved.http_heads += (head.len() + body.len()) as u64;
+    Ok(())
 }
 
 #[test]
@@ -450,7 +590,12 @@ fn dpdk_port_serves_dosp_to_the_kernel_through_a_tap() {
         header_timeout: Duration::from_secs(10),
         transfer_rate_min: 0,
         test_stall: None,
-        auth: None,
+        auth: Some(Arc::new(NodeAuth::new(
+            KeyRing::parse(KEY).unwrap(),
+            false,
+            dataplane::server::auth::WINDOW_DEFAULT,
+            1024,
+        ))),
     };
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -507,9 +652,10 @@ fn dpdk_port_serves_dosp_to_the_kernel_through_a_tap() {
             at(Site::ReadOut) + at(Site::Session) + at(Site::CrossLoop),
             0
         );
-        // Every byte sent on TCP went through the send ring: object bytes and, per
-        // reply, a header and its Out structure (well under 256 bytes each).
-        let send = at(Site::PortSend);
+        // Every byte sent on TCP went through the send ring: object bytes, the HTTP
+        // heads and, per DOSP reply, a header, its Out structure and its signature
+        // (well under 256 bytes each). HTTP bodies take the same path as RETRIEVE's.
+        let send = at(Site::PortSend) - moved.http_heads;
         assert!(
             send >= moved.sent && send - moved.sent <= 256 * moved.replies,
             "send-ring copies {send} for {} object bytes in {} replies",
@@ -528,6 +674,8 @@ fn dpdk_port_serves_dosp_to_the_kernel_through_a_tap() {
     }
     #[cfg(not(feature = "copy-count"))]
     let _ = (moved, copies);
+    // Two DOSP connections and two HTTP ones, each from its own listeners.
+    assert_eq!(report.accepted, (2, 2), "{report:?}");
     assert_eq!(report.phy.rx_dropped, 0, "{report:?}");
     assert_eq!(report.phy.tx_no_mbuf, 0, "{report:?}");
     assert_eq!(report.phy.tx_dropped, 0, "{report:?}");

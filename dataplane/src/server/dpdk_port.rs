@@ -3,21 +3,26 @@
 //!
 //! What it holds: a smoltcp [`Interface`] with one static IPv4 address (and optionally a
 //! default gateway) on the port's MAC; a fixed pool of TCP sockets, a few of them kept
-//! listening on the DOSP port; one UDP socket bound to the DOSP address (unicast); and
-//! optionally one UDP socket for the cluster's multicast group, joined through
-//! smoltcp's IGMP support.
+//! listening on the DOSP port (and, when the node serves signed URLs, a few on the HTTP
+//! port: [`DpdkPortOptions::http_port`]); one UDP socket bound to the DOSP address
+//! (unicast); and optionally one UDP socket for the cluster's multicast group, joined
+//! through smoltcp's IGMP support.
 //!
-//! The pool is bounded: `connections_max + LISTENERS` sockets, each with its own
-//! receive and send rings ([`TCP_RX_BYTES`], [`TCP_TX_BYTES`]), all made at start. The
+//! The pool is bounded: `connections_max + LISTENERS` sockets (plus [`HTTP_LISTENERS`]
+//! with HTTP: DOSP and HTTP connections share `connections_max`, as on the kernel
+//! port), each with its own receive and send rings ([`TCP_RX_BYTES`],
+//! [`TCP_TX_BYTES`]), all made at start. The
 //! bound matters beyond memory: smoltcp walks every socket of its set for each packet.
 //! So free sockets are parked outside the set, and the walk covers only the sockets in
 //! use (listening, connected, closing) and the UDP ones: its cost grows with the live
 //! connections, up to the bound. Sockets the loop has closed go back to the pool once
 //! smoltcp has finished their close (FIN exchange, or after [`CLOSE_LINGER`] by a
 //! reset). While every socket is taken (or in a handshake) no socket listens, and new
-//! SYNs are dropped and counted (`syn_refused`). A listening socket's handshake that
-//! does not complete within [`HANDSHAKE_TIMEOUT`] (a spoofed SYN) is given up and the
-//! socket listens again.
+//! SYNs are dropped and counted (`syn_refused`), for either port. A listening socket's
+//! handshake that does not complete within [`HANDSHAKE_TIMEOUT`] (a spoofed SYN) is
+//! given up and the socket listens again. A listening socket remembers which service
+//! it listens for: [`NetPort::accept`] hands out DOSP connections only,
+//! [`NetPort::accept_http`] HTTP ones only.
 //!
 //! Every received frame is checked before smoltcp sees it ([`RxGuard`], `rx_guard.rs`):
 //! malformed frames, bad checksums and IP fragments are dropped and counted by reason.
@@ -25,7 +30,8 @@
 //! Mapping of the trait:
 //! - [`NetPort::wait`] busy-polls: each pass runs `Interface::poll` (receive burst →
 //!   sockets → transmit) and flushes the device's transmit burst, then reports the
-//!   listener if a listening socket became established, datagrams if a UDP socket holds
+//!   listener if a listening socket became established ([`Ready::Listener`] for DOSP,
+//!   [`Ready::HttpListener`] for HTTP), datagrams if a UDP socket holds
 //!   one, and each connection whose receive queue grew, whose send queue shrank (room
 //!   appeared) or whose TCP state changed since the wait began. It returns as soon as
 //!   something is ready, or when the timeout is over. After [`SPINS_BEFORE_NAP`] passes
@@ -77,6 +83,8 @@ pub const TCP_RX_BYTES: usize = RBUF_BYTES;
 pub const TCP_TX_BYTES: usize = 256 * 1024;
 /// Sockets kept listening on the DOSP port while the pool has them (the backlog).
 pub const LISTENERS: usize = 16;
+/// Sockets kept listening on the HTTP port, when the port serves signed URLs.
+pub const HTTP_LISTENERS: usize = 16;
 /// A closed socket that has not finished its close after this is reset and reused.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(30);
 /// smoltcp aborts a connection whose peer acknowledges nothing for this long while
@@ -304,7 +312,11 @@ pub struct DpdkPortOptions {
     pub gateway: Option<Ipv4Addr>,
     /// The DOSP port number (TCP listener and UDP unicast).
     pub port: u16,
-    /// The session table's size; the TCP pool is this plus [`LISTENERS`].
+    /// Also serve HTTP (signed URLs, `server/http.rs`) on this TCP port number, on the
+    /// same addresses; not the DOSP port's. The loop needs a cluster key then.
+    pub http_port: Option<u16>,
+    /// The session table's size (DOSP and HTTP connections together); the TCP pool is
+    /// this plus [`LISTENERS`] (and [`HTTP_LISTENERS`] with `http_port`).
     pub connections_max: usize,
     /// Serve UDP unicast on the DOSP address.
     pub udp_unicast: bool,
@@ -312,14 +324,21 @@ pub struct DpdkPortOptions {
     pub multicast: Option<SocketAddrV4>,
 }
 
+/// What a listening socket listens for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Service {
+    Dosp,
+    Http,
+}
+
 /// What a TCP socket of the pool is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Use {
     /// Closed, waiting to be armed.
     Free,
-    /// In listen state (or in its handshake), not yet handed out.
-    Listening,
-    /// Handed out by [`NetPort::accept`].
+    /// In listen state (or in its handshake) for this service, not yet handed out.
+    Listening(Service),
+    /// Handed out by [`NetPort::accept`] or [`NetPort::accept_http`].
     Conn(ConnId),
     /// Closed by the loop at this time; smoltcp is finishing the close.
     Closing(Instant),
@@ -371,6 +390,8 @@ pub struct DpdkPort<'p, 'e> {
     conns: HashMap<ConnId, usize>,
     next_conn: u64,
     listen: IpListenEndpoint,
+    /// Where HTTP is served, when it is (same addresses as `listen`).
+    listen_http: Option<IpListenEndpoint>,
     local: SocketAddr,
     udp_unicast: Option<SocketHandle>,
     udp_multicast: Option<(SocketHandle, SocketAddrV4)>,
@@ -389,6 +410,8 @@ pub struct DpdkPort<'p, 'e> {
     mac: EthernetAddress,
     /// Connections handed out by [`NetPort::accept`].
     accepted: u64,
+    /// Connections handed out by [`NetPort::accept_http`].
+    accepted_http: u64,
     /// The bytes this port copies ([`Site::PortRecv`], [`Site::PortSend`]).
     copies: Copies,
     /// The check of every received frame.
@@ -404,6 +427,7 @@ impl Drop for DpdkPort<'_, '_> {
         tracing::info!(
             thread = std::thread::current().name().unwrap_or("-"),
             accepted = self.accepted,
+            accepted_http = self.accepted_http,
             rx_frames = phy.rx_frames,
             tx_frames = phy.tx_frames,
             tx_dropped = phy.tx_dropped + phy.tx_no_mbuf,
@@ -472,6 +496,15 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
         if opts.port == 0 {
             return Err(invalid("the DOSP port number must not be 0"));
         }
+        match opts.http_port {
+            Some(0) => return Err(invalid("the HTTP port number must not be 0")),
+            Some(p) if p == opts.port => {
+                return Err(invalid(format!(
+                    "the HTTP port must differ from the DOSP port ({p})"
+                )))
+            }
+            _ => {}
+        }
         let epoch = Instant::now();
         // The guard verifies received checksums; smoltcp only computes them.
         device.set_checksums(RxGuard::checksums());
@@ -520,7 +553,16 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             addr: None,
             port: opts.port,
         };
-        let pool = opts.connections_max + LISTENERS;
+        let listen_http = opts
+            .http_port
+            .map(|port| IpListenEndpoint { addr: None, port });
+        let pool = opts.connections_max
+            + LISTENERS
+            + if listen_http.is_some() {
+                HTTP_LISTENERS
+            } else {
+                0
+            };
         let slots = (0..pool)
             .map(|_| Slot {
                 handle: SocketHandle::default(),
@@ -544,8 +586,13 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             tcp_sockets = pool,
             udp_unicast = opts.udp_unicast,
             multicast = ?opts.multicast,
+            http_port = ?opts.http_port,
             "DOSP listening on the DPDK port (smoltcp)"
         );
+        let mut guard = RxGuard::new(opts.addr, opts.port);
+        if let Some(port) = opts.http_port {
+            guard.guard_http(port);
+        }
         let free = (0..pool).rev().collect();
         let mut port = DpdkPort {
             device,
@@ -557,6 +604,7 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             conns: HashMap::new(),
             next_conn: 1,
             listen,
+            listen_http,
             local,
             udp_unicast,
             udp_multicast,
@@ -568,8 +616,9 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             primary: Ipv4Cidr::new(opts.addr, opts.prefix_len),
             mac: EthernetAddress(mac.0),
             accepted: 0,
+            accepted_http: 0,
             copies: Copies::new(),
-            guard: RxGuard::new(opts.addr, opts.port),
+            guard,
             arp_pending: None,
         };
         port.arm_listeners();
@@ -641,6 +690,12 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
         self.staged_bytes
     }
 
+    /// Connections handed out so far: by [`NetPort::accept`] (DOSP) and by
+    /// [`NetPort::accept_http`].
+    pub fn accepted(&self) -> (u64, u64) {
+        (self.accepted, self.accepted_http)
+    }
+
     /// TCP sockets of the pool neither free nor listening: connections handed out, and
     /// closed ones smoltcp is still closing.
     pub fn sockets_in_use(&self) -> usize {
@@ -654,35 +709,130 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
         smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
     }
 
-    /// Puts free sockets in listen state (into the set) until [`LISTENERS`] listen.
+    /// Puts free sockets in listen state (into the set) until [`LISTENERS`] listen on
+    /// the DOSP port and, with HTTP, [`HTTP_LISTENERS`] on the HTTP port. Taken in
+    /// turn, so that a pool nearly exhausted still gives each service a listener.
     fn arm_listeners(&mut self) {
-        let mut listening = self
-            .busy
-            .iter()
-            .filter(|&&ix| self.slots[ix].use_ == Use::Listening)
-            .count();
-        while listening < LISTENERS {
-            let Some(ix) = self.free.pop() else {
-                break;
-            };
-            let slot = &mut self.slots[ix];
-            let mut sock = slot.parked.take().unwrap_or_else(tcp_socket);
-            match sock.listen(self.listen) {
-                Ok(()) => {
-                    sock.set_timeout(Some(HANDSHAKE_TIMEOUT));
-                    slot.handle = self.sockets.add(sock);
-                    slot.use_ = Use::Listening;
-                    self.busy.push(ix);
-                    listening += 1;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen on a pool socket");
-                    slot.parked = Some(sock);
-                    self.free.push(ix);
-                    break;
-                }
+        let (mut dosp, mut http) = (0, 0);
+        for &ix in &self.busy {
+            match self.slots[ix].use_ {
+                Use::Listening(Service::Dosp) => dosp += 1,
+                Use::Listening(Service::Http) => http += 1,
+                _ => {}
             }
         }
+        let http_want = if self.listen_http.is_some() {
+            HTTP_LISTENERS
+        } else {
+            0
+        };
+        let mut wants = [
+            (Service::Dosp, LISTENERS.saturating_sub(dosp)),
+            (Service::Http, http_want.saturating_sub(http)),
+        ];
+        while wants.iter().any(|&(_, n)| n > 0) {
+            for (service, left) in wants.iter_mut() {
+                if *left == 0 {
+                    continue;
+                }
+                if !self.arm(*service) {
+                    return;
+                }
+                *left -= 1;
+            }
+        }
+    }
+
+    /// Puts one free socket in listen state for `service`; false when none is free
+    /// (or smoltcp refused, which is logged).
+    fn arm(&mut self, service: Service) -> bool {
+        let endpoint = match service {
+            Service::Dosp => self.listen,
+            Service::Http => match self.listen_http {
+                Some(e) => e,
+                None => return false,
+            },
+        };
+        let Some(ix) = self.free.pop() else {
+            return false;
+        };
+        let slot = &mut self.slots[ix];
+        let mut sock = slot.parked.take().unwrap_or_else(tcp_socket);
+        match sock.listen(endpoint) {
+            Ok(()) => {
+                sock.set_timeout(Some(HANDSHAKE_TIMEOUT));
+                slot.handle = self.sockets.add(sock);
+                slot.use_ = Use::Listening(service);
+                self.busy.push(ix);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?service, "cannot listen on a pool socket");
+                slot.parked = Some(sock);
+                self.free.push(ix);
+                false
+            }
+        }
+    }
+
+    /// Whether a socket listening for `service` has completed its handshake.
+    fn established(&self, service: Service) -> bool {
+        self.busy.iter().any(|&ix| {
+            let s = &self.slots[ix];
+            s.use_ == Use::Listening(service)
+                && matches!(
+                    self.sockets.get::<tcp::Socket>(s.handle).state(),
+                    tcp::State::Established | tcp::State::CloseWait
+                )
+        })
+    }
+
+    /// Hands out up to [`ACCEPT_BURST`] connections established on sockets listening
+    /// for `service`; whether it stopped at that bound with more waiting.
+    fn take(&mut self, service: Service, new: &mut Vec<(ConnId, SocketAddr)>) -> bool {
+        let mut taken = 0;
+        let mut more = false;
+        for i in 0..self.busy.len() {
+            let ix = self.busy[i];
+            if self.slots[ix].use_ != Use::Listening(service) {
+                continue;
+            }
+            let sock = self.sockets.get::<tcp::Socket>(self.slots[ix].handle);
+            if !matches!(
+                sock.state(),
+                tcp::State::Established | tcp::State::CloseWait
+            ) {
+                continue;
+            }
+            let Some(peer) = sock.remote_endpoint() else {
+                continue;
+            };
+            if taken == ACCEPT_BURST {
+                more = true;
+                break;
+            }
+            taken += 1;
+            let id = ConnId(self.next_conn);
+            self.next_conn += 1;
+            let slot = &mut self.slots[ix];
+            self.sockets
+                .get_mut::<tcp::Socket>(slot.handle)
+                .set_timeout(Some(TCP_TIMEOUT));
+            slot.use_ = Use::Conn(id);
+            slot.stage.clear();
+            slot.stage_at = 0;
+            slot.drained = 0;
+            slot.reported = 0;
+            self.conns.insert(id, ix);
+            match service {
+                Service::Dosp => self.accepted += 1,
+                Service::Http => self.accepted_http += 1,
+            }
+            new.push((id, SocketAddr::from(peer)));
+        }
+        // A replacement listens for each socket taken, while the pool has one.
+        self.arm_listeners();
+        more
     }
 
     /// Frees the sockets whose close finished (or lingered too long: those are reset
@@ -697,7 +847,7 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
             // closed: it goes back to the pool and a fresh listener is armed.
             let since = match slot.use_ {
                 Use::Closing(since) => Some(since),
-                Use::Listening if sock.state() == tcp::State::Closed => None,
+                Use::Listening(_) if sock.state() == tcp::State::Closed => None,
                 _ => {
                     i += 1;
                     continue;
@@ -762,16 +912,11 @@ impl<'p, 'e> DpdkPort<'p, 'e> {
 
     /// Appends what is ready now (see the module docs).
     fn collect(&mut self, ready: &mut Vec<Ready>) {
-        let established = self.busy.iter().any(|&ix| {
-            let s = &self.slots[ix];
-            s.use_ == Use::Listening
-                && matches!(
-                    self.sockets.get::<tcp::Socket>(s.handle).state(),
-                    tcp::State::Established | tcp::State::CloseWait
-                )
-        });
-        if established || self.accept_more {
+        if self.accept_more || self.established(Service::Dosp) {
             ready.push(Ready::Listener);
+        }
+        if self.listen_http.is_some() && self.established(Service::Http) {
+            ready.push(Ready::HttpListener);
         }
         let datagrams = self
             .udp_unicast
@@ -908,45 +1053,16 @@ impl NetPort for DpdkPort<'_, '_> {
     }
 
     fn accept(&mut self, new: &mut Vec<(ConnId, SocketAddr)>) {
-        self.accept_more = false;
-        let mut taken = 0;
-        for i in 0..self.busy.len() {
-            let ix = self.busy[i];
-            if self.slots[ix].use_ != Use::Listening {
-                continue;
-            }
-            let sock = self.sockets.get::<tcp::Socket>(self.slots[ix].handle);
-            if !matches!(
-                sock.state(),
-                tcp::State::Established | tcp::State::CloseWait
-            ) {
-                continue;
-            }
-            let Some(peer) = sock.remote_endpoint() else {
-                continue;
-            };
-            if taken == ACCEPT_BURST {
-                self.accept_more = true;
-                break;
-            }
-            taken += 1;
-            let id = ConnId(self.next_conn);
-            self.next_conn += 1;
-            let slot = &mut self.slots[ix];
-            self.sockets
-                .get_mut::<tcp::Socket>(slot.handle)
-                .set_timeout(Some(TCP_TIMEOUT));
-            slot.use_ = Use::Conn(id);
-            slot.stage.clear();
-            slot.stage_at = 0;
-            slot.drained = 0;
-            slot.reported = 0;
-            self.conns.insert(id, ix);
-            self.accepted += 1;
-            new.push((id, SocketAddr::from(peer)));
-        }
-        // A replacement listens for each socket taken, while the pool has one.
-        self.arm_listeners();
+        self.accept_more = self.take(Service::Dosp, new);
+    }
+
+    fn accept_http(&mut self, new: &mut Vec<(ConnId, SocketAddr)>) -> bool {
+        self.listen_http.is_some() && self.take(Service::Http, new)
+    }
+
+    fn http_addr(&self) -> Option<SocketAddr> {
+        self.listen_http
+            .map(|e| SocketAddr::new(self.local.ip(), e.port))
     }
 
     fn accept_due(&self) -> Option<Instant> {

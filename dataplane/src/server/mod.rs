@@ -222,21 +222,29 @@ impl Server<KernelPort> {
         }
         self.port.serve_http(listener.0)
     }
+}
 
+impl<P: NetPort> Server<P> {
     /// The HTTP listener's address, if the node serves HTTP.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.port.http_addr()
     }
-}
 
-impl<P: NetPort> Server<P> {
     /// A loop over `port`; the store's completion descriptors are registered with it.
+    /// A port that serves HTTP already ([`NetPort::http_addr`]: the DPDK port's
+    /// listeners are made with it) needs a cluster key, as [`Server::serve_http`] does.
     pub fn with_port(
         mut port: P,
         cfg: ServerConfig,
         mut store: Shards,
         end: DataplaneEnd,
     ) -> io::Result<Server<P>> {
+        if port.http_addr().is_some() && cfg.auth.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "signed URLs over HTTP need a cluster key",
+            ));
+        }
         let stats = loop_stats(&end)?;
         for (disk, fd) in store.notify_fds() {
             port.register_wakeup(fd, usize::from(disk.0))?;

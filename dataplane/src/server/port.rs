@@ -10,7 +10,7 @@
 //!   and writes, delays, reordering between connections and resets.
 //! - `DpdkPort` (`dpdk_port.rs`, feature `dpdk`): smoltcp sockets on a DPDK mbuf
 //!   device, each method mapped onto them; the notes marked "DPDK" say what it must do
-//!   (its module docs say how it does it). Not wired into dosd's CLI yet.
+//!   (its module docs say how it does it).
 //!
 //! Who calls what. Each loop turn: [`NetPort::wait`] (readiness, sleeping at most the
 //! timeout), [`NetPort::now`] once for the turn's clock, then for each ready item:
@@ -134,10 +134,15 @@ pub trait NetPort {
     /// Takes up to a bounded burst of new connections from the HTTP listener (signed
     /// URLs, `server/http.rs`), as [`NetPort::accept`] does for DOSP; returns whether
     /// it stopped before the queue was empty (call again next turn). A port without
-    /// an HTTP listener (the default; the DPDK and simulated ports) takes none.
+    /// an HTTP listener (the default; the simulated port) takes none.
     fn accept_http(&mut self, new: &mut Vec<(ConnId, SocketAddr)>) -> bool {
         let _ = new;
         false
+    }
+
+    /// The address the port serves HTTP on (signed URLs), if it does; by default none.
+    fn http_addr(&self) -> Option<SocketAddr> {
+        None
     }
 
     /// Lends the bytes received on `conn` and not yet consumed to `f`, which returns
@@ -306,11 +311,6 @@ pub struct KernelPort {
 impl KernelPort {
     /// Also accepts HTTP connections on `listener` (one of a group bound with
     /// [`accept::bind_group`]); they share the connection table and receive buffers.
-    /// The HTTP listener's address, if there is one.
-    pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.http.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
     pub fn serve_http(&mut self, mut listener: TcpListener) -> io::Result<()> {
         self.poll
             .registry()
@@ -535,6 +535,10 @@ impl NetPort for KernelPort {
 
     fn accept_due(&self) -> Option<Instant> {
         self.accept_at
+    }
+
+    fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// One accept pass on the HTTP listener. Simpler than the DOSP listener's: out of

@@ -183,7 +183,8 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     pub cluster_key_file: Option<PathBuf>,
     /// Serve signed URLs (`dosp url`) over HTTP/1.1 on this address: GET and HEAD of
-    /// objects, with Range (dosp/HTTP.md); needs --cluster-key-file [default: off]
+    /// objects, with Range (dosp/HTTP.md); needs --cluster-key-file; with --net dpdk
+    /// on the DPDK port's address (or 0.0.0.0) [default: off]
     #[arg(long, value_name = "ADDR:PORT")]
     pub http_listen: Option<SocketAddr>,
     /// Also accept requests signed with the specification's double MD5 (weaker than the
@@ -809,14 +810,46 @@ impl Config {
                         .into(),
                 ));
             }
-            if matches!(net, Net::Dpdk(_)) {
-                return Err(invalid(
-                    "http_listen",
-                    &addr.to_string(),
-                    "HTTP is served by the kernel network backend only, not with --net dpdk".into(),
-                ));
-            }
         }
+        // With --net dpdk, as for --listen: the HTTP address is on the DPDK port (its
+        // address or 0.0.0.0, meaning it), on a port of its own.
+        let http_listen = match (&net, http_listen) {
+            (Net::Dpdk(d), Some(h)) => {
+                let ok_ip = match h.ip() {
+                    std::net::IpAddr::V4(ip) => ip == d.addr || ip.is_unspecified(),
+                    std::net::IpAddr::V6(_) => false,
+                };
+                if !ok_ip {
+                    return Err(invalid(
+                        "http_listen",
+                        &h.to_string(),
+                        format!(
+                            "with --net dpdk signed URLs are served on the DPDK port: use {}:PORT or 0.0.0.0:PORT",
+                            d.addr
+                        ),
+                    ));
+                }
+                if h.port() == 0 {
+                    return Err(invalid(
+                        "http_listen",
+                        &h.to_string(),
+                        "with --net dpdk the HTTP port must be given (not 0)".into(),
+                    ));
+                }
+                if h.port() == listen.port() {
+                    return Err(invalid(
+                        "http_listen",
+                        &h.to_string(),
+                        format!(
+                            "with --net dpdk the HTTP port must differ from the DOSP port ({})",
+                            listen.port()
+                        ),
+                    ));
+                }
+                Some(SocketAddr::from((d.addr, h.port())))
+            }
+            (_, h) => h,
+        };
         Ok(Config {
             cluster_key_file,
             http_listen,
@@ -1363,6 +1396,37 @@ mod tests {
                     ..dpdk(None, None, Some("10.0.0.2/24"))
                 },
                 "--dpdk-args",
+            ),
+        ] {
+            let err = Config::resolve(flags).unwrap_err();
+            assert!(err.to_string().contains(says), "{err}");
+        }
+        // Signed URLs over HTTP on the DPDK port: its address (0.0.0.0 meaning it), a
+        // port of its own, and the cluster key as on the kernel backend.
+        let http = |addr: &str, key: bool| Flags {
+            http_listen: Some(addr.parse().unwrap()),
+            cluster_key_file: key.then(|| PathBuf::from("/k")),
+            ..dpdk(None, None, Some("10.0.0.2/24"))
+        };
+        for asked in ["10.0.0.2:8080", "0.0.0.0:8080"] {
+            let c = Config::resolve(http(asked, true)).unwrap();
+            assert_eq!(
+                c.http_listen,
+                Some("10.0.0.2:8080".parse().unwrap()),
+                "{asked}"
+            );
+        }
+        for (flags, says) in [
+            (http("10.0.0.2:8080", false), "cluster_key_file"),
+            (
+                http("127.0.0.1:8080", true),
+                "use 10.0.0.2:PORT or 0.0.0.0:PORT",
+            ),
+            (http("[::1]:8080", true), "DPDK port"),
+            (http("10.0.0.2:0", true), "not 0"),
+            (
+                http("10.0.0.2:7370", true),
+                "differ from the DOSP port (7370)",
             ),
         ] {
             let err = Config::resolve(flags).unwrap_err();

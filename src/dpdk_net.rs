@@ -9,7 +9,9 @@
 //! The NIC spreads flows over the queues (RSS where the device has it; a `net_tap`'s
 //! kernel side picks the queue by flow hash); a request that lands on a loop that does
 //! not own its object's shard crosses to the owner through the mesh, as on the kernel
-//! backend. ARP frames are shared between the loops ([`ArpShare`]).
+//! backend. ARP frames are shared between the loops ([`ArpShare`]). With
+//! `--http-listen`, each loop's port also listens on the HTTP port (signed URLs), its
+//! connections sharing the loop's `connections_max` with DOSP's.
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -35,24 +37,31 @@ const MBUFS: u32 = 8191;
 const MBUF_CACHE: u32 = 64;
 
 /// Starts the dataplane threads serving DOSP on DPDK port 0 at `net.addr` and
-/// `listen`'s port, one loop per shard, and waits until every loop serves. Returns the
-/// thread of loop 0 (it runs the others and joins them) and the DOSP address.
+/// `listen`'s port (and signed URLs over HTTP on `http`'s port, when given), one loop
+/// per shard, and waits until every loop serves. Returns the thread of loop 0 (it runs
+/// the others and joins them), the DOSP address and the HTTP one.
 pub fn start(
     net: &DpdkNet,
     listen: SocketAddr,
+    http: Option<SocketAddr>,
     cfg: ServerConfig,
     shards: Vec<Shards>,
     ends: Vec<DataplaneEnd>,
     stop: &Arc<AtomicBool>,
-) -> anyhow::Result<(JoinHandle<io::Result<Shards>>, SocketAddrV4)> {
+) -> anyhow::Result<(
+    JoinHandle<io::Result<Shards>>,
+    SocketAddrV4,
+    Option<SocketAddrV4>,
+)> {
     let local = SocketAddrV4::new(net.addr, listen.port());
+    // Each loop's port listens on the HTTP port too (its own listeners, like DOSP's).
+    let http_local = http.map(|h| SocketAddrV4::new(net.addr, h.port()));
     let opts = DpdkPortOptions {
         addr: net.addr,
         prefix_len: net.prefix_len,
         gateway: net.gateway,
         port: listen.port(),
-        // HTTP on the DPDK port is wired in the next change.
-        http_port: None,
+        http_port: http_local.map(|h| h.port()),
         connections_max: cfg.connections_max,
         // Every loop: RSS puts a datagram on any queue.
         udp_unicast: true,
@@ -100,7 +109,7 @@ pub fn start(
             }
         }
     }
-    Ok((thread, local))
+    Ok((thread, local, http_local))
 }
 
 /// On the dataplane-0 thread: EAL, port 0 with one receive and one transmit queue per
@@ -271,6 +280,7 @@ fn one_loop<'e>(
     tracing::info!(
         loop_index = k,
         queue = k,
+        http = ?opts.http_port,
         "dataplane loop serving DOSP on the DPDK port"
     );
     let _ = ready.send(Ok(()));

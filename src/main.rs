@@ -414,66 +414,82 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     };
     let mut servers = Vec::with_capacity(usize::from(loops));
     // With --net dpdk: the one loop's thread, already serving (it is made on its own
-    // thread: EAL and the port live there).
-    let (local, dpdk_thread): (_, Option<std::thread::JoinHandle<std::io::Result<_>>>) =
-        match &cfg.net {
-            Net::Kernel => {
+    // thread: EAL and the port live there). And where signed URLs are served over
+    // HTTP, when they are.
+    let (local, http_local, dpdk_thread): (
+        _,
+        Option<std::net::SocketAddr>,
+        Option<std::thread::JoinHandle<std::io::Result<_>>>,
+    ) = match &cfg.net {
+        Net::Kernel => {
+            let listeners = dataplane::server::accept::bind_group(
+                cfg.listen,
+                cfg.connections_max,
+                usize::from(loops),
+            )
+            .with_context(|| format!("cannot bind DOSP on {}", cfg.listen))?;
+            for (k, ((shard, end), listener)) in
+                shards.into_iter().zip(ends).zip(listeners).enumerate()
+            {
+                // Loop 0 also serves UDP: unicast queries and the multicast group.
+                let server = dataplane::server::Server::bind_loop(
+                    server_cfg(loops),
+                    listener,
+                    k == 0,
+                    shard,
+                    end,
+                )
+                .with_context(|| {
+                    format!(
+                        "cannot bind DOSP on {} / multicast {}",
+                        cfg.listen, cfg.multicast
+                    )
+                })?;
+                servers.push(server);
+            }
+            if let Some(addr) = cfg.http_listen {
                 let listeners = dataplane::server::accept::bind_group(
-                    cfg.listen,
+                    addr,
                     cfg.connections_max,
                     usize::from(loops),
                 )
-                .with_context(|| format!("cannot bind DOSP on {}", cfg.listen))?;
-                for (k, ((shard, end), listener)) in
-                    shards.into_iter().zip(ends).zip(listeners).enumerate()
-                {
-                    // Loop 0 also serves UDP: unicast queries and the multicast group.
-                    let server = dataplane::server::Server::bind_loop(
-                        server_cfg(loops),
-                        listener,
-                        k == 0,
-                        shard,
-                        end,
-                    )
-                    .with_context(|| {
-                        format!(
-                            "cannot bind DOSP on {} / multicast {}",
-                            cfg.listen, cfg.multicast
-                        )
-                    })?;
-                    servers.push(server);
+                .with_context(|| format!("cannot bind HTTP on {addr}"))?;
+                for (server, listener) in servers.iter_mut().zip(listeners) {
+                    server
+                        .serve_http(listener)
+                        .with_context(|| format!("cannot serve HTTP on {addr}"))?;
                 }
-                if let Some(addr) = cfg.http_listen {
-                    let listeners = dataplane::server::accept::bind_group(
-                        addr,
-                        cfg.connections_max,
-                        usize::from(loops),
-                    )
-                    .with_context(|| format!("cannot bind HTTP on {addr}"))?;
-                    for (server, listener) in servers.iter_mut().zip(listeners) {
-                        server
-                            .serve_http(listener)
-                            .with_context(|| format!("cannot serve HTTP on {addr}"))?;
-                    }
-                    if let Some(local) = servers.first().and_then(|s| s.http_addr()) {
-                        tracing::info!(%local, "serving signed URLs over HTTP (dosp/HTTP.md)");
-                    }
-                }
-                (servers[0].local_addr()?, None)
             }
-            #[cfg(feature = "dpdk")]
-            Net::Dpdk(net) => {
-                let (thread, local) =
-                    dpdk_net::start(net, cfg.listen, server_cfg(loops), shards, ends, &stop)?;
-                (std::net::SocketAddr::V4(local), Some(thread))
-            }
-            #[cfg(not(feature = "dpdk"))]
-            Net::Dpdk(_) => {
-                // The configuration refuses it first; kept for a clear word all the same.
-                drop((shards, ends));
-                anyhow::bail!("this dosd was built without DPDK (cargo build --features dpdk)")
-            }
-        };
+            let http_local = servers.first().and_then(|s| s.http_addr());
+            (servers[0].local_addr()?, http_local, None)
+        }
+        #[cfg(feature = "dpdk")]
+        Net::Dpdk(net) => {
+            let (thread, local, http_local) = dpdk_net::start(
+                net,
+                cfg.listen,
+                cfg.http_listen,
+                server_cfg(loops),
+                shards,
+                ends,
+                &stop,
+            )?;
+            (
+                std::net::SocketAddr::V4(local),
+                http_local.map(std::net::SocketAddr::V4),
+                Some(thread),
+            )
+        }
+        #[cfg(not(feature = "dpdk"))]
+        Net::Dpdk(_) => {
+            // The configuration refuses it first; kept for a clear word all the same.
+            drop((shards, ends));
+            anyhow::bail!("this dosd was built without DPDK (cargo build --features dpdk)")
+        }
+    };
+    if let Some(local) = http_local {
+        tracing::info!(%local, "serving signed URLs over HTTP (dosp/HTTP.md)");
+    }
     // The node's state, owned and published by the management core from here on.
     let node_state = dataplane::node::NodeState::new(
         node_id,
@@ -566,12 +582,8 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         .as_ref()
         .map(|n| format!(" name={n}"))
         .unwrap_or_default();
-    // `http=` only when signed URLs are served.
-    let http_field = servers
-        .first()
-        .and_then(|s| s.http_addr())
-        .map(|a| format!(" http={a}"))
-        .unwrap_or_default();
+    // `http=` only when signed URLs are served (on DPDK: the DPDK address, as dosp=).
+    let http_field = http_local.map(|a| format!(" http={a}")).unwrap_or_default();
     // `mgmt_tls=on` only when the REST endpoint speaks HTTPS (and only HTTPS).
     let mgmt_tls_field = if mgmt.https() { " mgmt_tls=on" } else { "" };
     println!(

@@ -2,7 +2,9 @@
 //! a DPDK `net_tap` vdev, reached from the kernel's side of the tap with the ordinary
 //! `dosp` client; the management API stays on the kernel (loopback) and says "dpdk".
 //! Both nodes have the cluster's key: every request, answer and heartbeat is signed,
-//! and an unsigned request through the DPDK port is refused.
+//! and an unsigned request through the DPDK port is refused. The DPDK node also serves
+//! signed URLs over HTTP on its DPDK address (`--http-listen`), fetched with `curl`
+//! from the namespace: whole, by range, HEAD, several over one connection, tampered.
 //!
 //! Needs root (the tap device, `ip` and `sysctl` on it); without it the test says so
 //! and passes without running. Only built with the `dpdk` feature.
@@ -17,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use dosp::auth::{CertMode, KeyRing};
+use dosp::auth::{srl_path, CertMode, KeyRing};
 use dosp::client::{Client, ClientError};
 use dosp::signed::Signer;
 use dosp::wire::Status;
@@ -249,6 +251,7 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
     let kernel_ip = format!("10.97.{x}.1");
     let service_ip = format!("10.97.{x}.9");
     let listen = format!("{node_ip}:7370");
+    let http_listen = format!("{node_ip}:8080");
     let dir = tempfile::tempdir().unwrap();
     let group = common::unique_group();
     let token = "net-dpdk-test";
@@ -299,6 +302,8 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
             &group,
             "--cluster-key-file",
             keys.to_str().unwrap(),
+            "--http-listen",
+            &http_listen,
         ],
         &dpdk_log,
     );
@@ -310,6 +315,11 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
         dosp_addr.to_string(),
         listen,
         "the line gives the DPDK address"
+    );
+    assert_eq!(
+        field(&line, "http="),
+        http_listen,
+        "the line gives the DPDK address for HTTP too"
     );
 
     // The tap's kernel end goes into a namespace of the test's own, where the peers
@@ -495,6 +505,10 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
         (fps, clients)
     });
 
+    // Signed URLs over HTTP through the DPDK port, fetched with curl from the namespace
+    // (each curl a connection of its own, but the keep-alive one).
+    let http_conns = http_over_dpdk(&ns, &http_listen, &dir, &fps, &objects, mgmt, &log);
+
     // A service address: added over REST, announced by gratuitous ARP (the namespace
     // learns it without asking), served, removed.
     let (status, body) = http(mgmt, "POST", "/v1/addresses", None, "{}");
@@ -602,7 +616,8 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
         "dosd --net dpdk (2 loops) on {iface}, its peers in namespace {}: {} objects over {CONNECTIONS} connections stored, \
          retrieved and range-read byte-exact, listed, deleted; multicast LOCATE answered by \
          it and a kernel node; its heartbeats heard; service address {service_ip} \
-         announced by gratuitous ARP and served",
+         announced by gratuitous ARP and served; signed URLs over HTTP on {http_listen} \
+         ({http_conns} connections: whole, range, HEAD, keep-alive, tampered) byte-exact",
         ns.0,
         objects.len()
     );
@@ -637,6 +652,154 @@ fn dosd_serves_dosp_on_a_dpdk_port() {
         accepted.iter().all(|&n| n > 0),
         "flows reached both loops: {accepted:?}"
     );
-    // The clients, the unsigned one and the one to the service address.
+    // The clients, the unsigned one and the one to the service address: DOSP only,
+    // as `accepted=` counts DOSP connections; HTTP ones are counted apart
+    // (`accepted_http=`), each queue's port having HTTP listeners of its own.
     assert_eq!(accepted.iter().sum::<u64>(), CONNECTIONS as u64 + 2);
+    let accepted_http: u64 = log()
+        .lines()
+        .filter(|l| l.contains("DPDK port queue closed"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("accepted_http="))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum();
+    assert_eq!(
+        accepted_http, http_conns,
+        "HTTP connections over the queues"
+    );
+}
+
+/// One curl in the namespace: its `-w` output (`%{http_code} %{num_connects}` per URL).
+fn curl(ns: &Netns, args: &[&str]) -> String {
+    let mut all = vec![
+        "-sS",
+        "--max-time",
+        "60",
+        "-w",
+        "%{http_code} %{num_connects}\n",
+    ];
+    all.extend_from_slice(args);
+    ns.output("curl", &all)
+}
+
+/// The value of the /metrics line starting with `key` (name, labels and a space).
+fn metric(mgmt: SocketAddr, key: &str) -> u64 {
+    http_get(mgmt, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn http_count(mgmt: SocketAddr, status: u16) -> u64 {
+    metric(
+        mgmt,
+        &format!("dosd_http_requests_total{{status=\"{status}\"}} "),
+    )
+}
+
+/// GETs of signed URLs at `http` (the DPDK node's HTTP address), from the namespace:
+/// an object whole and a range of it (byte-exact), HEAD, three objects over one
+/// keep-alive connection, a tampered URL (403); the responses counted in /metrics.
+/// Returns the HTTP connections it made.
+fn http_over_dpdk(
+    ns: &Netns,
+    http: &str,
+    dir: &tempfile::TempDir,
+    fps: &[Fingerprint],
+    objects: &[Vec<u8>],
+    mgmt: SocketAddr,
+    log: &dyn Fn() -> String,
+) -> u64 {
+    let ring = KeyRing::parse(KEY).unwrap();
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let url = |i: usize, name: Option<&str>| {
+        format!("http://{http}{}", srl_path(&ring, &fps[i], expires, name))
+    };
+    let file = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let before = |s| http_count(mgmt, s);
+    let (ok0, partial0, forbidden0) = (before(200), before(206), before(403));
+    let mut conns = 0;
+
+    // 1 MiB whole: 200, the bytes stored.
+    let big = &objects[5];
+    let whole = file("whole");
+    let out = curl(ns, &["-o", &whole, &url(5, Some("big.bin"))]);
+    conns += 1;
+    assert_eq!(out.trim(), "200 1", "GET whole\n{}", log());
+    assert!(
+        std::fs::read(&whole).unwrap() == *big,
+        "GET over HTTP gave other bytes than stored"
+    );
+
+    // A range across the first chunk's end: 206 and exactly those bytes.
+    let part = file("part");
+    let out = curl(ns, &["-r", "1000-70999", "-o", &part, &url(5, None)]);
+    conns += 1;
+    assert_eq!(out.trim(), "206 1", "GET range");
+    assert!(
+        std::fs::read(&part).unwrap() == big[1000..71_000],
+        "the range gave other bytes"
+    );
+
+    // HEAD: the head alone, with the length.
+    let head = curl(ns, &["-I", &url(5, Some("big.bin"))]).to_ascii_lowercase();
+    conns += 1;
+    assert!(head.starts_with("http/1.1 200"), "HEAD: {head}");
+    assert!(
+        head.contains(&format!("content-length: {}\r\n", big.len())),
+        "HEAD: {head}"
+    );
+    assert!(head.trim_end().ends_with("200 1"), "HEAD: {head}");
+
+    // Keep-alive: three objects in one curl, one connection (curl reuses it: the
+    // later transfers made no connect of their own).
+    let keep = [1usize, 2, 3];
+    let names: Vec<String> = keep.iter().map(|i| file(&format!("keep{i}"))).collect();
+    let urls: Vec<String> = keep.iter().map(|&i| url(i, None)).collect();
+    let mut args = Vec::new();
+    for (n, u) in names.iter().zip(&urls) {
+        args.extend(["-o", n.as_str(), u.as_str()]);
+    }
+    let out = curl(ns, &args);
+    conns += 1;
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["200 1", "200 0", "200 0"],
+        "three GETs over one connection"
+    );
+    for (&i, n) in keep.iter().zip(&names) {
+        assert!(
+            std::fs::read(n).unwrap() == objects[i],
+            "keep-alive GET {i} gave other bytes"
+        );
+    }
+
+    // A tampered signature: 403.
+    let good = url(5, None);
+    let path = good.trim_start_matches(&format!("http://{http}/"));
+    let (enc, rest) = path.split_once('/').unwrap();
+    let mut sig: Vec<u8> = rest.bytes().collect();
+    sig[0] = if sig[0] == b'A' { b'B' } else { b'A' };
+    let tampered = format!("http://{http}/{enc}/{}", String::from_utf8(sig).unwrap());
+    let out = curl(ns, &["-o", "/dev/null", &tampered]);
+    conns += 1;
+    assert_eq!(out.trim(), "403 1", "a tampered URL");
+
+    assert_eq!(
+        http_count(mgmt, 200),
+        ok0 + 5,
+        "whole, HEAD, three kept alive"
+    );
+    assert_eq!(http_count(mgmt, 206), partial0 + 1);
+    assert_eq!(http_count(mgmt, 403), forbidden0 + 1);
+    conns
 }

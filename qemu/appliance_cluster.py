@@ -24,9 +24,9 @@ the client, `dosp locate` and `dosp watch` sign with it and drop what is not sig
    stores succeed, and dosd was never restarted.
 7. Keys: on every node an unsigned STORE and a STORE signed with a foreign key are
    refused (AUTH_FAILED), store nothing and are counted by reason in /metrics; an
-   unsigned LOCATE to the group gets no answer. cl3 serves signed URLs: curl at the
-   client endpoint fetches an object whole and a range (checked against MD5); a
-   tampered URL gets 403.
+   unsigned LOCATE to the group gets no answer. Every node serves signed URLs on its
+   data NIC (cl1 and cl2 through DPDK): curl at the client endpoint fetches an object
+   whole and a range (checked against MD5); a tampered URL gets 403.
 8. Every node powers off cleanly (the power button).
 
 Every wait is bounded. Consoles in target/qemu/cluster-clI.log. Standard library only.
@@ -237,7 +237,8 @@ def check_keys(client, cluster, ids):
 
 
 def check_signed_urls(client, cluster, node):
-    """Signed URLs from the client endpoint with curl: whole, a range, tampered."""
+    """Signed URLs from the client endpoint with curl: whole, a range, tampered, over
+    the node's data NIC (through DPDK on cl1 and cl2)."""
     data = os.urandom((1 << 20) + 12345)
     fp = client.store(node, data, f"url.{node.name}")
     r = cluster.run(client.dosp_bin, "--key-file", client.keys, "url", fp, "--ttl", "120",
@@ -267,8 +268,8 @@ def check_signed_urls(client, cluster, node):
     r = curl("/".join(parts))
     if r.stdout != "403":
         raise Fail(f"a tampered URL got {r.stdout} (want 403)")
-    log(f"{node.name}: signed URL {url[:60]}… fetched whole (md5 {fp}) and a range (206) with curl; "
-        f"tampered: 403")
+    log(f"{node.name} ({node.data_net}): signed URL {url[:60]}… fetched whole (md5 {fp}) and a range "
+        f"(206) with curl; tampered: 403")
 
 
 def check_partition(client, cluster, watch, ids):

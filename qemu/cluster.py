@@ -16,8 +16,8 @@ or, for the nodes in --kernel-net, data_net=kernel.
 
 With --keys FILE (a cluster key file, `ID HEXSECRET` lines; `--keys new` makes one
 in target/qemu/cluster.keys) every node gets it as cluster.keys on DOSDCONF and
-cluster_key_file in its dosd.toml, so DOSP is signed; the nodes on the kernel's data
-path also serve signed URLs (http_listen on port 8080). Clients then need the key:
+cluster_key_file in its dosd.toml, so DOSP is signed, and serves signed URLs on its
+data NIC (http_listen on port 8080). Clients then need the key:
     ip netns exec dosd-cluster dosp --key-file FILE --node 10.77.0.11:7370 ping
 
 The client endpoint is the bridge's address, 10.77.0.1/24, inside the namespace:
@@ -55,7 +55,7 @@ BRIDGE = "dcl-br"
 NET = "10.77.0"
 CLIENT_IP = f"{NET}.1"
 GROUP = "239.255.73.70:7371"
-HTTP_PORT = 8080  # signed URLs, on the nodes with a key on the kernel's data path
+HTTP_PORT = 8080  # signed URLs, on the nodes with a key
 IMAGE = os.path.join(ROOT, "target", "appliance", "dosd-appliance.img")
 ANSI_RE = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[()][A-Z0-9]|[A-Za-z])")
 
@@ -150,8 +150,8 @@ class Node:
         self.rest = rest
         self.dosp_port = dosp
         self.data_net = "kernel" if kernel_net else "dpdk"
-        # Signed URLs: the HTTP listener is on the kernel's data path only.
-        self.http = f"{self.addr}:{HTTP_PORT}" if keys and kernel_net else None
+        # Signed URLs, on the data NIC (DPDK or kernel), where the node has the key.
+        self.http = f"{self.addr}:{HTTP_PORT}" if keys else None
         self.disks = disks
         self.disk_size = disk_size
         self.mem = mem

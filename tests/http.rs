@@ -159,6 +159,9 @@ fn signed_urls_over_http() {
         header(&heads, "content-disposition").unwrap(),
         "inline; filename=\"holiday photo.jpg\""
     );
+    // A browser shows it as the image its name says, and sniffs nothing.
+    assert_eq!(header(&heads, "content-type").unwrap(), "image/jpeg");
+    assert_eq!(header(&heads, "x-content-type-options").unwrap(), "nosniff");
 
     // Ranges: a-b, a-, -n; unsatisfiable.
     for (range, part) in [

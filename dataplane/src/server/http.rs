@@ -195,6 +195,56 @@ pub struct Name {
     len: usize,
 }
 
+/// Media types by file-name extension (lower case), for `Content-Type`. Passive
+/// formats only: HTML, SVG, JavaScript and the like would run in the browser as
+/// pages of the node's origin, so they are served as `application/octet-stream`.
+const MEDIA_TYPES: &[(&str, &str)] = &[
+    ("avif", "image/avif"),
+    ("bmp", "image/bmp"),
+    ("csv", "text/csv; charset=utf-8"),
+    ("flac", "audio/flac"),
+    ("gif", "image/gif"),
+    ("gz", "application/gzip"),
+    ("ico", "image/vnd.microsoft.icon"),
+    ("jpeg", "image/jpeg"),
+    ("jpg", "image/jpeg"),
+    ("json", "application/json"),
+    ("m4a", "audio/mp4"),
+    ("mkv", "video/x-matroska"),
+    ("mov", "video/quicktime"),
+    ("mp3", "audio/mpeg"),
+    ("mp4", "video/mp4"),
+    ("ogg", "audio/ogg"),
+    ("pdf", "application/pdf"),
+    ("png", "image/png"),
+    ("tar", "application/x-tar"),
+    ("tif", "image/tiff"),
+    ("tiff", "image/tiff"),
+    ("txt", "text/plain; charset=utf-8"),
+    ("wav", "audio/wav"),
+    ("webm", "video/webm"),
+    ("webp", "image/webp"),
+    ("zip", "application/zip"),
+];
+
+/// The `Content-Type` of an object served under `name`: by its extension in
+/// [`MEDIA_TYPES`], else `application/octet-stream`.
+pub fn content_type(name: Option<&Name>) -> &'static str {
+    const DEFAULT: &str = "application/octet-stream";
+    let Some(name) = name else {
+        return DEFAULT;
+    };
+    let bytes = name.as_bytes();
+    let Some(dot) = bytes.iter().rposition(|&b| b == b'.') else {
+        return DEFAULT;
+    };
+    let ext = &bytes[dot + 1..];
+    MEDIA_TYPES
+        .iter()
+        .find(|(e, _)| e.as_bytes().eq_ignore_ascii_case(ext))
+        .map_or(DEFAULT, |(_, t)| t)
+}
+
 impl Name {
     /// The name: printable ASCII only, by construction.
     pub fn as_bytes(&self) -> &[u8] {
@@ -687,7 +737,10 @@ impl<P: BodyPiece> HttpSession<P> {
         };
         let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
         let _ = write!(out, "Content-Length: {}\r\n", end - start);
-        out.extend_from_slice(b"Content-Type: application/octet-stream\r\n");
+        out.extend_from_slice(b"Content-Type: ");
+        out.extend_from_slice(content_type(filename.as_ref()).as_bytes());
+        // The type is ours, not the browser's guess: no sniffing an object into HTML.
+        out.extend_from_slice(b"\r\nX-Content-Type-Options: nosniff\r\n");
         let _ = write!(out, "ETag: \"{fp}\"\r\n");
         if status == 200 {
             let mut b64 = [0u8; 24];

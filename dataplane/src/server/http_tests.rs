@@ -120,7 +120,39 @@ fn whole_object_with_its_headers() {
         header(head, "content-disposition").unwrap(),
         "inline; filename=\"photo 1.jpg\""
     );
+    assert_eq!(header(head, "content-type").unwrap(), "image/jpeg");
+    assert_eq!(header(head, "x-content-type-options").unwrap(), "nosniff");
     assert_eq!(statuses, [200]);
+}
+
+#[test]
+fn content_types_by_extension_passive_formats_only() {
+    let name = |n: &str| Name::from_uri(n);
+    for (uri, want) in [
+        ("a.JPG", "image/jpeg"),
+        ("dir/clip.mp4", "video/mp4"),
+        ("notes.txt", "text/plain; charset=utf-8"),
+        ("report.pdf", "application/pdf"),
+        // Active content would run as a page of the node's origin.
+        ("page.html", "application/octet-stream"),
+        ("icon.svg", "application/octet-stream"),
+        ("app.js", "application/octet-stream"),
+        ("noext", "application/octet-stream"),
+        ("trailing.", "application/octet-stream"),
+        ("archive.tar.gz", "application/gzip"),
+    ] {
+        assert_eq!(content_type(name(uri).as_ref()), want, "{uri}");
+    }
+    assert_eq!(content_type(None), "application/octet-stream");
+    // No name: the path ends with the fingerprint, and the type is the default.
+    let (fp, data) = object(10);
+    let path = srl_path(&ring(), &fp, NOW + 60, None);
+    let (raw, _, _) = exchange(&[(fp, data)], &get(&path, ""));
+    let r = responses(&raw, false);
+    assert_eq!(
+        header(&r[0].1, "content-type").unwrap(),
+        "application/octet-stream"
+    );
 }
 
 #[test]

@@ -1019,21 +1019,39 @@ impl KeyRing {
         let known = self.key(key_id);
         let key = known.unwrap_or(&self.dummy);
         let expected = hmac_sha256(&key.hmac_key, &[&raw[..body_len]]);
-        let matches = expected[..].ct_eq(&mac[..]) & Choice::from(u8::from(known.is_some()));
-        if !bool::from(matches) {
-            return Err(if known.is_none() {
-                TokenError::UnknownKey(key_id)
-            } else {
-                TokenError::BadSignature
-            });
-        }
-        if now_unix_s >= cap.expires_unix_s {
-            return Err(TokenError::Expired {
-                expires_unix_s: cap.expires_unix_s,
-            });
-        }
-        Ok(())
+        verdict(
+            expected[..].ct_eq(&mac[..]),
+            known.is_some(),
+            key_id,
+            cap,
+            now_unix_s,
+        )
     }
+}
+
+/// The outcome of checking a capability's MAC: `same` (computed in constant time)
+/// counts only with a `known` key; then the expiry at `now_unix_s`. An unknown key and
+/// a wrong MAC are told apart only after the MAC was computed either way.
+fn verdict(
+    same: Choice,
+    known: bool,
+    key_id: u32,
+    cap: &Capability,
+    now_unix_s: u64,
+) -> Result<(), TokenError> {
+    if !bool::from(same & Choice::from(u8::from(known))) {
+        return Err(if known {
+            TokenError::BadSignature
+        } else {
+            TokenError::UnknownKey(key_id)
+        });
+    }
+    if now_unix_s >= cap.expires_unix_s {
+        return Err(TokenError::Expired {
+            expires_unix_s: cap.expires_unix_s,
+        });
+    }
+    Ok(())
 }
 
 /// A capability token as its holder has it: what it grants, the wire id of the key that
@@ -1282,20 +1300,8 @@ impl KeyRing {
         let known = self.key(key_id);
         let key = known.unwrap_or(&self.dummy);
         let expected = double_md5(&key.secret, &[request]);
-        let matches =
-            expected[..SRL_MD5_BYTES].ct_eq(&given[..]) & Choice::from(u8::from(known.is_some()));
-        if !bool::from(matches) {
-            return Err(if known.is_none() {
-                TokenError::UnknownKey(key_id)
-            } else {
-                TokenError::BadSignature
-            });
-        }
-        if now_unix_s >= cap.expires_unix_s {
-            return Err(TokenError::Expired {
-                expires_unix_s: cap.expires_unix_s,
-            });
-        }
+        let same = expected[..SRL_MD5_BYTES].ct_eq(&given[..]);
+        verdict(same, known.is_some(), key_id, &cap, now_unix_s)?;
         match cap.op {
             CapOp::Retrieve(fingerprint) => Ok(fingerprint),
             CapOp::Store { .. } => {

@@ -549,7 +549,7 @@ impl<P: BodyPiece> HttpSession<P> {
 
     /// Parses the next request head from the front of `data` (the bytes received and
     /// not consumed yet) when [`HttpSession::wants_input`], checking its signed URL
-    /// with `ring` at `now_unix_s`. Returns how many bytes it consumed.
+    /// with `keys` at `now_unix_s`. Returns how many bytes it consumed.
     pub fn on_recv(
         &mut self,
         now: Instant,

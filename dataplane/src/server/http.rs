@@ -198,7 +198,7 @@ pub struct Name {
 /// Media types by file-name extension (lower case), for `Content-Type`. Passive
 /// formats only: HTML, SVG, JavaScript and the like would run in the browser as
 /// pages of the node's origin, so they are served as `application/octet-stream`.
-const MEDIA_TYPES: &[(&str, &str)] = &[
+pub const MEDIA_TYPES: &[(&str, &str)] = &[
     ("avif", "image/avif"),
     ("bmp", "image/bmp"),
     ("csv", "text/csv; charset=utf-8"),

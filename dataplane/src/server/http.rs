@@ -37,7 +37,7 @@ use dosp::auth::{KeyRing, TokenError};
 use dosp::signed::Refusal;
 use dosp::Fingerprint;
 
-use super::session::{Deadlines, Timeout};
+use super::session::{Deadlines, PeerClock, Timeout};
 
 /// Largest request head (request line and header fields) accepted; a longer one gets
 /// 431 and the connection is closed.
@@ -423,10 +423,8 @@ pub struct HttpSession<P> {
     statuses: Vec<u16>,
     /// URLs refused since the last `take_refusals`, by reason (indexed by code - 1).
     refused: [u32; Refusal::ALL.len()],
-    last_io: Instant,
-    head_since: Option<Instant>,
-    moved: u64,
-    window: (Instant, u64),
+    /// The deadlines' clock, as a DOSP session's.
+    clock: PeerClock,
 }
 
 impl<P: BodyPiece> HttpSession<P> {
@@ -451,10 +449,7 @@ impl<P: BodyPiece> HttpSession<P> {
             unconsumed: 0,
             statuses: Vec::new(),
             refused: [0; Refusal::ALL.len()],
-            last_io: now,
-            head_since: None,
-            moved: 0,
-            window: (now, 0),
+            clock: PeerClock::new(now),
         }
     }
 
@@ -492,9 +487,9 @@ impl<P: BodyPiece> HttpSession<P> {
     pub fn idle_since(&self) -> Option<Instant> {
         let between = matches!(self.phase, Phase::Idle)
             && self.unsent() == 0
-            && self.head_since.is_none()
+            && self.clock.head_since.is_none()
             && self.unconsumed == 0;
-        between.then_some(self.last_io)
+        between.then_some(self.clock.last_io)
     }
 
     /// Statuses of the responses started since the last call (for the counters).
@@ -589,8 +584,8 @@ impl<P: BodyPiece> HttpSession<P> {
                     self.error_close(431, "request head too large\n");
                     return data.len();
                 }
-                if self.head_since.is_none() {
-                    self.head_since = Some(now);
+                if self.clock.head_since.is_none() {
+                    self.clock.head_since = Some(now);
                 }
                 if self.read_closed {
                     self.close_after = true;
@@ -606,7 +601,7 @@ impl<P: BodyPiece> HttpSession<P> {
                 return data.len();
             }
         };
-        self.head_since = None;
+        self.clock.head_since = None;
         let version = req.version.unwrap_or(0);
         let mut keep_alive = version == 1;
         let mut range = None;
@@ -937,18 +932,12 @@ impl<P: BodyPiece> HttpSession<P> {
                 }
             }
         }
-        if n > 0 {
-            self.last_io = now;
-            self.moved += n as u64;
-        }
+        self.clock.moved(now, n);
     }
 
     /// `n` bytes arrived from the peer.
     pub fn on_arrived(&mut self, now: Instant, n: usize) {
-        if n > 0 {
-            self.last_io = now;
-            self.moved += n as u64;
-        }
+        self.clock.moved(now, n);
     }
 
     /// The output buffer, for the pool (after [`HttpSession::close`]).
@@ -967,39 +956,12 @@ impl<P: BodyPiece> HttpSession<P> {
     /// Whether the peer broke a deadline (see the module docs). Called by the loop's
     /// timer scan, which also moves the rate window along.
     pub fn timed_out(&mut self, now: Instant, d: &Deadlines) -> Option<Timeout> {
-        if self
-            .head_since
-            .is_some_and(|t| now.saturating_duration_since(t) > d.header)
-        {
-            return Some(Timeout::Header);
-        }
         let on_store = matches!(self.phase, Phase::Lookup { .. } | Phase::First { .. })
             || matches!(&self.phase, Phase::Streaming(b) if b.reading && self.lent.is_empty());
-        if on_store {
-            self.last_io = now;
-            self.window = (now, self.moved);
-            return None;
-        }
         let waiting_on_peer = self.unsent() > 0;
-        if !waiting_on_peer || d.rate_min_bytes_per_sec == 0 {
-            self.window = (now, self.moved);
-        } else {
-            let elapsed = now.saturating_duration_since(self.window.0);
-            if elapsed >= d.request {
-                let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
-                let need = d.rate_min_bytes_per_sec.saturating_mul(ms) / 1000;
-                if self.moved - self.window.1 < need {
-                    return Some(Timeout::TooSlow);
-                }
-                self.window = (now, self.moved);
-            }
-        }
-        let quiet = now.saturating_duration_since(self.last_io);
-        match waiting_on_peer || self.head_since.is_some() {
-            true if quiet > d.request => Some(Timeout::Silent),
-            false if quiet > d.idle => Some(Timeout::Idle),
-            _ => None,
-        }
+        let mid_request = waiting_on_peer || self.clock.head_since.is_some();
+        self.clock
+            .check(now, d, on_store, waiting_on_peer, mid_request)
     }
 }
 

@@ -96,6 +96,87 @@ pub enum Timeout {
     Idle,
 }
 
+/// One connection's clock for the [`Deadlines`]: when bytes last moved and how many,
+/// since when a request head has been arriving, and the rate window. DOSP sessions
+/// and HTTP connections (`server/http.rs`) judge their peers with it alike.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerClock {
+    /// When bytes last moved in either direction.
+    pub last_io: Instant,
+    /// When the first byte of a request head still incomplete arrived.
+    pub head_since: Option<Instant>,
+    /// Bytes moved in either direction since the connection opened.
+    moved: u64,
+    /// Start of the current rate window, and `moved` then.
+    window: (Instant, u64),
+}
+
+impl PeerClock {
+    /// A connection opened at `now`.
+    pub fn new(now: Instant) -> PeerClock {
+        PeerClock {
+            last_io: now,
+            head_since: None,
+            moved: 0,
+            window: (now, 0),
+        }
+    }
+
+    /// `n` bytes moved (either way) at `now`.
+    pub fn moved(&mut self, now: Instant, n: usize) {
+        if n > 0 {
+            self.last_io = now;
+            self.moved += n as u64;
+        }
+    }
+
+    /// Whether the peer broke a deadline at `now`, and which. `on_store`: the node
+    /// itself waits (a device read, a commit's flush, a staging buffer), so neither
+    /// the rate nor the silence counts against the peer; `waiting_on_peer`: the node
+    /// waits for the peer to send or to read, so the rate is measured;
+    /// `mid_request`: silence counts against `d.request`, else against `d.idle`.
+    /// Called every scan, which also moves the rate window along.
+    pub fn check(
+        &mut self,
+        now: Instant,
+        d: &Deadlines,
+        on_store: bool,
+        waiting_on_peer: bool,
+        mid_request: bool,
+    ) -> Option<Timeout> {
+        if self
+            .head_since
+            .is_some_and(|t| now.saturating_duration_since(t) > d.header)
+        {
+            return Some(Timeout::Header);
+        }
+        if on_store {
+            self.last_io = now;
+            self.window = (now, self.moved);
+            return None;
+        }
+        if !waiting_on_peer || d.rate_min_bytes_per_sec == 0 {
+            self.window = (now, self.moved);
+        } else {
+            let elapsed = now.saturating_duration_since(self.window.0);
+            if elapsed >= d.request {
+                let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+                let need = d.rate_min_bytes_per_sec.saturating_mul(ms) / 1000;
+                if self.moved - self.window.1 < need {
+                    return Some(Timeout::TooSlow);
+                }
+                self.window = (now, self.moved);
+            }
+        }
+        let quiet = now.saturating_duration_since(self.last_io);
+        match mid_request {
+            true if quiet > d.request => Some(Timeout::Silent),
+            false if quiet > d.idle => Some(Timeout::Idle),
+            _ => None,
+        }
+    }
+}
+
 impl Timeout {
     pub fn reason(self) -> &'static str {
         match self {
@@ -294,14 +375,8 @@ pub struct Session {
     steps_left: usize,
     decoder: RequestDecoder,
     st: State,
-    /// When bytes last moved in either direction, for the timeouts.
-    last_io: Instant,
-    /// When the first byte of a request header still incomplete arrived.
-    header_since: Option<Instant>,
-    /// Bytes moved in either direction since the connection opened.
-    moved: u64,
-    /// Start of the current rate window, and `moved` then.
-    window: (Instant, u64),
+    /// The deadlines' clock.
+    clock: PeerClock,
 }
 
 struct State {
@@ -367,10 +442,7 @@ impl Session {
                 read_closed: false,
                 busy: false,
             },
-            last_io: now,
-            header_since: None,
-            moved: 0,
-            window: (now, 0),
+            clock: PeerClock::new(now),
         }
     }
 
@@ -379,46 +451,17 @@ impl Session {
     ///
     /// The rate is measured only while the node waits on the peer: STORE chunks to
     /// come in (the loop reads them as fast as they arrive) or a reply to be read. A
-    /// STORE path that ever pauses reading to wait for the store must restart the
-    /// window (`self.window = (now, self.moved)`) so the peer is not blamed for it.
+    /// STORE path that ever pauses reading to wait for the store must say so
+    /// (`waiting_on_store`), which restarts the window, so the peer is not blamed.
     pub fn timed_out(&mut self, now: Instant, d: &Deadlines) -> Option<Timeout> {
-        if self
-            .header_since
-            .is_some_and(|t| now.saturating_duration_since(t) > d.header)
-        {
-            return Some(Timeout::Header);
-        }
-        // While the node itself waits (for a device read, a commit's flush, a staging
-        // buffer) the peer is not to blame: neither the rate nor the silence counts.
         let on_store = self.st.waiting_on_store();
-        let waiting_on_peer = !on_store && (self.decoder.in_store() || self.st.unsent() > 0);
-        if !waiting_on_peer || d.rate_min_bytes_per_sec == 0 {
-            self.window = (now, self.moved);
-        } else {
-            let elapsed = now.saturating_duration_since(self.window.0);
-            if elapsed >= d.request {
-                let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
-                let need = d.rate_min_bytes_per_sec.saturating_mul(ms) / 1000;
-                if self.moved - self.window.1 < need {
-                    return Some(Timeout::TooSlow);
-                }
-                self.window = (now, self.moved);
-            }
-        }
+        let waiting_on_peer = self.decoder.in_store() || self.st.unsent() > 0;
         // Silence: a stalled STORE otherwise holds a write slot and its staging buffer
         // forever.
         let mid_request =
             self.st.busy || self.decoder.in_store() || self.unconsumed > 0 || self.st.unsent() > 0;
-        let quiet = now.saturating_duration_since(self.last_io);
-        if on_store {
-            self.last_io = now;
-            return None;
-        }
-        match mid_request {
-            true if quiet > d.request => Some(Timeout::Silent),
-            false if quiet > d.idle => Some(Timeout::Idle),
-            _ => None,
-        }
+        self.clock
+            .check(now, d, on_store, waiting_on_peer, mid_request)
     }
 
     /// When the session last moved a byte, if it is between requests: nothing in
@@ -427,10 +470,10 @@ impl Session {
     pub fn idle_since(&self) -> Option<Instant> {
         let between = !self.st.busy
             && !self.decoder.in_store()
-            && self.header_since.is_none()
+            && self.clock.head_since.is_none()
             && self.unconsumed == 0
             && self.st.unsent() == 0;
-        between.then_some(self.last_io)
+        between.then_some(self.clock.last_io)
     }
 
     /// The session's buffers, for the pool, once it is closed.
@@ -532,19 +575,13 @@ impl Session {
             sent += take;
         }
         NodeStats::add(&ctx.stats.bytes_out, sent as u64);
-        if sent > 0 {
-            self.last_io = now;
-            self.moved += sent as u64;
-        }
+        self.clock.moved(now, sent);
     }
 
     /// `n` bytes arrived from the peer (they are lent through `on_recv`).
     pub fn on_arrived(&mut self, ctx: &Ctx<'_>, now: Instant, n: usize) {
         NodeStats::add(&ctx.stats.bytes_in, n as u64);
-        if n > 0 {
-            self.last_io = now;
-            self.moved += n as u64;
-        }
+        self.clock.moved(now, n);
     }
 
     /// The peer closed its side: no more bytes will come. Requests already received
@@ -623,15 +660,18 @@ impl Session {
             match self.decoder.decode(&data[at..]) {
                 Ok(Some((event, n))) => {
                     if matches!(event, RequestEvent::Request { .. }) {
-                        self.header_since = None;
+                        self.clock.head_since = None;
                     }
                     at += n;
                     self.st.handle(ctx, event);
                 }
                 Ok(None) => {
                     // Part of a request header is here: its deadline runs.
-                    if self.header_since.is_none() && at < data.len() && !self.decoder.in_store() {
-                        self.header_since = Some(now);
+                    if self.clock.head_since.is_none()
+                        && at < data.len()
+                        && !self.decoder.in_store()
+                    {
+                        self.clock.head_since = Some(now);
                     }
                     self.needs_bytes = true;
                     if self.st.read_closed {

@@ -40,19 +40,19 @@ fn enter_store(s: &mut Session) {
 #[test]
 fn a_header_has_a_deadline_from_its_first_byte_however_lively_the_peer() {
     let mut s = session();
-    let t0 = s.last_io;
-    s.header_since = Some(t0);
+    let t0 = s.clock.last_io;
+    s.clock.head_since = Some(t0);
     s.unconsumed = 10;
     for ms in (100..=500).step_by(100) {
         // Bytes keep coming (the silence timer is satisfied)...
-        s.last_io = t0 + Duration::from_millis(ms);
+        s.clock.last_io = t0 + Duration::from_millis(ms);
         assert_eq!(s.timed_out(t0 + Duration::from_millis(ms), &D), None);
     }
     // ...but the header is not all here within its deadline.
-    s.last_io = t0 + Duration::from_millis(600);
+    s.clock.last_io = t0 + Duration::from_millis(600);
     let late = t0 + Duration::from_millis(601);
     assert_eq!(s.timed_out(late, &D), Some(Timeout::Header));
-    s.header_since = None;
+    s.clock.head_since = None;
     assert_eq!(s.timed_out(late, &D), None);
 }
 
@@ -60,23 +60,23 @@ fn a_header_has_a_deadline_from_its_first_byte_however_lively_the_peer() {
 fn mid_store_a_peer_below_the_minimum_rate_is_too_slow() {
     let mut s = session();
     enter_store(&mut s);
-    let t0 = s.last_io;
+    let t0 = s.clock.last_io;
     assert_eq!(s.timed_out(t0, &D), None);
     // Within the first window: 999 bytes is enough for a second at 1000 B/s only at
     // the window's end, so nothing is decided before.
-    s.moved = 999;
-    s.last_io = t0 + Duration::from_millis(900);
+    s.clock.moved = 999;
+    s.clock.last_io = t0 + Duration::from_millis(900);
     assert_eq!(s.timed_out(t0 + Duration::from_millis(900), &D), None);
     let t1 = t0 + Duration::from_millis(1000);
-    s.last_io = t1;
+    s.clock.last_io = t1;
     assert_eq!(s.timed_out(t1, &D), Some(Timeout::TooSlow));
     // Enough: the window moves on, and the next one is judged on its own.
-    s.moved = 1000;
+    s.clock.moved = 1000;
     assert_eq!(s.timed_out(t1, &D), None);
-    assert_eq!(s.window, (t1, 1000));
-    s.moved = 1500;
+    assert_eq!(s.clock.window, (t1, 1000));
+    s.clock.moved = 1500;
     let t2 = t1 + Duration::from_millis(1000);
-    s.last_io = t2;
+    s.clock.last_io = t2;
     assert_eq!(s.timed_out(t2, &D), Some(Timeout::TooSlow));
     // No minimum set: never too slow.
     let none = Deadlines {
@@ -89,11 +89,11 @@ fn mid_store_a_peer_below_the_minimum_rate_is_too_slow() {
 #[test]
 fn a_reply_left_unread_is_held_to_the_same_rate() {
     let mut s = session();
-    let t0 = s.last_io;
+    let t0 = s.clock.last_io;
     s.st.out.extend_from_slice(&[0u8; 100]);
     assert_eq!(s.timed_out(t0, &D), None);
-    s.moved = 10;
-    s.last_io = t0 + Duration::from_millis(1000);
+    s.clock.moved = 10;
+    s.clock.last_io = t0 + Duration::from_millis(1000);
     assert_eq!(
         s.timed_out(t0 + Duration::from_millis(1000), &D),
         Some(Timeout::TooSlow)
@@ -103,21 +103,21 @@ fn a_reply_left_unread_is_held_to_the_same_rate() {
 #[test]
 fn the_rate_is_not_measured_while_the_node_waits_on_nothing() {
     let mut s = session();
-    let t0 = s.last_io;
+    let t0 = s.clock.last_io;
     // Between requests nothing moves, and that is not slowness: the window follows.
     let t = t0 + Duration::from_secs(5);
     assert_eq!(s.timed_out(t, &D), None);
-    assert_eq!(s.window, (t, 0));
+    assert_eq!(s.clock.window, (t, 0));
     // A STORE starting now gets a whole window.
     enter_store(&mut s);
-    s.last_io = t + Duration::from_millis(900);
+    s.clock.last_io = t + Duration::from_millis(900);
     assert_eq!(s.timed_out(t + Duration::from_millis(900), &D), None);
 }
 
 #[test]
 fn silence_is_bounded_mid_request_and_between_requests() {
     let mut s = session();
-    let t0 = s.last_io;
+    let t0 = s.clock.last_io;
     assert_eq!(s.timed_out(t0 + Duration::from_secs(59), &D), None);
     assert_eq!(
         s.timed_out(t0 + Duration::from_secs(61), &D),
@@ -125,7 +125,7 @@ fn silence_is_bounded_mid_request_and_between_requests() {
     );
     let mut s = session();
     enter_store(&mut s);
-    let t0 = s.last_io;
+    let t0 = s.clock.last_io;
     let none = Deadlines {
         rate_min_bytes_per_sec: 0,
         ..D

@@ -189,17 +189,9 @@ pub fn sign_in_place(
     timestamp_ms: u64,
     nonce: u64,
 ) {
-    let Some(Ok((mut header, _))) = out.get(at..).map(Header::read_from_prefix) else {
+    let Some((header, inner_at)) = signed_header(out, at) else {
         return;
     };
-    let inner_at = at + Header::SIZE;
-    if out.len() != inner_at + header.body_len.get() as usize || header.signed() {
-        return;
-    }
-    header.version = VERSION;
-    header.flags = (header.flags.get() | FLAG_SIGNED).into();
-    header.body_len = (header.body_len.get() + AuthTrailer::SIZE as u32).into();
-    header.checksum = header.compute_checksum().into();
     let mut t = AuthTrailer {
         key_id: key.wire_id().into(),
         mode: mode as u8,
@@ -211,6 +203,25 @@ pub fn sign_in_place(
     t.certificate = certify(key, mode, &header, &out[inner_at..], &t);
     out[at..inner_at].copy_from_slice(header.as_bytes());
     out.extend_from_slice(t.as_bytes());
+}
+
+/// The header of the unsigned message that is whole at `out[at..]` (a header and its
+/// In structure), made into a signed one: version 2, `SIGNED` set, `body_len` grown by
+/// the trailer, checksummed again; with where its In structure starts. `None` when the
+/// message is not there whole, or is signed already.
+fn signed_header(out: &[u8], at: usize) -> Option<(Header, usize)> {
+    let Some(Ok((mut header, _))) = out.get(at..).map(Header::read_from_prefix) else {
+        return None;
+    };
+    let inner_at = at + Header::SIZE;
+    if out.len() != inner_at + header.body_len.get() as usize || header.signed() {
+        return None;
+    }
+    header.version = VERSION;
+    header.flags = (header.flags.get() | FLAG_SIGNED).into();
+    header.body_len = (header.body_len.get() + AuthTrailer::SIZE as u32).into();
+    header.checksum = header.compute_checksum().into();
+    Some((header, inner_at))
 }
 
 /// The mode-3 trailer that presents `token`: its key id, its expiry (seconds) in
@@ -236,17 +247,9 @@ pub fn token_trailer(token: &Token) -> AuthTrailer {
 /// re-checksums the header and appends the mode-3 trailer ([`token_trailer`]). Does
 /// nothing to a message that is not there whole.
 pub fn present_in_place(out: &mut Vec<u8>, at: usize, token: &Token) {
-    let Some(Ok((mut header, _))) = out.get(at..).map(Header::read_from_prefix) else {
+    let Some((header, inner_at)) = signed_header(out, at) else {
         return;
     };
-    let inner_at = at + Header::SIZE;
-    if out.len() != inner_at + header.body_len.get() as usize || header.signed() {
-        return;
-    }
-    header.version = VERSION;
-    header.flags = (header.flags.get() | FLAG_SIGNED).into();
-    header.body_len = (header.body_len.get() + AuthTrailer::SIZE as u32).into();
-    header.checksum = header.compute_checksum().into();
     out[at..inner_at].copy_from_slice(header.as_bytes());
     out.extend_from_slice(token_trailer(token).as_bytes());
 }

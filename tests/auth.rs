@@ -55,25 +55,9 @@ fn start_keyed(dir: &Path, name: &str, keys: &Path, extra: &[&str]) -> Node {
     Node::start(&dir.join(name), &unique_group(), &args)
 }
 
-/// GET `path` from the management endpoint, as text.
-fn get_text(node: &Node, path: &str) -> String {
-    let mut s = TcpStream::connect(node.mgmt).expect("connect to mgmt");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {text}");
-    body.to_string()
-}
-
 /// `dosd_auth_failed_total` by reason, every reason.
 fn refusals(node: &Node) -> Vec<(Refusal, u64)> {
-    let text = get_text(node, "/metrics");
+    let text = node.get_text("/metrics");
     Refusal::ALL
         .iter()
         .map(|&r| {

@@ -469,22 +469,6 @@ fn a_disk_dying_while_idle_is_found_by_the_probe_and_announced() {
     assert_eq!(health["disks_down"], 1);
 }
 
-/// GET `path` from the management endpoint as text (for `/metrics`).
-fn get_text(node: &Node, path: &str) -> String {
-    let mut s = TcpStream::connect(node.mgmt).expect("connect to mgmt");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {text}");
-    body.to_string()
-}
-
 /// Flips one byte inside every copy of `pattern` in the disk image at `path`, `skip`
 /// bytes into it. Returns how many copies were found.
 fn flip_byte_in(path: &std::path::Path, pattern: &[u8], skip: usize) -> usize {
@@ -585,7 +569,7 @@ fn a_corrupt_object_is_counted_on_its_disk_named_and_degrades_health() {
                 .contains("disk 0 holds 1 object")),
         "a reason names the disk and the count: {h}"
     );
-    let metrics = get_text(&node, "/metrics");
+    let metrics = node.get_text("/metrics");
     assert!(
         metrics.contains("\ndosd_disk_corrupt_objects{disk=\"0\"} 1\n"),
         "{metrics}"

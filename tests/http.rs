@@ -107,16 +107,8 @@ fn http_count(node: &Node, status: u16) -> u64 {
 
 /// The value of the /metrics line starting with `key` (name, labels and a space).
 fn metric(node: &Node, key: &str) -> u64 {
-    let mut s = TcpStream::connect(node.mgmt).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
+    node.get_text("/metrics")
+        .lines()
         .find_map(|l| l.strip_prefix(key))
         .unwrap_or_else(|| panic!("no {key} in /metrics"))
         .trim()

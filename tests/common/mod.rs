@@ -63,6 +63,23 @@ pub struct Node {
 }
 
 impl Node {
+    /// GET `path` from the management endpoint; its body as text (asserts 200).
+    pub fn get_text(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.mgmt).expect("connect to mgmt");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+        assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {text}");
+        body.to_string()
+    }
+
     /// Starts `dosd` on `data_dir` with two small disks and waits until it is serving.
     pub fn start(data_dir: &Path, group: &str, extra: &[&str]) -> Node {
         let mut args = vec![

@@ -44,7 +44,7 @@ use super::child::run_bounded;
 use super::common::{data, dosd_bin, unique_group};
 use super::load::{self, process_cpu_s, Budget, Rate};
 use super::nginx::is_root;
-use super::side_by_side::{dosd_fetch, markdown_table, object, sig3, stamp, Config};
+use super::side_by_side::{dosd_fetch, env_counts, markdown_table, object, sig3, stamp, Config};
 
 /// The argument that makes the bench binary the client of one node (a child, run in
 /// the client's namespace).
@@ -101,16 +101,7 @@ pub fn run(cfg: &Config, tmp: &Path) {
 }
 
 fn dpdk_clients() -> Vec<usize> {
-    std::env::var("DOSD_BENCH_DPDK_CLIENTS")
-        .ok()
-        .map(|v| {
-            v.split(',')
-                .filter_map(|c| c.trim().parse().ok())
-                .filter(|&c| c > 0)
-                .collect::<Vec<usize>>()
-        })
-        .filter(|c| !c.is_empty())
-        .unwrap_or_else(|| vec![1, 8])
+    env_counts("DOSD_BENCH_DPDK_CLIENTS", &[1, 8])
 }
 
 /// Which node, and the numbers its names and subnet come from.

@@ -44,6 +44,21 @@ const SMALL: usize = 4 << 10;
 const LARGE: usize = 4 << 20;
 const RANGE: u64 = 64 << 10;
 
+/// A list of positive counts from `$name` (`1,8,64`), or `default` when it is unset
+/// or holds none.
+pub(super) fn env_counts(name: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .filter_map(|c| c.trim().parse().ok())
+                .filter(|&c| c > 0)
+                .collect::<Vec<usize>>()
+        })
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| default.to_vec())
+}
+
 pub(super) fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -69,16 +84,7 @@ pub struct Config {
 
 impl Config {
     pub fn from_env(secs: f64) -> Config {
-        let clients = std::env::var("DOSD_BENCH_CLIENTS")
-            .ok()
-            .map(|v| {
-                v.split(',')
-                    .filter_map(|c| c.trim().parse().ok())
-                    .filter(|&c| c > 0)
-                    .collect::<Vec<usize>>()
-            })
-            .filter(|c| !c.is_empty())
-            .unwrap_or_else(|| vec![1, 8, 64]);
+        let clients = env_counts("DOSD_BENCH_CLIENTS", &[1, 8, 64]);
         Config {
             budget: Budget {
                 secs,

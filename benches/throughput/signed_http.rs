@@ -54,7 +54,7 @@ use super::common::data;
 use super::http::HttpClient;
 use super::load::{self, Budget};
 use super::nginx::{find_or_install, find_or_install_package, Nginx};
-use super::side_by_side::{env_or, markdown_table, object, sig3, Dosd};
+use super::side_by_side::{env_counts, env_or, markdown_table, object, sig3, Dosd};
 
 const SMALL: usize = 4 << 10;
 const LARGE: usize = 4 << 20;
@@ -80,16 +80,7 @@ pub struct Config {
 
 impl Config {
     pub fn from_env() -> Config {
-        let conns = std::env::var("DOSD_BENCH_HTTP_CONNS")
-            .ok()
-            .map(|v| {
-                v.split(',')
-                    .filter_map(|c| c.trim().parse().ok())
-                    .filter(|&c| c > 0)
-                    .collect::<Vec<usize>>()
-            })
-            .filter(|c| !c.is_empty())
-            .unwrap_or_else(|| vec![1, 8, 64]);
+        let conns = env_counts("DOSD_BENCH_HTTP_CONNS", &[1, 8, 64]);
         Config {
             secs: env_or("DOSD_BENCH_HTTP_SECS", 5u64).clamp(1, 60),
             conns,

@@ -61,6 +61,10 @@ const EVICT_TRIES: usize = 8;
 /// interval and the announcer's tick this bounds how late a dead disk is announced
 /// (dosp/PROTOCOL.md, "ANNOUNCE").
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often each online disk's health log (NVMe SMART) is re-read. Rarely: on NVMe
+/// it is an admin command the driver waits for on the loop (see
+/// `Store::refresh_health`), unlike the probe's read, which is asynchronous.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the disk reports are republished for the management core.
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the index's size is measured for `/metrics`.
@@ -162,6 +166,7 @@ struct Turns {
     last_timeout_scan: Instant,
     last_publish: Instant,
     last_probe: Instant,
+    last_health: Instant,
     last_index_figures: Instant,
     last_rate: (Instant, u64),
     dirty_since_checkpoint: bool,
@@ -286,6 +291,7 @@ impl<P: NetPort> Server<P> {
                 last_timeout_scan: now,
                 last_publish: now,
                 last_probe: now,
+                last_health: now,
                 last_index_figures: now,
                 last_rate: (now, NodeStats::get(&stats.ops_total)),
                 dirty_since_checkpoint: false,
@@ -498,15 +504,21 @@ impl<P: NetPort> Server<P> {
             NodeStats::set(&self.stats.ops_per_sec, rate);
             self.t.last_rate = (now, ops);
         }
-        // A disk that dies while nothing touches it is found by the probe; publish
-        // at once so the management core announces it without waiting.
+        // A disk that dies while nothing touches it is found by the probe (its read
+        // completes in the store's poll, failed); publish at once so the management
+        // core announces it without waiting.
         let mut changed = false;
         if now.duration_since(self.t.last_probe) >= PROBE_INTERVAL {
             self.t.last_probe = now;
-            for disk in self.store.probe() {
-                tracing::error!(disk = disk.0, "disk failed its health probe: down");
-                changed = true;
-            }
+            self.store.probe_start();
+        }
+        for disk in self.store.probe_take_down() {
+            tracing::error!(disk = disk.0, "disk failed its health probe: down");
+            changed = true;
+        }
+        if now.duration_since(self.t.last_health) >= HEALTH_INTERVAL {
+            self.t.last_health = now;
+            self.store.refresh_health();
         }
         changed |= self.serve_commands();
         self.send_outbox();

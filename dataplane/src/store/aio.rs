@@ -29,7 +29,7 @@ use nvme::{AlignedBuf, Completion};
 use dosp::Fingerprint;
 
 use super::format::{kind, RecordHeader, BLOCK, BLOCK_U64};
-use super::volume::TAG_READ;
+use super::volume::{TAG_CLASS, TAG_PROBE, TAG_READ};
 use super::{Committed, DiskId, Store, StoreError, PREFETCH_SKIP_BLOCKS_MAX};
 use crate::copies::Site;
 
@@ -583,7 +583,10 @@ impl Store {
             reads.clear();
             self.vols[d].poll(&mut reads);
             for c in reads.drain(..) {
-                self.read_done(c, events);
+                match c.tag.0 & TAG_CLASS {
+                    TAG_PROBE => self.probe_done(d, c),
+                    _ => self.read_done(c, events),
+                }
             }
             self.recycle(d);
             self.settle_waiters(d, events);

@@ -203,7 +203,7 @@ pub struct DiskReport {
     pub corrupt_objects: u64,
     /// Blocks found failing their checksum since open, per detection.
     pub corrupt_blocks: u64,
-    /// The device's own health log (NVMe SMART), refreshed by [`Store::probe`];
+    /// The device's own health log (NVMe SMART), refreshed by [`Store::refresh_health`];
     /// `None` for files and memory.
     pub health: Option<nvme::driver::SmartLog>,
 }
@@ -445,8 +445,12 @@ pub struct Store {
     writes: HashMap<WriteId, OpenWrite>,
     next_write: u64,
     pool: Vec<Staging>,
-    /// One block for the disk probe's reads.
-    bounce: AlignedBuf,
+    /// Per disk, the disk probe's one-block buffer: `None` while its read is in
+    /// flight (at most one probe per disk at a time).
+    probe_bufs: Vec<Option<AlignedBuf>>,
+    /// Disks a failed probe read took Down, not yet handed out by
+    /// [`Store::probe_take_down`].
+    probe_down: Vec<DiskId>,
     /// One block for REF records.
     meta: AlignedBuf,
     hdr_cache: HeaderCache,
@@ -588,7 +592,8 @@ impl Store {
             writes: HashMap::new(),
             next_write: 1,
             pool: Vec::new(),
-            bounce: AlignedBuf::new(BLOCK),
+            probe_bufs: (0..nvols).map(|_| Some(AlignedBuf::new(BLOCK))).collect(),
+            probe_down: Vec::new(),
             meta: AlignedBuf::new(BLOCK),
             hdr_cache: HeaderCache::new(64),
             counters: StoreCounters::default(),
@@ -1309,22 +1314,78 @@ impl Store {
         }
     }
 
-    /// Reads one block (superblock A) of every online disk. A disk that died while the
-    /// node was idle is noticed here — its read fails and it goes Down like on any I/O
-    /// error — instead of at the next request that touches it, so the management core
-    /// can announce it within a bounded time. Also refreshes each healthy disk's device
-    /// health log (NVMe SMART). Returns the disks that went down.
-    pub fn probe(&mut self) -> Vec<DiskId> {
-        let Store { vols, bounce, .. } = self;
-        let mut down = Vec::new();
-        for vol in vols.iter_mut().filter(|v| v.state == DiskState::Online) {
-            if vol.read(0, &mut bounce[..BLOCK]).is_err() {
-                down.push(vol.id);
-            } else {
-                vol.refresh_health();
+    /// Starts reading one block (superblock A) of every online disk that has no probe
+    /// in flight, without waiting. A disk that died while the node was idle is noticed
+    /// when its read completes (in [`Store::poll`]): the read fails and the disk goes
+    /// Down like on any I/O error — instead of at the next request that touches it, so
+    /// the management core can announce it within a bounded time.
+    /// [`Store::probe_take_down`] hands out the disks that went down.
+    pub fn probe_start(&mut self) {
+        for (vol, slot) in self.vols.iter_mut().zip(self.probe_bufs.iter_mut()) {
+            if vol.state != DiskState::Online {
+                continue;
+            }
+            if let Some(buf) = slot.take() {
+                vol.submit_probe(0, buf);
             }
         }
-        down
+    }
+
+    /// A probe read completed: a failure takes the disk Down (counted and logged by
+    /// `Volume::fail`) and names it for [`Store::probe_take_down`].
+    fn probe_done(&mut self, d: usize, c: nvme::Completion) {
+        if let Some(slot) = self.probe_bufs.get_mut(d) {
+            *slot = Some(c.buf);
+        }
+        if let (Err(e), Some(vol)) = (c.result, self.vols.get_mut(d)) {
+            let was_down = vol.state == DiskState::Down;
+            vol.fail(e);
+            if !was_down {
+                self.probe_down.push(vol.id);
+            }
+        }
+    }
+
+    /// Whether a probe read is in flight on any disk.
+    pub fn probing(&self) -> bool {
+        self.probe_bufs.iter().any(Option::is_none)
+    }
+
+    /// The disks that failed their probe since the last call (each once).
+    pub fn probe_take_down(&mut self) -> Vec<DiskId> {
+        std::mem::take(&mut self.probe_down)
+    }
+
+    /// [`Store::probe_start`] and a blocking wait for the reads (tests and tools):
+    /// returns the disks that went down.
+    pub fn probe(&mut self) -> Vec<DiskId> {
+        self.probe_start();
+        let mut events = Vec::new();
+        while self.probing() {
+            self.poll(&mut events);
+            self.parked_events.append(&mut events);
+            if self.probing() {
+                for v in self.vols.iter_mut() {
+                    v.wait_device();
+                }
+            }
+        }
+        self.probe_take_down()
+    }
+
+    /// Re-reads the device health log (NVMe SMART) of every online disk. Blocking: on
+    /// NVMe it is an admin command (Get Log Page) that the driver waits for on the
+    /// shared admin queue, and [`nvme::BlockDevice::health`] has no asynchronous form;
+    /// so the server calls this rarely (`server::HEALTH_INTERVAL`), not with the
+    /// per-second probe. A failed read is logged, not a disk fault.
+    pub fn refresh_health(&mut self) {
+        for vol in self
+            .vols
+            .iter_mut()
+            .filter(|v| v.state == DiskState::Online)
+        {
+            vol.refresh_health();
+        }
     }
 
     /// Objects in the index and an estimate of the memory it takes: the B-tree's nodes

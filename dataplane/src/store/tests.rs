@@ -937,6 +937,54 @@ fn probe_notices_a_disk_that_died_while_idle() {
     assert_eq!(get_all(&mut s, &a.fingerprint).unwrap(), data(1, 10_000));
 }
 
+/// The probe as the loop runs it: `probe_start` submits, only `poll` is called (nothing
+/// blocks), the failed read takes the disk Down (counted as its error) and the disk is
+/// reported once; a second start while a probe is in flight submits nothing.
+#[test]
+fn async_probe_takes_a_failing_disk_down_and_reports_it() {
+    let c = cfg(16 * KIB);
+    let disks = [MemDisk::new(4 * MIB, 33), MemDisk::new(4 * MIB, 34)];
+    let mut s = open(&disks, &c);
+    let a = put(&mut s, &data(1, 10_000), 10_000).unwrap();
+    disks[1].set_faults(Faults {
+        fail_reads: std::iter::once(0..BLOCK as u64).collect(),
+        ..Faults::default()
+    });
+    let reads_before = disks[0].stats().reads;
+    let errors_before = s.disks()[1].errors;
+    s.probe_start();
+    assert!(s.probing());
+    // Not yet polled: nothing is known, nothing is down.
+    assert_eq!(state(&s, 1), DiskState::Online);
+    s.probe_start();
+    let mut events = Vec::new();
+    let mut polls = 0;
+    while s.probing() {
+        s.poll(&mut events);
+        polls += 1;
+        assert!(polls < 10_000, "probe never completed");
+    }
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(
+        disks[0].stats().reads - reads_before,
+        1,
+        "one probe per disk"
+    );
+    assert_eq!(state(&s, 1), DiskState::Down);
+    assert_eq!(state(&s, 0), DiskState::Online);
+    assert_eq!(s.disks()[1].errors, errors_before + 1);
+    assert_eq!(s.probe_take_down(), vec![DiskId(1)]);
+    assert_eq!(s.probe_take_down(), Vec::<DiskId>::new(), "reported once");
+    // A down disk is not probed again; the healthy one is, and stays online.
+    s.probe_start();
+    while s.probing() {
+        s.poll(&mut events);
+    }
+    assert_eq!(disks[0].stats().reads - reads_before, 2);
+    assert_eq!(s.probe_take_down(), Vec::<DiskId>::new());
+    assert_eq!(get_all(&mut s, &a.fingerprint).unwrap(), data(1, 10_000));
+}
+
 #[test]
 fn offline_disk_refuses_reads_and_writes() {
     let c = cfg(16 * KIB);

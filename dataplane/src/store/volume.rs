@@ -139,7 +139,9 @@ pub(crate) struct Volume {
 pub(crate) const TAG_RECORD: u64 = 1 << 56;
 pub(crate) const TAG_FLUSH: u64 = 2 << 56;
 pub(crate) const TAG_READ: u64 = 3 << 56;
-const TAG_CLASS: u64 = 0xff << 56;
+/// The disk probe's one-block read (see `Store::probe_start`).
+pub(crate) const TAG_PROBE: u64 = 4 << 56;
+pub(crate) const TAG_CLASS: u64 = 0xff << 56;
 /// Completions taken from a device per poll.
 pub(crate) const POLL_MAX: usize = 256;
 
@@ -1000,6 +1002,13 @@ impl Volume {
             IoTag(TAG_READ | u64::from(id)),
             IoOp::Read { offset: phys, buf },
         );
+    }
+
+    /// Submits a one-block read at `phys` for the disk probe; its completion comes
+    /// back from [`Volume::poll`] like a read's.
+    pub fn submit_probe(&mut self, phys: u64, buf: AlignedBuf) {
+        self.dev
+            .submit(IoTag(TAG_PROBE), IoOp::Read { offset: phys, buf });
     }
 
     /// Collects finished operations: record writes and flushes are settled here

@@ -29,7 +29,7 @@ use nvme::{AlignedBuf, Completion};
 use dosp::Fingerprint;
 
 use super::format::{kind, RecordHeader, BLOCK, BLOCK_U64};
-use super::volume::{TAG_CLASS, TAG_PROBE, TAG_READ};
+use super::volume::{TAG_CKPT, TAG_CLASS, TAG_PROBE, TAG_READ};
 use super::{Committed, DiskId, Store, StoreError, PREFETCH_SKIP_BLOCKS_MAX};
 use crate::copies::Site;
 
@@ -585,6 +585,7 @@ impl Store {
             for c in reads.drain(..) {
                 match c.tag.0 & TAG_CLASS {
                     TAG_PROBE => self.probe_done(d, c),
+                    TAG_CKPT => self.ckpt_done(d, c),
                     _ => self.read_done(c, events),
                 }
             }
@@ -592,6 +593,9 @@ impl Store {
             self.settle_waiters(d, events);
         }
         self.read_scratch = reads;
+        // After the waiters: a group commit's flush goes first, the checkpoint only
+        // starts one of its own when none is in flight.
+        self.ckpt_advance();
     }
 
     pub fn cache_stats(&self) -> CacheStats {
@@ -824,7 +828,7 @@ impl Store {
         }
     }
 
-    fn busy_devices(&self) -> bool {
+    pub(super) fn busy_devices(&self) -> bool {
         self.reads.len() > self.free_reads.len()
             || self.waiters.iter().any(|w| !w.is_empty())
             || self

@@ -20,7 +20,7 @@ use super::format::{
     record_size, CkptHeader, Geometry, Superblock, BLOCK, BLOCK_U64, CKPT_LEN_BYTES, CKPT_MAGIC,
     MAX_SEGMENT_BYTES, SEQ_SANE_MAX,
 };
-use super::volume::{LocalIndex, Pending, Volume};
+use super::volume::{LocalIndex, Pending, Volume, TAG_CLASS};
 use super::{DiskId, DiskState, Entry, Extent, Store, StoreError};
 
 /// Bytes of checkpoint body moved per device transfer, and the size of each disk's
@@ -426,23 +426,26 @@ impl BodyReader<'_> {
     }
 }
 
-/// Outcome of streaming a snapshot so far.
+/// Outcome of encoding a snapshot so far.
 enum SnapState {
     Writing,
     /// Larger than the slot, or a value its field cannot hold: skipped, the previous
     /// checkpoint (if any) stays in use.
     Unfit(&'static str),
-    /// A device error: the disk is Down now.
-    Failed(StoreError),
 }
 
-/// One disk's snapshot being streamed into its inactive slot: entries are appended to
-/// `buf` and each full buffer goes out as one write; the header goes last.
+/// One disk's snapshot of its inactive slot, encoded in memory when the checkpoint
+/// starts (the index goes on changing while it is written): entries are appended to
+/// `buf` and each full buffer becomes one chunk, one write; the header goes last.
 struct Snapshot {
     buf: AlignedBuf,
     fill: usize,
-    /// Where `buf` goes when it is next written.
+    /// Where `buf` goes when it is full.
     at: u64,
+    /// Full buffers of the body with where each goes, in order, not yet submitted.
+    chunks: std::collections::VecDeque<(u64, AlignedBuf)>,
+    /// The header block, once the body is sealed.
+    header_block: Option<AlignedBuf>,
     /// One entry or extent being encoded.
     scratch: Vec<u8>,
     log_start: u64,
@@ -461,6 +464,8 @@ impl Snapshot {
             buf,
             fill: 0,
             at: vol.geo.ckpt_body(slot),
+            chunks: std::collections::VecDeque::new(),
+            header_block: None,
             scratch: Vec::with_capacity(64),
             log_start: vol.log_start,
             header: CkptHeader {
@@ -484,7 +489,9 @@ impl Snapshot {
         }
     }
 
-    fn put(&mut self, vol: &mut Volume, bytes: &[u8]) {
+    /// Appends body bytes (`_vol` is the disk the snapshot is of: nothing is written
+    /// to it here).
+    fn put(&mut self, _vol: &mut Volume, bytes: &[u8]) {
         if !matches!(self.state, SnapState::Writing) {
             return;
         }
@@ -501,11 +508,10 @@ impl Snapshot {
             rest = &rest[n..];
             if self.fill == self.buf.len() {
                 self.header.body_crc = crc32c::crc32c_append(self.header.body_crc, &self.buf);
-                if let Err(e) = vol.write(self.at, &self.buf) {
-                    self.state = SnapState::Failed(e);
-                    return;
-                }
-                self.at += self.buf.len() as u64;
+                let len = self.buf.len();
+                let full = std::mem::replace(&mut self.buf, AlignedBuf::new(len));
+                self.chunks.push_back((self.at, full));
+                self.at += len as u64;
                 self.fill = 0;
             }
         }
@@ -555,34 +561,212 @@ impl Snapshot {
         self.header.extents += n;
     }
 
-    /// Writes what is left of the body, then the header, and flushes. `Ok(false)`: the
-    /// snapshot did not fit and nothing was made current.
-    fn finish(&mut self, vol: &mut Volume) -> Result<bool, StoreError> {
-        match std::mem::replace(&mut self.state, SnapState::Writing) {
-            SnapState::Writing => {}
-            SnapState::Unfit(why) => {
-                warn!(
-                    disk = vol.id.0,
-                    capacity = self.capacity,
-                    "index snapshot does not fit its checkpoint slot ({why}); checkpoint skipped, the next open scans the log from the last usable one"
-                );
-                return Ok(false);
-            }
-            SnapState::Failed(e) => return Err(e),
+    /// Ends the body (the last, partial buffer is zero-padded to whole blocks and
+    /// becomes the last chunk) and encodes the header. `false`: the snapshot did not
+    /// fit and nothing is to be written.
+    fn seal(&mut self, vol: &Volume) -> bool {
+        if let SnapState::Unfit(why) = self.state {
+            warn!(
+                disk = vol.id.0,
+                capacity = self.capacity,
+                "index snapshot does not fit its checkpoint slot ({why}); checkpoint skipped, the next open scans the log from the last usable one"
+            );
+            return false;
         }
         if self.fill > 0 {
             let tail = &self.buf[..self.fill];
             self.header.body_crc = crc32c::crc32c_append(self.header.body_crc, tail);
             let span = self.fill.next_multiple_of(BLOCK);
             self.buf[self.fill..span].fill(0);
-            vol.write(self.at, &self.buf[..span])?;
+            let mut last = std::mem::replace(&mut self.buf, AlignedBuf::new(0));
+            last.set_len(span);
+            self.chunks.push_back((self.at, last));
+            self.fill = 0;
         }
-        // The header last, in the same flush: if the body did not all land, the
-        // header's crc of it fails and the slot is ignored; the other slot is untouched.
-        self.header.encode(&mut self.buf[..BLOCK]);
-        vol.write(self.header_at, &self.buf[..BLOCK])?;
-        vol.flush()?;
-        Ok(true)
+        let mut block = AlignedBuf::new(BLOCK);
+        self.header.encode(&mut block[..BLOCK]);
+        self.header_block = Some(block);
+        true
+    }
+}
+
+/// Checkpoint body bytes in flight per disk at once: enough to stream at device speed,
+/// little enough not to crowd out the requests the loop is serving meanwhile.
+const CKPT_INFLIGHT_BYTES: usize = 4 * CKPT_IO_BYTES;
+
+/// Tag of a checkpoint's header write (body chunks are numbered from 0).
+const HEADER_TAG: u32 = u32::MAX;
+
+/// Where one disk's part of a background checkpoint is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// The body chunks go out, a bounded number at a time; the header follows once
+    /// they have all completed and every record below S is durable.
+    Body,
+    /// The header write is in flight.
+    Header,
+    /// Waiting for flush number `n` of the disk (submitted after the header write
+    /// completed); once it completes the checkpoint is the one in use.
+    HeaderFlush(u64),
+    /// The verified mark: once the records below it are durable, the superblock that
+    /// records it is written.
+    Mark,
+    MarkWrite,
+    MarkFlush(u64),
+    Done,
+}
+
+/// One disk's part of a [`CkptTask`].
+struct DiskTask {
+    disk: usize,
+    /// The sealed snapshot being written (`None`: only the verified mark is due).
+    snap: Option<Snapshot>,
+    /// Body writes submitted so far (their tags), in flight, and their bytes.
+    submitted: u32,
+    in_flight: usize,
+    bytes_in_flight: usize,
+    header_in_flight: bool,
+    /// Seq the verified mark must reach: the disk's `next_seq` at the start.
+    mark: u64,
+    step: Step,
+    /// The disk failed or left Online: nothing more is submitted, and the task ends
+    /// once its writes in flight came back.
+    aborted: bool,
+}
+
+/// A checkpoint written in the background: started by [`Store::checkpoint_start`],
+/// moved along by every [`Store::poll`] (and [`Store::checkpoint_tick`]) as the
+/// device completes its writes, never waiting on the device. The snapshot of each
+/// disk is taken (encoded in memory) when the task starts, at seq S = the disk's
+/// `next_seq` then; stores and deletes that come after do not change it. Per disk, in
+/// order: the body chunks into the slot not in use; once they have completed and the
+/// records below S are durable (the group commit's flush, or one started here when
+/// none is in flight), the header; then a flush submitted after the header completed;
+/// only once that flush completed is the checkpoint made current. Then the verified
+/// mark: a superblock write and a flush, the same way. A crash anywhere leaves the
+/// slot in use untouched; a device error takes the disk Down and ends its part.
+pub(crate) struct CkptTask {
+    disks: Vec<DiskTask>,
+    err: Option<StoreError>,
+}
+
+impl CkptTask {
+    fn done(&self) -> bool {
+        self.disks.iter().all(|t| t.step == Step::Done)
+    }
+}
+
+impl DiskTask {
+    /// Goes as far as it can without waiting; returns when it must wait for the
+    /// device (or is done).
+    fn advance(&mut self, vol: &mut Volume, err: &mut Option<StoreError>) {
+        loop {
+            if self.step == Step::Done {
+                return;
+            }
+            if !self.aborted && vol.state != DiskState::Online {
+                self.aborted = true;
+                if vol.failed {
+                    err.get_or_insert_with(|| vol.unavailable());
+                } else {
+                    debug!(disk = self.disk, "disk left service; checkpoint abandoned");
+                }
+            }
+            if self.aborted {
+                if self.in_flight == 0 && !self.header_in_flight && !vol.sb_writing {
+                    self.step = Step::Done;
+                }
+                return;
+            }
+            match self.step {
+                Step::Body => {
+                    let Some(snap) = self.snap.as_mut() else {
+                        self.step = Step::Mark;
+                        continue;
+                    };
+                    while let Some((at, buf)) = snap.chunks.pop_front() {
+                        if self.bytes_in_flight > 0
+                            && self.bytes_in_flight + buf.len() > CKPT_INFLIGHT_BYTES
+                        {
+                            snap.chunks.push_front((at, buf));
+                            break;
+                        }
+                        self.bytes_in_flight += buf.len();
+                        self.in_flight += 1;
+                        vol.submit_ckpt_write(self.submitted, at, buf);
+                        self.submitted += 1;
+                    }
+                    // The header only once the body is on the device and everything
+                    // it reflects is durable.
+                    if !snap.chunks.is_empty()
+                        || self.in_flight > 0
+                        || !vol.durable_below(snap.header.seq)
+                    {
+                        return;
+                    }
+                    let Some(block) = snap.header_block.take() else {
+                        // Sealed snapshots have one; never reached.
+                        self.snap = None;
+                        self.step = Step::Mark;
+                        continue;
+                    };
+                    self.header_in_flight = true;
+                    vol.submit_ckpt_write(HEADER_TAG, snap.header_at, block);
+                    self.step = Step::Header;
+                }
+                Step::Header => {
+                    if self.header_in_flight {
+                        return;
+                    }
+                    self.step = Step::HeaderFlush(vol.flushes_submitted + 1);
+                }
+                Step::HeaderFlush(n) => {
+                    if !vol.flushed(n) {
+                        return;
+                    }
+                    if let Some(s) = &self.snap {
+                        vol.ckpt.seq = Some(s.header.seq);
+                        vol.ckpt.slot = Some(s.header.slot);
+                        vol.ckpt.generation = s.header.generation;
+                        debug!(
+                            disk = self.disk,
+                            slot = s.header.slot,
+                            seq = s.header.seq,
+                            objects = s.header.objects,
+                            bytes = s.header.body_len,
+                            "checkpoint written"
+                        );
+                    }
+                    self.step = Step::Mark;
+                }
+                Step::Mark => {
+                    if vol.sb.verified_seq >= self.mark {
+                        self.step = Step::Done;
+                        continue;
+                    }
+                    if !vol.durable_below(self.mark) {
+                        return;
+                    }
+                    // Everything below durable_seq is durable: at least the mark.
+                    vol.sb.verified_seq = vol.durable_seq.max(self.mark);
+                    vol.submit_sb();
+                    self.step = Step::MarkWrite;
+                }
+                Step::MarkWrite => {
+                    if vol.sb_writing {
+                        return;
+                    }
+                    self.step = Step::MarkFlush(vol.flushes_submitted + 1);
+                }
+                Step::MarkFlush(n) => {
+                    if !vol.flushed(n) {
+                        return;
+                    }
+                    self.step = Step::Done;
+                }
+                Step::Done => return,
+            }
+        }
     }
 }
 
@@ -593,19 +777,89 @@ impl Store {
     /// only once enough log has been written since its last checkpoint to make that
     /// worth it (`snapshot_worth`), so calling this often is cheap. Also records in the
     /// superblock that everything so far is durable, which spares a full scan (should
-    /// one ever be needed) the re-verification of data. Called by the server when idle
-    /// after changes and at shutdown. A snapshot too large for its slot is skipped with
-    /// a warning; a device error takes that disk Down and is returned (the first one).
+    /// one ever be needed) the re-verification of data. Blocking: for shutdown, start-up
+    /// and tests (a serving loop uses [`Store::checkpoint_start`]); a checkpoint already
+    /// under way in the background is finished first. A snapshot too large for its slot
+    /// is skipped with a warning; a device error takes that disk Down and is returned
+    /// (the first one).
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let earlier = self.checkpoint_wait();
         let due: Vec<bool> = self.vols.iter().map(snapshot_due).collect();
-        self.checkpoint_disks(&due)
+        let now = self.checkpoint_disks(&due);
+        earlier.and(now)
     }
 
     /// Snapshots of the disks marked in `due` (one pass over the index feeds them all),
-    /// then the superblock's verified mark of every Online disk.
+    /// then the superblock's verified mark of every Online disk, blocking.
     pub(super) fn checkpoint_disks(&mut self, due: &[bool]) -> Result<(), StoreError> {
-        // A snapshot must see every commit settled (in the index and durable).
+        // Commits in flight are answered (their answers kept for the next poll), as
+        // they would be by a serving loop before it starts a checkpoint.
         self.settle();
+        self.checkpoint_start_disks(due);
+        self.checkpoint_wait()
+    }
+
+    /// Starts a checkpoint in the background (see [`CkptTask`]) if none is under way
+    /// and any disk is due one or its verified mark: the snapshots are encoded now,
+    /// the writes go out from here and from [`Store::poll`]. Returns whether one
+    /// started. [`Store::checkpoint_tick`] says when it is over.
+    pub fn checkpoint_start(&mut self) -> bool {
+        if self.ckpt_task.is_some() {
+            return false;
+        }
+        let due: Vec<bool> = self.vols.iter().map(snapshot_due).collect();
+        self.checkpoint_start_disks(&due)
+    }
+
+    /// Whether a checkpoint task exists (in flight, or finished and not yet reported
+    /// by [`Store::checkpoint_tick`]).
+    pub fn checkpoint_busy(&self) -> bool {
+        self.ckpt_task.is_some()
+    }
+
+    /// Moves the background checkpoint along (without waiting) and, once it is over,
+    /// returns its outcome (the first error, if any) — once.
+    pub fn checkpoint_tick(&mut self) -> Option<Result<(), StoreError>> {
+        self.ckpt_advance();
+        if self.ckpt_task.as_ref().is_some_and(CkptTask::done) {
+            let task = self.ckpt_task.take()?;
+            return Some(task.err.map_or(Ok(()), Err));
+        }
+        None
+    }
+
+    /// Drives the background checkpoint to its end, blocking; `Ok` when there is none.
+    fn checkpoint_wait(&mut self) -> Result<(), StoreError> {
+        let mut events = Vec::new();
+        loop {
+            if let Some(r) = self.checkpoint_tick() {
+                return r;
+            }
+            if self.ckpt_task.is_none() {
+                return Ok(());
+            }
+            self.poll(&mut events);
+            self.parked_events.append(&mut events);
+            if let Some(r) = self.checkpoint_tick() {
+                return r;
+            }
+            if !self.busy_devices() {
+                // Nothing in flight can move it on: a bug; give up rather than hang.
+                self.ckpt_task = None;
+                return Err(StoreError::Format("checkpoint stalled".into()));
+            }
+            for v in self.vols.iter_mut() {
+                v.wait_device();
+            }
+        }
+    }
+
+    /// Takes the snapshots of the disks marked in `due` and starts the task. Every
+    /// Online disk also gets its verified mark brought up to its `next_seq`.
+    fn checkpoint_start_disks(&mut self, due: &[bool]) -> bool {
+        if self.ckpt_task.is_some() {
+            return false;
+        }
         let Store {
             vols,
             index,
@@ -613,36 +867,30 @@ impl Store {
             ckpt_bufs,
             ..
         } = self;
-        let mut first_err = None;
         let mut snaps: Vec<Option<Snapshot>> = Vec::with_capacity(vols.len());
         for (i, vol) in vols.iter_mut().enumerate() {
             let mut snap = None;
             if due.get(i) == Some(&true) && vol.state == DiskState::Online {
-                // Everything a snapshot reflects must be durable before it is.
-                match vol.flush() {
-                    Err(e) => {
-                        first_err.get_or_insert(e);
-                    }
-                    Ok(()) if vol.ckpt.diverged => {
-                        debug!(
-                            disk = i,
-                            "index differs from the log until restart; no checkpoint"
-                        );
-                    }
-                    Ok(()) => {
-                        let buf = ckpt_bufs
-                            .get_mut(i)
-                            .map(|b| std::mem::replace(b, AlignedBuf::new(0)))
-                            .filter(|b| b.len() >= BLOCK)
-                            .unwrap_or_else(|| AlignedBuf::new(CKPT_IO_BYTES));
-                        snap = Some(Snapshot::begin(vol, buf));
-                    }
+                if vol.ckpt.diverged {
+                    debug!(
+                        disk = i,
+                        "index differs from the log until restart; no checkpoint"
+                    );
+                } else {
+                    let buf = ckpt_bufs
+                        .get_mut(i)
+                        .map(|b| std::mem::replace(b, AlignedBuf::new(0)))
+                        .filter(|b| b.len() >= BLOCK)
+                        .unwrap_or_else(|| AlignedBuf::new(CKPT_IO_BYTES));
+                    snap = Some(Snapshot::begin(vol, buf));
                 }
             }
             snaps.push(snap);
         }
         if snaps.iter().any(Option::is_some) {
-            // Objects first, then pending writes: the order the body promises.
+            // Objects first, then pending writes: the order the body promises. The
+            // index and the open writes reflect every record appended so far, that is
+            // every record below each disk's S.
             for (fp, e) in index.iter() {
                 let d = usize::from(e.disk.0);
                 if let (Some(Some(s)), Some(vol)) = (snaps.get_mut(d), vols.get_mut(d)) {
@@ -656,46 +904,84 @@ impl Store {
                 }
             }
         }
-        for (i, snap) in snaps.into_iter().enumerate() {
-            let (Some(mut s), Some(vol)) = (snap, vols.get_mut(i)) else {
+        let mut disks = Vec::new();
+        for (i, (vol, snap)) in vols.iter_mut().zip(snaps).enumerate() {
+            let snap = snap.and_then(|mut s| {
+                if s.seal(vol) {
+                    Some(s)
+                } else {
+                    if let Some(b) = ckpt_bufs.get_mut(i) {
+                        *b = std::mem::replace(&mut s.buf, AlignedBuf::new(0));
+                    }
+                    None
+                }
+            });
+            if vol.state != DiskState::Online
+                || (snap.is_none() && vol.sb.verified_seq >= vol.next_seq)
+            {
                 continue;
-            };
-            let r = s.finish(vol);
-            if let Some(b) = ckpt_bufs.get_mut(i) {
-                *b = s.buf;
             }
-            match r {
-                Ok(true) => {
-                    vol.ckpt.seq = Some(s.header.seq);
-                    vol.ckpt.slot = Some(s.header.slot);
-                    vol.ckpt.generation = s.header.generation;
-                    debug!(
-                        disk = i,
-                        slot = s.header.slot,
-                        seq = s.header.seq,
-                        objects = s.header.objects,
-                        bytes = s.header.body_len,
-                        "checkpoint written"
-                    );
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
+            disks.push(DiskTask {
+                disk: i,
+                step: Step::Body,
+                snap,
+                submitted: 0,
+                in_flight: 0,
+                bytes_in_flight: 0,
+                header_in_flight: false,
+                mark: vol.next_seq,
+                aborted: false,
+            });
+        }
+        if disks.is_empty() {
+            return false;
+        }
+        self.ckpt_task = Some(CkptTask { disks, err: None });
+        self.ckpt_advance();
+        true
+    }
+
+    /// Moves the background checkpoint along as far as it goes without waiting.
+    pub(super) fn ckpt_advance(&mut self) {
+        let Some(task) = self.ckpt_task.as_mut() else {
+            return;
+        };
+        for t in task.disks.iter_mut() {
+            if let Some(vol) = self.vols.get_mut(t.disk) {
+                t.advance(vol, &mut task.err);
             }
         }
-        for vol in vols.iter_mut() {
-            if vol.state == DiskState::Online && vol.sb.verified_seq != vol.next_seq {
-                // Flushed by the snapshot, or here.
-                let r = vol.flush().and_then(|()| {
-                    vol.sb.verified_seq = vol.next_seq;
-                    vol.write_sb()
-                });
-                if let Err(e) = r {
-                    first_err.get_or_insert(e);
-                }
+    }
+
+    /// A write of the background checkpoint completed on disk `d`: a failure takes the
+    /// disk Down; the buffer is kept for the next checkpoint's transfers.
+    pub(super) fn ckpt_done(&mut self, d: usize, c: nvme::Completion) {
+        let n = (c.tag.0 & !TAG_CLASS) as u32;
+        let mut err = None;
+        if let Err(e) = c.result {
+            if let Some(vol) = self.vols.get_mut(d) {
+                err = Some(vol.fail(e));
             }
         }
-        first_err.map_or(Ok(()), Err)
+        if let Some(task) = self.ckpt_task.as_mut() {
+            if let Some(t) = task.disks.iter_mut().find(|t| t.disk == d) {
+                if n == HEADER_TAG {
+                    t.header_in_flight = false;
+                } else {
+                    t.in_flight = t.in_flight.saturating_sub(1);
+                    t.bytes_in_flight = t.bytes_in_flight.saturating_sub(c.buf.len());
+                }
+            }
+            if let Some(e) = err {
+                task.err.get_or_insert(e);
+            }
+        }
+        let mut buf = c.buf;
+        if let Some(slot) = self.ckpt_bufs.get_mut(d) {
+            if slot.len() < BLOCK && buf.capacity() >= CKPT_IO_BYTES {
+                buf.set_len(CKPT_IO_BYTES);
+                *slot = buf;
+            }
+        }
     }
 }

@@ -595,3 +595,124 @@ fn startup_time_with_many_small_objects() {
     drop(s);
     drop(timed_open("open from checkpoint + 1000-record tail", 21));
 }
+
+/// A checkpoint written in the background (started, then moved along by the poll
+/// only) while new stores, dedup references and deletes are committed through the
+/// same poll: it covers exactly the records before its start, and the store reopens
+/// from it (plus the log after it) to the model and to what a full scan gives.
+#[test]
+fn background_checkpoint_while_stores_and_deletes_commit() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use std::collections::HashMap;
+
+    enum Op {
+        Store(Vec<u8>),
+        Delete(Fingerprint),
+    }
+    let c = cfg(16 * KIB);
+    let disks = [MemDisk::new(32 * MIB, 41), MemDisk::new(32 * MIB, 42)];
+    let mut s = Store::open_seeded(devices(&disks), c.clone(), 7, 3).unwrap();
+    let mut model: HashMap<Fingerprint, (Vec<u8>, u32)> = HashMap::new();
+    for i in 0..400u64 {
+        let d = data(i, 1 + (i as usize * 37) % 3000);
+        let r = put(&mut s, &d, 4096).unwrap();
+        model.insert(r.fingerprint, (d, r.refcount));
+    }
+    // One-block transfers: the body goes out as many writes.
+    for b in s.ckpt_bufs.iter_mut() {
+        *b = AlignedBuf::new(BLOCK);
+    }
+    let starts: Vec<u64> = s.vols.iter().map(|v| v.next_seq).collect();
+    assert!(s.checkpoint_start());
+    assert!(s.checkpoint_busy());
+    assert!(!s.checkpoint_start(), "one checkpoint at a time");
+
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut pending: HashMap<u64, Op> = HashMap::new();
+    let (mut user, mut turns, mut acked_meanwhile) = (0u64, 0u32, 0u32);
+    let mut outcome = None;
+    let mut events = Vec::new();
+    while outcome.is_none() || !pending.is_empty() {
+        turns += 1;
+        assert!(turns < 100_000, "never finished");
+        if outcome.is_none() && pending.len() < 6 {
+            user += 1;
+            let mut fps: Vec<Fingerprint> = model.keys().copied().collect();
+            fps.sort_unstable();
+            let pick = fps[rng.gen_range(0..fps.len())];
+            match rng.gen_range(0..3) {
+                0 => {
+                    let _ = s.delete_start(&pick, user).map(|()| {
+                        pending.insert(user, Op::Delete(pick));
+                    });
+                }
+                k => {
+                    // A new object, or another reference to a stored one.
+                    let d = if k == 1 {
+                        data(10_000 + user, 1 + rng.gen_range(0..40_000))
+                    } else {
+                        model[&pick].0.clone()
+                    };
+                    let id = s.begin().unwrap();
+                    for piece in d.chunks(7000) {
+                        s.append(id, piece).unwrap();
+                    }
+                    s.commit_start(id, &Expect::NONE, user).unwrap();
+                    pending.insert(user, Op::Store(d));
+                }
+            }
+        }
+        s.poll(&mut events);
+        for e in events.drain(..) {
+            let op = pending.remove(&e.user()).expect("an operation of ours");
+            match (e, op) {
+                (StoreEvent::Committed { result, .. }, Op::Store(d)) => {
+                    let r = result.unwrap();
+                    model.insert(r.fingerprint, (d, r.refcount));
+                }
+                (StoreEvent::Deleted { result, .. }, Op::Delete(fp)) => match result.unwrap() {
+                    0 => {
+                        model.remove(&fp);
+                    }
+                    left => model.get_mut(&fp).expect("deleted object").1 = left,
+                },
+                (e, _) => panic!("unexpected {e:?}"),
+            }
+            if outcome.is_none() {
+                acked_meanwhile += 1;
+            }
+        }
+        if outcome.is_none() {
+            outcome = s.checkpoint_tick();
+        }
+    }
+    outcome.unwrap().unwrap();
+    eprintln!("{turns} turns, {acked_meanwhile} acknowledged while the checkpoint ran");
+    assert!(!s.checkpoint_busy());
+    assert!(
+        acked_meanwhile > 3,
+        "{acked_meanwhile} operations acknowledged meanwhile"
+    );
+    for (v, &at) in s.vols.iter().zip(&starts) {
+        assert_eq!(v.ckpt.seq, Some(at), "disk {}", v.id.0);
+        assert!(
+            v.next_seq > at,
+            "disk {}: nothing written meanwhile",
+            v.id.0
+        );
+        assert!(v.sb.verified_seq >= at);
+    }
+    drop(s);
+    let mut s = open_both_ways(&disks, &c, 9);
+    for (v, &at) in s.vols.iter().zip(&starts) {
+        assert_eq!(v.ckpt.loaded, Some(at), "disk {} opened from it", v.id.0);
+    }
+    let contents = s.contents();
+    assert_eq!(contents.len(), model.len());
+    for (fp, _) in contents {
+        let (bytes, rc) = &model[&fp];
+        assert_eq!(s.get(&fp).unwrap().refcount, *rc, "{fp}");
+        assert_eq!(&get_all(&mut s, &fp).unwrap(), bytes);
+    }
+}

@@ -451,6 +451,8 @@ pub struct Store {
     /// Disks a failed probe read took Down, not yet handed out by
     /// [`Store::probe_take_down`].
     probe_down: Vec<DiskId>,
+    /// The checkpoint being written in the background, if any (see `checkpoint`).
+    ckpt_task: Option<checkpoint::CkptTask>,
     /// One block for REF records.
     meta: AlignedBuf,
     hdr_cache: HeaderCache,
@@ -594,6 +596,7 @@ impl Store {
             pool: Vec::new(),
             probe_bufs: (0..nvols).map(|_| Some(AlignedBuf::new(BLOCK))).collect(),
             probe_down: Vec::new(),
+            ckpt_task: None,
             meta: AlignedBuf::new(BLOCK),
             hdr_cache: HeaderCache::new(64),
             counters: StoreCounters::default(),

@@ -127,6 +127,15 @@ pub(crate) struct Volume {
     pub inflight: BTreeSet<u64>,
     /// The flush in flight, with the seq below which it makes every record durable.
     pub flushing: Option<u64>,
+    /// Flushes submitted and completed without error since open, blocking ones
+    /// included. Flushes run one at a time, so once `flushes_done` reaches `n`, the
+    /// `n`-th flush submitted has completed: how a background task knows that a flush
+    /// submitted after its write completed has made that write durable.
+    pub flushes_submitted: u64,
+    pub flushes_done: u64,
+    /// A superblock write submitted by [`Volume::submit_sb`] has not completed: a
+    /// blocking superblock write waits for it, so two copies are never written at once.
+    pub sb_writing: bool,
     /// Record buffers given back by completed writes, for the store to reuse.
     pub done_bufs: Vec<AlignedBuf>,
     /// Read completions that arrived during a blocking wait, for the next `poll`.
@@ -141,6 +150,10 @@ pub(crate) const TAG_FLUSH: u64 = 2 << 56;
 pub(crate) const TAG_READ: u64 = 3 << 56;
 /// The disk probe's one-block read (see `Store::probe_start`).
 pub(crate) const TAG_PROBE: u64 = 4 << 56;
+/// A write of a checkpoint being written in the background (body chunk or header).
+pub(crate) const TAG_CKPT: u64 = 5 << 56;
+/// A superblock write submitted by [`Volume::submit_sb`]; settled here.
+pub(crate) const TAG_SB: u64 = 6 << 56;
 pub(crate) const TAG_CLASS: u64 = 0xff << 56;
 /// Completions taken from a device per poll.
 pub(crate) const POLL_MAX: usize = 256;
@@ -265,6 +278,9 @@ impl Volume {
             scratch: AlignedBuf::new(BLOCK),
             inflight: BTreeSet::new(),
             flushing: None,
+            flushes_submitted: 0,
+            flushes_done: 0,
+            sb_writing: false,
             done_bufs: Vec::new(),
             parked: Vec::new(),
             got: Vec::with_capacity(POLL_MAX),
@@ -967,17 +983,14 @@ impl Volume {
         self.dev.read_at(phys, buf).map_err(|e| self.fail(e))
     }
 
-    /// Writes outside the log (the checkpoint area); not flushed.
-    pub fn write(&mut self, phys: u64, buf: &[u8]) -> Result<(), StoreError> {
-        self.dev.write_at(phys, buf).map_err(|e| self.fail(e))
-    }
-
     /// Makes every record appended so far durable, blocking (start-up, checkpoint,
     /// compaction): waits for the writes in flight, then flushes.
     pub fn flush(&mut self) -> Result<(), StoreError> {
         self.settle_writes()?;
         let covered = self.next_seq;
+        self.flushes_submitted += 1;
         self.dev.flush().map_err(|e| self.fail(e))?;
+        self.flushes_done += 1;
         self.durable_seq = self.durable_seq.max(covered);
         Ok(())
     }
@@ -992,7 +1005,67 @@ impl Volume {
     pub fn submit_flush(&mut self) {
         debug_assert!(self.flushing.is_none());
         self.flushing = Some(self.completed_upto());
+        self.flushes_submitted += 1;
         self.dev.submit(IoTag(TAG_FLUSH), IoOp::Flush);
+    }
+
+    /// Makes records below `seq` durable without waiting: true once they are; until
+    /// then starts a flush when none is in flight and every record below `seq` has
+    /// completed its write (the group commit's own flush, when one is running, may
+    /// do it first). Never issues a second flush beside one in flight.
+    pub fn durable_below(&mut self, seq: u64) -> bool {
+        if self.durable_seq >= seq {
+            return true;
+        }
+        if self.flushing.is_none() && self.completed_upto() >= seq {
+            self.submit_flush();
+        }
+        false
+    }
+
+    /// Waits, without blocking, for the `n`-th flush since open to complete: true once
+    /// it has; until then starts the next flush if none is in flight. A write whose
+    /// completion came back before `flushes_submitted` was read is durable once the
+    /// flush numbered one more has completed.
+    pub fn flushed(&mut self, n: u64) -> bool {
+        if self.flushes_done >= n {
+            return true;
+        }
+        if self.flushing.is_none() && self.flushes_submitted < n {
+            self.submit_flush();
+        }
+        false
+    }
+
+    /// Submits a one-block read at `phys` for the disk probe; its completion comes
+    /// back from [`Volume::poll`] like a read's.
+    pub fn submit_probe(&mut self, phys: u64, buf: AlignedBuf) {
+        self.dev
+            .submit(IoTag(TAG_PROBE), IoOp::Read { offset: phys, buf });
+    }
+
+    /// Submits a write into the checkpoint area (outside the log), tagged with `n`
+    /// (a chunk of the body, or the header); not flushed. Its completion comes back
+    /// from [`Volume::poll`].
+    pub fn submit_ckpt_write(&mut self, n: u32, phys: u64, buf: AlignedBuf) {
+        self.dev.submit(
+            IoTag(TAG_CKPT | u64::from(n)),
+            IoOp::Write { offset: phys, buf },
+        );
+    }
+
+    /// [`Volume::write_sb`] without waiting: the superblock (generation + 1) goes to
+    /// the other copy; [`Volume::sb_writing`] stays set until the write completed
+    /// (a failure takes the disk Down). Not flushed: the caller flushes after.
+    pub fn submit_sb(&mut self) {
+        debug_assert!(!self.sb_writing);
+        self.sb.generation += 1;
+        let mut buf = AlignedBuf::new(BLOCK);
+        self.sb.encode(&mut buf);
+        let at = self.sb.slot() * BLOCK_U64;
+        self.sb_writing = true;
+        self.dev
+            .submit(IoTag(TAG_SB), IoOp::Write { offset: at, buf });
     }
 
     /// Submits a read of `buf.len()` bytes at `phys`, tagged with the store's read
@@ -1002,13 +1075,6 @@ impl Volume {
             IoTag(TAG_READ | u64::from(id)),
             IoOp::Read { offset: phys, buf },
         );
-    }
-
-    /// Submits a one-block read at `phys` for the disk probe; its completion comes
-    /// back from [`Volume::poll`] like a read's.
-    pub fn submit_probe(&mut self, phys: u64, buf: AlignedBuf) {
-        self.dev
-            .submit(IoTag(TAG_PROBE), IoOp::Read { offset: phys, buf });
     }
 
     /// Collects finished operations: record writes and flushes are settled here
@@ -1042,10 +1108,20 @@ impl Volume {
             TAG_FLUSH => {
                 let covers = self.flushing.take().unwrap_or(self.durable_seq);
                 match c.result {
-                    Ok(()) => self.durable_seq = self.durable_seq.max(covers),
+                    Ok(()) => {
+                        self.durable_seq = self.durable_seq.max(covers);
+                        self.flushes_done += 1;
+                    }
                     Err(e) => {
                         self.fail(e);
                     }
+                }
+                None
+            }
+            TAG_SB => {
+                self.sb_writing = false;
+                if let Err(e) = c.result {
+                    self.fail(e);
                 }
                 None
             }
@@ -1080,11 +1156,12 @@ impl Volume {
         !self.parked.is_empty() || self.dev.in_flight() > 0
     }
 
-    /// Blocks until every record write and any flush in flight have completed.
+    /// Blocks until every record write, any flush and any superblock write in flight
+    /// have completed.
     pub fn settle_writes(&mut self) -> Result<(), StoreError> {
         let mut got = Vec::new();
         let errors_before = self.errors;
-        while !self.inflight.is_empty() || self.flushing.is_some() {
+        while !self.inflight.is_empty() || self.flushing.is_some() || self.sb_writing {
             got.clear();
             self.dev.poll(POLL_MAX, &mut got);
             if got.is_empty() {
@@ -1103,8 +1180,14 @@ impl Volume {
         Ok(())
     }
 
-    /// Writes the superblock (generation + 1, into the other copy) and flushes.
+    /// Writes the superblock (generation + 1, into the other copy) and flushes. Waits
+    /// first for a superblock write in flight ([`Volume::submit_sb`]), which goes to
+    /// the copy this one will not: two in flight at once could leave an older copy
+    /// with the higher generation.
     pub fn write_sb(&mut self) -> Result<(), StoreError> {
+        if self.sb_writing {
+            self.settle_writes()?;
+        }
         self.sb.generation += 1;
         self.sb.encode(&mut self.scratch);
         let at = self.sb.slot() * BLOCK_U64;

@@ -537,8 +537,17 @@ impl<P: NetPort> Server<P> {
             self.t.last_timeout_scan = now;
             self.close_timed_out(now);
         }
-        // Background work only when the node is otherwise quiet.
-        if idle && now.duration_since(self.t.last_compact) >= Duration::from_secs(1) {
+        // The checkpoint in the background moves on with every poll; its end is
+        // reported here.
+        if let Some(Err(e)) = self.store.checkpoint_tick() {
+            tracing::error!(error = %e, "checkpoint failed");
+        }
+        // Background work only when the node is otherwise quiet (compaction, which
+        // blocks, not while a checkpoint is being written).
+        if idle
+            && !self.store.checkpoint_busy()
+            && now.duration_since(self.t.last_compact) >= Duration::from_secs(1)
+        {
             self.t.last_compact = now;
             match self.store.maybe_compact() {
                 Ok(Some(r)) => {
@@ -554,13 +563,13 @@ impl<P: NetPort> Server<P> {
         }
         if idle
             && self.t.dirty_since_checkpoint
+            && !self.store.checkpoint_busy()
             && now.duration_since(self.t.last_checkpoint) >= self.cfg.checkpoint_interval
         {
             self.t.last_checkpoint = now;
             self.t.dirty_since_checkpoint = false;
-            if let Err(e) = self.store.checkpoint() {
-                tracing::error!(error = %e, "checkpoint failed");
-            }
+            // Snapshots taken now; the writes go out without the loop waiting.
+            self.store.checkpoint_start();
         }
     }
 

@@ -61,6 +61,11 @@ impl TestNode {
 
     /// A node on `disk` (labelled for `loops` if blank, as dosd does at start-up).
     fn start_on(disk: &MemDisk, loops: u16) -> TestNode {
+        TestNode::start_with(disk, loops, Duration::from_secs(3600))
+    }
+
+    /// [`TestNode::start_on`] with idle checkpoints every `checkpoint_interval`.
+    fn start_with(disk: &MemDisk, loops: u16, checkpoint_interval: Duration) -> TestNode {
         let store_cfg = StoreConfig {
             max_object_bytes: OBJECT_MAX,
             ..StoreConfig::default()
@@ -103,7 +108,7 @@ impl TestNode {
                 chunk_max: CHUNK_MAX,
                 connections_max: 16,
                 idle_sleep: Duration::from_millis(10),
-                checkpoint_interval: Duration::from_secs(3600),
+                checkpoint_interval,
                 request_timeout: Duration::from_secs(30),
                 idle_timeout: Duration::from_secs(60),
                 header_timeout: Duration::from_secs(10),
@@ -322,6 +327,52 @@ fn a_store_that_breaks_its_promises_is_refused_and_nothing_is_stored() {
     assert_eq!(objects(&node), 0);
     let aborts = node.stop().counters().aborts;
     assert_eq!(aborts, 6, "every refused write was aborted");
+}
+
+/// The idle checkpoint is started by the loop's timers and written through its poll
+/// while the node goes on serving: its header is on the disk before the node stops.
+#[test]
+fn the_idle_checkpoint_is_written_while_the_node_runs() {
+    let disk = MemDisk::new(64 * MIB + MIB, 1);
+    let node = TestNode::start_with(&disk, 1, Duration::from_millis(20));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let label =
+        crate::store::label::open_or_label(&mut disk.device(), Some(1), &mut rng).expect("label");
+    let (base, _) = label.region(0);
+    let mut c = node.client();
+    let mut fps = Vec::new();
+    for i in 0..20u8 {
+        let object = vec![i; 5000];
+        let mut input = &object[..];
+        let expect = Expect {
+            len: Some(5000),
+            md5: None,
+        };
+        fps.push(
+            c.store(&mut input, expect, &mut |_| {})
+                .expect("store")
+                .fingerprint,
+        );
+    }
+    let headers = |disk: &MemDisk| {
+        let mut blocks = nvme::AlignedBuf::new(2 * 4096);
+        nvme::BlockDevice::read_at(&mut disk.device(), base + 2 * 4096, &mut blocks)
+            .expect("read the checkpoint headers");
+        [&blocks[..8], &blocks[4096..4104]]
+            .iter()
+            .any(|m| *m == b"DOSDCKPT")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !headers(&disk) {
+        assert!(Instant::now() < deadline, "no checkpoint while running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Still serving.
+    for fp in &fps {
+        assert_eq!(c.locate(fp).expect("stored").object_len, 5000);
+    }
+    let store = node.stop();
+    assert_eq!(store.objects(), 20);
 }
 
 #[test]

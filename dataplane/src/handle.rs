@@ -122,6 +122,7 @@ pub fn merge_reports(per_loop: &[Vec<DiskReport>]) -> Vec<DiskReport> {
                     m.objects_available += r.objects_available;
                     m.outstanding_ops += r.outstanding_ops;
                     m.bytes_dead += r.bytes_dead;
+                    m.bytes_used += r.bytes_used;
                     m.errors += r.errors;
                     m.io.read_ops += r.io.read_ops;
                     m.io.read_bytes += r.io.read_bytes;

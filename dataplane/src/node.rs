@@ -301,6 +301,7 @@ mod tests {
             objects_available: 10,
             outstanding_ops: 0,
             bytes_dead: 0,
+            bytes_used: 0,
             errors: 0,
             io: Default::default(),
             last_error: None,

@@ -65,6 +65,9 @@ pub struct DiskView {
     pub bytes_available: u64,
     /// Bytes of deleted or superseded records awaiting compaction.
     pub bytes_dead: u64,
+    /// Bytes of the log in use: live, dead and open records, and the bytes packing
+    /// skipped. Divided by `objects_used`, what an object costs on this disk.
+    pub bytes_used: u64,
     pub objects_used: u64,
     pub objects_available: u64,
     /// Open writes on the disk.
@@ -140,6 +143,7 @@ impl From<&DiskReport> for DiskView {
             bytes_free: d.bytes_free,
             bytes_available: d.bytes_available,
             bytes_dead: d.bytes_dead,
+            bytes_used: d.bytes_used,
             objects_used: d.objects_used,
             objects_available: d.objects_available,
             outstanding_ops: d.outstanding_ops,
@@ -728,6 +732,7 @@ mod tests {
             objects_available: 2,
             outstanding_ops: 0,
             bytes_dead: 0,
+            bytes_used: 0,
             errors: 0,
             io: DiskIo::default(),
             last_error: None,

@@ -442,6 +442,7 @@ mod tests {
             objects_available: 1 << 16,
             outstanding_ops: 0,
             bytes_dead: 0,
+            bytes_used: 0,
             errors: 3,
             io: Default::default(),
             last_error: None,

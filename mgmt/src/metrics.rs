@@ -266,6 +266,13 @@ pub fn render(s: &NodeStats, disks: &[DiskReport]) -> String {
     );
     family(
         &mut out,
+        "dosd_disk_bytes_used",
+        Kind::Gauge,
+        "Bytes of log between head and tail (live, dead and open records)",
+        &|d| d.bytes_used,
+    );
+    family(
+        &mut out,
         "dosd_disk_bytes_available",
         Kind::Gauge,
         "Free plus reclaimable dead bytes",
@@ -596,6 +603,7 @@ mod tests {
             objects_available: 1,
             outstanding_ops: 0,
             bytes_dead: 10,
+            bytes_used: 30,
             errors: 1,
             io: dataplane::store::DiskIo {
                 read_ops: 4,
@@ -658,6 +666,7 @@ mod tests {
             objects_available: 1,
             outstanding_ops: 0,
             bytes_dead: 0,
+            bytes_used: 0,
             errors: 0,
             io: Default::default(),
             last_error: None,

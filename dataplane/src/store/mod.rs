@@ -183,6 +183,9 @@ pub struct DiskReport {
     /// Free plus reclaimable dead bytes: what new objects could use after compaction.
     pub bytes_available: u64,
     pub objects_used: u64,
+    /// Bytes of log between its head and its tail: live, dead and open records, and
+    /// what alignment skipped. `bytes_used / objects_used` is what an object costs.
+    pub bytes_used: u64,
     /// How many more of the smallest objects (1 byte: 2 blocks) the disk admits one
     /// after the other, by the same rule as a STORE's admission (see `room`): within
     /// its free space, or within `bytes_available` less one segment that compacting
@@ -1281,6 +1284,7 @@ impl Store {
                     bytes_free: free,
                     bytes_available: available,
                     objects_used: v.objects,
+                    bytes_used: if v.log_len > 0 { v.used() } else { 0 },
                     objects_available: if v.log_len > 0 {
                         v.stores_admitted(1)
                     } else {

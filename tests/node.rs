@@ -1002,15 +1002,16 @@ fn a_full_disk_admits_what_it_reports_and_still_takes_duplicates() {
         }
     }
     assert!(mid.len() >= 40, "{} objects of 200 KB fit", mid.len());
-    // To the brim with objects that cost what the smallest does (8 KiB on disk).
+    // To the brim with objects that cost what the smallest does (16 bytes: one packed
+    // record of 96 bytes on disk).
     let mut small = 0;
-    for seed in 9000..11_000 {
+    for seed in 9000..100_000 {
         let before = status(&mut c);
         if before.objects_available == 0 {
             break;
         }
         let s = c
-            .store_bytes(&data(seed, 4096))
+            .store_bytes(&data(seed, 16))
             .unwrap_or_else(|e| panic!("objects_available {} but: {e}", before.objects_available));
         assert!(!s.deduplicated);
         small += 1;
@@ -1056,7 +1057,7 @@ fn a_full_disk_admits_what_it_reports_and_still_takes_duplicates() {
         s.deduplicated && s.fingerprint == big_fp && s.refcount == 2,
         "{s:?}"
     );
-    let s = c.store_bytes(&data(9000, 4096)).unwrap();
+    let s = c.store_bytes(&data(9000, 16)).unwrap();
     assert!(s.deduplicated && s.refcount == 2, "{s:?}");
     let file = dir.path().join("big");
     std::fs::write(&file, &big).unwrap();

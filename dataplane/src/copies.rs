@@ -30,10 +30,14 @@ pub enum Site {
     /// scatter-gather or external-buffer send). The kernel port's `writev` copies in
     /// the kernel, which is not counted here.
     PortSend = 6,
+    /// A small object (at most 16 KiB) committed as a packed record: its staged bytes
+    /// copied into the image of the disk's tail blocks, where it shares blocks with
+    /// other small records.
+    Pack = 7,
 }
 
 /// How many sites there are.
-pub const SITES: usize = 7;
+pub const SITES: usize = 8;
 
 #[cfg(any(test, feature = "copy-count"))]
 mod imp {

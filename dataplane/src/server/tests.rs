@@ -1032,6 +1032,8 @@ fn a_store_copies_each_byte_once_and_a_retrieve_none() {
     }
     let mut want = only(Site::Append, stored);
     want[Site::CacheFill as usize] = small.len() as u64;
+    // A small object is packed: copied once more, into its disk's tail block image.
+    want[Site::Pack as usize] = small.len() as u64;
     assert_eq!(node.copies.all(), want, "one cache fill, hits copy nothing");
 }
 
@@ -1087,6 +1089,7 @@ fn a_retrieve_from_another_loop_copies_nothing() {
     }
     let mut want = only(Site::Append, stored);
     want[Site::CacheFill as usize] = small.len() as u64;
+    want[Site::Pack as usize] = small.len() as u64;
     assert_eq!(node.copies.all(), want, "one cache fill, at the holder");
     let shards = node.stop_all();
     assert!(

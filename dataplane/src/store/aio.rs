@@ -28,7 +28,7 @@ use nvme::{AlignedBuf, Completion};
 
 use dosp::Fingerprint;
 
-use super::format::{kind, RecordHeader, BLOCK, BLOCK_U64};
+use super::format::{kind, PackedHeader, RecordHeader, BLOCK, BLOCK_U64, PACKED_HDR};
 use super::volume::{TAG_CKPT, TAG_CLASS, TAG_PROBE, TAG_READ};
 use super::{Committed, DiskId, Store, StoreError, PREFETCH_SKIP_BLOCKS_MAX};
 use crate::copies::Site;
@@ -184,10 +184,25 @@ pub(crate) struct Sub {
     pub with_hdr: bool,
     /// A header-only read (the data is in the next sub).
     pub hdr_only: bool,
+    /// A packed record: the buffer holds the blocks it lies in, header and data.
+    pub packed: bool,
     /// CRCs of the wanted blocks, when the header came from the header cache.
     pub crcs: Vec<u32>,
     pub buf: Option<AlignedBuf>,
     pub done: bool,
+}
+
+impl Sub {
+    /// Where its device read starts.
+    fn device_offset(&self) -> u64 {
+        if self.packed {
+            self.hdr_phys - self.hdr_phys % BLOCK_U64
+        } else if self.with_hdr || self.hdr_only {
+            self.hdr_phys
+        } else {
+            self.hdr_phys + BLOCK_U64 * (1 + self.b0)
+        }
+    }
 }
 
 pub(crate) struct ReadOp {
@@ -334,11 +349,7 @@ impl Store {
         self.plan_read(&mut op);
         let vol = &mut self.vols[usize::from(disk.0)];
         for s in op.subs.iter_mut() {
-            let phys = if s.with_hdr || s.hdr_only {
-                s.hdr_phys
-            } else {
-                s.hdr_phys + BLOCK_U64 * (1 + s.b0)
-            };
+            let phys = s.device_offset();
             if let Some(buf) = s.buf.take() {
                 vol.submit_read(id, phys, buf);
                 op.pending += 1;
@@ -369,6 +380,28 @@ impl Store {
             }
             let lo = op.offset.max(ext_start) - ext_start;
             let hi = end.min(ext_end) - ext_start;
+            if ext.packed {
+                // Header and data in one read of the blocks the record lies in; the
+                // whole record is checked, whatever part of it is wanted.
+                let off = ext.hdr % BLOCK_U64;
+                let span =
+                    (off + PACKED_HDR as u64 + u64::from(ext.len)).next_multiple_of(BLOCK_U64);
+                op.subs.push(Sub {
+                    hdr_phys: ext.hdr,
+                    ext_len: ext.len,
+                    lo,
+                    hi,
+                    b0: 0,
+                    with_hdr: false,
+                    hdr_only: false,
+                    packed: true,
+                    crcs: Vec::new(),
+                    buf: Some(self.read_bufs.take(span as usize)),
+                    done: false,
+                });
+                ext_start = ext_end;
+                continue;
+            }
             let b0 = lo / BLOCK_U64;
             let b1 = hi.div_ceil(BLOCK_U64);
             let key = (op.disk, ext.hdr, op.write_id);
@@ -380,6 +413,7 @@ impl Store {
                 b0,
                 with_hdr: false,
                 hdr_only: false,
+                packed: false,
                 crcs: Vec::new(),
                 buf: None,
                 done: false,
@@ -475,6 +509,11 @@ impl Store {
         let mut parts = self.spare_parts.pop().unwrap_or_default();
         for s in op.subs.iter_mut().filter(|s| !s.hdr_only) {
             let Some(buf) = s.buf.take() else { continue };
+            if s.packed {
+                let at = (s.hdr_phys % BLOCK_U64) as usize + PACKED_HDR;
+                parts.push((Lent::Device(buf), at + s.lo as usize..at + s.hi as usize));
+                continue;
+            }
             let skip = if s.with_hdr { BLOCK } else { 0 };
             let from = skip + (s.lo - s.b0 * BLOCK_U64) as usize;
             let to = skip + (s.hi - s.b0 * BLOCK_U64) as usize;
@@ -514,6 +553,24 @@ impl Store {
             };
             if s.hdr_only {
                 hdr_of_next = Some(&buf[..BLOCK]);
+                continue;
+            }
+            if s.packed {
+                let off = (s.hdr_phys % BLOCK_U64) as usize;
+                let at = off + PACKED_HDR;
+                let h = buf.get(off..).and_then(|b| PackedHeader::check(b, nonce));
+                let ok = h.is_some_and(|h| {
+                    h.kind == kind::COMMIT
+                        && h.seq.get() == op.write_id
+                        && h.data_len.get() == s.ext_len
+                        && h.fingerprint == op.fp.0
+                        && buf
+                            .get(at..at + s.ext_len as usize)
+                            .is_some_and(|d| crc32c::crc32c(d) == h.data_crc.get())
+                });
+                if !ok {
+                    return Err(self.corrupt(op, "bad packed record"));
+                }
                 continue;
             }
             let (hdr, data) = if s.with_hdr {
@@ -633,15 +690,10 @@ impl Store {
             return;
         };
         op.pending = op.pending.saturating_sub(1);
-        let slot = op.subs.iter_mut().find(|s| {
-            !s.done
-                && s.buf.is_none()
-                && (if s.with_hdr || s.hdr_only {
-                    s.hdr_phys == c.offset
-                } else {
-                    s.hdr_phys + BLOCK_U64 * (1 + s.b0) == c.offset
-                })
-        });
+        let slot = op
+            .subs
+            .iter_mut()
+            .find(|s| !s.done && s.buf.is_none() && s.device_offset() == c.offset);
         match slot {
             Some(s) => {
                 s.done = true;

@@ -16,9 +16,9 @@ use tracing::{debug, info, warn};
 use dosp::Fingerprint;
 
 use super::format::{
-    ckpt_entry_bytes, ckpt_extent_bytes, ckpt_field_max, ckpt_width, get_uint, put_uint,
-    record_size, CkptHeader, Geometry, Superblock, BLOCK, BLOCK_U64, CKPT_LEN_BYTES, CKPT_MAGIC,
-    MAX_SEGMENT_BYTES, SEQ_SANE_MAX,
+    ckpt_entry_bytes, ckpt_extent_bytes, ckpt_field_max, ckpt_width, get_uint, packed_size,
+    put_uint, CkptHeader, Geometry, Superblock, BLOCK, BLOCK_U64, CKPT_LEN_BYTES, CKPT_MAGIC,
+    MAX_SEGMENT_BYTES, PACKED_MAX_DATA, PACK_ALIGN, SEQ_SANE_MAX,
 };
 use super::volume::{LocalIndex, Pending, Volume, TAG_CLASS};
 use super::{DiskId, DiskState, Entry, Extent, Store, StoreError};
@@ -213,7 +213,7 @@ fn usable(h: &CkptHeader, slot: u8, geo: &Geometry, sb: &Superblock) -> Result<u
     let (log_start, log_len) = (geo.log_start(), geo.log_len());
     if h.position < log_start
         || h.position >= geo.size_bytes
-        || !h.position.is_multiple_of(BLOCK_U64)
+        || !h.position.is_multiple_of(PACK_ALIGN)
     {
         return malformed(format!("position {} outside the log", h.position));
     }
@@ -224,10 +224,12 @@ fn usable(h: &CkptHeader, slot: u8, geo: &Geometry, sb: &Superblock) -> Result<u
     if h.seq > sb.head_seq && dist == 0 {
         dist = log_len;
     }
-    // Every record takes at least one block.
+    // Every record takes at least a packed header's bytes.
     let records = h.seq - sb.head_seq;
     if (h.seq == sb.head_seq && dist != 0)
-        || records.checked_mul(BLOCK_U64).is_none_or(|min| min > dist)
+        || records
+            .checked_mul(packed_size(0))
+            .is_none_or(|min| min > dist)
     {
         return malformed(format!(
             "position {} cannot follow {records} record(s) from the head at {}",
@@ -305,21 +307,34 @@ fn read_body(
         let mut extents = Vec::with_capacity(n.min(64) as usize);
         let (mut len, mut footprint) = (0u64, 0u64);
         for _ in 0..n {
-            let block = r.uint(w)?;
+            let at = r.uint(w)?;
             let xlen = r.uint(CKPT_LEN_BYTES)? as u32;
-            let size = record_size(u64::from(xlen));
-            let hdr = block
-                .checked_mul(BLOCK_U64)
+            let (unit, packed) = (at >> 1, at & 1 == 1);
+            let x = Extent {
+                hdr: 0,
+                len: xlen,
+                packed,
+            };
+            let size = x.size();
+            let max_len = if packed {
+                PACKED_MAX_DATA
+            } else {
+                MAX_SEGMENT_BYTES
+            };
+            let hdr = unit
+                .checked_mul(PACK_ALIGN)
                 .and_then(|b| b.checked_add(log_start))
+                .filter(|h| packed || h.is_multiple_of(BLOCK_U64))
                 .filter(|h| h.checked_add(size).is_some_and(|end| end <= geo.size_bytes));
-            let Some(hdr) = hdr.filter(|_| xlen as usize <= MAX_SEGMENT_BYTES) else {
+            let Some(hdr) = hdr.filter(|_| xlen as usize <= max_len) else {
                 return malformed(format!(
-                    "entry {i}: extent at block {block} of {xlen} bytes outside the log"
+                    "entry {i}: extent at {} of {xlen} bytes outside the log",
+                    unit.saturating_mul(PACK_ALIGN)
                 ));
             };
             len += u64::from(xlen);
             footprint += size;
-            extents.push(Extent { hdr, len: xlen });
+            extents.push(Extent { hdr, ..x });
         }
         if object {
             match index.entry(Fingerprint(fp)) {
@@ -542,13 +557,14 @@ impl Snapshot {
         put_uint(&mut e, n, w);
         self.put(vol, &e);
         for x in extents {
-            let block = x.hdr.saturating_sub(self.log_start) / BLOCK_U64;
-            if x.hdr < self.log_start || block > max {
+            let rel = x.hdr.saturating_sub(self.log_start);
+            let at = (rel / PACK_ALIGN) << 1 | u64::from(x.packed);
+            if x.hdr < self.log_start || !rel.is_multiple_of(PACK_ALIGN) || at > max {
                 self.state = SnapState::Unfit("an extent outside the log");
                 break;
             }
             e.clear();
-            put_uint(&mut e, block, w);
+            put_uint(&mut e, at, w);
             put_uint(&mut e, u64::from(x.len), CKPT_LEN_BYTES as u8);
             self.put(vol, &e);
         }
@@ -799,7 +815,7 @@ impl Store {
         self.checkpoint_wait()
     }
 
-    /// Starts a checkpoint in the background (see [`CkptTask`]) if none is under way
+    /// Starts a checkpoint in the background (see `CkptTask`) if none is under way
     /// and any disk is due one or its verified mark: the snapshots are encoded now,
     /// the writes go out from here and from [`Store::poll`]. Returns whether one
     /// started. [`Store::checkpoint_tick`] says when it is over.

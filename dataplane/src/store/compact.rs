@@ -24,7 +24,7 @@ use zerocopy::little_endian::U32;
 
 use dosp::Fingerprint;
 
-use super::format::{kind, record_size, RecordHeader, BLOCK, BLOCK_U64};
+use super::format::{kind, PackedHeader, RecordHeader, BLOCK, BLOCK_U64, PACKED_HDR};
 use super::volume::Reserve;
 use super::{CompactReport, DiskId, DiskState, Extent, Store, StoreError};
 
@@ -191,7 +191,7 @@ impl Store {
                 max_record: e
                     .extents
                     .iter()
-                    .map(|x| record_size(u64::from(x.len)))
+                    .map(Extent::size)
                     .max()
                     .unwrap_or(BLOCK_U64),
             })
@@ -204,23 +204,26 @@ impl Store {
             .values()
             .filter(|e| e.disk == disk)
             .flat_map(|e| e.extents.iter())
-            .map(|x| (x.hdr, record_size(u64::from(x.len))))
+            .map(|x| (x.hdr, x.size()))
             .collect();
 
         // Choose the window: whole records from the head, as long as moving the live
         // objects they contain (plus one WRAP's waste) fits in the free space.
         let budget = vol.log_len - vol.used();
-        let mut hb = AlignedBuf::new(BLOCK);
         let (mut pos, mut seq) = (head_lp, head_seq);
         let (mut taken, mut cost, mut slack) = (0usize, 0u64, 0u64);
         let mut starved = false;
+        let mut walk = vol.walker();
         while pos < limit && pos - head_lp < max_window {
             let phys = vol.phys(pos);
-            vol.read(phys, &mut hb)?;
-            let header = RecordHeader::check(&hb, vol.log_nonce()).filter(|h| h.seq.get() == seq);
-            let end = match (header, known.get(&phys)) {
-                (Some(h), _) if h.kind == kind::WRAP => pos + (vol.log_len - pos % vol.log_len),
-                (Some(h), _) => pos + record_size(u64::from(h.payload_len.get())),
+            let found = vol.record_after(pos, seq, &mut walk)?;
+            // The next record may start at the next block boundary: past the limit, it
+            // is not this window's (an open write's first record, say).
+            if found.as_ref().is_some_and(|r| r.lp >= limit) {
+                break;
+            }
+            let end = match (found, known.get(&phys)) {
+                (Some(r), _) => r.lp + r.size,
                 (None, Some(size)) => pos + size,
                 (None, None) => {
                     vol.note_error(format!(
@@ -313,6 +316,40 @@ impl Store {
         let mut extents = Vec::with_capacity(old.len());
         let (mut write_id, mut bytes, mut bad_blocks) = (0u64, 0u64, 0u64);
         for (i, ext) in old.iter().enumerate() {
+            if ext.packed {
+                // A packed object is one record: copied with its original data CRC
+                // (or one that can never match, if its header is lost).
+                let off = (ext.hdr % BLOCK_U64) as usize;
+                let end = (off + PACKED_HDR + ext.len as usize).next_multiple_of(BLOCK);
+                let mut rec = AlignedBuf::new(end);
+                vol.read(ext.hdr - off as u64, &mut rec)?;
+                let data = &rec[off + PACKED_HDR..off + PACKED_HDR + ext.len as usize];
+                let actual = crc32c::crc32c(data);
+                let old_hdr = PackedHeader::check(&rec[off..], vol.log_nonce())
+                    .filter(|o| o.seq.get() == old_write_id && o.data_len.get() == ext.len);
+                let mut h = PackedHeader::commit(fp, data, refcount);
+                match old_hdr {
+                    Some(o) => {
+                        h.data_crc = o.data_crc;
+                        if o.data_crc.get() != actual {
+                            bad_blocks += 1;
+                        }
+                    }
+                    None => {
+                        h.data_crc = U32::new(!actual);
+                        bad_blocks += 1;
+                    }
+                }
+                let a = vol.append_packed_wait(&mut h, data, Reserve::Compaction)?;
+                write_id = a.seq;
+                extents.push(Extent {
+                    hdr: a.phys,
+                    len: ext.len,
+                    packed: true,
+                });
+                bytes += a.size;
+                continue;
+            }
             let last = i + 1 == old.len();
             let blocks = (ext.len as usize).div_ceil(BLOCK);
             let mut h = RecordHeader::new(if last {
@@ -357,6 +394,7 @@ impl Store {
             extents.push(Extent {
                 hdr: a.phys,
                 len: ext.len,
+                packed: false,
             });
             bytes += a.size;
         }

@@ -79,7 +79,7 @@ use rand::{Rng, SeedableRng};
 
 use dosp::Fingerprint;
 
-use super::format::{record_size, BLOCK, BLOCK_U64};
+use super::format::{packed_size, record_size, BLOCK, BLOCK_U64, PACKED_MAX_DATA};
 use super::{Committed, DiskId, DiskState, Store, StoreConfig, StoreError, WriteId};
 
 const KIB: usize = 1 << 10;
@@ -416,8 +416,12 @@ struct Obj {
     disk: DiskId,
 }
 
-/// Log footprint of an object of `len` bytes written in segments of `seg` bytes.
+/// Log footprint of an object of `len` bytes written in segments of `seg` bytes: one
+/// packed record if it fits one segment and the packed limit, else its segments.
 fn footprint(len: u64, seg: u64) -> u64 {
+    if len <= seg.min(PACKED_MAX_DATA as u64) {
+        return packed_size(len);
+    }
     let (full, rest) = (len / seg, len % seg);
     let last = if rest > 0 || full == 0 {
         record_size(rest)
@@ -1782,11 +1786,16 @@ mod tests {
                 assert_eq!(part[..], whole[from..from + len]);
             }
         }
-        assert_eq!(footprint(0, 4096), 4096);
-        assert_eq!(footprint(1, 4096), 8192);
+        // Packed: an 80-byte header and the data, to 16 bytes.
+        assert_eq!(footprint(0, 4096), 80);
+        assert_eq!(footprint(1, 4096), 96);
+        assert_eq!(footprint(4096, 4096), 4176);
+        assert_eq!(footprint(8193, 16384), 8288);
+        assert_eq!(footprint(16384, 1 << 20), 16464);
+        // Segments: a header block each, the data in whole blocks.
         assert_eq!(footprint(8192, 4096), 16384);
         assert_eq!(footprint(8193, 4096), 24576);
-        assert_eq!(footprint(8193, 16384), 16384);
+        assert_eq!(footprint(16385, 1 << 20), 4096 + 20480);
     }
 
     /// Fills the first and last MiB of a disk with garbage.

@@ -86,11 +86,16 @@ fn copies_on(devs: &dyn Fn() -> Vec<Box<dyn BlockDevice>>) {
         );
     }
 
-    // A small object: its first whole read fills the cache (one copy, after the MD5
+    // A small object: stored as a packed record (a second copy, into the tail's
+    // block image); its first whole read fills the cache (one copy, after the MD5
     // check); hits lend the cache entry itself.
     let small = data(2, 10_000);
     let sfp = put(&mut s, &small, 4096).expect("store").fingerprint;
-    let stored = only(Site::Append, n + small.len() as u64);
+    let stored = plus(
+        only(Site::Append, n + small.len() as u64),
+        Site::Pack,
+        small.len() as u64,
+    );
     assert_eq!(ledger.all(), stored);
     let p = lend(&mut s, &sfp, 0, small.len());
     assert_holds(&p, &small);

@@ -26,7 +26,7 @@
 //! | offset | size | field |
 //! | --- | --- | --- |
 //! | 0 | 8 | magic `b"DOSDDISK"` |
-//! | 8 | 4 | format_version = 3 |
+//! | 8 | 4 | format_version = 4 |
 //! | 12 | 4 | block_size = 4096 |
 //! | 16 | 16 | disk identity (random at format; the disk's serial number) |
 //! | 32 | 8 | node_id of the node that formatted the disk |
@@ -49,16 +49,20 @@
 //!
 //! This layout is that of one *region* (from version 3 a disk is carved into one
 //! region per shard by a label in its block 0; see `label`), with offsets relative to
-//! the region's start. Versions 1 (no checkpoint area) and 2 (one log over the whole
-//! disk) are refused like any unknown version: none was ever deployed.
+//! the region's start. Versions 1 (no checkpoint area), 2 (one log over the whole
+//! disk) and 3 (no packed records) are refused like any unknown version, naming both
+//! versions: none was ever deployed.
 //!
 //! ## Log records
 //!
-//! Records are appended at the tail, each starting on a block boundary: one 4096-byte
-//! header block followed by `ceil(payload_len / 4096)` payload blocks (the last one
-//! zero-padded). A record that does not fit before the end of the disk is preceded by a
-//! WRAP record ("continue at the start of the log"); the space after the WRAP is
-//! skipped.
+//! The log holds two kinds of record. A *segment record* starts on a block boundary:
+//! one 4096-byte header block followed by `ceil(payload_len / 4096)` payload blocks
+//! (the last one zero-padded); a large object's data goes in these, and WRAPs. A
+//! *packed record* (see "Packed records" below) is an 80-byte header with up to 16 KiB
+//! of data right behind it, at any multiple of 16 bytes: small objects and reference
+//! records share blocks this way. A record that does not fit before the end of the
+//! disk is preceded by a WRAP record ("continue at the start of the log"); the space
+//! after the WRAP is skipped.
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
@@ -90,6 +94,50 @@
 //! (`SEGMENT|COMMIT`, so a small object is one write: header + data). A COMMIT of a
 //! fingerprint already known *sets* the refcount (compaction re-appends live objects
 //! this way), a REF applies a delta (dedup +1, delete −1; at zero the object is gone).
+//!
+//! ## Packed records
+//!
+//! An object of at most 16 KiB (that fits one staging segment) is committed as one
+//! packed record, and every REF is one: 80 bytes of header, then the data (none for
+//! a REF), the whole padded with zeros to a multiple of 16 bytes. So a 1 KiB object
+//! takes 1104 bytes of log, a 4 KiB one 4176.
+//!
+//! | offset | size | field |
+//! | --- | --- | --- |
+//! | 0 | 8 | magic `b"DOSDPACK"` |
+//! | 8 | 8 | nonce = the superblock's log_nonce |
+//! | 16 | 8 | seq (shared with segment records: +1 per record) |
+//! | 24 | 8 | epoch |
+//! | 32 | 8 | durable_seq |
+//! | 40 | 1 | kind: COMMIT = 2 (an object, its data follows) or REF = 4 |
+//! | 41 | 3 | zero |
+//! | 44 | 4 | data_len: the object's length (COMMIT, at most 16384), 0 (REF) |
+//! | 48 | 16 | fingerprint |
+//! | 64 | 4 | COMMIT: absolute reference count (≥ 1); REF: signed delta |
+//! | 68 | 4 | crc32c of the data_len bytes of data |
+//! | 72 | 4 | reserved, zero |
+//! | 76 | 4 | crc32c of bytes 0..76 |
+//!
+//! Its write id is its own seq. A packed record's header never straddles two blocks:
+//! when fewer than 80 bytes are left in the tail's block the record starts at the next
+//! one. Where the log continues after a record ending at `p`: a packed record at `p`,
+//! or any record at the next block boundary (a segment record or WRAP always starts
+//! on one; the rest of the block before it is skipped). Recovery tries both, in that
+//! order, and takes a record only if it carries the next seq (and an epoch no older
+//! than the previous record's): a torn or stale record at `p` cannot be skipped over
+//! into one written later, since that one's seq would not be the next. Bytes at `p`
+//! that look like a header of this log (magic and nonce) but fail its crc end the log
+//! there, as a damaged segment header does.
+//!
+//! *Writing shared blocks.* The tail's block is written again each time records join
+//! it, always with the bytes of the records already in it unchanged and zeros after
+//! the last. A write of that block waits for the one before it to complete (devices
+//! may complete overlapping writes in any order), and records appended meanwhile go out
+//! together with it: the group commit of packed records. A rewrite torn by a power cut
+//! (in any mix of old and new 512-byte sectors, or within one) leaves the earlier
+//! records' bytes as they were, so it can only damage records not yet flushed, which
+//! were never acknowledged. At open, the rest of the tail's block after the last record
+//! is zeroed on disk, so that nothing past the recovered tail can come back.
 //!
 //! Why `epoch` and `durable_seq` (beyond the basic design): after a crash the records
 //! just past the recovered tail may be stale survivors of unflushed writes. Every open
@@ -132,10 +180,10 @@
 //!
 //! Body: a byte stream (entries may straddle blocks), zero-padded to a whole block. The
 //! objects first, then the pending writes, each an entry followed by its extents. All
-//! integers little-endian; fields of W bytes hold values that are at most the number of
-//! blocks of the disk, and W is the fewest bytes that can ([`ckpt_width`]: 2 for disks
-//! from 1 to 256 MiB, 3 below 64 GiB, 4 below 16 TiB, 5 beyond), which keeps a small
-//! object's entry at 23 + 3W bytes rather than the 44 of plain 64-bit fields:
+//! integers little-endian; fields of W bytes hold values that are at most the disk's
+//! size in 8-byte units, and W is the fewest bytes that can ([`ckpt_width`]: 3 for
+//! disks from 512 KiB to 128 MiB, 4 below 32 GiB, 5 below 8 TiB, 6 beyond), which keeps
+//! a small object's entry at 23 + 3W bytes rather than the 44 of plain 64-bit fields:
 //!
 //! | entry (20 + 2W bytes) | | |
 //! | --- | --- | --- |
@@ -146,12 +194,12 @@
 //!
 //! | extent (3 + W bytes) | | |
 //! | --- | --- | --- |
-//! | 0 | W | block of the segment's record header, counted from the start of the log |
-//! | W | 3 | payload bytes of the segment (at most 3.75 MiB < 2^24) |
+//! | 0 | W | where its record starts, counted from the start of the log in 16-byte units, times two, plus one for a packed record |
+//! | W | 3 | payload bytes of the segment (at most 3.75 MiB < 2^24) or data bytes of the packed record |
 //!
 //! The age fits W bytes because the write's first record is live, so between the head
-//! and S, and every record takes at least a block. A snapshot with a value that does not
-//! fit its field anyway (a log written by other software) is not written.
+//! and S, and every record takes at least 80 bytes. A snapshot with a value that does
+//! not fit its field anyway (a log written by other software) is not written.
 //!
 //! An object's length is the sum of its extents, its log footprint the sum of their
 //! record sizes, so neither is stored. *Pending writes* are writes still open when the
@@ -173,18 +221,15 @@
 //!
 //! ### Sizing the checkpoint area
 //!
-//! Every live record but one takes at least two blocks of log (a header and at least
-//! one payload block): a segment is written only with payload, and the one exception, a
-//! zero-length object's single header block, exists at most once (all empty objects have
-//! the same fingerprint). Live records (those of objects in the index and of pending
-//! writes) do not overlap, and each is one extent of one entry. So a disk of `size`
-//! bytes never has more than `size / 8192 + 1` extents, nor more entries than extents,
-//! and a slot needs at most `(size / 8192 + 1) × (23 + 3W)` bytes of body
-//! ([`ckpt_body_blocks`]). For both slots that is 0.71% of a 64 MiB disk (W = 2), 0.78%
-//! of a 32 GiB one (W = 3), 0.85% of a 4 TB one (W = 4; about 34 GB), 0.93% beyond 16
-//! TiB (W = 5). A snapshot that would not fit anyway (a log written by other software)
-//! is skipped with a warning, and the next open uses the previous checkpoint or the full
-//! scan.
+//! Packed records leave no useful worst case: a disk full of distinct 1-byte objects
+//! (96 bytes of log each) would need a third of the disk per slot. So each slot is sized
+//! for one extent per 4 KiB of disk, `(size / 4096 + 1) × (23 + 3W)` bytes of body
+//! ([`ckpt_body_blocks`]): enough for a disk full of 4 KiB objects (4176 bytes of log
+//! each). For both slots that is 1.6% of a 64 MiB disk (W = 3), 1.9% of a 32 GiB or a
+//! 4 TB one (W = 5), 2.0% beyond 8 TiB (W = 6). A snapshot that does not fit (objects
+//! smaller than that on average) is skipped with a warning, and the next open uses the
+//! previous checkpoint or scans the log: it reads the log block by block, and loses
+//! nothing but time.
 
 use zerocopy::little_endian::{I32, U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -195,13 +240,22 @@ use dosp::Fingerprint;
 pub const BLOCK: usize = nvme::BLOCK_SIZE;
 /// [`BLOCK`] as a byte offset.
 pub const BLOCK_U64: u64 = BLOCK as u64;
-/// Current format version (3: disks carved into one region per shard by a label in
-/// block 0, see `label`; 2 had one log over the whole disk, 1 no checkpoint area).
-pub const FORMAT_VERSION: u32 = 3;
+/// Current format version (4: small objects and reference records packed into shared
+/// blocks; 3 gave every record a header block of its own, 2 had one log over the whole
+/// disk, 1 no checkpoint area).
+pub const FORMAT_VERSION: u32 = 4;
 /// Superblock magic.
 pub const SB_MAGIC: [u8; 8] = *b"DOSDDISK";
 /// Record header magic.
 pub const REC_MAGIC: [u8; 8] = *b"DOSDLOG1";
+/// Packed record header magic.
+pub const PACK_MAGIC: [u8; 8] = *b"DOSDPACK";
+/// Bytes of a packed record header.
+pub const PACKED_HDR: usize = 80;
+/// Packed records start at multiples of this many bytes of the log.
+pub const PACK_ALIGN: u64 = 16;
+/// Largest object stored as one packed record (larger ones are SEGMENT records).
+pub const PACKED_MAX_DATA: usize = 16 << 10;
 /// Checkpoint magic.
 pub const CKPT_MAGIC: [u8; 8] = *b"DOSDCKPT";
 /// Blocks at the start of every disk before the checkpoint bodies: two superblock
@@ -232,6 +286,24 @@ pub mod kind {
 /// Bytes of a record holding `payload_len` bytes of payload: header + padded payload.
 pub fn record_size(payload_len: u64) -> u64 {
     BLOCK_U64 + payload_len.div_ceil(BLOCK_U64) * BLOCK_U64
+}
+
+/// Bytes of log a packed record with `data_len` bytes of data takes: header and data,
+/// padded to [`PACK_ALIGN`].
+pub fn packed_size(data_len: u64) -> u64 {
+    (PACKED_HDR as u64 + data_len).next_multiple_of(PACK_ALIGN)
+}
+
+/// Where a packed record of `size` bytes goes when the tail is at `lp`: at `lp`, or
+/// at the next block boundary when its header would not fit in the rest of the block
+/// (a header never straddles two blocks).
+pub fn packed_start(lp: u64) -> u64 {
+    let into = lp % BLOCK_U64;
+    if into != 0 && into + PACKED_HDR as u64 > BLOCK_U64 {
+        lp.next_multiple_of(BLOCK_U64)
+    } else {
+        lp
+    }
 }
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -403,11 +475,12 @@ impl Geometry {
     }
 }
 
-/// W: bytes of the block-sized fields of a checkpoint body on a disk of `size_bytes`,
-/// the fewest that hold any count of the disk's blocks (see the module doc).
+/// W: bytes of the position-sized fields of a checkpoint body on a disk of
+/// `size_bytes`, the fewest that hold any offset of the disk in units of 8 bytes (a
+/// record position in [`PACK_ALIGN`] units with one bit more; see the module doc).
 pub fn ckpt_width(size_bytes: u64) -> u8 {
-    let blocks = size_bytes / BLOCK_U64;
-    let bits = u64::BITS - blocks.leading_zeros();
+    let units = size_bytes / (PACK_ALIGN / 2);
+    let bits = u64::BITS - units.leading_zeros();
     // At most 8 (a u64 has 64 bits), at least 1.
     bits.div_ceil(8).max(1) as u8
 }
@@ -435,10 +508,11 @@ pub fn ckpt_field_max(width: u8) -> u64 {
     }
 }
 
-/// Most extents a disk of `size_bytes` can hold live at once: every live record but one
-/// takes two blocks or more (see "Sizing the checkpoint area").
+/// Extents a checkpoint slot of a disk of `size_bytes` is sized for: one per 4 KiB of
+/// disk (see "Sizing the checkpoint area"; a disk of smaller objects than that on
+/// average outgrows it, and its snapshots are skipped).
 pub fn ckpt_extents_max(size_bytes: u64) -> u64 {
-    size_bytes / (2 * BLOCK_U64) + 1
+    size_bytes / BLOCK_U64 + 1
 }
 
 /// Body blocks per checkpoint slot for a disk of `size_bytes`: the worst case of one
@@ -666,6 +740,111 @@ impl RecordHeader {
     }
 }
 
+/// A packed record header, exactly as on disk (see the module doc, "Packed records").
+#[derive(Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct PackedHeader {
+    pub magic: [u8; 8],
+    pub nonce: U64,
+    pub seq: U64,
+    pub epoch: U64,
+    pub durable_seq: U64,
+    pub kind: u8,
+    pub pad: [u8; 3],
+    pub data_len: U32,
+    pub fingerprint: [u8; 16],
+    /// COMMIT: the absolute refcount; REF: the signed delta (two's complement).
+    pub count: U32,
+    pub data_crc: U32,
+    pub reserved: [u8; 4],
+    pub crc: U32,
+}
+
+const PACKED_CRC_AT: usize = PACKED_HDR - 4;
+const _: () = assert!(size_of::<PackedHeader>() == PACKED_HDR);
+const _: () = assert!((PACKED_HDR as u64).is_multiple_of(PACK_ALIGN));
+const _: () = assert!(BLOCK_U64.is_multiple_of(PACK_ALIGN));
+
+impl std::fmt::Debug for PackedHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedHeader")
+            .field("seq", &self.seq.get())
+            .field("epoch", &self.epoch.get())
+            .field("kind", &self.kind)
+            .field("data_len", &self.data_len.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PackedHeader {
+    /// A COMMIT of a whole object whose `data` follows the header.
+    pub fn commit(fp: &Fingerprint, data: &[u8], refcount: u32) -> PackedHeader {
+        let mut h = PackedHeader::new_zeroed();
+        h.kind = kind::COMMIT;
+        h.fingerprint = fp.0;
+        h.data_len = U32::new(data.len() as u32);
+        h.count = U32::new(refcount);
+        h.data_crc = U32::new(crc32c::crc32c(data));
+        h
+    }
+
+    /// A REF applying `delta` to the refcount of `fp`.
+    pub fn reference(fp: &Fingerprint, delta: i32) -> PackedHeader {
+        let mut h = PackedHeader::new_zeroed();
+        h.kind = kind::REF;
+        h.fingerprint = fp.0;
+        h.count = U32::new(delta as u32);
+        h.data_crc = U32::new(crc32c::crc32c(&[]));
+        h
+    }
+
+    /// Fills magic and the header crc; everything else must be set.
+    pub fn seal(&mut self) {
+        self.magic = PACK_MAGIC;
+        self.crc = U32::new(crc32c::crc32c(&self.as_bytes()[..PACKED_CRC_AT]));
+    }
+
+    /// Validates a packed header on its own (not its place in the log): magic, nonce,
+    /// crc, kind and lengths. `None` for anything that is not one of this log.
+    pub fn check(bytes: &[u8], nonce: u64) -> Option<&PackedHeader> {
+        let bytes = bytes.get(..PACKED_HDR)?;
+        let h = PackedHeader::ref_from_bytes(bytes).ok()?;
+        if h.magic != PACK_MAGIC
+            || h.nonce.get() != nonce
+            || crc32c::crc32c(&bytes[..PACKED_CRC_AT]) != h.crc.get()
+        {
+            return None;
+        }
+        let len = h.data_len.get() as usize;
+        let ok = match h.kind {
+            kind::COMMIT => len <= PACKED_MAX_DATA && h.count.get() != 0,
+            kind::REF => len == 0,
+            _ => false,
+        };
+        ok.then_some(h)
+    }
+
+    /// Whether `bytes` start like a packed header of this log (magic and nonce), valid
+    /// or not: what a damaged one looks like, as opposed to zeros or old data.
+    pub fn looks_like(bytes: &[u8], nonce: u64) -> bool {
+        bytes.len() >= 16 && bytes[..8] == PACK_MAGIC && bytes[8..16] == nonce.to_le_bytes()
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint(self.fingerprint)
+    }
+
+    /// The REF delta.
+    pub fn delta(&self) -> i32 {
+        self.count.get() as i32
+    }
+
+    /// Bytes of log this record takes.
+    pub fn size(&self) -> u64 {
+        packed_size(u64::from(self.data_len.get()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,8 +884,10 @@ mod tests {
         assert_eq!(Superblock::decode(&block), SbSlot::UnknownVersion(1));
         block[8] = 2;
         assert_eq!(Superblock::decode(&block), SbSlot::UnknownVersion(2));
-        block[8] = 4;
-        assert_eq!(Superblock::decode(&block), SbSlot::UnknownVersion(4));
+        block[8] = 3;
+        assert_eq!(Superblock::decode(&block), SbSlot::UnknownVersion(3));
+        block[8] = 5;
+        assert_eq!(Superblock::decode(&block), SbSlot::UnknownVersion(5));
         assert_eq!(Superblock::decode(&block[..10]), SbSlot::Invalid);
     }
 
@@ -747,23 +928,23 @@ mod tests {
 
     #[test]
     fn geometry_and_sizing() {
-        // A 512 KiB disk: 65 extents at most, 2860 bytes: one block per slot.
+        // A 512 KiB disk: sized for 129 extents of 32 bytes: two blocks per slot.
         let g = Geometry::for_size(512 * 1024);
-        assert_eq!(ckpt_extents_max(512 * 1024), 65);
-        assert_eq!(ckpt_width(512 * 1024), 1);
-        assert_eq!(g.ckpt_blocks, 1);
+        assert_eq!(ckpt_extents_max(512 * 1024), 129);
+        assert_eq!(ckpt_width(512 * 1024), 3);
+        assert_eq!(g.ckpt_blocks, 2);
         assert_eq!(g.ckpt_header(0), 2 * BLOCK_U64);
         assert_eq!(g.ckpt_header(1), 3 * BLOCK_U64);
         assert_eq!(g.ckpt_body(0), 4 * BLOCK_U64);
-        assert_eq!(g.ckpt_body(1), 5 * BLOCK_U64);
-        assert_eq!(g.log_start(), 6 * BLOCK_U64);
-        assert_eq!(g.log_len(), 512 * 1024 - 6 * BLOCK_U64);
+        assert_eq!(g.ckpt_body(1), 6 * BLOCK_U64);
+        assert_eq!(g.log_start(), 8 * BLOCK_U64);
+        assert_eq!(g.log_len(), 512 * 1024 - 8 * BLOCK_U64);
         // The widths and shares the module doc promises.
         for (size, width, share) in [
-            (64u64 << 20, 2, 0.0071),
-            (32 << 30, 3, 0.0078),
-            (4_000_000_000_000, 4, 0.0085),
-            (20 << 40, 5, 0.0093),
+            (64u64 << 20, 3, 0.0157),
+            (32 << 30, 5, 0.0185),
+            (4_000_000_000_000, 5, 0.0185),
+            (20 << 40, 6, 0.0200),
         ] {
             assert_eq!(ckpt_width(size), width, "{size}");
             let got = 2.0 * Geometry::for_size(size).ckpt_body_bytes() as f64 / size as f64;
@@ -773,12 +954,12 @@ mod tests {
                 "{size}: {got}"
             );
         }
-        assert_eq!(ckpt_width((256 << 20) - 4096), 2);
-        assert_eq!(ckpt_width(256 << 20), 3);
-        // Every block index and block count of the disk fits W bytes.
-        for size in [4096u64, 1 << 20, 255 << 20, 256 << 20, 1 << 40, u64::MAX] {
+        assert_eq!(ckpt_width((128 << 20) - 4096), 3);
+        assert_eq!(ckpt_width(128 << 20), 4);
+        // Every record position (in 16-byte units, one bit more) fits W bytes.
+        for size in [4096u64, 1 << 20, 127 << 20, 128 << 20, 1 << 40, u64::MAX] {
             assert!(
-                size / BLOCK_U64 <= ckpt_field_max(ckpt_width(size)),
+                (size / PACK_ALIGN) << 1 <= ckpt_field_max(ckpt_width(size)),
                 "{size}"
             );
         }

@@ -223,7 +223,7 @@ pub fn open_or_label(
         },
         Found::OtherVersion(v) => Err(format!(
             "the disk holds dosd format version {v}; this dosd reads and writes version {FORMAT_VERSION} \
-             (disks carved into one region per dataplane loop): wipe it to reuse it"
+             (small objects packed into shared blocks): wipe it to reuse it"
         )),
         Found::Unrecognised(why) => Err(format!("not a usable dosd disk: {why}")),
         Found::Blank => {
@@ -323,6 +323,25 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let e = open_or_label(&mut dev, None, &mut rng).unwrap_err();
         assert!(e.contains("version 2") && e.contains(&format!("version {FORMAT_VERSION}")));
+    }
+
+    #[test]
+    fn a_version_3_label_is_refused_naming_both_versions() {
+        // Version 3 carved disks the same way but gave every record a header block of
+        // its own: its logs cannot be read as version 4's.
+        let disk = MemDisk::new(64 << 20, 8);
+        let mut dev = disk.device();
+        let mut buf = AlignedBuf::new(BLOCK);
+        Label::carve(64 << 20, 1, [9; 16]).unwrap().encode(&mut buf);
+        buf[8..12].copy_from_slice(&3u32.to_le_bytes());
+        assert_eq!(decode(&buf, 64 << 20), Found::OtherVersion(3));
+        dev.write_at(0, &buf).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let e = open_or_label(&mut dev, None, &mut rng).unwrap_err();
+        assert!(
+            e.contains("version 3") && e.contains("version 4") && FORMAT_VERSION == 4,
+            "{e}"
+        );
     }
 
     #[test]

@@ -80,12 +80,12 @@ use md5::{Digest, Md5};
 use nvme::{AlignedBuf, BlockDevice};
 use rand::SeedableRng;
 use tracing::{error, info, warn};
-use zerocopy::little_endian::{I32, U32, U64};
+use zerocopy::little_endian::{U32, U64};
 use zerocopy::IntoBytes;
 
 use dosp::Fingerprint;
 
-use format::{kind, RecordHeader, BLOCK, MAX_SEGMENT_BYTES};
+use format::{kind, PackedHeader, RecordHeader, BLOCK, MAX_SEGMENT_BYTES, PACKED_MAX_DATA};
 use volume::{Reserve, Volume};
 
 pub use aio::{CacheStats, Lent, Piece, ReadId, ReadStart, StoreEvent};
@@ -184,9 +184,9 @@ pub struct DiskReport {
     pub bytes_available: u64,
     pub objects_used: u64,
     /// Bytes of log between its head and its tail: live, dead and open records, and
-    /// what alignment skipped. `bytes_used / objects_used` is what an object costs.
+    /// what packing skipped. `bytes_used / objects_used` is what an object costs.
     pub bytes_used: u64,
-    /// How many more of the smallest objects (1 byte: 2 blocks) the disk admits one
+    /// How many more of the smallest objects (1 byte: 96 bytes of log) the disk admits one
     /// after the other, by the same rule as a STORE's admission (see `room`): within
     /// its free space, or within `bytes_available` less one segment that compacting
     /// may leave behind as a WRAP's waste.
@@ -332,11 +332,25 @@ pub enum StoreError {
 }
 
 /// Where one segment's payload lives: the physical offset of its record header and
-/// the payload bytes (the payload follows the header block).
+/// the payload bytes (the payload follows the header block, or, in a packed record,
+/// the header itself).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Extent {
     pub hdr: u64,
     pub len: u32,
+    /// A packed record (format.rs, "Packed records").
+    pub packed: bool,
+}
+
+impl Extent {
+    /// Bytes of log its record takes.
+    pub fn size(&self) -> u64 {
+        if self.packed {
+            format::packed_size(u64::from(self.len))
+        } else {
+            format::record_size(u64::from(self.len))
+        }
+    }
 }
 
 /// An object in the index.
@@ -456,8 +470,6 @@ pub struct Store {
     probe_down: Vec<DiskId>,
     /// The checkpoint being written in the background, if any (see `checkpoint`).
     ckpt_task: Option<checkpoint::CkptTask>,
-    /// One block for REF records.
-    meta: AlignedBuf,
     hdr_cache: HeaderCache,
     counters: StoreCounters,
     /// One checkpoint transfer buffer per disk ([`checkpoint::CKPT_IO_BYTES`] each),
@@ -600,7 +612,6 @@ impl Store {
             probe_bufs: (0..nvols).map(|_| Some(AlignedBuf::new(BLOCK))).collect(),
             probe_down: Vec::new(),
             ckpt_task: None,
-            meta: AlignedBuf::new(BLOCK),
             hdr_cache: HeaderCache::new(64),
             counters: StoreCounters::default(),
             ckpt_bufs,
@@ -723,10 +734,8 @@ impl Store {
     /// Writes and flushes a REF record on `disk`.
     fn write_ref(&mut self, disk: DiskId, fp: &Fingerprint, delta: i32) -> Result<(), StoreError> {
         let vol = &mut self.vols[usize::from(disk.0)];
-        let mut h = RecordHeader::new(kind::REF);
-        h.fingerprint = fp.0;
-        h.delta = I32::new(delta);
-        vol.append(&mut h, &mut self.meta[..], Reserve::Meta)?;
+        let mut h = PackedHeader::reference(fp, delta);
+        vol.append_packed_wait(&mut h, &[], Reserve::Meta)?;
         vol.flush()
     }
 
@@ -995,6 +1004,9 @@ impl Store {
         if w.unstored {
             return Err(StoreError::NoSpace);
         }
+        if w.write_id == 0 && w.fill <= PACKED_MAX_DATA {
+            return self.commit_packed(w, fp, user);
+        }
         let spare = self.spare_staging_buf();
         let vol = &mut self.vols[usize::from(w.disk.0)];
         vol.check_online()?;
@@ -1035,6 +1047,59 @@ impl Store {
         Ok(())
     }
 
+    /// Commits a small object (all of it still staged) as one packed record: its
+    /// bytes are copied into the tail's image of its disk and the staging buffer stays
+    /// with the write, to be pooled.
+    fn commit_packed(
+        &mut self,
+        w: &mut OpenWrite,
+        fp: Fingerprint,
+        user: u64,
+    ) -> Result<(), StoreError> {
+        let data = &w.st.buf[BLOCK..BLOCK + w.fill];
+        let vol = &mut self.vols[usize::from(w.disk.0)];
+        vol.check_online()?;
+        let mut h = PackedHeader::commit(&fp, data, 1);
+        let a = vol.append_packed(&mut h, data, Reserve::Data)?;
+        self.copies.add(crate::copies::Site::Pack, w.fill);
+        self.counters.bytes_written += a.size;
+        vol.open_bytes += a.size;
+        w.bytes += a.size;
+        w.write_id = a.seq;
+        w.first_lp = Some(a.lp);
+        vol.live_bytes += w.bytes;
+        vol.objects += 1;
+        self.index.insert(
+            fp,
+            Entry {
+                disk: w.disk,
+                len: w.total,
+                refcount: 1,
+                write_id: a.seq,
+                extents: vec![Extent {
+                    hdr: a.phys,
+                    len: w.fill as u32,
+                    packed: true,
+                }],
+                footprint: w.bytes,
+            },
+        );
+        self.unacked.insert(fp);
+        let c = Committed {
+            fingerprint: fp,
+            len: w.total,
+            disk: w.disk,
+            deduplicated: false,
+            refcount: 1,
+        };
+        self.waiters[usize::from(w.disk.0)].push_back(aio::Waiter {
+            seq: a.seq,
+            user,
+            kind: aio::WaitKind::New { c },
+        });
+        Ok(())
+    }
+
     /// A staging buffer for the write that will reuse this one's `Staging`.
     fn spare_staging_buf(&mut self) -> AlignedBuf {
         let seg = self.cfg.segment_bytes;
@@ -1050,21 +1115,9 @@ impl Store {
         fp: &Fingerprint,
         delta: i32,
     ) -> Result<u64, StoreError> {
-        let buf = self
-            .meta_bufs
-            .pop()
-            .unwrap_or_else(|| AlignedBuf::new(BLOCK));
         let vol = &mut self.vols[usize::from(disk.0)];
-        let mut h = RecordHeader::new(kind::REF);
-        h.fingerprint = fp.0;
-        h.delta = I32::new(delta);
-        match vol.append_async(&mut h, buf, Reserve::Meta) {
-            Ok(a) => Ok(a.seq),
-            Err((e, buf)) => {
-                self.meta_bufs.push(buf);
-                Err(e)
-            }
-        }
+        let mut h = PackedHeader::reference(fp, delta);
+        vol.append_packed(&mut h, &[], Reserve::Meta).map(|a| a.seq)
     }
 
     /// Drops a write (the connection went away mid-store): nothing becomes visible;
@@ -1473,6 +1526,7 @@ fn write_segment(
     w.st.extents.push(Extent {
         hdr: a.phys,
         len: w.fill as u32,
+        packed: false,
     });
     w.bytes += a.size;
     vol.open_bytes += a.size;

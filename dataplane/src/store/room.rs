@@ -8,16 +8,20 @@
 //! STORE of an object the node already holds still gets its reference at commit, and
 //! any other gets NO_SPACE there with nothing written for it.
 
-use super::format::BLOCK_U64;
+use super::format::{packed_size, BLOCK_U64, PACKED_MAX_DATA};
 use super::volume::Volume;
 use super::{DiskId, DiskState, OpenWrite, Store, StoreError};
 
-/// What a store of `n` bytes costs on a disk today, in bytes of log: the object is
-/// written as segments of at most `segment_bytes`, each one record of one 4 KiB header
-/// block plus its data blocks (the last zero-padded), so one header block per segment
-/// plus ceil(n / 4096) data blocks in all. An empty object is one header block.
-/// (Small objects do not share blocks yet: a 1-byte object costs 8 KiB.)
+/// What a store of `n` bytes costs on a disk, in bytes of log. An object of at most
+/// 16 KiB is one packed record: an 80-byte header and its data, padded to 16 bytes,
+/// sharing blocks with its neighbours. A larger one is written as segments of at most
+/// `segment_bytes`, each one record of one 4 KiB header block plus its data blocks
+/// (the last zero-padded), so one header block per segment plus ceil(n / 4096) data
+/// blocks in all.
 pub(crate) fn store_footprint(n: u64, segment_bytes: u64) -> u64 {
+    if n <= PACKED_MAX_DATA as u64 {
+        return packed_size(n);
+    }
     let segments = n.div_ceil(segment_bytes).max(1);
     segments * BLOCK_U64 + n.div_ceil(BLOCK_U64) * BLOCK_U64
 }
@@ -25,9 +29,15 @@ pub(crate) fn store_footprint(n: u64, segment_bytes: u64) -> u64 {
 /// The slack a store of `n` bytes needs on top of its footprint: a record that does
 /// not fit before the physical end of the disk is preceded by a WRAP that skips the
 /// bytes left there, fewer than the record's own size and a multiple of 4 KiB, so at
-/// most the data blocks of its largest record.
+/// most the data blocks of its largest record. A packed record may also skip the rest
+/// of a block (a segment record starts on a boundary, a packed header never straddles
+/// one), and blocks are written whole: up to a block at the tail and one at the head.
+/// Either kind of record may need those two blocks.
 fn wrap_slack(n: u64, segment_bytes: u64) -> u64 {
-    n.min(segment_bytes).div_ceil(BLOCK_U64) * BLOCK_U64
+    if n <= PACKED_MAX_DATA as u64 {
+        return packed_size(n) + 2 * BLOCK_U64;
+    }
+    n.min(segment_bytes).div_ceil(BLOCK_U64) * BLOCK_U64 + 2 * BLOCK_U64
 }
 
 /// How many stores of `n` bytes each, one after the other, `room` bytes of log admit
@@ -161,11 +171,14 @@ mod tests {
     const B: u64 = BLOCK_U64;
 
     #[test]
-    fn footprint_is_a_header_block_per_segment_plus_the_data_blocks() {
-        assert_eq!(store_footprint(0, SEG), B);
-        assert_eq!(store_footprint(1, SEG), 2 * B);
-        assert_eq!(store_footprint(4096, SEG), 2 * B);
-        assert_eq!(store_footprint(4097, SEG), 3 * B);
+    fn footprint_is_a_packed_record_or_a_header_block_per_segment_plus_the_data_blocks() {
+        // Up to 16 KiB: an 80-byte header and the data, to 16 bytes.
+        assert_eq!(store_footprint(0, SEG), 80);
+        assert_eq!(store_footprint(1, SEG), 96);
+        assert_eq!(store_footprint(1024, SEG), 1104);
+        assert_eq!(store_footprint(4096, SEG), 4176);
+        assert_eq!(store_footprint(16384, SEG), 16464);
+        assert_eq!(store_footprint(16385, SEG), B + 5 * B);
         assert_eq!(store_footprint(SEG, SEG), B + SEG);
         assert_eq!(store_footprint(SEG + 1, SEG), 2 * B + SEG + B);
         assert_eq!(store_footprint(3 * SEG, SEG), 3 * B + 3 * SEG);
@@ -174,22 +187,23 @@ mod tests {
     #[test]
     fn admission_charges_one_wrap_on_top_of_the_footprints() {
         let own = |n| wrap_slack(n, SEG);
-        // The smallest object: 8 KiB, plus 4 KiB of slack once.
-        assert_eq!(stores_fitting(1, 12 * 1024 - 1, own(1), SEG), 0);
-        assert_eq!(stores_fitting(1, 12 * 1024, own(1), SEG), 1);
-        assert_eq!(stores_fitting(1, 20 * 1024, own(1), SEG), 2);
+        // The smallest object: 96 bytes, plus itself and two blocks of slack once.
+        assert_eq!(own(1), 96 + 2 * B);
+        assert_eq!(stores_fitting(1, 2 * B + 191, own(1), SEG), 0);
+        assert_eq!(stores_fitting(1, 2 * B + 192, own(1), SEG), 1);
+        assert_eq!(stores_fitting(1, 2 * B + 288, own(1), SEG), 2);
         assert_eq!(stores_fitting(1, 0, own(1), SEG), 0);
-        // 100 KB: 25 data blocks and a header, slack of 25 blocks.
-        assert_eq!(stores_fitting(100_000, 51 * B - 1, own(100_000), SEG), 0);
-        assert_eq!(stores_fitting(100_000, 51 * B, own(100_000), SEG), 1);
-        // Past one segment the slack is one segment's data.
-        assert_eq!(own(3 * SEG), SEG);
+        // 100 KB: 25 data blocks and a header, slack of 25 blocks and two.
+        assert_eq!(stores_fitting(100_000, 53 * B - 1, own(100_000), SEG), 0);
+        assert_eq!(stores_fitting(100_000, 53 * B, own(100_000), SEG), 1);
+        // Past one segment the slack is one segment's data and two blocks.
+        assert_eq!(own(3 * SEG), SEG + 2 * B);
         assert_eq!(
-            stores_fitting(3 * SEG, 3 * B + 4 * SEG, own(3 * SEG), SEG),
+            stores_fitting(3 * SEG, 5 * B + 4 * SEG, own(3 * SEG), SEG),
             1
         );
         assert_eq!(
-            stores_fitting(3 * SEG, 3 * B + 4 * SEG - 1, own(3 * SEG), SEG),
+            stores_fitting(3 * SEG, 5 * B + 4 * SEG - 1, own(3 * SEG), SEG),
             0
         );
     }

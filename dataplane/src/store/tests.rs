@@ -137,14 +137,15 @@ fn small_objects_round_trip() {
         assert_eq!(get_all(&mut s, &c.fingerprint).unwrap(), bytes);
         fps.push((c.fingerprint, bytes));
     }
-    // One write + one flush per small object: a 4 KiB object is header + 1 block.
+    // One write + one flush per small object: a 4 KiB object is one packed record
+    // of 4176 bytes, written with the rest of the tail's block (two blocks at most).
     let before = disk.stats();
     let c = put(&mut s, &data(99, 4096), 4096).unwrap();
     let after = disk.stats();
     assert_eq!(after.writes - before.writes, 1);
     assert_eq!(after.flushes - before.flushes, 1);
-    assert_eq!(after.bytes_written - before.bytes_written, 8192);
-    assert_eq!(s.index[&c.fingerprint].footprint, 8192);
+    assert!(after.bytes_written - before.bytes_written <= 8192);
+    assert_eq!(s.index[&c.fingerprint].footprint, 4176);
     check_accounting(&s);
     drop(s);
     let mut s = open(&[disk], &cfg(64 * KIB));
@@ -624,7 +625,8 @@ fn rotten_log_header_takes_the_disk_down_instead_of_truncating() {
         }
         let hdr = s.index[&fps[2]].extents[0].hdr;
         drop(s);
-        disk.corrupt(hdr + 100, 1);
+        // Inside the header's crc, past its magic and nonce.
+        disk.corrupt(hdr + 50, 1);
         assert!(
             matches!(
                 Store::open_seeded(devices(std::slice::from_ref(&disk)), c.clone(), 7, 1),
@@ -1222,23 +1224,31 @@ fn put_hinted(s: &mut Store, bytes: &[u8], chunk: usize) -> Result<Committed, St
     s.commit(id)
 }
 
-/// Stores 4 KiB objects (which cost what the smallest does) while the disk reports
+/// Stores 16-byte objects (packed, they cost what the smallest does: 96 bytes) while
+/// the disk reports
 /// more than `down_to` objects available: each must be admitted, and take one off the
 /// count unless the store had to compact first.
 fn fill_small(s: &mut Store, down_to: u64, seed: &mut u64, stored: &mut Vec<Fingerprint>) {
     let available = |s: &Store| s.disks()[0].objects_available;
     while available(s) > down_to {
         let before = available(s);
-        let compacts = s.room_for(4096) != Room::Now;
-        let bytes = data(*seed, 4096);
+        let compacts = s.room_for(16) != Room::Now;
+        let bytes = data(*seed, 16);
         *seed += 1;
-        let r = put_hinted(s, &bytes, 4096).unwrap_or_else(|e| {
+        let r = put_hinted(s, &bytes, 16).unwrap_or_else(|e| {
             panic!("{before} objects available, but: {e} ({:?})", s.disks()[0])
         });
         assert!(!r.deduplicated);
         stored.push(r.fingerprint);
         if !compacts {
-            assert_eq!(available(s), before - 1, "{:?}", s.disks()[0]);
+            // One less, or two when its header skipped the last bytes of a block
+            // (a packed header never straddles two).
+            let now = available(s);
+            assert!(
+                now == before - 1 || now == before - 2,
+                "{before} -> {now}: {:?}",
+                s.disks()[0]
+            );
         }
     }
 }
@@ -1289,7 +1299,7 @@ fn objects_available_is_what_admission_admits_and_a_full_disk_still_dedups() {
     // Duplicates still are: with a hint that does not fit, and of the smallest size.
     let r = put_hinted(&mut s, &big, 40_000).unwrap();
     assert!(r.deduplicated && r.refcount == 4, "{r:?}");
-    let r = put_hinted(&mut s, &data(last_seed, 4096), 4096).unwrap();
+    let r = put_hinted(&mut s, &data(last_seed, 16), 16).unwrap();
     assert!(r.deduplicated && r.fingerprint == last, "{r:?}");
     assert_eq!(s.disks()[0].objects_used, full.objects_used);
     check_accounting(&s);
@@ -1302,7 +1312,7 @@ fn objects_available_is_what_admission_admits_and_a_full_disk_still_dedups() {
     assert_eq!(s.get(&last).unwrap().refcount, 2);
     assert_eq!(get_all(&mut s, &big_fp).unwrap(), big);
     for fp in &small {
-        assert_eq!(get_all(&mut s, fp).unwrap().len(), 4096);
+        assert_eq!(get_all(&mut s, fp).unwrap().len(), 16);
     }
     check_accounting(&s);
 }
@@ -1317,11 +1327,12 @@ fn reports_add_up() {
     s.delete(&a).unwrap();
     let r = s.disks()[0].clone();
     assert_eq!(r.bytes_available, r.bytes_free + r.bytes_dead);
-    // The smallest object costs 8 KiB, and admission keeps 4 KiB for a WRAP once —
-    // or, counting what compaction would reclaim, a segment (16 KiB here) for one that
-    // moving live records may cause.
-    let now = (r.bytes_free - 4096) / 8192;
-    let after_compacting = (r.bytes_available - 16 * 1024) / 8192;
+    // The smallest object costs 96 bytes (packed), and admission keeps its own size
+    // and two blocks for a WRAP and whole-block writes once — or, counting what
+    // compaction would reclaim, a segment (16 KiB here) for one that moving live
+    // records may cause.
+    let now = (r.bytes_free - 96 - 8192) / 96;
+    let after_compacting = (r.bytes_available - 16 * 1024) / 96;
     assert_eq!(r.objects_available, now.max(after_compacting));
     assert_eq!(r.objects_used, 1);
     assert!(r.bytes_dead >= 100_000);
@@ -1437,7 +1448,8 @@ fn the_cache_serves_verified_bytes_and_forgets_deleted_objects() {
     let other = data(31, 2000);
     let fp2 = put(&mut s, &other, 4096).unwrap().fingerprint;
     let hdr = s.index[&fp2].extents[0].hdr;
-    disk.corrupt(hdr + 4096 + 5, 1);
+    // A byte of its data, behind its packed header.
+    disk.corrupt(hdr + 80 + 5, 1);
     let mut out = vec![0u8; other.len()];
     assert!(matches!(
         s.read(&fp2, 0, &mut out),
@@ -1515,4 +1527,81 @@ fn contents_walk_by_cursor_survives_changes_between_pieces() {
     s.contents_after(None, usize::MAX, |f, _| all.push(f));
     assert!(!all.contains(&fp));
     assert_eq!(s.objects(), all.len() as u64);
+}
+
+/// Stores `n` distinct objects of `len` bytes, `at_once` open at a time (committed
+/// together, so that their records share flushes and, packed, blocks), and returns
+/// the bytes of log each takes as the disk reports it.
+fn log_bytes_per_object(len: usize, n: usize, at_once: usize) -> f64 {
+    let disk = MemDisk::new(64 * MIB, 61);
+    let mut s = open(std::slice::from_ref(&disk), &cfg(64 * KIB));
+    let mut seed = 0u64;
+    while seed < n as u64 {
+        let batch: Vec<(WriteId, Vec<u8>)> = (0..at_once.min(n - seed as usize))
+            .map(|_| {
+                seed += 1;
+                (s.begin_for(len as u64).unwrap(), data(seed, len))
+            })
+            .collect();
+        for (i, (id, bytes)) in batch.iter().enumerate() {
+            s.append(*id, bytes).unwrap();
+            s.commit_start(*id, &Expect::default(), i as u64).unwrap();
+        }
+        s.settle();
+        let mut events = Vec::new();
+        s.poll(&mut events);
+    }
+    let r = &s.disks()[0];
+    assert_eq!(r.objects_used, n as u64);
+    check_accounting(&s);
+    r.bytes_used as f64 / n as f64
+}
+
+/// Small objects share blocks: measured by what the disk reports (`bytes_used` over
+/// `objects_used`), stored one at a time (each commit its own flush, the tail's block
+/// written again each time) and 16 at once (one group commit).
+#[test]
+fn small_objects_are_packed_into_shared_blocks() {
+    for at_once in [1, 16] {
+        let kib1 = log_bytes_per_object(1024, 3000, at_once);
+        assert!(kib1 <= 1.25 * 1024.0, "1 KiB objects: {kib1} bytes each");
+        let kib4 = log_bytes_per_object(4096, 3000, at_once);
+        assert!(kib4 <= 4.5 * 1024.0, "4 KiB objects: {kib4} bytes each");
+        let tiny = log_bytes_per_object(10, 3000, at_once);
+        assert!(tiny <= 100.0, "10-byte objects: {tiny} bytes each");
+        eprintln!("{at_once} at once: bytes of log per object: 1 KiB {kib1:.1}, 4 KiB {kib4:.1}, 10 B {tiny:.1}");
+    }
+}
+
+/// A power cut tearing the rewrite of a shared block (in any mix of its old and new
+/// 512-byte sectors) never damages the acknowledged records already in it.
+#[test]
+fn a_torn_rewrite_of_a_shared_block_keeps_the_records_before() {
+    for seed in 0..40 {
+        let disk = MemDisk::new(4 * MIB, 100 + seed);
+        let c = cfg(64 * KIB);
+        let mut s = open(std::slice::from_ref(&disk), &c);
+        let acked: Vec<(Fingerprint, Vec<u8>)> = (0..5)
+            .map(|i| {
+                let b = data(seed * 100 + i, 700);
+                (put(&mut s, &b, 700).unwrap().fingerprint, b)
+            })
+            .collect();
+        // Three more join the same block, written but never flushed.
+        for i in 0..3 {
+            let id = s.begin().unwrap();
+            s.append(id, &data(seed * 100 + 50 + i, 900)).unwrap();
+            s.commit_start(id, &Expect::default(), 7).unwrap();
+        }
+        let mut events = Vec::new();
+        s.poll(&mut events);
+        drop(s);
+        disk.crash();
+        let mut s = open(std::slice::from_ref(&disk), &c);
+        for (fp, b) in &acked {
+            assert_eq!(&get_all(&mut s, fp).unwrap(), b, "seed {seed}");
+        }
+        assert!(s.contents().len() >= acked.len());
+        check_accounting(&s);
+    }
 }

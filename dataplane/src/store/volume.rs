@@ -11,7 +11,7 @@
 //! so `tail_lp - head_lp` is exactly the space between head and tail and a full log
 //! is never confused with an empty one. Only physical offsets go to disk.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use nvme::{AlignedBuf, BlockDevice, Completion, DevError, DeviceInfo, IoOp, IoTag};
 use rand::Rng;
@@ -24,8 +24,9 @@ use dosp::Fingerprint;
 use super::checkpoint::{self, Loaded};
 use super::counted::{Corruption, Counted, LastError};
 use super::format::{
-    kind, record_size, Geometry, RecordHeader, SbSlot, Superblock, BLOCK, BLOCK_U64, FIXED_BLOCKS,
-    MAX_SEGMENT_BLOCKS, SEQ_SANE_MAX,
+    kind, packed_size, packed_start, record_size, Geometry, PackedHeader, RecordHeader, SbSlot,
+    Superblock, BLOCK, BLOCK_U64, FIXED_BLOCKS, MAX_SEGMENT_BLOCKS, PACKED_HDR, PACKED_MAX_DATA,
+    PACK_ALIGN, SEQ_SANE_MAX,
 };
 use super::{DiskId, DiskState, Entry, Extent, StoreConfig, StoreError};
 
@@ -142,6 +143,77 @@ pub(crate) struct Volume {
     parked: Vec<Completion>,
     /// Completions of one poll, reused.
     got: Vec<Completion>,
+    /// Packed records on their way to the device (see [`Pack`]).
+    pack: Pack,
+}
+
+/// Bytes of an image of packed records: room for many small records per write, and
+/// always for one of the largest behind a partial block.
+const IMAGE_BYTES: usize = 256 << 10;
+const _: () = assert!(IMAGE_BYTES >= 2 * BLOCK + PACKED_HDR + PACKED_MAX_DATA);
+
+/// A run of whole blocks of the log as it will be written: packed records from a
+/// block boundary on (the first block may start with records written before, copied
+/// here unchanged), zero after the last one.
+struct Image {
+    /// Logical offset of its first byte (a block boundary).
+    lp: u64,
+    buf: AlignedBuf,
+    /// Bytes filled.
+    len: usize,
+    /// Seqs of its records not yet written.
+    seqs: Vec<u64>,
+}
+
+/// Packed records share blocks, so the block at the tail is written again each time a
+/// record joins it. Two writes of one block must never be in flight together (a device
+/// may complete them in either order), so a write of the tail block waits for the one
+/// before it; records appended meanwhile gather in the image and go out together with
+/// it. Every rewrite carries the earlier records' bytes unchanged, so a torn rewrite
+/// cannot damage them (whatever part of the block lands, their bytes are the same).
+#[derive(Default)]
+struct Pack {
+    /// The image the tail is in. Whenever the tail is not on a block boundary there is
+    /// one, ending at the tail.
+    open: Option<Image>,
+    /// Images the tail has left (a segment record or a WRAP followed) with records
+    /// still to write, each waiting for the write in flight on its first block.
+    closed: VecDeque<Image>,
+    /// Image writes in flight, by slot: the seqs each carries and the logical offset
+    /// of its last block if that block is partial (the tail may write it again).
+    writes: Vec<Option<(Vec<u64>, Option<u64>)>>,
+    spare: Vec<AlignedBuf>,
+}
+
+impl Pack {
+    /// Whether a write of the block at `lp` is in flight.
+    fn busy(&self, lp: u64) -> bool {
+        self.writes
+            .iter()
+            .flatten()
+            .any(|(_, partial)| *partial == Some(lp))
+    }
+
+    fn buffer(&mut self) -> AlignedBuf {
+        self.spare
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::new(IMAGE_BYTES))
+    }
+}
+
+/// One block of the log read by [`Volume::record_after`], kept for the next record.
+pub(crate) struct Walker {
+    buf: AlignedBuf,
+    held: Option<u64>,
+}
+
+/// What `Volume::record_at` found.
+enum Found {
+    Record(Scanned),
+    /// Nothing of this log (zeros, old data, a record with another seq).
+    Nothing,
+    /// A header of this log (magic and nonce) that fails its crc or checks.
+    Damaged,
 }
 
 /// Tags of a volume's asynchronous operations: the class in the top byte.
@@ -154,6 +226,8 @@ pub(crate) const TAG_PROBE: u64 = 4 << 56;
 pub(crate) const TAG_CKPT: u64 = 5 << 56;
 /// A superblock write submitted by [`Volume::submit_sb`]; settled here.
 pub(crate) const TAG_SB: u64 = 6 << 56;
+/// A write of an image of packed records (see [`Pack`]).
+pub(crate) const TAG_PACK: u64 = 7 << 56;
 pub(crate) const TAG_CLASS: u64 = 0xff << 56;
 /// Completions taken from a device per poll.
 pub(crate) const POLL_MAX: usize = 256;
@@ -172,11 +246,16 @@ impl std::fmt::Debug for Volume {
 
 /// A record header as seen by the recovery scan: what replay needs, without the CRCs.
 #[derive(Clone, Debug)]
-struct Scanned {
-    seq: u64,
-    lp: u64,
+pub(crate) struct Scanned {
+    pub seq: u64,
+    pub lp: u64,
     phys: u64,
-    kind: u8,
+    /// Bytes of log it takes (a WRAP: to the end of the lap).
+    pub size: u64,
+    /// A packed record (its data inline after its header).
+    packed: bool,
+    pub kind: u8,
+    epoch: u64,
     payload_len: u32,
     write_id: u64,
     durable_seq: u64,
@@ -284,6 +363,7 @@ impl Volume {
             done_bufs: Vec::new(),
             parked: Vec::new(),
             got: Vec::with_capacity(POLL_MAX),
+            pack: Pack::default(),
         };
         match vol.open_inner(node_id, rng, ckpt_buf) {
             Ok(index) => {
@@ -431,7 +511,7 @@ impl Volume {
         self.set_geometry(geo)?;
         if sb.log_head < self.log_start
             || sb.log_head >= geo.size_bytes
-            || !sb.log_head.is_multiple_of(BLOCK_U64)
+            || !sb.log_head.is_multiple_of(PACK_ALIGN)
         {
             return Err(format!(
                 "superblock log head {} is out of range",
@@ -512,11 +592,18 @@ impl Volume {
                 "torn tail: dropping {} unacknowledged record(s)",
                 end_seq - cut
             );
-            self.scratch.fill(0);
-            self.dev
-                .write_at(phys, &self.scratch)
-                .map_err(|e| format!("cannot erase torn record: {e}"))?;
+            if phys.is_multiple_of(BLOCK_U64) {
+                self.scratch.fill(0);
+                self.dev
+                    .write_at(phys, &self.scratch)
+                    .map_err(|e| format!("cannot erase torn record: {e}"))?;
+            }
         }
+        // The tail's block, if partly used, becomes the open image, and everything past
+        // the tail in it is erased now (a torn packed record, old data), so that no
+        // crash can bring it back.
+        self.open_tail_image()
+            .map_err(|e| format!("cannot erase the rest of the tail block: {e}"))?;
         self.sb.epoch += 1;
         self.sb.verified_seq = cut;
         self.write_sb()
@@ -617,7 +704,7 @@ impl Volume {
     /// Reads record headers from `lp` (where record `seq` is expected, with an epoch of
     /// at least `min_epoch`) until the first one that is not the next record of this
     /// log. Returns them, the logical offset where the scan stopped, and whether the
-    /// block there looks like a damaged header of this log (magic and nonce, but no
+    /// bytes there look like a damaged header of this log (magic and nonce, but no
     /// valid crc): a clean tail (stale record, old data, zeros) does not.
     fn scan(
         &mut self,
@@ -626,47 +713,164 @@ impl Volume {
         min_epoch: u64,
     ) -> Result<(Vec<Scanned>, u64, bool), DevError> {
         let mut buf = AlignedBuf::new(BLOCK);
+        let mut held = None;
         let mut recs = Vec::new();
         let (mut lp, mut seq, mut prev_epoch) = (lp, seq, min_epoch);
         while lp - self.head_lp < self.log_len {
-            let phys = self.phys(lp);
-            self.dev.read_at(phys, &mut buf)?;
-            let Some(h) = RecordHeader::check(&buf, self.sb.log_nonce) else {
-                let damaged = buf[..8] == super::format::REC_MAGIC
-                    && buf[8..16] == self.sb.log_nonce.to_le_bytes();
-                return Ok((recs, lp, damaged));
+            let r = match self.record_at(lp, seq, &mut buf, &mut held)? {
+                Found::Record(r) => r,
+                Found::Nothing => break,
+                Found::Damaged => return Ok((recs, lp, true)),
             };
-            let epoch = h.epoch.get();
-            if h.seq.get() != seq || epoch < prev_epoch || epoch > self.sb.epoch {
+            if r.epoch < prev_epoch || r.epoch > self.sb.epoch {
                 break;
             }
-            let size = if h.kind == kind::WRAP {
-                self.log_len - lp % self.log_len
-            } else {
-                record_size(u64::from(h.payload_len.get()))
-            };
-            // A record never straddles the end of the disk, nor runs into the head.
-            if phys + size > self.sb.size_bytes || lp + size - self.head_lp > self.log_len {
-                break;
-            }
-            recs.push(Scanned {
-                seq,
-                lp,
-                phys,
-                kind: h.kind,
-                payload_len: h.payload_len.get(),
-                write_id: h.write_id.get(),
-                durable_seq: h.durable_seq.get(),
-                fp: h.fingerprint(),
-                object_len: h.object_len.get(),
-                refcount: h.refcount.get(),
-                delta: h.delta.get(),
-            });
-            prev_epoch = epoch;
-            lp += size;
+            prev_epoch = r.epoch;
+            lp = r.lp + r.size;
             seq += 1;
+            recs.push(r);
         }
         Ok((recs, lp, false))
+    }
+
+    /// The record `seq` where the log continues after a record ending at `lp`: a
+    /// packed record at `lp` (or at the next block boundary, if its header would not
+    /// fit in the rest of the block), or any record at the next block boundary (a
+    /// segment record or WRAP follows packed ones there, the rest of the block
+    /// skipped). `buf` is one block; `held` says which block it holds. Checks the
+    /// record's place (seq, bounds), not its epoch.
+    fn record_at(
+        &mut self,
+        lp: u64,
+        seq: u64,
+        buf: &mut AlignedBuf,
+        held: &mut Option<u64>,
+    ) -> Result<Found, DevError> {
+        let boundary = lp.next_multiple_of(BLOCK_U64);
+        let mut candidates = [Some(lp), None];
+        if boundary != lp {
+            candidates[1] = Some(boundary);
+        }
+        for at in candidates.into_iter().flatten() {
+            if at - self.head_lp >= self.log_len {
+                break;
+            }
+            let phys = self.phys(at);
+            let block_phys = phys - phys % BLOCK_U64;
+            if *held != Some(block_phys) {
+                *held = None;
+                self.dev.read_at(block_phys, buf)?;
+                *held = Some(block_phys);
+            }
+            let off = (phys % BLOCK_U64) as usize;
+            let nonce = self.sb.log_nonce;
+            let mut found = None;
+            if off == 0 {
+                if let Some(h) = RecordHeader::check(buf, nonce) {
+                    let size = if h.kind == kind::WRAP {
+                        self.log_len - at % self.log_len
+                    } else {
+                        record_size(u64::from(h.payload_len.get()))
+                    };
+                    found = (h.seq.get() == seq).then(|| Scanned {
+                        seq,
+                        lp: at,
+                        phys,
+                        size,
+                        packed: false,
+                        kind: h.kind,
+                        epoch: h.epoch.get(),
+                        payload_len: h.payload_len.get(),
+                        write_id: h.write_id.get(),
+                        durable_seq: h.durable_seq.get(),
+                        fp: h.fingerprint(),
+                        object_len: h.object_len.get(),
+                        refcount: h.refcount.get(),
+                        delta: h.delta.get(),
+                    });
+                }
+            }
+            if found.is_none() && off + PACKED_HDR <= BLOCK {
+                if let Some(h) = PackedHeader::check(&buf[off..], nonce) {
+                    let commit = h.kind == kind::COMMIT;
+                    found = (h.seq.get() == seq).then(|| Scanned {
+                        seq,
+                        lp: at,
+                        phys,
+                        size: h.size(),
+                        packed: true,
+                        // A packed COMMIT is its own write's one segment.
+                        kind: if commit {
+                            kind::SEGMENT | kind::COMMIT
+                        } else {
+                            h.kind
+                        },
+                        epoch: h.epoch.get(),
+                        payload_len: h.data_len.get(),
+                        write_id: seq,
+                        durable_seq: h.durable_seq.get(),
+                        fp: h.fingerprint(),
+                        object_len: u64::from(h.data_len.get()),
+                        refcount: if commit { h.count.get() } else { 0 },
+                        delta: if commit { 0 } else { h.delta() },
+                    });
+                }
+            }
+            if let Some(r) = found {
+                // A record never straddles the end of the disk, nor runs into the head.
+                if r.phys + r.size > self.sb.size_bytes || at + r.size - self.head_lp > self.log_len
+                {
+                    return Ok(Found::Nothing);
+                }
+                return Ok(Found::Record(r));
+            }
+            // Damage where the record was due ends the log here; only zeros, old data
+            // or a record of another seq let the boundary be tried.
+            if at == lp
+                && ((off == 0 && buf[..16] == self.big_prefix())
+                    || PackedHeader::looks_like(&buf[off..], nonce))
+            {
+                let valid = (off == 0 && RecordHeader::check(buf, nonce).is_some())
+                    || (off + PACKED_HDR <= BLOCK
+                        && PackedHeader::check(&buf[off..], nonce).is_some());
+                if !valid {
+                    return Ok(Found::Damaged);
+                }
+            }
+        }
+        Ok(Found::Nothing)
+    }
+
+    /// A walker over the log's records for [`Volume::record_after`].
+    pub fn walker(&self) -> Walker {
+        Walker {
+            buf: AlignedBuf::new(BLOCK),
+            held: None,
+        }
+    }
+
+    /// The record `seq` where the log continues after a record ending at `lp` (see
+    /// `record_at`), or `None` where there is none (the end of the log, or damage).
+    /// A device error takes the disk down.
+    pub fn record_after(
+        &mut self,
+        lp: u64,
+        seq: u64,
+        w: &mut Walker,
+    ) -> Result<Option<Scanned>, StoreError> {
+        match self.record_at(lp, seq, &mut w.buf, &mut w.held) {
+            Ok(Found::Record(r)) => Ok(Some(r)),
+            Ok(_) => Ok(None),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Magic and nonce: how a segment record's header of this log starts.
+    fn big_prefix(&self) -> [u8; 16] {
+        let mut p = [0; 16];
+        p[..8].copy_from_slice(&super::format::REC_MAGIC);
+        p[8..].copy_from_slice(&self.sb.log_nonce.to_le_bytes());
+        p
     }
 
     /// After the scan stopped at `lp` expecting record `seq`: is there, where record
@@ -675,21 +879,51 @@ impl Volume {
     fn durable_successor(&mut self, lp: u64, seq: u64) -> Result<bool, DevError> {
         let mut buf = AlignedBuf::new(BLOCK);
         let lap_end = lp - lp % self.log_len + self.log_len;
-        let reach = (1..=MAX_SEGMENT_BLOCKS as u64 + 1)
-            .map(|k| lp + k * BLOCK_U64)
+        let first = lp - lp % BLOCK_U64;
+        // A packed successor starts within a packed record's reach of `lp`; a segment
+        // record or WRAP at a block boundary within a segment record's.
+        let packed_reach = lp + packed_size(PACKED_MAX_DATA as u64) + BLOCK_U64;
+        let reach = (0..=MAX_SEGMENT_BLOCKS as u64 + 1)
+            .map(|k| first + k * BLOCK_U64)
             .take_while(|&p| p < lap_end)
             .chain(std::iter::once(lap_end));
+        let nonce = self.sb.log_nonce;
+        let vouches = |s: u64, durable: u64, epoch: u64, max_epoch: u64| {
+            s == seq + 1 && durable > seq && epoch <= max_epoch
+        };
         for p in reach {
             if p - self.head_lp >= self.log_len {
                 break;
             }
             self.dev.read_at(self.phys(p), &mut buf)?;
-            if let Some(h) = RecordHeader::check(&buf, self.sb.log_nonce) {
-                if h.seq.get() == seq + 1
-                    && h.durable_seq.get() > seq
-                    && h.epoch.get() <= self.sb.epoch
-                {
-                    return Ok(true);
+            if p > lp {
+                if let Some(h) = RecordHeader::check(&buf, nonce) {
+                    if vouches(
+                        h.seq.get(),
+                        h.durable_seq.get(),
+                        h.epoch.get(),
+                        self.sb.epoch,
+                    ) {
+                        return Ok(true);
+                    }
+                }
+            }
+            if p >= packed_reach || p == lap_end {
+                continue;
+            }
+            for off in (0..=BLOCK - PACKED_HDR).step_by(PACK_ALIGN as usize) {
+                if p + off as u64 <= lp {
+                    continue;
+                }
+                if let Some(h) = PackedHeader::check(&buf[off..], nonce) {
+                    if vouches(
+                        h.seq.get(),
+                        h.durable_seq.get(),
+                        h.epoch.get(),
+                        self.sb.epoch,
+                    ) {
+                        return Ok(true);
+                    }
                 }
             }
         }
@@ -739,7 +973,11 @@ impl Volume {
                 let s = &recs[j];
                 if s.seq >= durable
                     && s.seq < cut
-                    && !self.segment_intact(s.phys, s.payload_len, &mut hdr, &mut data)?
+                    && !(if s.packed {
+                        self.packed_intact(s.phys, s.payload_len, &mut data)?
+                    } else {
+                        self.segment_intact(s.phys, s.payload_len, &mut hdr, &mut data)?
+                    })
                 {
                     debug!(disk = self.id.0, seq = s.seq, "segment data is torn");
                     cut = s.seq;
@@ -747,6 +985,26 @@ impl Volume {
             }
         }
         Ok(cut)
+    }
+
+    /// Reads a packed record back and checks its data against its header's CRC.
+    fn packed_intact(
+        &mut self,
+        phys: u64,
+        data_len: u32,
+        data: &mut AlignedBuf,
+    ) -> Result<bool, DevError> {
+        let off = (phys % BLOCK_U64) as usize;
+        let end = (off + PACKED_HDR + data_len as usize).next_multiple_of(BLOCK);
+        let Some(buf) = data.get_mut(..end) else {
+            return Ok(false);
+        };
+        self.dev.read_at(phys - off as u64, buf)?;
+        let Some(h) = PackedHeader::check(&buf[off..], self.sb.log_nonce) else {
+            return Ok(false);
+        };
+        let at = off + PACKED_HDR;
+        Ok(h.data_crc.get() == crc32c::crc32c(&buf[at..at + data_len as usize]))
     }
 
     /// Reads a segment back and checks every payload block against its header's CRC.
@@ -792,6 +1050,7 @@ impl Volume {
                 pending.entry(r.write_id).or_default().push(Extent {
                     hdr: r.phys,
                     len: r.payload_len,
+                    packed: r.packed,
                 });
             }
             if r.kind & kind::COMMIT != 0 {
@@ -802,6 +1061,7 @@ impl Volume {
                     extents.push(Extent {
                         hdr: r.phys,
                         len: 0,
+                        packed: false,
                     });
                 }
                 let total: u64 = extents.iter().map(|e| u64::from(e.len)).sum();
@@ -811,7 +1071,7 @@ impl Volume {
                     debug!(disk = self.id.0, seq = r.seq, "skipping partial old copy");
                     continue;
                 }
-                let footprint = extents.iter().map(|e| record_size(u64::from(e.len))).sum();
+                let footprint = extents.iter().map(Extent::size).sum();
                 // Absolute refcount: a later COMMIT of the same fingerprint (a moved
                 // copy) replaces the entry whatever REFs came before it.
                 index.insert(
@@ -890,12 +1150,33 @@ impl Volume {
         }
     }
 
-    /// Whether a record of `size` bytes could be appended now.
+    /// Whether a segment record of `size` bytes could be appended now.
     pub fn fits(&self, size: u64, class: Reserve) -> bool {
-        let phys = self.phys(self.tail_lp);
-        let to_end = self.sb.size_bytes - phys;
-        let need = if size > to_end { size + to_end } else { size };
-        self.used() + need + self.reserve(class) <= self.log_len
+        let start = self.tail_lp.next_multiple_of(BLOCK_U64);
+        let to_end = self.log_len - start % self.log_len;
+        let need = start - self.tail_lp + if size > to_end { size + to_end } else { size };
+        self.room_for(need, class)
+    }
+
+    /// Whether `need` more bytes of log fit at the tail. Blocks are written whole: the
+    /// head's block is in use up to the head, and the block the new tail falls in
+    /// is written to its end.
+    fn room_for(&self, need: u64, class: Reserve) -> bool {
+        let end = (self.tail_lp + need).next_multiple_of(BLOCK_U64);
+        let head_block = self.head_lp - self.head_lp % BLOCK_U64;
+        end - head_block + self.reserve(class) <= self.log_len
+    }
+
+    /// Where a packed record of `size` bytes would go, and the bytes of log that
+    /// takes (with what is skipped to get there).
+    fn packed_place(&self, size: u64) -> (u64, u64, bool) {
+        let at = packed_start(self.tail_lp);
+        let lap_end = self.tail_lp - self.tail_lp % self.log_len + self.log_len;
+        if at + size > lap_end {
+            (lap_end, lap_end - self.tail_lp + size, true)
+        } else {
+            (at, at - self.tail_lp + size, false)
+        }
     }
 
     /// The error for an operation on a disk that is not Online.
@@ -1105,6 +1386,26 @@ impl Volume {
                 }
                 None
             }
+            TAG_PACK => {
+                let slot = (c.tag.0 & !TAG_CLASS) as usize;
+                if let Some((seqs, _)) = self.pack.writes.get_mut(slot).and_then(Option::take) {
+                    for s in seqs {
+                        self.inflight.remove(&s);
+                    }
+                }
+                let mut buf = c.buf;
+                if buf.capacity() == IMAGE_BYTES && self.pack.spare.len() < 8 {
+                    let cap = buf.capacity();
+                    buf.set_len(cap);
+                    self.pack.spare.push(buf);
+                }
+                if let Err(e) = c.result {
+                    self.fail(e);
+                }
+                // Its last block is free: the images waiting for it go now.
+                self.pump();
+                None
+            }
             TAG_FLUSH => {
                 let covers = self.flushing.take().unwrap_or(self.durable_seq);
                 match c.result {
@@ -1245,25 +1546,12 @@ impl Volume {
         if !self.fits(size, class) {
             return Err((StoreError::NoSpace, rec));
         }
-        let phys = self.phys(self.tail_lp);
-        let to_end = self.sb.size_bytes - phys;
+        // A segment record starts on a block boundary: the packed records before it
+        // keep the rest of their block.
+        self.close_image();
+        let to_end = self.sb.size_bytes - self.phys(self.tail_lp);
         if size > to_end {
-            let mut wrap = RecordHeader::new(kind::WRAP);
-            let seq = self.next_seq;
-            self.seal(&mut wrap, seq);
-            let mut block = AlignedBuf::new(BLOCK);
-            block.copy_from_slice(wrap.as_bytes());
-            self.inflight.insert(seq);
-            self.dev.submit(
-                IoTag(TAG_RECORD | seq),
-                IoOp::Write {
-                    offset: phys,
-                    buf: block,
-                },
-            );
-            self.next_seq += 1;
-            self.tail_lp += to_end;
-            self.wraps += 1;
+            self.write_wrap();
         }
         let phys = self.phys(self.tail_lp);
         let seq = self.next_seq;
@@ -1286,6 +1574,230 @@ impl Volume {
             seq,
             size,
         })
+    }
+
+    /// Appends a WRAP at the tail (a block boundary): the log continues at the start.
+    fn write_wrap(&mut self) {
+        let phys = self.phys(self.tail_lp);
+        let to_end = self.sb.size_bytes - phys;
+        let mut wrap = RecordHeader::new(kind::WRAP);
+        let seq = self.next_seq;
+        self.seal(&mut wrap, seq);
+        let mut block = AlignedBuf::new(BLOCK);
+        block.copy_from_slice(wrap.as_bytes());
+        self.inflight.insert(seq);
+        self.dev.submit(
+            IoTag(TAG_RECORD | seq),
+            IoOp::Write {
+                offset: phys,
+                buf: block,
+            },
+        );
+        self.next_seq += 1;
+        self.tail_lp += to_end;
+        self.wraps += 1;
+    }
+
+    /// Appends one packed record (`hdr` then `data`) asynchronously: it joins the
+    /// image of the tail's blocks and goes to the device with it (see [`Pack`]). A
+    /// record whose header would not fit in the rest of the block starts at the next
+    /// one; one that does not fit before the end of the disk, after a WRAP. Durable
+    /// like any record once a flush submitted after its write completed has completed.
+    pub fn append_packed(
+        &mut self,
+        hdr: &mut PackedHeader,
+        data: &[u8],
+        class: Reserve,
+    ) -> Result<Appended, StoreError> {
+        self.check_online()?;
+        if data.len() > PACKED_MAX_DATA {
+            return Err(StoreError::Format(format!(
+                "packed record of {} bytes (at most {PACKED_MAX_DATA})",
+                data.len()
+            )));
+        }
+        let size = packed_size(data.len() as u64);
+        let (at, need, wrap) = self.packed_place(size);
+        if !self.room_for(need, class) {
+            return Err(StoreError::NoSpace);
+        }
+        if wrap || at != self.tail_lp {
+            self.close_image();
+            if wrap && !self.tail_lp.is_multiple_of(self.log_len) {
+                self.write_wrap();
+            }
+        }
+        debug_assert_eq!(self.tail_lp, at);
+        let fits_open = self
+            .pack
+            .open
+            .as_ref()
+            .is_some_and(|i| i.len + size as usize <= i.buf.len());
+        if !fits_open {
+            // Full: write it now if its first block is free, else leave it to its
+            // turn and go on from the next block.
+            if self
+                .pack
+                .open
+                .as_ref()
+                .is_some_and(|i| !self.pack.busy(i.lp))
+            {
+                self.submit_open();
+            } else {
+                self.close_image();
+            }
+        }
+        if self.pack.open.is_none() {
+            let buf = self.pack.buffer();
+            self.pack.open = Some(Image {
+                lp: self.tail_lp,
+                buf,
+                len: 0,
+                seqs: Vec::new(),
+            });
+        }
+        let seq = self.next_seq;
+        hdr.nonce = U64::new(self.sb.log_nonce);
+        hdr.seq = U64::new(seq);
+        hdr.epoch = U64::new(self.sb.epoch);
+        hdr.durable_seq = U64::new(self.durable_seq);
+        hdr.seal();
+        let lp = self.tail_lp;
+        let Some(img) = self.pack.open.as_mut() else {
+            return Err(StoreError::Format("no open image".into()));
+        };
+        debug_assert_eq!(img.lp + img.len as u64, lp);
+        let at = img.len;
+        img.buf[at..at + PACKED_HDR].copy_from_slice(hdr.as_bytes());
+        img.buf[at + PACKED_HDR..at + PACKED_HDR + data.len()].copy_from_slice(data);
+        img.buf[at + PACKED_HDR + data.len()..at + size as usize].fill(0);
+        img.len += size as usize;
+        img.seqs.push(seq);
+        self.inflight.insert(seq);
+        self.next_seq += 1;
+        self.tail_lp += size;
+        let phys = self.phys(lp);
+        self.pump();
+        Ok(Appended {
+            phys,
+            lp,
+            seq,
+            size,
+        })
+    }
+
+    /// Appends a packed record and waits for its write (compaction, duplicate
+    /// resolution). Not flushed.
+    pub fn append_packed_wait(
+        &mut self,
+        hdr: &mut PackedHeader,
+        data: &[u8],
+        class: Reserve,
+    ) -> Result<Appended, StoreError> {
+        let a = self.append_packed(hdr, data, class)?;
+        self.settle_writes()?;
+        Ok(a)
+    }
+
+    /// The tail leaves the open image: it moves on to the next block boundary, and the
+    /// image, if it has records to write, waits for its turn.
+    fn close_image(&mut self) {
+        if let Some(img) = self.pack.open.take() {
+            if img.seqs.is_empty() {
+                self.pack.spare.push(img.buf);
+            } else {
+                self.pack.closed.push_back(img);
+                self.pump();
+            }
+        }
+        self.tail_lp = self.tail_lp.next_multiple_of(BLOCK_U64);
+    }
+
+    /// Writes every image whose first block has no write in flight.
+    fn pump(&mut self) {
+        let mut i = 0;
+        while i < self.pack.closed.len() {
+            if self.pack.busy(self.pack.closed[i].lp) {
+                i += 1;
+            } else if let Some(img) = self.pack.closed.remove(i) {
+                self.submit_image(img);
+            }
+        }
+        if self
+            .pack
+            .open
+            .as_ref()
+            .is_some_and(|i| !i.seqs.is_empty() && !self.pack.busy(i.lp))
+        {
+            self.submit_open();
+        }
+    }
+
+    /// Writes the open image; its partial last block (if any) starts the next one.
+    fn submit_open(&mut self) {
+        let Some(img) = self.pack.open.take() else {
+            return;
+        };
+        let keep = img.len % BLOCK;
+        if keep != 0 {
+            let from = img.len - keep;
+            let mut buf = self.pack.buffer();
+            buf[..keep].copy_from_slice(&img.buf[from..img.len]);
+            self.pack.open = Some(Image {
+                lp: img.lp + from as u64,
+                buf,
+                len: keep,
+                seqs: Vec::new(),
+            });
+        }
+        self.submit_image(img);
+    }
+
+    /// Submits one image's blocks in one write.
+    fn submit_image(&mut self, mut img: Image) {
+        let end = img.len.next_multiple_of(BLOCK);
+        img.buf[img.len..end].fill(0);
+        img.buf.set_len(end);
+        let partial = (!img.len.is_multiple_of(BLOCK)).then(|| img.lp + (end - BLOCK) as u64);
+        let slot = match self.pack.writes.iter().position(Option::is_none) {
+            Some(k) => k,
+            None => {
+                self.pack.writes.push(None);
+                self.pack.writes.len() - 1
+            }
+        };
+        self.pack.writes[slot] = Some((img.seqs, partial));
+        let offset = self.phys(img.lp);
+        self.dev.submit(
+            IoTag(TAG_PACK | slot as u64),
+            IoOp::Write {
+                offset,
+                buf: img.buf,
+            },
+        );
+    }
+
+    /// After recovery: a tail inside a block makes that block the open image, its
+    /// bytes before the tail as on disk and zero after, written back at once so that
+    /// nothing past the tail (a torn record, old data) can come back after a crash.
+    fn open_tail_image(&mut self) -> Result<(), DevError> {
+        let keep = (self.tail_lp % BLOCK_U64) as usize;
+        if keep == 0 {
+            return Ok(());
+        }
+        let lp = self.tail_lp - keep as u64;
+        let phys = self.phys(lp);
+        let mut buf = self.pack.buffer();
+        self.dev.read_at(phys, &mut buf[..BLOCK])?;
+        buf[keep..BLOCK].fill(0);
+        self.dev.write_at(phys, &buf[..BLOCK])?;
+        self.pack.open = Some(Image {
+            lp,
+            buf,
+            len: keep,
+            seqs: Vec::new(),
+        });
+        Ok(())
     }
 
     /// Makes the current head durable in the superblock (after compaction) together

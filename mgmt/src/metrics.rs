@@ -90,7 +90,7 @@ fn node_counters(s: &NodeStats) -> impl IntoIterator<Item = Exported> {
         cache_bytes => "dosd_cache_bytes", Gauge, "Bytes of objects in the hot-object cache";
         cache_capacity_bytes => "dosd_cache_capacity_bytes", Gauge, "Capacity of the hot-object cache (cache_bytes; 0 disables it)";
         index_objects => "dosd_index_objects", Gauge, "Objects in the in-memory index";
-        index_bytes => "dosd_index_bytes", Gauge, "Memory the in-memory index takes (estimate: table slots and extent lists)";
+        index_bytes => "dosd_index_bytes", Gauge, "Memory the in-memory index takes (its allocations: 28-byte slots in sorted chunks, and the entries of objects larger than 16 KiB)";
     }
 }
 

@@ -711,8 +711,8 @@ impl<P: NetPort> Server<P> {
         NodeStats::set(&self.stats.cache_capacity_bytes, c.capacity_bytes);
     }
 
-    /// Index figures for `/metrics`: walking every entry's extents costs O(objects),
-    /// so this runs every INDEX_FIGURES_INTERVAL only.
+    /// Index figures for `/metrics`: counting its allocations walks its chunks and the
+    /// entries of large objects, so this runs every INDEX_FIGURES_INTERVAL only.
     fn publish_index_figures(&self) {
         let (objects, bytes) = self.store.index_footprint();
         NodeStats::set(&self.stats.index_objects, objects);

@@ -560,8 +560,9 @@ impl Store {
                 let at = off + PACKED_HDR;
                 let h = buf.get(off..).and_then(|b| PackedHeader::check(b, nonce));
                 let ok = h.is_some_and(|h| {
+                    // Its own fingerprint names it (the index keeps no write id
+                    // for a packed object).
                     h.kind == kind::COMMIT
-                        && h.seq.get() == op.write_id
                         && h.data_len.get() == s.ext_len
                         && h.fingerprint == op.fp.0
                         && buf
@@ -820,7 +821,7 @@ impl Store {
                 });
             }
             WaitKind::Dedup { c } => {
-                if let Some(e) = self.index.get_mut(&c.fingerprint) {
+                if let Some(mut e) = self.index.get_mut(&c.fingerprint) {
                     e.refcount = e.refcount.saturating_sub(1);
                 }
                 self.counters.aborts += 1;
@@ -841,7 +842,7 @@ impl Store {
                         self.index.insert(fp, *e);
                     }
                     None => {
-                        if let Some(e) = self.index.get_mut(&fp) {
+                        if let Some(mut e) = self.index.get_mut(&fp) {
                             e.refcount = e.refcount.saturating_add(1);
                         }
                     }

@@ -543,7 +543,12 @@ impl Snapshot {
     ) {
         let w = self.header.width;
         let max = ckpt_field_max(w);
-        let age = self.header.seq.saturating_sub(write_id);
+        // A packed object's record names its fingerprint; the index keeps no write id
+        // for it, and its age is written as 1 (format.rs, "Index checkpoint").
+        let age = match extents {
+            [x] if x.packed => 1,
+            _ => self.header.seq.saturating_sub(write_id),
+        };
         let n = extents.len() as u64;
         if age == 0 || age > max || n > max {
             self.state = SnapState::Unfit("a write id or extent count its field cannot hold");
@@ -910,7 +915,7 @@ impl Store {
             for (fp, e) in index.iter() {
                 let d = usize::from(e.disk.0);
                 if let (Some(Some(s)), Some(vol)) = (snaps.get_mut(d), vols.get_mut(d)) {
-                    s.entry(vol, Some(fp), e.write_id, e.refcount, &e.extents);
+                    s.entry(vol, Some(&fp), e.write_id, e.refcount, &e.extents);
                 }
             }
             for w in writes.values().filter(|w| w.write_id != 0) {

@@ -45,7 +45,7 @@ pub(super) fn index_of(s: &Store) -> Vec<EntryKey> {
         .iter()
         .map(|(fp, e)| {
             (
-                *fp,
+                fp,
                 e.disk.0,
                 e.len,
                 e.refcount,

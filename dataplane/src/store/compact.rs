@@ -186,7 +186,7 @@ impl Store {
                     .map(|x| vol.lp_of(x.hdr))
                     .min()
                     .unwrap_or(u64::MAX),
-                fp: *fp,
+                fp,
                 footprint: e.footprint,
                 max_record: e
                     .extents
@@ -203,7 +203,7 @@ impl Store {
             .index
             .values()
             .filter(|e| e.disk == disk)
-            .flat_map(|e| e.extents.iter())
+            .flat_map(|e| e.extents.into_iter())
             .map(|x| (x.hdr, x.size()))
             .collect();
 
@@ -281,7 +281,7 @@ impl Store {
         let vol = &mut self.vols[d];
         vol.flush()?;
         for (fp, write_id, extents) in moved {
-            if let Some(e) = self.index.get_mut(&fp) {
+            if let Some(mut e) = self.index.get_mut(&fp) {
                 e.write_id = write_id;
                 e.extents = extents;
             }
@@ -326,7 +326,7 @@ impl Store {
                 let data = &rec[off + PACKED_HDR..off + PACKED_HDR + ext.len as usize];
                 let actual = crc32c::crc32c(data);
                 let old_hdr = PackedHeader::check(&rec[off..], vol.log_nonce())
-                    .filter(|o| o.seq.get() == old_write_id && o.data_len.get() == ext.len);
+                    .filter(|o| o.fingerprint == fp.0 && o.data_len.get() == ext.len);
                 let mut h = PackedHeader::commit(fp, data, refcount);
                 match old_hdr {
                     Some(o) => {

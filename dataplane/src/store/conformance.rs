@@ -763,7 +763,7 @@ impl<'a, 'o> Harness<'a, 'o> {
                 ));
             }
         }
-        for (fp, e) in &s.index {
+        for (fp, e) in s.index.iter() {
             let sum: u64 = e.extents.iter().map(|x| u64::from(x.len)).sum();
             let want = footprint(e.len, seg);
             let shape_ok = e

@@ -197,8 +197,10 @@
 //! | 0 | W | where its record starts, counted from the start of the log in 16-byte units, times two, plus one for a packed record |
 //! | W | 3 | payload bytes of the segment (at most 3.75 MiB < 2^24) or data bytes of the packed record |
 //!
-//! The age fits W bytes because the write's first record is live, so between the head
-//! and S, and every record takes at least 80 bytes. A snapshot with a value that does
+//! A packed object's age is written as 1 whatever it is: its record names its
+//! fingerprint, which is what reads and compaction check it by, so no write id is kept
+//! for it (see `index`). The age fits W bytes because the write's first record is
+//! live, so between the head and S, and every record takes at least 80 bytes. A snapshot with a value that does
 //! not fit its field anyway (a log written by other software) is not written.
 //!
 //! An object's length is the sum of its extents, its log footprint the sum of their

@@ -59,6 +59,7 @@ mod compact;
 pub mod conformance;
 mod counted;
 mod format;
+mod index;
 pub mod label;
 mod room;
 mod volume;
@@ -74,7 +75,7 @@ mod prop_tests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use md5::{Digest, Md5};
 use nvme::{AlignedBuf, BlockDevice};
@@ -457,8 +458,9 @@ pub struct Store {
     cfg: StoreConfig,
     vols: Vec<Volume>,
     /// Ordered by fingerprint, so that GET_CONTENTS can walk it with a cursor a piece
-    /// at a time while stores and deletes go on (a hash map cannot resume a walk).
-    index: BTreeMap<Fingerprint, Entry>,
+    /// at a time while stores and deletes go on (a hash map cannot resume a walk);
+    /// about 28 bytes per small object (see `index`).
+    index: index::Index,
     writes: HashMap<WriteId, OpenWrite>,
     next_write: u64,
     pool: Vec<Staging>,
@@ -590,18 +592,20 @@ impl Store {
         for vol in vols.iter_mut().filter(|v| v.state == DiskState::Online) {
             vol.refresh_health();
         }
-        let mut index = BTreeMap::new();
+        let mut seen = std::collections::HashSet::new();
         let mut duplicates = Vec::new();
+        let mut first = Vec::new();
         for local in locals {
             for (fp, entry) in local {
-                match index.entry(fp) {
-                    std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert(entry);
-                    }
-                    std::collections::btree_map::Entry::Occupied(_) => duplicates.push((fp, entry)),
+                if seen.insert(fp) {
+                    first.push((fp, entry));
+                } else {
+                    duplicates.push((fp, entry));
                 }
             }
         }
+        drop(seen);
+        let index: index::Index = first.into_iter().collect();
         let nvols = vols.len();
         let mut store = Store {
             vols,
@@ -694,7 +698,7 @@ impl Store {
             self.vols[usize::from(loser.disk.0)].ckpt.diverged = true;
         }
         let retired = self.write_ref(winner, &fp, delta).is_ok() && {
-            if let Some(e) = self.index.get_mut(&fp) {
+            if let Some(mut e) = self.index.get_mut(&fp) {
                 e.refcount = e.refcount.saturating_add(loser.refcount);
             }
             self.write_ref(loser.disk, &fp, -delta).is_ok()
@@ -970,7 +974,7 @@ impl Store {
     pub fn ref_start(&mut self, fp: &Fingerprint, user: u64) -> Result<(), StoreError> {
         let disk = self.index.get(fp).ok_or(StoreError::NotFound(*fp))?.disk;
         let seq = self.append_ref_making_room(disk, fp, 1)?;
-        let e = self.index.get_mut(fp).ok_or(StoreError::NotFound(*fp))?;
+        let mut e = self.index.get_mut(fp).ok_or(StoreError::NotFound(*fp))?;
         e.refcount = e.refcount.saturating_add(1);
         let c = Committed {
             fingerprint: *fp,
@@ -1205,9 +1209,10 @@ impl Store {
         }
         let disk = self.index.get(fp).ok_or(StoreError::NotFound(*fp))?.disk;
         let seq = self.append_ref_making_room(disk, fp, -1)?;
-        let e = self.index.get_mut(fp).ok_or(StoreError::NotFound(*fp))?;
+        let mut e = self.index.get_mut(fp).ok_or(StoreError::NotFound(*fp))?;
         e.refcount = e.refcount.saturating_sub(1);
         let left = e.refcount;
+        drop(e);
         let mut removed = None;
         if left == 0 {
             if let Some(e) = self.index.remove(fp) {
@@ -1237,8 +1242,8 @@ impl Store {
     pub fn contents(&self) -> Vec<(Fingerprint, DiskId)> {
         self.index
             .iter()
-            .filter(|(fp, _)| !self.unacked.contains(*fp))
-            .map(|(fp, e)| (*fp, e.disk))
+            .filter(|(fp, _)| !self.unacked.contains(fp))
+            .map(|(fp, e)| (fp, e.disk))
             .collect()
     }
 
@@ -1285,11 +1290,11 @@ impl Store {
         for (fp, e) in self
             .index
             .range((from, to))
-            .filter(|(fp, _)| !self.unacked.contains(*fp))
+            .filter(|(fp, _)| !self.unacked.contains(fp))
             .take(max)
         {
-            each(*fp, e.disk);
-            last = Some(*fp);
+            each(fp, e.disk);
+            last = Some(fp);
         }
         last
     }
@@ -1302,16 +1307,16 @@ impl Store {
     ) -> impl Iterator<Item = (Fingerprint, DiskId)> + '_ {
         self.index
             .range((from, to))
-            .filter(|(fp, _)| !self.unacked.contains(*fp))
-            .map(|(fp, e)| (*fp, e.disk))
+            .filter(|(fp, _)| !self.unacked.contains(fp))
+            .map(|(fp, e)| (fp, e.disk))
     }
 
     /// Every object this store holds (acknowledged or not) with its metadata, in
     /// fingerprint order: how the shards learn at start-up where each object lives.
     pub fn each_object(&self, mut each: impl FnMut(Fingerprint, ObjectMeta)) {
-        for (fp, e) in &self.index {
+        for (fp, e) in self.index.iter() {
             each(
-                *fp,
+                fp,
                 ObjectMeta {
                     len: e.len,
                     disk: e.disk,
@@ -1448,21 +1453,10 @@ impl Store {
         }
     }
 
-    /// Objects in the index and an estimate of the memory it takes: the B-tree's nodes
-    /// (a leaf holds up to 11 entries and is, on average, about two-thirds full under
-    /// random fingerprints; inner nodes add about a tenth) plus each entry's extent
-    /// list. What `/metrics` reports as `dosd_index_bytes`.
+    /// Objects in the index and the memory it takes, counted from its allocations
+    /// (see `index`). What `/metrics` reports as `dosd_index_bytes`.
     pub fn index_footprint(&self) -> (u64, u64) {
-        const LEAF_ENTRIES: usize = 11;
-        let leaf = LEAF_ENTRIES * size_of::<(Fingerprint, Entry)>() + 16;
-        let leaves = (self.index.len() * 3).div_ceil(2 * LEAF_ENTRIES);
-        let nodes = leaves + leaves / 10;
-        let extents: usize = self
-            .index
-            .values()
-            .map(|e| e.extents.capacity() * size_of::<Extent>())
-            .sum();
-        (self.index.len() as u64, (nodes * leaf + extents) as u64)
+        (self.index.len() as u64, self.index.memory_bytes())
     }
 
     pub fn counters(&self) -> &StoreCounters {

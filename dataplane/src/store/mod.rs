@@ -472,6 +472,9 @@ pub struct Store {
     probe_down: Vec<DiskId>,
     /// The checkpoint being written in the background, if any (see `checkpoint`).
     ckpt_task: Option<checkpoint::CkptTask>,
+    /// The compaction step under way in the background, if any (see `compact`);
+    /// never together with `ckpt_task` in flight.
+    compact_task: Option<compact::CompactTask>,
     hdr_cache: HeaderCache,
     counters: StoreCounters,
     /// One checkpoint transfer buffer per disk ([`checkpoint::CKPT_IO_BYTES`] each),
@@ -616,6 +619,7 @@ impl Store {
             probe_bufs: (0..nvols).map(|_| Some(AlignedBuf::new(BLOCK))).collect(),
             probe_down: Vec::new(),
             ckpt_task: None,
+            compact_task: None,
             hdr_cache: HeaderCache::new(64),
             counters: StoreCounters::default(),
             ckpt_bufs,
@@ -713,26 +717,24 @@ impl Store {
         }
     }
 
-    /// [`Store::write_ref`] that may use the metadata reserve, and when even that is used
-    /// up compacts the disk and tries once more: REF records turn into dead space as soon
-    /// as they are written, so compaction can always win them back. Deletes and dedup
-    /// hits go through here, so that a full disk can still be emptied and a duplicate
-    /// still be referenced.
+    /// [`Store::append_ref`] with the metadata reserve, and when even that is used up,
+    /// NoSpace and a compaction of the disk in the background ([`Store::compact_soon`]):
+    /// REF records turn into dead space as soon as they are written, so compaction can
+    /// always win them back, and the delete or dedup succeeds when tried again. Deletes
+    /// and dedup hits go through here, so that a full disk can still be emptied and a
+    /// duplicate still be referenced. Never waits for the device.
     fn append_ref_making_room(
         &mut self,
         disk: DiskId,
         fp: &Fingerprint,
         delta: i32,
     ) -> Result<u64, StoreError> {
-        match self.append_ref(disk, fp, delta) {
-            Err(StoreError::NoSpace) => {
-                // Rare (a disk full to the brim, even its metadata reserve): the one
-                // place a request still runs a compaction pass inline.
-                let _ = self.compact(disk);
-                self.append_ref(disk, fp, delta)
-            }
-            other => other,
+        let r = self.append_ref(disk, fp, delta);
+        if matches!(r, Err(StoreError::NoSpace)) {
+            // Rare: a disk full to the brim, even its metadata reserve.
+            self.compact_soon(disk);
         }
+        r
     }
 
     /// Writes and flushes a REF record on `disk`.

@@ -253,6 +253,21 @@ impl Store {
         self.compact_task.is_some()
     }
 
+    /// Where the step under way is (tests: which points of a step were reached).
+    #[cfg(test)]
+    pub(crate) fn compact_phase(&self) -> Option<&'static str> {
+        self.compact_task.as_ref().map(|t| match t.step {
+            Step::Settle => "settle",
+            Step::Window => "window",
+            Step::Move => "move",
+            Step::Durable => "durable",
+            Step::Head => "head",
+            Step::HeadWrite => "head write",
+            Step::HeadFlush(_) => "head flush",
+            Step::Done => "done",
+        })
+    }
+
     /// Disks worth an idle step, the most worthwhile first.
     fn compact_candidates(&self) -> Vec<DiskId> {
         let mut candidates: Vec<(f64, DiskId)> = self

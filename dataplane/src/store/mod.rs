@@ -67,6 +67,8 @@ mod volume;
 #[cfg(test)]
 mod checkpoint_tests;
 #[cfg(test)]
+mod compact_tests;
+#[cfg(test)]
 mod copy_tests;
 #[cfg(test)]
 mod crash_tests;

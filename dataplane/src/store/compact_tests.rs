@@ -282,3 +282,67 @@ fn power_cut_at_every_step_of_a_compaction_step() {
     eprintln!("{cuts} power cuts during compaction");
     assert!(cuts > 50, "{cuts}");
 }
+
+/// A disk full to the brim (data up to its reserves, then dedup references until even
+/// the metadata reserve is used up): a delete gets NoSpace without the loop waiting,
+/// and asks for a compaction in the background; once that is over the delete goes
+/// through, and everything survives a power cut.
+#[test]
+fn a_delete_on_a_full_disk_starts_a_background_compaction() {
+    let disk = MemDisk::new(2 << 20, 5);
+    let one = std::slice::from_ref(&disk);
+    let mut s = Store::open_seeded(devices(one), cfg(16 * 1024), 1, 5).unwrap();
+    let mut kept = Vec::new();
+    for i in 0.. {
+        let o = data(5000 + i, 9000);
+        match put(&mut s, &o, 9000) {
+            Ok(_) => kept.push(o),
+            Err(StoreError::NoSpace) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let popular = kept[0].clone();
+    let mut refs = 1u32;
+    loop {
+        match put(&mut s, &popular, 9000) {
+            Ok(c) => {
+                refs += 1;
+                assert_eq!(c.refcount, refs);
+            }
+            Err(StoreError::NoSpace) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(refs < 100_000);
+    }
+    // The dedup that failed asked for a compaction already; a delete does the same.
+    let victim = Fingerprint::of(&kept[1]);
+    assert!(matches!(
+        s.delete_start(&victim, 1),
+        Err(StoreError::NoSpace)
+    ));
+    assert!(s.compacting());
+    let mut events = Vec::new();
+    let mut reclaimed = 0;
+    while s.compacting() || s.compact_busy() {
+        if let Some(r) = s.compact_tick() {
+            reclaimed += r.unwrap().bytes_reclaimed;
+        }
+        s.poll(&mut events);
+    }
+    assert!(reclaimed > 0);
+    s.delete_start(&victim, 1).unwrap();
+    let ev = s.wait_for(1);
+    assert!(
+        matches!(ev, StoreEvent::Deleted { result: Ok(0), .. }),
+        "{ev:?}"
+    );
+    drop(s);
+    disk.crash();
+    let mut s = Store::open_seeded(devices(one), cfg(16 * 1024), 1, 6).unwrap();
+    assert!(s.get(&victim).is_none());
+    assert_eq!(s.get(&Fingerprint::of(&popular)).unwrap().refcount, refs);
+    for o in &kept[2..] {
+        assert_eq!(&get_all(&mut s, &Fingerprint::of(o)).unwrap(), o);
+    }
+    check_accounting(&s);
+}

@@ -105,7 +105,8 @@ pub struct StoreConfig {
     pub max_open_writes: usize,
     /// Largest object accepted. Default 64 GiB.
     pub max_object_bytes: u64,
-    /// `maybe_compact` works on a disk whose dead/used ratio exceeds this. Default 0.5.
+    /// Idle compaction (`compact_start`, `maybe_compact`) works on a disk whose dead/used
+    /// ratio exceeds this. Default 0.5.
     pub compact_dead_ratio: f64,
     /// Bytes of the hot-object cache (verified whole small objects); 0 disables it.
     /// Default 64 MiB.
@@ -506,8 +507,8 @@ pub struct Store {
     staging_out: usize,
     /// One-block buffers for reference records.
     meta_bufs: Vec<AlignedBuf>,
-    /// A compaction asked for by a STORE waiting for room: the disk, and the tail
-    /// it runs to.
+    /// A compaction asked for by a STORE waiting for room (or a delete or dedup that
+    /// found the disk full): the disk, and the tail it runs to, in background steps.
     urgent: Option<(DiskId, u64)>,
 }
 
@@ -1195,9 +1196,17 @@ impl Store {
     }
 
     /// Drops one reference, blocking until durable ([`Store::delete_start`] and a
-    /// wait). Returns the references left.
+    /// wait). Returns the references left. On a disk full to the brim (even its
+    /// metadata reserve) it compacts the disk, blocking, and tries once more.
     pub fn delete(&mut self, fp: &Fingerprint) -> Result<u32, StoreError> {
-        self.delete_start(fp, SYNC_USER)?;
+        let mut started = self.delete_start(fp, SYNC_USER);
+        if matches!(started, Err(StoreError::NoSpace)) {
+            if let Some(disk) = self.index.get(fp).map(|e| e.disk) {
+                let _ = self.compact(disk);
+                started = self.delete_start(fp, SYNC_USER);
+            }
+        }
+        started?;
         match self.wait_for(SYNC_USER) {
             StoreEvent::Deleted { result, .. } => result,
             other => Err(StoreError::Format(format!("unexpected event {other:?}"))),

@@ -894,8 +894,8 @@ impl Store {
     }
 
     /// Blocks until every commit and delete in flight is durable and answered (the
-    /// answers wait in `parked_events`): before a checkpoint or compaction, which
-    /// must see a settled log.
+    /// answers wait in `parked_events`): before a blocking checkpoint, which must see
+    /// a settled log.
     pub fn settle(&mut self) {
         let mut events = Vec::new();
         while self.waiters.iter().any(|w| !w.is_empty())

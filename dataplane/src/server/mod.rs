@@ -396,11 +396,20 @@ impl<P: NetPort> Server<P> {
         let now = self.port.now();
         let mut drive: Vec<ConnId> = std::mem::take(&mut self.t.more);
         let mut datagrams = std::mem::take(&mut self.t.datagrams_more);
-        // A STORE waiting for room: one bounded compaction step per turn.
+        // Compaction runs in the background (a STORE waiting for room, or the idle
+        // step started below); its steps start and end here.
         if let Some(r) = self.store.compact_tick() {
             match r {
-                Ok(step) => tracing::debug!(?step, "compaction step for a waiting store"),
-                Err(e) => tracing::warn!(error = %e, "compaction for a waiting store failed"),
+                Ok(step) => {
+                    tracing::debug!(?step, "compaction step");
+                    if step.bytes_scanned > 0 {
+                        // Compaction moved the log head, possibly past the last
+                        // checkpoint: write a new one soon, or a crash before the
+                        // next store would cost a full scan at start-up.
+                        self.t.dirty_since_checkpoint = true;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "compaction step failed"),
             }
         }
         // Device completions: each finished operation goes to its session, which
@@ -544,28 +553,21 @@ impl<P: NetPort> Server<P> {
         if let Some(Err(e)) = self.store.checkpoint_tick() {
             tracing::error!(error = %e, "checkpoint failed");
         }
-        // Background work only when the node is otherwise quiet (compaction, which
-        // blocks, not while a checkpoint is being written).
+        // Background work only when the node is otherwise quiet, one task at a time:
+        // a compaction step (its end is reported by compact_tick above) or a
+        // checkpoint.
         if idle
             && !self.store.checkpoint_busy()
+            && !self.store.compact_busy()
             && now.duration_since(self.t.last_compact) >= Duration::from_secs(1)
         {
             self.t.last_compact = now;
-            match self.store.maybe_compact() {
-                Ok(Some(r)) => {
-                    tracing::info!(?r, "compacted");
-                    // Compaction moved the log head, possibly past the last
-                    // checkpoint: write a new one soon, or a crash before the next
-                    // store would cost a full scan at start-up.
-                    self.t.dirty_since_checkpoint = true;
-                }
-                Ok(None) => {}
-                Err(e) => tracing::error!(error = %e, "compaction failed"),
-            }
+            self.store.compact_start();
         }
         if idle
             && self.t.dirty_since_checkpoint
             && !self.store.checkpoint_busy()
+            && !self.store.compact_busy()
             && now.duration_since(self.t.last_checkpoint) >= self.cfg.checkpoint_interval
         {
             self.t.last_checkpoint = now;

@@ -375,6 +375,60 @@ fn the_idle_checkpoint_is_written_while_the_node_runs() {
     assert_eq!(store.objects(), 20);
 }
 
+/// Idle compaction is started by the loop's timers and runs through its poll while
+/// the node goes on serving: the head recorded in a superblock moves past the deleted
+/// objects, and the live ones still read back.
+#[test]
+fn idle_compaction_runs_in_the_background_while_the_node_serves() {
+    let disk = MemDisk::new(64 * MIB + MIB, 3);
+    let node = TestNode::start_on(&disk, 1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let label =
+        crate::store::label::open_or_label(&mut disk.device(), Some(1), &mut rng).expect("label");
+    let (base, _) = label.region(0);
+    // The highest head seq of the two superblock copies (format.rs: offset 64).
+    let head_seq = |disk: &MemDisk| {
+        let mut blocks = nvme::AlignedBuf::new(2 * 4096);
+        nvme::BlockDevice::read_at(&mut disk.device(), base, &mut blocks)
+            .expect("read the superblocks");
+        [0usize, 4096]
+            .iter()
+            .map(|&at| u64::from_le_bytes(blocks[at + 64..at + 72].try_into().expect("8 bytes")))
+            .max()
+            .unwrap_or(0)
+    };
+    let mut c = node.client();
+    let mut kept = Vec::new();
+    for i in 0..40u8 {
+        let object = vec![i; 40_000];
+        let mut input = &object[..];
+        let fp = c
+            .store(&mut input, Expect::default(), &mut |_| {})
+            .expect("store")
+            .fingerprint;
+        if i % 4 == 0 {
+            kept.push(fp);
+        } else {
+            c.delete(&fp).expect("delete");
+        }
+    }
+    let before = head_seq(&disk);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while head_seq(&disk) <= before {
+        assert!(Instant::now() < deadline, "no compaction while idle");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for fp in &kept {
+        assert_eq!(c.locate(fp).expect("stored").object_len, 40_000);
+    }
+    let mut store = node.stop();
+    assert!(store.counters().compactions > 0);
+    for fp in &kept {
+        let mut out = vec![0u8; 40_000];
+        assert_eq!(store.read(fp, 0, &mut out).expect("read"), 40_000);
+    }
+}
+
 #[test]
 fn an_oversized_chunk_fails_its_store_and_the_connection_stays_in_step() {
     let node = TestNode::start();

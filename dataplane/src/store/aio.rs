@@ -29,7 +29,7 @@ use nvme::{AlignedBuf, Completion};
 use dosp::Fingerprint;
 
 use super::format::{kind, PackedHeader, RecordHeader, BLOCK, BLOCK_U64, PACKED_HDR};
-use super::volume::{TAG_CKPT, TAG_CLASS, TAG_PROBE, TAG_READ};
+use super::volume::{TAG_CKPT, TAG_CLASS, TAG_COMPACT, TAG_PROBE, TAG_READ};
 use super::{Committed, DiskId, Store, StoreError, PREFETCH_SKIP_BLOCKS_MAX};
 use crate::copies::Site;
 
@@ -644,6 +644,7 @@ impl Store {
                 match c.tag.0 & TAG_CLASS {
                     TAG_PROBE => self.probe_done(d, c),
                     TAG_CKPT => self.ckpt_done(d, c),
+                    TAG_COMPACT => self.compact_done(d, c),
                     _ => self.read_done(c, events),
                 }
             }
@@ -651,9 +652,10 @@ impl Store {
             self.settle_waiters(d, events);
         }
         self.read_scratch = reads;
-        // After the waiters: a group commit's flush goes first, the checkpoint only
-        // starts one of its own when none is in flight.
+        // After the waiters: a group commit's flush goes first, the checkpoint and the
+        // compaction step only start one of their own when none is in flight.
         self.ckpt_advance();
+        self.compact_advance();
     }
 
     pub fn cache_stats(&self) -> CacheStats {
@@ -681,6 +683,7 @@ impl Store {
     /// completion descriptor. Otherwise the loop polls without sleeping.
     pub fn can_sleep(&self) -> bool {
         self.urgent.is_none()
+            && self.compact_task.is_none()
             && self.parked_events.is_empty()
             && self.vols.iter().all(|v| v.quiescent())
     }
@@ -891,8 +894,8 @@ impl Store {
     }
 
     /// Blocks until every commit and delete in flight is durable and answered (the
-    /// answers wait in `parked_events`): before a checkpoint or compaction, which
-    /// must see a settled log.
+    /// answers wait in `parked_events`): before a blocking checkpoint, which must see
+    /// a settled log.
     pub fn settle(&mut self) {
         let mut events = Vec::new();
         while self.waiters.iter().any(|w| !w.is_empty())

@@ -813,6 +813,9 @@ impl Store {
     /// Snapshots of the disks marked in `due` (one pass over the index feeds them all),
     /// then the superblock's verified mark of every Online disk, blocking.
     pub(super) fn checkpoint_disks(&mut self, due: &[bool]) -> Result<(), StoreError> {
+        // A compaction step under way ends first (its outcome is kept for
+        // `compact_tick`): the two never run together.
+        self.compact_drive();
         // Commits in flight are answered (their answers kept for the next poll), as
         // they would be by a serving loop before it starts a checkpoint.
         self.settle();
@@ -825,7 +828,7 @@ impl Store {
     /// the writes go out from here and from [`Store::poll`]. Returns whether one
     /// started. [`Store::checkpoint_tick`] says when it is over.
     pub fn checkpoint_start(&mut self) -> bool {
-        if self.ckpt_task.is_some() {
+        if self.ckpt_task.is_some() || self.compact_task.is_some() {
             return false;
         }
         let due: Vec<bool> = self.vols.iter().map(snapshot_due).collect();
@@ -850,7 +853,7 @@ impl Store {
     }
 
     /// Drives the background checkpoint to its end, blocking; `Ok` when there is none.
-    fn checkpoint_wait(&mut self) -> Result<(), StoreError> {
+    pub(super) fn checkpoint_wait(&mut self) -> Result<(), StoreError> {
         let mut events = Vec::new();
         loop {
             if let Some(r) = self.checkpoint_tick() {
@@ -878,7 +881,7 @@ impl Store {
     /// Takes the snapshots of the disks marked in `due` and starts the task. Every
     /// Online disk also gets its verified mark brought up to its `next_seq`.
     fn checkpoint_start_disks(&mut self, due: &[bool]) -> bool {
-        if self.ckpt_task.is_some() {
+        if self.ckpt_task.is_some() || self.compact_task.as_ref().is_some_and(|t| !t.done()) {
             return false;
         }
         let Store {

@@ -1,5 +1,5 @@
 //! Crash tests: a seeded random workload (interleaved stores, aborts, deletes,
-//! compaction, checkpoints, injected device faults — also while a checkpoint is being
+//! compaction — blocking and in the background — checkpoints, injected device faults — also while a checkpoint is being
 //! written) on in-memory disks, with power cuts at random points and, now and then, a
 //! damaged checkpoint slot. After every reboot:
 //! - the index rebuilt from the checkpoints and the log tails is exactly the one a full
@@ -73,6 +73,9 @@ struct Run {
     wraps: u64,
     /// Disks opened from a checkpoint (summed over reboots).
     from_checkpoint: u64,
+    /// Background compaction steps that moved a head, and ones a power cut stopped.
+    background: u64,
+    cut_short: u64,
 }
 
 impl Run {
@@ -95,6 +98,8 @@ impl Run {
             dedups: 0,
             wraps: 0,
             from_checkpoint: 0,
+            background: 0,
+            cut_short: 0,
         }
     }
 
@@ -123,6 +128,17 @@ impl Run {
     }
 
     fn step(&mut self) {
+        // A compaction step in the background moves on with every poll (the blocking
+        // operations below poll too); its end is taken here, as the server does.
+        match self.store.compact_tick() {
+            Some(Ok(r)) if r.bytes_scanned > 0 => self.background += 1,
+            None
+            | Some(Ok(_))
+            | Some(Err(
+                StoreError::NoSpace | StoreError::DiskFailed { .. } | StoreError::DiskOffline(_),
+            )) => {}
+            Some(Err(e)) => panic!("background compaction: {e}"),
+        }
         let op = self.rng.gen_range(0..100);
         if std::env::var("CRASH_TRACE").is_ok() {
             eprintln!(
@@ -237,6 +253,15 @@ impl Run {
             }
             93..=94 => self.reboot(true),
             95 => self.reboot(false),
+            96..=97 => {
+                // A compaction step in the background, interleaved with what follows
+                // (and cut short by the next power cut).
+                if self.rng.gen_bool(0.5) {
+                    self.store.compact_soon(DiskId(self.rng.gen_range(0..2)));
+                } else {
+                    self.store.compact_start();
+                }
+            }
             _ => {}
         }
     }
@@ -278,6 +303,9 @@ impl Run {
     /// Power cut (or a clean stop), then a reboot with healthy devices and a full check.
     fn reboot(&mut self, crash: bool) {
         self.inflight.clear();
+        if crash && self.store.compact_busy() {
+            self.cut_short += 1;
+        }
         if crash {
             for d in &self.disks {
                 d.crash();
@@ -392,7 +420,7 @@ fn crash_at_random_points() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let (mut reboots, mut objects, mut compactions, mut dedups, mut wraps) = (0, 0, 0, 0, 0);
-    let mut from_checkpoint = 0;
+    let (mut from_checkpoint, mut background, mut cut_short) = (0, 0, 0);
     for seed in from..200 {
         let run = run_seed(seed, 200);
         reboots += run.reboots;
@@ -401,8 +429,10 @@ fn crash_at_random_points() {
         dedups += run.dedups;
         wraps += run.wraps;
         from_checkpoint += run.from_checkpoint;
+        background += run.background;
+        cut_short += run.cut_short;
     }
-    eprintln!("reboots {reboots} objects {objects} compactions {compactions} dedups {dedups} wrapped {wraps} disks opened from a checkpoint {from_checkpoint}");
+    eprintln!("reboots {reboots} objects {objects} compactions {compactions} dedups {dedups} wrapped {wraps} disks opened from a checkpoint {from_checkpoint} background compaction steps {background} (cut short {cut_short})");
     // The workload must actually exercise what it claims to.
     if from == 0 {
         assert!(reboots > 500, "{reboots}");
@@ -411,6 +441,7 @@ fn crash_at_random_points() {
         assert!(dedups > 100, "{dedups}");
         assert!(wraps > 10, "{wraps}");
         assert!(from_checkpoint > 200, "{from_checkpoint}");
+        assert!(background > 20 && cut_short > 5, "{background} {cut_short}");
     }
 }
 

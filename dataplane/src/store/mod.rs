@@ -67,6 +67,8 @@ mod volume;
 #[cfg(test)]
 mod checkpoint_tests;
 #[cfg(test)]
+mod compact_tests;
+#[cfg(test)]
 mod copy_tests;
 #[cfg(test)]
 mod crash_tests;
@@ -103,7 +105,8 @@ pub struct StoreConfig {
     pub max_open_writes: usize,
     /// Largest object accepted. Default 64 GiB.
     pub max_object_bytes: u64,
-    /// `maybe_compact` works on a disk whose dead/used ratio exceeds this. Default 0.5.
+    /// Idle compaction (`compact_start`, `maybe_compact`) works on a disk whose dead/used
+    /// ratio exceeds this. Default 0.5.
     pub compact_dead_ratio: f64,
     /// Bytes of the hot-object cache (verified whole small objects); 0 disables it.
     /// Default 64 MiB.
@@ -472,6 +475,9 @@ pub struct Store {
     probe_down: Vec<DiskId>,
     /// The checkpoint being written in the background, if any (see `checkpoint`).
     ckpt_task: Option<checkpoint::CkptTask>,
+    /// The compaction step under way in the background, if any (see `compact`);
+    /// never together with `ckpt_task` in flight.
+    compact_task: Option<compact::CompactTask>,
     hdr_cache: HeaderCache,
     counters: StoreCounters,
     /// One checkpoint transfer buffer per disk ([`checkpoint::CKPT_IO_BYTES`] each),
@@ -501,8 +507,8 @@ pub struct Store {
     staging_out: usize,
     /// One-block buffers for reference records.
     meta_bufs: Vec<AlignedBuf>,
-    /// A compaction asked for by a STORE waiting for room: the disk, and the tail
-    /// it runs to.
+    /// A compaction asked for by a STORE waiting for room (or a delete or dedup that
+    /// found the disk full): the disk, and the tail it runs to, in background steps.
     urgent: Option<(DiskId, u64)>,
 }
 
@@ -616,6 +622,7 @@ impl Store {
             probe_bufs: (0..nvols).map(|_| Some(AlignedBuf::new(BLOCK))).collect(),
             probe_down: Vec::new(),
             ckpt_task: None,
+            compact_task: None,
             hdr_cache: HeaderCache::new(64),
             counters: StoreCounters::default(),
             ckpt_bufs,
@@ -713,26 +720,24 @@ impl Store {
         }
     }
 
-    /// [`Store::write_ref`] that may use the metadata reserve, and when even that is used
-    /// up compacts the disk and tries once more: REF records turn into dead space as soon
-    /// as they are written, so compaction can always win them back. Deletes and dedup
-    /// hits go through here, so that a full disk can still be emptied and a duplicate
-    /// still be referenced.
+    /// [`Store::append_ref`] with the metadata reserve, and when even that is used up,
+    /// NoSpace and a compaction of the disk in the background ([`Store::compact_soon`]):
+    /// REF records turn into dead space as soon as they are written, so compaction can
+    /// always win them back, and the delete or dedup succeeds when tried again. Deletes
+    /// and dedup hits go through here, so that a full disk can still be emptied and a
+    /// duplicate still be referenced. Never waits for the device.
     fn append_ref_making_room(
         &mut self,
         disk: DiskId,
         fp: &Fingerprint,
         delta: i32,
     ) -> Result<u64, StoreError> {
-        match self.append_ref(disk, fp, delta) {
-            Err(StoreError::NoSpace) => {
-                // Rare (a disk full to the brim, even its metadata reserve): the one
-                // place a request still runs a compaction pass inline.
-                let _ = self.compact(disk);
-                self.append_ref(disk, fp, delta)
-            }
-            other => other,
+        let r = self.append_ref(disk, fp, delta);
+        if matches!(r, Err(StoreError::NoSpace)) {
+            // Rare: a disk full to the brim, even its metadata reserve.
+            self.compact_soon(disk);
         }
+        r
     }
 
     /// Writes and flushes a REF record on `disk`.
@@ -1191,9 +1196,17 @@ impl Store {
     }
 
     /// Drops one reference, blocking until durable ([`Store::delete_start`] and a
-    /// wait). Returns the references left.
+    /// wait). Returns the references left. On a disk full to the brim (even its
+    /// metadata reserve) it compacts the disk, blocking, and tries once more.
     pub fn delete(&mut self, fp: &Fingerprint) -> Result<u32, StoreError> {
-        self.delete_start(fp, SYNC_USER)?;
+        let mut started = self.delete_start(fp, SYNC_USER);
+        if matches!(started, Err(StoreError::NoSpace)) {
+            if let Some(disk) = self.index.get(fp).map(|e| e.disk) {
+                let _ = self.compact(disk);
+                started = self.delete_start(fp, SYNC_USER);
+            }
+        }
+        started?;
         match self.wait_for(SYNC_USER) {
             StoreEvent::Deleted { result, .. } => result,
             other => Err(StoreError::Format(format!("unexpected event {other:?}"))),

@@ -201,12 +201,6 @@ impl Pack {
     }
 }
 
-/// One block of the log read by [`Volume::record_after`], kept for the next record.
-pub(crate) struct Walker {
-    buf: AlignedBuf,
-    held: Option<u64>,
-}
-
 /// What `Volume::record_at` found.
 enum Found {
     Record(Scanned),
@@ -228,6 +222,8 @@ pub(crate) const TAG_CKPT: u64 = 5 << 56;
 pub(crate) const TAG_SB: u64 = 6 << 56;
 /// A write of an image of packed records (see [`Pack`]).
 pub(crate) const TAG_PACK: u64 = 7 << 56;
+/// A read of a compaction task (see `compact`): the window's bytes or a live record.
+pub(crate) const TAG_COMPACT: u64 = 8 << 56;
 pub(crate) const TAG_CLASS: u64 = 0xff << 56;
 /// Completions taken from a device per poll.
 pub(crate) const POLL_MAX: usize = 256;
@@ -762,107 +758,122 @@ impl Volume {
                 self.dev.read_at(block_phys, buf)?;
                 *held = Some(block_phys);
             }
-            let off = (phys % BLOCK_U64) as usize;
-            let nonce = self.sb.log_nonce;
-            let mut found = None;
-            if off == 0 {
-                if let Some(h) = RecordHeader::check(buf, nonce) {
-                    let size = if h.kind == kind::WRAP {
-                        self.log_len - at % self.log_len
-                    } else {
-                        record_size(u64::from(h.payload_len.get()))
-                    };
-                    found = (h.seq.get() == seq).then(|| Scanned {
-                        seq,
-                        lp: at,
-                        phys,
-                        size,
-                        packed: false,
-                        kind: h.kind,
-                        epoch: h.epoch.get(),
-                        payload_len: h.payload_len.get(),
-                        write_id: h.write_id.get(),
-                        durable_seq: h.durable_seq.get(),
-                        fp: h.fingerprint(),
-                        object_len: h.object_len.get(),
-                        refcount: h.refcount.get(),
-                        delta: h.delta.get(),
-                    });
-                }
-            }
-            if found.is_none() && off + PACKED_HDR <= BLOCK {
-                if let Some(h) = PackedHeader::check(&buf[off..], nonce) {
-                    let commit = h.kind == kind::COMMIT;
-                    found = (h.seq.get() == seq).then(|| Scanned {
-                        seq,
-                        lp: at,
-                        phys,
-                        size: h.size(),
-                        packed: true,
-                        // A packed COMMIT is its own write's one segment.
-                        kind: if commit {
-                            kind::SEGMENT | kind::COMMIT
-                        } else {
-                            h.kind
-                        },
-                        epoch: h.epoch.get(),
-                        payload_len: h.data_len.get(),
-                        write_id: seq,
-                        durable_seq: h.durable_seq.get(),
-                        fp: h.fingerprint(),
-                        object_len: u64::from(h.data_len.get()),
-                        refcount: if commit { h.count.get() } else { 0 },
-                        delta: if commit { 0 } else { h.delta() },
-                    });
-                }
-            }
-            if let Some(r) = found {
-                // A record never straddles the end of the disk, nor runs into the head.
-                if r.phys + r.size > self.sb.size_bytes || at + r.size - self.head_lp > self.log_len
-                {
-                    return Ok(Found::Nothing);
-                }
-                return Ok(Found::Record(r));
-            }
-            // Damage where the record was due ends the log here; only zeros, old data
-            // or a record of another seq let the boundary be tried.
-            if at == lp
-                && ((off == 0 && buf[..16] == self.big_prefix())
-                    || PackedHeader::looks_like(&buf[off..], nonce))
-            {
-                let valid = (off == 0 && RecordHeader::check(buf, nonce).is_some())
-                    || (off + PACKED_HDR <= BLOCK
-                        && PackedHeader::check(&buf[off..], nonce).is_some());
-                if !valid {
-                    return Ok(Found::Damaged);
-                }
+            if let Some(f) = self.examine(at, lp, seq, buf) {
+                return Ok(f);
             }
         }
         Ok(Found::Nothing)
     }
 
-    /// A walker over the log's records for [`Volume::record_after`].
-    pub fn walker(&self) -> Walker {
-        Walker {
-            buf: AlignedBuf::new(BLOCK),
-            held: None,
+    /// One candidate place `at` of `record_at` (`lp` where the previous record
+    /// ended), with `block` the log block `at` falls in: the record found there, the
+    /// end of the log, or `None` to try the next candidate.
+    fn examine(&self, at: u64, lp: u64, seq: u64, block: &[u8]) -> Option<Found> {
+        let phys = self.phys(at);
+        let buf = block.get(..BLOCK)?;
+        let off = (phys % BLOCK_U64) as usize;
+        let nonce = self.sb.log_nonce;
+        let mut found = None;
+        if off == 0 {
+            if let Some(h) = RecordHeader::check(buf, nonce) {
+                let size = if h.kind == kind::WRAP {
+                    self.log_len - at % self.log_len
+                } else {
+                    record_size(u64::from(h.payload_len.get()))
+                };
+                found = (h.seq.get() == seq).then(|| Scanned {
+                    seq,
+                    lp: at,
+                    phys,
+                    size,
+                    packed: false,
+                    kind: h.kind,
+                    epoch: h.epoch.get(),
+                    payload_len: h.payload_len.get(),
+                    write_id: h.write_id.get(),
+                    durable_seq: h.durable_seq.get(),
+                    fp: h.fingerprint(),
+                    object_len: h.object_len.get(),
+                    refcount: h.refcount.get(),
+                    delta: h.delta.get(),
+                });
+            }
         }
+        if found.is_none() && off + PACKED_HDR <= BLOCK {
+            if let Some(h) = PackedHeader::check(&buf[off..], nonce) {
+                let commit = h.kind == kind::COMMIT;
+                found = (h.seq.get() == seq).then(|| Scanned {
+                    seq,
+                    lp: at,
+                    phys,
+                    size: h.size(),
+                    packed: true,
+                    // A packed COMMIT is its own write's one segment.
+                    kind: if commit {
+                        kind::SEGMENT | kind::COMMIT
+                    } else {
+                        h.kind
+                    },
+                    epoch: h.epoch.get(),
+                    payload_len: h.data_len.get(),
+                    write_id: seq,
+                    durable_seq: h.durable_seq.get(),
+                    fp: h.fingerprint(),
+                    object_len: u64::from(h.data_len.get()),
+                    refcount: if commit { h.count.get() } else { 0 },
+                    delta: if commit { 0 } else { h.delta() },
+                });
+            }
+        }
+        if let Some(r) = found {
+            // A record never straddles the end of the disk, nor runs into the head.
+            if r.phys + r.size > self.sb.size_bytes || at + r.size - self.head_lp > self.log_len {
+                return Some(Found::Nothing);
+            }
+            return Some(Found::Record(r));
+        }
+        // Damage where the record was due ends the log here; only zeros, old data
+        // or a record of another seq let the boundary be tried.
+        if at == lp
+            && ((off == 0 && buf[..16] == self.big_prefix())
+                || PackedHeader::looks_like(&buf[off..], nonce))
+        {
+            let valid = (off == 0 && RecordHeader::check(buf, nonce).is_some())
+                || (off + PACKED_HDR <= BLOCK && PackedHeader::check(&buf[off..], nonce).is_some());
+            if !valid {
+                return Some(Found::Damaged);
+            }
+        }
+        None
     }
 
-    /// The record `seq` where the log continues after a record ending at `lp` (see
-    /// `record_at`), or `None` where there is none (the end of the log, or damage).
-    /// A device error takes the disk down.
-    pub fn record_after(
-        &mut self,
+    /// `record_at` on log bytes already read (a compaction step's window): `block_of(b)` gives the
+    /// block at logical offset `b` (a block boundary), if it was read. `None` when a
+    /// block it needs was not; `Some(None)` where the log does not go on (its end, or
+    /// damage); the same rules as `record_at`, without the device.
+    pub fn record_in<'a>(
+        &self,
         lp: u64,
         seq: u64,
-        w: &mut Walker,
-    ) -> Result<Option<Scanned>, StoreError> {
-        match self.record_at(lp, seq, &mut w.buf, &mut w.held) {
-            Ok(Found::Record(r)) => Ok(Some(r)),
-            Ok(_) => Ok(None),
-            Err(e) => Err(self.fail(e)),
+        mut block_of: impl FnMut(u64) -> Option<&'a [u8]>,
+    ) -> Option<Option<Scanned>> {
+        let boundary = lp.next_multiple_of(BLOCK_U64);
+        let mut candidates = [Some(lp), None];
+        if boundary != lp {
+            candidates[1] = Some(boundary);
         }
+        for at in candidates.into_iter().flatten() {
+            if at - self.head_lp >= self.log_len {
+                break;
+            }
+            let block = block_of(at - at % BLOCK_U64)?;
+            match self.examine(at, lp, seq, block) {
+                Some(Found::Record(r)) => return Some(Some(r)),
+                Some(_) => return Some(None),
+                None => {}
+            }
+        }
+        Some(None)
     }
 
     /// Magic and nonce: how a segment record's header of this log starts.
@@ -1260,12 +1271,8 @@ impl Volume {
         }
     }
 
-    pub fn read(&mut self, phys: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        self.dev.read_at(phys, buf).map_err(|e| self.fail(e))
-    }
-
     /// Makes every record appended so far durable, blocking (start-up, checkpoint,
-    /// compaction): waits for the writes in flight, then flushes.
+    /// duplicate resolution): waits for the writes in flight, then flushes.
     pub fn flush(&mut self) -> Result<(), StoreError> {
         self.settle_writes()?;
         let covered = self.next_seq;
@@ -1347,6 +1354,15 @@ impl Volume {
         self.sb_writing = true;
         self.dev
             .submit(IoTag(TAG_SB), IoOp::Write { offset: at, buf });
+    }
+
+    /// Submits a read of a compaction task, tagged with `n`; its completion comes back
+    /// from [`Volume::poll`].
+    pub fn submit_compact_read(&mut self, n: u32, phys: u64, buf: AlignedBuf) {
+        self.dev.submit(
+            IoTag(TAG_COMPACT | u64::from(n)),
+            IoOp::Read { offset: phys, buf },
+        );
     }
 
     /// Submits a read of `buf.len()` bytes at `phys`, tagged with the store's read
@@ -1511,23 +1527,6 @@ impl Volume {
         hdr.seal();
     }
 
-    /// Appends one record, blocking until its write completed (compaction, duplicate
-    /// resolution): `hdr` is sealed and copied into the first block of `rec`, whose
-    /// following blocks hold the payload. Not flushed.
-    pub fn append(
-        &mut self,
-        hdr: &mut RecordHeader,
-        rec: &mut [u8],
-        class: Reserve,
-    ) -> Result<Appended, StoreError> {
-        let mut own = AlignedBuf::new(rec.len());
-        own.copy_from_slice(rec);
-        let a = self.append_async(hdr, own, class).map_err(|(e, _)| e)?;
-        rec[..BLOCK].copy_from_slice(hdr.as_bytes());
-        self.settle_writes()?;
-        Ok(a)
-    }
-
     /// Appends one record asynchronously: `hdr` is sealed and copied into the first
     /// block of `rec` (its length is the record's size), whose following blocks hold
     /// the payload, and `rec` goes to the device in one write. Writes a WRAP first if
@@ -1686,7 +1685,7 @@ impl Volume {
         })
     }
 
-    /// Appends a packed record and waits for its write (compaction, duplicate
+    /// Appends a packed record and waits for its write (duplicate
     /// resolution). Not flushed.
     pub fn append_packed_wait(
         &mut self,
@@ -1798,14 +1797,5 @@ impl Volume {
             seqs: Vec::new(),
         });
         Ok(())
-    }
-
-    /// Makes the current head durable in the superblock (after compaction) together
-    /// with a new verified mark.
-    pub fn persist_head(&mut self, verified_seq: u64) -> Result<(), StoreError> {
-        self.sb.log_head = self.phys(self.head_lp);
-        self.sb.head_seq = self.head_seq;
-        self.sb.verified_seq = verified_seq.max(self.sb.verified_seq);
-        self.write_sb()
     }
 }

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use nvme::mem::MemDisk;
 
 use super::checkpoint_tests::{index_of, logs_of, without_checkpoints};
-use super::tests::{cfg, check_accounting, data, devices, get_all, put};
+use super::tests::{cfg, check_accounting, data, devices, get_all, put, succeeded};
 use super::*;
 
 /// Users of the operations made while the step runs.
@@ -120,12 +120,7 @@ fn run(
         s.poll(&mut events);
         polls += 1;
         for e in events.drain(..) {
-            let ok = match &e {
-                StoreEvent::Committed { result, .. } => result.is_ok(),
-                StoreEvent::Deleted { result, .. } => result.is_ok(),
-                StoreEvent::Read { .. } => false,
-            };
-            assert!(ok, "act_at {act_at}: {e:?}");
+            assert!(succeeded(&e), "act_at {act_at}: {e:?}");
             acked.insert(e.user());
         }
         if acted && acked.len() == USERS && !s.compacting() && !s.compact_busy() {

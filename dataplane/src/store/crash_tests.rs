@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 
 use super::checkpoint_tests::{index_of, logs_of, without_checkpoints};
 use super::format::BLOCK_U64;
-use super::tests::{cfg, check_accounting, data, devices, get_all};
+use super::tests::{cfg, check_accounting, data, devices, get_all, succeeded};
 use super::*;
 
 /// What the model knows of an object: its bytes, the refcount the running store
@@ -549,12 +549,7 @@ fn power_cut_at_every_step_of_a_group_commit() {
                 s.poll(&mut events);
                 polls += 1;
                 for e in events.drain(..) {
-                    let ok = match &e {
-                        StoreEvent::Committed { result, .. } => result.is_ok(),
-                        StoreEvent::Deleted { result, .. } => result.is_ok(),
-                        StoreEvent::Read { .. } => false,
-                    };
-                    assert!(ok, "seed {seed} cut {cut}: {e:?}");
+                    assert!(succeeded(&e), "seed {seed} cut {cut}: {e:?}");
                     acked.insert(e.user(), true);
                 }
             }
@@ -679,12 +674,7 @@ fn power_cut_at_every_step_of_a_background_checkpoint() {
                 s.poll(&mut events);
                 polls += 1;
                 for e in events.drain(..) {
-                    let ok = match &e {
-                        StoreEvent::Committed { result, .. } => result.is_ok(),
-                        StoreEvent::Deleted { result, .. } => result.is_ok(),
-                        StoreEvent::Read { .. } => false,
-                    };
-                    assert!(ok, "seed {seed} cut {cut}: {e:?}");
+                    assert!(succeeded(&e), "seed {seed} cut {cut}: {e:?}");
                     acked.insert(e.user());
                 }
                 if outcome.is_none() {

@@ -47,6 +47,15 @@ pub(super) fn open(disks: &[MemDisk], cfg: &StoreConfig) -> Store {
 
 /// Deterministic pseudo-random bytes (xorshift: test data need not be good random,
 /// only cheap and distinct per seed).
+/// Whether a store's commit or delete event reports success (a read event: no).
+pub(super) fn succeeded(e: &StoreEvent) -> bool {
+    match e {
+        StoreEvent::Committed { result, .. } => result.is_ok(),
+        StoreEvent::Deleted { result, .. } => result.is_ok(),
+        StoreEvent::Read { .. } => false,
+    }
+}
+
 pub(super) fn data(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut v = Vec::with_capacity(len + 8);

@@ -296,10 +296,10 @@ impl Store {
         if self.unacked.contains(fp) {
             return Err(StoreError::NotFound(*fp));
         }
-        let (disk, obj_len, write_id) = match self.index.get(fp) {
-            Some(e) => (e.disk, e.len, e.write_id),
-            None => return Err(StoreError::NotFound(*fp)),
+        let Some(entry) = self.index.get(fp) else {
+            return Err(StoreError::NotFound(*fp));
         };
+        let (disk, obj_len, write_id) = (entry.disk, entry.len, entry.write_id);
         if offset > obj_len {
             return Err(StoreError::OutOfRange {
                 offset,
@@ -346,7 +346,7 @@ impl Store {
             pending: 0,
             err: None,
         };
-        self.plan_read(&mut op);
+        self.plan_read(&mut op, &entry);
         let vol = &mut self.vols[usize::from(disk.0)];
         for s in op.subs.iter_mut() {
             let phys = s.device_offset();
@@ -363,10 +363,7 @@ impl Store {
     /// Splits a read into device reads: per extent, one read of the wanted blocks
     /// (with the header in front when it is not cached and not far away), or a
     /// header read and a data read side by side.
-    fn plan_read(&mut self, op: &mut ReadOp) {
-        let Some(e) = self.index.get(&op.fp) else {
-            return;
-        };
+    fn plan_read(&mut self, op: &mut ReadOp, e: &super::Entry) {
         let end = op.offset + op.n as u64;
         let mut ext_start = 0u64;
         for ext in &e.extents {

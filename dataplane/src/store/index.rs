@@ -25,7 +25,7 @@
 use dosp::Fingerprint;
 
 use super::format::{packed_size, PACKED_MAX_DATA, PACK_ALIGN};
-use super::{DiskId, Entry, Extent};
+use super::{DiskId, Entry, Extent, ObjectMeta};
 
 /// Most slots in one chunk: inserting shifts at most this many 28-byte slots, and a
 /// chunk's spare capacity is small next to the index.
@@ -198,6 +198,14 @@ impl Index {
         self.get(fp).expect("in the index")
     }
 
+    /// Disk, length and refcount of `fp`, without building its extent list.
+    pub fn meta(&self, fp: &Fingerprint) -> Option<ObjectMeta> {
+        match self.find(fp) {
+            (c, Ok(i)) => Some(self.slot_meta(&self.chunks[c][i])),
+            _ => None,
+        }
+    }
+
     pub fn contains_key(&self, fp: &Fingerprint) -> bool {
         self.find(fp).1.is_ok()
     }
@@ -295,11 +303,38 @@ impl Index {
         self.iter().map(|(_, e)| e)
     }
 
-    /// The entries with fingerprints in `range`, in order.
-    pub fn range(
+    /// Disk, length and refcount of the entries in `range`, in order, without
+    /// building their extent lists: what listings and the shards' directory need.
+    pub fn range_meta(
         &self,
         range: (std::ops::Bound<Fingerprint>, std::ops::Bound<Fingerprint>),
-    ) -> impl Iterator<Item = (Fingerprint, Entry)> + '_ {
+    ) -> impl Iterator<Item = (Fingerprint, ObjectMeta)> + '_ {
+        self.range_slots(range)
+            .map(|s| (Fingerprint(s.fp), self.slot_meta(s)))
+    }
+
+    fn slot_meta(&self, s: &Slot) -> ObjectMeta {
+        let a = u64::from_le_bytes(s.a);
+        if a & BIG != 0 {
+            if let Some(Some(e)) = self.big.get((a & 0xffff_ffff) as usize) {
+                return ObjectMeta {
+                    len: e.len,
+                    disk: e.disk,
+                    refcount: e.refcount,
+                };
+            }
+        }
+        ObjectMeta {
+            len: (a >> POS_BITS) & ((1 << LEN_BITS) - 1),
+            disk: DiskId(((a >> DISK_SHIFT) & 0xff) as u16),
+            refcount: u32::from_le_bytes(s.refcount),
+        }
+    }
+
+    fn range_slots(
+        &self,
+        range: (std::ops::Bound<Fingerprint>, std::ops::Bound<Fingerprint>),
+    ) -> impl Iterator<Item = &Slot> + '_ {
         use std::ops::Bound;
         let (c, i) = match range.0 {
             Bound::Unbounded => (0, 0),
@@ -322,7 +357,6 @@ impl Index {
                 Bound::Included(b) => s.fp <= b.0,
                 Bound::Excluded(b) => s.fp < b.0,
             })
-            .map(|s| (Fingerprint(s.fp), self.decode(s)))
     }
 
     /// Bytes of memory the index holds: the chunks' capacity, their headers and the
@@ -587,7 +621,7 @@ mod tests {
                             if matches!((r.0, r.1), (Bound::Included(x) | Bound::Excluded(x), Bound::Included(y) | Bound::Excluded(y)) if x > y) {
                                 continue;
                             }
-                            let got: Vec<Fingerprint> = ix.range(r).map(|(f, _)| f).collect();
+                            let got: Vec<Fingerprint> = ix.range_meta(r).map(|(f, _)| f).collect();
                             let want: Vec<Fingerprint> = model.range(r).map(|(f, _)| *f).collect();
                             prop_assert_eq!(got, want);
                         }

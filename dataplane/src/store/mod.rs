@@ -682,7 +682,7 @@ impl Store {
     /// to zero. The winner is credited first, so a crash in between over-counts (the
     /// object lingers) rather than under-counts (the object vanishes early).
     fn resolve_duplicate(&mut self, fp: Fingerprint, loser: Entry) {
-        let Some(winner) = self.index.get(&fp).map(|e| e.disk) else {
+        let Some(winner) = self.index.meta(&fp).map(|m| m.disk) else {
             return;
         };
         warn!(
@@ -977,7 +977,7 @@ impl Store {
     /// [`StoreEvent::Committed`] (with `deduplicated`) follows once the REF record is
     /// durable. For a STORE that arrived through another shard.
     pub fn ref_start(&mut self, fp: &Fingerprint, user: u64) -> Result<(), StoreError> {
-        let disk = self.index.get(fp).ok_or(StoreError::NotFound(*fp))?.disk;
+        let disk = self.index.meta(fp).ok_or(StoreError::NotFound(*fp))?.disk;
         let seq = self.append_ref_making_room(disk, fp, 1)?;
         let mut e = self.index.get_mut(fp).ok_or(StoreError::NotFound(*fp))?;
         e.refcount = e.refcount.saturating_add(1);
@@ -1022,6 +1022,52 @@ impl Store {
         write_segment(vol, w, Some(&fp), &mut self.counters, spare)?;
         self.staging_out += 1;
         let seq = vol.next_seq - 1;
+        // Exactly as long as needed: the index holds millions of these.
+        let mut extents = std::mem::take(&mut w.st.extents);
+        extents.shrink_to_fit();
+        self.enter_new(w, fp, extents, seq, user);
+        Ok(())
+    }
+
+    /// Commits a small object (all of it still staged) as one packed record: its
+    /// bytes are copied into the tail's image of its disk and the staging buffer stays
+    /// with the write, to be pooled.
+    fn commit_packed(
+        &mut self,
+        w: &mut OpenWrite,
+        fp: Fingerprint,
+        user: u64,
+    ) -> Result<(), StoreError> {
+        let data = &w.st.buf[BLOCK..BLOCK + w.fill];
+        let vol = &mut self.vols[usize::from(w.disk.0)];
+        let mut h = PackedHeader::commit(&fp, data, 1);
+        let a = vol.append_packed(&mut h, data, Reserve::Data)?;
+        self.copies.add(crate::copies::Site::Pack, w.fill);
+        self.counters.bytes_written += a.size;
+        vol.open_bytes += a.size;
+        w.bytes += a.size;
+        w.write_id = a.seq;
+        w.first_lp = Some(a.lp);
+        let extents = vec![Extent {
+            hdr: a.phys,
+            len: w.fill as u32,
+            packed: true,
+        }];
+        self.enter_new(w, fp, extents, a.seq, user);
+        Ok(())
+    }
+
+    /// A new object whose last record (`seq`) is appended: it enters the index,
+    /// hidden from readers, and waits for the flush that makes it durable.
+    fn enter_new(
+        &mut self,
+        w: &OpenWrite,
+        fp: Fingerprint,
+        extents: Vec<Extent>,
+        seq: u64,
+        user: u64,
+    ) {
+        let vol = &mut self.vols[usize::from(w.disk.0)];
         vol.live_bytes += w.bytes;
         vol.objects += 1;
         self.index.insert(
@@ -1031,12 +1077,7 @@ impl Store {
                 len: w.total,
                 refcount: 1,
                 write_id: w.write_id,
-                // Exactly as long as needed: the index holds millions of these.
-                extents: {
-                    let mut e = std::mem::take(&mut w.st.extents);
-                    e.shrink_to_fit();
-                    e
-                },
+                extents,
                 footprint: w.bytes,
             },
         );
@@ -1053,60 +1094,6 @@ impl Store {
             user,
             kind: aio::WaitKind::New { c },
         });
-        Ok(())
-    }
-
-    /// Commits a small object (all of it still staged) as one packed record: its
-    /// bytes are copied into the tail's image of its disk and the staging buffer stays
-    /// with the write, to be pooled.
-    fn commit_packed(
-        &mut self,
-        w: &mut OpenWrite,
-        fp: Fingerprint,
-        user: u64,
-    ) -> Result<(), StoreError> {
-        let data = &w.st.buf[BLOCK..BLOCK + w.fill];
-        let vol = &mut self.vols[usize::from(w.disk.0)];
-        vol.check_online()?;
-        let mut h = PackedHeader::commit(&fp, data, 1);
-        let a = vol.append_packed(&mut h, data, Reserve::Data)?;
-        self.copies.add(crate::copies::Site::Pack, w.fill);
-        self.counters.bytes_written += a.size;
-        vol.open_bytes += a.size;
-        w.bytes += a.size;
-        w.write_id = a.seq;
-        w.first_lp = Some(a.lp);
-        vol.live_bytes += w.bytes;
-        vol.objects += 1;
-        self.index.insert(
-            fp,
-            Entry {
-                disk: w.disk,
-                len: w.total,
-                refcount: 1,
-                write_id: a.seq,
-                extents: vec![Extent {
-                    hdr: a.phys,
-                    len: w.fill as u32,
-                    packed: true,
-                }],
-                footprint: w.bytes,
-            },
-        );
-        self.unacked.insert(fp);
-        let c = Committed {
-            fingerprint: fp,
-            len: w.total,
-            disk: w.disk,
-            deduplicated: false,
-            refcount: 1,
-        };
-        self.waiters[usize::from(w.disk.0)].push_back(aio::Waiter {
-            seq: a.seq,
-            user,
-            kind: aio::WaitKind::New { c },
-        });
-        Ok(())
     }
 
     /// A staging buffer for the write that will reuse this one's `Staging`.
@@ -1153,11 +1140,7 @@ impl Store {
         if self.unacked.contains(fp) {
             return None;
         }
-        self.index.get(fp).map(|e| ObjectMeta {
-            len: e.len,
-            disk: e.disk,
-            refcount: e.refcount,
-        })
+        self.index.meta(fp)
     }
 
     /// Reads `min(out.len(), len - offset)` bytes of an object at `offset`, blocking
@@ -1201,7 +1184,7 @@ impl Store {
     pub fn delete(&mut self, fp: &Fingerprint) -> Result<u32, StoreError> {
         let mut started = self.delete_start(fp, SYNC_USER);
         if matches!(started, Err(StoreError::NoSpace)) {
-            if let Some(disk) = self.index.get(fp).map(|e| e.disk) {
+            if let Some(disk) = self.index.meta(fp).map(|m| m.disk) {
                 let _ = self.compact(disk);
                 started = self.delete_start(fp, SYNC_USER);
             }
@@ -1220,7 +1203,7 @@ impl Store {
         if self.unacked.contains(fp) {
             return Err(StoreError::NotFound(*fp));
         }
-        let disk = self.index.get(fp).ok_or(StoreError::NotFound(*fp))?.disk;
+        let disk = self.index.meta(fp).ok_or(StoreError::NotFound(*fp))?.disk;
         let seq = self.append_ref_making_room(disk, fp, -1)?;
         let mut e = self.index.get_mut(fp).ok_or(StoreError::NotFound(*fp))?;
         e.refcount = e.refcount.saturating_sub(1);
@@ -1253,10 +1236,7 @@ impl Store {
     /// whole index: for tests and tools; the server walks it with
     /// [`Store::contents_after`].
     pub fn contents(&self) -> Vec<(Fingerprint, DiskId)> {
-        self.index
-            .iter()
-            .filter(|(fp, _)| !self.unacked.contains(fp))
-            .map(|(fp, e)| (fp, e.disk))
+        self.objects_between(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)
             .collect()
     }
 
@@ -1300,13 +1280,8 @@ impl Store {
             return None;
         }
         let mut last = None;
-        for (fp, e) in self
-            .index
-            .range((from, to))
-            .filter(|(fp, _)| !self.unacked.contains(fp))
-            .take(max)
-        {
-            each(fp, e.disk);
+        for (fp, disk) in self.objects_between(from, to).take(max) {
+            each(fp, disk);
             last = Some(fp);
         }
         last
@@ -1319,23 +1294,17 @@ impl Store {
         to: std::ops::Bound<Fingerprint>,
     ) -> impl Iterator<Item = (Fingerprint, DiskId)> + '_ {
         self.index
-            .range((from, to))
+            .range_meta((from, to))
             .filter(|(fp, _)| !self.unacked.contains(fp))
-            .map(|(fp, e)| (fp, e.disk))
+            .map(|(fp, m)| (fp, m.disk))
     }
 
     /// Every object this store holds (acknowledged or not) with its metadata, in
     /// fingerprint order: how the shards learn at start-up where each object lives.
     pub fn each_object(&self, mut each: impl FnMut(Fingerprint, ObjectMeta)) {
-        for (fp, e) in self.index.iter() {
-            each(
-                fp,
-                ObjectMeta {
-                    len: e.len,
-                    disk: e.disk,
-                    refcount: e.refcount,
-                },
-            );
+        let all = (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded);
+        for (fp, meta) in self.index.range_meta(all) {
+            each(fp, meta);
         }
     }
 

@@ -24,7 +24,10 @@
 //! (the receive buffer's to the device's; counted in `crate::copies`). A full buffer is written as a
 //! SEGMENT record (not flushed). [`Store::commit`] finishes the MD5: if the fingerprint
 //! is known, the staged tail is dropped and a REF +1 record is written instead;
-//! otherwise the staged tail goes out as a SEGMENT|COMMIT record. Either way the commit
+//! otherwise the staged tail goes out as a SEGMENT|COMMIT record — or, for an object of
+//! at most 16 KiB that never filled a segment, as one packed record copied into its
+//! disk's tail block image (a second copy; see format.rs, "Packed records"). REFs are
+//! packed records too. Either way the commit
 //! is acknowledged ([`StoreEvent::Committed`]) only once a flush that covers its record
 //! has completed (group commit, see `aio`; the blocking [`Store::commit`] waits for
 //! it) — from then on the object survives power loss.
@@ -36,8 +39,9 @@
 //! its part of the index covering every record before some seq S, written by
 //! [`Store::checkpoint`]; see `checkpoint` and format.rs), and its log is scanned from
 //! the checkpoint's position — or from the head recorded in its superblock if no
-//! checkpoint is usable — one header block per record, up to the first header that is
-//! not the next record of the log (magic, nonce, crc, seq, epoch). Segments are
+//! checkpoint is usable — record by record (a packed record where the last ended, or any
+//! record at the next block boundary), up to the first that is not the next record of
+//! the log (magic, nonce, crc, seq, epoch). Segments are
 //! collected per write; a COMMIT makes an object of them; REFs apply deltas. Segments
 //! written after the last completed flush (seq at or past the highest `durable_seq`
 //! any header or the superblock vouches for) have their data read back: the first torn
